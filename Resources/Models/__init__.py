@@ -1,0 +1,1 @@
+"""Models shipped with DeepRegister (weights, JSON config, SHA-256, model card)."""
