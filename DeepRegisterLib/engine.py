@@ -1,0 +1,600 @@
+"""Register one image pair: pre-flight → affine → network → instance optimisation → outputs.
+
+The deformable part runs on a "network grid": isotropic, the fixed image's orientation, cropped
+to the fixed foreground. Its displacement is composed with the affine into ONE field sampled on
+the fixed image's own grid, in LPS millimetres: ``T(x) = A(x + v(x))``, ``u(x) = T(x) − x``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from . import __version__, metrics
+from .affine import normalised_for_registration, register_affine, to_affine
+from .errors import InputError, ModelError, RegistrationCancelled
+from .fileio import read_image
+from .geometry import Grid, affine_parameters, flow_voxels_to_mm, is_linear
+from .losses import SIMILARITIES
+from .models import DEFAULT_MODELS, ModelInfo, available_models, find_model, load_model
+from .networks import integrate_velocity, sample, warp
+from .optimisation import level_shape, optimise_velocity
+from .preflight import (
+    check_intensity_image,
+    check_label_map,
+    check_memory,
+    check_same_dimension,
+    mask_on_grid,
+)
+from .presets import Preset, get_preset
+from .result import RegistrationResult
+
+ProgressCallback = Callable[[float, str], None]
+ImageLike = sitk.Image | str | os.PathLike
+
+FOREGROUND_MARGIN_MM = 10.0
+MIN_LEVEL_VOXELS = 16
+CHUNK_VOXELS = 2_000_000  # points composed per chunk: bounds memory on 256³ and larger
+
+
+class CancelToken(Protocol):
+    def is_set(self) -> bool: ...
+
+
+@dataclass
+class _Stages:
+    """Maps each stage's own 0→1 progress onto one overall 0→1 bar."""
+
+    callback: ProgressCallback | None
+    cancel: CancelToken | None
+
+    BOUNDS: ClassVar[dict[str, tuple[float, float]]] = {
+        "checks": (0.0, 0.02),
+        "affine": (0.02, 0.35),
+        "network": (0.35, 0.45),
+        "optimisation": (0.45, 0.88),
+        "outputs": (0.88, 1.0),
+    }
+
+    def report(self, stage: str, fraction: float, message: str) -> None:
+        if self.callback is not None:
+            low, high = self.BOUNDS[stage]
+            self.callback(low + (high - low) * min(max(fraction, 0.0), 1.0), message)
+
+    def reporter(self, stage: str) -> ProgressCallback:
+        return lambda fraction, message: self.report(stage, fraction, message)
+
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
+
+    def check(self, where: str) -> None:
+        if self.cancelled():
+            raise RegistrationCancelled(f"registration cancelled {where}")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' was requested but no CUDA GPU is available; use 'cpu'")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise InputError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    return torch.device(device)
+
+
+def resolve_model(model: str | os.PathLike | None, dim: int) -> ModelInfo | None:
+    """``None``/"none": no network (instance optimisation from identity); "default": the
+    shipped model for the dimension if one is installed."""
+    if model is None or str(model) == "none":
+        return None
+    if str(model) == "default":
+        name = DEFAULT_MODELS[dim]
+        return available_models().get(name)
+    info = find_model(model)
+    model_dim = info.network.dim
+    if model_dim != dim:
+        raise ModelError(
+            f"model {info.name!r} is {model_dim}D but the images are {dim}D; choose a "
+            f"{dim}D model (or 'default')"
+        )
+    return info
+
+
+def _as_image(image: ImageLike, what: str) -> sitk.Image:
+    return image if isinstance(image, sitk.Image) else read_image(image, what)
+
+
+def _to_tensor(image: sitk.Image, device: torch.device, dtype=torch.float32) -> torch.Tensor:
+    array = sitk.GetArrayFromImage(image)
+    return torch.as_tensor(array.astype(np.float64 if dtype == torch.float64 else np.float32))[
+        None, None
+    ].to(device)
+
+
+def foreground_box(image: sitk.Image, mask: sitk.Image | None) -> tuple[np.ndarray, np.ndarray]:
+    """Index box (I, J, K order) of the fixed foreground, with a margin, clipped to the image."""
+    if mask is not None:
+        fg = sitk.GetArrayViewFromImage(mask) > 0
+    else:
+        fg = sitk.GetArrayFromImage(normalised_for_registration(image)) > 0.05
+    size = np.asarray(image.GetSize())
+    if not fg.any():
+        return np.zeros(len(size)), size - 1.0
+    nonzero = [np.flatnonzero(fg.any(axis=tuple(a for a in range(fg.ndim) if a != ax))) for ax in
+               range(fg.ndim)]  # fmt: skip
+    lower_kji = np.array([n[0] for n in nonzero], dtype=float)
+    upper_kji = np.array([n[-1] for n in nonzero], dtype=float)
+    margin = FOREGROUND_MARGIN_MM / np.asarray(image.GetSpacing())
+    lower = np.maximum(lower_kji[::-1] - margin, 0)
+    upper = np.minimum(upper_kji[::-1] + margin, size - 1)
+    return lower, upper
+
+
+def _resample(
+    image: sitk.Image,
+    reference: sitk.Image,
+    transform: sitk.Transform,
+    interpolator=sitk.sitkLinear,
+    smooth_to_mm: float = 0.0,
+) -> sitk.Image:
+    """Resample, anti-aliased with a Gaussian when the target grid is coarser than the source."""
+    if smooth_to_mm > 0:
+        sigma = [0.4 * np.sqrt(max(smooth_to_mm**2 - s**2, 0.0)) for s in image.GetSpacing()]
+        if max(sigma) > 0:
+            image = sitk.SmoothingRecursiveGaussian(sitk.Cast(image, sitk.sitkFloat32), sigma)
+    return sitk.Resample(image, reference, transform, interpolator, 0.0, sitk.sitkFloat32)
+
+
+def _grid_points(grid: Grid, start: int, stop: int, device) -> torch.Tensor:
+    """LPS points (N, dim) of the voxels in array rows [start, stop) of the first axis (K)."""
+    shape = grid.shape
+    axes = [torch.arange(start, stop, device=device, dtype=torch.float64)] + [
+        torch.arange(n, device=device, dtype=torch.float64) for n in shape[1:]
+    ]
+    kji = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, grid.dim)
+    m = torch.as_tensor(grid.index_to_physical, device=device)
+    return kji.flip(-1) @ m.T + torch.as_tensor(grid.origin, device=device)
+
+
+def _chunk_rows(grid: Grid) -> int:
+    per_row = int(np.prod(grid.shape[1:]))
+    return max(1, CHUNK_VOXELS // max(per_row, 1))
+
+
+def _index_coords(points: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Continuous (K, J, I) voxel coordinates of LPS points on ``grid``, shaped (1, dim, N)."""
+    a, b = grid.physical_to_index_affine()
+    ijk = points @ torch.as_tensor(a, device=points.device).T + torch.as_tensor(
+        b, device=points.device
+    )
+    return ijk.flip(-1).T[None]
+
+
+def _sample_at(
+    volume: torch.Tensor, grid: Grid, points: torch.Tensor, mode: str, itk_border: bool
+) -> torch.Tensor:
+    """Sample a (1, C, *shape) volume at LPS points → (C, N).
+
+    With ``itk_border`` points within half a voxel outside take the border value and points
+    further out give 0 — what ITK's linear and nearest interpolators do when resampling.
+    """
+    coords = _index_coords(points, grid)
+    view = coords.reshape(1, grid.dim, -1, *([1] * (grid.dim - 1)))
+    out = sample(
+        volume,
+        view.to(volume.dtype),
+        mode=mode,
+        padding_mode="border" if itk_border else "zeros",
+    ).reshape(volume.shape[1], -1)
+    if itk_border:
+        shape = torch.as_tensor(grid.shape, device=points.device, dtype=coords.dtype)
+        inside = ((coords[0] >= -0.5) & (coords[0] < shape[:, None] - 0.5)).all(dim=0)
+        out = out * inside.to(out.dtype)
+    return out
+
+
+class _Composer:
+    """Evaluates ``T(x) = A(x + v(x))`` at any LPS points, ``v`` living on the network grid."""
+
+    def __init__(self, affine: sitk.Transform, flow_mm: torch.Tensor, network_grid: Grid):
+        dim = network_grid.dim
+        matrix, translation = affine_parameters(affine, dim)
+        device = flow_mm.device
+        self.matrix = torch.as_tensor(matrix, device=device)
+        self.translation = torch.as_tensor(translation, device=device)
+        self.flow_mm = flow_mm
+        self.grid = network_grid
+
+    def __call__(self, points: torch.Tensor) -> torch.Tensor:
+        v = _sample_at(self.flow_mm, self.grid, points, "bilinear", itk_border=False)
+        deformed = points + v.T.to(points.dtype)
+        return deformed @ self.matrix.T + self.translation
+
+
+def _displacement_image(composer: _Composer, grid: Grid, device) -> sitk.Image:
+    rows = _chunk_rows(grid)
+    out = np.empty((*grid.shape, grid.dim), dtype=np.float64)
+    for start in range(0, grid.shape[0], rows):
+        stop = min(start + rows, grid.shape[0])
+        points = _grid_points(grid, start, stop, device)
+        out[start:stop] = (
+            (composer(points) - points).reshape(stop - start, *grid.shape[1:], -1).cpu()
+        )
+    image = sitk.GetImageFromArray(out, isVector=True)
+    return grid.apply_to(image)
+
+
+def warp_image(
+    moving: sitk.Image,
+    displacement: sitk.Image,
+    nearest: bool = False,
+    device: torch.device | str = "cpu",
+) -> sitk.Image:
+    """``moving(x + u(x))`` on the displacement's grid, as ITK's Resample would compute it.
+
+    Linear for intensities (float32 out); nearest for label maps (pixel type kept, labels exact).
+    """
+    device = torch.device(device)
+    grid = Grid.of(displacement)
+    moving_grid = Grid.of(moving)
+    dtype = torch.float64 if nearest else torch.float32
+    volume = _to_tensor(moving, device, dtype)
+    u = sitk.GetArrayViewFromImage(displacement)
+    out = np.empty(grid.shape, dtype=np.float64 if nearest else np.float32)
+    rows = _chunk_rows(grid)
+    for start in range(0, grid.shape[0], rows):
+        stop = min(start + rows, grid.shape[0])
+        points = _grid_points(grid, start, stop, device)
+        points = points + torch.tensor(u[start:stop].reshape(-1, grid.dim), device=device)
+        values = _sample_at(volume, moving_grid, points, "nearest" if nearest else "bilinear",
+                            itk_border=True)  # fmt: skip
+        out[start:stop] = values.reshape(stop - start, *grid.shape[1:]).cpu().numpy()
+    image = sitk.GetImageFromArray(out)
+    grid.apply_to(image)
+    return sitk.Cast(image, moving.GetPixelID()) if nearest else image
+
+
+def _inverse_displacement(
+    affine: sitk.Transform, inverse_flow_mm: torch.Tensor, network_grid: Grid, moving: Grid,
+    device,
+) -> sitk.Image:  # fmt: skip
+    """Moving → fixed on the moving grid: ``T⁻¹(y) = z + w(z)``, ``z = A⁻¹ y``, ``w = exp(−v)``."""
+    matrix, translation = affine_parameters(affine, moving.dim)
+    inv = np.linalg.inv(matrix)
+    inv_m = torch.as_tensor(inv, device=device)
+    inv_t = torch.as_tensor(-inv @ translation, device=device)
+    rows = _chunk_rows(moving)
+    out = np.empty((*moving.shape, moving.dim), dtype=np.float64)
+    for start in range(0, moving.shape[0], rows):
+        stop = min(start + rows, moving.shape[0])
+        y = _grid_points(moving, start, stop, device)
+        z = y @ inv_m.T + inv_t
+        w = _sample_at(inverse_flow_mm, network_grid, z, "bilinear", itk_border=False)
+        out[start:stop] = (z + w.T.double() - y).reshape(stop - start, *moving.shape[1:], -1).cpu()
+    return moving.apply_to(sitk.GetImageFromArray(out, isVector=True))
+
+
+def _global_ncc(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> float:
+    weight = torch.ones_like(a) if mask is None else mask
+    n = weight.sum().clamp_min(1)
+    ma, mb = (a * weight).sum() / n, (b * weight).sum() / n
+    cov = ((a - ma) * (b - mb) * weight).sum()
+    var = ((a - ma) ** 2 * weight).sum() * ((b - mb) ** 2 * weight).sum()
+    return float(cov / var.sqrt().clamp_min(1e-12))
+
+
+def _network_levels(preset: Preset, grid: Grid, shape: tuple[int, ...]):
+    """Each level's grid shape, coarse first; never fewer than 16 voxels across the box."""
+    extent = float(min(np.asarray(grid.size) * np.asarray(grid.spacing)))
+    levels = []
+    for level in preset.levels:
+        if level.iterations <= 0:
+            continue
+        spacing = min(level.spacing_mm, extent / MIN_LEVEL_VOXELS)
+        factor = max(spacing / grid.spacing[0], 1.0)
+        levels.append((level_shape(shape, factor), level))
+    return levels
+
+
+def register(
+    fixed: ImageLike,
+    moving: ImageLike,
+    *,
+    fixed_mask: ImageLike | None = None,
+    moving_mask: ImageLike | None = None,
+    moving_labels: Mapping[str, ImageLike] | None = None,
+    fixed_labels: ImageLike | None = None,
+    initial_transform: sitk.Transform | None = None,
+    affine: bool = True,
+    preset: str = "balanced",
+    model: str | os.PathLike | None = "default",
+    similarity: str | None = None,
+    regularization: float | None = None,
+    iterations: int | None = None,
+    compute_inverse: bool = False,
+    compute_jacobian: bool = True,
+    device: str = "auto",
+    seed: int = 0,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> RegistrationResult:
+    """Register ``moving`` to ``fixed``; everything returned lives on the fixed image's grid.
+
+    Images may be SimpleITK images or file paths. ``initial_transform`` (linear, fixed → moving)
+    seeds the affine stage, or replaces it when ``affine=False``. ``cancel`` is anything with
+    ``is_set()`` (e.g. ``threading.Event``); a cancelled run raises ``RegistrationCancelled``.
+    Bad input raises ``InputError`` before any work is done.
+    """
+    started = time.perf_counter()
+    stages = _Stages(progress, cancel)
+    stages.report("checks", 0.0, "checking inputs")
+
+    # --- pre-flight: everything that can be refused is refused here ---------------------
+    fixed_image = _as_image(fixed, "fixed image")
+    moving_image = _as_image(moving, "moving image")
+    check_intensity_image(fixed_image, "the fixed image")
+    check_intensity_image(moving_image, "the moving image")
+    check_same_dimension(fixed_image, moving_image)
+    dim = fixed_image.GetDimension()
+    settings = get_preset(preset)
+    if iterations is not None:
+        settings = settings.with_iterations(iterations)
+    similarity = similarity or "lncc"
+    if similarity not in SIMILARITIES:
+        raise InputError(f"unknown similarity {similarity!r}; choose {', '.join(SIMILARITIES)}")
+    weight = settings.regularization if regularization is None else float(regularization)
+    if not np.isfinite(weight) or weight < 0:
+        raise InputError(f"regularization must be a number ≥ 0, got {regularization}")
+    if initial_transform is not None and not is_linear(initial_transform, dim):
+        raise InputError(
+            "the initial transform must be linear (rigid/affine); apply a deformable initial "
+            "transform to the moving image first"
+        )
+    torch_device = resolve_device(device)
+    model_info = resolve_model(model, dim)
+    fixed_mask_img = (
+        None if fixed_mask is None
+        else mask_on_grid(_as_image(fixed_mask, "fixed mask"), fixed_image, "the fixed mask")
+    )  # fmt: skip
+    moving_mask_img = (
+        None if moving_mask is None
+        else mask_on_grid(_as_image(moving_mask, "moving mask"), moving_image, "the moving mask")
+    )  # fmt: skip
+    label_maps = {
+        name: check_label_map(_as_image(image, f"label map {name!r}"), f"label map {name!r}")
+        for name, image in (moving_labels or {}).items()
+    }
+    for name, labels in label_maps.items():
+        if labels.GetDimension() != dim:
+            raise InputError(f"label map {name!r} is {labels.GetDimension()}D, images are {dim}D")
+    fixed_label_img = (
+        None if fixed_labels is None
+        else check_label_map(_as_image(fixed_labels, "fixed labels"), "the fixed label map")
+    )  # fmt: skip
+
+    fixed_grid = Grid.of(fixed_image)
+    spacing = (
+        model_info.spacing_mm if model_info is not None
+        else min(level.spacing_mm for level in settings.levels)
+    )  # fmt: skip
+    extent = float(min(fixed_grid.extent_mm))
+    spacing = max(min(spacing, extent / MIN_LEVEL_VOXELS), min(fixed_grid.spacing))
+    lower, upper = foreground_box(fixed_image, fixed_mask_img)
+    multiple = model_info.network.multiple if model_info is not None else 2
+    network_grid = fixed_grid.with_spacing_cropped_to(spacing, lower, upper, multiple)
+    estimated_bytes = check_memory(fixed_image, moving_image, int(np.prod(network_grid.size)))
+    stages.report("checks", 1.0, "inputs checked")
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+
+    try:
+        return _run(
+            stages, fixed_image, moving_image, fixed_mask_img, moving_mask_img, label_maps,
+            fixed_label_img, initial_transform, affine, settings, similarity, weight,
+            model_info, torch_device, network_grid, compute_inverse, compute_jacobian, seed,
+            started, estimated_bytes,
+        )  # fmt: skip
+    finally:
+        torch.random.set_rng_state(generator_state)
+
+
+def _run(
+    stages, fixed_image, moving_image, fixed_mask_img, moving_mask_img, label_maps,
+    fixed_label_img, initial_transform, affine, settings, similarity, weight, model_info,
+    device, network_grid, compute_inverse, compute_jacobian, seed, started, estimated_bytes,
+) -> RegistrationResult:  # fmt: skip
+    dim = fixed_image.GetDimension()
+    fixed_grid = Grid.of(fixed_image)
+    timings: dict[str, float] = {}
+
+    # --- affine stage -------------------------------------------------------------------
+    tick = time.perf_counter()
+    if affine:
+        affine_tx = register_affine(
+            fixed_image, moving_image,
+            fixed_mask=fixed_mask_img, moving_mask=moving_mask_img,
+            initial_transform=initial_transform, iterations=settings.affine_iterations,
+            seed=seed, progress=stages.reporter("affine"), is_cancelled=stages.cancelled,
+        )  # fmt: skip
+    elif initial_transform is not None:
+        affine_tx = to_affine(initial_transform, dim)
+    else:
+        affine_tx = sitk.AffineTransform(dim)
+    timings["affine_s"] = time.perf_counter() - tick
+    stages.check("after the affine stage")
+
+    # --- images on the network grid -------------------------------------------------------
+    tick = time.perf_counter()
+    reference = network_grid.reference_image()
+    target_mm = network_grid.spacing[0]
+    fixed_net = normalised_for_registration(
+        _resample(
+            fixed_image, reference, sitk.Transform(dim, sitk.sitkIdentity), smooth_to_mm=target_mm
+        )
+    )
+    moving_norm = normalised_for_registration(moving_image)
+    moving_net = _resample(moving_norm, reference, affine_tx, smooth_to_mm=target_mm)
+    moving_before = _resample(
+        moving_norm, reference, sitk.Transform(dim, sitk.sitkIdentity), smooth_to_mm=target_mm
+    )
+    moving_domain = sitk.Resample(
+        _domain_image(moving_image), reference, affine_tx, sitk.sitkNearestNeighbor, 0
+    )
+    _check_overlap(fixed_net, moving_domain)
+    f_t = _to_tensor(fixed_net, device)
+    m_t = _to_tensor(moving_net, device)
+    identity = sitk.Transform(dim, sitk.sitkIdentity)
+    mask_t = (
+        None if fixed_mask_img is None
+        else _to_tensor(
+            sitk.Resample(fixed_mask_img, reference, identity, sitk.sitkNearestNeighbor, 0), device
+        )
+    )  # fmt: skip
+
+    velocity = None
+    if model_info is not None:
+        stages.report("network", 0.0, f"running model {model_info.name}")
+        network = load_model(model_info, device)
+        with torch.inference_mode():
+            velocity = network.velocity(f_t, m_t).clone()
+        stages.report("network", 1.0, "network done")
+    timings["network_s"] = time.perf_counter() - tick
+    stages.check("after the network")
+
+    # --- instance optimisation ---------------------------------------------------------
+    tick = time.perf_counter()
+    levels = _network_levels(settings, network_grid, tuple(f_t.shape[2:]))
+    trace: list[float] = []
+    if levels:
+        velocity, trace = optimise_velocity(
+            f_t, m_t, mask_t, levels,
+            similarity=similarity, regularization=weight,
+            learning_rate=settings.learning_rate, window=settings.window,
+            initial_velocity=velocity, progress=stages.reporter("optimisation"),
+            is_cancelled=stages.cancelled,
+        )  # fmt: skip
+    if velocity is None:
+        velocity = torch.zeros((1, dim, *f_t.shape[2:]), device=device)
+    steps = max((level.integration_steps for _, level in levels), default=7)
+    with torch.inference_mode():
+        flow = integrate_velocity(velocity, steps)
+        warped_net = warp(m_t, flow)
+        flow_mm = flow_voxels_to_mm(flow.double(), network_grid)
+    timings["optimisation_s"] = time.perf_counter() - tick
+    stages.check("after optimisation")
+
+    # --- outputs on the fixed grid -------------------------------------------------------
+    tick = time.perf_counter()
+    stages.report("outputs", 0.0, "composing the transform")
+    composer = _Composer(affine_tx, flow_mm, network_grid)
+    with torch.inference_mode():
+        displacement = _displacement_image(composer, fixed_grid, device)
+        stages.check("while writing outputs")
+        stages.report("outputs", 0.3, "warping the moving image")
+        warped = warp_image(moving_image, displacement, device=device)
+        warped_labels = {
+            name: warp_image(labels, displacement, nearest=True, device=device)
+            for name, labels in label_maps.items()
+        }
+        inverse = None
+        if compute_inverse:
+            stages.report("outputs", 0.6, "inverting the transform")
+            inverse_flow = integrate_velocity(-velocity, steps)
+            inverse = _inverse_displacement(
+                affine_tx, flow_voxels_to_mm(inverse_flow.double(), network_grid),
+                network_grid, Grid.of(moving_image), device,
+            )  # fmt: skip
+    stages.check("while writing outputs")
+    jacobian = None
+    report: dict[str, Any] = {}
+    if compute_jacobian:
+        stages.report("outputs", 0.8, "computing the Jacobian determinant")
+        jacobian = metrics.jacobian_determinant(displacement)
+        region = fixed_mask_img
+        report["folding_percent"] = metrics.folding_percent(jacobian, region)
+        report["sdlogj"] = metrics.sdlogj(jacobian, region)
+    timings["outputs_s"] = time.perf_counter() - tick
+
+    net_mask = mask_t if mask_t is not None else (f_t > 0.05).to(f_t.dtype)
+    report.update(
+        {
+            "similarity": similarity,
+            "ncc_before": _global_ncc(f_t, _to_tensor(moving_before, device), net_mask),
+            "ncc_affine": _global_ncc(f_t, m_t, net_mask),
+            "ncc_after": _global_ncc(f_t, warped_net, net_mask),
+            "optimisation_loss_first": trace[0] if trace else None,
+            "optimisation_loss_last": trace[-1] if trace else None,
+            "optimisation_steps": len(trace),
+        }
+    )
+    if fixed_label_img is not None and warped_labels:
+        report["dice"] = {}
+        for name, labels in warped_labels.items():
+            per_label = metrics.dice_per_label(fixed_label_img, labels)
+            report["dice"][name] = {str(k): v for k, v in per_label.items()}
+            report.setdefault("mean_dice", metrics.mean_dice(per_label))
+    report.update(
+        {
+            "runtime_s": time.perf_counter() - started,
+            "timings": timings,
+            "device": str(device),
+            "preset": settings.name,
+            "model": None if model_info is None else model_info.name,
+            "model_sha256": None if model_info is None else model_info.sha256,
+            "seed": seed,
+            "regularization": weight,
+            "network_grid": {
+                "size": list(network_grid.size),
+                "spacing_mm": network_grid.spacing[0],
+            },
+            "estimated_peak_bytes": estimated_bytes,
+            "versions": {
+                "deepregister": __version__,
+                "torch": torch.__version__,
+                "simpleitk": sitk.Version_VersionString(),
+                "numpy": np.__version__,
+                "python": platform.python_version(),
+            },
+        }
+    )
+    stages.report("outputs", 1.0, "done")
+    return RegistrationResult(
+        fixed_grid=fixed_grid,
+        displacement=displacement,
+        warped=warped,
+        affine=affine_tx,
+        warped_labels=warped_labels,
+        jacobian=jacobian,
+        inverse_displacement=inverse,
+        report=report,
+    )
+
+
+def _domain_image(image: sitk.Image) -> sitk.Image:
+    """Ones over the image's extent: resampled, it shows where the image has data."""
+    ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(image)
+    return ones
+
+
+def _check_overlap(fixed_net: sitk.Image, moving_domain: sitk.Image) -> None:
+    """After the affine stage the moving image must cover a useful part of the fixed one."""
+    fg = sitk.GetArrayViewFromImage(fixed_net) > 0.05
+    covered = sitk.GetArrayViewFromImage(moving_domain) > 0
+    if fg.sum() == 0:
+        return
+    fraction = float((fg & covered).sum() / fg.sum())
+    if fraction < 0.1:
+        raise InputError(
+            f"after the affine stage the moving image covers only {100 * fraction:.0f}% of the "
+            "fixed image's foreground: the fields of view do not overlap. Check that both "
+            "images show the same anatomy, or give an initial transform that brings them close."
+        )

@@ -1,0 +1,196 @@
+"""The VoxelMorph-family deformable network: U-Net → stationary velocity → diffeomorphic flow.
+
+All flows are in voxel units, one channel per array axis (channel 0 = K in 3D), the layout of
+VoxelMorph's ``SpatialTransformer``. Conversion to millimetres lives in :mod:`geometry`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Refuse configs that would allocate absurd amounts before any tensor exists.
+MAX_FEATURES = 512
+MAX_LEVELS = 7
+MAX_PARAMETERS = 50_000_000
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Architecture of a :class:`VxmDense`; stored as JSON next to the weights."""
+
+    dim: int = 3
+    encoder: tuple[int, ...] = (16, 32, 32, 32)
+    decoder: tuple[int, ...] = (32, 32, 32, 32, 16, 16)
+    integration_steps: int = 7
+    in_channels: int = 2
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def multiple(self) -> int:
+        """Input sizes must be divisible by this (one halving per encoder level)."""
+        return 2 ** len(self.encoder)
+
+    def validate(self) -> None:
+        if self.dim not in (2, 3):
+            raise ValueError(f"network dimension must be 2 or 3, got {self.dim}")
+        if not 1 <= len(self.encoder) <= MAX_LEVELS:
+            raise ValueError(f"encoder must have 1..{MAX_LEVELS} levels, got {len(self.encoder)}")
+        if len(self.decoder) < len(self.encoder):
+            raise ValueError("decoder needs at least one stage per encoder level")
+        if any(not 1 <= f <= MAX_FEATURES for f in (*self.encoder, *self.decoder)):
+            raise ValueError(f"feature counts must be within 1..{MAX_FEATURES}")
+        if not 0 <= self.integration_steps <= 12:
+            raise ValueError("integration_steps must be within 0..12")
+        if self.parameter_count() > MAX_PARAMETERS:
+            raise ValueError(f"network would have {self.parameter_count():,} parameters")
+
+    def parameter_count(self) -> int:
+        """Counted from the config alone, so an absurd config is refused before allocation."""
+        k = 3**self.dim
+        count, prev = 0, self.in_channels
+        for f in self.encoder:
+            count += prev * f * k + f
+            prev = f
+        skips = [self.in_channels, *self.encoder[:-1]][::-1]
+        for i, f in enumerate(self.decoder):
+            extra = skips[i] if i < len(skips) else 0
+            count += (prev + extra) * f * k + f
+            prev = f
+        return count + prev * self.dim * k + self.dim
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["encoder"], data["decoder"] = list(self.encoder), list(self.decoder)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> NetworkConfig:
+        known = {k: data[k] for k in ("dim", "integration_steps", "in_channels") if k in data}
+        config = cls(
+            encoder=tuple(int(f) for f in data.get("encoder", cls.encoder)),
+            decoder=tuple(int(f) for f in data.get("decoder", cls.decoder)),
+            **{k: int(v) for k, v in known.items()},
+        )
+        config.validate()
+        return config
+
+
+def identity_grid(shape: tuple[int, ...], device: torch.device, dtype=torch.float32):
+    """Voxel coordinates (1, dim, *shape), channel c = array axis c."""
+    axes = [torch.arange(s, device=device, dtype=dtype) for s in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
+
+
+def warp(
+    image: torch.Tensor,
+    flow: torch.Tensor,
+    mode: str = "bilinear",
+    padding_mode: str = "zeros",
+) -> torch.Tensor:
+    """Sample ``image`` at ``x + flow(x)`` (voxel units); image and flow share the spatial grid."""
+    shape = flow.shape[2:]
+    grid = identity_grid(tuple(shape), flow.device, flow.dtype) + flow
+    return sample(image, grid, mode=mode, padding_mode=padding_mode)
+
+
+def sample(
+    image: torch.Tensor,
+    voxel_coords: torch.Tensor,
+    mode: str = "bilinear",
+    padding_mode: str = "zeros",
+) -> torch.Tensor:
+    """Sample ``image`` (N, C, *in_shape) at voxel coordinates (N, dim, *out_shape)."""
+    in_shape = image.shape[2:]
+    norm = [2.0 * voxel_coords[:, i] / max(s - 1, 1) - 1.0 for i, s in enumerate(in_shape)]
+    grid = torch.stack(norm[::-1], dim=-1)  # grid_sample wants (x=I, y=J, z=K)
+    return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+
+
+def integrate_velocity(velocity: torch.Tensor, steps: int) -> torch.Tensor:
+    """Scaling and squaring: exp(v) as a displacement, diffeomorphic for a smooth ``v``."""
+    flow = velocity / (2**steps)
+    for _ in range(steps):
+        flow = flow + warp(flow, flow, padding_mode="border")
+    return flow
+
+
+def resize_flow(flow: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Resample a voxel-unit flow to another grid over the same extent (corners aligned)."""
+    if tuple(flow.shape[2:]) == tuple(shape):
+        return flow
+    mode = "trilinear" if flow.dim() == 5 else "bilinear"
+    scale = torch.tensor(
+        [(n - 1) / max(o - 1, 1) for n, o in zip(shape, flow.shape[2:], strict=True)],
+        dtype=flow.dtype,
+        device=flow.device,
+    ).view(1, -1, *([1] * len(shape)))
+    return F.interpolate(flow, size=shape, mode=mode, align_corners=True) * scale
+
+
+def _conv(dim: int, cin: int, cout: int, stride: int = 1) -> nn.Module:
+    conv = (nn.Conv2d if dim == 2 else nn.Conv3d)(cin, cout, 3, stride=stride, padding=1)
+    return nn.Sequential(conv, nn.LeakyReLU(0.2))
+
+
+class UNet(nn.Module):
+    """VoxelMorph's U-Net: strided-conv encoder, upsample-concatenate decoder."""
+
+    def __init__(self, config: NetworkConfig):
+        super().__init__()
+        dim = config.dim
+        self.encoder = nn.ModuleList()
+        prev = config.in_channels
+        for f in config.encoder:
+            self.encoder.append(_conv(dim, prev, f, stride=2))
+            prev = f
+        self.decoder = nn.ModuleList()
+        skips = [config.in_channels, *config.encoder[:-1]][::-1]
+        for i, f in enumerate(config.decoder):
+            extra = skips[i] if i < len(skips) else 0
+            self.decoder.append(_conv(dim, prev + extra, f))
+            prev = f
+        self.levels = len(config.encoder)
+        self.out_channels = prev
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = [x]
+        for layer in self.encoder:
+            x = layer(x)
+            skips.append(x)
+        skips.pop()
+        mode = "trilinear" if x.dim() == 5 else "bilinear"
+        for i, layer in enumerate(self.decoder):
+            if i < self.levels:
+                x = F.interpolate(x, scale_factor=2, mode=mode, align_corners=False)
+                x = torch.cat([x, skips.pop()], dim=1)
+            x = layer(x)
+        return x
+
+
+class VxmDense(nn.Module):
+    """U-Net on the (fixed, moving) pair → velocity field → displacement (voxels)."""
+
+    def __init__(self, config: NetworkConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.unet = UNet(config)
+        conv = nn.Conv2d if config.dim == 2 else nn.Conv3d
+        self.flow = conv(self.unet.out_channels, config.dim, 3, padding=1)
+        # Near-zero output: an untrained network predicts (almost) the identity, so the
+        # engine is usable with random weights and instance optimisation does the work.
+        nn.init.normal_(self.flow.weight, std=1e-5)
+        nn.init.zeros_(self.flow.bias)
+
+    def velocity(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        return self.flow(self.unet(torch.cat([moving, fixed], dim=1)))
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor):
+        """Returns (warped moving, displacement, velocity)."""
+        velocity = self.velocity(fixed, moving)
+        flow = integrate_velocity(velocity, self.config.integration_steps)
+        return warp(moving, flow), flow, velocity

@@ -1,0 +1,167 @@
+"""Checks that run before any work, so bad input fails fast with a message that says what to do."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError, ResourceError
+
+MIN_SIZE = 4
+INTEGER_PIXEL_TYPES = {
+    sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16,
+    sitk.sitkUInt32, sitk.sitkInt32, sitk.sitkUInt64, sitk.sitkInt64,
+}  # fmt: skip
+COMPLEX_PIXEL_TYPES = {sitk.sitkComplexFloat32, sitk.sitkComplexFloat64}
+
+
+def check_geometry(image: sitk.Image, what: str) -> None:
+    dim = image.GetDimension()
+    if dim == 4 or (dim > 3):
+        raise InputError(
+            f"{what} is {dim}D; DeepRegister registers 2D or 3D images. For a time series, "
+            "extract one volume (e.g. with SimpleITK's Extract) and register that."
+        )
+    if dim not in (2, 3):
+        raise InputError(f"{what} is {dim}D; only 2D and 3D images can be registered")
+    size = image.GetSize()
+    if min(size) < MIN_SIZE:
+        hint = (
+            " A single-slice 3D image should be saved as a 2D image."
+            if dim == 3 and min(size) == 1
+            else ""
+        )
+        raise InputError(
+            f"{what} is too small ({'×'.join(map(str, size))} voxels); each axis needs at "
+            f"least {MIN_SIZE} voxels.{hint}"
+        )
+    spacing = np.asarray(image.GetSpacing())
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise InputError(
+            f"{what} has invalid voxel spacing {tuple(spacing)}: spacing must be positive. "
+            "Fix the file header (e.g. in Slicer's Volumes module) and try again."
+        )
+    direction = np.asarray(image.GetDirection()).reshape(dim, dim)
+    if not np.all(np.isfinite(direction)) or abs(np.linalg.det(direction)) < 1e-6:
+        raise InputError(
+            f"{what} has a singular or invalid direction matrix {tuple(direction.ravel())}; "
+            "its axes must be independent. Fix the file header and try again."
+        )
+    if not np.all(np.isfinite(image.GetOrigin())):
+        raise InputError(f"{what} has a non-finite origin {image.GetOrigin()}")
+
+
+def check_intensity_image(image: sitk.Image, what: str) -> None:
+    """A registrable image: scalar, real, finite, not constant."""
+    if image.GetPixelID() in COMPLEX_PIXEL_TYPES:
+        raise InputError(
+            f"{what} has complex pixels; register the magnitude image instead "
+            "(SimpleITK's ComplexToModulus)."
+        )
+    components = image.GetNumberOfComponentsPerPixel()
+    if components != 1:
+        kind = "an RGB/colour" if components in (3, 4) else f"a {components}-component vector"
+        raise InputError(
+            f"{what} is {kind} image; DeepRegister needs a scalar (grey-level) image. "
+            "Convert it to grey levels or pick one component first."
+        )
+    check_geometry(image, what)
+    array = sitk.GetArrayViewFromImage(image)
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise InputError(
+            f"{what} contains {bad} NaN or infinite voxels; replace them (e.g. with 0) first."
+        )
+    low, high = array.min(), array.max()
+    if low == high:
+        raise InputError(
+            f"{what} is constant (every voxel is {low}); it has no structure to register."
+        )
+
+
+def check_same_dimension(fixed: sitk.Image, moving: sitk.Image) -> None:
+    if fixed.GetDimension() != moving.GetDimension():
+        raise InputError(
+            f"the fixed image is {fixed.GetDimension()}D but the moving image is "
+            f"{moving.GetDimension()}D; both must be 2D or both 3D."
+        )
+
+
+def mask_on_grid(mask: sitk.Image, reference: sitk.Image, what: str) -> sitk.Image:
+    """The mask resampled (nearest) onto the reference grid, as uint8 0/1; refuses empty masks."""
+    check_geometry(mask, what)
+    if mask.GetDimension() != reference.GetDimension():
+        raise InputError(f"{what} is {mask.GetDimension()}D but its image is not")
+    if mask.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{what} must be a scalar (binary) image")
+    binary = sitk.Cast(sitk.NotEqual(mask, 0), sitk.sitkUInt8)
+    if not np.any(sitk.GetArrayViewFromImage(binary)):
+        raise InputError(f"{what} has no voxels set; draw the region of interest or omit the mask")
+    on_grid = sitk.Resample(binary, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    if not np.any(sitk.GetArrayViewFromImage(on_grid)):
+        raise InputError(
+            f"{what} does not overlap its image: none of its voxels fall inside the image. "
+            "Check that the mask belongs to this image."
+        )
+    return on_grid
+
+
+def check_label_map(labels: sitk.Image, what: str) -> sitk.Image:
+    """Integer label map (float maps with integer values are accepted and cast)."""
+    check_geometry(labels, what)
+    if labels.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{what} must be a scalar label map, not a vector image")
+    if labels.GetPixelID() in INTEGER_PIXEL_TYPES:
+        return labels
+    array = sitk.GetArrayViewFromImage(labels)
+    if not np.all(np.isfinite(array)) or not np.all(np.equal(np.mod(array, 1), 0)):
+        raise InputError(
+            f"{what} has non-integer values; a label map must hold whole-number labels "
+            "(did you pass an intensity image as labels?)"
+        )
+    if array.min() < 0 or array.max() > np.iinfo(np.int32).max:
+        raise InputError(f"{what} has labels outside 0…2³¹−1")
+    return sitk.Cast(labels, sitk.sitkInt32)
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from the kernel (Linux), else None (then no estimate is enforced)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
+def estimate_peak_bytes(fixed: sitk.Image, moving: sitk.Image, network_voxels: int) -> int:
+    """A deliberately generous estimate of the engine's peak memory.
+
+    Per fixed voxel: the float64 displacement (3×8), a float32 copy while composing (3×4),
+    the warped image and the Jacobian (2×4); per moving voxel, two float32 copies; per network
+    voxel, images, fields and Adam state for the optimisation (≈ 40 floats).
+    """
+    dim = fixed.GetDimension()
+    fixed_voxels = int(np.prod(fixed.GetSize()))
+    moving_voxels = int(np.prod(moving.GetSize()))
+    per_fixed = dim * 8 + dim * 4 + 2 * 4
+    return fixed_voxels * per_fixed + moving_voxels * 8 + network_voxels * 40 * 4
+
+
+def check_memory(fixed: sitk.Image, moving: sitk.Image, network_voxels: int) -> int:
+    needed = estimate_peak_bytes(fixed, moving, network_voxels)
+    available = available_memory_bytes()
+    if available is not None and needed > 0.9 * available:
+        raise ResourceError(
+            f"this registration needs about {needed / 2**30:.1f} GiB of memory but only "
+            f"{available / 2**30:.1f} GiB is available. Crop or downsample the images "
+            "(e.g. resample the fixed image to a coarser spacing), use the 'fast' preset, "
+            "or close other programs."
+        )
+    return needed

@@ -1,0 +1,72 @@
+"""Named trade-offs between time and accuracy, as data rather than branches in the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class Level:
+    """One instance-optimisation level: grid spacing (mm), Adam steps, integration steps."""
+
+    spacing_mm: float
+    iterations: int
+    integration_steps: int = 6
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    affine_iterations: int
+    levels: tuple[Level, ...]
+    regularization: float = 1.0
+    learning_rate: float = 0.5
+    window: int = 5  # local NCC window, voxels at each level
+
+    def with_iterations(self, iterations: int) -> Preset:
+        """The same levels with ``iterations`` Adam steps split over them (coarse first)."""
+        if iterations < 0:
+            raise InputError(f"iterations must be ≥ 0, got {iterations}")
+        total = sum(level.iterations for level in self.levels) or 1
+        levels = tuple(
+            replace(level, iterations=round(iterations * level.iterations / total))
+            for level in self.levels
+        )
+        return replace(self, levels=levels)
+
+
+PRESETS: dict[str, Preset] = {
+    preset.name: preset
+    for preset in (
+        Preset(
+            "fast",
+            "seconds on a CPU: coarse 4 mm refinement only",
+            affine_iterations=60,
+            levels=(Level(4.0, 40, 5),),
+        ),
+        Preset(
+            "balanced",
+            "4 mm then 2 mm refinement; the default",
+            affine_iterations=100,
+            levels=(Level(4.0, 50, 5), Level(2.0, 60, 6)),
+        ),
+        Preset(
+            "accurate",
+            "longer 4 → 2 mm refinement, for the best overlap",
+            affine_iterations=150,
+            levels=(Level(4.0, 80, 5), Level(2.0, 150, 7)),
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise InputError(
+            f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}"
+        ) from None
