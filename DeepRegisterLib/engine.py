@@ -22,10 +22,10 @@ from . import __version__, metrics
 from .affine import normalised_for_registration, register_affine, to_affine
 from .errors import InputError, ModelError, RegistrationCancelled
 from .fileio import read_image
-from .geometry import Grid, affine_parameters, flow_voxels_to_mm, is_linear
+from .geometry import Grid, flow_voxels_to_mm, is_linear
 from .losses import SIMILARITIES
 from .models import DEFAULT_MODELS, ModelInfo, available_models, find_model, load_model
-from .networks import integrate_velocity, sample, warp
+from .networks import integrate_velocity, warp
 from .optimisation import level_shape, optimise_velocity
 from .preflight import (
     check_intensity_image,
@@ -36,13 +36,13 @@ from .preflight import (
 )
 from .presets import Preset, get_preset
 from .result import RegistrationResult
+from .warping import compose_displacement, inverse_displacement, warp_image
 
 ProgressCallback = Callable[[float, str], None]
 ImageLike = sitk.Image | str | os.PathLike
 
 FOREGROUND_MARGIN_MM = 10.0
 MIN_LEVEL_VOXELS = 16
-CHUNK_VOXELS = 2_000_000  # points composed per chunk: bounds memory on 256³ and larger
 
 
 class CancelToken(Protocol):
@@ -147,139 +147,12 @@ def _resample(
 ) -> sitk.Image:
     """Resample, anti-aliased with a Gaussian when the target grid is coarser than the source."""
     if smooth_to_mm > 0:
-        sigma = [0.4 * np.sqrt(max(smooth_to_mm**2 - s**2, 0.0)) for s in image.GetSpacing()]
-        if max(sigma) > 0:
-            image = sitk.SmoothingRecursiveGaussian(sitk.Cast(image, sitk.sitkFloat32), sigma)
+        image = sitk.Cast(image, sitk.sitkFloat32)
+        for axis, spacing in enumerate(image.GetSpacing()):
+            sigma = 0.4 * np.sqrt(max(smooth_to_mm**2 - spacing**2, 0.0))
+            if sigma > 0.1 * spacing:  # axes already as coarse as the target stay untouched
+                image = sitk.RecursiveGaussian(image, sigma, direction=axis)
     return sitk.Resample(image, reference, transform, interpolator, 0.0, sitk.sitkFloat32)
-
-
-def _grid_points(grid: Grid, start: int, stop: int, device) -> torch.Tensor:
-    """LPS points (N, dim) of the voxels in array rows [start, stop) of the first axis (K)."""
-    shape = grid.shape
-    axes = [torch.arange(start, stop, device=device, dtype=torch.float64)] + [
-        torch.arange(n, device=device, dtype=torch.float64) for n in shape[1:]
-    ]
-    kji = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, grid.dim)
-    m = torch.as_tensor(grid.index_to_physical, device=device)
-    return kji.flip(-1) @ m.T + torch.as_tensor(grid.origin, device=device)
-
-
-def _chunk_rows(grid: Grid) -> int:
-    per_row = int(np.prod(grid.shape[1:]))
-    return max(1, CHUNK_VOXELS // max(per_row, 1))
-
-
-def _index_coords(points: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """Continuous (K, J, I) voxel coordinates of LPS points on ``grid``, shaped (1, dim, N)."""
-    a, b = grid.physical_to_index_affine()
-    ijk = points @ torch.as_tensor(a, device=points.device).T + torch.as_tensor(
-        b, device=points.device
-    )
-    return ijk.flip(-1).T[None]
-
-
-def _sample_at(
-    volume: torch.Tensor, grid: Grid, points: torch.Tensor, mode: str, itk_border: bool
-) -> torch.Tensor:
-    """Sample a (1, C, *shape) volume at LPS points → (C, N).
-
-    With ``itk_border`` points within half a voxel outside take the border value and points
-    further out give 0 — what ITK's linear and nearest interpolators do when resampling.
-    """
-    coords = _index_coords(points, grid)
-    view = coords.reshape(1, grid.dim, -1, *([1] * (grid.dim - 1)))
-    out = sample(
-        volume,
-        view.to(volume.dtype),
-        mode=mode,
-        padding_mode="border" if itk_border else "zeros",
-    ).reshape(volume.shape[1], -1)
-    if itk_border:
-        shape = torch.as_tensor(grid.shape, device=points.device, dtype=coords.dtype)
-        inside = ((coords[0] >= -0.5) & (coords[0] < shape[:, None] - 0.5)).all(dim=0)
-        out = out * inside.to(out.dtype)
-    return out
-
-
-class _Composer:
-    """Evaluates ``T(x) = A(x + v(x))`` at any LPS points, ``v`` living on the network grid."""
-
-    def __init__(self, affine: sitk.Transform, flow_mm: torch.Tensor, network_grid: Grid):
-        dim = network_grid.dim
-        matrix, translation = affine_parameters(affine, dim)
-        device = flow_mm.device
-        self.matrix = torch.as_tensor(matrix, device=device)
-        self.translation = torch.as_tensor(translation, device=device)
-        self.flow_mm = flow_mm
-        self.grid = network_grid
-
-    def __call__(self, points: torch.Tensor) -> torch.Tensor:
-        v = _sample_at(self.flow_mm, self.grid, points, "bilinear", itk_border=False)
-        deformed = points + v.T.to(points.dtype)
-        return deformed @ self.matrix.T + self.translation
-
-
-def _displacement_image(composer: _Composer, grid: Grid, device) -> sitk.Image:
-    rows = _chunk_rows(grid)
-    out = np.empty((*grid.shape, grid.dim), dtype=np.float64)
-    for start in range(0, grid.shape[0], rows):
-        stop = min(start + rows, grid.shape[0])
-        points = _grid_points(grid, start, stop, device)
-        out[start:stop] = (
-            (composer(points) - points).reshape(stop - start, *grid.shape[1:], -1).cpu()
-        )
-    image = sitk.GetImageFromArray(out, isVector=True)
-    return grid.apply_to(image)
-
-
-def warp_image(
-    moving: sitk.Image,
-    displacement: sitk.Image,
-    nearest: bool = False,
-    device: torch.device | str = "cpu",
-) -> sitk.Image:
-    """``moving(x + u(x))`` on the displacement's grid, as ITK's Resample would compute it.
-
-    Linear for intensities (float32 out); nearest for label maps (pixel type kept, labels exact).
-    """
-    device = torch.device(device)
-    grid = Grid.of(displacement)
-    moving_grid = Grid.of(moving)
-    dtype = torch.float64 if nearest else torch.float32
-    volume = _to_tensor(moving, device, dtype)
-    u = sitk.GetArrayViewFromImage(displacement)
-    out = np.empty(grid.shape, dtype=np.float64 if nearest else np.float32)
-    rows = _chunk_rows(grid)
-    for start in range(0, grid.shape[0], rows):
-        stop = min(start + rows, grid.shape[0])
-        points = _grid_points(grid, start, stop, device)
-        points = points + torch.tensor(u[start:stop].reshape(-1, grid.dim), device=device)
-        values = _sample_at(volume, moving_grid, points, "nearest" if nearest else "bilinear",
-                            itk_border=True)  # fmt: skip
-        out[start:stop] = values.reshape(stop - start, *grid.shape[1:]).cpu().numpy()
-    image = sitk.GetImageFromArray(out)
-    grid.apply_to(image)
-    return sitk.Cast(image, moving.GetPixelID()) if nearest else image
-
-
-def _inverse_displacement(
-    affine: sitk.Transform, inverse_flow_mm: torch.Tensor, network_grid: Grid, moving: Grid,
-    device,
-) -> sitk.Image:  # fmt: skip
-    """Moving → fixed on the moving grid: ``T⁻¹(y) = z + w(z)``, ``z = A⁻¹ y``, ``w = exp(−v)``."""
-    matrix, translation = affine_parameters(affine, moving.dim)
-    inv = np.linalg.inv(matrix)
-    inv_m = torch.as_tensor(inv, device=device)
-    inv_t = torch.as_tensor(-inv @ translation, device=device)
-    rows = _chunk_rows(moving)
-    out = np.empty((*moving.shape, moving.dim), dtype=np.float64)
-    for start in range(0, moving.shape[0], rows):
-        stop = min(start + rows, moving.shape[0])
-        y = _grid_points(moving, start, stop, device)
-        z = y @ inv_m.T + inv_t
-        w = _sample_at(inverse_flow_mm, network_grid, z, "bilinear", itk_border=False)
-        out[start:stop] = (z + w.T.double() - y).reshape(stop - start, *moving.shape[1:], -1).cpu()
-    return moving.apply_to(sitk.GetImageFromArray(out, isVector=True))
 
 
 def _global_ncc(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> float:
@@ -487,31 +360,35 @@ def _run(
     with torch.inference_mode():
         flow = integrate_velocity(velocity, steps)
         warped_net = warp(m_t, flow)
-        flow_mm = flow_voxels_to_mm(flow.double(), network_grid)
+        flow_mm = flow_voxels_to_mm(flow, network_grid)
     timings["optimisation_s"] = time.perf_counter() - tick
     stages.check("after optimisation")
 
     # --- outputs on the fixed grid -------------------------------------------------------
     tick = time.perf_counter()
     stages.report("outputs", 0.0, "composing the transform")
-    composer = _Composer(affine_tx, flow_mm, network_grid)
     with torch.inference_mode():
-        displacement = _displacement_image(composer, fixed_grid, device)
+        u = compose_displacement(affine_tx, flow_mm, network_grid, fixed_grid)
+        displacement = fixed_grid.apply_to(sitk.GetImageFromArray(u, isVector=True))
         stages.check("while writing outputs")
         stages.report("outputs", 0.3, "warping the moving image")
-        warped = warp_image(moving_image, displacement, device=device)
+        warped = warp_image(moving_image, u, fixed_grid, device=device)
         warped_labels = {
-            name: warp_image(labels, displacement, nearest=True, device=device)
+            name: warp_image(labels, u, fixed_grid, nearest=True, device=device)
             for name, labels in label_maps.items()
         }
+        del u
         inverse = None
         if compute_inverse:
             stages.report("outputs", 0.6, "inverting the transform")
-            inverse_flow = integrate_velocity(-velocity, steps)
-            inverse = _inverse_displacement(
-                affine_tx, flow_voxels_to_mm(inverse_flow.double(), network_grid),
-                network_grid, Grid.of(moving_image), device,
-            )  # fmt: skip
+            inverse_mm = flow_voxels_to_mm(integrate_velocity(-velocity, steps), network_grid)
+            moving_grid = Grid.of(moving_image)
+            inverse = moving_grid.apply_to(
+                sitk.GetImageFromArray(
+                    inverse_displacement(affine_tx, inverse_mm, network_grid, moving_grid),
+                    isVector=True,
+                )
+            )
     stages.check("while writing outputs")
     jacobian = None
     report: dict[str, Any] = {}
