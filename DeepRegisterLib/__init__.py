@@ -5,3 +5,13 @@ command line; :mod:`DeepRegisterLib.mrml` bridges results into a Slicer (MRML) s
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``registerVolumes`` (the Slicer console API) on first use, so that importing the package
+    never needs ``slicer``."""
+    if name == "registerVolumes":
+        from .mrml import registerVolumes
+
+        return registerVolumes
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,401 @@
+"""Checks of the Slicer module that run without the Slicer application.
+
+The module imports qt, ctk and slicer.ScriptedLoadableModule, which exist only inside Slicer, so it
+is read as source (ast) and its .ui as XML: the bindings between both, the metadata the generic
+Slicer test requires, the CMake file lists, and the contract with DeepRegisterLib.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import struct
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE_DIR = ROOT / "DeepRegister"
+SOURCE = MODULE_DIR / "DeepRegister.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "DeepRegister.ui"
+
+# What parameterNodeWrapper's GUI connectors accept (Slicer's guiConnectors.py): widget class →
+# the kind of field it can represent.
+WIDGET_KINDS = {
+    "qMRMLNodeComboBox": "node",
+    "QCheckBox": "bool",
+    "QSpinBox": "int",
+    "QDoubleSpinBox": "float",
+    "QComboBox": "choice",
+    "QLineEdit": "str",
+}
+
+
+@pytest.fixture(scope="module")
+def module() -> ast.Module:
+    return ast.parse(SOURCE.read_text(encoding="utf-8"), filename=str(SOURCE))
+
+
+@pytest.fixture(scope="module")
+def ui() -> ET.ElementTree:
+    return ET.parse(UI_FILE)
+
+
+def _aliases(module: ast.Module) -> dict[str, ast.expr]:
+    """Module-level ``Name = <type expression>`` assignments."""
+    return {
+        node.targets[0].id: node.value
+        for node in module.body
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+    }
+
+
+def _class(module: ast.Module, name: str) -> ast.ClassDef:
+    return next(n for n in module.body if isinstance(n, ast.ClassDef) and n.name == name)
+
+
+def _parameter_fields(module: ast.Module) -> dict[str, ast.expr]:
+    """Annotated fields of the class decorated with @parameterNodeWrapper, aliases resolved."""
+    (wrapped,) = [
+        node
+        for node in module.body
+        if isinstance(node, ast.ClassDef)
+        and any(
+            isinstance(d, ast.Name) and d.id == "parameterNodeWrapper" for d in node.decorator_list
+        )
+    ]
+    aliases = _aliases(module)
+    return {
+        node.target.id: aliases.get(ast.unparse(node.annotation), node.annotation)
+        for node in wrapped.body
+        if isinstance(node, ast.AnnAssign)
+    }
+
+
+def _kind(annotation: ast.expr) -> str:
+    """node / bool / int / float / str / choice, as far as the GUI connectors are concerned."""
+    text = ast.unparse(annotation)
+    if text.startswith("Annotated["):
+        base = ast.unparse(annotation.slice.elts[0])
+        if base == "str" and "Choice(" in text:
+            return "choice"
+        return base
+    if re.fullmatch(r"vtkMRML\w+|Union\[(vtkMRML\w+, )+None\]", text):
+        return "node"
+    return text
+
+
+def _node_classes(annotation: ast.expr) -> set[str]:
+    return set(re.findall(r"vtkMRML\w+", ast.unparse(annotation)))
+
+
+def _choices(annotation: ast.expr) -> list[str]:
+    (call,) = [n for n in ast.walk(annotation) if isinstance(n, ast.Call) and n.func.id == "Choice"]
+    return ast.literal_eval(call.args[0])
+
+
+def _bound_widgets(ui: ET.ElementTree) -> dict[str, tuple[str, str]]:
+    """parameter name → (widget class, widget name) for widgets with SlicerParameterName."""
+    bound = {}
+    for widget in ui.iter("widget"):
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                parameter = prop.find("string").text
+                assert prop.get("stdset") == "0", f"{parameter}: must be a dynamic property"
+                assert parameter not in bound, f"{parameter} is bound to two widgets"
+                bound[parameter] = (widget.get("class"), widget.get("name"))
+    return bound
+
+
+def _widget_names(ui: ET.ElementTree) -> set[str]:
+    return {w.get("name") for w in ui.iter("widget")}
+
+
+def _string_property(widget: ET.Element, name: str) -> list[str]:
+    prop = next((p for p in widget.findall("property") if p.get("name") == name), None)
+    return [] if prop is None else [s.text for s in prop.iter("string")]
+
+
+# --- the module source --------------------------------------------------------------------
+
+
+def test_the_module_compiles():
+    compile(SOURCE.read_text(encoding="utf-8"), str(SOURCE), "exec")
+
+
+def test_the_module_has_the_scripted_module_anatomy(module):
+    classes = {
+        n.name: [ast.unparse(b) for b in n.bases]
+        for n in module.body
+        if isinstance(n, ast.ClassDef)
+    }
+    assert classes["DeepRegister"] == ["ScriptedLoadableModule"]
+    assert classes["DeepRegisterWidget"][0] == "ScriptedLoadableModuleWidget"
+    assert classes["DeepRegisterLogic"] == ["ScriptedLoadableModuleLogic"]
+    assert classes["DeepRegisterTest"] == ["ScriptedLoadableModuleTest"]
+    assert "DeepRegisterParameterNode" in classes
+
+
+def _parent_assignments(module) -> dict[str, ast.expr]:
+    init = next(n for n in _class(module, "DeepRegister").body if isinstance(n, ast.FunctionDef))
+    return {
+        node.targets[0].attr: node.value
+        for node in ast.walk(init)
+        if isinstance(node, ast.Assign)
+        and isinstance(node.targets[0], ast.Attribute)
+        and ast.unparse(node.targets[0].value) == "self.parent"
+    }
+
+
+def _strings(node: ast.expr) -> str:
+    return " ".join(
+        n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+    )
+
+
+def test_the_module_metadata_is_complete_and_translatable(module):
+    meta = _parent_assignments(module)
+    for field in ("title", "categories", "contributors", "helpText", "acknowledgementText"):
+        assert _strings(meta[field]).strip(), f"{field} is empty (the generic Slicer test fails)"
+    assert _strings(meta["title"]) == "Deep Register"
+    assert "Registration" in _strings(meta["categories"])
+    for field in ("title", "helpText", "acknowledgementText"):
+        assert isinstance(meta[field], ast.Call)
+        assert ast.unparse(meta[field].func) == "_"
+    assert "translate(" in ast.unparse(meta["categories"])
+    assert '<a href="https://' in _strings(meta["helpText"])
+    acknowledgement = _strings(meta["acknowledgementText"])
+    for citation in (
+        "VoxelMorph",
+        "Balakrishnan",
+        "Dalca",
+        "SynthMorph",
+        "Hoffmann",
+        "SimpleITK",
+        "ITK",
+    ):
+        assert citation in acknowledgement
+
+
+def test_torch_and_the_library_are_imported_only_inside_functions(module):
+    top_level = set()
+    for node in module.body:
+        if isinstance(node, ast.Import):
+            top_level |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            top_level.add(node.module.split(".")[0])
+    assert not top_level & {"torch", "DeepRegisterLib", "PyTorchUtils", "SimpleITK", "numpy"}
+
+
+def test_the_library_path_is_added_only_when_the_library_is_not_importable(module):
+    function = next(
+        n for n in module.body if isinstance(n, ast.FunctionDef) and n.name == "_addLibraryToPath"
+    )
+    source = ast.unparse(function)
+    assert "find_spec('DeepRegisterLib')" in source
+    assert "sys.path.append" in source
+
+
+# --- the .ui and its bindings --------------------------------------------------------------
+
+
+def test_the_ui_is_a_qmrmlwidget_with_unique_widget_names(ui):
+    root = ui.getroot()
+    assert root.findtext("class") == "DeepRegister"
+    top = root.find("widget")
+    assert (top.get("class"), top.get("name")) == ("qMRMLWidget", "DeepRegister")
+    names = [w.get("name") for w in root.iter("widget")]
+    assert len(names) == len(set(names))
+    sections = {
+        w.findtext("property/string")
+        for w in root.iter("widget")
+        if w.get("class") == "ctkCollapsibleButton"
+    }
+    assert {"Inputs", "Outputs", "Advanced", "Results"} <= sections
+
+
+def test_every_bound_widget_names_a_parameter_and_every_parameter_has_a_widget(module, ui):
+    fields = _parameter_fields(module)
+    bound = _bound_widgets(ui)
+    assert set(bound) == set(fields)
+
+
+def test_bound_widgets_can_represent_their_parameters(module, ui):
+    fields = _parameter_fields(module)
+    for parameter, (widget_class, widget_name) in _bound_widgets(ui).items():
+        assert WIDGET_KINDS[widget_class] == _kind(fields[parameter]), (
+            f"{widget_name} ↔ {parameter}"
+        )
+        if widget_class == "qMRMLNodeComboBox":
+            widget = next(w for w in ui.iter("widget") if w.get("name") == widget_name)
+            assert set(_string_property(widget, "nodeTypes")) == _node_classes(fields[parameter])
+
+
+def test_node_unions_are_written_with_typing_union(module):
+    """parameterNodeWrapper recognises typing.Union only (``A | B`` is types.UnionType)."""
+    for name, annotation in _parameter_fields(module).items():
+        assert not any(isinstance(n, ast.BinOp) for n in ast.walk(annotation)), name
+
+
+def test_every_ui_widget_the_module_uses_exists(module, ui):
+    used = {
+        node.attr
+        for node in ast.walk(module)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Attribute)
+        and node.value.attr == "ui"
+    }
+    assert used, "no self.ui.<widget> found: the parser is out of date"
+    assert used <= _widget_names(ui)
+
+
+def test_every_node_selector_is_given_the_scene(ui):
+    selectors = {w.get("name") for w in ui.iter("widget") if w.get("class") == "qMRMLNodeComboBox"}
+    connected = {
+        c.findtext("receiver")
+        for c in ui.iter("connection")
+        if c.findtext("sender") == "DeepRegister"
+        and c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
+        and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"
+    }
+    assert selectors
+    assert selectors <= connected
+
+
+def test_the_apply_button_log_and_progress_widgets_exist(ui):
+    classes = {w.get("name"): w.get("class") for w in ui.iter("widget")}
+    assert classes["applyButton"] == "QPushButton"
+    assert classes["progressBar"] == "QProgressBar"
+    assert classes["logTextEdit"] == "QPlainTextEdit"
+
+
+# --- the contract with DeepRegisterLib -------------------------------------------------------
+
+
+def test_preset_and_similarity_choices_are_the_librarys(module):
+    from DeepRegisterLib.losses import SIMILARITIES
+    from DeepRegisterLib.presets import PRESETS
+
+    fields = _parameter_fields(module)
+    assert _choices(fields["preset"]) == list(PRESETS)
+    assert set(_choices(fields["similarity"])) == {"default", *SIMILARITIES}
+    assert _choices(fields["device"]) == ["auto", "cpu", "cuda"]
+
+
+def test_the_parameter_node_has_every_field_the_library_reads(module):
+    """mrml.RegistrationParameters is what registerVolumesUsingParameters reads (ast: no slicer)."""
+    mrml = ast.parse((ROOT / "DeepRegisterLib" / "mrml.py").read_text(encoding="utf-8"))
+    protocol = _class(mrml, "RegistrationParameters")
+    wanted = {
+        n.target.id: ast.unparse(n.annotation)
+        for n in protocol.body
+        if isinstance(n, ast.AnnAssign)
+    }
+    fields = _parameter_fields(module)
+    assert set(wanted) <= set(fields)
+    for name, annotation in wanted.items():
+        kind = _kind(fields[name])
+        if kind in ("bool", "int", "float", "str"):
+            assert annotation == kind, name
+        elif kind == "choice":
+            assert annotation == "str", name
+        else:
+            assert "vtkMRML" in annotation or annotation.endswith("Node | None"), name
+
+
+# --- build files and resources ------------------------------------------------------------
+
+
+_CMAKE_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|#[^\n]*|[()]|[^\s()"#]+')
+
+
+def _cmake_commands(path: Path) -> list[tuple[str, list[str]]]:
+    """(command, arguments) of a CMake file without comments; enough for flat argument lists."""
+    tokens = [t for t in _CMAKE_TOKEN.findall(path.read_text(encoding="utf-8")) if t[0] != "#"]
+    commands, i = [], 0
+    while i < len(tokens) - 1:
+        if tokens[i + 1] == "(":
+            end = tokens.index(")", i + 2)
+            commands.append((tokens[i].lower(), tokens[i + 2 : end]))
+            i = end + 1
+        else:
+            i += 1
+    return commands
+
+
+def _set_variables(commands) -> dict[str, list[str]]:
+    return {args[0]: [a.strip('"') for a in args[1:]] for name, args in commands if name == "set"}
+
+
+def test_the_module_cmake_lists_name_existing_files():
+    commands = _cmake_commands(MODULE_DIR / "CMakeLists.txt")
+    variables = _set_variables(commands)
+    module_name = variables["MODULE_NAME"][0]
+    assert module_name == "DeepRegister"
+    listed = variables["MODULE_PYTHON_SCRIPTS"] + variables["MODULE_PYTHON_RESOURCES"]
+    for entry in listed:
+        assert (MODULE_DIR / entry.replace("${MODULE_NAME}", module_name)).is_file(), entry
+    build = next(args for name, args in commands if name == "slicermacrobuildscriptedmodule")
+    assert "WITH_GENERIC_TESTS" in build
+    unittest = next(args for name, args in commands if name == "slicer_add_python_unittest")
+    assert unittest == ["SCRIPT", "${MODULE_NAME}.py"]
+
+
+def test_the_extension_cmake_lists_are_complete():
+    commands = _cmake_commands(ROOT / "CMakeLists.txt")
+    variables = _set_variables(commands)
+    assert ("project", ["DeepRegister"]) in commands
+    for field in ("HOMEPAGE", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS"):
+        assert variables[f"EXTENSION_{field}"][0].strip(), field
+    assert variables["EXTENSION_DEPENDS"] == ["PyTorch"]
+    for url in variables["EXTENSION_ICONURL"] + variables["EXTENSION_SCREENSHOTURLS"]:
+        assert (ROOT / url.split("/main/", 1)[1]).is_file(), url
+    for name, args in commands:
+        if name == "add_subdirectory":
+            assert (ROOT / args[0] / "CMakeLists.txt").is_file()
+    patterns = [args[-1] for name, args in commands if name == "file" and args[:1] == ["GLOB"]]
+    assert "DeepRegisterLib/*.py" in patterns
+    assert sorted(ROOT.glob("DeepRegisterLib/*.py")), "nothing for ctkMacroCompilePythonScript"
+    compile_ = next(args for name, args in commands if name == "ctkmacrocompilepythonscript")
+    assert "NO_INSTALL_SUBDIR" in compile_
+    assert compile_[compile_.index("SOURCE_DIR") + 1] == "${CMAKE_CURRENT_SOURCE_DIR}"
+    included = [args[0] for name, args in commands if name == "include"]
+    assert included[-2:] == ["${Slicer_EXTENSION_GENERATE_CONFIG}", "${Slicer_EXTENSION_CPACK}"]
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", header[16:24])
+
+
+@pytest.mark.parametrize(
+    "icon",
+    [
+        MODULE_DIR / "Resources" / "Icons" / "DeepRegister.png",
+        ROOT / "Resources" / "DeepRegister.png",
+    ],
+)
+def test_icons_are_128_pixel_pngs(icon):
+    assert _png_size(icon) == (128, 128)
+
+
+def test_the_requirements_leave_slicers_own_packages_alone():
+    lines = (MODULE_DIR / "Resources" / "requirements.txt").read_text(encoding="utf-8").splitlines()
+    packages = [re.split(r"[<>=!~\[; ]", line.strip())[0].lower() for line in lines]
+    packages = [p for p in packages if p and not p.startswith("#")]
+    assert not set(packages) & {"torch", "simpleitk", "vtk", "numpy", "slicer", "slicer-core"}
+
+
+# --- the package -----------------------------------------------------------------------------
+
+
+def test_importing_the_package_does_not_import_slicer():
+    code = "import sys, DeepRegisterLib; print('slicer' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False"
