@@ -67,6 +67,4 @@ def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]
     except KeyError:
-        raise InputError(
-            f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}"
-        ) from None
+        raise InputError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
