@@ -138,21 +138,18 @@ def foreground_box(image: sitk.Image, mask: sitk.Image | None) -> tuple[np.ndarr
     return lower, upper
 
 
-def _resample(
-    image: sitk.Image,
-    reference: sitk.Image,
-    transform: sitk.Transform,
-    interpolator=sitk.sitkLinear,
-    smooth_to_mm: float = 0.0,
-) -> sitk.Image:
-    """Resample, anti-aliased with a Gaussian when the target grid is coarser than the source."""
-    if smooth_to_mm > 0:
-        image = sitk.Cast(image, sitk.sitkFloat32)
-        for axis, spacing in enumerate(image.GetSpacing()):
-            sigma = 0.4 * np.sqrt(max(smooth_to_mm**2 - spacing**2, 0.0))
-            if sigma > 0.1 * spacing:  # axes already as coarse as the target stay untouched
-                image = sitk.RecursiveGaussian(image, sigma, direction=axis)
-    return sitk.Resample(image, reference, transform, interpolator, 0.0, sitk.sitkFloat32)
+def _antialiased(image: sitk.Image, target_mm: float) -> sitk.Image:
+    """Gaussian-smoothed along each axis finer than ``target_mm``, before resampling onto it."""
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    for axis, spacing in enumerate(image.GetSpacing()):
+        sigma = 0.4 * np.sqrt(max(target_mm**2 - spacing**2, 0.0))
+        if sigma > 0.1 * spacing:  # axes already as coarse as the target stay untouched
+            image = sitk.RecursiveGaussian(image, sigma, direction=axis)
+    return image
+
+
+def _resample(image: sitk.Image, reference: sitk.Image, transform: sitk.Transform) -> sitk.Image:
+    return sitk.Resample(image, reference, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
 
 
 def _global_ncc(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> float:
@@ -295,6 +292,7 @@ def _run(
             fixed_image, moving_image,
             fixed_mask=fixed_mask_img, moving_mask=moving_mask_img,
             initial_transform=initial_transform, iterations=settings.affine_iterations,
+            finest_mm=settings.affine_finest_mm,
             seed=seed, progress=stages.reporter("affine"), is_cancelled=stages.cancelled,
         )  # fmt: skip
     elif initial_transform is not None:
@@ -308,23 +306,20 @@ def _run(
     tick = time.perf_counter()
     reference = network_grid.reference_image()
     target_mm = network_grid.spacing[0]
+    identity = sitk.Transform(dim, sitk.sitkIdentity)
     fixed_net = normalised_for_registration(
-        _resample(
-            fixed_image, reference, sitk.Transform(dim, sitk.sitkIdentity), smooth_to_mm=target_mm
-        )
+        _resample(_antialiased(fixed_image, target_mm), reference, identity)
     )
-    moving_norm = normalised_for_registration(moving_image)
-    moving_net = _resample(moving_norm, reference, affine_tx, smooth_to_mm=target_mm)
-    moving_before = _resample(
-        moving_norm, reference, sitk.Transform(dim, sitk.sitkIdentity), smooth_to_mm=target_mm
-    )
+    moving_smooth = _antialiased(normalised_for_registration(moving_image), target_mm)
+    moving_net = _resample(moving_smooth, reference, affine_tx)
+    moving_before = _resample(moving_smooth, reference, identity)
+    del moving_smooth
     moving_domain = sitk.Resample(
         _domain_image(moving_image), reference, affine_tx, sitk.sitkNearestNeighbor, 0
     )
     _check_overlap(fixed_net, moving_domain)
     f_t = _to_tensor(fixed_net, device)
     m_t = _to_tensor(moving_net, device)
-    identity = sitk.Transform(dim, sitk.sitkIdentity)
     mask_t = (
         None if fixed_mask_img is None
         else _to_tensor(

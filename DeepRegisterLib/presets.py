@@ -22,6 +22,7 @@ class Preset:
     description: str
     affine_iterations: int
     levels: tuple[Level, ...]
+    affine_finest_mm: float = 2.0
     regularization: float = 1.0
     learning_rate: float = 0.5
     window: int = 5  # local NCC window, voxels at each level
@@ -46,6 +47,7 @@ PRESETS: dict[str, Preset] = {
             "seconds on a CPU: coarse 4 mm refinement only",
             affine_iterations=60,
             levels=(Level(4.0, 40, 5),),
+            affine_finest_mm=4.0,
         ),
         Preset(
             "balanced",
