@@ -20,7 +20,6 @@ from .networks import integrate_velocity, resize_flow, warp
 from .presets import Level
 
 CONTROL_MIN_VOXELS = 16
-CONTROL_SPACING_MM = 4.0
 
 
 @dataclass
@@ -81,6 +80,8 @@ def optimise_velocity(
 ) -> tuple[torch.Tensor, list[float]]:
     """Velocity (voxels of the finest grid ``fixed.shape``) and the loss trace.
 
+    Each level hands on the parameter with the lowest loss it evaluated (the start included).
+
     ``levels`` pairs each level's grid shape with its settings, coarse first.
     """
     sim = similarity_function(similarity)
@@ -98,9 +99,9 @@ def optimise_velocity(
             downsample_image(moving, shape),
             None if mask is None else (downsample_image(mask, shape) > 0.5).to(fixed.dtype),
         )
-        # Fine levels keep their velocity on a control grid of CONTROL_SPACING_MM (VoxelMorph's
-        # int_downsize): a smooth field loses little, and integration costs up to 8× less.
-        factor = min(2.0, max(1.0, CONTROL_SPACING_MM / level.spacing_mm))
+        # The velocity may live on a coarser control grid (VoxelMorph's int_downsize): a smooth
+        # field loses little detail, and integration costs up to 8× less in 3D.
+        factor = min(2.0, max(1.0, level.control_mm / level.spacing_mm))
         coarse_enough = min(shape) >= factor * CONTROL_MIN_VOXELS
         control = level_shape(shape, factor) if coarse_enough else shape
         taper = border_taper(control, width=2.0, device=fixed.device, dtype=fixed.dtype)
@@ -108,6 +109,9 @@ def optimise_velocity(
         optimiser = torch.optim.Adam([parameter], lr=learning_rate)
         best = float("inf")
         stale = 0
+        # Adam's first steps have a fixed size whatever the gradient, so a step can make things
+        # worse (e.g. on an already aligned pair): keep the best parameter seen, not the last.
+        best_value, best_parameter = float("inf"), parameter.detach().clone()
         for _ in range(level.iterations):
             if is_cancelled():
                 raise RegistrationCancelled("registration cancelled during optimisation")
@@ -117,8 +121,10 @@ def optimise_velocity(
             loss = sim(images.fixed, warped, images.mask, window)
             loss = loss + regularization * diffusion(control_flow)
             loss.backward()
-            optimiser.step()
             value = float(loss.detach())
+            if value < best_value:  # the loss of the parameter before this step
+                best_value, best_parameter = value, parameter.detach().clone()
+            optimiser.step()
             trace.append(value)
             done += 1
             if progress is not None:
@@ -131,5 +137,5 @@ def optimise_velocity(
                 if stale >= 10:
                     break
         with torch.no_grad():
-            velocity = resize_flow(_smooth(parameter.detach()) * taper, fine_shape)
+            velocity = resize_flow(_smooth(best_parameter) * taper, fine_shape)
     return velocity, trace

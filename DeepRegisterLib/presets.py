@@ -9,11 +9,13 @@ from .errors import InputError
 
 @dataclass(frozen=True)
 class Level:
-    """One instance-optimisation level: grid spacing (mm), Adam steps, integration steps."""
+    """One instance-optimisation level: grid spacing (mm), Adam steps, integration steps, and
+    the spacing of the control grid the velocity lives on (coarser is faster, finer sharper)."""
 
     spacing_mm: float
     iterations: int
     integration_steps: int = 6
+    control_mm: float = 4.0
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ PRESETS: dict[str, Preset] = {
             "accurate",
             "longer 4 → 2 mm refinement, for the best overlap",
             affine_iterations=150,
-            levels=(Level(4.0, 80, 5), Level(2.0, 150, 7)),
+            levels=(Level(4.0, 80, 5), Level(2.0, 120, 7, control_mm=2.0)),
         ),
     )
 }
