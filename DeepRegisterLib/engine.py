@@ -333,6 +333,11 @@ def _run(
         network = load_model(model_info, device)
         with torch.inference_mode():
             velocity = network.velocity(f_t, m_t).clone()
+        if not bool(torch.isfinite(velocity).all()):
+            raise ModelError(
+                f"model {model_info.name!r} produced non-finite (NaN or infinite) output: its "
+                "weights are corrupt or it was trained badly; reinstall or retrain it"
+            )
         stages.report("network", 1.0, "network done")
     timings["network_s"] = time.perf_counter() - tick
     stages.check("after the network")

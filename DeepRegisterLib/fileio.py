@@ -8,9 +8,12 @@ the user asked for.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
 import shutil
+import struct
 import tempfile
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -59,14 +62,90 @@ def read_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
         raise InputError(f"{what} file not found: {source}")
     if source.is_dir():
         raise InputError(f"{what} path is a folder, not an image file: {source}")
+    problem = _nifti_truncation(source) if full_suffix(source) in (".nii", ".nii.gz") else None
+    if problem is not None:
+        raise InputError(
+            f"cannot read {what} {source}: the file is truncated ({problem}); it was probably "
+            "cut short while copying or writing. Copy or export it again."
+        )
     try:
         return sitk.ReadImage(str(source))
     except RuntimeError as error:
-        first_line = str(error).strip().splitlines()[-1] if str(error).strip() else ""
         raise InputError(
             f"cannot read {what} {source}: the file is truncated, corrupt or not an image "
-            f"format SimpleITK reads ({', '.join(IMAGE_SUFFIXES)}). ITK said: {first_line}"
+            f"format SimpleITK reads ({', '.join(IMAGE_SUFFIXES)}). ITK said: {_itk_reason(error)}"
         ) from None
+
+
+def _nifti_expected_bytes(header: bytes) -> int | None:
+    """Header + voxel bytes a NIfTI-1/-2 file must hold, from its header; None if unknown."""
+    for order in "<>":
+        size = struct.unpack(order + "i", header[:4])[0] if len(header) >= 4 else 0
+        if size == 348 and len(header) >= 348:
+            dims = struct.unpack(order + "8h", header[40:56])
+            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            offset = int(struct.unpack(order + "f", header[108:112])[0])
+            break
+        if size == 540 and len(header) >= 540:
+            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            dims = struct.unpack(order + "8q", header[16:80])
+            offset = struct.unpack(order + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    if not 1 <= dims[0] <= 7 or bitpix <= 0 or any(d < 1 for d in dims[1 : dims[0] + 1]):
+        return None  # let ITK report a malformed header
+    voxels = 1
+    for d in dims[1 : dims[0] + 1]:
+        voxels *= d
+    return max(offset, size) + voxels * bitpix // 8
+
+
+def _nifti_truncation(source: Path) -> str | None:
+    """Why a .nii/.nii.gz file is shorter than its header says, or None.
+
+    ITK's NIfTI reader does not check this: a truncated file reads "successfully", with
+    garbage or zeros for the missing voxels. A .nii is checked by its size; a .nii.gz first by
+    its gzip trailer (the uncompressed size), and decompressed in full only when that disagrees.
+    """
+    try:
+        if full_suffix(source) == ".nii":
+            with source.open("rb") as stream:
+                expected = _nifti_expected_bytes(stream.read(540))
+            actual = source.stat().st_size
+        else:
+            with gzip.open(source, "rb") as stream:
+                expected = _nifti_expected_bytes(stream.read(540))
+            if expected is None:
+                return None
+            with source.open("rb") as raw:
+                raw.seek(-4, os.SEEK_END)
+                if struct.unpack("<I", raw.read(4))[0] == expected % 2**32:
+                    return None
+            actual = 0
+            with gzip.open(source, "rb") as stream:
+                while chunk := stream.read(1 << 22):
+                    actual += len(chunk)
+    except (EOFError, zlib.error) as error:
+        return f"its compressed data ends early: {error}"
+    except (OSError, struct.error):
+        return None  # not gzip / unreadable: ITK's own error says more
+    if expected is not None and actual < expected:
+        return f"it holds {actual} bytes but its header describes {expected}"
+    return None
+
+
+def _itk_reason(error: RuntimeError) -> str:
+    """The line of an ITK exception that says what is wrong (e.g. "Zero-valued spacing ...").
+
+    ITK puts it after "ITK ERROR: <object>: "; what follows may be a multi-line matrix dump,
+    so the last line alone can be just "0 0 1".
+    """
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    for line in lines:
+        if "ITK ERROR:" in line:
+            return line.split("ITK ERROR:", 1)[1].split("): ", 1)[-1].strip()
+    return lines[-1] if lines else ""
 
 
 def read_transform(path: str | os.PathLike) -> sitk.Transform:

@@ -146,7 +146,11 @@ def affine_parameters(transform: sitk.Transform, dim: int) -> tuple[np.ndarray, 
 
 
 def is_linear(transform: sitk.Transform, dim: int) -> bool:
-    """Whether the transform is affine: checked on a spread of points, not by its class name."""
+    """Whether the transform is affine: ITK's own category first (a displacement field or
+    B-spline whose domain the probe points below all miss would otherwise look like the
+    identity), then checked on a spread of points, not by its class name."""
+    if not transform.IsLinear():
+        return False
     matrix, t = affine_parameters(transform, dim)
     rng = np.random.default_rng(0)
     probe = rng.uniform(-200, 200, size=(8, dim))

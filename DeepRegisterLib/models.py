@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,11 @@ from pathlib import Path
 import torch
 
 from .errors import ModelError
-from .networks import NetworkConfig, VxmDense
+from .networks import MAX_PARAMETERS, NetworkConfig, VxmDense
 
 DEFAULT_MODELS = {3: "brain3d", 2: "slice2d"}
+# The largest permitted network in float64, plus room for the archive's own records.
+MAX_WEIGHTS_BYTES = 8 * MAX_PARAMETERS + (16 << 20)
 
 
 def shipped_models_dir() -> Path:
@@ -46,15 +49,38 @@ class ModelInfo:
 
     @property
     def network(self) -> NetworkConfig:
-        return NetworkConfig.from_json(self.config["network"])
+        """The validated architecture; an absurd or malformed config is a :class:`ModelError`
+        (raised before any tensor is allocated), not a bare ``ValueError``."""
+        try:
+            return NetworkConfig.from_json(self.config["network"])
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as error:
+            raise ModelError(f"model {self.name!r}: invalid network config: {error}") from None
 
     @property
     def spacing_mm(self) -> float:
-        return float(self.config.get("input_spacing_mm", 2.0))
+        value = self.config.get("input_spacing_mm", 2.0)
+        try:
+            spacing = float(value)
+        except (TypeError, ValueError):
+            spacing = math.nan
+        if not math.isfinite(spacing) or spacing <= 0:
+            raise ModelError(
+                f"model {self.name!r}: input_spacing_mm must be a positive number, got {value!r}"
+            )
+        return spacing
 
     @property
     def sha256(self) -> str:
-        return self.weights.with_suffix(".sha256").read_text().split()[0].strip().lower()
+        """The expected digest from ``<name>.sha256`` (``sha256sum`` format)."""
+        checksum_file = self.weights.with_suffix(".sha256")
+        words = checksum_file.read_text(errors="replace").split()
+        digest = words[0].lower() if words else ""
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ModelError(
+                f"model {self.name!r}: {checksum_file.name} does not hold a SHA-256 digest; "
+                "reinstall the model"
+            )
+        return digest
 
 
 def sha256_of(path: Path) -> str:
@@ -114,6 +140,13 @@ def load_model(info: ModelInfo, device: torch.device | str = "cpu") -> VxmDense:
     checksum_file = info.weights.with_suffix(".sha256")
     if not info.weights.exists():
         raise ModelError(f"model {info.name!r}: weights file {info.weights} is missing")
+    if not info.weights.is_file():  # a FIFO or device (/dev/zero) would be hashed forever
+        raise ModelError(f"model {info.name!r}: weights {info.weights} is not a regular file")
+    if info.weights.stat().st_size > MAX_WEIGHTS_BYTES:
+        raise ModelError(
+            f"model {info.name!r}: weights file {info.weights} is larger than any permitted "
+            f"network ({info.weights.stat().st_size:,} bytes)"
+        )
     if not checksum_file.exists():
         raise ModelError(
             f"model {info.name!r}: {checksum_file.name} is missing; refusing to load weights "

@@ -1,0 +1,615 @@
+"""Every unusable input is refused with a specific, actionable error, and nothing is written.
+
+Failures go through ``register_and_write`` — register, then write the outputs with
+:mod:`DeepRegisterLib.fileio` — and each test checks that the output folder is unchanged.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import grid_centre, image_on, make_phantom, oblique_grid
+
+import DeepRegisterLib.preflight
+from DeepRegisterLib import fileio, networks
+from DeepRegisterLib.engine import register
+from DeepRegisterLib.errors import DeepRegisterError, InputError, ModelError, ResourceError
+from DeepRegisterLib.models import save_model
+from DeepRegisterLib.networks import NetworkConfig, VxmDense
+from DeepRegisterLib.preflight import check_intensity_image
+
+TINY_NETWORK = dict(encoder=(4, 4), decoder=(4, 4, 4))
+
+
+def register_and_write(out: Path, fixed, moving, **kwargs):
+    """What an application does: register (which validates first), then write the outputs."""
+    result = register(
+        fixed, moving, **{"preset": "fast", "iterations": 2, "device": "cpu", **kwargs}
+    )
+    fileio.write_image(result.warped, out / "warped.nii.gz")
+    fileio.write_image(result.displacement, out / "displacement.nrrd")
+    fileio.write_transform(result.transform(), out / "transform.h5")
+    return result
+
+
+def listing(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture
+def an_output_folder(tmp_path: Path) -> Path:
+    """An output folder holding one earlier result, which a failed run must leave untouched."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "warped.nii.gz").write_bytes(b"an earlier result")
+    return out
+
+
+@pytest.fixture(params=[2, 3], ids=["2d", "3d"])
+def a_good_pair(request: pytest.FixtureRequest) -> tuple[sitk.Image, sitk.Image]:
+    dim = request.param
+    grid = oblique_grid(dim, size=(24, 22, 20)[:dim], spacing=(1.3, 1.4, 1.5)[:dim])
+    phantom = make_phantom(dim, grid_centre(grid), scale_mm=9.0)
+    shift = np.array([1.0, -1.0, 0.5][:dim])
+    return phantom.image(grid), phantom.image(grid, through=lambda y: y - shift)
+
+
+def like(image: sitk.Image, array: np.ndarray, vector: bool = False) -> sitk.Image:
+    out = sitk.GetImageFromArray(array, isVector=vector)
+    out.CopyInformation(image)
+    return out
+
+
+def refused(
+    out: Path,
+    error: type[Exception],
+    message: str,
+    fixed,
+    moving,
+    **kwargs,
+) -> str:
+    """Run ``register_and_write`` expecting ``error`` matching ``message``; the folder must not
+    change. Returns the message for further checks."""
+    before = listing(out)
+    with pytest.raises(error, match=message) as caught:
+        register_and_write(out, fixed, moving, **kwargs)
+    assert isinstance(caught.value, DeepRegisterError)  # one family for callers to catch
+    assert listing(out) == before
+    return str(caught.value)
+
+
+# --- images ---------------------------------------------------------------------------------
+
+
+def test_the_helper_writes_outputs_for_good_input(a_good_pair, an_output_folder: Path) -> None:
+    """The failure tests below are meaningful only if the same path succeeds on good input."""
+    register_and_write(an_output_folder, *a_good_pair, model=None)
+    assert {"warped.nii.gz", "displacement.nrrd", "transform.h5"} <= set(listing(an_output_folder))
+    assert (
+        sitk.ReadImage(str(an_output_folder / "warped.nii.gz")).GetSize()
+        == a_good_pair[0].GetSize()
+    )
+
+
+def test_a_2d_image_with_a_3d_image_is_refused(an_output_folder: Path) -> None:
+    grid3, grid2 = oblique_grid(3, size=(16, 16, 16)), oblique_grid(2, size=(16, 16))
+    fixed = make_phantom(3, grid_centre(grid3), 7.0).image(grid3)
+    moving = make_phantom(2, grid_centre(grid2), 7.0).image(grid2)
+    message = refused(an_output_folder, InputError, "3D.*2D", fixed, moving, model=None)
+    assert "both must be 2D or both 3D" in message
+
+
+def constant_like(image: sitk.Image, value: float) -> sitk.Image:
+    return like(image, np.full(sitk.GetArrayViewFromImage(image).shape, value, np.float32))
+
+
+def with_bad_voxel(image: sitk.Image, value: float) -> sitk.Image:
+    array = sitk.GetArrayFromImage(image)
+    array.flat[array.size // 2] = value
+    return like(image, array)
+
+
+BAD_MOVING_IMAGES: dict[str, tuple[Callable[[sitk.Image], sitk.Image], str]] = {
+    "4d": (lambda im: sitk.Image([6, 6, 6, 6], sitk.sitkFloat32), "is 4D.*time series"),
+    "rgb": (lambda im: sitk.Image(im.GetSize(), sitk.sitkVectorUInt8, 3), "RGB.*scalar"),
+    "vector": (
+        lambda im: sitk.Image(im.GetSize(), sitk.sitkVectorFloat32, 5),
+        "5-component vector",
+    ),
+    "complex": (lambda im: sitk.Image(im.GetSize(), sitk.sitkComplexFloat32), "complex.*magnitude"),
+    "empty": (lambda im: sitk.Image([0] * im.GetDimension(), sitk.sitkFloat32), "too small"),
+    "tiny": (lambda im: sitk.Image([3] * im.GetDimension(), sitk.sitkFloat32), "too small.*3"),
+    "constant": (lambda im: constant_like(im, 7.0), "constant.*7"),
+    "nan": (lambda im: with_bad_voxel(im, np.nan), "1 NaN or infinite"),
+    "inf": (lambda im: with_bad_voxel(im, -np.inf), "1 NaN or infinite"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MOVING_IMAGES))
+def test_an_unusable_moving_image_is_refused_with_a_message_naming_the_problem(
+    a_good_pair, an_output_folder: Path, case: str
+) -> None:
+    fixed, moving = a_good_pair
+    build, message = BAD_MOVING_IMAGES[case]
+    text = refused(an_output_folder, InputError, message, fixed, build(moving), model=None)
+    assert "moving image" in text  # it says WHICH input is wrong
+
+
+def test_an_unusable_fixed_image_is_named_as_the_fixed_one(a_good_pair, an_output_folder):
+    fixed, moving = a_good_pair
+    refused(
+        an_output_folder,
+        InputError,
+        "the fixed image.*NaN",
+        with_bad_voxel(fixed, np.nan),
+        moving,
+        model=None,
+    )
+
+
+IDENTITY_3D = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+class GeometryStandIn:
+    """An image-like object with geometry SimpleITK itself would refuse to build (below), as
+    other front ends (arrays, MRML nodes) could hand over: the pre-flight must still catch it."""
+
+    def __init__(self, spacing=(1.0, 1.0, 1.0), direction=IDENTITY_3D):
+        self._spacing, self._direction = spacing, direction
+
+    def GetPixelID(self):  # noqa: N802  (SimpleITK's API)
+        return sitk.sitkFloat32
+
+    def GetNumberOfComponentsPerPixel(self):  # noqa: N802
+        return 1
+
+    def GetDimension(self):  # noqa: N802
+        return 3
+
+    def GetSize(self):  # noqa: N802
+        return (8, 8, 8)
+
+    def GetSpacing(self):  # noqa: N802
+        return self._spacing
+
+    def GetDirection(self):  # noqa: N802
+        return self._direction
+
+    def GetOrigin(self):  # noqa: N802
+        return (0.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("geometry", "message"),
+    [
+        (dict(spacing=(1.0, 0.0, 1.0)), "invalid voxel spacing.*positive"),
+        (dict(spacing=(1.0, -0.5, 1.0)), "invalid voxel spacing.*positive"),
+        (dict(spacing=(1.0, np.nan, 1.0)), "invalid voxel spacing"),
+        (dict(direction=(1, 0, 0, 1, 0, 0, 0, 0, 1)), "singular or invalid direction"),
+        (dict(direction=(1, 0, 0, 0, 1, 0, 0, 0, 0)), "singular or invalid direction"),
+    ],
+)
+def test_zero_negative_spacing_and_a_singular_direction_are_refused(geometry, message) -> None:
+    with pytest.raises(InputError, match=message):
+        check_intensity_image(GeometryStandIn(**geometry), "the moving image")
+
+
+def test_simpleitk_itself_cannot_build_such_geometry_in_memory() -> None:
+    """Why the pre-flight check above uses a stand-in: ITK refuses these outright."""
+    image = sitk.Image([8, 8, 8], sitk.sitkFloat32)
+    for spacing in ((1.0, 0.0, 1.0), (1.0, -1.0, 1.0)):
+        with pytest.raises(RuntimeError, match="spacing"):
+            image.SetSpacing(spacing)
+    with pytest.raises(RuntimeError, match="direction"):
+        image.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, 0))
+
+
+def raw_header_file(path: Path, header_lines: str) -> Path:
+    """A MetaImage (.mha) with a hand-written header: the way bad geometry arrives in files."""
+    data = np.arange(6**3, dtype=np.float32).tobytes()
+    header = (
+        "ObjectType = Image\nNDims = 3\n" + header_lines + "\nDimSize = 6 6 6\n"
+        "ElementType = MET_FLOAT\nElementDataFile = LOCAL\n"
+    )
+    path.write_bytes(header.encode() + data)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        ("ElementSpacing = 0 1 1", "Zero-valued spacing"),
+        ("TransformMatrix = 1 0 0 1 0 0 0 0 1", "Bad direction, determinant is 0"),
+    ],
+)
+def test_files_with_zero_spacing_or_a_singular_direction_are_refused_naming_the_problem(
+    an_output_folder: Path, tmp_path: Path, header: str, message: str
+) -> None:
+    path = raw_header_file(tmp_path / "bad.mha", header)
+    fixed = three_d_pair()[0]
+    text = refused(an_output_folder, InputError, message, fixed, path, model=None)
+    assert "moving image" in text
+    assert str(path) in text
+
+
+def test_a_file_with_negative_spacing_is_read_as_a_flipped_axis_not_as_negative_spacing(
+    tmp_path: Path,
+) -> None:
+    """ITK folds a negative spacing into the direction: valid geometry, so it is accepted."""
+    image = fileio.read_image(raw_header_file(tmp_path / "neg.mha", "ElementSpacing = -1 2 1"))
+    assert image.GetSpacing() == (1.0, 2.0, 1.0)
+    assert image.GetDirection()[0] == -1.0
+    check_intensity_image(image, "the moving image")  # no error
+
+
+# --- masks and label maps --------------------------------------------------------------------
+
+
+def test_an_empty_mask_is_refused(a_good_pair, an_output_folder: Path) -> None:
+    fixed, moving = a_good_pair
+    empty = sitk.Cast(fixed * 0, sitk.sitkUInt8)
+    refused(
+        an_output_folder,
+        InputError,
+        "fixed mask has no voxels set",
+        fixed,
+        moving,
+        fixed_mask=empty,
+        model=None,
+    )
+    refused(
+        an_output_folder,
+        InputError,
+        "moving mask has no voxels set",
+        fixed,
+        moving,
+        moving_mask=empty,
+        model=None,
+    )
+
+
+def test_a_mask_that_does_not_overlap_its_image_is_refused(a_good_pair, an_output_folder):
+    fixed, moving = a_good_pair
+    far_away = sitk.Cast(fixed > -1, sitk.sitkUInt8)  # all ones …
+    far_away.SetOrigin(tuple(np.asarray(fixed.GetOrigin()) + 500.0))  # … half a metre away
+    refused(
+        an_output_folder,
+        InputError,
+        "does not overlap",
+        fixed,
+        moving,
+        fixed_mask=far_away,
+        model=None,
+    )
+
+
+def test_a_label_map_with_non_integer_values_is_refused(a_good_pair, an_output_folder: Path):
+    fixed, moving = a_good_pair
+    labels = like(moving, sitk.GetArrayFromImage(moving) / 7.3)  # an intensity image by mistake
+    refused(
+        an_output_folder,
+        InputError,
+        "non-integer values",
+        fixed,
+        moving,
+        moving_labels={"seg": labels},
+        model=None,
+    )
+    refused(
+        an_output_folder,
+        InputError,
+        "non-integer values",
+        fixed,
+        moving,
+        fixed_labels=labels,
+        moving_labels={"seg": labels},
+        model=None,
+    )
+
+
+def test_float_label_maps_holding_whole_numbers_are_accepted(a_good_pair, an_output_folder):
+    fixed, moving = a_good_pair
+    labels = sitk.Cast(sitk.Cast(moving > 100, sitk.sitkUInt8) * 3, sitk.sitkFloat32)
+    result = register_and_write(
+        an_output_folder, fixed, moving, moving_labels={"seg": labels}, model=None
+    )
+    assert set(np.unique(sitk.GetArrayViewFromImage(result.warped_labels["seg"]))) <= {0, 3}
+
+
+# --- files -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def a_truncated_nifti(tmp_path: Path) -> Path:
+    image = image_on(
+        oblique_grid(3, size=(20, 18, 16)),
+        np.random.default_rng(0).uniform(0, 255, (16, 18, 20)).astype(np.float32),
+    )
+    whole = tmp_path / "whole.nii.gz"
+    sitk.WriteImage(image, str(whole))
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    return cut
+
+
+def test_reading_a_truncated_nifti_is_refused(a_truncated_nifti: Path) -> None:
+    """ITK alone reads such a file "successfully", with garbage for the missing voxels."""
+    with pytest.raises(InputError, match="truncated") as caught:
+        fileio.read_image(a_truncated_nifti, "moving image")
+    assert str(a_truncated_nifti) in str(caught.value)
+
+
+def test_reading_a_truncated_uncompressed_nifti_is_refused(tmp_path: Path) -> None:
+    whole = tmp_path / "whole.nii"
+    sitk.WriteImage(sitk.Image([10, 10, 10], sitk.sitkInt16), str(whole))
+    cut = tmp_path / "cut.nii"
+    cut.write_bytes(whole.read_bytes()[:-100])
+    with pytest.raises(InputError, match=r"truncated.*holds \d+ bytes"):
+        fileio.read_image(cut)
+
+
+def test_an_intact_nifti_still_reads(tmp_path: Path) -> None:
+    for suffix in (".nii", ".nii.gz"):
+        image = sitk.GetImageFromArray(np.arange(60, dtype=np.float32).reshape(3, 4, 5))
+        sitk.WriteImage(image, str(tmp_path / f"a{suffix}"))
+        back = fileio.read_image(tmp_path / f"a{suffix}")
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image))
+
+
+def test_registering_a_truncated_or_missing_file_is_refused(
+    a_good_pair, an_output_folder: Path, a_truncated_nifti: Path, tmp_path: Path
+) -> None:
+    fixed = a_good_pair[0]
+    refused(
+        an_output_folder,
+        InputError,
+        "moving image.*truncated",
+        fixed,
+        a_truncated_nifti,
+        model=None,
+    )
+    refused(
+        an_output_folder,
+        InputError,
+        "moving image file not found",
+        fixed,
+        tmp_path / "nowhere.nii.gz",
+        model=None,
+    )
+    not_an_image = tmp_path / "notes.nii.gz"
+    not_an_image.write_bytes(gzip.compress(b"this is not an image"))
+    refused(
+        an_output_folder, InputError, "cannot read moving image", fixed, not_an_image, model=None
+    )
+
+
+# --- options -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (dict(preset="ludicrous"), "unknown preset 'ludicrous'.*fast"),
+        (dict(similarity="vibes"), "unknown similarity 'vibes'.*lncc"),
+        (dict(device="tpu"), "unknown device 'tpu'.*cpu"),
+        (dict(regularization=-1.0), "regularization must be"),
+        (dict(iterations=-5), "iterations must be"),
+    ],
+)
+def test_an_unknown_option_is_refused_listing_the_choices(
+    a_good_pair, an_output_folder: Path, option: dict, message: str
+) -> None:
+    refused(an_output_folder, InputError, message, *a_good_pair, **{"model": None, **option})
+
+
+def test_a_deformable_initial_transform_is_refused(a_good_pair, an_output_folder: Path):
+    """A smooth field over the fixed image (whose small, off-centre domain random probe points
+    in ±200 mm would all miss) must not pass for the identity and be silently dropped."""
+    fixed, moving = a_good_pair
+    dim = fixed.GetDimension()
+    shape = sitk.GetArrayViewFromImage(fixed).shape
+    bend = np.stack(
+        np.meshgrid(*[np.sin(np.linspace(0, np.pi, n)) for n in shape], indexing="ij"), axis=-1
+    )
+    field = like(fixed, np.ascontiguousarray(2.0 * bend[..., :dim]), vector=True)
+    deformable = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    refused(
+        an_output_folder,
+        InputError,
+        "must be linear",
+        fixed,
+        moving,
+        model=None,
+        initial_transform=deformable,
+    )
+
+
+# --- models ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def a_saved_3d_model(tmp_path: Path):
+    return save_model(VxmDense(NetworkConfig(dim=3, **TINY_NETWORK)), tmp_path / "models", "m3d")
+
+
+def three_d_pair() -> tuple[sitk.Image, sitk.Image]:
+    grid = oblique_grid(3, size=(20, 18, 16))
+    phantom = make_phantom(3, grid_centre(grid), scale_mm=8.0)
+    return phantom.image(grid), phantom.image(grid, through=lambda y: y - 1.0)
+
+
+def test_a_2d_model_for_3d_images_is_refused(an_output_folder: Path, tmp_path: Path) -> None:
+    info = save_model(VxmDense(NetworkConfig(dim=2, **TINY_NETWORK)), tmp_path, "m2d")
+    message = refused(
+        an_output_folder,
+        ModelError,
+        "'m2d' is 2D but the images are 3D",
+        *three_d_pair(),
+        model=info.weights,
+    )
+    assert "choose a 3D model" in message
+
+
+def test_tampered_weights_fail_the_checksum(a_saved_3d_model, an_output_folder: Path) -> None:
+    data = bytearray(a_saved_3d_model.weights.read_bytes())
+    data[len(data) // 2] ^= 0x01  # flip one bit in the middle of the tensors
+    a_saved_3d_model.weights.write_bytes(bytes(data))
+    refused(
+        an_output_folder,
+        ModelError,
+        "checksum mismatch.*reinstall",
+        *three_d_pair(),
+        model=a_saved_3d_model.weights,
+    )
+
+
+def test_weights_without_a_checksum_file_are_refused(a_saved_3d_model, an_output_folder):
+    a_saved_3d_model.weights.with_suffix(".sha256").unlink()
+    refused(
+        an_output_folder,
+        ModelError,
+        r"m3d\.sha256 is missing.*cannot be verified",
+        *three_d_pair(),
+        model=a_saved_3d_model.weights,
+    )
+
+
+def test_a_missing_model_is_refused_listing_what_is_available(an_output_folder: Path) -> None:
+    refused(
+        an_output_folder,
+        ModelError,
+        "no model named 'no-such-model'",
+        *three_d_pair(),
+        model="no-such-model",
+    )
+
+
+@pytest.mark.parametrize(
+    ("network", "message"),
+    [
+        (dict(encoder=[16] * 100), "encoder must have 1..7 levels"),
+        (dict(encoder=[10**6, 32], decoder=[32, 32, 16]), "feature counts"),
+        (dict(encoder=[512] * 7, decoder=[512] * 12), "parameters"),
+    ],
+)
+def test_an_absurd_model_config_is_refused_before_any_allocation(
+    a_saved_3d_model,
+    an_output_folder: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    network: dict,
+    message: str,
+) -> None:
+    config_path = a_saved_3d_model.weights.with_suffix(".json")
+    config = json.loads(config_path.read_text())
+    config["network"].update(network)
+    config_path.write_text(json.dumps(config))
+
+    def no_allocation(*args, **kwargs):
+        raise AssertionError("a network was built from an absurd config")
+
+    monkeypatch.setattr(networks.UNet, "__init__", no_allocation)
+    text = refused(
+        an_output_folder, ModelError, message, *three_d_pair(), model=a_saved_3d_model.weights
+    )
+    assert "'m3d'" in text
+    assert "invalid network config" in text
+    with pytest.raises(ValueError, match=message):  # and the network class checks it too
+        VxmDense(_config(network))
+
+
+def _config(network: dict) -> NetworkConfig:
+    return NetworkConfig(
+        dim=3,
+        encoder=tuple(network["encoder"]),
+        decoder=tuple(network.get("decoder", NetworkConfig.decoder)),
+    )
+
+
+# --- resources and geometry after the affine stage ---------------------------------------------
+
+
+def test_images_too_big_for_memory_are_refused_suggesting_a_coarser_run(
+    a_good_pair, an_output_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(DeepRegisterLib.preflight, "available_memory_bytes", lambda: 1_000)
+    message = refused(
+        an_output_folder, ResourceError, "needs about .* GiB of memory", *a_good_pair, model=None
+    )
+    assert "coarser" in message
+    assert "'fast' preset" in message
+
+
+def test_fields_of_view_that_do_not_overlap_are_refused(a_good_pair, an_output_folder):
+    fixed, moving = a_good_pair
+    far = sitk.Image(moving)
+    far.SetOrigin(tuple(np.asarray(moving.GetOrigin()) + 10_000.0))  # 10 m away
+    refused(an_output_folder, InputError, "do not overlap", fixed, far, affine=False, model=None)
+
+
+# --- atomic writes -----------------------------------------------------------------------------
+
+
+def test_an_error_inside_an_atomic_write_leaves_neither_target_nor_temporary_files(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "result.nii.gz"
+    staged: list[Path] = []
+
+    def write_half_then_fail() -> None:
+        with fileio.atomic_write_path(target) as tmp:
+            tmp.write_bytes(b"half a file")
+            staged.append(tmp)
+            raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        write_half_then_fail()
+    assert staged[0].parent.parent == tmp_path  # the partial file did exist, beside the target
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_write_keeps_the_earlier_file_intact(
+    an_output_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = listing(an_output_folder)
+
+    def dies_half_way(image, path, *args):
+        Path(path).write_bytes(b"partial")
+        raise RuntimeError("killed while writing")
+
+    monkeypatch.setattr(fileio.sitk, "WriteImage", dies_half_way)
+    with pytest.raises(RuntimeError, match="killed"):
+        fileio.write_image(sitk.Image([4, 4], sitk.sitkUInt8), an_output_folder / "warped.nii.gz")
+    assert listing(an_output_folder) == before
+
+
+def test_an_mhd_write_keeps_its_raw_data_file_valid(tmp_path: Path) -> None:
+    image = image_on(
+        oblique_grid(3, size=(6, 5, 4)), np.arange(120, dtype=np.float32).reshape(4, 5, 6)
+    )
+    fileio.write_image(image, tmp_path / "volume.mhd", compress=False)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["volume.mhd", "volume.raw"]  # no staging folder left behind
+    header = (tmp_path / "volume.mhd").read_text()
+    assert "ElementDataFile = volume.raw" in header
+    back = fileio.read_image(tmp_path / "volume.mhd")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image))
+    np.testing.assert_allclose(back.GetDirection(), image.GetDirection(), atol=1e-12)
+
+
+def test_writing_to_a_missing_folder_or_with_an_unknown_suffix_is_refused(tmp_path: Path):
+    image = sitk.Image([4, 4], sitk.sitkUInt8)
+    with pytest.raises(InputError, match="does not exist"):
+        fileio.write_image(image, tmp_path / "missing" / "a.nii.gz")
+    with pytest.raises(InputError, match=r"use one of .*\.nii\.gz"):
+        fileio.write_image(image, tmp_path / "a.jpeg")
+    with pytest.raises(InputError, match=r"use \.h5"):
+        fileio.write_transform(sitk.Transform(2, sitk.sitkIdentity), tmp_path / "t.json")
+    assert list(tmp_path.iterdir()) == []
+    assert not os.listdir(tmp_path)

@@ -1,0 +1,207 @@
+"""Models: saved, found by path and by name, verified, loaded without unpickling, and used."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import grid_centre, image_on, make_phantom, oblique_grid
+
+from DeepRegisterLib import metrics, models
+from DeepRegisterLib.engine import register
+from DeepRegisterLib.errors import ModelError
+from DeepRegisterLib.geometry import Grid, flow_voxels_to_mm
+from DeepRegisterLib.networks import NetworkConfig, VxmDense, integrate_velocity
+
+SMALL = dict(encoder=(8, 8, 8), decoder=(8, 8, 8, 8))
+
+
+@pytest.fixture
+def a_saved_3d_model(tmp_path: Path) -> models.ModelInfo:
+    torch.manual_seed(0)
+    network = VxmDense(NetworkConfig(dim=3, **SMALL))
+    return models.save_model(
+        network, tmp_path / "models", "tiny3d", extra_config={"input_spacing_mm": 3.0}
+    )
+
+
+def random_pair(dim: int, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    shape = (1, 1, *[size] * dim)
+    return torch.rand(shape, generator=generator), torch.rand(shape, generator=generator)
+
+
+def test_a_saved_model_is_found_by_path_and_by_name_and_loads_identically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    network = VxmDense(NetworkConfig(dim=3, **SMALL)).eval()
+    for parameter in network.parameters():  # make the flow head non-trivial
+        torch.nn.init.normal_(parameter, std=0.1)
+    saved = models.save_model(network, tmp_path / "mine", "brainish")
+    monkeypatch.setenv("DEEPREGISTER_MODEL_PATH", str(tmp_path / "mine"))
+
+    by_path = models.find_model(saved.weights)
+    by_name = models.find_model("brainish")
+    by_folder = models.find_model(tmp_path / "mine")
+    assert by_path.weights == by_name.weights == by_folder.weights == saved.weights
+    assert "brainish" in models.available_models()
+    assert by_name.sha256 == models.sha256_of(saved.weights)
+
+    loaded = models.load_model(by_name)
+    fixed, moving = random_pair(3)
+    with torch.inference_mode():
+        expected = network(fixed, moving)
+        actual = loaded(fixed, moving)
+    for a, b in zip(expected, actual, strict=True):
+        assert torch.equal(a, b)
+    assert expected[1].abs().max() > 1e-3  # the outputs compared are not all zero
+
+
+def test_a_name_on_the_model_path_shadows_the_shipped_and_home_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    models.save_model(VxmDense(NetworkConfig(dim=2, **SMALL)), first, "same")
+    models.save_model(VxmDense(NetworkConfig(dim=3, **SMALL)), second, "same")
+    monkeypatch.setenv("DEEPREGISTER_MODEL_PATH", os.pathsep.join([str(first), str(second)]))
+    assert models.find_model("same").network.dim == 2  # earlier folders win
+
+
+def test_weights_are_loaded_with_weights_only(
+    a_saved_3d_model: models.ModelInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    models.load_model(a_saved_3d_model)
+    assert calls
+    assert all(call.get("weights_only") is True for call in calls)
+
+
+class Payload:
+    """Unpickling this touches a file: proof that arbitrary code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_pickled_object_in_the_weights_is_refused_without_running_it(
+    a_saved_3d_model: models.ModelInfo, tmp_path: Path
+) -> None:
+    marker = tmp_path / "code-ran"
+    state = torch.load(a_saved_3d_model.weights, weights_only=True)
+    torch.save({**state, "x": Payload(marker)}, a_saved_3d_model.weights)
+    # A consistent checksum: the file is "trusted" by hash, and still must not unpickle code.
+    a_saved_3d_model.weights.with_suffix(".sha256").write_text(
+        f"{models.sha256_of(a_saved_3d_model.weights)}  tiny3d.pt\n"
+    )
+    with pytest.raises(ModelError, match="cannot read weights"):
+        models.load_model(models.find_model(a_saved_3d_model.weights))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        NetworkConfig(dim=2),
+        NetworkConfig(dim=3),
+        NetworkConfig(dim=3, **SMALL),
+        NetworkConfig(dim=2, encoder=(4, 8), decoder=(8, 4, 4)),
+        NetworkConfig(dim=3, encoder=(16, 32, 32, 32), decoder=(32, 32, 32, 32, 32, 16, 16)),
+    ],
+    ids=["2d-default", "3d-default", "3d-small", "2d-short", "3d-vxm1"],
+)
+def test_the_parameter_count_from_the_config_equals_the_real_count(config: NetworkConfig):
+    network = VxmDense(config)
+    assert config.parameter_count() == sum(p.numel() for p in network.parameters())
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_an_untrained_network_predicts_a_near_zero_flow(dim: int) -> None:
+    torch.manual_seed(0)
+    network = VxmDense(NetworkConfig(dim=dim)).eval()
+    fixed, moving = random_pair(dim, size=32)
+    with torch.inference_mode():
+        warped, flow, _ = network(fixed, moving)
+    assert flow.abs().max() < 1e-2  # voxels
+    assert (warped - moving).abs().max() < 0.05
+
+
+def swirl(dim: int, size: int, turn: float, sigma: float) -> torch.Tensor:
+    """A smooth, divergence-free vortex in the first two array axes (voxels), ``turn`` rad/voxel
+    at its centre, fading over ``sigma`` voxels."""
+    axes = [torch.arange(size, dtype=torch.float64) - (size - 1) / 2] * dim
+    centred = torch.stack(torch.meshgrid(*axes, indexing="ij"))
+    weight = turn * torch.exp(-(centred**2).sum(0) / (2 * sigma**2))
+    velocity = torch.zeros((1, dim, *[size] * dim), dtype=torch.float64)
+    velocity[0, 0], velocity[0, 1] = -weight * centred[1], weight * centred[0]
+    return velocity
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_integrating_a_smooth_velocity_gives_a_positive_jacobian(dim: int) -> None:
+    """The velocity used directly as a displacement folds; its exponential does not (and, the
+    velocity being divergence-free, stays close to volume-preserving)."""
+    size = 32
+    velocity = swirl(dim, size, turn=3.0, sigma=5.0)  # up to ≈ 9 voxels
+    grid = Grid(tuple([size] * dim), (1.0,) * dim, (0.0,) * dim, tuple(np.eye(dim).ravel()))
+
+    def det_j(flow: torch.Tensor) -> np.ndarray:
+        mm = flow_voxels_to_mm(flow, grid)[0].numpy()
+        field = image_on(grid, np.moveaxis(mm, 0, -1).copy(), vector=True)
+        return sitk.GetArrayFromImage(metrics.jacobian_determinant(field))
+
+    assert det_j(velocity).min() < 0  # the raw field folds: the test case is demanding
+    integrated = det_j(integrate_velocity(velocity, steps=7))
+    assert integrated.min() > 0.5
+    assert np.abs(integrated - 1).mean() < 0.05
+
+
+def test_register_with_a_saved_model_reports_its_name_and_checksum(
+    a_saved_3d_model: models.ModelInfo,
+) -> None:
+    grid = oblique_grid(3, size=(28, 26, 24))
+    phantom = make_phantom(3, grid_centre(grid), scale_mm=10.0)
+    fixed = phantom.image(grid)
+    moving = phantom.image(grid, through=lambda y: y - np.array([1.5, -1.0, 1.0]))
+
+    result = register(
+        fixed,
+        moving,
+        model=str(a_saved_3d_model.weights),
+        preset="fast",
+        iterations=5,
+        device="cpu",
+    )
+
+    assert result.report["model"] == "tiny3d"
+    assert result.report["model_sha256"] == models.sha256_of(a_saved_3d_model.weights)
+    # The network grid honours the model: its spacing and its size multiple (2**levels).
+    # (3 mm, or finer when the field of view is too small for 16 network voxels across it).
+    smallest_extent = min(n * s for n, s in zip(fixed.GetSize(), fixed.GetSpacing(), strict=True))
+    expected_spacing = min(3.0, smallest_extent / 16)
+    assert result.report["network_grid"]["spacing_mm"] == pytest.approx(expected_spacing)
+    multiple = a_saved_3d_model.network.multiple
+    assert all(n % multiple == 0 for n in result.report["network_grid"]["size"])
+    assert result.report["folding_percent"] < 0.01
+
+
+def test_an_unknown_model_name_lists_the_available_ones(
+    a_saved_3d_model: models.ModelInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DEEPREGISTER_MODEL_PATH", str(a_saved_3d_model.weights.parent))
+    with pytest.raises(ModelError, match=r"no model named 'tiny'.*tiny3d"):
+        models.find_model("tiny")

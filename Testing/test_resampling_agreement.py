@@ -1,0 +1,185 @@
+"""Our outputs agree with what SimpleITK (and so ANTs, Slicer) computes from the files we write.
+
+One deformable registration (3D, oblique anisotropic fixed grid; the moving image on a
+*different* oblique grid, uint8 intensities 0…255) is shared by the tests in this module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import Phantom, grid_centre, grid_points, image_on, make_phantom, oblique_grid
+
+from DeepRegisterLib import fileio, metrics
+from DeepRegisterLib.engine import register, warp_image
+from DeepRegisterLib.geometry import Grid
+from DeepRegisterLib.result import RegistrationResult
+
+
+class Case:
+    fixed: sitk.Image
+    moving: sitk.Image
+    moving_labels: sitk.Image
+    interior: np.ndarray  # (K, J, I) voxels of the fixed grid well inside the phantom
+    result: RegistrationResult
+
+
+@pytest.fixture(scope="module")
+def a_registration() -> Case:
+    fixed_grid = oblique_grid(3)
+    moving_grid = oblique_grid(
+        3,
+        size=(36, 40, 38),
+        spacing=(1.4, 1.1, 1.25),
+        origin=(-28.0, 10.0, 4.0),
+        degrees=-25.0,
+        axis=(-2.0, 1.0, 0.5),
+    )
+    centre = grid_centre(fixed_grid)
+    phantom: Phantom = make_phantom(3, centre)
+
+    def inverse_map(y: np.ndarray) -> np.ndarray:
+        """S⁻¹ for the moving image: a smooth bend plus a shift of a few mm."""
+        r = y - centre
+        bend = np.stack(
+            [
+                2.0 * np.sin(r[..., 1] / 9.0),
+                1.5 * np.cos(r[..., 2] / 11.0),
+                -1.5 * np.sin(r[..., 0] / 10.0),
+            ],
+            axis=-1,
+        )
+        return y + bend + np.array([1.0, -2.0, 1.5])
+
+    case = Case()
+    case.fixed = phantom.image(fixed_grid)
+    moving = phantom.image(moving_grid, through=inverse_map)
+    case.moving = sitk.Cast(
+        sitk.Clamp(sitk.Round(moving), sitk.sitkFloat32, 0, 255), sitk.sitkUInt8
+    )
+    case.moving_labels = phantom.label_map(moving_grid, through=inverse_map)
+    case.interior = phantom.ellipsoids[0].radius_at(grid_points(fixed_grid)) < 0.8
+    case.result = register(
+        case.fixed,
+        case.moving,
+        moving_labels={"seg": case.moving_labels},
+        preset="fast",
+        model=None,
+        device="cpu",
+    )
+    return case
+
+
+def resample_linear(case: Case, transform: sitk.Transform) -> np.ndarray:
+    image = sitk.Resample(
+        case.moving, case.fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32
+    )
+    return sitk.GetArrayFromImage(image)
+
+
+def test_warped_equals_simpleitk_resampling_through_the_written_h5_transform(
+    a_registration: Case, tmp_path: Path
+) -> None:
+    path = fileio.write_transform(a_registration.result.transform(), tmp_path / "t.h5")
+    transform = sitk.ReadTransform(str(path))
+
+    by_itk = resample_linear(a_registration, transform)
+    ours = sitk.GetArrayFromImage(a_registration.result.warped)
+
+    difference = np.abs(ours - by_itk)
+    print(
+        f"\nwarped vs ITK from .h5: max |Δ| {difference.max():.2e} (whole image), "
+        f"{difference[a_registration.interior].max():.2e} (phantom interior)"
+    )
+    assert difference.max() < 0.5  # well below one intensity step of the uint8 moving image
+    assert difference[a_registration.interior].max() < 0.05
+    # Not a trivial agreement: the registration moved things (the identity would differ).
+    identity = resample_linear(a_registration, sitk.Transform(3, sitk.sitkIdentity))
+    assert np.abs(identity - by_itk)[a_registration.interior].max() > 50
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
+def test_a_displacement_image_file_maps_points_as_the_h5_and_as_x_plus_u(
+    a_registration: Case, tmp_path: Path, suffix: str
+) -> None:
+    result = a_registration.result
+    fileio.write_image(result.displacement, tmp_path / f"u{suffix}")
+    fileio.write_transform(result.transform(), tmp_path / "t.h5")
+    field = sitk.ReadImage(str(tmp_path / f"u{suffix}"))
+    assert field.GetNumberOfComponentsPerPixel() == 3
+    assert metrics.same_grid(field, a_registration.fixed)
+    from_image = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    from_h5 = sitk.ReadTransform(str(tmp_path / "t.h5"))
+
+    grid = Grid.of(a_registration.fixed)
+    u = sitk.GetArrayFromImage(result.displacement)
+    points = grid_points(grid)
+    rng = np.random.default_rng(7)
+    # NIfTI stores the grid's direction and origin in float32: ~1e-5 mm of jitter.
+    tolerance = 1e-4 if suffix == ".nii.gz" else 1e-9
+    for kji in rng.integers(0, grid.shape, size=(40, 3)):
+        kji = tuple(int(i) for i in kji)
+        x = points[kji]
+        expected = x + u[kji]  # T(x) = x + u(x) at grid nodes
+        np.testing.assert_allclose(from_image.TransformPoint(tuple(x)), expected, atol=tolerance)
+        np.testing.assert_allclose(from_h5.TransformPoint(tuple(x)), expected, atol=1e-9)
+    # Between nodes (continuous indices inside the grid) both files interpolate the same field.
+    for ijk in rng.uniform(1, np.asarray(grid.size) - 2, size=(40, 3)):
+        x = a_registration.fixed.TransformContinuousIndexToPhysicalPoint(tuple(ijk))
+        np.testing.assert_allclose(
+            from_image.TransformPoint(x), from_h5.TransformPoint(x), atol=tolerance
+        )
+
+
+def test_warped_labels_keep_the_label_set_and_equal_simpleitk_nearest_resampling(
+    a_registration: Case, tmp_path: Path
+) -> None:
+    warped = a_registration.result.warped_labels["seg"]
+    assert warped.GetPixelID() == a_registration.moving_labels.GetPixelID()
+    assert metrics.same_grid(warped, a_registration.fixed)
+    labels_in = set(np.unique(sitk.GetArrayViewFromImage(a_registration.moving_labels)).tolist())
+    labels_out = set(np.unique(sitk.GetArrayViewFromImage(warped)).tolist())
+    assert labels_out <= labels_in  # nearest neighbour invents no label
+    assert labels_out == labels_in  # and on this phantom every structure survives
+
+    path = fileio.write_transform(a_registration.result.transform(), tmp_path / "t.h5")
+    by_itk = sitk.Resample(
+        a_registration.moving_labels,
+        a_registration.fixed,
+        sitk.ReadTransform(str(path)),
+        sitk.sitkNearestNeighbor,
+        0,
+    )
+    mismatched = int(
+        np.count_nonzero(sitk.GetArrayViewFromImage(warped) != sitk.GetArrayViewFromImage(by_itk))
+    )
+    assert mismatched == 0
+
+
+def test_warp_image_matches_itk_where_points_fall_outside_or_on_the_moving_border() -> None:
+    """ITK's rule at the edge: within half a voxel outside → border value, further → 0."""
+    grid = oblique_grid(2, size=(20, 16))
+    rng = np.random.default_rng(0)
+    moving = image_on(grid, rng.uniform(1, 255, size=grid.shape).astype(np.float32))
+    labels = image_on(grid, rng.integers(1, 9, size=grid.shape).astype(np.uint8))
+    # A shift of 3.3 voxels along I (in mm): a band of points lands outside, some within ½ voxel.
+    shift = np.asarray(grid.index_to_physical) @ np.array([3.3, -0.45])
+    displacement = image_on(grid, np.broadcast_to(shift, (*grid.shape, 2)).copy(), vector=True)
+    transform = sitk.DisplacementFieldTransform(sitk.Cast(displacement, sitk.sitkVectorFloat64))
+
+    ours = sitk.GetArrayFromImage(warp_image(moving, displacement))
+    itk = sitk.GetArrayFromImage(
+        sitk.Resample(moving, moving, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    )
+    assert np.abs(ours - itk).max() < 1e-3
+    assert (itk == 0).any()  # the case really has points beyond the border …
+    assert (itk != 0).any()  # … and inside it
+
+    ours_nn = sitk.GetArrayFromImage(warp_image(labels, displacement, nearest=True))
+    itk_nn = sitk.GetArrayFromImage(
+        sitk.Resample(labels, labels, transform, sitk.sitkNearestNeighbor, 0)
+    )
+    np.testing.assert_array_equal(ours_nn, itk_nn)
