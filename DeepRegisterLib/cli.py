@@ -19,6 +19,7 @@ from . import __version__
 from .errors import DeepRegisterError, InputError, ModelError, RegistrationCancelled, ResourceError
 from .evaluate_cli import add_evaluate_parser
 from .presets import PRESETS
+from .training_cli import add_train_parser
 
 EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_MEMORY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -269,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_register_parser(subparsers)
     _add_demo_parser(subparsers)
     add_evaluate_parser(subparsers)
+    add_train_parser(subparsers)
     _add_models_parser(subparsers)
     return parser
 

@@ -96,8 +96,8 @@ def resolve_model(model: str | os.PathLike | None, dim: int) -> ModelInfo | None
     if model is None or str(model) == "none":
         return None
     if str(model) == "default":
-        name = DEFAULT_MODELS[dim]
-        return available_models().get(name)
+        name = DEFAULT_MODELS.get(dim)
+        return None if name is None else available_models().get(name)
     info = find_model(model)
     model_dim = info.network.dim
     if model_dim != dim:
@@ -138,7 +138,7 @@ def foreground_box(image: sitk.Image, mask: sitk.Image | None) -> tuple[np.ndarr
     return lower, upper
 
 
-def _antialiased(image: sitk.Image, target_mm: float) -> sitk.Image:
+def antialiased(image: sitk.Image, target_mm: float) -> sitk.Image:
     """Gaussian-smoothed along each axis finer than ``target_mm``, before resampling onto it."""
     image = sitk.Cast(image, sitk.sitkFloat32)
     for axis, spacing in enumerate(image.GetSpacing()):
@@ -148,7 +148,10 @@ def _antialiased(image: sitk.Image, target_mm: float) -> sitk.Image:
     return image
 
 
-def _resample(image: sitk.Image, reference: sitk.Image, transform: sitk.Transform) -> sitk.Image:
+def resample_linear(
+    image: sitk.Image, reference: sitk.Image, transform: sitk.Transform
+) -> sitk.Image:
+    """Linear resampling to float32, zero outside: how network inputs are made."""
     return sitk.Resample(image, reference, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
 
 
@@ -308,11 +311,11 @@ def _run(
     target_mm = network_grid.spacing[0]
     identity = sitk.Transform(dim, sitk.sitkIdentity)
     fixed_net = normalised_for_registration(
-        _resample(_antialiased(fixed_image, target_mm), reference, identity)
+        resample_linear(antialiased(fixed_image, target_mm), reference, identity)
     )
-    moving_smooth = _antialiased(normalised_for_registration(moving_image), target_mm)
-    moving_net = _resample(moving_smooth, reference, affine_tx)
-    moving_before = _resample(moving_smooth, reference, identity)
+    moving_smooth = antialiased(normalised_for_registration(moving_image), target_mm)
+    moving_net = resample_linear(moving_smooth, reference, affine_tx)
+    moving_before = resample_linear(moving_smooth, reference, identity)
     del moving_smooth
     moving_domain = sitk.Resample(
         _domain_image(moving_image), reference, affine_tx, sitk.sitkNearestNeighbor, 0

@@ -21,7 +21,9 @@ import torch
 from .errors import ModelError
 from .networks import MAX_PARAMETERS, NetworkConfig, VxmDense
 
-DEFAULT_MODELS = {3: "brain3d", 2: "slice2d"}
+# The model "default" means, per dimension. brain3d ships but is not the 3D default: as a
+# starting point it does not yet improve the final, instance-optimised result (its model card).
+DEFAULT_MODELS: dict[int, str] = {2: "slice2d"}
 # The largest permitted network in float64, plus room for the archive's own records.
 MAX_WEIGHTS_BYTES = 8 * MAX_PARAMETERS + (16 << 20)
 

@@ -1,0 +1,392 @@
+"""SynthMorph-style training pairs, synthesised on the fly from label maps.
+
+Images drawn from label maps with random contrast, bias, blur and noise teach a network to
+register any contrast, and label maps carry no image-data licence problem (Hoffmann et al.,
+SynthMorph, 2022). The label maps come from files or, with no data at all, from the argmax of
+smoothed random fields. Everything is torch and draws only from the caller's
+``torch.Generator``: the same generator state gives the same pair on the same device, which is
+what lets a resumed training run see exactly the batches an uninterrupted one would have.
+
+Coordinates are voxels of the training grid, one flow channel per array axis (as in
+:mod:`networks`). The returned ``flow`` follows the project's convention: ``warp(moving, flow)``
+reproduces ``fixed``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from .engine import foreground_box
+from .errors import InputError
+from .fileio import read_image
+from .geometry import Grid
+from .networks import identity_grid, integrate_velocity, resize_flow, sample
+
+#: Rough T1-weighted intensities (background 0, white matter 0.9) of the FreeSurfer structures,
+#: for T1-like synthesis (``SynthesisConfig.t1_like``). Labels not listed draw random means.
+FREESURFER_T1_MEANS: dict[int, float] = {
+    0: 0.0,
+    **dict.fromkeys((2, 41, 7, 46, 28, 60, 16, 85), 0.9),  # white matter, ventral DC, stem
+    **dict.fromkeys((3, 42, 8, 47, 17, 53, 18, 54), 0.55),  # cortex, hippocampus, amygdala
+    **dict.fromkeys((10, 49, 13, 52), 0.75),  # thalamus, pallidum
+    **dict.fromkeys((11, 50, 12, 51, 26, 58), 0.62),  # caudate, putamen, accumbens
+    **dict.fromkeys((4, 43, 5, 44, 14, 15, 24, 72), 0.15),  # ventricles, CSF
+    **dict.fromkeys((25, 57, 30, 62, 31, 63, 77), 0.45),  # lesions, vessels, plexus, WM-hypo
+}
+
+
+@dataclass(frozen=True)
+class SynthesisConfig:
+    """Ranges of the random draws. A "max" is the top of a uniform draw from 0 per pair."""
+
+    velocity_std: float = 3.0  # max std (voxels) of the velocity between fixed and moving
+    velocity_spacing: float = 8.0  # voxels between the velocity's control points
+    shape_std: float = 2.0  # max velocity std (voxels) of the shape change of a source map
+    integration_steps: int = 7
+    rotation_deg: float = 5.0  # max rotation about each axis between fixed and moving
+    scaling: float = 0.05  # max relative scaling per axis
+    shear: float = 0.02
+    translation: float = 2.0  # max voxels per axis
+    same_contrast: float = 0.0  # probability that both images share their label means
+    # Probability that a pair's label means follow FREESURFER_T1_MEANS (each jittered by
+    # ``t1_jitter``) instead of uniform draws: same-modality T1 pairs, learnt in far fewer
+    # steps than SynthMorph's any-contrast pairs. Needs label maps in FreeSurfer's convention.
+    t1_like: float = 0.0
+    t1_jitter: float = 0.05
+    intensity_std: float = 0.1  # max within-label std, intensities drawn in [0, 1]
+    blur_sigma: float = 1.0  # max Gaussian blur sigma (voxels)
+    bias_std: float = 0.3  # max std of the log of the multiplicative bias field
+    bias_spacing: float = 16.0  # voxels between the bias field's control points
+    gamma_std: float = 0.25  # std of the log of the gamma exponent
+    shape_labels: int = 16  # labels of generated maps (used when no label maps are given)
+    shape_spacing: float = 8.0  # voxels between control points of generated maps
+
+
+@dataclass
+class SyntheticPair:
+    """A batch of pairs (N, 1, *shape) with labels and the true fixed → moving displacement.
+
+    ``flow`` (N, dim, *shape) is in voxels: ``moving(x + flow(x)) = fixed(x)``. Labels are
+    indices into the label table of the source (0 = background), as int64.
+    """
+
+    fixed: torch.Tensor
+    moving: torch.Tensor
+    fixed_labels: torch.Tensor
+    moving_labels: torch.Tensor
+    flow: torch.Tensor
+
+
+@dataclass
+class LabelMaps:
+    """Label maps on an isotropic grid, cropped to their foreground, with consecutive labels.
+
+    ``values[i]`` is the original label value of index ``i`` (index 0 is background);
+    ``names`` are the source files, for the model card.
+    """
+
+    maps: list[torch.Tensor]
+    values: list[int]
+    spacing_mm: float
+    names: list[str]
+
+    @property
+    def count(self) -> int:
+        return len(self.values)
+
+
+def load_label_maps(
+    paths: Sequence[str | os.PathLike],
+    spacing_mm: float,
+    background_from: int | None = None,
+) -> LabelMaps:
+    """Read label maps and resample them (nearest) to ``spacing_mm`` in their own orientation.
+
+    Each map is cropped to its foreground with the engine's margin, so training sees brains
+    framed as the engine frames a fixed image. Labels ≥ ``background_from`` become background
+    (SynthSeg's extra-cerebral labels are ≥ 100: dropping them gives skull-stripped anatomy).
+    """
+    if not paths:
+        raise InputError("no label maps given")
+    arrays = []
+    for path in paths:
+        image = read_image(path, "label map")
+        if image.GetNumberOfComponentsPerPixel() != 1:
+            raise InputError(f"label map {path} is a vector image; give a scalar label map")
+        labels = sitk.Cast(image, sitk.sitkInt32)
+        if background_from is not None:
+            labels = labels * sitk.Cast(labels < background_from, sitk.sitkInt32)
+        mask = labels > 0
+        if not sitk.GetArrayViewFromImage(mask).any():
+            raise InputError(f"label map {path} has no non-zero labels")
+        lower, upper = foreground_box(labels, mask)
+        grid = Grid.of(labels).with_spacing_cropped_to(spacing_mm, lower, upper, multiple=1)
+        resampled = sitk.Resample(
+            labels, grid.reference_image(), sitk.Transform(), sitk.sitkNearestNeighbor, 0
+        )
+        arrays.append(sitk.GetArrayFromImage(resampled))
+    values = np.unique(np.concatenate([np.unique(a) for a in arrays]))
+    values = np.union1d([0], values)
+    storage = torch.uint8 if len(values) <= 256 else torch.int16
+    maps = [torch.from_numpy(np.searchsorted(values, a)).to(storage) for a in arrays]
+    return LabelMaps(
+        maps, [int(v) for v in values], float(spacing_mm), [Path(p).name for p in paths]
+    )
+
+
+def _uniform(generator: torch.Generator, high: float, device: torch.device) -> torch.Tensor:
+    """A scalar drawn uniformly from [0, high)."""
+    return torch.rand((), generator=generator, device=device) * high
+
+
+def smooth_noise(
+    shape: tuple[int, ...],
+    channels: int,
+    spacing: float,
+    std: float | torch.Tensor,
+    generator: torch.Generator,
+    device: torch.device,
+) -> torch.Tensor:
+    """Gaussian noise on a control grid every ``spacing`` voxels, upsampled to ``shape``.
+
+    Returns (1, channels, *shape). Linear upsampling of coarse noise gives fields smooth at the
+    scale of ``spacing``: a cheap stand-in for filtering white noise at full resolution.
+    """
+    coarse = tuple(max(2, math.ceil((n - 1) / spacing) + 1) for n in shape)
+    noise = torch.randn((1, channels, *coarse), generator=generator, device=device) * std
+    mode = "trilinear" if len(shape) == 3 else "bilinear"
+    return F.interpolate(noise, size=shape, mode=mode, align_corners=True)
+
+
+def random_shapes(
+    shape: tuple[int, ...],
+    labels: int,
+    spacing: float,
+    generator: torch.Generator,
+    device: torch.device,
+) -> torch.Tensor:
+    """A label map (*shape) of ``labels`` smooth blobs: the argmax of smoothed random fields."""
+    fields = smooth_noise(shape, labels, spacing, 1.0, generator, device)
+    return fields.argmax(dim=1)[0]
+
+
+def _random_matrix(dim: int, config: SynthesisConfig, generator, device) -> torch.Tensor:
+    """Small rotation · scaling · shear, as a (dim, dim) matrix in voxel coordinates."""
+
+    def symmetric(high: float, size: tuple[int, ...]) -> torch.Tensor:
+        return (2 * torch.rand(size, generator=generator, device=device) - 1) * high
+
+    angles = symmetric(math.radians(config.rotation_deg), (1 if dim == 2 else 3,))
+    rotation = torch.eye(dim, device=device)
+    for index, (a, b) in enumerate([(0, 1)] if dim == 2 else [(1, 2), (0, 2), (0, 1)]):
+        c, s = torch.cos(angles[index]), torch.sin(angles[index])
+        plane = torch.eye(dim, device=device)
+        plane[a, a], plane[a, b], plane[b, a], plane[b, b] = c, -s, s, c
+        rotation = rotation @ plane
+    scaling = torch.diag(1 + symmetric(config.scaling, (dim,)))
+    shear = torch.eye(dim, device=device) + torch.triu(symmetric(config.shear, (dim, dim)), 1)
+    return rotation @ scaling @ shear
+
+
+def _apply_matrix(matrix: torch.Tensor, points: torch.Tensor, centre: torch.Tensor):
+    """``matrix (p − centre) + centre`` for points (1, dim, *shape)."""
+    view = (1, -1) + (1,) * (points.dim() - 2)
+    return torch.einsum("ij,nj...->ni...", matrix, points - centre.view(view)) + centre.view(view)
+
+
+def _gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur with edge replication, so borders do not darken."""
+    if sigma < 0.1:
+        return image
+    radius = max(1, math.ceil(3 * sigma))
+    x = torch.arange(-radius, radius + 1, device=image.device, dtype=image.dtype)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    dim = image.dim() - 2
+    conv = F.conv3d if dim == 3 else F.conv2d
+    for axis in range(dim):
+        view = [1] * dim
+        view[axis] = kernel.numel()
+        pad = [0] * (2 * dim)
+        pad[2 * (dim - 1 - axis)] = pad[2 * (dim - 1 - axis) + 1] = radius
+        image = conv(F.pad(image, pad, mode="replicate"), kernel.view(1, 1, *view))
+    return image
+
+
+def normalise_percentiles(image: torch.Tensor) -> torch.Tensor:
+    """[0, 1] between the 1st and 99th percentile, clamped: what the engine does to inputs."""
+    values = image.flatten()
+    values = values[:: max(1, values.numel() // 2_000_000)]
+    low, high = torch.quantile(values, torch.tensor([0.01, 0.99], device=image.device))
+    if high <= low:
+        high = low + 1.0
+    return ((image - low) / (high - low)).clamp(0.0, 1.0)
+
+
+def synthesise_image(
+    labels: torch.Tensor,
+    means: torch.Tensor,
+    config: SynthesisConfig,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """One image (1, 1, *shape) from a label map (*shape) with labels in [0, count).
+
+    Gaussian intensities per label (random mean and spread), blur, smooth multiplicative bias,
+    gamma, then percentile normalisation. Each call draws a new contrast, so fixed and moving
+    images differ in contrast as well as in shape.
+    """
+    device = labels.device
+    stds = torch.rand(len(means), generator=generator, device=device) * config.intensity_std
+    noise = torch.randn(labels.shape, generator=generator, device=device)
+    image = (means[labels] + stds[labels] * noise)[None, None]
+    image = _gaussian_blur(image, float(_uniform(generator, config.blur_sigma, device)))
+    if config.bias_std > 0:
+        bias_std = _uniform(generator, config.bias_std, device)
+        shape = tuple(labels.shape)
+        image = image * torch.exp(
+            smooth_noise(shape, 1, config.bias_spacing, bias_std, generator, device)
+        )
+    low, high = image.amin(), image.amax()
+    image = (image - low) / (high - low).clamp_min(1e-6)
+    gamma = torch.exp(torch.randn((), generator=generator, device=device) * config.gamma_std)
+    return normalise_percentiles(image.clamp_min(0) ** gamma)
+
+
+class Synthesiser:
+    """Draws :class:`SyntheticPair` batches of a fixed shape from label maps or random shapes.
+
+    Per pair: a source label map (a random map, or a random slice of a 3D map for 2D training)
+    is placed with a random offset; its shape is changed by a random diffeomorphism (variety
+    beyond the few maps there are); the moving labels are the fixed labels seen through
+    ``T(y) = A(y + w(y))``, ``w = exp(v)`` with ``v`` smooth noise and ``A`` a small affine;
+    then each image gets its own random contrast. The true flow is ``T⁻¹(x) − x`` with
+    ``T⁻¹(x) = z + exp(−v)(z)``, ``z = A⁻¹x``: diffeomorphic by construction.
+    """
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        config: SynthesisConfig | None = None,
+        label_maps: LabelMaps | None = None,
+        device: torch.device | str = "cpu",
+    ):
+        self.shape = tuple(int(n) for n in shape)
+        self.dim = len(self.shape)
+        if self.dim not in (2, 3):
+            raise InputError(f"the training shape must be 2D or 3D, got {self.shape}")
+        self.config = config or SynthesisConfig()
+        self.device = torch.device(device)
+        self.label_maps = label_maps
+        if label_maps is not None:
+            self.maps = [m.to(self.device) for m in label_maps.maps]
+            if any(m.dim() < self.dim for m in self.maps):
+                raise InputError(f"{self.dim}D training needs {self.dim}D or 3D label maps")
+        self.count = label_maps.count if label_maps is not None else self.config.shape_labels
+        values = label_maps.values if label_maps is not None else []
+        self.t1_means = torch.tensor(
+            [FREESURFER_T1_MEANS.get(v, math.nan) for v in values] or [math.nan] * self.count,
+            device=self.device,
+        )
+
+    def _means(self, generator: torch.Generator, t1_like: bool) -> torch.Tensor:
+        """Mean intensity of each label: uniform in [0, 1], or T1-like where the label is known."""
+        means = torch.rand(self.count, generator=generator, device=self.device)
+        if not t1_like:
+            return means
+        jitter = torch.randn(self.count, generator=generator, device=self.device)
+        t1 = (self.t1_means + self.config.t1_jitter * jitter).clamp(0, 1)
+        return torch.where(self.t1_means.isnan(), means, t1)
+
+    def _source(self, generator: torch.Generator) -> torch.Tensor:
+        """A source label map (*source_shape) as int64 indices."""
+        if self.label_maps is None:
+            return random_shapes(
+                self.shape, self.count, self.config.shape_spacing, generator, self.device
+            )
+        index = int(torch.randint(len(self.maps), (), generator=generator, device=self.device))
+        source = self.maps[index]
+        if source.dim() == 3 and self.dim == 2:
+            axis = int(torch.randint(3, (), generator=generator, device=self.device))
+            extent = source.shape[axis]
+            fraction = 0.25 + 0.5 * float(torch.rand((), generator=generator, device=self.device))
+            source = source.select(axis, min(int(fraction * extent), extent - 1))
+        return source.long()
+
+    def _offset(self, source_shape: tuple[int, ...], generator) -> torch.Tensor:
+        """Training grid → source voxels: centred, jittered so crops cover the whole source."""
+        source = torch.tensor(source_shape, dtype=torch.float32, device=self.device)
+        target = torch.tensor(self.shape, dtype=torch.float32, device=self.device)
+        jitter = (2 * torch.rand(self.dim, generator=generator, device=self.device) - 1) * (
+            (source - target).abs() / 2
+        )
+        return (source - target) / 2 + jitter
+
+    def _pair(self, generator: torch.Generator) -> SyntheticPair:
+        config, device, dim = self.config, self.device, self.dim
+        source = self._source(generator)
+        offset = self._offset(tuple(source.shape), generator).view(1, dim, *([1] * dim))
+        identity = identity_grid(self.shape, device)
+        centre = (torch.tensor(self.shape, device=device, dtype=torch.float32) - 1) / 2
+
+        # Velocities are smooth at the control-point scale, so integrating them at half
+        # resolution and upsampling the result loses nothing and costs an eighth in 3D.
+        half = tuple((n + 1) // 2 for n in self.shape)
+
+        def exp(velocity: torch.Tensor) -> torch.Tensor:
+            return resize_flow(integrate_velocity(velocity, config.integration_steps), self.shape)
+
+        def velocity(high: float) -> torch.Tensor:
+            std = _uniform(generator, high / 2, device)
+            return smooth_noise(half, dim, config.velocity_spacing / 2, std, generator, device)
+
+        shape_change = exp(velocity(config.shape_std))
+        v = velocity(config.velocity_std)
+        matrix = _random_matrix(dim, config, generator, device)
+        translation = (2 * torch.rand(dim, generator=generator, device=device) - 1) * (
+            config.translation
+        )
+        translation = translation.view(1, dim, *([1] * dim))
+
+        # Moving voxel y ↦ fixed position T(y) = A(y + w(y)), w = exp(v).
+        moved = identity + exp(v)
+        to_fixed = _apply_matrix(matrix, moved, centre) + translation
+        # Fixed position x ↦ source position x + s(x) + offset.
+        fixed_source = identity + shape_change + offset
+        moving_source = to_fixed + sample(shape_change, to_fixed, padding_mode="border") + offset
+        source_float = source.float()[None, None]
+        fixed_labels = sample(source_float, fixed_source, mode="nearest").round().long()
+        moving_labels = sample(source_float, moving_source, mode="nearest").round().long()
+
+        # True flow: T⁻¹(x) − x with T⁻¹(x) = z + exp(−v)(z), z = A⁻¹(x − t).
+        z = _apply_matrix(torch.linalg.inv(matrix), identity - translation, centre)
+        inverse = exp(-v)
+        flow = z + sample(inverse, z, padding_mode="border") - identity
+
+        t1_like = float(torch.rand((), generator=generator, device=device)) < config.t1_like
+        means = self._means(generator, t1_like)
+        if float(torch.rand((), generator=generator, device=device)) >= config.same_contrast:
+            moving_means = self._means(generator, t1_like)
+        else:
+            moving_means = means
+        fixed = synthesise_image(fixed_labels[0, 0], means, config, generator)
+        moving = synthesise_image(moving_labels[0, 0], moving_means, config, generator)
+        return SyntheticPair(fixed, moving, fixed_labels, moving_labels, flow)
+
+    def __call__(self, generator: torch.Generator, batch: int = 1) -> SyntheticPair:
+        """``batch`` pairs drawn from ``generator`` (which must live on this device)."""
+        pairs = [self._pair(generator) for _ in range(batch)]
+        return SyntheticPair(
+            *(
+                torch.cat([getattr(p, name) for p in pairs])
+                for name in ("fixed", "moving", "fixed_labels", "moving_labels", "flow")
+            )
+        )
