@@ -43,6 +43,7 @@ ImageLike = sitk.Image | str | os.PathLike
 
 FOREGROUND_MARGIN_MM = 10.0
 MIN_LEVEL_VOXELS = 16
+MAX_NETWORK_VOXELS = 160**3
 
 
 class CancelToken(Protocol):
@@ -260,6 +261,9 @@ def register(
     )  # fmt: skip
     extent = float(min(fixed_grid.extent_mm))
     spacing = max(min(spacing, extent / MIN_LEVEL_VOXELS), min(fixed_grid.spacing))
+    # Very anisotropic images (e.g. 0.2 × 5 × 5 mm) would otherwise get a huge isotropic grid.
+    volume = float(np.prod(fixed_grid.extent_mm))
+    spacing = max(spacing, (volume / MAX_NETWORK_VOXELS) ** (1.0 / dim))
     lower, upper = foreground_box(fixed_image, fixed_mask_img)
     multiple = model_info.network.multiple if model_info is not None else 2
     network_grid = fixed_grid.with_spacing_cropped_to(spacing, lower, upper, multiple)
@@ -310,8 +314,10 @@ def _run(
     reference = network_grid.reference_image()
     target_mm = network_grid.spacing[0]
     identity = sitk.Transform(dim, sitk.sitkIdentity)
-    fixed_net = normalised_for_registration(
-        resample_linear(antialiased(fixed_image, target_mm), reference, identity)
+    # Both images are normalised on their own full grids, then smoothed and resampled alike,
+    # so an image registered to itself gives identical network inputs.
+    fixed_net = resample_linear(
+        antialiased(normalised_for_registration(fixed_image), target_mm), reference, identity
     )
     moving_smooth = antialiased(normalised_for_registration(moving_image), target_mm)
     moving_net = resample_linear(moving_smooth, reference, affine_tx)
@@ -371,13 +377,17 @@ def _run(
     tick = time.perf_counter()
     stages.report("outputs", 0.0, "composing the transform")
     with torch.inference_mode():
-        u = compose_displacement(affine_tx, flow_mm, network_grid, fixed_grid)
+        u = compose_displacement(affine_tx, flow_mm, network_grid, fixed_grid, stages.cancelled)
         displacement = fixed_grid.apply_to(sitk.GetImageFromArray(u, isVector=True))
         stages.check("while writing outputs")
         stages.report("outputs", 0.3, "warping the moving image")
-        warped = warp_image(moving_image, u, fixed_grid, device=device)
+        warped = warp_image(
+            moving_image, u, fixed_grid, device=device, is_cancelled=stages.cancelled
+        )
         warped_labels = {
-            name: warp_image(labels, u, fixed_grid, nearest=True, device=device)
+            name: warp_image(
+                labels, u, fixed_grid, nearest=True, device=device, is_cancelled=stages.cancelled
+            )
             for name, labels in label_maps.items()
         }
         del u
@@ -388,7 +398,9 @@ def _run(
             moving_grid = Grid.of(moving_image)
             inverse = moving_grid.apply_to(
                 sitk.GetImageFromArray(
-                    inverse_displacement(affine_tx, inverse_mm, network_grid, moving_grid),
+                    inverse_displacement(
+                        affine_tx, inverse_mm, network_grid, moving_grid, stages.cancelled
+                    ),
                     isVector=True,
                 )
             )
@@ -401,6 +413,7 @@ def _run(
         region = fixed_mask_img
         report["folding_percent"] = metrics.folding_percent(jacobian, region)
         report["sdlogj"] = metrics.sdlogj(jacobian, region)
+        stages.check("while writing outputs")
     timings["outputs_s"] = time.perf_counter() - tick
 
     net_mask = mask_t if mask_t is not None else (f_t > 0.05).to(f_t.dtype)

@@ -93,7 +93,8 @@ class Grid:
         lower = np.asarray(lower_index, dtype=np.float64) - 0.5
         upper = np.asarray(upper_index, dtype=np.float64) + 0.5
         extent = (upper - lower) * np.asarray(self.spacing)
-        size = np.maximum(np.ceil(extent / spacing), 1).astype(int)
+        # 1e-9: 12 voxels × 0.2 mm is 12 network voxels of 0.2 mm, not 13 by round-off.
+        size = np.maximum(np.ceil(extent / spacing - 1e-9), 1).astype(int)
         size = (np.ceil(size / multiple) * multiple).astype(int)
         centre_index = (lower + upper) / 2.0
         centre = self.index_to_physical_points(centre_index[None])[0]

@@ -34,8 +34,11 @@ def lncc(
     var_f = (_box(fixed * fixed, window) - mu_f * mu_f).clamp_min(0)
     var_w = (_box(warped * warped, window) - mu_w * mu_w).clamp_min(0)
     cross = _box(fixed * warped, window) - mu_f * mu_w
-    # A tiny epsilon: a large one rewards warps that create contrast where there is none.
-    cc = cross * cross / (var_f * var_w + 1e-10)
+    # ε in numerator and denominator: cc ≤ 1, and exactly 1 for identical windows, even flat
+    # ones. With ε only below, warps that invent contrast in flat regions would score better
+    # than the identity, and an image registered to itself would move.
+    eps = 1e-5
+    cc = (cross * cross + eps) / (var_f * var_w + eps)
     return -_masked_mean(cc, mask)
 
 
