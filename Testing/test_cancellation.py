@@ -1,0 +1,376 @@
+"""Cancellation: a request stops ``register`` within a second at every stage, raises
+RegistrationCancelled, and leaves nothing behind (no CLI output, no MRML change); a process
+killed outright leaves no file under an output's name."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import grid_centre, make_phantom, oblique_grid
+
+from DeepRegisterLib import cli, engine
+from DeepRegisterLib.errors import RegistrationCancelled
+
+LATENCY_LIMIT_S = 1.0
+REPO = Path(__file__).resolve().parents[1]
+
+
+def a_pair(dim: int, size: tuple[int, ...]) -> tuple[sitk.Image, sitk.Image]:
+    """A phantom and a shifted, bent copy: every stage has work to do."""
+    grid = oblique_grid(dim, size=size)
+    centre = grid_centre(grid)
+    phantom = make_phantom(dim, centre, scale_mm=0.3 * min(np.asarray(size) * grid.spacing))
+    shift = np.array([2.0, -1.5, 1.0][:dim])
+
+    def inverse_map(y: np.ndarray) -> np.ndarray:
+        return y - shift + 1.5 * np.sin((y - centre)[..., ::-1] / 7.0)
+
+    return phantom.image(grid), phantom.image(grid, through=inverse_map)
+
+
+@pytest.fixture(scope="module")
+def a_3d_pair() -> tuple[sitk.Image, sitk.Image]:
+    return a_pair(3, (32, 30, 28))
+
+
+@pytest.fixture(scope="module")
+def a_2d_pair() -> tuple[sitk.Image, sitk.Image]:
+    return a_pair(2, (32, 28))
+
+
+class CancelFromAnotherThread:
+    """Progress callback + cancel token: when a progress message starting with ``prefix``
+    arrives for the ``nth`` time, a helper thread sets the event (the callback waits for it,
+    so the request lands inside that stage); ``set_at`` is when it was set."""
+
+    def __init__(self, prefix: str, nth: int = 1):
+        self.prefix, self.nth, self.seen = prefix, nth, 0
+        self.event = threading.Event()
+        self.messages: list[str] = []
+        self.set_at: float | None = None
+        self._reached = threading.Event()
+        self._helper = threading.Thread(target=self._cancel, daemon=True)
+        self._helper.start()
+
+    def _cancel(self) -> None:
+        self._reached.wait()
+        self.set_at = time.perf_counter()
+        self.event.set()
+
+    def __call__(self, fraction: float, message: str) -> None:
+        self.messages.append(message)
+        if message.startswith(self.prefix) and not self._reached.is_set():
+            self.seen += 1
+            if self.seen >= self.nth:
+                self._reached.set()
+                self._helper.join()
+
+
+@pytest.mark.parametrize(
+    ("prefix", "nth", "where"),
+    [
+        ("affine", 5, "during the affine stage"),
+        ("optimising", 2, "during optimisation"),
+        ("composing the transform", 1, "while writing outputs"),
+        ("warping the moving image", 1, "while writing outputs"),
+    ],
+    ids=["affine", "optimisation", "outputs-compose", "outputs-warp"],
+)
+def test_a_cancel_request_stops_each_stage_within_a_second(
+    a_3d_pair, prefix: str, nth: int, where: str
+) -> None:
+    canceller = CancelFromAnotherThread(prefix, nth)
+    with pytest.raises(RegistrationCancelled, match=where):
+        engine.register(
+            *a_3d_pair, preset="fast", model=None, device="cpu", iterations=8, compute_inverse=True,
+            progress=canceller, cancel=canceller.event,
+        )  # fmt: skip
+    latency = time.perf_counter() - canceller.set_at
+    assert latency < LATENCY_LIMIT_S, f"took {latency:.2f} s to stop"
+    assert canceller.messages[-1] != "done"
+
+
+class FlipsAfter:
+    """A cancel token whose ``is_set()`` turns true on call ``n + 1``; records every call with
+    the last progress message, to name the check that fired."""
+
+    def __init__(self, n: int | None):
+        self.n, self.calls, self.where = n, 0, []
+        self.last_message = ""
+
+    def progress(self, fraction: float, message: str) -> None:
+        self.last_message = message
+
+    def is_set(self) -> bool:
+        self.calls += 1
+        self.where.append(self.last_message)
+        return self.n is not None and self.calls > self.n
+
+
+def test_a_cancel_at_any_check_raises_cleanly_and_a_late_one_is_harmless(a_2d_pair) -> None:
+    """Cancelling at the first check, the first of each stage and each of the last six raises
+    RegistrationCancelled (nothing else) within that stage, and a request after the last check
+    returns a whole result. ITK's StopRegistration ends only the current pyramid level, so in
+    the affine stage the next level's first iteration asks once more (2 extra checks)."""
+    options = dict(preset="fast", model=None, device="cpu", iterations=4, compute_inverse=True)
+    probe = FlipsAfter(None)
+    complete = engine.register(*a_2d_pair, progress=probe.progress, cancel=probe, **options)
+    total = probe.calls
+    first_in = {stage: next(i for i, m in enumerate(probe.where) if m.startswith(stage))
+                for stage in ("affine", "optimising")}  # fmt: skip
+    points = sorted({0, first_in["affine"], first_in["optimising"], *range(total - 6, total)})
+    assert len(points) >= 7
+
+    for n in points:
+        token = FlipsAfter(n)
+        with pytest.raises(RegistrationCancelled):
+            engine.register(*a_2d_pair, progress=token.progress, cancel=token, **options)
+        assert token.calls - (n + 1) <= 2, f"{token.calls - n - 1} checks after the request"
+        stage = token.where[n].split(" ")[0]
+        assert all(w.split(" ")[0] == stage for w in token.where[n:]), token.where[n:]
+
+    late = FlipsAfter(total)
+    result = engine.register(*a_2d_pair, progress=late.progress, cancel=late, **options)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(result.displacement),
+                                  sitk.GetArrayFromImage(complete.displacement))  # fmt: skip
+
+
+def test_the_first_registration_in_a_process_stops_within_a_second(tmp_path: Path) -> None:
+    """A fresh interpreter: the cancel arrives as optimisation starts; how long until it stops,
+    and whether a module import ran inside the stage."""
+    script = textwrap.dedent(f"""
+        import json, sys, threading, time
+        sys.path[:0] = [{str(REPO)!r}, {str(REPO / "Testing")!r}]
+        import test_cancellation as t
+        from DeepRegisterLib import engine
+        from DeepRegisterLib.errors import RegistrationCancelled
+        fixed, moving = t.a_pair(2, (24, 20))
+        cancel, state = threading.Event(), {{}}
+        real = engine.optimise_velocity
+        def cancelled_at_start(*args, **kwargs):
+            state["modules"], state["set_at"] = set(sys.modules), time.perf_counter()
+            cancel.set()
+            return real(*args, **kwargs)
+        engine.optimise_velocity = cancelled_at_start
+        try:
+            engine.register(fixed, moving, preset="fast", model=None, device="cpu", cancel=cancel)
+        except RegistrationCancelled:
+            latency = time.perf_counter() - state["set_at"]
+        imported = sorted(m for m in set(sys.modules) - state["modules"] if m.count(".") < 2)
+        print(json.dumps({{"latency": latency, "imported": imported}}))
+    """)  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, check=True, cwd=tmp_path)  # fmt: skip
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "torch._dynamo" not in measured["imported"], measured["imported"]
+    assert measured["latency"] < LATENCY_LIMIT_S
+
+
+# --- the command line -------------------------------------------------------------------
+
+
+@pytest.fixture
+def a_2d_pair_on_disk(a_2d_pair, tmp_path: Path) -> tuple[Path, Path]:
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    paths = folder / "fixed.nii.gz", folder / "moving.nii.gz"
+    for image, path in zip(a_2d_pair, paths, strict=True):
+        sitk.WriteImage(image, str(path))
+    return paths
+
+
+def listing(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in folder.iterdir()}
+
+
+def register_arguments(inputs: tuple[Path, Path], out: Path) -> list[str]:
+    return [
+        "register", "--fixed", str(inputs[0]), "--moving", str(inputs[1]),
+        "--warped", str(out / "warped.nii.gz"), "--transform", str(out / "transform.h5"),
+        "--jacobian", str(out / "jacobian.nii.gz"), "--report", str(out / "report.json"),
+        "--preset", "fast", "--model", "none", "--device", "cpu", "--iterations", "6",
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def an_output_folder(tmp_path: Path) -> Path:
+    """An output folder that already holds a file of the same name as an output."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "transform.h5").write_bytes(b"an earlier result")
+    (folder / "notes.txt").write_text("keep me")
+    return folder
+
+
+def test_a_cancelled_cli_run_exits_130_and_writes_nothing(
+    a_2d_pair_on_disk, an_output_folder: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    real_register = engine.register
+
+    def cancelled_mid_run(*args, progress=None, cancel=None, **kwargs):
+        def progress_then_cancel(fraction: float, message: str) -> None:
+            progress(fraction, message)
+            if message.startswith("optimising"):
+                helper = threading.Thread(target=cancel.set)
+                helper.start()
+                helper.join()
+
+        return real_register(*args, progress=progress_then_cancel, cancel=cancel, **kwargs)
+
+    monkeypatch.setattr(engine, "register", cancelled_mid_run)
+    before = listing(an_output_folder)
+    code = cli.main(register_arguments(a_2d_pair_on_disk, an_output_folder))
+    assert code == cli.EXIT_INTERRUPTED == 130
+    assert "no output was written" in capsys.readouterr().err
+    assert listing(an_output_folder) == before
+
+
+def test_ctrl_c_while_outputs_are_written_exits_130_and_writes_nothing(
+    a_2d_pair_on_disk, an_output_folder: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """The warped image is already staged when Ctrl-C arrives in the transform's write."""
+    from DeepRegisterLib import fileio
+
+    def interrupted(transform, path):
+        assert any(p.name.startswith(".warped.nii.gz.partial-") for p in an_output_folder.iterdir())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fileio, "write_transform", interrupted)
+    before = listing(an_output_folder)
+    code = cli.main([*register_arguments(a_2d_pair_on_disk, an_output_folder), "--quiet"])
+    assert code == cli.EXIT_INTERRUPTED
+    assert "no output was written" in capsys.readouterr().err
+    assert listing(an_output_folder) == before
+
+
+# --- a process killed outright (SIGKILL) --------------------------------------------------------
+
+OUTPUT_NAMES = ("warped.nii.gz", "transform.h5", "jacobian.nii.gz", "report.json")
+
+
+def kill_when(command: list[str], marker: str, cwd: Path) -> str:
+    """Start ``command``, SIGKILL it as soon as a line of its stderr starts with ``marker``."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                               text=True, cwd=cwd, env=env)  # fmt: skip
+    seen = []
+    try:
+        for line in process.stderr:
+            seen.append(line)
+            if line.startswith(marker):
+                process.send_signal(signal.SIGKILL)
+                break
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+        process.stderr.close()
+    assert process.returncode == -signal.SIGKILL, "".join(seen)
+    return "".join(seen)
+
+
+def assert_no_output_under_its_name(folder: Path, before: dict[str, int]) -> list[str]:
+    """Only the earlier files, unchanged, plus possibly hidden staging folders; returns those."""
+    now = listing(folder)
+    staging = sorted(name for name in now if name not in before)
+    assert {name: now[name] for name in before} == before
+    for name in staging:
+        assert name.startswith("."), name
+        assert ".partial-" in name, name
+        assert name.split(".partial-")[0][1:] in OUTPUT_NAMES
+    for name in OUTPUT_NAMES:
+        assert name not in now or name in before
+    return staging
+
+
+def test_a_cli_run_killed_mid_registration_leaves_no_output(
+    a_2d_pair_on_disk, an_output_folder: Path
+) -> None:
+    before = listing(an_output_folder)
+    command = [sys.executable, "-m", "DeepRegisterLib",
+               *register_arguments(a_2d_pair_on_disk, an_output_folder)]  # fmt: skip
+    kill_when(command, "PROGRESS", an_output_folder.parent)
+    assert assert_no_output_under_its_name(an_output_folder, before) == []
+
+
+def test_a_cli_run_killed_while_writing_leaves_no_output_under_its_name(
+    a_2d_pair_on_disk, an_output_folder: Path
+) -> None:
+    """Killed with the warped image and the transform staged and the Jacobian half-written:
+    no final name appears or changes. The staging folders stay behind (SIGKILL runs no
+    cleanup): hidden, never named as an output, but each holds a file of the output's name
+    (by design, for detached headers) — the half-written Jacobian among them."""
+    driver = textwrap.dedent("""
+        import sys, time
+        import SimpleITK as sitk
+        from DeepRegisterLib import cli
+        real = sitk.WriteImage
+        def slow(image, path, *args):
+            if "jacobian" in str(path):
+                open(path, "wb").write(b"half a jacobian")
+                print("STAGED", file=sys.stderr, flush=True)
+                time.sleep(60)
+            return real(image, path, *args)
+        sitk.WriteImage = slow
+        sys.exit(cli.main(sys.argv[1:]))
+    """)
+    before = listing(an_output_folder)
+    command = [sys.executable, "-c", driver,
+               *register_arguments(a_2d_pair_on_disk, an_output_folder), "--quiet"]  # fmt: skip
+    kill_when(command, "STAGED", an_output_folder.parent)
+    staging = assert_no_output_under_its_name(an_output_folder, before)
+    assert {name.split(".partial-")[0] for name in staging} == {
+        ".warped.nii.gz",
+        ".transform.h5",
+        ".jacobian.nii.gz",
+    }
+    # (The CLI stages each output and fileio stages it again inside: folders are nested.)
+    leftovers = {path.name: path for path in an_output_folder.rglob("*") if path.is_file()}
+    assert leftovers["jacobian.nii.gz"].read_bytes() == b"half a jacobian"
+    assert sitk.ReadImage(str(leftovers["warped.nii.gz"])).GetSize() == (32, 28)
+
+
+# --- the MRML bridge ----------------------------------------------------------------------------
+
+
+def test_a_worker_thread_cancelled_mid_run_leaves_the_scene_unchanged(tmp_path: Path) -> None:
+    """The Slicer module's path: RegistrationThread, cancelled while optimising (test_mrml
+    covers a request made before the start)."""
+    pytest.importorskip("slicer", reason="slicer-core is needed")
+    test_mrml = pytest.importorskip("test_mrml")
+    from DeepRegisterLib import mrml
+
+    scene = test_mrml._new_scene(tmp_path / "cache").scene
+    fixed, moving = test_mrml._pair(scene)
+    before = test_mrml._snapshot(scene)
+    job = mrml.prepareRegistration(fixed, moving, "fast", createOutputVolume=True, device="cpu",
+                                   model="none", computeInverse=True)  # fmt: skip
+    assert test_mrml._snapshot(scene) == before
+    thread = job.start()
+    deadline = time.monotonic() + 60
+    while thread.running and time.monotonic() < deadline:
+        if any(m.startswith("optimising") for _, m in thread.poll()):
+            thread.cancel()
+            cancelled_at = time.perf_counter()
+            break
+        time.sleep(0.01)
+    while thread.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert time.perf_counter() - cancelled_at < LATENCY_LIMIT_S + 0.1
+    with pytest.raises(RegistrationCancelled):
+        thread.push()
+    assert test_mrml._snapshot(scene) == before
+    assert moving.GetTransformNodeID() is None
