@@ -33,13 +33,13 @@ def index_map(
     return linear, constant
 
 
-def _ramps(grid: Grid, start: int, stop: int, device) -> list[torch.Tensor]:
+def _ramps(grid: Grid, start: int, stop: int, device, dtype=torch.float64) -> list[torch.Tensor]:
     """Index ramps per ITK axis (I, J[, K]), shaped to broadcast over array rows [start, stop)."""
     dim = grid.dim
     ramps = []
     for axis in range(dim):
         n = grid.size[axis]
-        ramp = torch.arange(n, device=device, dtype=torch.float64)
+        ramp = torch.arange(n, device=device, dtype=dtype)
         if axis == dim - 1:
             ramp = ramp[start:stop]
         shape = [1] * dim
@@ -49,12 +49,18 @@ def _ramps(grid: Grid, start: int, stop: int, device) -> list[torch.Tensor]:
 
 
 def affine_field(
-    linear: np.ndarray, constant: np.ndarray, grid: Grid, start: int, stop: int, device
+    linear: np.ndarray,
+    constant: np.ndarray,
+    grid: Grid,
+    start: int,
+    stop: int,
+    device,
+    dtype=torch.float64,
 ) -> torch.Tensor:
-    """``linear @ idx + constant`` for the voxels of rows [start, stop): (rows, …, dim), float64."""
-    lin = torch.as_tensor(linear, device=device)
-    out = torch.as_tensor(np.asarray(constant, dtype=np.float64), device=device)
-    for axis, ramp in enumerate(_ramps(grid, start, stop, device)):
+    """``linear @ idx + constant`` for the voxels of rows [start, stop): (rows, …, dim)."""
+    lin = torch.as_tensor(linear, device=device, dtype=dtype)
+    out = torch.as_tensor(np.asarray(constant), device=device, dtype=dtype)
+    for axis, ramp in enumerate(_ramps(grid, start, stop, device, dtype)):
         out = out + ramp * lin[:, axis]
     return out
 
@@ -194,15 +200,18 @@ def warp_image(
     dtype = np.float32 if exact_in_float32 else np.float64
     volume = torch.as_tensor(sitk.GetArrayFromImage(moving).astype(dtype))[None, None].to(device)
     linear, constant = index_map(grid, moving_grid)
-    to_index = torch.as_tensor(moving_grid.physical_to_index_affine()[0], device=device)
+    to_index = torch.as_tensor(
+        moving_grid.physical_to_index_affine()[0], device=device, dtype=torch.float32
+    )
     out = np.empty(grid.shape, dtype=dtype)
     rows = _rows_per_chunk(grid)
     for start in range(0, grid.shape[0], rows):
         stop = min(start + rows, grid.shape[0])
         _stop_if(is_cancelled)
-        # A copy: SimpleITK array views are read-only.
-        u = torch.tensor(u_array[start:stop], device=device)
-        index = affine_field(linear, constant, grid, start, stop, device) + u @ to_index.T
+        # float32 indices: 1.5e-5 voxel at index 256, and half the memory traffic of float64.
+        u = torch.tensor(u_array[start:stop], device=device, dtype=torch.float32)
+        index = affine_field(linear, constant, grid, start, stop, device, torch.float32)
+        index = index + u @ to_index.T
         values = sample(volume, index, "nearest" if nearest else "bilinear", itk=True)
         out[start:stop] = values[0].cpu().numpy()
     image = grid.apply_to(sitk.GetImageFromArray(out))
