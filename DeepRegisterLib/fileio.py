@@ -8,6 +8,7 @@ the user asked for.
 from __future__ import annotations
 
 import contextlib
+import glob
 import gzip
 import os
 import shutil
@@ -44,7 +45,10 @@ def atomic_write_path(path: str | os.PathLike) -> Iterator[Path]:
     target = Path(path)
     if not target.parent.exists():
         raise InputError(f"cannot write {target}: folder {target.parent} does not exist")
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    _sweep_stale_staging(target)
+    staging = Path(
+        tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent)
+    )
     try:
         staged = staging / target.name
         yield staged
@@ -53,6 +57,24 @@ def atomic_write_path(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(item, target.parent / item.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _sweep_stale_staging(target: Path) -> None:
+    """Remove staging folders for ``target`` left by a process that was killed mid-write."""
+    for folder in target.parent.glob(f".{glob.escape(target.name)}.partial-*-*"):
+        pid_text = folder.name.rsplit(".partial-", 1)[1].split("-", 1)[0]
+        if pid_text.isdigit() and not _process_alive(int(pid_text)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
 
 
 def read_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:

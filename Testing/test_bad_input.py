@@ -9,6 +9,8 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -613,3 +615,20 @@ def test_writing_to_a_missing_folder_or_with_an_unknown_suffix_is_refused(tmp_pa
         fileio.write_transform(sitk.Transform(2, sitk.sitkIdentity), tmp_path / "t.json")
     assert list(tmp_path.iterdir()) == []
     assert not os.listdir(tmp_path)
+
+
+def test_staging_left_by_a_killed_writer_is_swept_by_the_next_write(tmp_path):
+    """A SIGKILL mid-write leaves a hidden staging folder; the next write of that file removes
+    it, while a live process's staging folder is left alone."""
+    target = tmp_path / "warped.nii.gz"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    stale = tmp_path / f".{target.name}.partial-{dead.stdout.strip()}-abc"
+    live = tmp_path / f".{target.name}.partial-{os.getpid()}-xyz"
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / target.name).write_bytes(b"half written")
+    fileio.write_image(sitk.Image(8, 8, sitk.sitkUInt8), target)
+    assert not stale.exists()
+    assert live.exists()
+    assert sitk.ReadImage(str(target)).GetSize() == (8, 8)
