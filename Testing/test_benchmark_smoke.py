@@ -1,0 +1,88 @@
+"""The benchmark's --smoke mode runs end to end and writes its table, report and figures."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "run_benchmark.py"
+HAS_ANTS = importlib.util.find_spec("ants") is not None
+
+
+@pytest.mark.slow
+def test_smoke_writes_table_report_and_figures(tmp_path: Path) -> None:
+    methods = ["identity", "affine", "fast", *(["ants"] if HAS_ANTS else [])]
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--pairs", "1", "--out", str(tmp_path),
+         "--methods", *methods],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+
+    expected_rows = [
+        "identity (no registration)",
+        "affine only (DeepRegister)",
+        "DeepRegister fast",
+    ]
+    if HAS_ANTS:
+        expected_rows.append("ANTs SyN (antspyx)")
+    table = [line for line in completed.stdout.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| Method | Dice")
+    assert [line.split(" | ")[0].lstrip("| ") for line in table[1:]] == expected_rows
+
+    reports = sorted(tmp_path.glob("*-smoke.md"))
+    assert len(reports) == 1
+    text = reports[0].read_text()
+    for row in expected_rows:
+        assert f"| {row} |" in text
+    assert "## Machine" in text
+    assert "published" in text.lower()
+    assert "--smoke" in text  # the command is recorded
+
+    stem = reports[0].with_suffix("")
+    for kind in ("dice", "time"):
+        figure = stem.with_name(f"{stem.name}-{kind}.png")
+        assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({figure.name})" in text
+
+    raw = json.loads(stem.with_suffix(".json").read_text())
+    assert {row["method"] for row in raw["rows"]} == set(methods)
+    for row in raw["rows"]:
+        assert row["status"] == "ok", row.get("traceback")
+        assert 0.0 <= row["mean_dice"] <= 1.0
+        assert row["time_s"] >= 0.0
+        assert row["peak_rss_bytes"] > 0
+    if HAS_ANTS:
+        (ants_row,) = [row for row in raw["rows"] if row["method"] == "ants"]
+        assert ants_row["notes"]["label_agreement_with_composite"] > 0.99
+
+
+def test_missing_data_exits_clearly(tmp_path: Path) -> None:
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), "--data", str(tmp_path / "absent"), "--out",
+         str(tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )  # fmt: skip
+    assert completed.returncode == 2
+    assert "No fs-dev data" in completed.stderr
+    assert not list(tmp_path.glob("*.md"))
+
+
+def test_pair_order_is_documented_ring_then_rest() -> None:
+    sys.path.insert(0, str(REPO))
+    from benchmarks.run_benchmark import ordered_pairs
+
+    subjects = [f"sub-0{i}" for i in range(1, 6)]
+    pairs = ordered_pairs(subjects)
+    assert pairs[:5] == [
+        ("sub-02", "sub-01"), ("sub-04", "sub-03"), ("sub-01", "sub-05"),
+        ("sub-03", "sub-02"), ("sub-05", "sub-04"),
+    ]  # fmt: skip
+    assert len(pairs) == len(set(pairs)) == 20
+    assert all(moving != fixed for moving, fixed in pairs)

@@ -1,0 +1,1 @@
+"""Benchmarks of DeepRegister against classical baselines (not part of the package)."""
