@@ -607,7 +607,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.smoke:
         notes.append(
             "Smoke run: phantom pairs, all tasks in one child process (peak memory reset per "
-            "task where the kernel allows); it checks the machinery, its numbers mean little."
+            "task where the kernel allows, but it includes what earlier tasks left resident); "
+            "it checks the machinery, its numbers mean little."
         )
     methods = available_methods(args.methods, notes)
     methods = model_note(2 if args.two_d else 3, args.model, methods, notes)
