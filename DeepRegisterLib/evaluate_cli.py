@@ -17,7 +17,7 @@ from .errors import InputError
 from .evaluate import evaluate, evaluation_images, read_label_names
 from .fileio import read_image, read_transform
 from .landmarks import read_landmarks
-from .metrics import FREESURFER_EVAL_LABELS
+from .metrics import parse_labels
 from .report_figures import write_report
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_BAD_INPUT = 0, 1, 2
@@ -66,19 +66,6 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def _labels(tokens: list[str] | None) -> list[int] | None:
-    if tokens is None:
-        return None
-    if [t.lower() for t in tokens] == ["freesurfer"]:
-        return list(FREESURFER_EVAL_LABELS)
-    try:
-        return [int(t) for t in tokens]
-    except ValueError:
-        raise InputError(
-            f"--labels takes integers or the word 'freesurfer', not {' '.join(tokens)!r}."
-        ) from None
-
-
 def _evaluate_files(args: argparse.Namespace) -> dict[str, Path]:
     fixed = read_image(args.fixed, "fixed image")
     moving = read_image(args.moving, "moving image")
@@ -99,7 +86,7 @@ def _evaluate_files(args: argparse.Namespace) -> dict[str, Path]:
         moving_landmarks=optional(args.moving_landmarks, read_landmarks, dimension=dim),
         inverse_transform=optional(args.inverse_transform, read_transform),
         label_names=optional(args.label_names, read_label_names),
-        labels=_labels(args.labels),
+        labels=parse_labels(args.labels, "--labels"),
         images=images,
     )
     written = write_report(result, args.out, images)

@@ -29,6 +29,21 @@ _JACOBIAN_CLIP = (1e-9, 1e9)
 _BINCOUNT_MAX_LABEL = 1 << 16  # label values below this are counted with np.bincount
 
 
+def parse_labels(tokens: Sequence[str] | None, option: str) -> list[int] | None:
+    """Label numbers from command-line words; the word ``freesurfer`` means the 27 standard
+    evaluation structures. ``option`` names the flag in the error message."""
+    if tokens is None:
+        return None
+    if [t.lower() for t in tokens] == ["freesurfer"]:
+        return list(FREESURFER_EVAL_LABELS)
+    try:
+        return [int(t) for t in tokens]
+    except ValueError:
+        raise InputError(
+            f"{option} takes integers or the word 'freesurfer', not {' '.join(tokens)!r}."
+        ) from None
+
+
 def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
     """Whether two images share size, spacing, origin and direction (to file round-off)."""
     ga, gb = Grid.of(a), Grid.of(b)

@@ -19,7 +19,7 @@ import torch
 from .engine import resolve_device
 from .errors import InputError
 from .losses import SIMILARITIES
-from .metrics import FREESURFER_EVAL_LABELS
+from .metrics import parse_labels
 from .networks import NetworkConfig
 from .synthesis import SynthesisConfig, load_label_maps
 from .training import TrainingConfig, read_pairs, train
@@ -159,19 +159,6 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def _eval_labels(tokens: list[str] | None) -> list[int] | None:
-    if tokens is None:
-        return None
-    if [t.lower() for t in tokens] == ["freesurfer"]:
-        return list(FREESURFER_EVAL_LABELS)
-    try:
-        return [int(t) for t in tokens]
-    except ValueError:
-        raise InputError(
-            f"--eval-labels takes integers or the word 'freesurfer', not {' '.join(tokens)!r}."
-        ) from None
-
-
 def _label_map_files(patterns: list[str]) -> list[Path]:
     files: list[Path] = []
     for pattern in patterns:
@@ -236,7 +223,7 @@ def _train(args: argparse.Namespace) -> None:
         label_maps=label_maps,
         real_pairs=read_pairs(args.real_pairs) if args.real_pairs else (),
         validation=read_pairs(args.validation) if args.validation else (),
-        eval_labels=_eval_labels(args.eval_labels),
+        eval_labels=parse_labels(args.eval_labels, "--eval-labels"),
         device=device,
         resume=args.resume,
         init_model=args.init_model,
