@@ -18,10 +18,9 @@ from pathlib import Path
 from . import __version__
 from .errors import DeepRegisterError, InputError, ModelError, RegistrationCancelled, ResourceError
 from .evaluate_cli import add_evaluate_parser
+from .exit_codes import EXIT_ERROR, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_MEMORY, EXIT_OK
 from .presets import PRESETS
 from .training_cli import add_train_parser
-
-EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_MEMORY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 class ProgressBar:

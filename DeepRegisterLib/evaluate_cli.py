@@ -7,20 +7,16 @@ Kept apart from ``cli.py`` so the command can be wired in with two calls
 from __future__ import annotations
 
 import argparse
-import sys
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
 from .evaluate import evaluate, evaluation_images, read_label_names
+from .exit_codes import run_reporting_errors
 from .fileio import read_image, read_transform
 from .landmarks import read_landmarks
 from .metrics import parse_labels
 from .report_figures import write_report
-
-EXIT_OK, EXIT_UNEXPECTED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -118,17 +114,4 @@ def _print_summary(result: dict[str, Any], written: dict[str, Path]) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """Run the subcommand; 0 on success, 2 for unusable input (message printed), 1 otherwise."""
-    try:
-        _evaluate_files(args)
-    except InputError as error:
-        print(f"deepregister evaluate: error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except Exception as error:
-        traceback.print_exc()
-        print(
-            f"deepregister evaluate: unexpected error ({type(error).__name__}); please report "
-            "it with the traceback above.",
-            file=sys.stderr,
-        )
-        return EXIT_UNEXPECTED
-    return EXIT_OK
+    return run_reporting_errors("deepregister evaluate", lambda: _evaluate_files(args))

@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +16,13 @@ import torch
 
 from .engine import resolve_device
 from .errors import InputError
+from .exit_codes import run_reporting_errors
 from .losses import SIMILARITIES
 from .metrics import parse_labels
 from .networks import NetworkConfig
 from .synthesis import SynthesisConfig, load_label_maps
 from .training import TrainingConfig, read_pairs, train
 
-EXIT_OK, EXIT_UNEXPECTED, EXIT_BAD_INPUT = 0, 1, 2
 _DEFAULT_NETWORK = NetworkConfig()
 
 
@@ -234,17 +232,4 @@ def _train(args: argparse.Namespace) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """Run the subcommand; 0 on success, 2 for unusable input (message printed), 1 otherwise."""
-    try:
-        _train(args)
-    except InputError as error:
-        print(f"deepregister train: error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except Exception as error:
-        traceback.print_exc()
-        print(
-            f"deepregister train: unexpected error ({type(error).__name__}); please report it "
-            "with the traceback above.",
-            file=sys.stderr,
-        )
-        return EXIT_UNEXPECTED
-    return EXIT_OK
+    return run_reporting_errors("deepregister train", lambda: _train(args))
