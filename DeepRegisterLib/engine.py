@@ -264,7 +264,10 @@ def register(
     # Very anisotropic images (e.g. 0.2 × 5 × 5 mm) would otherwise get a huge isotropic grid.
     volume = float(np.prod(fixed_grid.extent_mm))
     spacing = max(spacing, (volume / MAX_NETWORK_VOXELS) ** (1.0 / dim))
-    lower, upper = foreground_box(fixed_image, fixed_mask_img)
+    # Normalised once: it gives both the foreground box and the network's fixed input.
+    fixed_norm = normalised_for_registration(fixed_image)
+    foreground = fixed_mask_img if fixed_mask_img is not None else fixed_norm > 0.05
+    lower, upper = foreground_box(fixed_image, foreground)
     multiple = model_info.network.multiple if model_info is not None else 2
     network_grid = fixed_grid.with_spacing_cropped_to(spacing, lower, upper, multiple)
     estimated_bytes = check_memory(fixed_image, moving_image, int(np.prod(network_grid.size)))
@@ -274,8 +277,8 @@ def register(
 
     try:
         return _run(
-            stages, fixed_image, moving_image, fixed_mask_img, moving_mask_img, label_maps,
-            fixed_label_img, initial_transform, affine, settings, similarity, weight,
+            stages, fixed_image, fixed_norm, moving_image, fixed_mask_img, moving_mask_img,
+            label_maps, fixed_label_img, initial_transform, affine, settings, similarity, weight,
             model_info, torch_device, network_grid, compute_inverse, compute_jacobian, seed,
             started, estimated_bytes,
         )  # fmt: skip
@@ -284,7 +287,7 @@ def register(
 
 
 def _run(
-    stages, fixed_image, moving_image, fixed_mask_img, moving_mask_img, label_maps,
+    stages, fixed_image, fixed_norm, moving_image, fixed_mask_img, moving_mask_img, label_maps,
     fixed_label_img, initial_transform, affine, settings, similarity, weight, model_info,
     device, network_grid, compute_inverse, compute_jacobian, seed, started, estimated_bytes,
 ) -> RegistrationResult:  # fmt: skip
@@ -316,9 +319,7 @@ def _run(
     identity = sitk.Transform(dim, sitk.sitkIdentity)
     # Both images are normalised on their own full grids, then smoothed and resampled alike,
     # so an image registered to itself gives identical network inputs.
-    fixed_net = resample_linear(
-        antialiased(normalised_for_registration(fixed_image), target_mm), reference, identity
-    )
+    fixed_net = resample_linear(antialiased(fixed_norm, target_mm), reference, identity)
     moving_smooth = antialiased(normalised_for_registration(moving_image), target_mm)
     moving_net = resample_linear(moving_smooth, reference, affine_tx)
     moving_before = resample_linear(moving_smooth, reference, identity)
