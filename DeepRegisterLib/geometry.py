@@ -128,12 +128,6 @@ def image_from_array(
     return image
 
 
-def transform_points(transform: sitk.Transform, points: np.ndarray) -> np.ndarray:
-    """Vectorised ``transform.TransformPoint`` for affine (matrix) transforms."""
-    matrix, translation = affine_parameters(transform, points.shape[-1])
-    return points @ matrix.T + translation
-
-
 def affine_parameters(transform: sitk.Transform, dim: int) -> tuple[np.ndarray, np.ndarray]:
     """(M, t) with ``T(x) = M x + t``, read off any linear SimpleITK transform (also composites)."""
     origin = np.zeros(dim)
