@@ -35,6 +35,7 @@ from .preflight import (
     mask_on_grid,
 )
 from .presets import Preset, get_preset
+from .resampling import antialiased, resample, resample_linear
 from .result import RegistrationResult
 from .warping import compose_displacement, inverse_displacement, warp_image
 
@@ -139,23 +140,6 @@ def foreground_box(image: sitk.Image, mask: sitk.Image | None) -> tuple[np.ndarr
     return lower, upper
 
 
-def antialiased(image: sitk.Image, target_mm: float) -> sitk.Image:
-    """Gaussian-smoothed along each axis finer than ``target_mm``, before resampling onto it."""
-    image = sitk.Cast(image, sitk.sitkFloat32)
-    for axis, spacing in enumerate(image.GetSpacing()):
-        sigma = 0.4 * np.sqrt(max(target_mm**2 - spacing**2, 0.0))
-        if sigma > 0.1 * spacing:  # axes already as coarse as the target stay untouched
-            image = sitk.RecursiveGaussian(image, sigma, direction=axis)
-    return image
-
-
-def resample_linear(
-    image: sitk.Image, reference: sitk.Image, transform: sitk.Transform
-) -> sitk.Image:
-    """Linear resampling to float32, zero outside: how network inputs are made."""
-    return sitk.Resample(image, reference, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-
-
 def _global_ncc(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> float:
     weight = torch.ones_like(a) if mask is None else mask
     n = weight.sum().clamp_min(1)
@@ -216,6 +200,7 @@ def register(
     moving_image = _as_image(moving, "moving image")
     check_intensity_image(fixed_image, "the fixed image")
     check_intensity_image(moving_image, "the moving image")
+    stages.check("during the input checks")
     check_same_dimension(fixed_image, moving_image)
     dim = fixed_image.GetDimension()
     settings = get_preset(preset)
@@ -265,7 +250,9 @@ def register(
     volume = float(np.prod(fixed_grid.extent_mm))
     spacing = max(spacing, (volume / MAX_NETWORK_VOXELS) ** (1.0 / dim))
     # Normalised once: it gives both the foreground box and the network's fixed input.
+    stages.check("during the input checks")
     fixed_norm = normalised_for_registration(fixed_image)
+    stages.check("during the input checks")
     foreground = fixed_mask_img if fixed_mask_img is not None else fixed_norm > 0.05
     lower, upper = foreground_box(fixed_image, foreground)
     multiple = model_info.network.multiple if model_info is not None else 2
@@ -319,21 +306,26 @@ def _run(
     identity = sitk.Transform(dim, sitk.sitkIdentity)
     # Both images are normalised on their own full grids, then smoothed and resampled alike,
     # so an image registered to itself gives identical network inputs.
-    fixed_net = resample_linear(antialiased(fixed_norm, target_mm), reference, identity)
-    moving_smooth = antialiased(normalised_for_registration(moving_image), target_mm)
-    moving_net = resample_linear(moving_smooth, reference, affine_tx)
-    moving_before = resample_linear(moving_smooth, reference, identity)
+    stop = stages.cancelled
+    fixed_net = resample_linear(antialiased(fixed_norm, target_mm, stop), reference, identity, stop)
+    moving_smooth = antialiased(normalised_for_registration(moving_image), target_mm, stop)
+    moving_net = resample_linear(moving_smooth, reference, affine_tx, stop)
+    moving_before = resample_linear(moving_smooth, reference, identity, stop)
     del moving_smooth
-    moving_domain = sitk.Resample(
-        _domain_image(moving_image), reference, affine_tx, sitk.sitkNearestNeighbor, 0
-    )
+    moving_domain = resample(
+        _domain_image(moving_image), reference, affine_tx, sitk.sitkNearestNeighbor,
+        sitk.sitkUInt8, stop,
+    )  # fmt: skip
     _check_overlap(fixed_net, moving_domain)
     f_t = _to_tensor(fixed_net, device)
     m_t = _to_tensor(moving_net, device)
     mask_t = (
         None if fixed_mask_img is None
         else _to_tensor(
-            sitk.Resample(fixed_mask_img, reference, identity, sitk.sitkNearestNeighbor, 0), device
+            resample(
+                fixed_mask_img, reference, identity, sitk.sitkNearestNeighbor, sitk.sitkUInt8, stop
+            ),
+            device,
         )
     )  # fmt: skip
 
@@ -378,39 +370,32 @@ def _run(
     tick = time.perf_counter()
     stages.report("outputs", 0.0, "composing the transform")
     with torch.inference_mode():
-        u = compose_displacement(affine_tx, flow_mm, network_grid, fixed_grid, stages.cancelled)
-        displacement = fixed_grid.apply_to(sitk.GetImageFromArray(u, isVector=True))
-        stages.check("while writing outputs")
+        displacement = compose_displacement(
+            affine_tx, flow_mm, network_grid, fixed_grid, stages.cancelled
+        )
         stages.report("outputs", 0.3, "warping the moving image")
         warped = warp_image(
-            moving_image, u, fixed_grid, device=device, is_cancelled=stages.cancelled
+            moving_image, displacement, device=device, is_cancelled=stages.cancelled
         )
         warped_labels = {
             name: warp_image(
-                labels, u, fixed_grid, nearest=True, device=device, is_cancelled=stages.cancelled
+                labels, displacement, nearest=True, device=device, is_cancelled=stages.cancelled
             )
             for name, labels in label_maps.items()
         }
-        del u
         inverse = None
         if compute_inverse:
             stages.report("outputs", 0.6, "inverting the transform")
             inverse_mm = flow_voxels_to_mm(integrate_velocity(-velocity, steps), network_grid)
-            moving_grid = Grid.of(moving_image)
-            inverse = moving_grid.apply_to(
-                sitk.GetImageFromArray(
-                    inverse_displacement(
-                        affine_tx, inverse_mm, network_grid, moving_grid, stages.cancelled
-                    ),
-                    isVector=True,
-                )
+            inverse = inverse_displacement(
+                affine_tx, inverse_mm, network_grid, Grid.of(moving_image), stages.cancelled
             )
     stages.check("while writing outputs")
     jacobian = None
     report: dict[str, Any] = {}
     if compute_jacobian:
         stages.report("outputs", 0.8, "computing the Jacobian determinant")
-        jacobian = metrics.jacobian_determinant(displacement)
+        jacobian = metrics.jacobian_determinant(displacement, stages.cancelled)
         region = fixed_mask_img
         report["folding_percent"] = metrics.folding_percent(jacobian, region)
         report["sdlogj"] = metrics.sdlogj(jacobian, region)

@@ -9,12 +9,12 @@ constant image) come back as ``nan`` so a report can still be written.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from .errors import InputError, RegistrationCancelled
 from .geometry import Grid
 
 #: The 27 FreeSurfer ``aseg`` structures used for brain-registration Dice (as in SynthMorph and
@@ -114,14 +114,17 @@ def _determinant_block(field: np.ndarray, to_index: np.ndarray) -> np.ndarray:
     return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
 
 
-def jacobian_determinant(displacement: sitk.Image) -> sitk.Image:
+def jacobian_determinant(
+    displacement: sitk.Image, is_cancelled: Callable[[], bool] | None = None
+) -> sitk.Image:
     """det(I + ∂u/∂x) of a displacement field, in physical coordinates, as float32.
 
     Derivatives are taken per index axis with central differences and mapped to millimetres with
     ``(D·diag(spacing))⁻¹``, so the value is right on oblique, anisotropic grids. The field is
     read without a copy and processed in slabs (with a one-slice halo, so the result equals the
     whole-volume computation) to keep a 256³ field within a few hundred MB. An axis of length 1
-    contributes no derivative (a one-slice volume is treated as a slab).
+    contributes no derivative (a one-slice volume is treated as a slab). ``is_cancelled`` is
+    asked before each slab; when it answers True, ``RegistrationCancelled`` is raised.
     """
     _check_displacement(displacement)
     to_index = np.linalg.inv(Grid.of(displacement).index_to_physical)  # (index q, physical r)
@@ -130,6 +133,8 @@ def jacobian_determinant(displacement: sitk.Image) -> sitk.Image:
     depth = len(det)
     slab = max(1, _JACOBIAN_BLOCK_VOXELS // max(1, det[0].size))
     for start in range(0, depth, slab):
+        if is_cancelled is not None and is_cancelled():
+            raise RegistrationCancelled("registration cancelled while computing det J")
         stop = min(start + slab, depth)
         lower, upper = max(start - 1, 0), min(stop + 1, depth)
         block = _determinant_block(field[lower:upper], to_index)

@@ -117,6 +117,11 @@ def optimise_velocity(
         else initial_velocity
     )
     total_steps = sum(level.iterations for _, level in levels) or 1
+
+    def stop_if_cancelled(_: torch.Tensor | None = None) -> None:
+        if is_cancelled():
+            raise RegistrationCancelled("registration cancelled during optimisation")
+
     done, trace = 0, []
     for shape, level in levels:
         images = LevelImages(
@@ -138,13 +143,16 @@ def optimise_velocity(
         # worse (e.g. on an already aligned pair): keep the best parameter seen, not the last.
         best_value, best_parameter = float("inf"), parameter.detach().clone()
         for _ in range(level.iterations):
-            if is_cancelled():
-                raise RegistrationCancelled("registration cancelled during optimisation")
+            stop_if_cancelled()
             parameter.grad = None
             control_flow = integrate_velocity(_smooth(parameter) * taper, level.integration_steps)
             warped = warp(images.moving, resize_flow(control_flow, shape))
             loss = sim(images.fixed, warped, images.mask, window)
             loss = loss + regularization * diffusion(control_flow)
+            stop_if_cancelled()
+            # A step on a big grid takes seconds; these hooks ask again midway through backward.
+            warped.register_hook(stop_if_cancelled)
+            control_flow.register_hook(stop_if_cancelled)
             loss.backward()
             value = float(loss.detach())
             if value < best_value:  # the loss of the parameter before this step

@@ -33,7 +33,7 @@ from matplotlib.figure import Figure
 
 from . import __version__
 from .affine import normalised_for_registration, register_affine
-from .engine import antialiased, foreground_box, resample_linear
+from .engine import foreground_box
 from .errors import InputError
 from .fileio import IMAGE_SUFFIXES, atomic_write_path, full_suffix, read_image
 from .geometry import Grid, flow_voxels_to_mm
@@ -41,6 +41,7 @@ from .losses import SIMILARITIES, diffusion, similarity_function, soft_dice
 from .metrics import dice_per_label, mean_dice
 from .models import ModelInfo, find_model, load_model, save_model
 from .networks import NetworkConfig, VxmDense, integrate_velocity, warp
+from .resampling import antialiased, resample_linear
 from .synthesis import LabelMaps, SynthesisConfig, Synthesiser
 
 CHECKPOINT, BEST, LOG, CURVES = "checkpoint.pt", "best.pt", "log.csv", "curves.png"

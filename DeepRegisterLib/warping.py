@@ -87,42 +87,51 @@ def sample(
     return out
 
 
-def _linear_along(volume: torch.Tensor, axis: int, coords: torch.Tensor) -> torch.Tensor:
-    """1-D linear interpolation of ``volume`` along ``axis`` at ``coords``; 0 outside.
-
-    Done as a matrix product with the (n_out × n_in) interpolation matrix: a BLAS call is far
-    faster than gathering along a middle axis of a large tensor.
-    """
-    n = volume.shape[axis]
+def _interpolation_matrix(coords: torch.Tensor, n: int) -> torch.Tensor:
+    """(n_out × n) weights of 1-D linear interpolation at ``coords``; rows outside are 0."""
     low = torch.floor(coords)
     weight = coords - low
     low = low.long()
-    matrix = torch.zeros((coords.numel(), n), dtype=torch.float64, device=volume.device)
-    rows = torch.arange(coords.numel(), device=volume.device)
+    matrix = torch.zeros((coords.numel(), n), dtype=torch.float64, device=coords.device)
+    rows = torch.arange(coords.numel(), device=coords.device)
     for index, w in ((low, 1.0 - weight), (low + 1, weight)):
         valid = (index >= 0) & (index < n)
         matrix.index_put_((rows[valid], index[valid]), w[valid], accumulate=True)
-    moved = torch.movedim(volume, axis, -1) @ matrix.T.to(volume.dtype)
-    return torch.movedim(moved, -1, axis)
+    return matrix
 
 
-def field_on_grid(field: torch.Tensor, field_grid: Grid, grid: Grid) -> torch.Tensor:
-    """A vector field (1, C, *field_grid.shape) linearly resampled onto ``grid`` → (C, *shape).
+class FieldOnGrid:
+    """A vector field (1, C, *field_grid.shape) linearly resampled onto ``grid``, by row ranges.
 
-    Requires the two grids to share axis directions (the network grid is built that way), so
-    the index map is a per-axis scale and shift and interpolation separates by axis.
+    Interpolation separates by axis because the two grids share axis directions (the network
+    grid is built that way). Each axis is a matrix product with its interpolation matrix: a
+    BLAS call is far faster than gathering along a middle axis of a large tensor. All axes but
+    the slowest are done once; the slowest is done per requested range of output rows, so a
+    512² × 600 field is built in chunks that a cancel request can interrupt.
     """
-    linear, constant = index_map(grid, field_grid)
-    if not np.allclose(linear, np.diag(np.diag(linear)), atol=1e-9):
-        raise ValueError("field_on_grid needs grids with the same axis directions")
-    volume = field[0]
-    dim = grid.dim
-    for axis in range(dim):  # ITK axis I, J, K ↔ tensor axis dim, dim-1, …
-        coords = constant[axis] + linear[axis, axis] * torch.arange(
-            grid.size[axis], dtype=torch.float64, device=field.device
-        )
-        volume = _linear_along(volume, dim - axis, coords)
-    return volume
+
+    def __init__(self, field: torch.Tensor, field_grid: Grid, grid: Grid):
+        linear, constant = index_map(grid, field_grid)
+        if not np.allclose(linear, np.diag(np.diag(linear)), atol=1e-9):
+            raise ValueError("FieldOnGrid needs grids with the same axis directions")
+        dim = grid.dim
+        matrices = []
+        for axis in range(dim):  # ITK axis I, J, K ↔ tensor axis dim, dim-1, …
+            coords = constant[axis] + linear[axis, axis] * torch.arange(
+                grid.size[axis], dtype=torch.float64, device=field.device
+            )
+            matrices.append(_interpolation_matrix(coords, field_grid.size[axis]).to(field.dtype))
+        volume = field[0]
+        for axis in range(dim - 1):
+            moved = torch.movedim(volume, dim - axis, -1) @ matrices[axis].T
+            volume = torch.movedim(moved, -1, dim - axis)
+        self._partial = volume  # (C, slow axis of field_grid, fast axes of grid)
+        self._slow = matrices[-1]
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """The resampled field for array rows [start, stop): (C, stop − start, …)."""
+        slow = torch.tensordot(self._slow[start:stop], self._partial, dims=([1], [1]))
+        return torch.movedim(slow, 0, 1)
 
 
 def compose_displacement(
@@ -131,31 +140,50 @@ def compose_displacement(
     network_grid: Grid,
     grid: Grid,
     is_cancelled: Callable[[], bool] = lambda: False,
-) -> np.ndarray:
-    """``u(x) = A(x + v(x)) − x`` on ``grid`` as a (K, J, I, dim) array in LPS mm.
+) -> sitk.Image:
+    """``u(x) = A(x + v(x)) − x`` on ``grid`` as a float64 vector image in LPS mm.
 
-    Computed in float32 (about 1e-5 mm on a ±200 mm field of view) and returned as float64,
-    the type ITK displacement-field transforms hold.
+    Computed in float32 (about 1e-5 mm on a ±200 mm field of view) and stored as float64,
+    the type ITK displacement-field transforms hold, one chunk of rows at a time.
 
     ``flow_mm`` is ``v`` (1, dim, *network_grid.shape), in LPS mm components; it is zero
     outside the network grid, where the transform is the affine alone.
     """
     dim = grid.dim
     matrix, translation = affine_parameters(affine, dim)
-    v = field_on_grid(flow_mm, network_grid, grid)  # (dim, K, J, I), float32
+    _stop_if(is_cancelled)
+    v_on_grid = FieldOnGrid(flow_mm, network_grid, grid)
     # (M − I) x + t is affine in the index: (M − I) P idx + (M − I) o + t, built from ramps.
     shift = matrix - np.eye(dim)
     linear = shift @ grid.index_to_physical
     constant = shift @ np.asarray(grid.origin) + translation
-    ramps = [ramp[..., 0].to(v.dtype) for ramp in _ramps(grid, 0, grid.shape[0], v.device)]
-    out = torch.empty((*grid.shape, dim), dtype=v.dtype, device=v.device)
-    for p in range(dim):
+    field = _vector_image(grid)
+    rows = _rows_per_chunk(grid)
+    for start in range(0, grid.shape[0], rows):
+        stop = min(start + rows, grid.shape[0])
         _stop_if(is_cancelled)
-        component = sum(float(matrix[p, q]) * v[q] for q in range(dim))
-        for axis, ramp in enumerate(ramps):
-            component = component + float(linear[p, axis]) * ramp
-        out[..., p] = component + float(constant[p])
-    return out.cpu().numpy().astype(np.float64)
+        v = v_on_grid.rows(start, stop)  # (dim, rows, …), float32
+        ramps = [ramp[..., 0].to(v.dtype) for ramp in _ramps(grid, start, stop, v.device)]
+        chunk = np.empty((stop - start, *grid.shape[1:], dim), dtype=np.float64)
+        for p in range(dim):
+            component = sum(float(matrix[p, q]) * v[q] for q in range(dim))
+            for axis, ramp in enumerate(ramps):
+                component = component + float(linear[p, axis]) * ramp
+            chunk[..., p] = (component + float(constant[p])).cpu().numpy()
+        _paste_rows(field, chunk, start)
+    return field
+
+
+def _vector_image(grid: Grid) -> sitk.Image:
+    """A zeroed float64 displacement image on ``grid``, to be filled chunk by chunk."""
+    return grid.apply_to(sitk.Image(grid.size, sitk.sitkVectorFloat64, grid.dim))
+
+
+def _paste_rows(field: sitk.Image, chunk: np.ndarray, start: int) -> None:
+    """Write ``chunk`` (rows, …, dim) into ``field`` from array row ``start`` on, in place:
+    the whole field never exists twice (as a NumPy array and as an image)."""
+    rows = (slice(None),) * (field.GetDimension() - 1) + (slice(start, start + len(chunk)),)
+    field[rows] = sitk.GetImageFromArray(chunk, isVector=True)
 
 
 def _stop_if(is_cancelled: Callable[[], bool]) -> None:
@@ -224,9 +252,9 @@ def inverse_displacement(
     network_grid: Grid,
     moving: Grid,
     is_cancelled: Callable[[], bool] = lambda: False,
-) -> np.ndarray:
+) -> sitk.Image:
     """Moving → fixed on the moving grid: ``T⁻¹(y) = z + w(z)`` with ``z = A⁻¹ y`` and
-    ``w = exp(−v)`` (LPS mm on the network grid); float64 (K, J, I, dim)."""
+    ``w = exp(−v)`` (LPS mm on the network grid); a float64 vector image."""
     dim = moving.dim
     matrix, translation = affine_parameters(affine, dim)
     inv = np.linalg.inv(matrix)
@@ -236,7 +264,7 @@ def inverse_displacement(
     shift = inv - np.eye(dim)
     linear = shift @ moving.index_to_physical
     constant = shift @ np.asarray(moving.origin) + inv_offset
-    out = np.empty((*moving.shape, dim), dtype=np.float64)
+    field = _vector_image(moving)
     rows = _rows_per_chunk(moving)
     for start in range(0, moving.shape[0], rows):
         stop = min(start + rows, moving.shape[0])
@@ -244,5 +272,6 @@ def inverse_displacement(
         index = affine_field(sample_linear, sample_constant, moving, start, stop, device)
         w = sample(inverse_flow_mm, index)  # (dim, rows, …)
         w = torch.movedim(w, 0, -1).to(torch.float64)
-        out[start:stop] = (affine_field(linear, constant, moving, start, stop, device) + w).cpu()
-    return out
+        chunk = affine_field(linear, constant, moving, start, stop, device) + w
+        _paste_rows(field, chunk.cpu().numpy(), start)
+    return field

@@ -1,0 +1,171 @@
+"""Whole-volume steps that run for seconds on a 512² × 600 CT are done in pieces a cancel request
+can interrupt, and the pieces give exactly the whole-volume result."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from DeepRegisterLib import metrics, resampling, warping
+from DeepRegisterLib.errors import RegistrationCancelled
+from DeepRegisterLib.geometry import Grid
+from DeepRegisterLib.optimisation import optimise_velocity
+from DeepRegisterLib.presets import Level
+
+
+class CancelOnCall:
+    """``is_cancelled`` that answers True from its ``n``-th call on, counting calls."""
+
+    def __init__(self, n: int | None):
+        self.n, self.calls = n, 0
+
+    def __call__(self) -> bool:
+        self.calls += 1
+        return self.n is not None and self.calls >= self.n
+
+
+def an_image(shape: tuple[int, ...], spacing: tuple[float, ...], seed: int = 0) -> sitk.Image:
+    rng = np.random.default_rng(seed)
+    image = sitk.GetImageFromArray((100 * rng.normal(size=shape)).astype(np.float32))
+    image.SetSpacing(spacing)
+    direction = np.eye(len(shape))
+    direction[0, 0] = -1.0
+    image.SetDirection(tuple(direction.ravel()))
+    image.SetOrigin(tuple(float(i) for i in range(len(shape))))
+    return image
+
+
+def itk_antialiased(image: sitk.Image, target_mm: float) -> sitk.Image:
+    """The reference: one whole-volume RecursiveGaussian call per axis."""
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    for axis, spacing in enumerate(image.GetSpacing()):
+        sigma = 0.4 * np.sqrt(max(target_mm**2 - spacing**2, 0.0))
+        if sigma > 0.1 * spacing:
+            image = sitk.RecursiveGaussian(image, sigma, direction=axis)
+    return image
+
+
+@pytest.mark.parametrize(
+    ("shape", "spacing"),
+    [((30, 41, 27), (0.7, 1.3, 2.5)), ((40, 33), (0.5, 1.1)), ((12, 10, 9), (5.0, 5.0, 5.0))],
+    ids=["3d-anisotropic", "2d", "already-coarse"],
+)
+def test_slab_by_slab_smoothing_equals_itk_on_the_whole_volume(monkeypatch, shape, spacing):
+    image = an_image(shape, spacing)
+    monkeypatch.setattr(resampling, "SLAB_VOXELS", 300)  # many slabs along every axis
+    ours = resampling.antialiased(image, 4.0)
+    reference = itk_antialiased(image, 4.0)
+    np.testing.assert_array_equal(
+        sitk.GetArrayViewFromImage(ours), sitk.GetArrayViewFromImage(reference)
+    )
+    assert ours.GetPixelID() == sitk.sitkFloat32
+    assert (ours.GetOrigin(), ours.GetSpacing(), ours.GetDirection()) == (
+        image.GetOrigin(), image.GetSpacing(), image.GetDirection(),
+    )  # fmt: skip
+
+
+def test_smoothing_stops_between_slabs(monkeypatch) -> None:
+    image = an_image((30, 41, 27), (0.7, 1.3, 2.5))
+    monkeypatch.setattr(resampling, "SLAB_VOXELS", 300)
+    count = CancelOnCall(None)
+    resampling.antialiased(image, 4.0, count)
+    assert count.calls > 20, "too few checks to interrupt a big volume"
+    cancel = CancelOnCall(count.calls // 2)
+    with pytest.raises(RegistrationCancelled, match="smoothing"):
+        resampling.antialiased(image, 4.0, cancel)
+    assert cancel.calls == count.calls // 2, "work went on after the request"
+
+
+def test_resampling_matches_sitk_and_is_aborted_inside_itk() -> None:
+    image = an_image((60, 64, 64), (1.0, 1.0, 1.0))
+    reference = sitk.Image([70, 60, 50], sitk.sitkUInt8)
+    reference.SetSpacing((0.9, 1.1, 1.2))
+    transform = sitk.Euler3DTransform((30.0, 30.0, 30.0), 0.1, -0.05, 0.2, (1.0, -2.0, 0.5))
+    ours = resampling.resample_linear(image, reference, transform)
+    expected = sitk.Resample(image, reference, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    np.testing.assert_array_equal(
+        sitk.GetArrayViewFromImage(ours), sitk.GetArrayViewFromImage(expected)
+    )
+    count = CancelOnCall(None)
+    resampling.resample_linear(image, reference, transform, count)
+    assert count.calls > 5, "ITK reported too little progress to abort in time"
+    # Answering "cancel" on the third question: ITK is mid-filter then, and must abort.
+    with pytest.raises(RegistrationCancelled, match="preparing the images"):
+        resampling.resample_linear(image, reference, transform, CancelOnCall(3))
+
+
+def test_a_filter_that_fails_for_another_reason_raises_its_own_error() -> None:
+    image = an_image((8, 8, 8), (1.0, 1.0, 1.0))
+    gaussian = sitk.RecursiveGaussianImageFilter()
+    gaussian.SetDirection(5)  # no such axis in 3D
+    with pytest.raises(RuntimeError):
+        resampling.run_filter(gaussian, image, is_cancelled=CancelOnCall(None))
+
+
+def network_and_fixed_grids() -> tuple[Grid, Grid, torch.Tensor]:
+    fixed = Grid.of(an_image((26, 23, 21), (0.9, 1.1, 1.3)))
+    network = fixed.with_spacing_cropped_to(2.0, np.array([2, 1, 3]), np.array([18, 20, 22]), 2)
+    generator = torch.Generator().manual_seed(0)
+    flow = torch.randn((1, 3, *network.shape), generator=generator)
+    return network, fixed, flow
+
+
+def test_the_displacement_built_in_chunks_matches_one_piece(monkeypatch) -> None:
+    network, fixed, flow = network_and_fixed_grids()
+    affine = sitk.AffineTransform(3)
+    affine.SetMatrix((1.02, 0.01, 0.0, -0.02, 0.98, 0.03, 0.0, 0.01, 1.01))
+    affine.SetTranslation((1.5, -0.5, 2.0))
+    whole = warping.compose_displacement(affine, flow, network, fixed)
+    inverse_whole = warping.inverse_displacement(affine, -flow, network, fixed)
+    monkeypatch.setattr(warping, "CHUNK_VOXELS", 2 * 23 * 21)  # two rows per chunk
+    count = CancelOnCall(None)
+    chunked = warping.compose_displacement(affine, flow, network, fixed, count)
+    assert count.calls >= 10
+    inverse_chunked = warping.inverse_displacement(affine, -flow, network, fixed)
+    for a, b in ((whole, chunked), (inverse_whole, inverse_chunked)):
+        assert b.GetPixelID() == sitk.sitkVectorFloat64
+        assert Grid.of(b) == fixed
+        # float32 BLAS may round a product differently for another matrix size: 1e-6 mm.
+        np.testing.assert_allclose(
+            sitk.GetArrayViewFromImage(a), sitk.GetArrayViewFromImage(b), rtol=0, atol=1e-5
+        )
+    # Outside the network grid the field is the affine's alone: u(x) = A x − x.
+    u = sitk.GetArrayViewFromImage(whole)
+    corner = np.asarray(affine.TransformPoint(fixed.origin)) - np.asarray(fixed.origin)
+    np.testing.assert_allclose(u[0, 0, 0], corner, atol=1e-4)
+    cancel = CancelOnCall(4)
+    with pytest.raises(RegistrationCancelled):
+        warping.compose_displacement(affine, flow, network, fixed, cancel)
+    assert cancel.calls == 4
+
+
+def test_the_jacobian_stops_between_slabs(monkeypatch) -> None:
+    network, fixed, flow = network_and_fixed_grids()
+    field = warping.compose_displacement(sitk.AffineTransform(3), flow, network, fixed)
+    whole = metrics.jacobian_determinant(field)
+    monkeypatch.setattr(metrics, "_JACOBIAN_BLOCK_VOXELS", 23 * 21)
+    count = CancelOnCall(None)
+    sliced = metrics.jacobian_determinant(field, count)
+    assert count.calls == 26  # one per slice of the fixed grid
+    np.testing.assert_array_equal(
+        sitk.GetArrayViewFromImage(whole), sitk.GetArrayViewFromImage(sliced)
+    )
+    with pytest.raises(RegistrationCancelled, match="det J"):
+        metrics.jacobian_determinant(field, CancelOnCall(10))
+
+
+def test_an_optimisation_step_is_asked_four_times_and_stops_inside_backward() -> None:
+    """Before the step, after the forward pass, and twice during backward (after the
+    similarity's gradient, after the warp's): a step on a CT-sized grid takes seconds."""
+    generator = torch.Generator().manual_seed(0)
+    fixed, moving = torch.rand((2, 1, 1, 16, 18, 20), generator=generator)
+    levels = [((16, 18, 20), Level(spacing_mm=2.0, iterations=1, integration_steps=4))]
+    options = dict(similarity="lncc", regularization=1.0, learning_rate=0.1, window=5)
+    count = CancelOnCall(None)
+    optimise_velocity(fixed, moving, None, levels, is_cancelled=count, **options)
+    assert count.calls == 4
+    for n in (2, 3, 4):
+        with pytest.raises(RegistrationCancelled, match="optimisation"):
+            optimise_velocity(fixed, moving, None, levels, is_cancelled=CancelOnCall(n), **options)
