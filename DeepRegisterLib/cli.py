@@ -106,6 +106,13 @@ def _add_register_parser(subparsers) -> None:
     opt.add_argument("--iterations", type=int, help="total optimisation steps (overrides preset)")
     opt.add_argument("--device", default="auto", help="auto, cpu or cuda")
     opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument(
+        "--max-memory",
+        type=float,
+        metavar="GIB",
+        help="memory this run may use (default: 90 %% of what is available); when short, the "
+        "deformable stages run on a coarser grid and say so",
+    )
     opt.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_register)
 
@@ -185,6 +192,7 @@ def _run_register(args) -> int:
         compute_inverse=args.inverse_transform is not None,
         compute_jacobian=True,
         device=args.device,
+        max_memory_bytes=None if args.max_memory is None else int(args.max_memory * 2**30),
         seed=args.seed,
         progress=None if args.quiet else ProgressBar(),
         cancel=cancel,
@@ -208,6 +216,8 @@ def _print_summary(report: dict) -> None:
     if "mean_dice" in report:
         parts.append(f"mean Dice {report['mean_dice']:.3f}")
     print("; ".join(parts))
+    for note in report.get("notes", []):
+        print(f"note: {note}")
 
 
 def _add_demo_parser(subparsers) -> None:

@@ -30,9 +30,10 @@ from .optimisation import level_shape, optimise_velocity
 from .preflight import (
     check_intensity_image,
     check_label_map,
-    check_memory,
     check_same_dimension,
     mask_on_grid,
+    memory_budget,
+    plan_memory,
 )
 from .presets import Preset, get_preset
 from .resampling import antialiased, resample, resample_linear
@@ -110,6 +111,22 @@ def resolve_model(model: str | os.PathLike | None, dim: int) -> ModelInfo | None
     return info
 
 
+def _network_grid(
+    fixed_grid: Grid, spacing_mm: float, lower: np.ndarray, upper: np.ndarray, multiple: int
+) -> Grid:
+    """The isotropic grid of the deformable stages, over the fixed foreground box."""
+    extent = float(min(fixed_grid.extent_mm))
+    spacing = max(min(spacing_mm, extent / MIN_LEVEL_VOXELS), min(fixed_grid.spacing))
+    # Very anisotropic images (e.g. 0.2 × 5 × 5 mm) would otherwise get a huge isotropic grid.
+    volume = float(np.prod(fixed_grid.extent_mm))
+    spacing = max(spacing, (volume / MAX_NETWORK_VOXELS) ** (1.0 / fixed_grid.dim))
+    return fixed_grid.with_spacing_cropped_to(spacing, lower, upper, multiple)
+
+
+def _gpu_free_bytes(device: torch.device) -> int | None:
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+
 def _as_image(image: ImageLike, what: str) -> sitk.Image:
     return image if isinstance(image, sitk.Image) else read_image(image, what)
 
@@ -180,6 +197,7 @@ def register(
     compute_inverse: bool = False,
     compute_jacobian: bool = True,
     device: str = "auto",
+    max_memory_bytes: int | None = None,
     seed: int = 0,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
@@ -190,6 +208,11 @@ def register(
     seeds the affine stage, or replaces it when ``affine=False``. ``cancel`` is anything with
     ``is_set()`` (e.g. ``threading.Event``); a cancelled run raises ``RegistrationCancelled``.
     Bad input raises ``InputError`` before any work is done.
+
+    When the run would not fit in memory (90 % of what is available, and at most
+    ``max_memory_bytes``), the deformable stages run on a coarser grid, or on the CPU when the
+    GPU is short or runs out; each such choice is a progress message and a line in
+    ``report["notes"]``. ``ResourceError`` only when no such path fits.
     """
     started = time.perf_counter()
     stages = _Stages(progress, cancel)
@@ -217,6 +240,8 @@ def register(
             "the initial transform must be linear (rigid/affine); apply a deformable initial "
             "transform to the moving image first"
         )
+    if max_memory_bytes is not None and not max_memory_bytes > 0:
+        raise InputError(f"the memory limit must be positive, got {max_memory_bytes} bytes")
     torch_device = resolve_device(device)
     model_info = resolve_model(model, dim)
     fixed_mask_img = (
@@ -244,31 +269,52 @@ def register(
         model_info.spacing_mm if model_info is not None
         else min(level.spacing_mm for level in settings.levels)
     )  # fmt: skip
-    extent = float(min(fixed_grid.extent_mm))
-    spacing = max(min(spacing, extent / MIN_LEVEL_VOXELS), min(fixed_grid.spacing))
-    # Very anisotropic images (e.g. 0.2 × 5 × 5 mm) would otherwise get a huge isotropic grid.
-    volume = float(np.prod(fixed_grid.extent_mm))
-    spacing = max(spacing, (volume / MAX_NETWORK_VOXELS) ** (1.0 / dim))
-    # Normalised once: it gives both the foreground box and the network's fixed input.
     stages.check("during the input checks")
-    fixed_norm = normalised_for_registration(fixed_image)
+    # Normalised once: it gives both the foreground box and the network's fixed input.
+    fixed_norm = normalised_for_registration(fixed_image, stages.cancelled)
     stages.check("during the input checks")
     foreground = fixed_mask_img if fixed_mask_img is not None else fixed_norm > 0.05
     lower, upper = foreground_box(fixed_image, foreground)
     multiple = model_info.network.multiple if model_info is not None else 2
-    network_grid = fixed_grid.with_spacing_cropped_to(spacing, lower, upper, multiple)
-    estimated_bytes = check_memory(fixed_image, moving_image, int(np.prod(network_grid.size)))
+
+    def network_grid_at(spacing_mm: float) -> Grid:
+        return _network_grid(fixed_grid, spacing_mm, lower, upper, multiple)
+
+    plan = plan_memory(
+        fixed_image, moving_image, lambda mm: int(np.prod(network_grid_at(mm).size)), spacing,
+        model_name=None if model_info is None else model_info.name, device=torch_device.type,
+        budget_bytes=memory_budget(max_memory_bytes), gpu_free_bytes=_gpu_free_bytes(torch_device),
+    )  # fmt: skip
+    for note in plan.notes:
+        stages.report("checks", 0.5, note)
+    if not plan.use_model:
+        model_info = None
+    if plan.device == "cpu":
+        torch_device = torch.device("cpu")
+    network_grid = network_grid_at(plan.spacing_mm)
     stages.report("checks", 1.0, "inputs checked")
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
 
-    try:
+    def run(device: torch.device, notes: tuple[str, ...]) -> RegistrationResult:
         return _run(
             stages, fixed_image, fixed_norm, moving_image, fixed_mask_img, moving_mask_img,
             label_maps, fixed_label_img, initial_transform, affine, settings, similarity, weight,
-            model_info, torch_device, network_grid, compute_inverse, compute_jacobian, seed,
-            started, estimated_bytes,
+            model_info, device, network_grid, compute_inverse, compute_jacobian, seed,
+            started, plan.estimated_bytes, notes,
         )  # fmt: skip
+
+    try:
+        try:
+            return run(torch_device, plan.notes)
+        except torch.OutOfMemoryError:
+            if torch_device.type == "cpu":
+                raise
+            note = "memory: the GPU ran out of memory, so the registration was run again on the CPU"
+            stages.report("checks", 1.0, note)
+            torch.cuda.empty_cache()
+            torch.manual_seed(seed)
+            return run(torch.device("cpu"), (*plan.notes, note))
     finally:
         torch.random.set_rng_state(generator_state)
 
@@ -276,7 +322,7 @@ def register(
 def _run(
     stages, fixed_image, fixed_norm, moving_image, fixed_mask_img, moving_mask_img, label_maps,
     fixed_label_img, initial_transform, affine, settings, similarity, weight, model_info,
-    device, network_grid, compute_inverse, compute_jacobian, seed, started, estimated_bytes,
+    device, network_grid, compute_inverse, compute_jacobian, seed, started, estimated_bytes, notes,
 ) -> RegistrationResult:  # fmt: skip
     dim = fixed_image.GetDimension()
     fixed_grid = Grid.of(fixed_image)
@@ -308,7 +354,7 @@ def _run(
     # so an image registered to itself gives identical network inputs.
     stop = stages.cancelled
     fixed_net = resample_linear(antialiased(fixed_norm, target_mm, stop), reference, identity, stop)
-    moving_smooth = antialiased(normalised_for_registration(moving_image), target_mm, stop)
+    moving_smooth = antialiased(normalised_for_registration(moving_image, stop), target_mm, stop)
     moving_net = resample_linear(moving_smooth, reference, affine_tx, stop)
     moving_before = resample_linear(moving_smooth, reference, identity, stop)
     del moving_smooth
@@ -435,6 +481,7 @@ def _run(
                 "spacing_mm": network_grid.spacing[0],
             },
             "estimated_peak_bytes": estimated_bytes,
+            "notes": list(notes),
             "versions": {
                 "deepregister": __version__,
                 "torch": torch.__version__,

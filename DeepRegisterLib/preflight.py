@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 import SimpleITK as sitk
@@ -154,14 +156,86 @@ def estimate_peak_bytes(fixed: sitk.Image, moving: sitk.Image, network_voxels: i
     return int(fixed_voxels * 80 * scale + moving_voxels * 16 + network_voxels * 160 + 2**29)
 
 
-def check_memory(fixed: sitk.Image, moving: sitk.Image, network_voxels: int) -> int:
-    needed = estimate_peak_bytes(fixed, moving, network_voxels)
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Where and how finely the deformable stages run, chosen so that the run fits in memory."""
+
+    spacing_mm: float
+    use_model: bool
+    device: str
+    estimated_bytes: int
+    notes: tuple[str, ...] = ()
+
+
+COARSER_FACTORS = (1.5, 2.0, 3.0, 4.0)
+MAX_COARSE_SPACING_MM = 8.0
+GPU_BYTES_PER_NETWORK_VOXEL = 160
+GPU_FIXED_BYTES = 2**28  # CUDA context and kernels
+
+
+def memory_budget(limit_bytes: int | None = None) -> int | None:
+    """What a run may use: 90 % of the memory available now, and at most ``limit_bytes``."""
     available = available_memory_bytes()
-    if available is not None and needed > 0.9 * available:
-        raise ResourceError(
-            f"this registration needs about {needed / 2**30:.1f} GiB of memory but only "
-            f"{available / 2**30:.1f} GiB is available. Crop or downsample the images "
-            "(e.g. resample the fixed image to a coarser spacing), use the 'fast' preset, "
-            "or close other programs."
-        )
-    return needed
+    budget = None if available is None else int(0.9 * available)
+    if limit_bytes is not None:
+        budget = limit_bytes if budget is None else min(budget, limit_bytes)
+    return budget
+
+
+def plan_memory(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    network_voxels: Callable[[float], int],
+    spacing_mm: float,
+    *,
+    model_name: str | None = None,
+    device: str = "cpu",
+    budget_bytes: int | None = None,
+    gpu_free_bytes: int | None = None,
+) -> MemoryPlan:
+    """The requested plan if it fits, else the first safe one, with notes saying what changed.
+
+    RAM: the deformable stages move to coarser grids (a model trained for one spacing is left
+    out then), up to 8 mm; if even that does not fit, ``ResourceError``. The fixed-grid outputs
+    are always built in chunks, so their cost is the outputs themselves. GPU: if the network
+    grid does not fit in the free GPU memory, the deformable stages run on the CPU instead.
+    """
+    gib = 2**30
+    needed = estimate_peak_bytes(fixed, moving, network_voxels(spacing_mm))
+    plan = MemoryPlan(spacing_mm, model_name is not None, device, needed)
+    if budget_bytes is not None and needed > budget_bytes:
+        plan = None
+        coarse, coarse_needed = spacing_mm, needed
+        for factor in COARSER_FACTORS:
+            if spacing_mm * factor > max(MAX_COARSE_SPACING_MM, spacing_mm):
+                break
+            coarse = spacing_mm * factor
+            coarse_needed = estimate_peak_bytes(fixed, moving, network_voxels(coarse))
+            if coarse_needed <= budget_bytes:
+                without = (
+                    f" without model {model_name!r} (it needs {spacing_mm:g} mm)"
+                    if model_name is not None else ""
+                )  # fmt: skip
+                note = (
+                    f"memory: the {spacing_mm:g} mm grid needs about {needed / gib:.1f} GiB but "
+                    f"{budget_bytes / gib:.1f} GiB is available, so the deformable stages run on "
+                    f"a coarser {coarse:g} mm grid{without} (about {coarse_needed / gib:.1f} GiB)"
+                )
+                plan = MemoryPlan(coarse, False, device, coarse_needed, (note,))
+                break
+        if plan is None:
+            raise ResourceError(
+                f"this registration needs about {needed / gib:.1f} GiB of memory (still "
+                f"{coarse_needed / gib:.1f} GiB on a {coarse:g} mm grid) but only "
+                f"{budget_bytes / gib:.1f} GiB is available. Crop or downsample the images "
+                "(e.g. resample the fixed image to a coarser spacing), or close other programs."
+            )
+    if device != "cpu" and gpu_free_bytes is not None:
+        gpu_needed = network_voxels(plan.spacing_mm) * GPU_BYTES_PER_NETWORK_VOXEL + GPU_FIXED_BYTES
+        if gpu_needed > 0.9 * gpu_free_bytes:
+            note = (
+                f"memory: the GPU has {gpu_free_bytes / gib:.1f} GiB free but the deformable "
+                f"stages need about {gpu_needed / gib:.1f} GiB there, so they run on the CPU"
+            )
+            plan = replace(plan, device="cpu", notes=(*plan.notes, note))
+    return plan
