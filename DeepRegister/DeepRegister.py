@@ -73,8 +73,9 @@ similarity before and after.
 See the <a href="https://github.com/DeepRegister/SlicerDeepRegister#readme">module
 documentation</a>. From the Python console:
 <code>from DeepRegisterLib import registerVolumes</code>.
-<br><br>Troubleshooting: the first run asks to install PyTorch (PyTorch extension). Choose device
-"cpu" if the GPU runs out of memory. Registration cannot change the scene unless it succeeds.
+<br><br>Troubleshooting: the first run asks to install PyTorch (PyTorch extension). When memory
+is short the module runs on a coarser grid, or on the CPU if the GPU runs out, and says so in
+the log. Registration cannot change the scene unless it succeeds.
 """)
         self.parent.acknowledgementText = _("""
 DeepRegister builds on published methods and open-source software. Please cite:
@@ -457,6 +458,7 @@ def reportSummary(report: dict) -> str:
         )
     if report.get("mean_dice") is not None:
         lines.append(_("Mean Dice: {dice:.3f}.").format(dice=report["mean_dice"]))
+    lines += [_("Note: {note}.").format(note=note) for note in report.get("notes", [])]
     return "\n".join(lines)
 
 
