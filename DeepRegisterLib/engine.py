@@ -443,8 +443,8 @@ def _run(
         stages.report("outputs", 0.8, "computing the Jacobian determinant")
         jacobian = metrics.jacobian_determinant(displacement, stages.cancelled)
         region = fixed_mask_img
-        report["folding_percent"] = metrics.folding_percent(jacobian, region)
-        report["sdlogj"] = metrics.sdlogj(jacobian, region)
+        report["folding_percent"] = metrics.folding_percent(jacobian, region, stages.cancelled)
+        report["sdlogj"] = metrics.sdlogj(jacobian, region, stages.cancelled)
         stages.check("while writing outputs")
     timings["outputs_s"] = time.perf_counter() - tick
 

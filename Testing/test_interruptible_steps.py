@@ -169,3 +169,22 @@ def test_an_optimisation_step_is_asked_four_times_and_stops_inside_backward() ->
     for n in (2, 3, 4):
         with pytest.raises(RegistrationCancelled, match="optimisation"):
             optimise_velocity(fixed, moving, None, levels, is_cancelled=CancelOnCall(n), **options)
+
+
+def test_det_j_statistics_slab_by_slab_equal_one_pass_and_stop_on_cancel(monkeypatch) -> None:
+    rng = np.random.default_rng(1)
+    det = rng.lognormal(0.0, 0.3, size=(26, 23, 21)).astype(np.float32)
+    det[rng.random(det.shape) < 0.01] = -0.5  # a few folded voxels
+    jacobian = sitk.GetImageFromArray(det)
+    inside = rng.random(det.shape) < 0.7
+    mask = sitk.GetImageFromArray(inside.astype(np.uint8))
+    logs = np.log(np.clip(det[inside].astype(np.float64), 1e-9, 1e9))
+    folded = 100.0 * np.count_nonzero(det[inside] <= 0) / inside.sum()
+    monkeypatch.setattr(metrics, "_JACOBIAN_BLOCK_VOXELS", 3 * 23 * 21)
+    count = CancelOnCall(None)
+    assert metrics.sdlogj(jacobian, mask, count) == pytest.approx(np.std(logs), rel=1e-12)
+    assert count.calls == 9  # ceil(26 / 3) slabs
+    assert metrics.folding_percent(jacobian, mask) == pytest.approx(folded, rel=1e-12)
+    for statistic in (metrics.sdlogj, metrics.folding_percent):
+        with pytest.raises(RegistrationCancelled, match="det J"):
+            statistic(jacobian, mask, CancelOnCall(5))
