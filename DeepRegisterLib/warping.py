@@ -87,16 +87,24 @@ def sample(
     return out
 
 
-def _interpolation_matrix(coords: torch.Tensor, n: int) -> torch.Tensor:
-    """(n_out × n) weights of 1-D linear interpolation at ``coords``; rows outside are 0."""
+def _interpolation_weights(coords: torch.Tensor, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """1-D linear interpolation at ``coords`` over ``n`` samples: (index, weight) of the lower
+    and the upper neighbour; indices are clamped into range, weights are 0 outside it."""
     low = torch.floor(coords)
     weight = coords - low
     low = low.long()
+    return [
+        (index.clamp(0, n - 1), torch.where((index >= 0) & (index < n), w, torch.zeros_like(w)))
+        for index, w in ((low, 1.0 - weight), (low + 1, weight))
+    ]
+
+
+def _interpolation_matrix(coords: torch.Tensor, n: int) -> torch.Tensor:
+    """(n_out × n) weights of 1-D linear interpolation at ``coords``; rows outside are 0."""
     matrix = torch.zeros((coords.numel(), n), dtype=torch.float64, device=coords.device)
     rows = torch.arange(coords.numel(), device=coords.device)
-    for index, w in ((low, 1.0 - weight), (low + 1, weight)):
-        valid = (index >= 0) & (index < n)
-        matrix.index_put_((rows[valid], index[valid]), w[valid], accumulate=True)
+    for index, weight in _interpolation_weights(coords, n):
+        matrix.index_put_((rows, index), weight, accumulate=True)
     return matrix
 
 
@@ -104,10 +112,11 @@ class FieldOnGrid:
     """A vector field (1, C, *field_grid.shape) linearly resampled onto ``grid``, by row ranges.
 
     Interpolation separates by axis because the two grids share axis directions (the network
-    grid is built that way). Each axis is a matrix product with its interpolation matrix: a
-    BLAS call is far faster than gathering along a middle axis of a large tensor. All axes but
-    the slowest are done once; the slowest is done per requested range of output rows, so a
-    512² × 600 field is built in chunks that a cancel request can interrupt.
+    grid is built that way). The fast axes are matrix products with their interpolation
+    matrices, done once: a BLAS call is far faster than gathering along a middle axis of a
+    large tensor. The slowest axis is done per requested range of output rows, each row a
+    weighted sum of two rows, so a 512² × 600 field is built in chunks that a cancel request
+    can interrupt.
     """
 
     def __init__(self, field: torch.Tensor, field_grid: Grid, grid: Grid):
@@ -115,23 +124,29 @@ class FieldOnGrid:
         if not np.allclose(linear, np.diag(np.diag(linear)), atol=1e-9):
             raise ValueError("FieldOnGrid needs grids with the same axis directions")
         dim = grid.dim
-        matrices = []
-        for axis in range(dim):  # ITK axis I, J, K ↔ tensor axis dim, dim-1, …
-            coords = constant[axis] + linear[axis, axis] * torch.arange(
-                grid.size[axis], dtype=torch.float64, device=field.device
-            )
-            matrices.append(_interpolation_matrix(coords, field_grid.size[axis]).to(field.dtype))
+
+        def coords(axis: int) -> torch.Tensor:  # ITK axis I, J, K ↔ tensor axis dim, dim-1, …
+            steps = torch.arange(grid.size[axis], dtype=torch.float64, device=field.device)
+            return constant[axis] + linear[axis, axis] * steps
+
         volume = field[0]
         for axis in range(dim - 1):
-            moved = torch.movedim(volume, dim - axis, -1) @ matrices[axis].T
+            matrix = _interpolation_matrix(coords(axis), field_grid.size[axis]).to(field.dtype)
+            moved = torch.movedim(volume, dim - axis, -1) @ matrix.T
             volume = torch.movedim(moved, -1, dim - axis)
         self._partial = volume  # (C, slow axis of field_grid, fast axes of grid)
-        self._slow = matrices[-1]
+        self._neighbours = [
+            (index, weight.to(field.dtype).view(-1, *[1] * (dim - 1)))
+            for index, weight in _interpolation_weights(coords(dim - 1), field_grid.size[dim - 1])
+        ]
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         """The resampled field for array rows [start, stop): (C, stop − start, …)."""
-        slow = torch.tensordot(self._slow[start:stop], self._partial, dims=([1], [1]))
-        return torch.movedim(slow, 0, 1)
+        (low, w_low), (high, w_high) = self._neighbours
+        return (
+            self._partial[:, low[start:stop]] * w_low[start:stop]
+            + self._partial[:, high[start:stop]] * w_high[start:stop]
+        )
 
 
 def compose_displacement(
@@ -226,7 +241,7 @@ def warp_image(
     # float32 holds integer labels exactly below 2**24; larger label values need float64.
     exact_in_float32 = not nearest or _max_abs(moving) < 2**24
     dtype = np.float32 if exact_in_float32 else np.float64
-    volume = torch.as_tensor(sitk.GetArrayFromImage(moving).astype(dtype))[None, None].to(device)
+    volume = torch.as_tensor(sitk.GetArrayViewFromImage(moving).astype(dtype))[None, None].to(device)
     linear, constant = index_map(grid, moving_grid)
     to_index = torch.as_tensor(
         moving_grid.physical_to_index_affine()[0], device=device, dtype=torch.float32

@@ -188,3 +188,20 @@ def test_det_j_statistics_slab_by_slab_equal_one_pass_and_stop_on_cancel(monkeyp
     for statistic in (metrics.sdlogj, metrics.folding_percent):
         with pytest.raises(RegistrationCancelled, match="det J"):
             statistic(jacobian, mask, CancelOnCall(5))
+
+
+def test_the_field_resampled_by_rows_equals_trilinear_sampling_with_zero_outside() -> None:
+    """Against torch's grid_sample (corners aligned, zero padding): same interpolation, done
+    in one gather, on a fixed grid that reaches past the network grid on every side."""
+    network, fixed, flow = network_and_fixed_grids()
+    resampler = warping.FieldOnGrid(flow, network, fixed)
+    ours = torch.cat([resampler.rows(start, min(start + 5, 26)) for start in range(0, 26, 5)], 1)
+    linear, constant = warping.index_map(fixed, network)
+    index = warping.affine_field(linear, constant, fixed, 0, 26, "cpu")  # (K, J, I, 3) as I, J, K
+    normalised = 2 * index / (torch.tensor(network.size, dtype=torch.float64) - 1) - 1
+    expected = torch.nn.functional.grid_sample(
+        flow.double(), normalised[None], mode="bilinear", padding_mode="zeros", align_corners=True
+    )[0]
+    assert (index < 0).any()
+    assert (index > torch.tensor(network.size) - 1).any()
+    torch.testing.assert_close(ours.double(), expected, rtol=0, atol=1e-5)
