@@ -19,6 +19,7 @@ from .geometry import affine_parameters
 
 ProgressCallback = Callable[[float, str], None]
 WORKING_SPACING_MM = 2.0
+MAX_WORKING_VOXELS = 2**22
 MIN_METRIC_SAMPLES = 20_000
 _ITK_THREADS_LOCK = threading.Lock()
 
@@ -60,10 +61,19 @@ def normalised_for_registration(
     return scaled
 
 
-def working_copy(image: sitk.Image, mask: bool = False) -> sitk.Image:
-    """Averaged down to about 2 mm: the affine stage gains nothing from finer voxels, and the
-    pyramid would otherwise smooth full-resolution volumes at every level."""
-    factors = [max(1, round(WORKING_SPACING_MM / s)) for s in image.GetSpacing()]
+def working_spacing(image: sitk.Image) -> float:
+    """2 mm, or coarser where 2 mm would exceed MAX_WORKING_VOXELS (a 40 cm CT field of view:
+    about 3 mm). An affine gains nothing from more voxels, and ITK's registration pyramid,
+    which a cancel request cannot interrupt, costs in proportion to them."""
+    extent = np.asarray(image.GetSize()) * np.asarray(image.GetSpacing())
+    coarsest = float(np.prod(extent) / MAX_WORKING_VOXELS) ** (1.0 / image.GetDimension())
+    return max(WORKING_SPACING_MM, coarsest)
+
+
+def working_copy(image: sitk.Image, spacing_mm: float, mask: bool = False) -> sitk.Image:
+    """Averaged down to about ``spacing_mm``: the pyramid would otherwise smooth
+    full-resolution volumes at every level."""
+    factors = [max(1, round(spacing_mm / s)) for s in image.GetSpacing()]
     if max(factors) == 1:
         return image
     if mask:
@@ -161,10 +171,18 @@ def register_affine(
     ``initial_transform`` (linear) replaces the moments initialisation when given.
     """
     dim = fixed.GetDimension()
-    fixed_n = working_copy(normalised_for_registration(fixed, is_cancelled))
-    moving_n = working_copy(normalised_for_registration(moving, is_cancelled))
-    fixed_mask = None if fixed_mask is None else working_copy(fixed_mask, mask=True)
-    moving_mask = None if moving_mask is None else working_copy(moving_mask, mask=True)
+
+    def check_cancelled() -> None:
+        if is_cancelled():
+            raise RegistrationCancelled("registration cancelled during the affine stage")
+
+    fixed_mm, moving_mm = working_spacing(fixed), working_spacing(moving)
+    fixed_n = working_copy(normalised_for_registration(fixed, is_cancelled), fixed_mm)
+    check_cancelled()
+    moving_n = working_copy(normalised_for_registration(moving, is_cancelled), moving_mm)
+    check_cancelled()
+    fixed_mask = None if fixed_mask is None else working_copy(fixed_mask, fixed_mm, mask=True)
+    moving_mask = None if moving_mask is None else working_copy(moving_mask, moving_mm, mask=True)
     total = 2 * iterations * 2
     done = 0
 
@@ -175,10 +193,6 @@ def register_affine(
             progress(min(done / total, 1.0), "affine")
         return is_cancelled()
 
-    def check_cancelled() -> None:
-        if is_cancelled():
-            raise RegistrationCancelled("registration cancelled during the affine stage")
-
     if initial_transform is None:
         start: sitk.Transform = _initial_transform(fixed_n, moving_n)
     else:
@@ -188,7 +202,7 @@ def register_affine(
     large = min(fixed_n.GetSize()) >= 48
     rigid_shrink = [4, 2] if large else [2, 1]
     # The 12-parameter stage at the working resolution is the costliest part (≈80 % of it).
-    finest = max(1, round(finest_mm / WORKING_SPACING_MM)) if large else 1
+    finest = max(1, round(finest_mm / fixed_mm)) if large else 1
     affine_shrink = [2 * finest, finest]
     check_cancelled()
     if initial_transform is None:

@@ -241,7 +241,9 @@ def warp_image(
     # float32 holds integer labels exactly below 2**24; larger label values need float64.
     exact_in_float32 = not nearest or _max_abs(moving) < 2**24
     dtype = np.float32 if exact_in_float32 else np.float64
-    volume = torch.as_tensor(sitk.GetArrayViewFromImage(moving).astype(dtype))[None, None].to(device)
+    volume = torch.as_tensor(sitk.GetArrayViewFromImage(moving).astype(dtype))[None, None].to(
+        device
+    )
     linear, constant = index_map(grid, moving_grid)
     to_index = torch.as_tensor(
         moving_grid.physical_to_index_affine()[0], device=device, dtype=torch.float32

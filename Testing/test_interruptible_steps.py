@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from DeepRegisterLib import metrics, resampling, warping
+from DeepRegisterLib import affine, metrics, resampling, warping
 from DeepRegisterLib.errors import RegistrationCancelled
 from DeepRegisterLib.geometry import Grid
 from DeepRegisterLib.optimisation import optimise_velocity
@@ -205,3 +205,18 @@ def test_the_field_resampled_by_rows_equals_trilinear_sampling_with_zero_outside
     assert (index < 0).any()
     assert (index > torch.tensor(network.size) - 1).any()
     torch.testing.assert_close(ours.double(), expected, rtol=0, atol=1e-5)
+
+
+def test_the_affine_stage_works_on_copies_of_at_most_about_four_million_voxels() -> None:
+    """A brain at 1 mm keeps its 2 mm copy; a 40 × 40 × 60 cm CT gets about 3 mm, because
+    ITK's registration pyramid cannot be interrupted and costs in proportion to the voxels."""
+    brain = sitk.Image([64, 64, 64], sitk.sitkUInt8)
+    brain.SetSpacing((4.0, 4.0, 4.0))  # the extent of 256³ at 1 mm, without its memory
+    assert affine.working_spacing(brain) == affine.WORKING_SPACING_MM
+    ct = sitk.Image([64, 64, 75], sitk.sitkUInt8)
+    ct.SetSpacing((6.24, 6.24, 8.0))  # the extent of 512² × 600 at 0.78 × 0.78 × 1 mm
+    spacing = affine.working_spacing(ct)
+    assert 2.8 < spacing < 3.0
+    extent = np.asarray(ct.GetSize()) * np.asarray(ct.GetSpacing())
+    assert np.prod(extent / spacing) == pytest.approx(affine.MAX_WORKING_VOXELS)
+    assert affine.working_spacing(sitk.Image([512, 512], sitk.sitkUInt8)) == 2.0
