@@ -119,7 +119,13 @@ class FieldOnGrid:
     can interrupt.
     """
 
-    def __init__(self, field: torch.Tensor, field_grid: Grid, grid: Grid):
+    def __init__(
+        self,
+        field: torch.Tensor,
+        field_grid: Grid,
+        grid: Grid,
+        is_cancelled: Callable[[], bool] = lambda: False,
+    ):
         linear, constant = index_map(grid, field_grid)
         if not np.allclose(linear, np.diag(np.diag(linear)), atol=1e-9):
             raise ValueError("FieldOnGrid needs grids with the same axis directions")
@@ -129,12 +135,22 @@ class FieldOnGrid:
             steps = torch.arange(grid.size[axis], dtype=torch.float64, device=field.device)
             return constant[axis] + linear[axis, axis] * steps
 
-        volume = field[0]
-        for axis in range(dim - 1):
-            matrix = _interpolation_matrix(coords(axis), field_grid.size[axis]).to(field.dtype)
-            moved = torch.movedim(volume, dim - axis, -1) @ matrix.T
-            volume = torch.movedim(moved, -1, dim - axis)
-        self._partial = volume  # (C, slow axis of field_grid, fast axes of grid)
+        matrices = [
+            _interpolation_matrix(coords(axis), field_grid.size[axis]).to(field.dtype)
+            for axis in range(dim - 1)
+        ]
+        # (C, slow axis of field_grid, fast axes of grid), one slow-axis slice at a time.
+        self._partial = torch.empty(
+            (field.shape[1], field_grid.shape[0], *grid.shape[1:]),
+            dtype=field.dtype, device=field.device,
+        )  # fmt: skip
+        for k in range(field_grid.shape[0]):
+            _stop_if(is_cancelled)
+            volume = field[0, :, k]
+            for axis, matrix in enumerate(matrices):
+                moved = torch.movedim(volume, dim - 1 - axis, -1) @ matrix.T
+                volume = torch.movedim(moved, -1, dim - 1 - axis)
+            self._partial[:, k] = volume
         self._neighbours = [
             (index, weight.to(field.dtype).view(-1, *[1] * (dim - 1)))
             for index, weight in _interpolation_weights(coords(dim - 1), field_grid.size[dim - 1])
@@ -167,7 +183,7 @@ def compose_displacement(
     dim = grid.dim
     matrix, translation = affine_parameters(affine, dim)
     _stop_if(is_cancelled)
-    v_on_grid = FieldOnGrid(flow_mm, network_grid, grid)
+    v_on_grid = FieldOnGrid(flow_mm, network_grid, grid, is_cancelled)
     # (M − I) x + t is affine in the index: (M − I) P idx + (M − I) o + t, built from ramps.
     shift = matrix - np.eye(dim)
     linear = shift @ grid.index_to_physical
@@ -206,6 +222,18 @@ def _stop_if(is_cancelled: Callable[[], bool]) -> None:
         raise RegistrationCancelled("registration cancelled while writing outputs")
 
 
+def _converted(image: sitk.Image, dtype: type, is_cancelled: Callable[[], bool]) -> np.ndarray:
+    """The image's voxels as a ``dtype`` array, converted slab by slab (a 512² × 600 CT takes
+    about a second), asking for a cancel between slabs."""
+    source = sitk.GetArrayViewFromImage(image)
+    out = np.empty(source.shape, dtype=dtype)
+    rows = _rows_per_chunk(Grid.of(image))
+    for start in range(0, len(source), rows):
+        _stop_if(is_cancelled)
+        out[start : start + rows] = source[start : start + rows]
+    return out
+
+
 def _rows_per_chunk(grid: Grid) -> int:
     return max(1, CHUNK_VOXELS // max(int(np.prod(grid.shape[1:])), 1))
 
@@ -241,9 +269,7 @@ def warp_image(
     # float32 holds integer labels exactly below 2**24; larger label values need float64.
     exact_in_float32 = not nearest or _max_abs(moving) < 2**24
     dtype = np.float32 if exact_in_float32 else np.float64
-    volume = torch.as_tensor(sitk.GetArrayViewFromImage(moving).astype(dtype))[None, None].to(
-        device
-    )
+    volume = torch.as_tensor(_converted(moving, dtype, is_cancelled))[None, None].to(device)
     linear, constant = index_map(grid, moving_grid)
     to_index = torch.as_tensor(
         moving_grid.physical_to_index_affine()[0], device=device, dtype=torch.float32

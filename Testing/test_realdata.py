@@ -7,6 +7,7 @@ Run with ``-s`` to see the figures.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -85,3 +86,24 @@ def test_fast_registration_of_two_real_brains_clearly_beats_the_affine_alone() -
     assert dice_affine > dice_none + 0.2  # the affine stage itself works on real data
     assert dice_fast >= dice_affine + 0.05
     assert fast.report["folding_percent"] < 0.01
+
+
+@pytest.mark.slow
+def test_the_model_check_scores_a_shipped_model_in_both_contrasts(tmp_path: Path) -> None:
+    """``benchmarks/model_check.py`` on one pair: the affine and the model scored on the same
+    grid, same contrast and T2-like, and a table that marks the pairs used for validation."""
+    from benchmarks import model_check
+
+    assert model_check.main(["--models", "brain3d", "--pairs", "1", "--threads", "1",
+                             "--data", str(FS_DEV), "--out", str(tmp_path)]) == 0  # fmt: skip
+    rows = json.loads(next(tmp_path.glob("*-models.json")).read_text())
+    assert [(row["pair"], row["contrast"]) for row in rows] == [
+        ("sub-02→sub-01", "same"), ("sub-02→sub-01", "cross"),
+    ]  # fmt: skip
+    for row in rows:
+        assert 0.3 < row["affine"] < 0.9
+        assert 0.3 < row["models"]["brain3d"] < 0.9
+    table = next(tmp_path.glob("*-models.md")).read_text()
+    assert "| same | all (1) |" in table
+    assert "| cross | all (1) |" in table
+    assert "`brain3d`: sub-02→sub-01, sub-04→sub-03" in table  # its validation pairs
