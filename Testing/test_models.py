@@ -205,3 +205,27 @@ def test_an_unknown_model_name_lists_the_available_ones(
     monkeypatch.setenv("DEEPREGISTER_MODEL_PATH", str(a_saved_3d_model.weights.parent))
     with pytest.raises(ModelError, match=r"no model named 'tiny'.*tiny3d"):
         models.find_model("tiny")
+
+
+def test_the_default_model_is_left_out_of_cross_contrast_runs_and_a_named_one_is_not() -> None:
+    """The shipped models are same-contrast: on 20 fs-dev pairs with a T2-like moving image
+    they made the alignment worse than the affine alone on every pair (model_check.py)."""
+    grid = oblique_grid(2, size=(48, 40))
+    phantom = make_phantom(2, grid_centre(grid), scale_mm=12.0)
+    fixed = phantom.image(grid)
+    moving = phantom.image(grid, through=lambda y: y - np.array([1.5, -1.0]))
+    options = dict(preset="fast", iterations=3, device="cpu")
+    default_name = models.DEFAULT_MODELS[2]
+
+    same = register(fixed, moving, model="default", **options)
+    assert same.report["model"] == default_name
+    assert same.report["notes"] == []
+
+    cross = register(fixed, moving, model="default", similarity="mind", **options)
+    assert cross.report["model"] is None
+    (note,) = cross.report["notes"]
+    assert f"default model {default_name!r} is trained for same-contrast pairs" in note
+
+    named = register(fixed, moving, model=default_name, similarity="mind", **options)
+    assert named.report["model"] == default_name
+    assert named.report["notes"] == []
