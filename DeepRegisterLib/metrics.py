@@ -17,6 +17,7 @@ import SimpleITK as sitk
 
 from .errors import InputError, RegistrationCancelled
 from .geometry import Grid
+from .volumes import allocate, paste_rows
 
 #: The 27 FreeSurfer ``aseg`` structures used for brain-registration Dice (as in SynthMorph and
 #: most Learn2Reg-style evaluations): cortex, white matter, ventricles and deep grey matter.
@@ -130,18 +131,16 @@ def jacobian_determinant(
     _check_displacement(displacement)
     to_index = np.linalg.inv(Grid.of(displacement).index_to_physical)  # (index q, physical r)
     field = sitk.GetArrayViewFromImage(displacement)
-    det = np.empty(field.shape[:-1], dtype=np.float32)
-    depth = len(det)
-    slab = max(1, _JACOBIAN_BLOCK_VOXELS // max(1, det[0].size))
+    image = allocate(Grid.of(displacement), sitk.sitkFloat32, is_cancelled=is_cancelled)
+    depth = len(field)
+    slab = max(1, _JACOBIAN_BLOCK_VOXELS // max(1, int(np.prod(field.shape[1:-1]))))
     for start in range(0, depth, slab):
         if is_cancelled is not None and is_cancelled():
             raise RegistrationCancelled("registration cancelled while computing det J")
         stop = min(start + slab, depth)
         lower, upper = max(start - 1, 0), min(stop + 1, depth)
         block = _determinant_block(field[lower:upper], to_index)
-        det[start:stop] = block[start - lower : stop - lower]
-    image = sitk.GetImageFromArray(det)
-    image.CopyInformation(displacement)
+        paste_rows(image, np.ascontiguousarray(block[start - lower : stop - lower]), start)
     return image
 
 

@@ -146,11 +146,13 @@ def optimise_velocity(
             stop_if_cancelled()
             parameter.grad = None
             control_flow = integrate_velocity(_smooth(parameter) * taper, level.integration_steps)
+            stop_if_cancelled()
             warped = warp(images.moving, resize_flow(control_flow, shape))
             loss = sim(images.fixed, warped, images.mask, window)
             loss = loss + regularization * diffusion(control_flow)
             stop_if_cancelled()
-            # A step on a big grid takes seconds; these hooks ask again midway through backward.
+            # A step on a CT-sized grid takes seconds: asked after integrating, after the forward
+            # pass, and (these hooks) twice during backward.
             warped.register_hook(stop_if_cancelled)
             control_flow.register_hook(stop_if_cancelled)
             loss.backward()

@@ -15,10 +15,8 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from .errors import RegistrationCancelled
 from .geometry import Grid, affine_parameters
-
-CHUNK_VOXELS = 2_000_000  # output voxels per chunk: bounds memory, and the wait for a cancel
+from .volumes import allocate, as_array, paste_rows, rows_per_slab, stop_if
 
 
 def index_map(
@@ -145,7 +143,7 @@ class FieldOnGrid:
             dtype=field.dtype, device=field.device,
         )  # fmt: skip
         for k in range(field_grid.shape[0]):
-            _stop_if(is_cancelled)
+            stop_if(is_cancelled)
             volume = field[0, :, k]
             for axis, matrix in enumerate(matrices):
                 moved = torch.movedim(volume, dim - 1 - axis, -1) @ matrix.T
@@ -182,17 +180,17 @@ def compose_displacement(
     """
     dim = grid.dim
     matrix, translation = affine_parameters(affine, dim)
-    _stop_if(is_cancelled)
+    stop_if(is_cancelled)
     v_on_grid = FieldOnGrid(flow_mm, network_grid, grid, is_cancelled)
     # (M − I) x + t is affine in the index: (M − I) P idx + (M − I) o + t, built from ramps.
     shift = matrix - np.eye(dim)
     linear = shift @ grid.index_to_physical
     constant = shift @ np.asarray(grid.origin) + translation
-    field = _vector_image(grid)
-    rows = _rows_per_chunk(grid)
+    field = allocate(grid, sitk.sitkVectorFloat64, dim, is_cancelled)
+    rows = rows_per_slab(grid)
     for start in range(0, grid.shape[0], rows):
         stop = min(start + rows, grid.shape[0])
-        _stop_if(is_cancelled)
+        stop_if(is_cancelled)
         v = v_on_grid.rows(start, stop)  # (dim, rows, …), float32
         ramps = [ramp[..., 0].to(v.dtype) for ramp in _ramps(grid, start, stop, v.device)]
         chunk = np.empty((stop - start, *grid.shape[1:], dim), dtype=np.float64)
@@ -201,41 +199,8 @@ def compose_displacement(
             for axis, ramp in enumerate(ramps):
                 component = component + float(linear[p, axis]) * ramp
             chunk[..., p] = (component + float(constant[p])).cpu().numpy()
-        _paste_rows(field, chunk, start)
+        paste_rows(field, chunk, start)
     return field
-
-
-def _vector_image(grid: Grid) -> sitk.Image:
-    """A zeroed float64 displacement image on ``grid``, to be filled chunk by chunk."""
-    return grid.apply_to(sitk.Image(grid.size, sitk.sitkVectorFloat64, grid.dim))
-
-
-def _paste_rows(field: sitk.Image, chunk: np.ndarray, start: int) -> None:
-    """Write ``chunk`` (rows, …, dim) into ``field`` from array row ``start`` on, in place:
-    the whole field never exists twice (as a NumPy array and as an image)."""
-    rows = (slice(None),) * (field.GetDimension() - 1) + (slice(start, start + len(chunk)),)
-    field[rows] = sitk.GetImageFromArray(chunk, isVector=True)
-
-
-def _stop_if(is_cancelled: Callable[[], bool]) -> None:
-    if is_cancelled():
-        raise RegistrationCancelled("registration cancelled while writing outputs")
-
-
-def _converted(image: sitk.Image, dtype: type, is_cancelled: Callable[[], bool]) -> np.ndarray:
-    """The image's voxels as a ``dtype`` array, converted slab by slab (a 512² × 600 CT takes
-    about a second), asking for a cancel between slabs."""
-    source = sitk.GetArrayViewFromImage(image)
-    out = np.empty(source.shape, dtype=dtype)
-    rows = _rows_per_chunk(Grid.of(image))
-    for start in range(0, len(source), rows):
-        _stop_if(is_cancelled)
-        out[start : start + rows] = source[start : start + rows]
-    return out
-
-
-def _rows_per_chunk(grid: Grid) -> int:
-    return max(1, CHUNK_VOXELS // max(int(np.prod(grid.shape[1:])), 1))
 
 
 def _max_abs(image: sitk.Image) -> float:
@@ -269,24 +234,26 @@ def warp_image(
     # float32 holds integer labels exactly below 2**24; larger label values need float64.
     exact_in_float32 = not nearest or _max_abs(moving) < 2**24
     dtype = np.float32 if exact_in_float32 else np.float64
-    volume = torch.as_tensor(_converted(moving, dtype, is_cancelled))[None, None].to(device)
+    volume = torch.as_tensor(as_array(moving, dtype, is_cancelled))[None, None].to(device)
     linear, constant = index_map(grid, moving_grid)
     to_index = torch.as_tensor(
         moving_grid.physical_to_index_affine()[0], device=device, dtype=torch.float32
     )
-    out = np.empty(grid.shape, dtype=dtype)
-    rows = _rows_per_chunk(grid)
+    # Labels keep their pixel type (their values are exact); intensities become float32.
+    pixel_id = moving.GetPixelID() if nearest else sitk.sitkFloat32
+    out_dtype = sitk.GetArrayViewFromImage(moving).dtype if nearest else np.float32
+    image = allocate(grid, pixel_id, is_cancelled=is_cancelled)
+    rows = rows_per_slab(grid)
     for start in range(0, grid.shape[0], rows):
         stop = min(start + rows, grid.shape[0])
-        _stop_if(is_cancelled)
+        stop_if(is_cancelled)
         # float32 indices: 1.5e-5 voxel at index 256, and half the memory traffic of float64.
         u = torch.tensor(u_array[start:stop], device=device, dtype=torch.float32)
         index = affine_field(linear, constant, grid, start, stop, device, torch.float32)
         index = index + u @ to_index.T
         values = sample(volume, index, "nearest" if nearest else "bilinear", itk=True)
-        out[start:stop] = values[0].cpu().numpy()
-    image = grid.apply_to(sitk.GetImageFromArray(out))
-    return sitk.Cast(image, moving.GetPixelID()) if nearest else image
+        paste_rows(image, values[0].cpu().numpy().astype(out_dtype, copy=False), start)
+    return image
 
 
 def inverse_displacement(
@@ -307,14 +274,14 @@ def inverse_displacement(
     shift = inv - np.eye(dim)
     linear = shift @ moving.index_to_physical
     constant = shift @ np.asarray(moving.origin) + inv_offset
-    field = _vector_image(moving)
-    rows = _rows_per_chunk(moving)
+    field = allocate(moving, sitk.sitkVectorFloat64, dim, is_cancelled)
+    rows = rows_per_slab(moving)
     for start in range(0, moving.shape[0], rows):
         stop = min(start + rows, moving.shape[0])
-        _stop_if(is_cancelled)
+        stop_if(is_cancelled)
         index = affine_field(sample_linear, sample_constant, moving, start, stop, device)
         w = sample(inverse_flow_mm, index)  # (dim, rows, …)
         w = torch.movedim(w, 0, -1).to(torch.float64)
         chunk = affine_field(linear, constant, moving, start, stop, device) + w
-        _paste_rows(field, chunk.cpu().numpy(), start)
+        paste_rows(field, chunk.cpu().numpy(), start)
     return field
