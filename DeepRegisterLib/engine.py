@@ -36,7 +36,7 @@ from .preflight import (
     plan_memory,
 )
 from .presets import Preset, get_preset
-from .resampling import antialiased, resample, resample_linear
+from .resampling import network_inputs, resample
 from .result import RegistrationResult
 from .warping import compose_displacement, inverse_displacement, warp_image
 
@@ -358,16 +358,11 @@ def _run(
     # --- images on the network grid -------------------------------------------------------
     tick = time.perf_counter()
     reference = network_grid.reference_image()
-    target_mm = network_grid.spacing[0]
     identity = sitk.Transform(dim, sitk.sitkIdentity)
-    # Both images are normalised on their own full grids, then smoothed and resampled alike,
-    # so an image registered to itself gives identical network inputs.
     stop = stages.cancelled
-    fixed_net = resample_linear(antialiased(fixed_norm, target_mm, stop), reference, identity, stop)
-    moving_smooth = antialiased(normalised_for_registration(moving_image, stop), target_mm, stop)
-    moving_net = resample_linear(moving_smooth, reference, affine_tx, stop)
-    moving_before = resample_linear(moving_smooth, reference, identity, stop)
-    del moving_smooth
+    fixed_net, moving_net, moving_before = network_inputs(
+        fixed_norm, normalised_for_registration(moving_image, stop), reference, affine_tx, stop
+    )
     moving_domain = resample(
         _domain_image(moving_image), reference, affine_tx, sitk.sitkNearestNeighbor,
         sitk.sitkUInt8, stop,

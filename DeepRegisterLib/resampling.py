@@ -117,3 +117,29 @@ def antialiased(
     smoothed = sitk.GetImageFromArray(volume)
     smoothed.CopyInformation(image)
     return smoothed
+
+
+def network_inputs(
+    fixed_norm: sitk.Image,
+    moving_norm: sitk.Image,
+    reference: sitk.Image,
+    affine: sitk.Transform,
+    is_cancelled: IsCancelled = _never,
+) -> tuple[sitk.Image, sitk.Image, sitk.Image]:
+    """Fixed, moving through ``affine``, and moving as it lies, on the network grid ``reference``.
+
+    Both images come normalised on their own full grids, then are smoothed and resampled alike,
+    so an image registered to itself gives identical inputs. Training prepares real pairs with
+    this same function, so that a model is validated on what the engine will feed it.
+    """
+    target_mm = reference.GetSpacing()[0]
+    identity = sitk.Transform(reference.GetDimension(), sitk.sitkIdentity)
+    fixed_smooth = antialiased(fixed_norm, target_mm, is_cancelled)
+    fixed_net = resample_linear(fixed_smooth, reference, identity, is_cancelled)
+    del fixed_smooth
+    moving_smooth = antialiased(moving_norm, target_mm, is_cancelled)
+    return (
+        fixed_net,
+        resample_linear(moving_smooth, reference, affine, is_cancelled),
+        resample_linear(moving_smooth, reference, identity, is_cancelled),
+    )

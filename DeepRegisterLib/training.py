@@ -41,7 +41,7 @@ from .losses import SIMILARITIES, diffusion, similarity_function, soft_dice
 from .metrics import dice_per_label, mean_dice
 from .models import ModelInfo, find_model, load_model, save_model
 from .networks import NetworkConfig, VxmDense, integrate_velocity, warp
-from .resampling import antialiased, resample_linear
+from .resampling import network_inputs
 from .synthesis import LabelMaps, SynthesisConfig, Synthesiser
 
 CHECKPOINT, BEST, LOG, CURVES = "checkpoint.pt", "best.pt", "log.csv", "curves.png"
@@ -235,11 +235,8 @@ def prepare_pair(files: PairFiles, spacing_mm: float, multiple: int, seed: int =
     )
     reference = grid.reference_image()
     identity = sitk.Transform(dim, sitk.sitkIdentity)
-    fixed_net = normalised_for_registration(
-        resample_linear(antialiased(fixed, spacing_mm), reference, identity)
-    )
-    moving_net = resample_linear(
-        antialiased(normalised_for_registration(moving), spacing_mm), reference, affine
+    fixed_net, moving_net, _ = network_inputs(
+        normalised_for_registration(fixed), normalised_for_registration(moving), reference, affine
     )
 
     def labels(

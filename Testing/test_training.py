@@ -27,6 +27,7 @@ from DeepRegisterLib.training import (
     LOG,
     PairFiles,
     TrainingConfig,
+    prepare_pair,
     read_pairs_csv,
     real_validation_pair,
     train,
@@ -311,3 +312,32 @@ def test_cli_reports_bad_options_as_input_errors(
     args = _parse("--out", str(tmp_path), "--shape", "30", "30", "--device", "cpu")
     assert run_train(args) == 2
     assert "multiple of 16" in capsys.readouterr().err
+
+
+def test_real_pairs_are_prepared_exactly_as_the_engine_feeds_its_network(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validation scores a model on what the engine will give it: both images normalised on
+    their full grids, then smoothed and resampled (the fixed image was once normalised after
+    resampling in training only, which put validation on other intensities than real use)."""
+    from DeepRegisterLib import engine
+    from DeepRegisterLib.phantoms import demo_grid, phantom_pair
+
+    generated = phantom_pair(demo_grid(3, size=64), amplitude_mm=3.0)
+    files = PairFiles(tmp_path / "fixed.nii.gz", tmp_path / "moving.nii.gz")
+    sitk.WriteImage(generated.fixed, str(files.fixed))
+    sitk.WriteImage(generated.moving * 7.0 + 100.0, str(files.moving))  # another intensity scale
+    fed: list[torch.Tensor] = []
+
+    def capture(fixed, moving, *args, **kwargs):
+        fed.extend((fixed, moving))
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(engine, "optimise_velocity", capture)
+    with pytest.raises(RuntimeError, match="captured"):
+        engine.register(files.fixed, files.moving, preset="balanced", model=None, device="cpu")
+    # "balanced" runs on a 2 mm grid, with the affine stage's default settings, as training.
+    prepared = prepare_pair(files, spacing_mm=2.0, multiple=2)
+    assert tuple(prepared.grid.size) == tuple(fed[0].shape[2:][::-1])
+    torch.testing.assert_close(prepared.fixed, fed[0], rtol=0, atol=0)
+    torch.testing.assert_close(prepared.moving, fed[1], rtol=0, atol=0)
