@@ -20,6 +20,7 @@ from .geometry import Grid
 
 IsCancelled = Callable[[], bool] | None
 SLAB_VOXELS = 2_000_000  # per slab: bounds working memory, and the wait for a cancel
+THREADED_ALLOCATION_VALUES = 2**25  # 256 MiB of float64: about a tenth of a second to zero
 
 
 def stop_if(is_cancelled: IsCancelled) -> None:
@@ -36,19 +37,25 @@ def allocate(
     grid: Grid, pixel_id: int, components: int = 1, is_cancelled: IsCancelled = None
 ) -> sitk.Image:
     """A zeroed image on ``grid`` (a vector image when ``components`` > 1)."""
+    stop_if(is_cancelled)
+    size = list(grid.size)
+
+    def make() -> sitk.Image:
+        return (
+            sitk.Image(size, pixel_id, components) if components > 1 else sitk.Image(size, pixel_id)
+        )
+
+    if int(np.prod(size)) * components < THREADED_ALLOCATION_VALUES:
+        return grid.apply_to(make())  # quick: asked once, as many times on every run
     made: list[sitk.Image | BaseException] = []
 
-    def make() -> None:
+    def make_in_thread() -> None:
         try:
-            size = list(grid.size)
-            made.append(
-                sitk.Image(size, pixel_id, components) if components > 1
-                else sitk.Image(size, pixel_id)
-            )  # fmt: skip
+            made.append(make())
         except BaseException as error:  # handed to the caller's thread
             made.append(error)
 
-    worker = threading.Thread(target=make, name="deepregister-allocate", daemon=True)
+    worker = threading.Thread(target=make_in_thread, name="deepregister-allocate", daemon=True)
     worker.start()
     while worker.is_alive():
         worker.join(0.05)

@@ -222,11 +222,19 @@ def test_the_affine_stage_works_on_copies_of_at_most_about_four_million_voxels()
     assert affine.working_spacing(sitk.Image([512, 512], sitk.sitkUInt8)) == 2.0
 
 
-def test_an_output_image_is_allocated_while_cancel_requests_are_answered() -> None:
+def test_a_big_output_image_is_allocated_while_cancel_requests_are_answered(monkeypatch) -> None:
+    """Above THREADED_ALLOCATION_VALUES ITK zero-fills the image in a helper thread while
+    the caller keeps asking (below it, once: small runs ask equally often every time)."""
+    monkeypatch.setattr(volumes, "THREADED_ALLOCATION_VALUES", 2**20)
     grid = Grid((200, 200, 200), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
-    image = volumes.allocate(grid, sitk.sitkVectorFloat64, 3, CancelOnCall(None))
+    count = CancelOnCall(None)
+    image = volumes.allocate(grid, sitk.sitkVectorFloat64, 3, count)
     assert (image.GetSize(), image.GetNumberOfComponentsPerPixel()) == ((200, 200, 200), 3)
     assert Grid.of(image) == grid
+    assert count.calls >= 2, "not asked while ITK zero-filled 192 MB"
     del image
-    with pytest.raises(RegistrationCancelled, match="writing outputs"):  # ITK zero-fills 192 MB
-        volumes.allocate(grid, sitk.sitkVectorFloat64, 3, CancelOnCall(1))
+    with pytest.raises(RegistrationCancelled, match="writing outputs"):
+        volumes.allocate(grid, sitk.sitkVectorFloat64, 3, CancelOnCall(2))
+    small = CancelOnCall(None)
+    volumes.allocate(Grid.of(sitk.Image([8, 8], sitk.sitkUInt8)), sitk.sitkFloat32, 1, small)
+    assert small.calls == 1
