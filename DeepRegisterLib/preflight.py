@@ -145,9 +145,9 @@ def available_memory_bytes() -> int | None:
 def estimate_peak_bytes(fixed: sitk.Image, moving: sitk.Image, network_voxels: int) -> int:
     """A deliberately generous estimate of the engine's peak memory.
 
-    Calibrated on measured peaks (256³ brain pair: 1.4 GiB; 512² × 600 CT pair: 9.1 GiB, of
-    which 8.2 GiB above the two images) as ≈ 48 bytes per fixed voxel (the float64
-    displacement, built in place, plus the normalised copy, warped image, det J and chunks),
+    Calibrated on measured peaks (256³ brain pair: 1.3 GiB; 512² × 600 CT pair: 6.9 GiB, of
+    which 6.0 GiB above the two images: 0.6 × this estimate) as ≈ 48 bytes per fixed voxel
+    (the float64 displacement, built in place, plus the normalised copy, warped image, det J),
     16 per moving voxel (float copies), 160 per network voxel (images, fields, optimiser
     state, autograd) and 512 MiB for the libraries themselves.
     """
