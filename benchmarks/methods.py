@@ -571,7 +571,8 @@ def run_demons(
 METHODS: dict[str, Callable[..., Output]] = {
     "identity": run_identity,
     "affine": run_affine,
-    "network-only": _preset_runner("fast", iterations=0),
+    # The default preset, as in the "affine" row: the two rows then share their affine stage.
+    "network-only": _preset_runner("balanced", iterations=0),
     "fast": _preset_runner("fast"),
     "balanced": _preset_runner("balanced"),
     "accurate": _preset_runner("accurate"),
