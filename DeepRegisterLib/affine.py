@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import RegistrationCancelled
+from .errors import stop_if_cancelled
 from .geometry import affine_parameters
 from .resampling import run_filter
 
@@ -183,8 +183,7 @@ def register_affine(
     dim = fixed.GetDimension()
 
     def check_cancelled() -> None:
-        if is_cancelled():
-            raise RegistrationCancelled("registration cancelled during the affine stage")
+        stop_if_cancelled(is_cancelled, "during the affine stage")
 
     fixed_mm, moving_mm = working_spacing(fixed), working_spacing(moving)
     fixed_n = working_copy(

@@ -20,7 +20,7 @@ import torch
 
 from . import __version__, metrics
 from .affine import normalised_for_registration, register_affine, to_affine
-from .errors import InputError, ModelError, RegistrationCancelled
+from .errors import InputError, ModelError, stop_if_cancelled
 from .fileio import read_image
 from .geometry import Grid, flow_voxels_to_mm, is_linear
 from .losses import SIMILARITIES
@@ -79,8 +79,7 @@ class _Stages:
         return self.cancel is not None and self.cancel.is_set()
 
     def check(self, where: str) -> None:
-        if self.cancelled():
-            raise RegistrationCancelled(f"registration cancelled {where}")
+        stop_if_cancelled(self.cancelled, where)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -6,6 +6,8 @@ is wrong and what to do; callers (CLI, Slicer module) show it verbatim.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 class DeepRegisterError(Exception):
     """Base class of every error this package raises on purpose."""
@@ -25,3 +27,9 @@ class ResourceError(DeepRegisterError, MemoryError):
 
 class RegistrationCancelled(DeepRegisterError):
     """The caller asked to stop; nothing was written or changed."""
+
+
+def stop_if_cancelled(is_cancelled: Callable[[], bool] | None, where: str) -> None:
+    """Raise :class:`RegistrationCancelled` ("registration cancelled <where>") when asked to."""
+    if is_cancelled is not None and is_cancelled():
+        raise RegistrationCancelled(f"registration cancelled {where}")

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError, RegistrationCancelled
+from .errors import InputError, stop_if_cancelled
 from .geometry import Grid
 from .volumes import allocate, paste_rows
 
@@ -135,8 +135,7 @@ def jacobian_determinant(
     depth = len(field)
     slab = max(1, _JACOBIAN_BLOCK_VOXELS // max(1, int(np.prod(field.shape[1:-1]))))
     for start in range(0, depth, slab):
-        if is_cancelled is not None and is_cancelled():
-            raise RegistrationCancelled("registration cancelled while computing det J")
+        stop_if_cancelled(is_cancelled, "while computing det J")
         stop = min(start + slab, depth)
         lower, upper = max(start - 1, 0), min(stop + 1, depth)
         block = _determinant_block(field[lower:upper], to_index)
@@ -151,8 +150,7 @@ def _slab_values(
     would otherwise need several float64 copies of it at once, and could not be cancelled."""
     step = max(1, _JACOBIAN_BLOCK_VOXELS // max(1, det[0].size))
     for start in range(0, len(det), step):
-        if is_cancelled is not None and is_cancelled():
-            raise RegistrationCancelled("registration cancelled while computing det J statistics")
+        stop_if_cancelled(is_cancelled, "while computing det J statistics")
         block = det[start : start + step]
         yield block if inside is None else block[inside[start : start + step]]
 

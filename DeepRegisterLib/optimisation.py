@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import RegistrationCancelled
+from .errors import stop_if_cancelled
 from .losses import diffusion, similarity_function
 from .networks import integrate_velocity, resize_flow, warp
 from .presets import Level
@@ -118,9 +118,8 @@ def optimise_velocity(
     )
     total_steps = sum(level.iterations for _, level in levels) or 1
 
-    def stop_if_cancelled(_: torch.Tensor | None = None) -> None:
-        if is_cancelled():
-            raise RegistrationCancelled("registration cancelled during optimisation")
+    def cancel_point(_: torch.Tensor | None = None) -> None:  # also a gradient hook
+        stop_if_cancelled(is_cancelled, "during optimisation")
 
     done, trace = 0, []
     for shape, level in levels:
@@ -143,18 +142,18 @@ def optimise_velocity(
         # worse (e.g. on an already aligned pair): keep the best parameter seen, not the last.
         best_value, best_parameter = float("inf"), parameter.detach().clone()
         for _ in range(level.iterations):
-            stop_if_cancelled()
+            cancel_point()
             parameter.grad = None
             control_flow = integrate_velocity(_smooth(parameter) * taper, level.integration_steps)
-            stop_if_cancelled()
+            cancel_point()
             warped = warp(images.moving, resize_flow(control_flow, shape))
             loss = sim(images.fixed, warped, images.mask, window)
             loss = loss + regularization * diffusion(control_flow)
-            stop_if_cancelled()
+            cancel_point()
             # A step on a CT-sized grid takes seconds: asked after integrating, after the forward
             # pass, and (these hooks) twice during backward.
-            warped.register_hook(stop_if_cancelled)
-            control_flow.register_hook(stop_if_cancelled)
+            warped.register_hook(cancel_point)
+            control_flow.register_hook(cancel_point)
             loss.backward()
             value = float(loss.detach())
             if value < best_value:  # the loss of the parameter before this step

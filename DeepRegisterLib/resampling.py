@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import RegistrationCancelled
+from .errors import stop_if_cancelled
 
 IsCancelled = Callable[[], bool]
 SLAB_VOXELS = 4_000_000  # per Gaussian slab: a few tens of milliseconds of work
@@ -25,16 +25,11 @@ def _never() -> bool:
     return False
 
 
-def _stop_if(is_cancelled: IsCancelled, where: str) -> None:
-    if is_cancelled():
-        raise RegistrationCancelled(f"registration cancelled while {where}")
-
-
 def run_filter(
     image_filter: sitk.ProcessObject, *inputs: sitk.Image, is_cancelled: IsCancelled = _never
 ) -> sitk.Image:
     """``image_filter.Execute(*inputs)``, aborted within one progress event of a cancel."""
-    _stop_if(is_cancelled, "preparing the images")
+    stop_if_cancelled(is_cancelled, "while preparing the images")
 
     def abort_if_cancelled() -> None:
         if is_cancelled():
@@ -44,7 +39,7 @@ def run_filter(
     try:
         return image_filter.Execute(*inputs)
     except RuntimeError:
-        _stop_if(is_cancelled, "preparing the images")
+        stop_if_cancelled(is_cancelled, "while preparing the images")
         raise
     finally:
         image_filter.RemoveAllCommands()
@@ -90,7 +85,7 @@ def _gaussian_along(
     gaussian.SetSigma(sigma)
     gaussian.SetDirection(axis)
     for start in range(0, volume.shape[across], per_slab):
-        _stop_if(is_cancelled, "smoothing the images")
+        stop_if_cancelled(is_cancelled, "while smoothing the images")
         rows = (slice(None),) * across + (slice(start, start + per_slab),)
         slab = sitk.GetImageFromArray(np.ascontiguousarray(volume[rows]))
         slab.SetSpacing(spacing)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import RegistrationCancelled
+from .errors import stop_if_cancelled
 from .geometry import Grid
 
 IsCancelled = Callable[[], bool] | None
@@ -24,8 +24,7 @@ THREADED_ALLOCATION_VALUES = 2**25  # 256 MiB of float64: about a tenth of a sec
 
 
 def stop_if(is_cancelled: IsCancelled) -> None:
-    if is_cancelled is not None and is_cancelled():
-        raise RegistrationCancelled("registration cancelled while writing outputs")
+    stop_if_cancelled(is_cancelled, "while writing outputs")
 
 
 def rows_per_slab(grid: Grid) -> int:

@@ -183,7 +183,16 @@ def ct_pair(shape_ijk: tuple[int, int, int], spacing: tuple[float, float, float]
 class CheckClock:
     """A cancel token that never cancels but times every check, naming where it was made."""
 
-    WRAPPERS = ("is_set", "cancelled", "check", "tick", "<lambda>", "_stop_if", "stop_if_cancelled")
+    WRAPPERS = (
+        "is_set",
+        "cancelled",
+        "check",
+        "tick",
+        "<lambda>",
+        "stop_if",
+        "stop_if_cancelled",
+        "cancel_point",
+    )
 
     def __init__(self):
         self.times: list[tuple[float, str]] = []
