@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -165,6 +166,25 @@ def register_affine(
     fixed: sitk.Image,
     moving: sitk.Image,
     *,
+    is_cancelled: Callable[[], bool] = lambda: False,
+    **options: Any,
+) -> sitk.AffineTransform:
+    """Affine transform mapping fixed → moving points (ITK resampling convention).
+
+    Normalises both images, then :func:`register_normalised` with the same ``options``.
+    """
+    return register_normalised(
+        normalised_for_registration(fixed, is_cancelled),
+        normalised_for_registration(moving, is_cancelled),
+        is_cancelled=is_cancelled,
+        **options,
+    )
+
+
+def register_normalised(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    *,
     fixed_mask: sitk.Image | None = None,
     moving_mask: sitk.Image | None = None,
     initial_transform: sitk.Transform | None = None,
@@ -174,7 +194,8 @@ def register_affine(
     progress: ProgressCallback | None = None,
     is_cancelled: Callable[[], bool] = lambda: False,
 ) -> sitk.AffineTransform:
-    """Affine transform mapping fixed → moving points (ITK resampling convention).
+    """:func:`register_affine` of images already through :func:`normalised_for_registration`,
+    which callers that need them normalised anyway (the engine, training) do only once.
 
     ``finest_mm`` is the resolution of the last affine level (2 mm or coarser).
 
@@ -186,12 +207,8 @@ def register_affine(
         stop_if_cancelled(is_cancelled, "during the affine stage")
 
     fixed_mm, moving_mm = working_spacing(fixed), working_spacing(moving)
-    fixed_n = working_copy(
-        normalised_for_registration(fixed, is_cancelled), fixed_mm, is_cancelled=is_cancelled
-    )
-    moving_n = working_copy(
-        normalised_for_registration(moving, is_cancelled), moving_mm, is_cancelled=is_cancelled
-    )
+    fixed_n = working_copy(fixed, fixed_mm, is_cancelled=is_cancelled)
+    moving_n = working_copy(moving, moving_mm, is_cancelled=is_cancelled)
     fixed_mask = (
         None if fixed_mask is None
         else working_copy(fixed_mask, fixed_mm, mask=True, is_cancelled=is_cancelled)

@@ -19,7 +19,7 @@ import SimpleITK as sitk
 import torch
 
 from . import __version__, metrics
-from .affine import normalised_for_registration, register_affine, to_affine
+from .affine import normalised_for_registration, register_normalised, to_affine
 from .errors import InputError, ModelError, stop_if_cancelled
 from .fileio import read_image
 from .geometry import Grid, flow_voxels_to_mm, is_linear
@@ -305,13 +305,18 @@ def register(
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
 
+    job = _Job(
+        fixed_image=fixed_image, fixed_norm=fixed_norm, moving_image=moving_image,
+        fixed_mask=fixed_mask_img, moving_mask=moving_mask_img, label_maps=label_maps,
+        fixed_labels=fixed_label_img, initial_transform=initial_transform, affine=affine,
+        settings=settings, similarity=similarity, regularization=weight, model_info=model_info,
+        network_grid=network_grid, compute_inverse=compute_inverse,
+        compute_jacobian=compute_jacobian, seed=seed, started=started,
+        estimated_bytes=plan.estimated_bytes,
+    )  # fmt: skip
+
     def run(device: torch.device, notes: tuple[str, ...]) -> RegistrationResult:
-        return _run(
-            stages, fixed_image, fixed_norm, moving_image, fixed_mask_img, moving_mask_img,
-            label_maps, fixed_label_img, initial_transform, affine, settings, similarity, weight,
-            model_info, device, network_grid, compute_inverse, compute_jacobian, seed,
-            started, plan.estimated_bytes, notes,
-        )  # fmt: skip
+        return _run(stages, job, device, notes)
 
     try:
         try:
@@ -328,27 +333,53 @@ def register(
         torch.random.set_rng_state(generator_state)
 
 
+@dataclass(frozen=True)
+class _Job:
+    """A checked registration: its inputs and every choice made before the heavy work."""
+
+    fixed_image: sitk.Image
+    fixed_norm: sitk.Image  # normalised_for_registration(fixed_image)
+    moving_image: sitk.Image
+    fixed_mask: sitk.Image | None
+    moving_mask: sitk.Image | None
+    label_maps: dict[str, sitk.Image]
+    fixed_labels: sitk.Image | None
+    initial_transform: sitk.Transform | None
+    affine: bool
+    settings: Preset
+    similarity: str
+    regularization: float
+    model_info: ModelInfo | None
+    network_grid: Grid
+    compute_inverse: bool
+    compute_jacobian: bool
+    seed: int
+    started: float  # perf_counter() at the call
+    estimated_bytes: int
+
+
 def _run(
-    stages, fixed_image, fixed_norm, moving_image, fixed_mask_img, moving_mask_img, label_maps,
-    fixed_label_img, initial_transform, affine, settings, similarity, weight, model_info,
-    device, network_grid, compute_inverse, compute_jacobian, seed, started, estimated_bytes, notes,
-) -> RegistrationResult:  # fmt: skip
-    dim = fixed_image.GetDimension()
-    fixed_grid = Grid.of(fixed_image)
+    stages: _Stages, job: _Job, device: torch.device, notes: tuple[str, ...]
+) -> RegistrationResult:
+    dim = job.fixed_image.GetDimension()
+    fixed_grid = Grid.of(job.fixed_image)
     timings: dict[str, float] = {}
 
     # --- affine stage -------------------------------------------------------------------
     tick = time.perf_counter()
-    if affine:
-        affine_tx = register_affine(
-            fixed_image, moving_image,
-            fixed_mask=fixed_mask_img, moving_mask=moving_mask_img,
-            initial_transform=initial_transform, iterations=settings.affine_iterations,
-            finest_mm=settings.affine_finest_mm,
-            seed=seed, progress=stages.reporter("affine"), is_cancelled=stages.cancelled,
+    stop = stages.cancelled
+    # Normalised once, for the affine stage and the network inputs; dropped after them.
+    moving_norm = normalised_for_registration(job.moving_image, stop)
+    if job.affine:
+        affine_tx = register_normalised(
+            job.fixed_norm, moving_norm,
+            fixed_mask=job.fixed_mask, moving_mask=job.moving_mask,
+            initial_transform=job.initial_transform, iterations=job.settings.affine_iterations,
+            finest_mm=job.settings.affine_finest_mm,
+            seed=job.seed, progress=stages.reporter("affine"), is_cancelled=stages.cancelled,
         )  # fmt: skip
-    elif initial_transform is not None:
-        affine_tx = to_affine(initial_transform, dim)
+    elif job.initial_transform is not None:
+        affine_tx = to_affine(job.initial_transform, dim)
     else:
         affine_tx = sitk.AffineTransform(dim)
     timings["affine_s"] = time.perf_counter() - tick
@@ -356,38 +387,39 @@ def _run(
 
     # --- images on the network grid -------------------------------------------------------
     tick = time.perf_counter()
-    reference = network_grid.reference_image()
+    reference = job.network_grid.reference_image()
     identity = sitk.Transform(dim, sitk.sitkIdentity)
-    stop = stages.cancelled
     fixed_net, moving_net, moving_before = network_inputs(
-        fixed_norm, normalised_for_registration(moving_image, stop), reference, affine_tx, stop
+        job.fixed_norm, moving_norm, reference, affine_tx, stop
     )
+    del moving_norm
     moving_domain = resample(
-        _domain_image(moving_image), reference, affine_tx, sitk.sitkNearestNeighbor,
+        _domain_image(job.moving_image), reference, affine_tx, sitk.sitkNearestNeighbor,
         sitk.sitkUInt8, stop,
     )  # fmt: skip
     _check_overlap(fixed_net, moving_domain)
     f_t = _to_tensor(fixed_net, device)
     m_t = _to_tensor(moving_net, device)
     mask_t = (
-        None if fixed_mask_img is None
+        None if job.fixed_mask is None
         else _to_tensor(
             resample(
-                fixed_mask_img, reference, identity, sitk.sitkNearestNeighbor, sitk.sitkUInt8, stop
+                job.fixed_mask, reference, identity, sitk.sitkNearestNeighbor, sitk.sitkUInt8,
+                stop,
             ),
             device,
         )
     )  # fmt: skip
 
     velocity = None
-    if model_info is not None:
-        stages.report("network", 0.0, f"running model {model_info.name}")
-        network = load_model(model_info, device)
+    if job.model_info is not None:
+        stages.report("network", 0.0, f"running model {job.model_info.name}")
+        network = load_model(job.model_info, device)
         with torch.inference_mode():
             velocity = network.velocity(f_t, m_t).clone()
         if not bool(torch.isfinite(velocity).all()):
             raise ModelError(
-                f"model {model_info.name!r} produced non-finite (NaN or infinite) output: its "
+                f"model {job.model_info.name!r} produced non-finite (NaN or infinite) output: its "
                 "weights are corrupt or it was trained badly; reinstall or retrain it"
             )
         stages.report("network", 1.0, "network done")
@@ -396,13 +428,13 @@ def _run(
 
     # --- instance optimisation ---------------------------------------------------------
     tick = time.perf_counter()
-    levels = _network_levels(settings, network_grid, tuple(f_t.shape[2:]))
+    levels = _network_levels(job.settings, job.network_grid, tuple(f_t.shape[2:]))
     trace: list[float] = []
     if levels:
         velocity, trace = optimise_velocity(
             f_t, m_t, mask_t, levels,
-            similarity=similarity, regularization=weight,
-            learning_rate=settings.learning_rate, window=settings.window,
+            similarity=job.similarity, regularization=job.regularization,
+            learning_rate=job.settings.learning_rate, window=job.settings.window,
             initial_velocity=velocity, progress=stages.reporter("optimisation"),
             is_cancelled=stages.cancelled,
         )  # fmt: skip
@@ -412,7 +444,7 @@ def _run(
     with torch.inference_mode():
         flow = integrate_velocity(velocity, steps)
         warped_net = warp(m_t, flow)
-        flow_mm = flow_voxels_to_mm(flow, network_grid)
+        flow_mm = flow_voxels_to_mm(flow, job.network_grid)
     timings["optimisation_s"] = time.perf_counter() - tick
     stages.check("after optimisation")
 
@@ -421,32 +453,33 @@ def _run(
     stages.report("outputs", 0.0, "composing the transform")
     with torch.inference_mode():
         displacement = compose_displacement(
-            affine_tx, flow_mm, network_grid, fixed_grid, stages.cancelled
+            affine_tx, flow_mm, job.network_grid, fixed_grid, stages.cancelled
         )
         stages.report("outputs", 0.3, "warping the moving image")
         warped = warp_image(
-            moving_image, displacement, device=device, is_cancelled=stages.cancelled
+            job.moving_image, displacement, device=device, is_cancelled=stages.cancelled
         )
         warped_labels = {
             name: warp_image(
                 labels, displacement, nearest=True, device=device, is_cancelled=stages.cancelled
             )
-            for name, labels in label_maps.items()
+            for name, labels in job.label_maps.items()
         }
         inverse = None
-        if compute_inverse:
+        if job.compute_inverse:
             stages.report("outputs", 0.6, "inverting the transform")
-            inverse_mm = flow_voxels_to_mm(integrate_velocity(-velocity, steps), network_grid)
+            inverse_mm = flow_voxels_to_mm(integrate_velocity(-velocity, steps), job.network_grid)
             inverse = inverse_displacement(
-                affine_tx, inverse_mm, network_grid, Grid.of(moving_image), stages.cancelled
-            )
+                affine_tx, inverse_mm, job.network_grid, Grid.of(job.moving_image),
+                stages.cancelled,
+            )  # fmt: skip
     stages.check("while writing outputs")
     jacobian = None
     report: dict[str, Any] = {}
-    if compute_jacobian:
+    if job.compute_jacobian:
         stages.report("outputs", 0.8, "computing the Jacobian determinant")
         jacobian = metrics.jacobian_determinant(displacement, stages.cancelled)
-        region = fixed_mask_img
+        region = job.fixed_mask
         report["folding_percent"] = metrics.folding_percent(jacobian, region, stages.cancelled)
         report["sdlogj"] = metrics.sdlogj(jacobian, region, stages.cancelled)
         stages.check("while writing outputs")
@@ -455,7 +488,7 @@ def _run(
     net_mask = mask_t if mask_t is not None else (f_t > 0.05).to(f_t.dtype)
     report.update(
         {
-            "similarity": similarity,
+            "similarity": job.similarity,
             "ncc_before": _global_ncc(f_t, _to_tensor(moving_before, device), net_mask),
             "ncc_affine": _global_ncc(f_t, m_t, net_mask),
             "ncc_after": _global_ncc(f_t, warped_net, net_mask),
@@ -464,27 +497,27 @@ def _run(
             "optimisation_steps": len(trace),
         }
     )
-    if fixed_label_img is not None and warped_labels:
+    if job.fixed_labels is not None and warped_labels:
         report["dice"] = {}
         for name, labels in warped_labels.items():
-            per_label = metrics.dice_per_label(fixed_label_img, labels)
+            per_label = metrics.dice_per_label(job.fixed_labels, labels)
             report["dice"][name] = {str(k): v for k, v in per_label.items()}
             report.setdefault("mean_dice", metrics.mean_dice(per_label))
     report.update(
         {
-            "runtime_s": time.perf_counter() - started,
+            "runtime_s": time.perf_counter() - job.started,
             "timings": timings,
             "device": str(device),
-            "preset": settings.name,
-            "model": None if model_info is None else model_info.name,
-            "model_sha256": None if model_info is None else model_info.sha256,
-            "seed": seed,
-            "regularization": weight,
+            "preset": job.settings.name,
+            "model": None if job.model_info is None else job.model_info.name,
+            "model_sha256": None if job.model_info is None else job.model_info.sha256,
+            "seed": job.seed,
+            "regularization": job.regularization,
             "network_grid": {
-                "size": list(network_grid.size),
-                "spacing_mm": network_grid.spacing[0],
+                "size": list(job.network_grid.size),
+                "spacing_mm": job.network_grid.spacing[0],
             },
-            "estimated_peak_bytes": estimated_bytes,
+            "estimated_peak_bytes": job.estimated_bytes,
             "notes": list(notes),
             "versions": {
                 "deepregister": __version__,

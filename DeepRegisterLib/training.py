@@ -32,7 +32,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from . import __version__
-from .affine import normalised_for_registration, register_affine
+from .affine import normalised_for_registration, register_normalised
 from .engine import foreground_box
 from .errors import InputError
 from .fileio import IMAGE_SUFFIXES, atomic_write_path, full_suffix, read_image
@@ -229,15 +229,15 @@ def prepare_pair(files: PairFiles, spacing_mm: float, multiple: int, seed: int =
     if fixed.GetDimension() != moving.GetDimension():
         raise InputError(f"{files.name}: the fixed and moving images differ in dimension")
     dim = fixed.GetDimension()
-    affine = register_affine(fixed, moving, seed=seed)
+    fixed_norm = normalised_for_registration(fixed)
+    moving_norm = normalised_for_registration(moving)
+    affine = register_normalised(fixed_norm, moving_norm, seed=seed)
     grid = Grid.of(fixed).with_spacing_cropped_to(
         spacing_mm, *foreground_box(fixed, None), multiple
     )
     reference = grid.reference_image()
     identity = sitk.Transform(dim, sitk.sitkIdentity)
-    fixed_net, moving_net, _ = network_inputs(
-        normalised_for_registration(fixed), normalised_for_registration(moving), reference, affine
-    )
+    fixed_net, moving_net, _ = network_inputs(fixed_norm, moving_norm, reference, affine)
 
     def labels(
         path: Path | None, transform: sitk.Transform
