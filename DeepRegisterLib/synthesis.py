@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from .affine import register_affine
 from .engine import foreground_box
 from .errors import InputError
 from .fileio import read_image
@@ -57,6 +58,10 @@ class SynthesisConfig:
     shear: float = 0.02
     translation: float = 2.0  # max voxels per axis
     same_contrast: float = 0.0  # probability that both images share their label means
+    # Probability that the moving labels come from another map than the fixed ones (maps
+    # affinely aligned by ``load_label_maps(align=True)``): real inter-subject anatomy, which
+    # the random shape changes of a single map do not reproduce.
+    other_subject: float = 0.0
     # Probability that a pair's label means follow FREESURFER_T1_MEANS (each jittered by
     # ``t1_jitter``) instead of uniform draws: same-modality T1 pairs, learnt in far fewer
     # steps than SynthMorph's any-contrast pairs. Needs label maps in FreeSurfer's convention.
@@ -75,7 +80,8 @@ class SynthesisConfig:
 class SyntheticPair:
     """A batch of pairs (N, 1, *shape) with labels and the true fixed → moving displacement.
 
-    ``flow`` (N, dim, *shape) is in voxels: ``moving(x + flow(x)) = fixed(x)``. Labels are
+    ``flow`` (N, dim, *shape) is in voxels: ``moving(x + flow(x)) = fixed(x)``. It is None when
+    a pair's images come from two maps (``other_subject``): no true flow exists then. Labels are
     indices into the label table of the source (0 = background), as int64.
     """
 
@@ -83,7 +89,7 @@ class SyntheticPair:
     moving: torch.Tensor
     fixed_labels: torch.Tensor
     moving_labels: torch.Tensor
-    flow: torch.Tensor
+    flow: torch.Tensor | None
 
 
 @dataclass
@@ -91,13 +97,15 @@ class LabelMaps:
     """Label maps on an isotropic grid, cropped to their foreground, with consecutive labels.
 
     ``values[i]`` is the original label value of index ``i`` (index 0 is background);
-    ``names`` are the source files, for the model card.
+    ``names`` are the source files, for the model card. ``aligned`` maps share the first map's
+    grid, each affinely registered to it.
     """
 
     maps: list[torch.Tensor]
     values: list[int]
     spacing_mm: float
     names: list[str]
+    aligned: bool = False
 
     @property
     def count(self) -> int:
@@ -108,30 +116,33 @@ def load_label_maps(
     paths: Sequence[str | os.PathLike],
     spacing_mm: float,
     background_from: int | None = None,
+    align: bool = False,
+    progress: Callable[[str], None] | None = None,
 ) -> LabelMaps:
     """Read label maps and resample them (nearest) to ``spacing_mm`` in their own orientation.
 
     Each map is cropped to its foreground with the engine's margin, so training sees brains
     framed as the engine frames a fixed image. Labels ≥ ``background_from`` become background
     (SynthSeg's extra-cerebral labels are ≥ 100: dropping them gives skull-stripped anatomy).
+    With ``align``, every map is registered (the engine's affine stage, on label-derived
+    images) to the first and resampled onto its grid: pairs of two maps then differ as two
+    subjects do after the engine's affine stage.
     """
     if not paths:
         raise InputError("no label maps given")
+    images = [_read_label_map(path, background_from) for path in paths]
+    grid = _cropped_grid(images[0], spacing_mm)
     arrays = []
-    for path in paths:
-        image = read_image(path, "label map")
-        if image.GetNumberOfComponentsPerPixel() != 1:
-            raise InputError(f"label map {path} is a vector image; give a scalar label map")
-        labels = sitk.Cast(image, sitk.sitkInt32)
-        if background_from is not None:
-            labels = labels * sitk.Cast(labels < background_from, sitk.sitkInt32)
-        mask = labels > 0
-        if not sitk.GetArrayViewFromImage(mask).any():
-            raise InputError(f"label map {path} has no non-zero labels")
-        lower, upper = foreground_box(labels, mask)
-        grid = Grid.of(labels).with_spacing_cropped_to(spacing_mm, lower, upper, multiple=1)
+    for index, (path, image) in enumerate(zip(paths, images, strict=True)):
+        if not align:
+            grid = _cropped_grid(image, spacing_mm)
+        transform = sitk.Transform()
+        if align and index > 0:
+            if progress is not None:
+                progress(f"aligning label map {index + 1}/{len(paths)} ({Path(path).name})")
+            transform = register_affine(_label_image(images[0]), _label_image(image))
         resampled = sitk.Resample(
-            labels, grid.reference_image(), sitk.Transform(), sitk.sitkNearestNeighbor, 0
+            image, grid.reference_image(), transform, sitk.sitkNearestNeighbor, 0
         )
         arrays.append(sitk.GetArrayFromImage(resampled))
     values = np.unique(np.concatenate([np.unique(a) for a in arrays]))
@@ -139,8 +150,41 @@ def load_label_maps(
     storage = torch.uint8 if len(values) <= 256 else torch.int16
     maps = [torch.from_numpy(np.searchsorted(values, a)).to(storage) for a in arrays]
     return LabelMaps(
-        maps, [int(v) for v in values], float(spacing_mm), [Path(p).name for p in paths]
+        maps, [int(v) for v in values], float(spacing_mm), [Path(p).name for p in paths], align
     )
+
+
+def _read_label_map(path: str | os.PathLike, background_from: int | None) -> sitk.Image:
+    image = read_image(path, "label map")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"label map {path} is a vector image; give a scalar label map")
+    labels = sitk.Cast(image, sitk.sitkInt32)
+    if background_from is not None:
+        labels = labels * sitk.Cast(labels < background_from, sitk.sitkInt32)
+    if not sitk.GetArrayViewFromImage(labels).any():
+        raise InputError(f"label map {path} has no non-zero labels")
+    return labels
+
+
+def _cropped_grid(labels: sitk.Image, spacing_mm: float) -> Grid:
+    lower, upper = foreground_box(labels, labels > 0)
+    return Grid.of(labels).with_spacing_cropped_to(spacing_mm, lower, upper, multiple=1)
+
+
+def _label_image(labels: sitk.Image) -> sitk.Image:
+    """An image to register label maps by: T1-like values for FreeSurfer labels, and a fixed
+    value per label otherwise, so any two maps in one label convention look alike."""
+    array = sitk.GetArrayViewFromImage(labels)
+    values, inverse = np.unique(array, return_inverse=True)
+    golden = 0.6180339887
+    intensity = np.array(
+        [FREESURFER_T1_MEANS.get(int(v), 0.2 + 0.7 * ((int(v) * golden) % 1.0)) for v in values],
+        dtype=np.float32,
+    )
+    intensity[values == 0] = 0.0
+    image = sitk.GetImageFromArray(intensity[inverse].reshape(array.shape))
+    image.CopyInformation(labels)
+    return image
 
 
 def _uniform(generator: torch.Generator, high: float, device: torch.device) -> torch.Tensor:
@@ -266,9 +310,10 @@ class Synthesiser:
 
     Per pair: a source label map (a random map, or a random slice of a 3D map for 2D training)
     is placed with a random offset; its shape is changed by a random diffeomorphism (variety
-    beyond the few maps there are); the moving labels are the fixed labels seen through
-    ``T(y) = A(y + w(y))``, ``w = exp(v)`` with ``v`` smooth noise and ``A`` a small affine;
-    then each image gets its own random contrast. The true flow is ``T⁻¹(x) − x`` with
+    beyond the few maps there are); the moving labels are the fixed labels (or, with
+    probability ``other_subject``, another aligned map's) seen through ``T(y) = A(y + w(y))``,
+    ``w = exp(v)`` with ``v`` smooth noise and ``A`` a small affine; then each image gets its
+    own random contrast. The true flow (one map only) is ``T⁻¹(x) − x`` with
     ``T⁻¹(x) = z + exp(−v)(z)``, ``z = A⁻¹x``: diffeomorphic by construction.
     """
 
@@ -290,6 +335,13 @@ class Synthesiser:
             self.maps = [m.to(self.device) for m in label_maps.maps]
             if any(m.dim() < self.dim for m in self.maps):
                 raise InputError(f"{self.dim}D training needs {self.dim}D or 3D label maps")
+        if self.config.other_subject > 0 and (
+            label_maps is None or not label_maps.aligned or len(label_maps.maps) < 2
+        ):
+            raise InputError(
+                "pairs from two label maps (other_subject > 0) need at least two label maps "
+                "loaded with align=True (deepregister train --label-maps ... --other-subject P)"
+            )
         self.count = label_maps.count if label_maps is not None else self.config.shape_labels
         values = label_maps.values if label_maps is not None else []
         self.t1_means = torch.tensor(
@@ -306,20 +358,31 @@ class Synthesiser:
         t1 = (self.t1_means + self.config.t1_jitter * jitter).clamp(0, 1)
         return torch.where(self.t1_means.isnan(), means, t1)
 
-    def _source(self, generator: torch.Generator) -> torch.Tensor:
-        """A source label map (*source_shape) as int64 indices."""
+    def _sources(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fixed and moving source label maps (*source_shape) as int64 indices: one map,
+        or two aligned maps with probability ``other_subject``."""
         if self.label_maps is None:
-            return random_shapes(
+            source = random_shapes(
                 self.shape, self.count, self.config.shape_spacing, generator, self.device
             )
-        index = int(torch.randint(len(self.maps), (), generator=generator, device=self.device))
-        source = self.maps[index]
-        if source.dim() == 3 and self.dim == 2:
-            axis = int(torch.randint(3, (), generator=generator, device=self.device))
-            extent = source.shape[axis]
-            fraction = 0.25 + 0.5 * float(torch.rand((), generator=generator, device=self.device))
-            source = source.select(axis, min(int(fraction * extent), extent - 1))
-        return source.long()
+            return source, source
+        device = self.device
+        index = int(torch.randint(len(self.maps), (), generator=generator, device=device))
+        other = index
+        # No draw when other_subject is 0: runs from before this option see the same pairs.
+        chance = self.config.other_subject
+        if chance > 0 and float(torch.rand((), generator=generator, device=device)) < chance:
+            other = int(torch.randint(len(self.maps) - 1, (), generator=generator, device=device))
+            other += other >= index
+        fixed, moving = self.maps[index], self.maps[other]
+        if fixed.dim() == 3 and self.dim == 2:
+            axis = int(torch.randint(3, (), generator=generator, device=device))
+            extent = fixed.shape[axis]
+            fraction = 0.25 + 0.5 * float(torch.rand((), generator=generator, device=device))
+            position = min(int(fraction * extent), extent - 1)
+            fixed, moving = fixed.select(axis, position), moving.select(axis, position)
+        fixed = fixed.long()
+        return fixed, (fixed if other == index else moving.long())
 
     def _offset(self, source_shape: tuple[int, ...], generator) -> torch.Tensor:
         """Training grid → source voxels: centred, jittered so crops cover the whole source."""
@@ -332,7 +395,7 @@ class Synthesiser:
 
     def _pair(self, generator: torch.Generator) -> SyntheticPair:
         config, device, dim = self.config, self.device, self.dim
-        source = self._source(generator)
+        source, moving_map = self._sources(generator)
         offset = self._offset(tuple(source.shape), generator).view(1, dim, *([1] * dim))
         identity = identity_grid(self.shape, device)
         centre = (torch.tensor(self.shape, device=device, dtype=torch.float32) - 1) / 2
@@ -362,14 +425,15 @@ class Synthesiser:
         # Fixed position x ↦ source position x + s(x) + offset.
         fixed_source = identity + shape_change + offset
         moving_source = to_fixed + sample(shape_change, to_fixed, padding_mode="border") + offset
-        source_float = source.float()[None, None]
-        fixed_labels = sample(source_float, fixed_source, mode="nearest").round().long()
-        moving_labels = sample(source_float, moving_source, mode="nearest").round().long()
+        fixed_labels = sample(source.float()[None, None], fixed_source, mode="nearest")
+        moving_labels = sample(moving_map.float()[None, None], moving_source, mode="nearest")
+        fixed_labels, moving_labels = fixed_labels.round().long(), moving_labels.round().long()
 
-        # True flow: T⁻¹(x) − x with T⁻¹(x) = z + exp(−v)(z), z = A⁻¹(x − t).
-        z = _apply_matrix(torch.linalg.inv(matrix), identity - translation, centre)
-        inverse = exp(-v)
-        flow = z + sample(inverse, z, padding_mode="border") - identity
+        flow = None
+        if moving_map is source:
+            # True flow: T⁻¹(x) − x with T⁻¹(x) = z + exp(−v)(z), z = A⁻¹(x − t).
+            z = _apply_matrix(torch.linalg.inv(matrix), identity - translation, centre)
+            flow = z + sample(exp(-v), z, padding_mode="border") - identity
 
         t1_like = float(torch.rand((), generator=generator, device=device)) < config.t1_like
         means = self._means(generator, t1_like)
@@ -384,9 +448,11 @@ class Synthesiser:
     def __call__(self, generator: torch.Generator, batch: int = 1) -> SyntheticPair:
         """``batch`` pairs drawn from ``generator`` (which must live on this device)."""
         pairs = [self._pair(generator) for _ in range(batch)]
+        flows = [p.flow for p in pairs]
         return SyntheticPair(
             *(
                 torch.cat([getattr(p, name) for p in pairs])
-                for name in ("fixed", "moving", "fixed_labels", "moving_labels", "flow")
-            )
+                for name in ("fixed", "moving", "fixed_labels", "moving_labels")
+            ),
+            flow=None if any(f is None for f in flows) else torch.cat(flows),
         )

@@ -112,6 +112,7 @@ class TrainingConfig:
             ("real-pair fraction", self.real_fraction),
             ("same-contrast probability", self.synthesis.same_contrast),
             ("T1-like probability", self.synthesis.t1_like),
+            ("other-subject probability", self.synthesis.other_subject),
         ):
             if not 0 <= value <= 1:
                 raise InputError(f"the {name} must be in [0, 1], got {value}")

@@ -69,6 +69,15 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "maps only; default 0)",
     )
     data.add_argument(
+        "--other-subject",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="probability that a synthetic pair's moving image comes from another label map "
+        "than its fixed image (real inter-subject anatomy; the maps are first aligned to the "
+        "first one by the affine stage). Default 0: one map, randomly deformed",
+    )
+    data.add_argument(
         "--real-pairs",
         type=Path,
         help="real training pairs: a CSV (fixed,moving[,fixed_labels,moving_labels]) or a "
@@ -195,7 +204,11 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
         seed=args.seed,
         mixed_precision=args.mixed_precision,
         network=network,
-        synthesis=SynthesisConfig(same_contrast=args.same_contrast, t1_like=args.t1_like),
+        synthesis=SynthesisConfig(
+            same_contrast=args.same_contrast,
+            t1_like=args.t1_like,
+            other_subject=args.other_subject,
+        ),
     )
     config.check()
     return config
@@ -212,7 +225,13 @@ def _train(args: argparse.Namespace) -> None:
     if args.label_maps:
         files = _label_map_files(args.label_maps)
         print(f"loading {len(files)} label maps at {config.spacing_mm:g} mm")
-        label_maps = load_label_maps(files, config.spacing_mm, args.background_from)
+        label_maps = load_label_maps(
+            files,
+            config.spacing_mm,
+            args.background_from,
+            align=config.synthesis.other_subject > 0,
+            progress=lambda message: print(message, flush=True),
+        )
     result = train(
         config,
         args.out,

@@ -19,7 +19,7 @@ from DeepRegisterLib.errors import InputError, ModelError
 from DeepRegisterLib.geometry import Grid, flow_voxels_to_mm
 from DeepRegisterLib.models import find_model, load_model
 from DeepRegisterLib.networks import NetworkConfig, identity_grid, warp
-from DeepRegisterLib.synthesis import SynthesisConfig, Synthesiser, load_label_maps
+from DeepRegisterLib.synthesis import LabelMaps, SynthesisConfig, Synthesiser, load_label_maps
 from DeepRegisterLib.training import (
     BEST,
     CHECKPOINT,
@@ -157,6 +157,68 @@ def test_label_maps_from_files_are_resampled_cropped_and_relabelled(tmp_path: Pa
     assert set(torch.unique(pair.fixed_labels).tolist()) <= {0, 1, 2}
 
 
+def _head(tmp_path: Path, name: str, transform: sitk.Transform | None = None) -> Path:
+    """An asymmetric three-label "head" (1 mm), optionally moved by ``transform``."""
+    k, j, i = np.mgrid[:48, :48, :48].astype(float)
+    outer = ((i - 24) / 15) ** 2 + ((j - 24) / 12) ** 2 + ((k - 24) / 10) ** 2 <= 1
+    inner = ((i - 20) / 6) ** 2 + ((j - 26) / 5) ** 2 + ((k - 24) / 4) ** 2 <= 1
+    blob = (i - 32) ** 2 + (j - 18) ** 2 + (k - 27) ** 2 <= 9
+    array = np.where(blob, 17, np.where(inner, 4, np.where(outer, 2, 0))).astype(np.int16)
+    image = sitk.GetImageFromArray(array)
+    if transform is not None:
+        image = sitk.Resample(image, image, transform, sitk.sitkNearestNeighbor, 0)
+    sitk.WriteImage(image, str(tmp_path / name))
+    return tmp_path / name
+
+
+def test_aligned_label_maps_share_the_first_grid_in_register(tmp_path: Path) -> None:
+    """A second subject in another pose is brought onto the first map's grid by the affine
+    stage: pairs of two maps then differ by anatomy, not by pose."""
+    pose = sitk.Euler3DTransform((23.5, 23.5, 23.5), 0.0, 0.0, np.radians(10), (3.0, -2.0, 0.0))
+    first, second = _head(tmp_path, "a.nii.gz"), _head(tmp_path, "b.nii.gz", pose)
+
+    as_they_are = load_label_maps([first, second], spacing_mm=2.0)
+    aligned = load_label_maps([first, second], spacing_mm=2.0, align=True)
+
+    assert not as_they_are.aligned
+    assert aligned.aligned
+    assert aligned.maps[0].shape == aligned.maps[1].shape
+    assert torch.equal(aligned.maps[0], as_they_are.maps[0])
+    assert _dice(aligned.maps[0], aligned.maps[1]) > 0.9
+    unmoved = [torch.from_numpy(sitk.GetArrayFromImage(sitk.ReadImage(p))) for p in (first, second)]
+    assert _dice(*unmoved) < 0.8  # the pose difference that the alignment removed
+
+
+def _two_subjects(aligned: bool = True) -> LabelMaps:
+    one = torch.ones((24, 24, 24), dtype=torch.uint8)
+    return LabelMaps([one, 2 * one], [0, 1, 2], 1.0, ["one", "two"], aligned=aligned)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_other_subject_pairs_take_the_moving_labels_from_another_map(dim: int) -> None:
+    def nonzero(labels: torch.Tensor) -> set[int]:
+        return set(torch.unique(labels).tolist()) - {0}
+
+    generator = torch.Generator().manual_seed(0)
+    other = Synthesiser(SHAPES[dim], SynthesisConfig(other_subject=1.0), _two_subjects())
+    for _ in range(4):
+        pair = other(generator)
+        assert {*nonzero(pair.fixed_labels), *nonzero(pair.moving_labels)} == {1, 2}
+        assert pair.flow is None  # two anatomies: no true flow exists
+
+    same = Synthesiser(SHAPES[dim], SynthesisConfig(other_subject=0.0), _two_subjects())
+    pair = same(generator, batch=2)
+    assert nonzero(pair.fixed_labels[:1]) == nonzero(pair.moving_labels[:1])
+    assert pair.flow is not None
+    assert pair.flow.shape == (2, dim, *SHAPES[dim])
+
+
+@pytest.mark.parametrize("maps", [None, _two_subjects(aligned=False)])
+def test_other_subject_pairs_need_aligned_label_maps(maps: LabelMaps | None) -> None:
+    with pytest.raises(InputError, match="align=True"):
+        Synthesiser((16, 16, 16), SynthesisConfig(other_subject=0.5), maps)
+
+
 # --- training ------------------------------------------------------------------------------
 
 
@@ -258,6 +320,11 @@ def test_config_check_refuses_a_shape_the_network_cannot_take() -> None:
         _config(shape=(30, 30)).check()
 
 
+def test_config_check_refuses_an_other_subject_probability_above_one() -> None:
+    with pytest.raises(InputError, match="other-subject probability"):
+        _config(synthesis=SynthesisConfig(other_subject=1.5)).check()
+
+
 # --- real pairs ---------------------------------------------------------------------------
 
 
@@ -304,6 +371,20 @@ def test_cli_trains_and_saves_a_model(tmp_path: Path, capsys: pytest.CaptureFixt
     assert run_train(args) == 0
     assert find_model(tmp_path / "models" / "cli.pt").network.encoder == (4, 4, 4, 4)
     assert '"kind": "synthetic"' in capsys.readouterr().out
+
+
+def test_cli_trains_on_pairs_of_two_aligned_label_maps(tmp_path: Path) -> None:
+    pose = sitk.Euler3DTransform((23.5, 23.5, 23.5), np.radians(6), 0.0, 0.0, (0.0, 2.0, 1.0))
+    maps = [_head(tmp_path, "a.nii.gz"), _head(tmp_path, "b.nii.gz", pose)]
+    args = _parse(
+        "--out", str(tmp_path / "run"), "--name", "pairs", "--label-maps", *map(str, maps),
+        "--other-subject", "1", "--shape", "16", "16", "16", "--spacing", "2", "--steps", "2",
+        "--validate-every", "2", "--encoder", "4", "4", "4", "4", "--decoder", "4", "4", "4",
+        "4", "4", "--threads", "1", "--device", "cpu",
+    )  # fmt: skip
+    assert run_train(args) == 0
+    recorded = json.loads((tmp_path / "run" / "pairs.json").read_text())["training"]
+    assert recorded["config"]["synthesis"]["other_subject"] == 1.0
 
 
 def test_cli_reports_bad_options_as_input_errors(
