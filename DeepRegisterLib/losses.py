@@ -30,9 +30,23 @@ def lncc(
     fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None, window: int = 7
 ) -> torch.Tensor:
     """Negative local normalised cross-correlation (squared, as in VoxelMorph): -1 is perfect."""
-    mu_f, mu_w = _box(fixed, window), _box(warped, window)
-    var_f = (_box(fixed * fixed, window) - mu_f * mu_f).clamp_min(0)
-    var_w = (_box(warped * warped, window) - mu_w * mu_w).clamp_min(0)
+    return _lncc_to(fixed, _local_statistics(fixed, window), warped, mask, window)
+
+
+def _local_statistics(image: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = _box(image, window)
+    return mean, (_box(image * image, window) - mean * mean).clamp_min(0)
+
+
+def _lncc_to(
+    fixed: torch.Tensor,
+    fixed_statistics: tuple[torch.Tensor, torch.Tensor],
+    warped: torch.Tensor,
+    mask: torch.Tensor | None,
+    window: int,
+) -> torch.Tensor:
+    mu_f, var_f = fixed_statistics
+    mu_w, var_w = _local_statistics(warped, window)
     cross = _box(fixed * warped, window) - mu_f * mu_w
     # ε in numerator and denominator: cc ≤ 1, and exactly 1 for identical windows, even flat
     # ones. With ε only below, warps that invent contrast in flat regions would score better
@@ -82,7 +96,13 @@ def mind(
     fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None, window: int = 3
 ) -> torch.Tensor:
     """MSE between MIND descriptors: the multimodal measure."""
-    diff = (mind_descriptor(fixed, window) - mind_descriptor(warped, window)) ** 2
+    return _mind_to(mind_descriptor(fixed, window), warped, mask, window)
+
+
+def _mind_to(
+    fixed_descriptor: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None, window: int
+) -> torch.Tensor:
+    diff = (fixed_descriptor - mind_descriptor(warped, window)) ** 2
     return _masked_mean(diff.mean(dim=1, keepdim=True), mask)
 
 
@@ -92,6 +112,22 @@ def similarity_function(name: str) -> Callable[..., torch.Tensor]:
     if name not in functions:
         raise ValueError(f"unknown similarity {name!r}; choose one of {', '.join(SIMILARITIES)}")
     return functions[name]
+
+
+def similarity_to(
+    name: str, fixed: torch.Tensor, mask: torch.Tensor | None, window: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``warped ↦ similarity(fixed, warped, mask, window)``, with what depends on ``fixed``
+    alone computed once: instance optimisation compares one fixed image with a new warped
+    image at every step (for MIND, the fixed descriptor is about half of each evaluation)."""
+    similarity_function(name)  # refuses unknown names
+    if name == "lncc":
+        statistics = _local_statistics(fixed, window)
+        return lambda warped: _lncc_to(fixed, statistics, warped, mask, window)
+    if name == "mind":
+        descriptor = mind_descriptor(fixed, window)
+        return lambda warped: _mind_to(descriptor, warped, mask, window)
+    return lambda warped: mse(fixed, warped, mask, window)
 
 
 def diffusion(flow: torch.Tensor) -> torch.Tensor:

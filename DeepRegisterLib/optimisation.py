@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import stop_if_cancelled
-from .losses import diffusion, similarity_function
+from .losses import diffusion, similarity_function, similarity_to
 from .networks import integrate_velocity, resize_flow, warp
 from .presets import Level
 
@@ -109,7 +109,7 @@ def optimise_velocity(
 
     ``levels`` pairs each level's grid shape with its settings, coarse first.
     """
-    sim = similarity_function(similarity)
+    similarity_function(similarity)  # refuses unknown names before any work
     fine_shape = tuple(fixed.shape[2:])
     velocity = (
         torch.zeros((1, len(fine_shape), *fine_shape), device=fixed.device, dtype=fixed.dtype)
@@ -128,6 +128,7 @@ def optimise_velocity(
             downsample_image(moving, shape),
             None if mask is None else (downsample_image(mask, shape) > 0.5).to(fixed.dtype),
         )
+        similarity_to_fixed = similarity_to(similarity, images.fixed, images.mask, window)
         # The velocity may live on a coarser control grid (VoxelMorph's int_downsize): a smooth
         # field loses little detail, and integration costs up to 8× less in 3D.
         factor = min(2.0, max(1.0, level.control_mm / level.spacing_mm))
@@ -147,7 +148,7 @@ def optimise_velocity(
             control_flow = integrate_velocity(_smooth(parameter) * taper, level.integration_steps)
             cancel_point()
             warped = warp(images.moving, resize_flow(control_flow, shape))
-            loss = sim(images.fixed, warped, images.mask, window)
+            loss = similarity_to_fixed(warped)
             loss = loss + regularization * diffusion(control_flow)
             cancel_point()
             # A step on a CT-sized grid takes seconds: asked after integrating, after the forward
