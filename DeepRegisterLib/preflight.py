@@ -51,6 +51,15 @@ def check_geometry(image: sitk.Image, what: str) -> None:
             f"{what} has a singular or invalid direction matrix {tuple(direction.ravel())}; "
             "its axes must be independent. Fix the file header and try again."
         )
+    subnormal = (direction != 0) & (np.abs(direction) < np.finfo(np.float64).tiny)
+    if subnormal.any():
+        # ITK's SVD of such a matrix fails, and its resampling then returns zeros silently.
+        raise InputError(
+            f"{what} has direction cosines too small for ITK to handle "
+            f"({direction[subnormal][0]:.3g}, a subnormal number; it means 0). Round the "
+            "direction matrix, e.g. image.SetDirection(numpy.round(image.GetDirection(), 12)), "
+            "and try again."
+        )
     if not np.all(np.isfinite(image.GetOrigin())):
         raise InputError(f"{what} has a non-finite origin {image.GetOrigin()}")
 

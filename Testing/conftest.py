@@ -27,15 +27,20 @@ PointMap = Callable[[np.ndarray], np.ndarray]
 
 
 def rotation_matrix(axis: tuple[float, ...], degrees: float) -> np.ndarray:
-    """Rotation by ``degrees`` about ``axis`` (3D, Rodrigues) or in the plane (2D: axis ignored)."""
+    """Rotation by ``degrees`` about ``axis`` (3D, Rodrigues) or in the plane (2D: axis ignored).
+
+    Entries below 1e-15 are 0, as in any file: vanishing angles or axis components would
+    otherwise give subnormal direction cosines, which the pre-flight check refuses."""
     angle = math.radians(degrees)
     if len(axis) == 2:
         c, s = math.cos(angle), math.sin(angle)
-        return np.array([[c, -s], [s, c]])
-    k = np.asarray(axis, dtype=np.float64)
-    k = k / np.linalg.norm(k)
-    cross = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-    return np.eye(3) + math.sin(angle) * cross + (1 - math.cos(angle)) * cross @ cross
+        matrix = np.array([[c, -s], [s, c]])
+    else:
+        k = np.asarray(axis, dtype=np.float64)
+        k = k / np.linalg.norm(k)
+        cross = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+        matrix = np.eye(3) + math.sin(angle) * cross + (1 - math.cos(angle)) * cross @ cross
+    return np.where(np.abs(matrix) < 1e-15, 0.0, matrix)
 
 
 def oblique_grid(

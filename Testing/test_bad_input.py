@@ -203,6 +203,18 @@ def test_zero_negative_spacing_and_a_singular_direction_are_refused(geometry, me
         check_intensity_image(GeometryStandIn(**geometry), "the moving image")
 
 
+def test_subnormal_direction_cosines_are_refused_with_the_remedy() -> None:
+    """A script can build them (1e-310 from a rotation by a vanishing angle); ITK's SVD then
+    fails and resampling returns zeros, so they are refused before any work."""
+    image = sitk.GetImageFromArray(np.arange(512, dtype=np.float32).reshape(8, 8, 8))
+    tiny = 1e-310
+    image.SetDirection((1.0, -tiny, 0.0, tiny, 1.0, 0.0, 0.0, 0.0, 1.0))
+    with pytest.raises(InputError, match=r"subnormal.*numpy.round"):
+        check_intensity_image(image, "the moving image")
+    image.SetDirection(tuple(np.round(image.GetDirection(), 12)))
+    check_intensity_image(image, "the moving image")
+
+
 def test_simpleitk_itself_cannot_build_such_geometry_in_memory() -> None:
     """Why the pre-flight check above uses a stand-in: ITK refuses these outright."""
     image = sitk.Image([8, 8, 8], sitk.sitkFloat32)
