@@ -23,7 +23,7 @@ from .affine import normalised_for_registration, register_normalised, to_affine
 from .errors import InputError, ModelError, stop_if_cancelled
 from .fileio import read_image
 from .geometry import Grid, flow_voxels_to_mm, is_linear
-from .losses import SIMILARITIES
+from .losses import SIMILARITIES, similarity_to
 from .models import DEFAULT_MODELS, ModelInfo, available_models, find_model, load_model
 from .networks import integrate_velocity, warp
 from .optimisation import level_shape, optimise_velocity
@@ -310,9 +310,9 @@ def register(
         fixed_mask=fixed_mask_img, moving_mask=moving_mask_img, label_maps=label_maps,
         fixed_labels=fixed_label_img, initial_transform=initial_transform, affine=affine,
         settings=settings, similarity=similarity, regularization=weight, model_info=model_info,
-        network_grid=network_grid, compute_inverse=compute_inverse,
-        compute_jacobian=compute_jacobian, seed=seed, started=started,
-        estimated_bytes=plan.estimated_bytes,
+        default_model=str(model) == "default", network_grid=network_grid,
+        compute_inverse=compute_inverse, compute_jacobian=compute_jacobian, seed=seed,
+        started=started, estimated_bytes=plan.estimated_bytes,
     )  # fmt: skip
 
     def run(device: torch.device, notes: tuple[str, ...]) -> RegistrationResult:
@@ -350,6 +350,7 @@ class _Job:
     similarity: str
     regularization: float
     model_info: ModelInfo | None
+    default_model: bool  # model_info was chosen by model="default", not named by the user
     network_grid: Grid
     compute_inverse: bool
     compute_jacobian: bool
@@ -411,7 +412,7 @@ def _run(
         )
     )  # fmt: skip
 
-    velocity = None
+    velocity, model_info = None, job.model_info
     if job.model_info is not None:
         stages.report("network", 0.0, f"running model {job.model_info.name}")
         network = load_model(job.model_info, device)
@@ -422,6 +423,19 @@ def _run(
                 f"model {job.model_info.name!r} produced non-finite (NaN or infinite) output: its "
                 "weights are corrupt or it was trained badly; reinstall or retrain it"
             )
+        if job.default_model:
+            steps = job.model_info.network.integration_steps
+            before, after = _similarity_change(job, f_t, m_t, mask_t, velocity, steps)
+            if not after < before:
+                # A model chosen for the user must not make things worse: images unlike its
+                # training data (another anatomy or contrast) can mislead it.
+                note = (
+                    f"model: the default model {job.model_info.name!r} made the {job.similarity} "
+                    f"loss worse than the affine alone ({before:.4f} → {after:.4f}), so its "
+                    "output was not used; these images may be unlike its training data"
+                )
+                stages.report("network", 1.0, note)
+                notes, velocity, model_info = (*notes, note), None, None
         stages.report("network", 1.0, "network done")
     timings["network_s"] = time.perf_counter() - tick
     stages.check("after the network")
@@ -509,8 +523,8 @@ def _run(
             "timings": timings,
             "device": str(device),
             "preset": job.settings.name,
-            "model": None if job.model_info is None else job.model_info.name,
-            "model_sha256": None if job.model_info is None else job.model_info.sha256,
+            "model": None if model_info is None else model_info.name,
+            "model_sha256": None if model_info is None else model_info.sha256,
             "seed": job.seed,
             "regularization": job.regularization,
             "network_grid": {
@@ -539,6 +553,22 @@ def _run(
         inverse_displacement=inverse,
         report=report,
     )
+
+
+def _similarity_change(
+    job: _Job,
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    mask: torch.Tensor | None,
+    velocity: torch.Tensor,
+    integration_steps: int,
+) -> tuple[float, float]:
+    """The optimisation's loss on the network grid after the affine alone, and after the
+    network's deformation as well (lower is better)."""
+    loss = similarity_to(job.similarity, fixed, mask, job.settings.window)
+    with torch.inference_mode():
+        flow = integrate_velocity(velocity, integration_steps)
+        return float(loss(moving)), float(loss(warp(moving, flow)))
 
 
 def _domain_image(image: sitk.Image) -> sitk.Image:

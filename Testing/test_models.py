@@ -207,13 +207,23 @@ def test_an_unknown_model_name_lists_the_available_ones(
         models.find_model("tiny")
 
 
+def a_locally_deformed_2d_pair() -> tuple[sitk.Image, sitk.Image]:
+    """A bump of 3 mm that the affine stage cannot undo: something for a network to do."""
+    grid = oblique_grid(2, size=(48, 40))
+    centre = grid_centre(grid)
+    phantom = make_phantom(2, centre, scale_mm=12.0)
+
+    def bump(y: np.ndarray) -> np.ndarray:
+        weight = np.exp(-((y - centre) ** 2).sum(-1, keepdims=True) / (2 * 8.0**2))
+        return y + 3.0 * weight * np.array([1.0, 0.5])
+
+    return phantom.image(grid), phantom.image(grid, through=bump)
+
+
 def test_the_default_model_is_left_out_of_cross_contrast_runs_and_a_named_one_is_not() -> None:
     """The shipped models are same-contrast: on 20 fs-dev pairs with a T2-like moving image
     they made the alignment worse than the affine alone on every pair (model_check.py)."""
-    grid = oblique_grid(2, size=(48, 40))
-    phantom = make_phantom(2, grid_centre(grid), scale_mm=12.0)
-    fixed = phantom.image(grid)
-    moving = phantom.image(grid, through=lambda y: y - np.array([1.5, -1.0]))
+    fixed, moving = a_locally_deformed_2d_pair()
     options = dict(preset="fast", iterations=3, device="cpu")
     default_name = models.DEFAULT_MODELS[2]
 
@@ -229,3 +239,37 @@ def test_the_default_model_is_left_out_of_cross_contrast_runs_and_a_named_one_is
     named = register(fixed, moving, model=default_name, similarity="mind", **options)
     assert named.report["model"] == default_name
     assert named.report["notes"] == []
+
+
+def test_a_default_model_that_makes_the_loss_worse_is_not_used_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Images unlike a model's training data can mislead it; a model the user did not name
+    must then not make the result worse than running without it."""
+    torch.manual_seed(0)
+    network = VxmDense(NetworkConfig(dim=2, **SMALL)).eval()
+    for parameter in network.parameters():  # a large random flow
+        torch.nn.init.normal_(parameter, std=0.3)
+    models.save_model(network, tmp_path / "mine", "misled2d")
+    for parameter in network.parameters():  # the same network, predicting no flow at all
+        torch.nn.init.zeros_(parameter)
+    models.save_model(network, tmp_path / "mine", "still2d")
+    monkeypatch.setenv("DEEPREGISTER_MODEL_PATH", str(tmp_path / "mine"))
+    monkeypatch.setitem(models.DEFAULT_MODELS, 2, "misled2d")
+    fixed, moving = a_locally_deformed_2d_pair()
+    options = dict(preset="fast", iterations=3, device="cpu")
+
+    default = register(fixed, moving, model="default", **options)
+    (note,) = default.report["notes"]
+    assert "default model 'misled2d' made the lncc loss worse than the affine alone" in note
+    assert default.report["model"] is None
+    unused = register(fixed, moving, model="still2d", **options)  # same grid, zero flow
+    assert np.array_equal(image_array(default.displacement), image_array(unused.displacement))
+
+    named = register(fixed, moving, model="misled2d", **options)  # the user's explicit choice
+    assert named.report["model"] == "misled2d"
+    assert named.report["notes"] == []
+
+
+def image_array(image: sitk.Image) -> np.ndarray:
+    return sitk.GetArrayFromImage(image)
