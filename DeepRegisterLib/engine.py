@@ -273,16 +273,26 @@ def register(
     )  # fmt: skip
 
     fixed_grid = Grid.of(fixed_image)
-    spacing = (
-        model_info.spacing_mm if model_info is not None
-        else min(level.spacing_mm for level in settings.levels)
-    )  # fmt: skip
     stages.check("during the input checks")
     # Normalised once: it gives both the foreground box and the network's fixed input.
     fixed_norm = normalised_for_registration(fixed_image, stages.cancelled)
     stages.check("during the input checks")
     foreground = fixed_mask_img if fixed_mask_img is not None else fixed_norm > 0.05
     lower, upper = foreground_box(fixed_image, foreground)
+    extent_mm = float(np.max((upper - lower + 1) * np.asarray(fixed_grid.spacing)))
+    limit_mm = None if model_info is None else model_info.max_extent_mm
+    if limit_mm is not None and str(model) == "default" and extent_mm > limit_mm:
+        notes = (
+            *notes,
+            f"model: the default model {model_info.name!r} is for fields of view up to "
+            f"{limit_mm:g} mm and this one spans {extent_mm:.0f} mm, so the run starts from the "
+            "affine alone; name the model to use it",
+        )
+        model_info = None
+    spacing = (
+        model_info.spacing_mm if model_info is not None
+        else min(level.spacing_mm for level in settings.levels)
+    )  # fmt: skip
     multiple = model_info.network.multiple if model_info is not None else 2
 
     def network_grid_at(spacing_mm: float) -> Grid:

@@ -60,16 +60,25 @@ class ModelInfo:
 
     @property
     def spacing_mm(self) -> float:
-        value = self.config.get("input_spacing_mm", 2.0)
+        return self._positive("input_spacing_mm", 2.0)
+
+    @property
+    def max_extent_mm(self) -> float | None:
+        """The largest field of view (fixed foreground box, mm) the model was trained for, if
+        it says: above it the images are not what it has seen (a body CT for a brain model)."""
+        if self.config.get("max_extent_mm") is None:
+            return None
+        return self._positive("max_extent_mm", math.nan)
+
+    def _positive(self, key: str, default: float) -> float:
+        value = self.config.get(key, default)
         try:
-            spacing = float(value)
+            number = float(value)
         except (TypeError, ValueError):
-            spacing = math.nan
-        if not math.isfinite(spacing) or spacing <= 0:
-            raise ModelError(
-                f"model {self.name!r}: input_spacing_mm must be a positive number, got {value!r}"
-            )
-        return spacing
+            number = math.nan
+        if not math.isfinite(number) or number <= 0:
+            raise ModelError(f"model {self.name!r}: {key} must be a positive number, got {value!r}")
+        return number
 
     @property
     def sha256(self) -> str:

@@ -273,3 +273,43 @@ def test_a_default_model_that_makes_the_loss_worse_is_not_used_and_says_so(
 
 def image_array(image: sitk.Image) -> np.ndarray:
     return sitk.GetArrayFromImage(image)
+
+
+def test_the_default_model_is_left_out_beyond_the_field_of_view_it_was_trained_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A brain model must not seed a body CT: its JSON's ``max_extent_mm`` bounds the fixed
+    foreground it is used on by default."""
+    torch.manual_seed(0)
+    network = VxmDense(NetworkConfig(dim=3, **SMALL))
+    extra = {"input_spacing_mm": 3.0, "max_extent_mm": 20.0}
+    models.save_model(network, tmp_path / "mine", "small3d", extra_config=extra)
+    monkeypatch.setenv("DEEPREGISTER_MODEL_PATH", str(tmp_path / "mine"))
+    monkeypatch.setitem(models.DEFAULT_MODELS, 3, "small3d")
+    grid = oblique_grid(3, size=(28, 26, 24))
+    phantom = make_phantom(3, grid_centre(grid), scale_mm=10.0)
+    fixed = phantom.image(grid)
+    moving = phantom.image(grid, through=lambda y: y - np.array([1.5, -1.0, 1.0]))
+    options = dict(preset="fast", iterations=2, device="cpu")
+
+    default = register(fixed, moving, model="default", **options)
+    assert default.report["model"] is None
+    assert any("is for fields of view up to 20 mm" in note for note in default.report["notes"])
+
+    named = register(fixed, moving, model="small3d", **options)
+    assert named.report["model"] == "small3d"
+    assert named.report["notes"] == []
+
+
+@pytest.mark.parametrize("value", ["wide", -5, 0])
+def test_a_default_model_with_an_invalid_field_of_view_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value
+) -> None:
+    network = VxmDense(NetworkConfig(dim=3, **SMALL))
+    models.save_model(network, tmp_path, "odd3d", extra_config={"max_extent_mm": value})
+    monkeypatch.setenv("DEEPREGISTER_MODEL_PATH", str(tmp_path))
+    monkeypatch.setitem(models.DEFAULT_MODELS, 3, "odd3d")
+    grid = oblique_grid(3, size=(20, 20, 20))
+    image = make_phantom(3, grid_centre(grid), scale_mm=8.0).image(grid)
+    with pytest.raises(ModelError, match="max_extent_mm must be a positive number"):
+        register(image, image, model="default", preset="fast", iterations=1, device="cpu")
