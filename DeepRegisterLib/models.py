@@ -21,9 +21,10 @@ import torch
 from .errors import ModelError
 from .networks import MAX_PARAMETERS, NetworkConfig, VxmDense
 
-# The model "default" means, per dimension. brain3d ships but is not the 3D default: as a
-# starting point it does not yet improve the final, instance-optimised result (its model card).
-DEFAULT_MODELS: dict[int, str] = {2: "slice2d"}
+# The model "default" means, per dimension. On the 20 ordered fs-dev pairs brain3d lifts the
+# network-only result by about 0.1 Dice over the affine stage and the presets slightly (its
+# card); the engine still leaves it out where it does not apply (engine.register).
+DEFAULT_MODELS: dict[int, str] = {2: "slice2d", 3: "brain3d"}
 # The largest permitted network in float64, plus room for the archive's own records.
 MAX_WEIGHTS_BYTES = 8 * MAX_PARAMETERS + (16 << 20)
 
