@@ -426,8 +426,15 @@ def _run(
     if job.model_info is not None:
         stages.report("network", 0.0, f"running model {job.model_info.name}")
         network = load_model(job.model_info, device)
+        # The forward pass takes seconds on a head-sized grid: asked before every layer.
+        for layer in network.modules():
+            if not any(layer.children()):
+                layer.register_forward_pre_hook(
+                    lambda *_: stages.check("while running the network")
+                )
         with torch.inference_mode():
             velocity = network.velocity(f_t, m_t).clone()
+        stages.check("after the network")
         if not bool(torch.isfinite(velocity).all()):
             raise ModelError(
                 f"model {job.model_info.name!r} produced non-finite (NaN or infinite) output: its "
@@ -435,7 +442,9 @@ def _run(
             )
         if job.default_model:
             steps = job.model_info.network.integration_steps
-            before, after = _similarity_change(job, f_t, m_t, mask_t, velocity, steps)
+            before, after = _similarity_change(
+                job, f_t, m_t, mask_t, velocity, steps, stages.cancelled
+            )
             if not after < before:
                 # A model chosen for the user must not make things worse: images unlike its
                 # training data (another anatomy or contrast) can mislead it.
@@ -572,13 +581,17 @@ def _similarity_change(
     mask: torch.Tensor | None,
     velocity: torch.Tensor,
     integration_steps: int,
+    is_cancelled: Callable[[], bool],
 ) -> tuple[float, float]:
     """The optimisation's loss on the network grid after the affine alone, and after the
     network's deformation as well (lower is better)."""
     loss = similarity_to(job.similarity, fixed, mask, job.settings.window)
     with torch.inference_mode():
+        before = float(loss(moving))
+        stop_if_cancelled(is_cancelled, "after the network")
         flow = integrate_velocity(velocity, integration_steps)
-        return float(loss(moving)), float(loss(warp(moving, flow)))
+        stop_if_cancelled(is_cancelled, "after the network")
+        return before, float(loss(warp(moving, flow)))
 
 
 def _domain_image(image: sitk.Image) -> sitk.Image:
