@@ -243,15 +243,7 @@ def register(
         raise InputError(f"the memory limit must be positive, got {max_memory_bytes} bytes")
     torch_device = resolve_device(device)
     model_info = resolve_model(model, dim)
-    notes: tuple[str, ...] = ()
-    if model_info is not None and str(model) == "default" and similarity == "mind":
-        # Measured on 20 fs-dev pairs with a T2-like moving image: the shipped same-contrast
-        # models made the alignment worse than the affine alone on every pair.
-        notes = (
-            f"model: the default model {model_info.name!r} is trained for same-contrast pairs, so "
-            "this cross-contrast (MIND) run starts from the affine alone; name the model to use it",
-        )
-        model_info = None
+    default_model = str(model) == "default"
     fixed_mask_img = (
         None if fixed_mask is None
         else mask_on_grid(_as_image(fixed_mask, "fixed mask"), fixed_image, "the fixed mask")
@@ -279,16 +271,16 @@ def register(
     stages.check("during the input checks")
     foreground = fixed_mask_img if fixed_mask_img is not None else fixed_norm > 0.05
     lower, upper = foreground_box(fixed_image, foreground)
-    extent_mm = float(np.max((upper - lower + 1) * np.asarray(fixed_grid.spacing)))
-    limit_mm = None if model_info is None else model_info.max_extent_mm
-    if limit_mm is not None and str(model) == "default" and extent_mm > limit_mm:
-        notes = (
-            *notes,
-            f"model: the default model {model_info.name!r} is for fields of view up to "
-            f"{limit_mm:g} mm and this one spans {extent_mm:.0f} mm, so the run starts from the "
-            "affine alone; name the model to use it",
-        )
-        model_info = None
+    notes: tuple[str, ...] = ()
+    if model_info is not None:
+        extent_mm = float(np.max((upper - lower + 1) * np.asarray(fixed_grid.spacing)))
+        unsuited = _unsuited_model(model_info, similarity, extent_mm)
+        if unsuited is not None and default_model:
+            notes = (
+                f"model: the default model {model_info.name!r} {unsuited}, so the run starts "
+                "from the affine alone; name the model to use it",
+            )
+            model_info = None
     spacing = (
         model_info.spacing_mm if model_info is not None
         else min(level.spacing_mm for level in settings.levels)
@@ -320,7 +312,7 @@ def register(
         fixed_mask=fixed_mask_img, moving_mask=moving_mask_img, label_maps=label_maps,
         fixed_labels=fixed_label_img, initial_transform=initial_transform, affine=affine,
         settings=settings, similarity=similarity, regularization=weight, model_info=model_info,
-        default_model=str(model) == "default", network_grid=network_grid,
+        default_model=default_model, network_grid=network_grid,
         compute_inverse=compute_inverse, compute_jacobian=compute_jacobian, seed=seed,
         started=started, estimated_bytes=plan.estimated_bytes,
     )  # fmt: skip
@@ -572,6 +564,18 @@ def _run(
         inverse_displacement=inverse,
         report=report,
     )
+
+
+def _unsuited_model(info: ModelInfo, similarity: str, extent_mm: float) -> str | None:
+    """Why a model does not suit this run, if it does not (the default is then left out)."""
+    limit_mm = info.max_extent_mm  # read for every model: an invalid value is refused
+    if similarity == "mind":
+        # Measured on 20 fs-dev pairs with a T2-like moving image: the shipped same-contrast
+        # models made the alignment worse than the affine alone on every pair.
+        return "is trained for same-contrast pairs and this is a cross-contrast (MIND) run"
+    if limit_mm is not None and extent_mm > limit_mm:
+        return f"is for fields of view up to {limit_mm:g} mm and this one spans {extent_mm:.0f} mm"
+    return None
 
 
 def _similarity_change(

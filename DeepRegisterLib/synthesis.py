@@ -25,7 +25,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from .affine import register_affine
+from .affine import normalised_for_registration, register_normalised
 from .engine import foreground_box
 from .errors import InputError
 from .fileio import read_image
@@ -132,15 +132,16 @@ def load_label_maps(
         raise InputError("no label maps given")
     images = [_read_label_map(path, background_from) for path in paths]
     grid = _cropped_grid(images[0], spacing_mm)
+    reference = _label_image(images[0]) if align else None
     arrays = []
     for index, (path, image) in enumerate(zip(paths, images, strict=True)):
         if not align:
             grid = _cropped_grid(image, spacing_mm)
         transform = sitk.Transform()
-        if align and index > 0:
+        if reference is not None and index > 0:
             if progress is not None:
                 progress(f"aligning label map {index + 1}/{len(paths)} ({Path(path).name})")
-            transform = register_affine(_label_image(images[0]), _label_image(image))
+            transform = register_normalised(reference, _label_image(image))
         resampled = sitk.Resample(
             image, grid.reference_image(), transform, sitk.sitkNearestNeighbor, 0
         )
@@ -172,8 +173,9 @@ def _cropped_grid(labels: sitk.Image, spacing_mm: float) -> Grid:
 
 
 def _label_image(labels: sitk.Image) -> sitk.Image:
-    """An image to register label maps by: T1-like values for FreeSurfer labels, and a fixed
-    value per label otherwise, so any two maps in one label convention look alike."""
+    """An image to register label maps by (normalised for the affine stage): T1-like values for
+    FreeSurfer labels, and a fixed value per label otherwise, so any two maps in one label
+    convention look alike."""
     array = sitk.GetArrayViewFromImage(labels)
     values, inverse = np.unique(array, return_inverse=True)
     golden = 0.6180339887
@@ -184,7 +186,7 @@ def _label_image(labels: sitk.Image) -> sitk.Image:
     intensity[values == 0] = 0.0
     image = sitk.GetImageFromArray(intensity[inverse].reshape(array.shape))
     image.CopyInformation(labels)
-    return image
+    return normalised_for_registration(image)
 
 
 def _uniform(generator: torch.Generator, high: float, device: torch.device) -> torch.Tensor:

@@ -234,7 +234,7 @@ def prepare_pair(files: PairFiles, spacing_mm: float, multiple: int, seed: int =
     moving_norm = normalised_for_registration(moving)
     affine = register_normalised(fixed_norm, moving_norm, seed=seed)
     grid = Grid.of(fixed).with_spacing_cropped_to(
-        spacing_mm, *foreground_box(fixed, None), multiple
+        spacing_mm, *foreground_box(fixed, fixed_norm > 0.05), multiple
     )
     reference = grid.reference_image()
     identity = sitk.Transform(dim, sitk.sitkIdentity)
