@@ -170,13 +170,17 @@ def test_integrating_a_smooth_velocity_gives_a_positive_jacobian(dim: int) -> No
     assert np.abs(integrated - 1).mean() < 0.05
 
 
+def a_shifted_3d_pair() -> tuple[sitk.Image, sitk.Image]:
+    grid = oblique_grid(3, size=(28, 26, 24))
+    phantom = make_phantom(3, grid_centre(grid), scale_mm=10.0)
+    shift = np.array([1.5, -1.0, 1.0])
+    return phantom.image(grid), phantom.image(grid, through=lambda y: y - shift)
+
+
 def test_register_with_a_saved_model_reports_its_name_and_checksum(
     a_saved_3d_model: models.ModelInfo,
 ) -> None:
-    grid = oblique_grid(3, size=(28, 26, 24))
-    phantom = make_phantom(3, grid_centre(grid), scale_mm=10.0)
-    fixed = phantom.image(grid)
-    moving = phantom.image(grid, through=lambda y: y - np.array([1.5, -1.0, 1.0]))
+    fixed, moving = a_shifted_3d_pair()
 
     result = register(
         fixed,
@@ -264,15 +268,13 @@ def test_a_default_model_that_makes_the_loss_worse_is_not_used_and_says_so(
     assert "default model 'misled2d' made the lncc loss worse than the affine alone" in note
     assert default.report["model"] is None
     unused = register(fixed, moving, model="still2d", **options)  # same grid, zero flow
-    assert np.array_equal(image_array(default.displacement), image_array(unused.displacement))
+    assert np.array_equal(
+        sitk.GetArrayFromImage(default.displacement), sitk.GetArrayFromImage(unused.displacement)
+    )
 
     named = register(fixed, moving, model="misled2d", **options)  # the user's explicit choice
     assert named.report["model"] == "misled2d"
     assert named.report["notes"] == []
-
-
-def image_array(image: sitk.Image) -> np.ndarray:
-    return sitk.GetArrayFromImage(image)
 
 
 def test_the_default_model_is_left_out_beyond_the_field_of_view_it_was_trained_for(
@@ -286,10 +288,7 @@ def test_the_default_model_is_left_out_beyond_the_field_of_view_it_was_trained_f
     models.save_model(network, tmp_path / "mine", "small3d", extra_config=extra)
     monkeypatch.setenv("DEEPREGISTER_MODEL_PATH", str(tmp_path / "mine"))
     monkeypatch.setitem(models.DEFAULT_MODELS, 3, "small3d")
-    grid = oblique_grid(3, size=(28, 26, 24))
-    phantom = make_phantom(3, grid_centre(grid), scale_mm=10.0)
-    fixed = phantom.image(grid)
-    moving = phantom.image(grid, through=lambda y: y - np.array([1.5, -1.0, 1.0]))
+    fixed, moving = a_shifted_3d_pair()
     options = dict(preset="fast", iterations=2, device="cpu")
 
     default = register(fixed, moving, model="default", **options)
