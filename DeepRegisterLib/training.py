@@ -46,6 +46,7 @@ from .synthesis import LabelMaps, SynthesisConfig, Synthesiser
 
 CHECKPOINT, BEST, LOG, CURVES = "checkpoint.pt", "best.pt", "log.csv", "curves.png"
 LOG_FIELDS = ("step", "elapsed_s", "loss", "similarity", "regularization", "dice_loss", "val_dice")
+LR_SCHEDULES = ("constant", "cosine")
 SYNTHETIC_VALIDATION_PAIRS = 4
 PROGRESS_INTERVAL_S = 30.0
 
@@ -61,7 +62,9 @@ class TrainingConfig:
     steps: int = 1000
     batch_size: int = 1
     learning_rate: float = 1e-4
+    lr_schedule: str = "constant"  # "cosine": from learning_rate down to 0 at the last step
     similarity: str = "lncc"
+    similarity_weight: float = 1.0  # 0: labels alone teach the alignment (SynthMorph's loss)
     regularization: float = 1.0
     dice_weight: float = 1.0
     real_fraction: float = 0.5  # share of batch items drawn from real pairs, when there are any
@@ -106,8 +109,18 @@ class TrainingConfig:
         for name, value in positive.items():
             if not value > 0:
                 raise InputError(f"the {name} must be > 0, got {value}")
-        if self.regularization < 0 or self.dice_weight < 0:
-            raise InputError("the regularization and Dice weights must be ≥ 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise InputError(
+                f"unknown learning-rate schedule {self.lr_schedule!r}; choose "
+                f"{', '.join(LR_SCHEDULES)}"
+            )
+        if min(self.similarity_weight, self.regularization, self.dice_weight) < 0:
+            raise InputError("the similarity, regularization and Dice weights must be ≥ 0")
+        if self.similarity_weight == 0 and self.dice_weight == 0:
+            raise InputError(
+                "with both the similarity and the Dice weight at 0 nothing drives the alignment; "
+                "give one of them a positive weight"
+            )
         for name, value in (
             ("real-pair fraction", self.real_fraction),
             ("same-contrast probability", self.synthesis.same_contrast),
@@ -116,6 +129,12 @@ class TrainingConfig:
         ):
             if not 0 <= value <= 1:
                 raise InputError(f"the {name} must be in [0, 1], got {value}")
+
+    def learning_rate_at(self, step: int) -> float:
+        """The rate for ``step`` (1-based): a function of the step alone, so resuming is exact."""
+        if self.lr_schedule == "cosine":
+            return self.learning_rate * 0.5 * (1 + math.cos(math.pi * (step - 1) / self.steps))
+        return self.learning_rate
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -523,6 +542,11 @@ def train(
     model's weights instead of random ones, to fine-tune it or continue a coarser stage.
     """
     config.check()
+    if config.similarity_weight == 0 and any(p.fixed_labels is None for p in real_pairs):
+        raise InputError(
+            "with a similarity weight of 0 every real training pair needs label maps: without "
+            "them nothing but the regulariser would act on it"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
@@ -617,6 +641,8 @@ def train(
             if not torch.isfinite(losses["loss"]):
                 raise RuntimeError(f"the loss became {float(losses['loss'])} at step {step}")
             optimiser.zero_grad(set_to_none=True)
+            for group in optimiser.param_groups:
+                group["lr"] = config.learning_rate_at(step)
             losses["loss"].backward()
             optimiser.step()
             elapsed += time.perf_counter() - tick
@@ -635,10 +661,18 @@ def train(
             if time.perf_counter() - last_report >= PROGRESS_INTERVAL_S or final:
                 last_report = time.perf_counter()
                 rate = (time.perf_counter() - session_start) / (step - start)
+                terms = ", ".join(
+                    f"{label} {row[key]:.4f}"
+                    for key, label in (
+                        ("similarity", "similarity"),
+                        ("regularization", "regularization"),
+                        ("dice_loss", "Dice loss"),
+                    )
+                    if key in row
+                )
                 say(
-                    f"step {step}/{config.steps}: loss {row['loss']:.4f} (similarity "
-                    f"{row['similarity']:.4f}, regularization {row['regularization']:.4f}, "
-                    f"Dice loss {row['dice_loss']:.4f}); {rate:.2f} s/step, "
+                    f"step {step}/{config.steps}: loss {row['loss']:.4f} ({terms}); "
+                    f"{rate:.2f} s/step, "
                     f"ETA {rate * (config.steps - step) / 60:.1f} min"
                 )
             if out_of_time:
@@ -699,27 +733,25 @@ def _losses(
     similarity: Callable[..., torch.Tensor],
     device: torch.device,
 ) -> dict[str, torch.Tensor]:
-    """The weighted total ("loss") and its terms, named as the log's columns."""
+    """The weighted total ("loss") and its terms, named as the log's columns; a term whose
+    weight is 0 is not computed (nor logged)."""
     fixed = torch.cat([i.fixed for i in items]).to(device)
     moving = torch.cat([i.moving for i in items]).to(device)
     with _autocast(device, config.mixed_precision):
         velocity = network.velocity(fixed, moving)
     flow = integrate_velocity(velocity.float(), config.network.integration_steps)
-    terms = {
-        "similarity": similarity(fixed, warp(moving, flow)),
-        "regularization": diffusion(flow),
-        "dice_loss": flow.new_zeros(()),
-    }
+    terms = {"regularization": diffusion(flow), "dice_loss": flow.new_zeros(())}
+    if config.similarity_weight > 0:
+        terms["similarity"] = similarity(fixed, warp(moving, flow))
     labelled = [(n, i.labels) for n, i in enumerate(items) if i.labels is not None]
     if config.dice_weight > 0 and labelled:
         terms["dice_loss"] = sum(
             _dice_loss(f.to(device), m.to(device), flow[n : n + 1]) for n, (f, m) in labelled
         ) / len(labelled)
-    total = (
-        terms["similarity"]
-        + config.regularization * terms["regularization"]
-        + config.dice_weight * terms["dice_loss"]
-    )
+    total = config.regularization * terms["regularization"]
+    total = total + config.dice_weight * terms["dice_loss"]
+    if "similarity" in terms:
+        total = total + config.similarity_weight * terms["similarity"]
     return {"loss": total, **terms}
 
 

@@ -21,7 +21,7 @@ from .losses import SIMILARITIES
 from .metrics import parse_labels
 from .networks import NetworkConfig
 from .synthesis import SynthesisConfig, load_label_maps
-from .training import TrainingConfig, read_pairs, train
+from .training import LR_SCHEDULES, TrainingConfig, read_pairs, train
 
 _DEFAULT_NETWORK = NetworkConfig()
 
@@ -139,7 +139,20 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     run.add_argument("--steps", type=int, default=1000, help="training steps (default 1000)")
     run.add_argument("--batch-size", type=int, default=1)
     run.add_argument("--learning-rate", type=float, default=1e-4)
+    run.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        default="constant",
+        help="cosine: decay the learning rate to 0 at the last step (default constant)",
+    )
     run.add_argument("--similarity", choices=SIMILARITIES, default="lncc")
+    run.add_argument(
+        "--similarity-weight",
+        type=float,
+        default=1.0,
+        help="weight of the image similarity; 0 trains on label Dice alone, as SynthMorph does "
+        "for contrast-agnostic models (default 1)",
+    )
     run.add_argument("--regularization", type=float, default=1.0, help="diffusion weight")
     run.add_argument(
         "--dice-weight", type=float, default=1.0, help="weight of the soft Dice on labels"
@@ -194,7 +207,9 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
         steps=args.steps,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
+        lr_schedule=args.lr_schedule,
         similarity=args.similarity,
+        similarity_weight=args.similarity_weight,
         regularization=args.regularization,
         dice_weight=args.dice_weight,
         real_fraction=args.real_fraction,

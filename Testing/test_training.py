@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 
@@ -257,6 +258,68 @@ def test_training_lowers_the_loss_of_the_pair_it_trains_on(tmp_path: Path) -> No
     assert result.summary["steps"] == 30
 
 
+def test_label_dice_alone_trains_without_computing_the_image_similarity(tmp_path: Path) -> None:
+    """SynthMorph's loss: a similarity weight of 0 leaves Dice + regulariser, and they learn.
+
+    The moving image has another contrast (label intensities scrambled, background kept), so
+    local NCC would mislead and even the affine stage leaves the pair misaligned; the labels,
+    warped by the same bump, still say where everything went.
+    """
+    config = SynthesisConfig(shape_spacing=12.0, blur_sigma=0.0, bias_std=0.0)
+    pair = Synthesiser((32, 32), config)(torch.Generator().manual_seed(2))
+    y, x = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    bump = 4.0 * torch.exp(-((y - 16) ** 2 + (x - 16) ** 2) / 60)
+    flow = torch.stack([bump, -bump])[None]
+    moving = warp(pair.fixed, flow, padding_mode="border")
+    moving = torch.where(moving > 0.02, (5 * moving) % 1 + 0.1, moving)
+    moving_labels = warp(pair.fixed_labels.float(), flow, mode="nearest", padding_mode="border")
+    files = PairFiles(
+        _write(pair.fixed[0, 0].numpy(), tmp_path / "fixed.nii.gz"),
+        _write(moving[0, 0].numpy(), tmp_path / "moving.nii.gz"),
+        _write(pair.fixed_labels[0, 0].numpy().astype(np.int16), tmp_path / "fixed_labels.nii.gz"),
+        _write(moving_labels[0, 0].numpy().astype(np.int16), tmp_path / "moving_labels.nii.gz"),
+    )
+    train(
+        _config(
+            steps=30, learning_rate=3e-3, real_fraction=1.0, similarity_weight=0.0,
+            validate_every=30, checkpoint_every=30,
+        ),
+        tmp_path / "run", real_pairs=[files], progress=None,
+    )  # fmt: skip
+    with (tmp_path / "run" / LOG).open() as stream:
+        rows = [r for r in csv.DictReader(stream) if r["loss"]]
+    assert all(r["similarity"] == "" for r in rows)
+    for row in rows:
+        terms = float(row["regularization"]) + float(row["dice_loss"])
+        assert float(row["loss"]) == pytest.approx(terms, rel=1e-4, abs=1e-6)
+    dice = [float(r["dice_loss"]) for r in rows]
+    assert np.mean(dice[-5:]) < dice[0] - 0.1
+
+
+def test_a_zero_similarity_weight_needs_labels_on_every_real_pair(tmp_path: Path) -> None:
+    image = _write(np.zeros((32, 32), np.float32), tmp_path / "image.nii.gz")
+    with pytest.raises(InputError, match="needs label maps"):
+        train(
+            _config(similarity_weight=0.0), tmp_path, real_pairs=[PairFiles(image, image)],
+            progress=None,
+        )  # fmt: skip
+    assert not (tmp_path / CHECKPOINT).exists()
+
+
+def test_the_cosine_schedule_decays_from_the_learning_rate_to_zero(tmp_path: Path) -> None:
+    config = _config(steps=6, lr_schedule="cosine", learning_rate=1e-3)
+    rates = [config.learning_rate_at(step) for step in range(1, 8)]
+    assert rates[0] == pytest.approx(1e-3)
+    assert rates[3] == pytest.approx(0.5e-3)  # halfway: step 4 of 6
+    assert rates[6] == pytest.approx(0.0, abs=1e-18)  # one past the last step
+    assert all(a > b for a, b in itertools.pairwise(rates))
+    assert _config().learning_rate_at(6) == _config().learning_rate
+
+    train(config, tmp_path, progress=None)
+    state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    assert state["optimiser"]["param_groups"][0]["lr"] == pytest.approx(rates[5])
+
+
 @pytest.mark.parametrize("dim", [2, 3])
 def test_training_end_to_end_writes_a_loadable_checksummed_model(tmp_path: Path, dim: int) -> None:
     out = tmp_path / "run"
@@ -283,13 +346,24 @@ def test_training_end_to_end_writes_a_loadable_checksummed_model(tmp_path: Path,
         load_model(find_model(weights))
 
 
-def test_resume_continues_at_the_next_step_exactly(tmp_path: Path) -> None:
-    """3 steps, stop, resume to 6 == 6 steps straight: same weights, each step logged once."""
-    straight = train(_config(steps=6), tmp_path / "straight", progress=None)
-    train(_config(steps=3), tmp_path / "resumed", progress=None)
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_resume_continues_at_the_next_step_exactly(tmp_path: Path, schedule: str) -> None:
+    """3 steps, stop, resume to 6 == 6 steps straight: same weights, each step logged once.
+
+    The cosine rate depends on the planned steps, so the interrupted run plans 6 as well and
+    is stopped by its time budget after step 3.
+    """
+    config = _config(steps=6, lr_schedule=schedule)
+    straight = train(config, tmp_path / "straight", progress=None)
+    stopped = train(
+        dataclasses.replace(config, max_minutes=1e-9, validate_every=1),
+        tmp_path / "resumed",
+        progress=None,
+    )
+    assert stopped.summary["steps"] == 1
     messages: list[str] = []
-    resumed = train(_config(steps=6), tmp_path / "resumed", resume=True, progress=messages.append)
-    assert any("resuming after step 3" in m for m in messages)
+    resumed = train(config, tmp_path / "resumed", resume=True, progress=messages.append)
+    assert any("resuming after step 1" in m for m in messages)
 
     state = torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=True)
     assert state["step"] == 6
@@ -318,6 +392,21 @@ def test_a_time_budget_stops_training_and_still_saves(tmp_path: Path) -> None:
 def test_config_check_refuses_a_shape_the_network_cannot_take() -> None:
     with pytest.raises(InputError, match="multiple of 16"):
         _config(shape=(30, 30)).check()
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"similarity_weight": 0.0, "dice_weight": 0.0}, "nothing drives the alignment"),
+        ({"similarity_weight": -1.0}, "must be ≥ 0"),
+        ({"lr_schedule": "step"}, "unknown learning-rate schedule"),
+    ],
+)
+def test_config_check_refuses_weights_or_schedules_that_cannot_train(
+    changes: dict, message: str
+) -> None:
+    with pytest.raises(InputError, match=message):
+        _config(**changes).check()
 
 
 def test_config_check_refuses_an_other_subject_probability_above_one() -> None:
@@ -378,13 +467,16 @@ def test_cli_trains_on_pairs_of_two_aligned_label_maps(tmp_path: Path) -> None:
     maps = [_head(tmp_path, "a.nii.gz"), _head(tmp_path, "b.nii.gz", pose)]
     args = _parse(
         "--out", str(tmp_path / "run"), "--name", "pairs", "--label-maps", *map(str, maps),
-        "--other-subject", "1", "--shape", "16", "16", "16", "--spacing", "2", "--steps", "2",
+        "--other-subject", "1", "--similarity-weight", "0", "--lr-schedule", "cosine",
+        "--shape", "16", "16", "16", "--spacing", "2", "--steps", "2",
         "--validate-every", "2", "--encoder", "4", "4", "4", "4", "--decoder", "4", "4", "4",
         "4", "4", "--threads", "1", "--device", "cpu",
     )  # fmt: skip
     assert run_train(args) == 0
     recorded = json.loads((tmp_path / "run" / "pairs.json").read_text())["training"]
     assert recorded["config"]["synthesis"]["other_subject"] == 1.0
+    assert recorded["config"]["similarity_weight"] == 0.0
+    assert recorded["config"]["lr_schedule"] == "cosine"
 
 
 def test_cli_reports_bad_options_as_input_errors(
