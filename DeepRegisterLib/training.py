@@ -45,6 +45,7 @@ from .resampling import network_inputs
 from .synthesis import LabelMaps, SynthesisConfig, Synthesiser
 
 CHECKPOINT, BEST, LOG, CURVES = "checkpoint.pt", "best.pt", "log.csv", "curves.png"
+ALIGNED_LABEL_MAPS = "aligned-label-maps.pt"  # the CLI's cache of aligned maps, for --resume
 LOG_FIELDS = ("step", "elapsed_s", "loss", "similarity", "regularization", "dice_loss", "val_dice")
 LR_SCHEDULES = ("constant", "cosine")
 SYNTHETIC_VALIDATION_PAIRS = 4
@@ -699,6 +700,7 @@ def train(
         "data": {
             "label_maps": None if label_maps is None else label_maps.names,
             "label_map_spacing_mm": None if label_maps is None else label_maps.spacing_mm,
+            "label_maps_aligned": None if label_maps is None else label_maps.aligned,
             "real_pairs": [p.name for p in real_pairs],
             "initial_weights": None if init_model is None else str(init_model),
         },

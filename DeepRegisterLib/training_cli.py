@@ -21,7 +21,7 @@ from .losses import SIMILARITIES
 from .metrics import parse_labels
 from .networks import NetworkConfig
 from .synthesis import SynthesisConfig, load_label_maps
-from .training import LR_SCHEDULES, TrainingConfig, read_pairs, train
+from .training import ALIGNED_LABEL_MAPS, LR_SCHEDULES, TrainingConfig, read_pairs, train
 
 _DEFAULT_NETWORK = NetworkConfig()
 
@@ -240,12 +240,16 @@ def _train(args: argparse.Namespace) -> None:
     if args.label_maps:
         files = _label_map_files(args.label_maps)
         print(f"loading {len(files)} label maps at {config.spacing_mm:g} mm")
+        align = config.synthesis.other_subject > 0
+        if align:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
         label_maps = load_label_maps(
             files,
             config.spacing_mm,
             args.background_from,
-            align=config.synthesis.other_subject > 0,
+            align=align,
             progress=lambda message: print(message, flush=True),
+            cache=Path(args.out) / ALIGNED_LABEL_MAPS if align else None,
         )
     result = train(
         config,

@@ -15,13 +15,14 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from DeepRegisterLib import metrics
+from DeepRegisterLib import metrics, synthesis
 from DeepRegisterLib.errors import InputError, ModelError
 from DeepRegisterLib.geometry import Grid, flow_voxels_to_mm
 from DeepRegisterLib.models import find_model, load_model
 from DeepRegisterLib.networks import NetworkConfig, identity_grid, warp
 from DeepRegisterLib.synthesis import LabelMaps, SynthesisConfig, Synthesiser, load_label_maps
 from DeepRegisterLib.training import (
+    ALIGNED_LABEL_MAPS,
     BEST,
     CHECKPOINT,
     CURVES,
@@ -188,6 +189,43 @@ def test_aligned_label_maps_share_the_first_grid_in_register(tmp_path: Path) -> 
     assert _dice(aligned.maps[0], aligned.maps[1]) > 0.9
     unmoved = [torch.from_numpy(sitk.GetArrayFromImage(sitk.ReadImage(p))) for p in (first, second)]
     assert _dice(*unmoved) < 0.8  # the pose difference that the alignment removed
+
+
+def test_aligned_label_maps_come_from_the_cache_while_files_and_options_match(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache saves minutes at every resume, and is never trusted when anything changed."""
+    pose = sitk.Euler3DTransform((23.5, 23.5, 23.5), 0.0, 0.0, np.radians(10), (3.0, -2.0, 0.0))
+    paths = [_head(tmp_path, "a.nii.gz"), _head(tmp_path, "b.nii.gz", pose)]
+    cache = tmp_path / "aligned.pt"
+    registrations = []
+    register = synthesis.register_normalised
+    monkeypatch.setattr(
+        synthesis,
+        "register_normalised",
+        lambda *args, **kwargs: registrations.append(1) or register(*args, **kwargs),
+    )
+
+    def load(spacing_mm: float = 2.0) -> LabelMaps:
+        return load_label_maps(paths, spacing_mm, align=True, cache=cache)
+
+    first = load()
+    assert len(registrations) == 1
+    assert cache.exists()
+    again = load()
+    assert len(registrations) == 1  # from the cache
+    assert again.aligned
+    assert (again.names, again.values) == (first.names, first.values)
+    assert all(torch.equal(a, b) for a, b in zip(first.maps, again.maps, strict=True))
+
+    load(spacing_mm=3.0)  # another option: computed again (and cached for it)
+    assert len(registrations) == 2
+    _head(tmp_path, "b.nii.gz")  # the second subject's file changed
+    load(spacing_mm=3.0)
+    assert len(registrations) == 3
+    cache.write_bytes(cache.read_bytes()[:100])  # truncated
+    load(spacing_mm=3.0)
+    assert len(registrations) == 4
 
 
 def _two_subjects(aligned: bool = True) -> LabelMaps:
@@ -475,6 +513,8 @@ def test_cli_trains_on_pairs_of_two_aligned_label_maps(tmp_path: Path) -> None:
     assert run_train(args) == 0
     recorded = json.loads((tmp_path / "run" / "pairs.json").read_text())["training"]
     assert recorded["config"]["synthesis"]["other_subject"] == 1.0
+    assert recorded["data"]["label_maps_aligned"] is True
+    assert (tmp_path / "run" / ALIGNED_LABEL_MAPS).exists()  # for a --resume
     assert recorded["config"]["similarity_weight"] == 0.0
     assert recorded["config"]["lr_schedule"] == "cosine"
 
