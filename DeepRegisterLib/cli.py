@@ -135,9 +135,11 @@ def _write_outputs(result, args, fixed, moving) -> list[Path]:
                 lambda p: fileio.write_transform(result.inverse_transform(), p),
             )
         )
-    for path, source in zip(args.warped_labels, args.labels, strict=True):
-        image = result.warped_labels[str(source)]
-        plan.append((path, lambda p, image=image: fileio.write_image(image, p)))
+    # Checked before the run: none (--labels for Dice only), or one per --labels input.
+    if args.warped_labels:
+        for path, source in zip(args.warped_labels, args.labels, strict=True):
+            image = result.warped_labels[str(source)]
+            plan.append((path, lambda p, image=image: fileio.write_image(image, p)))
     if args.jacobian and result.jacobian is not None:
         plan.append((args.jacobian, lambda p: fileio.write_image(result.jacobian, p)))
     if args.qa_png:

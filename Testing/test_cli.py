@@ -32,6 +32,22 @@ def a_pair_on_disk(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
+def test_labels_without_warped_label_outputs_give_dice_in_the_report(a_pair_on_disk, tmp_path):
+    """``--labels`` + ``--fixed-labels`` alone ask for Dice, not for a warped label file."""
+    report = tmp_path / "report.json"
+    code = cli.main([
+        "register", "--fixed", str(a_pair_on_disk["fixed"]),
+        "--moving", str(a_pair_on_disk["moving"]),
+        "--labels", str(a_pair_on_disk["moving_labels"]),
+        "--fixed-labels", str(a_pair_on_disk["fixed_labels"]),
+        "--report", str(report), "--preset", "fast", "--iterations", "0", "--device", "cpu",
+        "--quiet",
+    ])  # fmt: skip
+    assert code == cli.EXIT_OK
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+    assert json.loads(report.read_text())["mean_dice"] > 0
+
+
 def test_register_writes_every_requested_output_readable_by_simpleitk(a_pair_on_disk, tmp_path):
     out = {
         "warped": tmp_path / "warped.nii.gz",
