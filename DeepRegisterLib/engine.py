@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -92,14 +92,20 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def default_models(dim: int) -> list[ModelInfo]:
+    """The installed default models for ``dim``, in order of preference."""
+    available = available_models()
+    return [available[name] for name in DEFAULT_MODELS.get(dim, ()) if name in available]
+
+
 def resolve_model(model: str | os.PathLike | None, dim: int) -> ModelInfo | None:
     """``None``/"none": no network (instance optimisation from identity); "default": the
-    shipped model for the dimension if one is installed."""
+    first installed default model for the dimension (the engine may choose a later one, or
+    none, for a run it does not suit)."""
     if model is None or str(model) == "none":
         return None
     if str(model) == "default":
-        name = DEFAULT_MODELS.get(dim)
-        return None if name is None else available_models().get(name)
+        return next(iter(default_models(dim)), None)
     info = find_model(model)
     model_dim = info.network.dim
     if model_dim != dim:
@@ -242,8 +248,8 @@ def register(
     if max_memory_bytes is not None and not max_memory_bytes > 0:
         raise InputError(f"the memory limit must be positive, got {max_memory_bytes} bytes")
     torch_device = resolve_device(device)
-    model_info = resolve_model(model, dim)
     default_model = str(model) == "default"
+    model_info = None if default_model else resolve_model(model, dim)  # default: chosen below
     fixed_mask_img = (
         None if fixed_mask is None
         else mask_on_grid(_as_image(fixed_mask, "fixed mask"), fixed_image, "the fixed mask")
@@ -272,15 +278,11 @@ def register(
     foreground = fixed_mask_img if fixed_mask_img is not None else fixed_norm > 0.05
     lower, upper = foreground_box(fixed_image, foreground)
     notes: tuple[str, ...] = ()
-    if model_info is not None:
-        extent_mm = float(np.max((upper - lower + 1) * np.asarray(fixed_grid.spacing)))
-        unsuited = _unsuited_model(model_info, similarity, extent_mm)
-        if unsuited is not None and default_model:
-            notes = (
-                f"model: the default model {model_info.name!r} {unsuited}, so the run starts "
-                "from the affine alone; name the model to use it",
-            )
-            model_info = None
+    extent_mm = float(np.max((upper - lower + 1) * np.asarray(fixed_grid.spacing)))
+    if default_model:
+        model_info, notes = _suited_default(default_models(dim), similarity, extent_mm)
+    elif model_info is not None:
+        _unsuited_model(model_info, similarity, extent_mm)  # refuses an invalid model config
     spacing = (
         model_info.spacing_mm if model_info is not None
         else min(level.spacing_mm for level in settings.levels)
@@ -425,7 +427,7 @@ def _run(
                     lambda *_: stages.check("while running the network")
                 )
         with torch.inference_mode():
-            velocity = network.velocity(f_t, m_t).clone()
+            velocity = network.symmetric_velocity(f_t, m_t).clone()
         stages.check("after the network")
         if not bool(torch.isfinite(velocity).all()):
             raise ModelError(
@@ -566,12 +568,31 @@ def _run(
     )
 
 
+def _suited_default(
+    candidates: Sequence[ModelInfo], similarity: str, extent_mm: float
+) -> tuple[ModelInfo | None, tuple[str, ...]]:
+    """The first default model that suits the run; else none, and a note that says why."""
+    reasons = []
+    for info in candidates:
+        reason = _unsuited_model(info, similarity, extent_mm)
+        if reason is None:
+            return info, ()
+        reasons.append(f"the default model {info.name!r} {reason}")
+    if not reasons:
+        return None, ()
+    return None, (
+        f"model: {'; '.join(reasons)}, so the run starts from the affine alone; name a model "
+        "to use it",
+    )
+
+
 def _unsuited_model(info: ModelInfo, similarity: str, extent_mm: float) -> str | None:
-    """Why a model does not suit this run, if it does not (the default is then left out)."""
+    """Why a model does not suit this run, if it does not (a default one is then left out)."""
     limit_mm = info.max_extent_mm  # read for every model: an invalid value is refused
-    if similarity == "mind":
-        # Measured on 20 fs-dev pairs with a T2-like moving image: the shipped same-contrast
-        # models made the alignment worse than the affine alone on every pair.
+    contrast = info.contrast
+    if similarity == "mind" and contrast == "same":
+        # Measured on 20 fs-dev pairs with a T2-like moving image: brain3d, a same-contrast
+        # model, made the alignment worse than the affine alone on every pair.
         return "is trained for same-contrast pairs and this is a cross-contrast (MIND) run"
     if limit_mm is not None and extent_mm > limit_mm:
         return f"is for fields of view up to {limit_mm:g} mm and this one spans {extent_mm:.0f} mm"

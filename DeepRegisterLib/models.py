@@ -21,10 +21,12 @@ import torch
 from .errors import ModelError
 from .networks import MAX_PARAMETERS, NetworkConfig, VxmDense
 
-# The model "default" means, per dimension. On the 20 ordered fs-dev pairs brain3d lifts the
-# network-only result by about 0.1 Dice over the affine stage and the presets slightly (its
-# card); the engine still leaves it out where it does not apply (engine.register).
-DEFAULT_MODELS: dict[int, str] = {2: "slice2d", 3: "brain3d"}
+# The models "default" means, per dimension, in order of preference: the engine takes the first
+# installed one that suits the run (engine.register), and none when none does. On the 20
+# ordered fs-dev pairs brain3d lifts the network-only result by about 0.1 Dice over the affine
+# stage and the presets slightly (its card).
+DEFAULT_MODELS: dict[int, tuple[str, ...]] = {2: ("slice2d",), 3: ("brain3d",)}
+CONTRASTS = ("same", "any")  # a model's "contrast": what pairs it was trained for
 # The largest permitted network in float64, plus room for the archive's own records.
 MAX_WEIGHTS_BYTES = 8 * MAX_PARAMETERS + (16 << 20)
 
@@ -70,6 +72,18 @@ class ModelInfo:
         if self.config.get("max_extent_mm") is None:
             return None
         return self._positive("max_extent_mm", math.nan)
+
+    @property
+    def contrast(self) -> str:
+        """ "same" (the default): trained on pairs of one contrast; "any": on pairs of unrelated
+        contrasts too, so it may seed a cross-contrast (MIND) run."""
+        value = self.config.get("contrast", "same")
+        if value not in CONTRASTS:
+            raise ModelError(
+                f"model {self.name!r}: contrast must be one of {', '.join(CONTRASTS)}, "
+                f"got {value!r}"
+            )
+        return value
 
     def _positive(self, key: str, default: float) -> float:
         value = self.config.get(key, default)

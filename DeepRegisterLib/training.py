@@ -407,13 +407,15 @@ def network_scores(
     device: torch.device,
     mixed_precision: bool | None = None,
 ) -> list[float]:
-    """Mean Dice per pair with the network's flow alone (no instance optimisation)."""
+    """Mean Dice per pair with the network's flow alone (no instance optimisation), from the
+    symmetric inference the engine runs."""
     was_training = network.training
     network.eval()
     scores = []
     with torch.inference_mode(), _autocast(device, mixed_precision):
         for pair in pairs:
-            velocity = network.velocity(pair.fixed.to(device), pair.moving.to(device)).float()
+            fixed, moving = pair.fixed.to(device), pair.moving.to(device)
+            velocity = network.symmetric_velocity(fixed, moving).float()
             flow = integrate_velocity(velocity, network.config.integration_steps)
             scores.append(pair.score(flow))
     network.train(was_training)

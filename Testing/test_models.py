@@ -140,6 +140,25 @@ def test_an_untrained_network_predicts_a_near_zero_flow(dim: int) -> None:
     assert (warped - moving).abs().max() < 0.05
 
 
+@pytest.mark.parametrize("dim", [2, 3])
+def test_symmetric_inference_swaps_to_the_inverse_field(dim: int) -> None:
+    """Swapping fixed and moving negates the velocity, so exp(−v) is exactly the inverse map
+    the other order asks for; one pass alone has no such guarantee."""
+    torch.manual_seed(0)
+    network = VxmDense(NetworkConfig(dim=dim, **SMALL)).eval()
+    for parameter in network.flow.parameters():  # an untrained head predicts ~0: scale it up
+        parameter.data.normal_(std=0.1)
+    fixed, moving = random_pair(dim)
+    with torch.inference_mode():
+        forward = network.symmetric_velocity(fixed, moving)
+        backward = network.symmetric_velocity(moving, fixed)
+        one_pass = network.velocity(fixed, moving)
+        other_pass = network.velocity(moving, fixed)
+    torch.testing.assert_close(backward, -forward, rtol=0, atol=0)
+    torch.testing.assert_close(forward, (one_pass - other_pass) / 2)
+    assert not torch.allclose(one_pass, -other_pass, atol=1e-3)
+
+
 def swirl(dim: int, size: int, turn: float, sigma: float) -> torch.Tensor:
     """A smooth, divergence-free vortex in the first two array axes (voxels), ``turn`` rad/voxel
     at its centre, fading over ``sigma`` voxels."""
@@ -229,7 +248,7 @@ def test_the_default_model_is_left_out_of_cross_contrast_runs_and_a_named_one_is
     they made the alignment worse than the affine alone on every pair (model_check.py)."""
     fixed, moving = a_locally_deformed_2d_pair()
     options = dict(preset="fast", iterations=3, device="cpu")
-    default_name = models.DEFAULT_MODELS[2]
+    (default_name,) = models.DEFAULT_MODELS[2]
 
     same = register(fixed, moving, model="default", **options)
     assert same.report["model"] == default_name
@@ -243,6 +262,34 @@ def test_the_default_model_is_left_out_of_cross_contrast_runs_and_a_named_one_is
     named = register(fixed, moving, model=default_name, similarity="mind", **options)
     assert named.report["model"] == default_name
     assert named.report["notes"] == []
+
+
+def test_cross_contrast_runs_take_the_first_default_model_trained_for_any_contrast(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defaults are tried in order: a same-contrast model seeds NCC runs, and a MIND run
+    skips it for one whose JSON says ``"contrast": "any"``."""
+    shipped = models.find_model("slice2d")  # it lowers the loss here, so the guard keeps it
+    network = models.load_model(shipped)
+    models.save_model(network, tmp_path, "same2d", extra_config=shipped.config)
+    models.save_model(
+        network, tmp_path, "any2d", extra_config={**shipped.config, "contrast": "any"}
+    )
+    monkeypatch.setenv("DEEPREGISTER_MODEL_PATH", str(tmp_path))
+    monkeypatch.setitem(models.DEFAULT_MODELS, 2, ("absent2d", "same2d", "any2d"))
+    fixed, moving = a_locally_deformed_2d_pair()
+    options = dict(model="default", preset="fast", iterations=2, device="cpu")
+
+    assert register(fixed, moving, **options).report["model"] == "same2d"
+    cross = register(fixed, moving, similarity="mind", **options)
+    assert cross.report["model"] == "any2d"
+    assert cross.report["notes"] == []
+
+    (tmp_path / "any2d.json").write_text(
+        (tmp_path / "any2d.json").read_text().replace('"any"', '"all"')
+    )
+    with pytest.raises(ModelError, match="contrast must be one of same, any, got 'all'"):
+        register(fixed, moving, similarity="mind", **options)
 
 
 def test_a_default_model_that_makes_the_loss_worse_is_not_used_and_says_so(
@@ -259,7 +306,7 @@ def test_a_default_model_that_makes_the_loss_worse_is_not_used_and_says_so(
         torch.nn.init.zeros_(parameter)
     models.save_model(network, tmp_path / "mine", "still2d")
     monkeypatch.setenv("DEEPREGISTER_MODEL_PATH", str(tmp_path / "mine"))
-    monkeypatch.setitem(models.DEFAULT_MODELS, 2, "misled2d")
+    monkeypatch.setitem(models.DEFAULT_MODELS, 2, ("misled2d",))
     fixed, moving = a_locally_deformed_2d_pair()
     options = dict(preset="fast", iterations=3, device="cpu")
 
@@ -287,7 +334,7 @@ def test_the_default_model_is_left_out_beyond_the_field_of_view_it_was_trained_f
     extra = {"input_spacing_mm": 3.0, "max_extent_mm": 20.0}
     models.save_model(network, tmp_path / "mine", "small3d", extra_config=extra)
     monkeypatch.setenv("DEEPREGISTER_MODEL_PATH", str(tmp_path / "mine"))
-    monkeypatch.setitem(models.DEFAULT_MODELS, 3, "small3d")
+    monkeypatch.setitem(models.DEFAULT_MODELS, 3, ("small3d",))
     fixed, moving = a_shifted_3d_pair()
     options = dict(preset="fast", iterations=2, device="cpu")
 
@@ -307,7 +354,7 @@ def test_a_default_model_with_an_invalid_field_of_view_is_refused(
     network = VxmDense(NetworkConfig(dim=3, **SMALL))
     models.save_model(network, tmp_path, "odd3d", extra_config={"max_extent_mm": value})
     monkeypatch.setenv("DEEPREGISTER_MODEL_PATH", str(tmp_path))
-    monkeypatch.setitem(models.DEFAULT_MODELS, 3, "odd3d")
+    monkeypatch.setitem(models.DEFAULT_MODELS, 3, ("odd3d",))
     grid = oblique_grid(3, size=(20, 20, 20))
     image = make_phantom(3, grid_centre(grid), scale_mm=8.0).image(grid)
     with pytest.raises(ModelError, match="max_extent_mm must be a positive number"):
