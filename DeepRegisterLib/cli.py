@@ -249,16 +249,26 @@ def _run_demo(args) -> int:
 
 
 def _add_models_parser(subparsers) -> None:
-    p = subparsers.add_parser("models", help="list the models found, and where")
+    p = subparsers.add_parser(
+        "models",
+        help="list the models found: dimension, spacing, the contrasts they are for, their "
+        "place among the defaults (the engine takes the first that suits a run), and where",
+    )
     p.set_defaults(run=_run_models)
 
 
 def _run_models(args) -> int:
-    from .models import available_models, search_path
+    from .models import DEFAULT_MODELS, available_models, search_path
 
     models = available_models()
     for name, info in sorted(models.items()):
-        print(f"{name:16} {info.network.dim}D  {info.spacing_mm:g} mm  {info.weights}")
+        dim = info.network.dim
+        candidates = DEFAULT_MODELS.get(dim, ())
+        default = f"default {candidates.index(name) + 1}" if name in candidates else "-"
+        print(
+            f"{name:20} {dim}D  {info.spacing_mm:g} mm  {info.contrast:4} contrast  "
+            f"{default:9}  {info.weights}"
+        )
     if not models:
         print("no models installed; registration uses instance optimisation alone")
     print("search path: " + ", ".join(str(p) for p in search_path()))

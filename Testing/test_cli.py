@@ -167,6 +167,9 @@ def test_help_and_models_explain_themselves():
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert "search path" in models.stdout
+    rows = {line.split()[0]: line.split() for line in models.stdout.splitlines()}
+    brain3d = rows["brain3d"]
+    assert brain3d[1:7] == ["3D", "2", "mm", "same", "contrast", "default"]
 
 
 def test_demo_runs_on_its_embedded_pair_and_reports_improvement(tmp_path, capsys):
