@@ -280,7 +280,7 @@ def register(
     notes: tuple[str, ...] = ()
     extent_mm = float(np.max((upper - lower + 1) * np.asarray(fixed_grid.spacing)))
     if default_model:
-        model_info, notes = _suited_default(default_models(dim), similarity, extent_mm)
+        model_info, notes = suited_default_model(default_models(dim), similarity, extent_mm)
     elif model_info is not None:
         _unsuited_model(model_info, similarity, extent_mm)  # refuses an invalid model config
     spacing = (
@@ -568,7 +568,7 @@ def _run(
     )
 
 
-def _suited_default(
+def suited_default_model(
     candidates: Sequence[ModelInfo], similarity: str, extent_mm: float
 ) -> tuple[ModelInfo | None, tuple[str, ...]]:
     """The first default model that suits the run; else none, and a note that says why."""
@@ -588,8 +588,8 @@ def _suited_default(
 
 def _unsuited_model(info: ModelInfo, similarity: str, extent_mm: float) -> str | None:
     """Why a model does not suit this run, if it does not (a default one is then left out)."""
-    limit_mm = info.max_extent_mm  # read for every model: an invalid value is refused
-    contrast = info.contrast
+    # Both read for every model, so that an invalid value is refused whatever the run.
+    limit_mm, contrast = info.max_extent_mm, info.contrast
     if similarity == "mind" and contrast == "same":
         # Measured on 20 fs-dev pairs with a T2-like moving image: brain3d, a same-contrast
         # model, made the alignment worse than the affine alone on every pair.

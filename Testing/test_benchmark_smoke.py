@@ -86,3 +86,19 @@ def test_pair_order_is_documented_ring_then_rest() -> None:
     ]  # fmt: skip
     assert len(pairs) == len(set(pairs)) == 20
     assert all(moving != fixed for moving, fixed in pairs)
+
+
+@pytest.mark.parametrize(("similarity", "network_row"), [("lncc", True), ("mind", False)])
+def test_the_network_only_row_uses_the_model_the_engine_would_choose(
+    similarity: str, network_row: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With only same-contrast defaults, a cross-contrast run has no network to show alone."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from benchmarks.run_benchmark import model_note
+    from DeepRegisterLib import models
+
+    monkeypatch.setitem(models.DEFAULT_MODELS, 3, ("brain3d",))
+    notes: list[str] = []
+    methods = model_note(3, "default", similarity, ["affine", "network-only"], notes)
+    assert ("network-only" in methods) is network_row
+    assert ("`brain3d`" in notes[0]) is network_row

@@ -284,12 +284,21 @@ def _installed(distribution: str) -> bool:
     return True
 
 
-def model_note(dim: int, model: str, methods: list[str], notes: list[str]) -> list[str]:
-    """Say which network the presets start from; drop "network-only" when there is none."""
-    from DeepRegisterLib.engine import resolve_model
+def model_note(
+    dim: int, model: str, similarity: str, methods: list[str], notes: list[str]
+) -> list[str]:
+    """Say which network the presets start from; drop "network-only" when there is none.
+
+    For ``default`` the engine's own choice for this similarity (a same-contrast model does not
+    seed a MIND run), so the network-only row never silently runs without a network.
+    """
+    from DeepRegisterLib.engine import default_models, resolve_model, suited_default_model
 
     try:
-        info = resolve_model(model, dim)
+        if model == "default":
+            info, _ = suited_default_model(default_models(dim), similarity, extent_mm=0.0)
+        else:
+            info = resolve_model(model, dim)
     except Exception as error:  # a named model that is missing or does not fit
         notes.append(f"`--model {model}` cannot be used: {error}")
         info = None
@@ -611,7 +620,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "it checks the machinery, its numbers mean little."
         )
     methods = available_methods(args.methods, notes)
-    methods = model_note(2 if args.two_d else 3, args.model, methods, notes)
+    similarity = "mind" if args.cross_contrast else "lncc"
+    methods = model_note(2 if args.two_d else 3, args.model, similarity, methods, notes)
     settings = Settings(
         device=device,
         threads=args.threads,
