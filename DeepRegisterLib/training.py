@@ -610,7 +610,11 @@ def train(
         if score > best_score:
             best_score, best_step = score, step
             _save_tensors(_state_dict(network), out / BEST)
-        say(f"step {step}: validation mean Dice {score:.4f} (best {best_score:.4f} @ {best_step})")
+        each = " ".join(f"{s:.3f}" for s in scores)
+        say(
+            f"step {step}: validation mean Dice {score:.4f} (pairs: {each}; best "
+            f"{best_score:.4f} @ {best_step})"
+        )
         return scores
 
     def checkpoint(step: int) -> None:

@@ -402,6 +402,9 @@ def test_resume_continues_at_the_next_step_exactly(tmp_path: Path, schedule: str
     messages: list[str] = []
     resumed = train(config, tmp_path / "resumed", resume=True, progress=messages.append)
     assert any("resuming after step 1" in m for m in messages)
+    validations = [m for m in messages if "validation mean Dice" in m]
+    assert validations  # each shows the score of every pair, to tell contrasts apart
+    assert all(len(m.split("(pairs: ")[1].split(";")[0].split()) == 4 for m in validations)
 
     state = torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=True)
     assert state["step"] == 6
