@@ -6,10 +6,11 @@
 For each ordered pair (the benchmark's order) the engine's preprocessing runs once: the
 SimpleITK affine stage, then both images on the model's grid cropped to the fixed foreground.
 Score: mean Dice over the 27 FreeSurfer structures on that grid, the moving ``aseg`` resampled
-once through affine ∘ flow (as in training validation), for the affine alone and each model's
-single forward pass. Cross-contrast pairs use the benchmark's T2-like remapping of the moving
-image (fixed stays T1). Pairs a model's training used for validation are marked, and means are
-given over the others too. Writes ``--out``/<date>-models.md and .json.
+once through affine ∘ flow (as in training validation), for the affine alone and each model
+alone (the engine's symmetric inference: two forward passes). Cross-contrast pairs use the
+benchmark's T2-like remapping of the moving image (fixed stays T1). Pairs a model's training
+used for validation are marked, and means are given over the others too. Writes
+``--out``/<date>-models.md and .json.
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         f"`python benchmarks/model_check.py {' '.join(argv or sys.argv[1:])}`; "
         f"{len(pairs)} ordered fs-dev pairs; {time.perf_counter() - started:.0f} s. Mean Dice over "
         f"the 27 FreeSurfer structures on the {infos[0].spacing_mm:g} mm network grid after the "
-        "affine stage; one forward pass per model, no instance optimisation.",
+        "affine stage; each model alone (symmetric inference, two forward passes), no instance "
+        "optimisation.",
         "",
         "| contrast | pairs | affine only | "
         + " | ".join(f"`{m}`" for m in args.models)
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             for m, v in zip(args.models, validated, strict=True)
         ),
         "",
-        f"Network forward pass: {np.median([r['network_seconds'] for r in rows]):.2f} s "
+        f"Network (both passes): {np.median([r['network_seconds'] for r in rows]):.2f} s "
         f"(median, {args.threads} thread(s), CPU).",
     ]
     args.out.mkdir(parents=True, exist_ok=True)
