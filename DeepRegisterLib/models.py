@@ -75,8 +75,8 @@ class ModelInfo:
 
     @property
     def contrast(self) -> str:
-        """ "same" (the default): trained on pairs of one contrast; "any": on pairs of unrelated
-        contrasts too, so it may seed a cross-contrast (MIND) run."""
+        """The pairs it was trained for: "same" (the default) contrast, or "any", unrelated
+        contrasts too, so that it may seed a cross-contrast (MIND) run."""
         value = self.config.get("contrast", "same")
         if value not in CONTRASTS:
             raise ModelError(

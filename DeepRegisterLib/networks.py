@@ -194,8 +194,8 @@ class VxmDense(nn.Module):
 
         exp(−v) inverts exp(v), so both passes estimate the same field; their mean cancels part
         of each one's error and gives the same answer, up to sign, whichever image is called
-        fixed. On 6 held-out fs-dev pairs it added about 0.01 Dice, on every pair, for a
-        second forward pass.
+        fixed. On the 20 ordered fs-dev pairs brain3d alone went from 0.745 to 0.751 mean Dice
+        (better on 15) for the second forward pass.
         """
         return 0.5 * (self.velocity(fixed, moving) - self.velocity(moving, fixed))
 

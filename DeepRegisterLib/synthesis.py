@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,7 +185,7 @@ def _read_cache(path: Path, key: str, spacing_mm: float, align: bool) -> LabelMa
     """The cached maps if ``path`` holds them for ``key``; None (recompute) otherwise."""
     try:
         data = torch.load(path, weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError):
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError):
         return None  # absent, truncated or not a cache: computing again is always safe
     if not isinstance(data, dict) or data.get("key") != key:
         return None
