@@ -69,6 +69,10 @@ class SynthesisConfig:
     # steps than SynthMorph's any-contrast pairs. Needs label maps in FreeSurfer's convention.
     t1_like: float = 0.0
     t1_jitter: float = 0.05
+    # Probability that a pair's background (label 0) is exactly 0 in both images, as in
+    # skull-stripped scans; otherwise it draws a contrast like any label. Random contrasts
+    # alone rarely show a black background beside dark tissue, which T2-like scans have.
+    zero_background: float = 0.0
     intensity_std: float = 0.1  # max within-label std, intensities drawn in [0, 1]
     blur_sigma: float = 1.0  # max Gaussian blur sigma (voxels)
     bias_std: float = 0.3  # max std of the log of the multiplicative bias field
@@ -482,6 +486,10 @@ class Synthesiser:
             moving_means = means
         fixed = synthesise_image(fixed_labels[0, 0], means, config, generator)
         moving = synthesise_image(moving_labels[0, 0], moving_means, config, generator)
+        # No draw when zero_background is 0: runs from before this option see the same pairs.
+        chance = config.zero_background
+        if chance > 0 and float(torch.rand((), generator=generator, device=device)) < chance:
+            fixed, moving = fixed * (fixed_labels != 0), moving * (moving_labels != 0)
         return SyntheticPair(fixed, moving, fixed_labels, moving_labels, flow)
 
     def __call__(self, generator: torch.Generator, batch: int = 1) -> SyntheticPair:

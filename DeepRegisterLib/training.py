@@ -127,6 +127,7 @@ class TrainingConfig:
             ("same-contrast probability", self.synthesis.same_contrast),
             ("T1-like probability", self.synthesis.t1_like),
             ("other-subject probability", self.synthesis.other_subject),
+            ("zero-background probability", self.synthesis.zero_background),
         ):
             if not 0 <= value <= 1:
                 raise InputError(f"the {name} must be in [0, 1], got {value}")

@@ -78,6 +78,14 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "first one by the affine stage). Default 0: one map, randomly deformed",
     )
     data.add_argument(
+        "--zero-background",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="probability that a synthetic pair's background (label 0) is exactly 0 in both "
+        "images, as in skull-stripped scans (default 0: a random contrast like any label)",
+    )
+    data.add_argument(
         "--real-pairs",
         type=Path,
         help="real training pairs: a CSV (fixed,moving[,fixed_labels,moving_labels]) or a "
@@ -223,6 +231,7 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
             same_contrast=args.same_contrast,
             t1_like=args.t1_like,
             other_subject=args.other_subject,
+            zero_background=args.zero_background,
         ),
     )
     config.check()

@@ -93,6 +93,20 @@ def test_synthesis_is_deterministic_given_the_generator(dim: int) -> None:
     assert float(first.fixed.max()) <= 1.0
 
 
+def test_a_zero_background_pair_is_black_outside_its_labels_like_a_skull_stripped_scan() -> None:
+    black = Synthesiser(SHAPES[3], SynthesisConfig(zero_background=1.0))
+    pair = black(torch.Generator().manual_seed(3))
+    for image, labels in ((pair.fixed, pair.fixed_labels), (pair.moving, pair.moving_labels)):
+        assert bool((labels == 0).any())
+        assert float(image[labels == 0].abs().max()) == 0.0
+        assert float(image[labels != 0].mean()) > 0.1
+
+    # The mask is drawn last: everything else is the pair the default (0, no draw) gives.
+    plain = Synthesiser(SHAPES[3])(torch.Generator().manual_seed(3))
+    assert torch.equal(pair.moving, plain.moving * (plain.moving_labels != 0))
+    assert float(plain.fixed[plain.fixed_labels == 0].abs().max()) > 0.0
+
+
 @pytest.mark.parametrize("noise", [0.0, 0.03])
 def test_each_label_has_one_intensity_up_to_noise(noise: float) -> None:
     """Without blur, bias and gamma, a label's voxels share one mean: their spread is the
@@ -514,7 +528,8 @@ def test_cli_trains_on_pairs_of_two_aligned_label_maps(tmp_path: Path) -> None:
     maps = [_head(tmp_path, "a.nii.gz"), _head(tmp_path, "b.nii.gz", pose)]
     args = _parse(
         "--out", str(tmp_path / "run"), "--name", "pairs", "--label-maps", *map(str, maps),
-        "--other-subject", "1", "--similarity-weight", "0", "--lr-schedule", "cosine",
+        "--other-subject", "1", "--zero-background", "0.5", "--similarity-weight", "0",
+        "--lr-schedule", "cosine",
         "--shape", "16", "16", "16", "--spacing", "2", "--steps", "2",
         "--validate-every", "2", "--encoder", "4", "4", "4", "4", "--decoder", "4", "4", "4",
         "4", "4", "--threads", "1", "--device", "cpu",
@@ -525,6 +540,7 @@ def test_cli_trains_on_pairs_of_two_aligned_label_maps(tmp_path: Path) -> None:
     assert recorded["data"]["label_maps_aligned"] is True
     assert (tmp_path / "run" / ALIGNED_LABEL_MAPS).exists()  # for a --resume
     assert recorded["config"]["similarity_weight"] == 0.0
+    assert recorded["config"]["synthesis"]["zero_background"] == 0.5
     assert recorded["config"]["lr_schedule"] == "cosine"
 
 
