@@ -229,6 +229,12 @@ def _label_image(labels: sitk.Image) -> sitk.Image:
     return normalised_for_registration(image)
 
 
+def _happens(chance: float, generator: torch.Generator, device: torch.device) -> bool:
+    """True with probability ``chance``; no draw at all when it is 0, so runs from before an
+    option that uses this see the same pairs."""
+    return chance > 0 and float(torch.rand((), generator=generator, device=device)) < chance
+
+
 def _uniform(generator: torch.Generator, high: float, device: torch.device) -> torch.Tensor:
     """A scalar drawn uniformly from [0, high)."""
     return torch.rand((), generator=generator, device=device) * high
@@ -411,9 +417,7 @@ class Synthesiser:
         device = self.device
         index = int(torch.randint(len(self.maps), (), generator=generator, device=device))
         other = index
-        # No draw when other_subject is 0: runs from before this option see the same pairs.
-        chance = self.config.other_subject
-        if chance > 0 and float(torch.rand((), generator=generator, device=device)) < chance:
+        if _happens(self.config.other_subject, generator, device):
             other = int(torch.randint(len(self.maps) - 1, (), generator=generator, device=device))
             other += other >= index
         fixed, moving = self.maps[index], self.maps[other]
@@ -485,9 +489,7 @@ class Synthesiser:
             moving_means = means
         fixed = synthesise_image(fixed_labels[0, 0], means, config, generator)
         moving = synthesise_image(moving_labels[0, 0], moving_means, config, generator)
-        # No draw when zero_background is 0: runs from before this option see the same pairs.
-        chance = config.zero_background
-        if chance > 0 and float(torch.rand((), generator=generator, device=device)) < chance:
+        if _happens(config.zero_background, generator, device):
             fixed, moving = fixed * (fixed_labels != 0), moving * (moving_labels != 0)
         return SyntheticPair(fixed, moving, fixed_labels, moving_labels, flow)
 
