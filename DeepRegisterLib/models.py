@@ -76,7 +76,8 @@ class ModelInfo:
     @property
     def contrast(self) -> str:
         """The pairs it was trained for: "same" (the default) contrast, or "any", unrelated
-        contrasts too, so that it may seed a cross-contrast (MIND) run."""
+        contrasts too. A "same" model in a cross-contrast (MIND) run is given the moving image
+        mapped into the fixed image's contrast; an "any" model is given it as it is."""
         value = self.config.get("contrast", "same")
         if value not in CONTRASTS:
             raise ModelError(
