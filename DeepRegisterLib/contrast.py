@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 BINS_OF_EQUAL_COUNT = 128  # 64 left a T1 → T2-like fs-dev pair at 0.69 instead of 0.75
 BINS_OF_EQUAL_WIDTH = 64
@@ -71,3 +72,12 @@ def _histogram_match(source: np.ndarray, target_sorted: np.ndarray):
         return np.interp(quantile, grid, target_sorted)
 
     return spread
+
+
+def in_contrast_of(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor | None:
+    """``moving`` (aligned with ``fixed``, any shape) mapped into ``fixed``'s contrast; None
+    when it has no contrast to map."""
+    contrast_map = learn_contrast_map(moving.cpu().numpy(), fixed.cpu().numpy())
+    if contrast_map is None:
+        return None
+    return torch.as_tensor(contrast_map(moving.cpu().numpy()), device=moving.device)

@@ -20,7 +20,7 @@ import torch
 
 from . import __version__, metrics
 from .affine import normalised_for_registration, register_normalised, to_affine
-from .contrast import learn_contrast_map
+from .contrast import in_contrast_of
 from .errors import InputError, ModelError, stop_if_cancelled
 from .fileio import read_image
 from .geometry import Grid, flow_voxels_to_mm, is_linear
@@ -617,10 +617,9 @@ def _in_fixed_contrast(
     affine alone on 20 of 20 T1 → T2-like fs-dev pairs), so it sees the moving image mapped into
     the fixed image's contrast; the MIND loss that follows still compares the images as they are.
     """
-    contrast_map = learn_contrast_map(moving.cpu().numpy(), fixed.cpu().numpy())
-    if contrast_map is None:
+    mapped = in_contrast_of(fixed, moving)
+    if mapped is None:
         return moving, "contrast: the moving image is constant here, so it was not remapped"
-    mapped = torch.as_tensor(contrast_map(moving.cpu().numpy()), device=moving.device)
     return mapped, (
         f"contrast: model {model_name!r} is trained for same-contrast pairs, so its moving input "
         "was mapped into the fixed image's contrast (joint histogram after the affine stage)"

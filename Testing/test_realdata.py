@@ -91,7 +91,8 @@ def test_fast_registration_of_two_real_brains_clearly_beats_the_affine_alone() -
 @pytest.mark.slow
 def test_the_model_check_scores_a_shipped_model_in_both_contrasts(tmp_path: Path) -> None:
     """``benchmarks/model_check.py`` on one pair: the affine and the model scored on the same
-    grid, same contrast and T2-like, and a table that marks the pairs used for validation."""
+    grid, same contrast and T2-like (as it is and through the contrast map), and a table that
+    marks the pairs used for validation."""
     from benchmarks import model_check
 
     assert model_check.main(["--models", "brain3d", "--pairs", "1", "--threads", "1",
@@ -103,10 +104,13 @@ def test_the_model_check_scores_a_shipped_model_in_both_contrasts(tmp_path: Path
     for row in rows:
         assert 0.3 < row["affine"] < 0.9
         assert 0.3 < row["models"]["brain3d"] < 0.9
+    cross = rows[1]
+    assert cross["mapped"]["brain3d"] > cross["affine"] + 0.03  # as the engine runs it
     table = next(tmp_path.glob("*-models.md")).read_text()
     assert "| same | all (1) |" in table
     assert "| cross | all (1) |" in table
     assert "`brain3d`: sub-02→sub-01, sub-04→sub-03" in table  # its validation pairs
+    assert "| `brain3d` | " in table  # the mapped cross-contrast row
 
 
 def test_a_t2_like_moving_brain_keeps_the_networks_gain_through_the_contrast_map() -> None:
