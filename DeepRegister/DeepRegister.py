@@ -87,6 +87,11 @@ probabilistic diffeomorphic registration for images and surfaces. Medical Image 
 2019.</li>
 <li>M. Hoffmann, B. Billot, D. N. Greve, J. E. Iglesias, B. Fischl, A. V. Dalca. SynthMorph:
 learning contrast-invariant registration without acquired images. IEEE TMI 41(3):543-558, 2022.</li>
+<li>M. P. Heinrich, M. Jenkinson, M. Bhushan, T. Matin, F. V. Gleeson, M. Brady, J. A. Schnabel.
+MIND: Modality independent neighbourhood descriptor for multi-modal deformable registration.
+Medical Image Analysis 16(7):1423-1435, 2012.</li>
+<li>A. Guimond, A. Roche, N. Ayache, J. Meunier. Three-dimensional multimodal brain warping using
+the demons algorithm and adaptive intensity corrections. IEEE TMI 20(1):58-69, 2001.</li>
 <li>ITK (itk.org) and SimpleITK: Z. Yaniv, B. C. Lowekamp, H. J. Johnson, R. Beare.
 SimpleITK Image-Analysis Notebooks: a Collaborative Environment for Education and Reproducible
 Research. J Digit Imaging 31(3):290-303, 2018.</li>
