@@ -88,17 +88,21 @@ def test_pair_order_is_documented_ring_then_rest() -> None:
     assert all(moving != fixed for moving, fixed in pairs)
 
 
-@pytest.mark.parametrize(("similarity", "network_row"), [("lncc", True), ("mind", False)])
+@pytest.mark.parametrize(
+    ("similarity", "model", "network_row"),
+    [("lncc", "default", True), ("mind", "default", True), ("mind", "none", False)],
+)
 def test_the_network_only_row_uses_the_model_the_engine_would_choose(
-    similarity: str, network_row: bool, monkeypatch: pytest.MonkeyPatch
+    similarity: str, model: str, network_row: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With only same-contrast defaults, a cross-contrast run has no network to show alone."""
+    """A cross-contrast run takes the same-contrast default through the contrast map, so it
+    has a network to show alone; without a model there is none."""
     monkeypatch.syspath_prepend(str(REPO))
     from benchmarks.run_benchmark import model_note
     from DeepRegisterLib import models
 
     monkeypatch.setitem(models.DEFAULT_MODELS, 3, ("brain3d",))
     notes: list[str] = []
-    methods = model_note(3, "default", similarity, ["affine", "network-only"], notes)
+    methods = model_note(3, model, similarity, ["affine", "network-only"], notes)
     assert ("network-only" in methods) is network_row
     assert ("`brain3d`" in notes[0]) is network_row

@@ -289,8 +289,8 @@ def model_note(
 ) -> list[str]:
     """Say which network the presets start from; drop "network-only" when there is none.
 
-    For ``default`` the engine's own choice for this similarity (a same-contrast model does not
-    seed a MIND run), so the network-only row never silently runs without a network.
+    For ``default`` the engine's own choice for this similarity, so the network-only row never
+    silently runs without a network.
     """
     from DeepRegisterLib.engine import default_models, resolve_model, suited_default_model
 
