@@ -433,7 +433,7 @@ def _run(
                     lambda *_: stages.check("while running the network")
                 )
         with torch.inference_mode():
-            velocity = network.symmetric_velocity(f_t, m_in).clone()
+            velocity = network.recursive_velocity(f_t, m_in, job.model_info.passes).clone()
         del m_in
         stages.check("after the network")
         if not bool(torch.isfinite(velocity).all()):
@@ -601,8 +601,8 @@ def suited_default_model(
 
 def _unsuited_model(info: ModelInfo, extent_mm: float) -> str | None:
     """Why a model does not suit this run, if it does not (a default one is then left out)."""
-    # Both read for every model, so that an invalid value is refused whatever the run.
-    limit_mm, _ = info.max_extent_mm, info.contrast
+    # All read for every model, so that an invalid value is refused whatever the run.
+    limit_mm, _, _ = info.max_extent_mm, info.contrast, info.passes
     if limit_mm is not None and extent_mm > limit_mm:
         return f"is for fields of view up to {limit_mm:g} mm and this one spans {extent_mm:.0f} mm"
     return None

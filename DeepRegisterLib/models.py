@@ -74,6 +74,16 @@ class ModelInfo:
         return self._positive("max_extent_mm", math.nan)
 
     @property
+    def passes(self) -> int:
+        """How many times the engine runs the network on a pair (``recursive_velocity``)."""
+        value = self.config.get("passes", 1)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8:
+            raise ModelError(
+                f"model {self.name!r}: passes must be a whole number from 1 to 8, got {value!r}"
+            )
+        return value
+
+    @property
     def contrast(self) -> str:
         """The pairs it was trained for: "same" (the default) contrast, or "any", unrelated
         contrasts too. A "same" model in a cross-contrast (MIND) run is given the moving image

@@ -407,16 +407,17 @@ def network_scores(
     pairs: Sequence[ValidationPair],
     device: torch.device,
     mixed_precision: bool | None = None,
+    passes: int = 1,
 ) -> list[float]:
     """Mean Dice per pair with the network's flow alone (no instance optimisation), from the
-    symmetric inference the engine runs."""
+    symmetric inference the engine runs (``passes``: as its model JSON says)."""
     was_training = network.training
     network.eval()
     scores = []
     with torch.inference_mode(), _autocast(device, mixed_precision):
         for pair in pairs:
             fixed, moving = pair.fixed.to(device), pair.moving.to(device)
-            velocity = network.symmetric_velocity(fixed, moving).float()
+            velocity = network.recursive_velocity(fixed, moving, passes).float()
             flow = integrate_velocity(velocity, network.config.integration_steps)
             scores.append(pair.score(flow))
     network.train(was_training)

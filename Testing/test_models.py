@@ -159,6 +159,36 @@ def test_symmetric_inference_swaps_to_the_inverse_field(dim: int) -> None:
     assert not torch.allclose(one_pass, -other_pass, atol=1e-3)
 
 
+@pytest.mark.parametrize("dim", [2, 3])
+def test_recursive_inference_adds_a_correction_and_still_swaps_to_the_inverse(dim: int) -> None:
+    torch.manual_seed(0)
+    network = VxmDense(NetworkConfig(dim=dim, **SMALL)).eval()
+    for parameter in network.flow.parameters():
+        parameter.data.normal_(std=0.1)
+    fixed, moving = random_pair(dim)
+    with torch.inference_mode():
+        once = network.recursive_velocity(fixed, moving, 1)
+        twice = network.recursive_velocity(fixed, moving, 2)
+        swapped = network.recursive_velocity(moving, fixed, 2)
+        symmetric = network.symmetric_velocity(fixed, moving)
+    torch.testing.assert_close(once, symmetric, rtol=0, atol=0)
+    torch.testing.assert_close(swapped, -twice, rtol=0, atol=0)
+    assert not torch.allclose(twice, once, atol=1e-3)
+
+
+@pytest.mark.parametrize("passes", [0, 9, 1.5, True, "2", None])
+def test_a_model_asking_for_an_impossible_number_of_passes_is_refused(
+    a_saved_3d_model: models.ModelInfo, passes: object
+) -> None:
+    info = models.ModelInfo(
+        a_saved_3d_model.name, a_saved_3d_model.weights,
+        {**a_saved_3d_model.config, "passes": passes},
+    )  # fmt: skip
+    with pytest.raises(ModelError, match="passes must be a whole number from 1 to 8"):
+        _ = info.passes
+    assert a_saved_3d_model.passes == 1  # absent: one pass
+
+
 def swirl(dim: int, size: int, turn: float, sigma: float) -> torch.Tensor:
     """A smooth, divergence-free vortex in the first two array axes (voxels), ``turn`` rad/voxel
     at its centre, fading over ``sigma`` voxels."""

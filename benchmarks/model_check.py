@@ -7,7 +7,8 @@ For each ordered pair (the benchmark's order) the engine's preprocessing runs on
 SimpleITK affine stage, then both images on the model's grid cropped to the fixed foreground.
 Score: mean Dice over the 27 FreeSurfer structures on that grid, the moving ``aseg`` resampled
 once through affine ∘ flow (as in training validation), for the affine alone and each model
-alone (the engine's symmetric inference: two forward passes). Cross-contrast pairs use the
+alone (the engine's inference: two symmetric forward passes, repeated for each of the
+``passes`` its JSON asks). Cross-contrast pairs use the
 benchmark's T2-like remapping of the moving image (fixed stays T1); there a same-contrast model
 is scored on the moving image as it is and, as the engine feeds it, mapped into the fixed
 image's contrast. Pairs a model's training
@@ -92,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
                     pair, moving=pair.moving if mapped_moving is None else mapped_moving
                 )
                 tick = time.perf_counter()
-                scores = [network_scores(net, [pair], torch.device("cpu"))[0] for net in networks]
+                scores = [
+                    network_scores(net, [pair], torch.device("cpu"), passes=info.passes)[0]
+                    for info, net in zip(infos, networks, strict=True)
+                ]
                 seconds = (time.perf_counter() - tick) / len(networks)
                 row = {
                     "pair": f"{moving}→{fixed}",
@@ -103,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 if contrast == "cross":  # as the engine's MIND runs feed same-contrast models
                     row["mapped"] = {
-                        name: network_scores(net, [mapped], torch.device("cpu"))[0]
+                        name: network_scores(
+                            net, [mapped], torch.device("cpu"), passes=info.passes
+                        )[0]
                         for name, info, net in zip(args.models, infos, networks, strict=True)
                         if info.contrast == "same"
                     }
@@ -120,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         f"`python benchmarks/model_check.py {' '.join(argv or sys.argv[1:])}`; "
         f"{len(pairs)} ordered fs-dev pairs; {time.perf_counter() - started:.0f} s. Mean Dice over "
         f"the 27 FreeSurfer structures on the {infos[0].spacing_mm:g} mm network grid after the "
-        "affine stage; each model alone (symmetric inference, two forward passes), no instance "
-        "optimisation.",
+        "affine stage; each model alone as the engine runs it (symmetric inference, "
+        + ", ".join(f"`{i.name}` {i.passes} pass(es)" for i in infos)
+        + "), no instance optimisation.",
         "",
         "| contrast | pairs | affine only | "
         + " | ".join(f"`{m}`" for m in args.models)
@@ -175,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             for m, v in zip(args.models, validated, strict=True)
         ),
         "",
-        f"Network (both passes): {np.median([r['network_seconds'] for r in rows]):.2f} s "
+        f"Network (all passes): {np.median([r['network_seconds'] for r in rows]):.2f} s "
         f"(median, {args.threads} thread(s), CPU).",
     ]
     args.out.mkdir(parents=True, exist_ok=True)
