@@ -8,10 +8,9 @@ SimpleITK affine stage, then both images on the model's grid cropped to the fixe
 Score: mean Dice over the 27 FreeSurfer structures on that grid, the moving ``aseg`` resampled
 once through affine ∘ flow (as in training validation), for the affine alone and each model
 alone (the engine's inference: two symmetric forward passes, repeated for each of the
-``passes`` its JSON asks). Cross-contrast pairs use the
-benchmark's T2-like remapping of the moving image (fixed stays T1); there a same-contrast model
-is scored on the moving image as it is and, as the engine feeds it, mapped into the fixed
-image's contrast. Pairs a model's training
+``passes`` its JSON asks). Cross-contrast pairs use the benchmark's T2-like remapping of the
+moving image (fixed stays T1); there a same-contrast model is scored on the moving image as it
+is and, as the engine feeds it, mapped into the fixed image's contrast. Pairs a model's training
 used for validation are marked, and means are given over the others too. Writes
 ``--out``/<date>-models.md and .json.
 """
@@ -88,10 +87,6 @@ def main(argv: list[str] | None = None) -> int:
                     args.data / fixed / "aseg.nii.gz", args.data / moving / "aseg.nii.gz",
                 )  # fmt: skip
                 pair = real_validation_pair(files, infos[0].spacing_mm, multiple, labels)
-                mapped_moving = in_contrast_of(pair.fixed, pair.moving)
-                mapped = replace(
-                    pair, moving=pair.moving if mapped_moving is None else mapped_moving
-                )
                 tick = time.perf_counter()
                 scores = [
                     network_scores(net, [pair], torch.device("cpu"), passes=info.passes)[0]
@@ -106,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
                     "network_seconds": seconds,
                 }
                 if contrast == "cross":  # as the engine's MIND runs feed same-contrast models
+                    mapped_moving = in_contrast_of(pair.fixed, pair.moving)
+                    mapped = replace(
+                        pair, moving=pair.moving if mapped_moving is None else mapped_moving
+                    )
                     row["mapped"] = {
                         name: network_scores(
                             net, [mapped], torch.device("cpu"), passes=info.passes
