@@ -251,8 +251,9 @@ def _run_demo(args) -> int:
 def _add_models_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "models",
-        help="list the models found: dimension, spacing, the contrasts they are for, their "
-        "place among the defaults (the engine takes the first that suits a run), and where",
+        help="list the models found: dimension, spacing, recursive passes, the contrasts "
+        "they are for, their place among the defaults (the engine takes the first that suits "
+        "a run), and where",
     )
     p.set_defaults(run=_run_models)
 
@@ -266,7 +267,9 @@ def _run_models(args) -> int:
         candidates = DEFAULT_MODELS.get(dim, ())
         default = f"default {candidates.index(name) + 1}" if name in candidates else "-"
         print(
-            f"{name:20} {dim}D  {info.spacing_mm:g} mm  {info.contrast:4} contrast  "
+            f"{name:20} {dim}D  {info.spacing_mm:g} mm  "
+            f"{info.passes} pass{'es' if info.passes > 1 else '  '}  "
+            f"{info.contrast:4} contrast  "
             f"{default:9}  {info.weights}"
         )
     if not models:

@@ -169,7 +169,7 @@ def test_help_and_models_explain_themselves():
     assert "search path" in models.stdout
     rows = {line.split()[0]: line.split() for line in models.stdout.splitlines()}
     brain3d = rows["brain3d"]
-    assert brain3d[1:7] == ["3D", "2", "mm", "same", "contrast", "default"]
+    assert brain3d[1:9] == ["3D", "2", "mm", "2", "passes", "same", "contrast", "default"]
 
 
 def test_demo_runs_on_its_embedded_pair_and_reports_improvement(tmp_path, capsys):
