@@ -54,30 +54,26 @@ def learn_contrast_map(moving: np.ndarray, fixed: np.ndarray) -> ContrastMap | N
     kept = counts > 0
     knots = np.bincount(index, weights=m, minlength=edges.size - 1)[kept] / counts[kept]
     expected = np.bincount(index, weights=f, minlength=edges.size - 1)[kept] / counts[kept]
-    mapped = np.interp(m, knots, expected)
-    spread = _histogram_match(mapped, np.sort(f))
-    return ContrastMap(knots, spread(expected))
+    mapped = np.sort(np.interp(m, knots, expected))
+    return ContrastMap(knots, _histogram_matched(expected, mapped, np.sort(f)))
 
 
-def _histogram_match(source: np.ndarray, target_sorted: np.ndarray):
-    """The monotone map that gives ``source``'s values the histogram of the target's."""
-    source_sorted = np.sort(source)
-
-    def spread(values: np.ndarray) -> np.ndarray:
-        # Mid-rank among the source values, so that equal values get one equal output.
-        below = np.searchsorted(source_sorted, values, side="left")
-        upto = np.searchsorted(source_sorted, values, side="right")
-        quantile = (below + upto) / (2.0 * source_sorted.size)
-        grid = np.linspace(0.0, 1.0, target_sorted.size)
-        return np.interp(quantile, grid, target_sorted)
-
-    return spread
+def _histogram_matched(
+    values: np.ndarray, source_sorted: np.ndarray, target_sorted: np.ndarray
+) -> np.ndarray:
+    """``values`` through the monotone map that gives the source the target's histogram."""
+    # Mid-rank among the source values, so that equal values get one equal output.
+    below = np.searchsorted(source_sorted, values, side="left")
+    upto = np.searchsorted(source_sorted, values, side="right")
+    quantile = (below + upto) / (2.0 * source_sorted.size)
+    return np.interp(quantile, np.linspace(0.0, 1.0, target_sorted.size), target_sorted)
 
 
 def in_contrast_of(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor | None:
     """``moving`` (aligned with ``fixed``, any shape) mapped into ``fixed``'s contrast; None
     when it has no contrast to map."""
-    contrast_map = learn_contrast_map(moving.cpu().numpy(), fixed.cpu().numpy())
+    intensities = moving.cpu().numpy()
+    contrast_map = learn_contrast_map(intensities, fixed.cpu().numpy())
     if contrast_map is None:
         return None
-    return torch.as_tensor(contrast_map(moving.cpu().numpy()), device=moving.device)
+    return torch.as_tensor(contrast_map(intensities), device=moving.device)

@@ -100,13 +100,10 @@ def default_models(dim: int) -> list[ModelInfo]:
 
 
 def resolve_model(model: str | os.PathLike | None, dim: int) -> ModelInfo | None:
-    """``None``/"none": no network (instance optimisation from identity); "default": the
-    first installed default model for the dimension (the engine may choose a later one, or
-    none, for a run it does not suit)."""
+    """A model named by the user; ``None``/"none": no network (instance optimisation from
+    identity). "default" is not a name: ``suited_default_model`` chooses for the run."""
     if model is None or str(model) == "none":
         return None
-    if str(model) == "default":
-        return next(iter(default_models(dim)), None)
     info = find_model(model)
     model_dim = info.network.dim
     if model_dim != dim:
