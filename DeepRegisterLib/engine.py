@@ -466,6 +466,7 @@ def _run(
             f_t, m_t, mask_t, levels,
             similarity=job.similarity, regularization=job.regularization,
             learning_rate=job.settings.learning_rate, window=job.settings.window,
+            folding_weight=job.settings.folding_weight,
             initial_velocity=velocity, progress=stages.reporter("optimisation"),
             is_cancelled=stages.cancelled,
         )  # fmt: skip
@@ -544,6 +545,7 @@ def _run(
             "model_sha256": None if model_info is None else model_info.sha256,
             "seed": job.seed,
             "regularization": job.regularization,
+            "folding_weight": job.settings.folding_weight,
             "network_grid": {
                 "size": list(job.network_grid.size),
                 "spacing_mm": job.network_grid.spacing[0],

@@ -139,6 +139,33 @@ def diffusion(flow: torch.Tensor) -> torch.Tensor:
     return total / spatial
 
 
+def jacobian_determinant(flow: torch.Tensor) -> torch.Tensor:
+    """det(I + ∇u) of a voxel-unit flow (N, dim, *shape), with central differences."""
+    spatial = flow.dim() - 2
+    grads = torch.gradient(flow, dim=tuple(range(2, 2 + spatial)))
+    # j[r][c] = δ_rc + ∂u_r/∂x_c: the flow's channel r moves along array axis r (``warp``).
+    axes = range(spatial)
+    j = [[grads[c][:, r] + (1.0 if r == c else 0.0) for c in axes] for r in axes]
+    if spatial == 2:
+        return j[0][0] * j[1][1] - j[0][1] * j[1][0]
+    return (
+        j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
+        - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
+        + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0])
+    )
+
+
+def folding_penalty(flow: torch.Tensor, margin: float = 0.05) -> torch.Tensor:
+    """Mean shortfall of det J below ``margin``: zero for a transform that keeps every voxel's
+    orientation with room to spare (Kuang & Schmah 2019).
+
+    Scaling and squaring is diffeomorphic only for a velocity smooth on the grid's scale; a
+    velocity on a fine control grid can turn sharply enough to fold, and diffusion alone lets
+    it wherever the similarity pulls hard.
+    """
+    return F.relu(margin - jacobian_determinant(flow)).mean()
+
+
 def soft_dice(fixed_onehot: torch.Tensor, warped_onehot: torch.Tensor) -> torch.Tensor:
     """1 − mean soft Dice over channels, for label-supervised training."""
     dims = tuple(range(2, fixed_onehot.dim()))

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import stop_if_cancelled
-from .losses import diffusion, similarity_function, similarity_to
+from .losses import diffusion, folding_penalty, similarity_function, similarity_to
 from .networks import integrate_velocity, resize_flow, warp
 from .presets import Level
 
@@ -99,6 +99,7 @@ def optimise_velocity(
     regularization: float,
     learning_rate: float,
     window: int,
+    folding_weight: float = 0.0,
     initial_velocity: torch.Tensor | None = None,
     progress: Callable[[float, str], None] | None = None,
     is_cancelled: Callable[[], bool] = lambda: False,
@@ -108,6 +109,7 @@ def optimise_velocity(
     Each level hands on the parameter with the lowest loss it evaluated (the start included).
 
     ``levels`` pairs each level's grid shape with its settings, coarse first.
+    ``folding_weight`` adds ``folding_penalty`` to the loss, for fine control grids.
     """
     similarity_function(similarity)  # refuses unknown names before any work
     fine_shape = tuple(fixed.shape[2:])
@@ -150,6 +152,8 @@ def optimise_velocity(
             warped = warp(images.moving, resize_flow(control_flow, shape))
             loss = similarity_to_fixed(warped)
             loss = loss + regularization * diffusion(control_flow)
+            if folding_weight > 0:
+                loss = loss + folding_weight * folding_penalty(control_flow)
             cancel_point()
             # A step on a CT-sized grid takes seconds: asked after integrating, after the forward
             # pass, and (these hooks) twice during backward.
