@@ -139,7 +139,7 @@ def diffusion(flow: torch.Tensor) -> torch.Tensor:
     return total / spatial
 
 
-def jacobian_determinant(flow: torch.Tensor) -> torch.Tensor:
+def flow_jacobian_determinant(flow: torch.Tensor) -> torch.Tensor:
     """det(I + ∇u) of a voxel-unit flow (N, dim, *shape), with central differences."""
     spatial = flow.dim() - 2
     grads = torch.gradient(flow, dim=tuple(range(2, 2 + spatial)))
@@ -163,7 +163,7 @@ def folding_penalty(flow: torch.Tensor, margin: float = 0.05) -> torch.Tensor:
     velocity on a fine control grid can turn sharply enough to fold, and diffusion alone lets
     it wherever the similarity pulls hard.
     """
-    return F.relu(margin - jacobian_determinant(flow)).mean()
+    return F.relu(margin - flow_jacobian_determinant(flow)).mean()
 
 
 def soft_dice(fixed_onehot: torch.Tensor, warped_onehot: torch.Tensor) -> torch.Tensor:
