@@ -576,6 +576,8 @@ def train(
 
     torch.manual_seed(config.seed)
     network = VxmDense(config.network).to(device)
+    # Recorded by checksum too: a fine-tuned model names its parent, whose weights may change.
+    init_sha256 = None if init_model is None else find_model(init_model).sha256
     if init_model is not None and not (resume and (out / CHECKPOINT).exists()):
         info = find_model(init_model)
         if info.network != config.network:
@@ -711,6 +713,7 @@ def train(
             "label_maps_aligned": None if label_maps is None else label_maps.aligned,
             "real_pairs": [p.name for p in real_pairs],
             "initial_weights": None if init_model is None else str(init_model),
+            "initial_weights_sha256": init_sha256,
         },
         "validation": {
             "pairs": [p.name for p in val_pairs],

@@ -398,6 +398,23 @@ def test_training_end_to_end_writes_a_loadable_checksummed_model(tmp_path: Path,
         load_model(find_model(weights))
 
 
+def test_fine_tuning_starts_from_the_given_model_and_records_its_checksum(tmp_path: Path) -> None:
+    parent = train(_config(steps=3), tmp_path / "parent", name="parent", progress=None)
+    child = train(
+        _config(steps=2), tmp_path / "child", name="child", init_model=parent.model.weights,
+        progress=None,
+    )  # fmt: skip
+    validation = child.summary["validation"]
+    # Step 0 of the child scores the parent's saved (best) weights on the same validation pairs.
+    assert validation["initial"] == pytest.approx(parent.summary["validation"]["best"])
+    data = json.loads(child.model.weights.with_suffix(".json").read_text())["training"]["data"]
+    assert data["initial_weights"] == str(parent.model.weights)
+    assert data["initial_weights_sha256"] == parent.model.sha256
+    other = dataclasses.replace(_config(), network=NetworkConfig(dim=2, encoder=(4, 4, 4, 4)))
+    with pytest.raises(InputError, match="another network"):
+        train(other, tmp_path / "other", init_model=parent.model.weights, progress=None)
+
+
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_resume_continues_at_the_next_step_exactly(tmp_path: Path, schedule: str) -> None:
     """Stopped after step 1, resumed to 6 == 6 steps straight: the same weights and optimiser
