@@ -465,7 +465,8 @@ def _run(
         velocity, trace = optimise_velocity(
             f_t, m_t, mask_t, levels,
             similarity=job.similarity, regularization=job.regularization,
-            learning_rate=job.settings.learning_rate, window=job.settings.window,
+            learning_rate=job.settings.learning_rate,
+            window=job.settings.window_for(job.similarity),
             folding_weight=job.settings.folding_weight,
             initial_velocity=velocity, progress=stages.reporter("optimisation"),
             is_cancelled=stages.cancelled,
@@ -636,7 +637,7 @@ def _similarity_change(
 ) -> tuple[float, float]:
     """The optimisation's loss on the network grid after the affine alone, and after the
     network's deformation as well (lower is better)."""
-    loss = similarity_to(job.similarity, fixed, mask, job.settings.window)
+    loss = similarity_to(job.similarity, fixed, mask, job.settings.window_for(job.similarity))
     with torch.inference_mode():
         before = float(loss(moving))
         stop_if_cancelled(is_cancelled, "after the network")

@@ -28,7 +28,13 @@ class Preset:
     regularization: float = 1.0
     learning_rate: float = 0.5
     window: int = 5  # local NCC window, voxels at each level
+    # MIND's patch, voxels at each level: at 4 mm a 5-voxel patch (20 mm) averages away the
+    # structure its descriptor should describe.
+    mind_window: int = 3
     folding_weight: float = 0.0  # weight of losses.folding_penalty
+
+    def window_for(self, similarity: str) -> int:
+        return self.mind_window if similarity == "mind" else self.window
 
     def with_iterations(self, iterations: int) -> Preset:
         """The same levels with ``iterations`` Adam steps split over them (coarse first)."""

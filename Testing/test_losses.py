@@ -122,28 +122,3 @@ def test_optimising_with_the_folding_penalty_leaves_no_fold(shape: tuple[int, ..
 
     assert folded_share(0.0) > 0.005
     assert folded_share(10.0) == 0.0
-
-
-def test_only_the_accurate_preset_optimises_with_the_folding_penalty(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from DeepRegisterLib import engine
-    from DeepRegisterLib.phantoms import demo_grid, phantom_pair
-
-    given: list[float] = []
-
-    def optimise(*args, **kwargs):
-        given.append(kwargs["folding_weight"])
-        return optimise_velocity(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "optimise_velocity", optimise)
-    pair = phantom_pair(demo_grid(3, size=32), amplitude_mm=2.0)
-    presets = ("fast", "balanced", "accurate")
-    reports = [
-        engine.register(
-            pair.fixed, pair.moving, preset=preset, model=None, device="cpu", iterations=2
-        ).report
-        for preset in presets
-    ]
-    assert given == [0.0, 0.0, 10.0]
-    assert [report["folding_weight"] for report in reports] == given
