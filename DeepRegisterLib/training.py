@@ -576,17 +576,15 @@ def train(
 
     torch.manual_seed(config.seed)
     network = VxmDense(config.network).to(device)
-    # Recorded by checksum too: a fine-tuned model names its parent, whose weights may change.
-    init_sha256 = None if init_model is None else find_model(init_model).sha256
-    if init_model is not None and not (resume and (out / CHECKPOINT).exists()):
-        info = find_model(init_model)
-        if info.network != config.network:
+    parent = None if init_model is None else find_model(init_model)
+    if parent is not None and not (resume and (out / CHECKPOINT).exists()):
+        if parent.network != config.network:
             raise InputError(
-                f"model {info.name!r} has another network ({info.network}); give the same "
+                f"model {parent.name!r} has another network ({parent.network}); give the same "
                 "network options to start from it"
             )
-        network.load_state_dict(load_model(info).state_dict())
-        say(f"starting from the weights of model {info.name!r}")
+        network.load_state_dict(load_model(parent).state_dict())
+        say(f"starting from the weights of model {parent.name!r}")
     optimiser = torch.optim.Adam(network.parameters(), lr=config.learning_rate)
     similarity = similarity_function(config.similarity)
     start, elapsed, best_score, best_step = 0, 0.0, -math.inf, 0
@@ -713,7 +711,8 @@ def train(
             "label_maps_aligned": None if label_maps is None else label_maps.aligned,
             "real_pairs": [p.name for p in real_pairs],
             "initial_weights": None if init_model is None else str(init_model),
-            "initial_weights_sha256": init_sha256,
+            # By checksum too: a name may later stand for other weights.
+            "initial_weights_sha256": None if parent is None else parent.sha256,
         },
         "validation": {
             "pairs": [p.name for p in val_pairs],
