@@ -280,7 +280,7 @@ def register(
     if default_model:
         model_info, notes = suited_default_model(default_models(dim), similarity, extent_mm)
     elif model_info is not None:
-        _unsuited_model(model_info, extent_mm)  # refuses an invalid model config
+        model_info.check()
     spacing = (
         model_info.spacing_mm if model_info is not None
         else min(level.spacing_mm for level in settings.levels)
@@ -587,7 +587,7 @@ def suited_default_model(
         candidates = sorted(candidates, key=lambda info: info.contrast != "any")
     reasons = []
     for info in candidates:
-        reason = _unsuited_model(info, extent_mm)
+        reason = _unsuited_model(info.check(), extent_mm)
         if reason is None:
             return info, ()
         reasons.append(f"the default model {info.name!r} {reason}")
@@ -601,8 +601,7 @@ def suited_default_model(
 
 def _unsuited_model(info: ModelInfo, extent_mm: float) -> str | None:
     """Why a model does not suit this run, if it does not (a default one is then left out)."""
-    # All read for every model, so that an invalid value is refused whatever the run.
-    limit_mm, _, _ = info.max_extent_mm, info.contrast, info.passes
+    limit_mm = info.max_extent_mm
     if limit_mm is not None and extent_mm > limit_mm:
         return f"is for fields of view up to {limit_mm:g} mm and this one spans {extent_mm:.0f} mm"
     return None

@@ -96,6 +96,12 @@ class ModelInfo:
             )
         return value
 
+    def check(self) -> ModelInfo:
+        """Itself, once the fields that decide how a run uses it are validated: a bad JSON
+        is refused before any work, even where this run would not have read the bad field."""
+        _ = self.max_extent_mm, self.contrast, self.passes
+        return self
+
     def _positive(self, key: str, default: float) -> float:
         value = self.config.get(key, default)
         try:
