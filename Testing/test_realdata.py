@@ -89,27 +89,30 @@ def test_fast_registration_of_two_real_brains_clearly_beats_the_affine_alone() -
 
 
 @pytest.mark.slow
-def test_the_model_check_scores_a_shipped_model_in_both_contrasts(tmp_path: Path) -> None:
+def test_the_model_check_scores_a_shipped_model_in_three_contrasts(tmp_path: Path) -> None:
     """``benchmarks/model_check.py`` on one pair: the affine and the model scored on the same
-    grid, same contrast and T2-like (as it is and through the contrast map), and a table that
-    marks the pairs used for validation."""
+    grid, T1 pair, T2-like moving image (as it is and through the contrast map) and T2-like
+    pair, and a table that marks the pairs used for validation."""
     from benchmarks import model_check
 
     assert model_check.main(["--models", "brain3d", "--pairs", "1", "--threads", "1",
                              "--data", str(FS_DEV), "--out", str(tmp_path)]) == 0  # fmt: skip
     rows = json.loads(next(tmp_path.glob("*-models.json")).read_text())
     assert [(row["pair"], row["contrast"]) for row in rows] == [
-        ("sub-02→sub-01", "same"), ("sub-02→sub-01", "cross"),
+        ("sub-02→sub-01", "same"), ("sub-02→sub-01", "cross"), ("sub-02→sub-01", "t2-pair"),
     ]  # fmt: skip
-    same, cross = rows
+    same, cross, t2_pair = rows
     for row in rows:
         assert 0.3 < row["affine"] < 0.9
     assert same["affine"] + 0.03 < same["models"]["brain3d"] < 0.9
     assert cross["models"]["brain3d"] < cross["affine"]  # a T1 model fed a T2-like image
     assert cross["affine"] + 0.03 < cross["mapped"]["brain3d"] < 0.9  # as the engine feeds it
+    # Trained on random synthetic contrasts: a same-contrast pair need not be T1.
+    assert t2_pair["affine"] + 0.03 < t2_pair["models"]["brain3d"] < 0.9
     table = next(tmp_path.glob("*-models.md")).read_text()
     assert "| same | all (1) |" in table
     assert "| cross | all (1) |" in table
+    assert "| t2-pair | all (1) |" in table
     assert "`brain3d`: sub-02→sub-01, sub-04→sub-03" in table  # its validation pairs
     assert "| `brain3d` | " in table  # the mapped cross-contrast row
 

@@ -8,11 +8,13 @@ SimpleITK affine stage, then both images on the model's grid cropped to the fixe
 Score: mean Dice over the 27 FreeSurfer structures on that grid, the moving ``aseg`` resampled
 once through affine ∘ flow (as in training validation), for the affine alone and each model
 alone (the engine's inference: two symmetric forward passes, repeated for each of the
-``passes`` its JSON asks). Cross-contrast pairs use the benchmark's T2-like remapping of the
-moving image (fixed stays T1); there a same-contrast model is scored on the moving image as it
-is and, as the engine feeds it, mapped into the fixed image's contrast. Pairs a model's training
-used for validation are marked, and means are given over the others too. Writes
-``--out``/<date>-models.md and .json.
+``passes`` its JSON asks). Three contrasts, with the benchmark's T2-like remapping:
+``same`` (T1 ↔ T1); ``cross`` (T2-like moving image, T1 fixed), where a same-contrast model is
+scored on the moving image as it is and, as the engine feeds it, mapped into the fixed image's
+contrast; ``t2-pair`` (both T2-like), a same-contrast pair in a contrast no fs-dev image has,
+for which only training on random synthetic contrasts prepares a model. Pairs a model's
+training used for validation are marked, and means are given over the others too. Writes
+``--out``/<date>-<tag>.md and .json.
 """
 
 from __future__ import annotations
@@ -49,6 +51,19 @@ def validation_names(info) -> set[str]:
     }
 
 
+# T1 ↔ T1; T2-like moving image, T1 fixed; T2-like ↔ T2-like.
+CONTRASTS = ("same", "cross", "t2-pair")
+
+
+def t2_like_file(data: Path, subject: str, scratch: str) -> Path:
+    """The subject's brain remapped by ``t2_like``, written once into ``scratch``."""
+    remapped = Path(scratch) / f"{subject}-t2like.nii.gz"
+    if not remapped.exists():
+        brain = sitk.ReadImage(str(data / subject / "brainmask.nii.gz"))
+        sitk.WriteImage(t2_like(brain), str(remapped))
+    return remapped
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["brain3d"])
@@ -75,15 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="deepregister-models-") as scratch:
         pairs = ordered_pairs(subjects_in(args.data))[: args.pairs]
         for moving, fixed in pairs:
-            for contrast in ("same", "cross"):
-                moving_image = args.data / moving / "brainmask.nii.gz"
-                if contrast == "cross":
-                    remapped = Path(scratch) / f"{moving}-t2like.nii.gz"
-                    if not remapped.exists():
-                        sitk.WriteImage(t2_like(sitk.ReadImage(str(moving_image))), str(remapped))
-                    moving_image = remapped
+            for contrast in CONTRASTS:
+                images = {name: args.data / name / "brainmask.nii.gz" for name in (fixed, moving)}
+                for name in {"same": (), "cross": (moving,), "t2-pair": (fixed, moving)}[contrast]:
+                    images[name] = t2_like_file(args.data, name, scratch)
                 files = PairFiles(
-                    args.data / fixed / "brainmask.nii.gz", moving_image,
+                    images[fixed], images[moving],
                     args.data / fixed / "aseg.nii.gz", args.data / moving / "aseg.nii.gz",
                 )  # fmt: skip
                 pair = real_validation_pair(files, infos[0].spacing_mm, multiple, labels)
@@ -135,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|" + "---|" * len(args.models) + "---|",
     ]
     used = set().union(*validated)
-    for contrast in ("same", "cross"):
+    for contrast in CONTRASTS:
         for subset, chosen in (
             ("all", [r for r in rows if r["contrast"] == contrast]),
             ("held out", [r for r in rows if r["contrast"] == contrast and r["pair"] not in used]),
