@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from DeepRegisterLib import engine
+from DeepRegisterLib import engine, presets
 from DeepRegisterLib.optimisation import optimise_velocity
 from DeepRegisterLib.phantoms import demo_grid, phantom_pair
 
@@ -14,18 +16,8 @@ def pair():
     return phantom_pair(demo_grid(3, size=32), amplitude_mm=2.0)
 
 
-@pytest.mark.parametrize(
-    ("preset", "similarity", "folding_weight", "window"),
-    [
-        ("fast", "lncc", 0.0, 5),
-        ("balanced", "lncc", 0.0, 5),
-        ("accurate", "lncc", 10.0, 5),  # its 2 mm control grid folds without the penalty
-        ("balanced", "mind", 0.0, 3),  # MIND's own patch size
-    ],
-)
-def test_the_optimiser_gets_the_presets_folding_weight_and_window(
-    pair, monkeypatch: pytest.MonkeyPatch, preset, similarity, folding_weight, window
-) -> None:
+def register_recording(pair, monkeypatch: pytest.MonkeyPatch, **options) -> tuple[list, dict]:
+    """Register ``pair`` without a model, recording what the engine hands the optimiser."""
     given: list[dict] = []
 
     def optimise(*args, **kwargs):
@@ -34,8 +26,33 @@ def test_the_optimiser_gets_the_presets_folding_weight_and_window(
 
     monkeypatch.setattr(engine, "optimise_velocity", optimise)
     result = engine.register(
-        pair.fixed, pair.moving, preset=preset, similarity=similarity, model=None,
-        device="cpu", iterations=2,
-    )  # fmt: skip
-    assert [(k["folding_weight"], k["window"]) for k in given] == [(folding_weight, window)]
-    assert result.report["folding_weight"] == folding_weight
+        pair.fixed, pair.moving, model=None, device="cpu", iterations=2, **options
+    )
+    return given, result.report
+
+
+@pytest.mark.parametrize(
+    ("preset", "similarity", "window"),
+    [
+        ("fast", "lncc", 5),
+        ("balanced", "lncc", 5),
+        ("accurate", "lncc", 5),
+        ("balanced", "mind", 3),  # MIND's own patch size
+    ],
+)
+def test_the_optimiser_gets_the_presets_window_for_the_similarity(
+    pair, monkeypatch: pytest.MonkeyPatch, preset, similarity, window
+) -> None:
+    given, _ = register_recording(pair, monkeypatch, preset=preset, similarity=similarity)
+    assert [k["window"] for k in given] == [window]
+
+
+def test_the_optimiser_and_the_report_get_the_presets_folding_weight(
+    pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(
+        presets.PRESETS, "fast", replace(presets.PRESETS["fast"], folding_weight=3.5)
+    )
+    given, report = register_recording(pair, monkeypatch, preset="fast")
+    assert [k["folding_weight"] for k in given] == [3.5]
+    assert report["folding_weight"] == 3.5

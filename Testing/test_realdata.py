@@ -68,7 +68,14 @@ def test_fast_registration_of_two_real_brains_clearly_beats_the_affine_alone() -
         device="cpu",
     )
 
+    # The network alone, from the same affine: refinement must add to it, not re-smooth it.
+    network_only = register(
+        fixed, moving, moving_labels=labels, affine=False, initial_transform=fast.affine,
+        iterations=0, preset="fast", device="cpu",
+    )  # fmt: skip
+
     dice_affine = eval_dice(fixed_labels, affine_only.warped_labels["aseg"])
+    dice_network = eval_dice(fixed_labels, network_only.warped_labels["aseg"])
     dice_fast = eval_dice(fixed_labels, fast.warped_labels["aseg"])
     dice_none = eval_dice(
         fixed_labels,
@@ -77,14 +84,16 @@ def test_fast_registration_of_two_real_brains_clearly_beats_the_affine_alone() -
     elapsed = time.perf_counter() - started
     print(
         f"\nsub-02 → sub-01 at 2 mm, mean Dice over {len(metrics.FREESURFER_EVAL_LABELS)} "
-        f"FreeSurfer labels: none {dice_none:.3f}, affine {dice_affine:.3f}, "
-        f"fast {dice_fast:.3f} (model {fast.report['model']}); folding "
+        f"FreeSurfer labels: none {dice_none:.3f}, affine {dice_affine:.3f}, network alone "
+        f"{dice_network:.3f}, fast {dice_fast:.3f} (model {fast.report['model']}); folding "
         f"{fast.report['folding_percent']:.4f} %, SDlogJ {fast.report['sdlogj']:.3f}; "
         f"fast run {fast.report['runtime_s']:.1f} s {fast.report['timings']}, whole test "
         f"{elapsed:.1f} s"
     )
     assert dice_affine > dice_none + 0.2  # the affine stage itself works on real data
     assert dice_fast >= dice_affine + 0.05
+    assert network_only.report["model"] == fast.report["model"] == "brain3d"
+    assert dice_fast > dice_network + 0.005
     assert fast.report["folding_percent"] < 0.01
 
 
