@@ -97,7 +97,13 @@ def _add_register_parser(subparsers) -> None:
     out.add_argument("--qa-png", type=Path, help="QA picture: slices of fixed/moving/warped/…")
     out.add_argument("--report", type=Path, help="JSON report (metrics, timings, versions)")
     opt = p.add_argument_group("options")
-    opt.add_argument("--preset", choices=sorted(PRESETS), default="balanced")
+    opt.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="balanced",
+        help="; ".join(f"{name}: {preset.description}" for name, preset in PRESETS.items())
+        + " (default balanced)",
+    )
     opt.add_argument(
         "--model", default="default", help="model name, .pt path or folder; 'none' for no network"
     )

@@ -58,20 +58,20 @@ PRESETS: dict[str, Preset] = {
         # pairs; ending at 2 mm it does on 20 of 20 (0.831 against 0.800, 1.7× the time).
         Preset(
             "fast",
-            "seconds on a CPU: a short 4 mm level, then a few steps at 2 mm",
+            "20 steps at 4 mm, 10 at 2 mm: about 30 s for a 1 mm brain on one CPU thread",
             affine_iterations=60,
             levels=(Level(4.0, 20, 5), Level(2.0, 10, 6, control_mm=2.0)),
             affine_finest_mm=4.0,
         ),
         Preset(
             "balanced",
-            "4 mm then 2 mm refinement; the default",
+            "50 steps at 4 mm, 30 at 2 mm: about a minute",
             affine_iterations=100,
             levels=(Level(4.0, 50, 5), Level(2.0, 30, 6, control_mm=2.0)),
         ),
         Preset(
             "accurate",
-            "longer 4 → 2 mm refinement, for the best overlap",
+            "80 steps at 4 mm, 120 at 2 mm, for the best overlap: about 3 minutes",
             affine_iterations=150,
             levels=(Level(4.0, 80, 5), Level(2.0, 120, 7, control_mm=2.0)),
         ),

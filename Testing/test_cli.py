@@ -13,6 +13,7 @@ import SimpleITK as sitk
 
 from DeepRegisterLib import cli
 from DeepRegisterLib.phantoms import demo_grid, phantom_pair
+from DeepRegisterLib.presets import PRESETS
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +163,9 @@ def test_help_and_models_explain_themselves():
     )  # fmt: skip
     for option in ("--fixed", "--moving", "--preset", "--device", "--qa-png", "--report"):
         assert option in completed.stdout
+    help_text = " ".join(completed.stdout.split())  # argparse wraps lines
+    for name, preset in PRESETS.items():
+        assert f"{name}: {preset.description}" in help_text
     models = subprocess.run(
         [sys.executable, "-m", "DeepRegisterLib", "models"],
         capture_output=True, text=True, check=True,
