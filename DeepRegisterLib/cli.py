@@ -101,7 +101,7 @@ def _add_register_parser(subparsers) -> None:
         "--preset",
         choices=sorted(PRESETS),
         default="balanced",
-        help="; ".join(f"{name}: {preset.description}" for name, preset in PRESETS.items())
+        help="; ".join(f"{name}: {preset.summary()}" for name, preset in PRESETS.items())
         + " (default balanced)",
     )
     opt.add_argument(

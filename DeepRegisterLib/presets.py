@@ -35,6 +35,11 @@ class Preset:
     # on fs-dev pairs without it (`accurate`, 120 steps).
     folding_weight: float = 10.0
 
+    def summary(self) -> str:
+        """``20 steps at 4 mm, 10 steps at 2 mm: <description>``, read off the levels."""
+        steps = (f"{level.iterations} steps at {level.spacing_mm:g} mm" for level in self.levels)
+        return f"{', '.join(steps)}: {self.description}"
+
     def window_for(self, similarity: str) -> int:
         return self.mind_window if similarity == "mind" else self.window
 
@@ -58,20 +63,20 @@ PRESETS: dict[str, Preset] = {
         # pairs; ending at 2 mm it does on 20 of 20 (0.831 against 0.800, 1.7× the time).
         Preset(
             "fast",
-            "20 steps at 4 mm, 10 at 2 mm: about 30 s for a 1 mm brain on one CPU thread",
+            "about 30 s for a 1 mm brain on one CPU thread",
             affine_iterations=60,
             levels=(Level(4.0, 20, 5), Level(2.0, 10, 6, control_mm=2.0)),
             affine_finest_mm=4.0,
         ),
         Preset(
             "balanced",
-            "50 steps at 4 mm, 30 at 2 mm: about a minute",
+            "about a minute",
             affine_iterations=100,
             levels=(Level(4.0, 50, 5), Level(2.0, 30, 6, control_mm=2.0)),
         ),
         Preset(
             "accurate",
-            "80 steps at 4 mm, 120 at 2 mm, for the best overlap: about 3 minutes",
+            "about 3 minutes, for the best overlap",
             affine_iterations=150,
             levels=(Level(4.0, 80, 5), Level(2.0, 120, 7, control_mm=2.0)),
         ),

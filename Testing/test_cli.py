@@ -165,7 +165,7 @@ def test_help_and_models_explain_themselves():
         assert option in completed.stdout
     help_text = " ".join(completed.stdout.split())  # argparse wraps lines
     for name, preset in PRESETS.items():
-        assert f"{name}: {preset.description}" in help_text
+        assert f"{name}: {preset.summary()}" in help_text
     models = subprocess.run(
         [sys.executable, "-m", "DeepRegisterLib", "models"],
         capture_output=True, text=True, check=True,
