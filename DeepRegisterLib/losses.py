@@ -1,7 +1,7 @@
 """Similarity measures and regularisers shared by instance optimisation and training.
 
-Local statistics use box filters (``avg_pool``): on two CPU cores they cost a fraction of a
-dense Gaussian or 7³ convolution, which decides how many optimisation steps we can afford.
+Local statistics use box filters (``filters.box_filter``): on two CPU cores they cost a fraction
+of a dense Gaussian or 7³ convolution, which decides how many optimisation steps we can afford.
 """
 
 from __future__ import annotations
@@ -11,12 +11,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .filters import box_filter
+
 SIMILARITIES = ("lncc", "mse", "mind")
-
-
-def _box(x: torch.Tensor, window: int) -> torch.Tensor:
-    pool = F.avg_pool3d if x.dim() == 5 else F.avg_pool2d
-    return pool(x, window, stride=1, padding=window // 2, count_include_pad=False)
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -34,8 +31,8 @@ def lncc(
 
 
 def _local_statistics(image: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = _box(image, window)
-    return mean, (_box(image * image, window) - mean * mean).clamp_min(0)
+    mean = box_filter(image, window)
+    return mean, (box_filter(image * image, window) - mean * mean).clamp_min(0)
 
 
 def _lncc_to(
@@ -47,7 +44,7 @@ def _lncc_to(
 ) -> torch.Tensor:
     mu_f, var_f = fixed_statistics
     mu_w, var_w = _local_statistics(warped, window)
-    cross = _box(fixed * warped, window) - mu_f * mu_w
+    cross = box_filter(fixed * warped, window) - mu_f * mu_w
     # ε in numerator and denominator: cc ≤ 1, and exactly 1 for identical windows, even flat
     # ones. With ε only below, warps that invent contrast in flat regions would score better
     # than the identity, and an image registered to itself would move.
@@ -84,7 +81,7 @@ def mind_descriptor(image: torch.Tensor, window: int = 3, distance: int = 2) -> 
     patches = []
     for axis in range(spatial):
         for step in (distance, -distance):
-            patches.append(_box((image - _shift(image, axis, step)) ** 2, window))
+            patches.append(box_filter((image - _shift(image, axis, step)) ** 2, window))
     d = torch.cat(patches, dim=1)
     variance = d.mean(dim=1, keepdim=True)
     variance = variance.clamp(min=1e-3 * variance.mean().item() + 1e-8)

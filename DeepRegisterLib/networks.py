@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .filters import grid_sample
+
 # Refuse configs that would allocate absurd amounts before any tensor exists.
 MAX_FEATURES = 512
 MAX_LEVELS = 7
@@ -107,7 +109,7 @@ def sample(
     in_shape = image.shape[2:]
     norm = [2.0 * voxel_coords[:, i] / max(s - 1, 1) - 1.0 for i, s in enumerate(in_shape)]
     grid = torch.stack(norm[::-1], dim=-1)  # grid_sample wants (x=I, y=J, z=K)
-    return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    return grid_sample(image, grid, mode=mode, padding_mode=padding_mode)
 
 
 def integrate_velocity(velocity: torch.Tensor, steps: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import stop_if_cancelled
+from .filters import box_filter
 from .losses import diffusion, folding_penalty, similarity_function, similarity_to
 from .networks import integrate_velocity, resize_flow, warp
 from .presets import Level
@@ -55,9 +56,8 @@ class LevelImages:
 
 
 def _smooth(field: torch.Tensor, passes: int = 2, window: int = 3) -> torch.Tensor:
-    pool = F.avg_pool3d if field.dim() == 5 else F.avg_pool2d
     for _ in range(passes):
-        field = pool(field, window, stride=1, padding=window // 2, count_include_pad=False)
+        field = box_filter(field, window)
     return field
 
 
