@@ -13,8 +13,8 @@ from collections.abc import Callable
 import numpy as np
 import SimpleITK as sitk
 import torch
-import torch.nn.functional as F
 
+from .filters import grid_sample
 from .geometry import Grid, affine_parameters
 from .volumes import allocate, as_array, paste_rows, rows_per_slab, stop_if
 
@@ -76,9 +76,7 @@ def sample(
     grid = 2.0 * index_ijk / (sizes - 1).clamp_min(1) - 1.0
     batch_shape = index_ijk.shape[:-1]
     grid = grid.reshape(1, *batch_shape, len(spatial)).to(volume.dtype)
-    out = F.grid_sample(
-        volume, grid, mode=mode, padding_mode="border" if itk else "zeros", align_corners=True
-    )[0]
+    out = grid_sample(volume, grid, mode=mode, padding_mode="border" if itk else "zeros")[0]
     if itk:
         inside = ((index_ijk >= -0.5) & (index_ijk < sizes - 0.5)).all(dim=-1)
         out = out * inside.to(out.dtype)
