@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 # Below this many output points per thread, splitting costs more than it saves.
 PARALLEL_MIN_POINTS = 2**15
+# Each chunk of an image that needs a gradient gets its own gradient buffer, the image's size.
+MAX_GRADIENT_CHUNKS = 8
 
 
 def box_filter(x: torch.Tensor, window: int) -> torch.Tensor:
@@ -62,9 +64,12 @@ def grid_sample(
     threads, its output points are split into as many chunks, one per batch entry.
 
     Outputs equal ``F.grid_sample``'s; the gradient with respect to ``image`` adds the chunks'
-    parts, so its last bits depend on the number of threads.
+    parts, so its last bits depend on the number of threads, and up to MAX_GRADIENT_CHUNKS - 1
+    more copies of it exist during the backward pass.
     """
     chunks = torch.get_num_threads()
+    if image.requires_grad:
+        chunks = min(chunks, MAX_GRADIENT_CHUNKS)
     points = math.prod(grid.shape[1:-1])
     if (
         image.device.type != "cpu"

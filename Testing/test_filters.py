@@ -21,6 +21,20 @@ def threads() -> Iterator[None]:
     torch.set_num_threads(previous)
 
 
+@pytest.fixture
+def batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The batch size of every call to PyTorch's grid_sample from here on."""
+    sizes: list[int] = []
+    pytorch_grid_sample = F.grid_sample
+
+    def counting(image: torch.Tensor, grid: torch.Tensor, **options) -> torch.Tensor:
+        sizes.append(grid.shape[0])
+        return pytorch_grid_sample(image, grid, **options)
+
+    monkeypatch.setattr(filters.F, "grid_sample", counting)
+    return sizes
+
+
 def _clipped_window_means(x: torch.Tensor, window: int) -> torch.Tensor:
     """Each voxel's window mean, one voxel at a time: the definition, slowly."""
     half = window // 2
@@ -100,16 +114,8 @@ def test_grid_sample_matches_pytorch_on_any_number_of_threads(
 
 
 def test_grid_sample_splits_one_image_into_a_batch_per_thread(
-    threads: None, monkeypatch: pytest.MonkeyPatch
+    threads: None, batches: list[int]
 ) -> None:
-    batches: list[int] = []
-    pytorch_grid_sample = F.grid_sample
-
-    def counting(image: torch.Tensor, grid: torch.Tensor, **options) -> torch.Tensor:
-        batches.append(grid.shape[0])
-        return pytorch_grid_sample(image, grid, **options)
-
-    monkeypatch.setattr(filters.F, "grid_sample", counting)
     image = torch.rand((1, 1, 40, 40, 41))
     grid = torch.zeros((1, 40, 40, 41, 3))
     torch.set_num_threads(2)
@@ -118,3 +124,15 @@ def test_grid_sample_splits_one_image_into_a_batch_per_thread(
     torch.set_num_threads(1)
     grid_sample(image, grid)
     assert batches == [2, 1, 1]
+
+
+def test_grid_sample_bounds_the_gradient_copies_of_an_image(
+    threads: None, batches: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(filters, "PARALLEL_MIN_POINTS", 1)
+    image = torch.rand((1, 3, 6, 6, 6))
+    grid = torch.zeros((1, 6, 6, 6, 3))
+    torch.set_num_threads(filters.MAX_GRADIENT_CHUNKS + 4)
+    grid_sample(image, grid)
+    grid_sample(image.requires_grad_(True), grid).sum().backward()
+    assert batches == [filters.MAX_GRADIENT_CHUNKS + 4, filters.MAX_GRADIENT_CHUNKS]
