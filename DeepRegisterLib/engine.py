@@ -415,7 +415,11 @@ def _run(
     )  # fmt: skip
 
     velocity, model_info = None, job.model_info
+    network_passes = 0
     if job.model_info is not None:
+        network_passes = job.model_info.passes
+        if job.settings.network_passes is not None:
+            network_passes = min(network_passes, job.settings.network_passes)
         stages.report("network", 0.0, f"running model {job.model_info.name}")
         network = load_model(job.model_info, device)
         m_in = m_t
@@ -430,7 +434,7 @@ def _run(
                     lambda *_: stages.check("while running the network")
                 )
         with torch.inference_mode():
-            velocity = network.recursive_velocity(f_t, m_in, job.model_info.passes).clone()
+            velocity = network.recursive_velocity(f_t, m_in, network_passes).clone()
         del m_in
         stages.check("after the network")
         if not bool(torch.isfinite(velocity).all()):
@@ -544,6 +548,7 @@ def _run(
             "preset": job.settings.name,
             "model": None if model_info is None else model_info.name,
             "model_sha256": None if model_info is None else model_info.sha256,
+            "network_passes": 0 if model_info is None else network_passes,
             "seed": job.seed,
             "regularization": job.regularization,
             "folding_weight": job.settings.folding_weight,

@@ -6,7 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from DeepRegisterLib import engine, presets
+from DeepRegisterLib import engine, models, presets
+from DeepRegisterLib.networks import VxmDense
 from DeepRegisterLib.optimisation import optimise_velocity
 from DeepRegisterLib.phantoms import demo_grid, phantom_pair
 
@@ -56,3 +57,24 @@ def test_the_optimiser_and_the_report_get_the_presets_folding_weight(
     given, report = register_recording(pair, monkeypatch, preset="fast")
     assert [k["folding_weight"] for k in given] == [3.5]
     assert report["folding_weight"] == 3.5
+
+
+@pytest.mark.parametrize(("preset", "passes"), [("fast", 1), ("balanced", 2)])
+def test_fast_caps_the_models_recursive_passes_at_one(
+    pair, monkeypatch: pytest.MonkeyPatch, preset: str, passes: int
+) -> None:
+    # brain3d asks for two passes; a second lifts it alone, but not what `fast` refines from it.
+    assert models.find_model("brain3d").passes == 2
+    run: list[int] = []
+    recursive_velocity = VxmDense.recursive_velocity
+
+    def recording(self, fixed, moving, count):
+        run.append(count)
+        return recursive_velocity(self, fixed, moving, count)
+
+    monkeypatch.setattr(VxmDense, "recursive_velocity", recording)
+    result = engine.register(
+        pair.fixed, pair.moving, preset=preset, model="brain3d", device="cpu", iterations=0
+    )
+    assert run == [passes]
+    assert result.report["network_passes"] == passes
