@@ -8,8 +8,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 from .errors import InputError, ResourceError
+from .filters import MAX_GRADIENT_CHUNKS
 
 MIN_SIZE = 4
 INTEGER_PIXEL_TYPES = {
@@ -158,12 +160,18 @@ def estimate_peak_bytes(fixed: sitk.Image, moving: sitk.Image, network_voxels: i
     which 6.0 GiB above the two images: 0.6 × this estimate) as ≈ 48 bytes per fixed voxel
     (the float64 displacement, built in place, plus the normalised copy, warped image, det J),
     16 per moving voxel (float copies), 160 per network voxel (images, fields, optimiser
-    state, autograd) and 512 MiB for the libraries themselves.
+    state, autograd) and 512 MiB for the libraries themselves. Each CPU thread after the first
+    adds 12 per network voxel, up to ``MAX_GRADIENT_CHUNKS``: the threaded grid sampler's
+    gradient copy of a float32 flow.
     """
     scale = fixed.GetDimension() / 3.0
     fixed_voxels = int(np.prod(fixed.GetSize()))
     moving_voxels = int(np.prod(moving.GetSize()))
-    return int(fixed_voxels * 48 * scale + moving_voxels * 16 + network_voxels * 160 + 2**29)
+    chunks = min(torch.get_num_threads(), MAX_GRADIENT_CHUNKS)
+    per_network_voxel = 160 + 12 * (chunks - 1)
+    return int(
+        fixed_voxels * 48 * scale + moving_voxels * 16 + network_voxels * per_network_voxel + 2**29
+    )
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import torch
 
 from DeepRegisterLib import cli, engine, preflight
 from DeepRegisterLib.errors import InputError, ResourceError
+from DeepRegisterLib.filters import MAX_GRADIENT_CHUNKS
 from DeepRegisterLib.phantoms import demo_grid, phantom_pair
 from DeepRegisterLib.preflight import estimate_peak_bytes, plan_memory
 
@@ -153,3 +154,17 @@ def test_an_out_of_memory_error_on_the_cpu_is_not_retried(pair, monkeypatch) -> 
 def test_a_non_positive_memory_limit_is_refused(pair) -> None:
     with pytest.raises(InputError, match="memory limit must be positive"):
         engine.register(*pair, model=None, device="cpu", max_memory_bytes=0)
+
+
+def test_the_estimate_counts_a_gradient_copy_of_the_flow_per_further_thread(
+    pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The threaded grid sampler gives each thread's chunk its own gradient buffer.
+    counts = {}
+    for threads in (1, 4, MAX_GRADIENT_CHUNKS, MAX_GRADIENT_CHUNKS + 8):
+        monkeypatch.setattr(torch, "get_num_threads", lambda count=threads: count)
+        counts[threads] = needed(pair, 2.0)
+    flow_bytes = voxels(2.0) * 3 * 4
+    assert counts[4] - counts[1] == 3 * flow_bytes
+    assert counts[MAX_GRADIENT_CHUNKS] - counts[1] == (MAX_GRADIENT_CHUNKS - 1) * flow_bytes
+    assert counts[MAX_GRADIENT_CHUNKS + 8] == counts[MAX_GRADIENT_CHUNKS]
