@@ -2,9 +2,9 @@
 
 Instance optimisation works on one image pair, and on the CPU PyTorch spreads ``avg_pool`` and
 ``grid_sample`` over the batch and channels only: they ran on one thread whatever the machine
-had, and were about 80 % of an optimisation step. The box filter here is three 1-D
-convolutions (3·w operations per voxel instead of w³, and threaded), and the grid sampler
-splits one image's output points into a batch.
+had, and were about 80 % of an optimisation step. The box filter here sums along one axis at a
+time (3·w operations per voxel instead of w³, all threaded), and the grid sampler splits one
+image's output points into a batch.
 """
 
 from __future__ import annotations
@@ -30,16 +30,39 @@ def box_filter(x: torch.Tensor, window: int) -> torch.Tensor:
         raise ValueError(f"the box filter needs an odd window, got {window}")
     if window == 1:
         return x
-    spatial = x.dim() - 2
-    convolve = F.conv3d if spatial == 3 else F.conv2d
-    channels = x.shape[1]
+    sums = _BoxSum.apply(x, window // 2)
+    return sums * _inverse_counts(tuple(x.shape[2:]), window, x.device, x.dtype)
+
+
+class _BoxSum(torch.autograd.Function):
+    """Zero-padded window sums, one axis at a time, as shifted in-place additions.
+
+    Every addition is an element-wise operation PyTorch spreads over all threads; a depthwise
+    convolution (one channel per group) takes PyTorch's unthreaded slow path, forward and
+    backward, and cost 5–9 times as much on 2 mm brain grids. A symmetric window sum with zero
+    padding is its own adjoint, so the backward pass is the same sum of the gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, half: int) -> torch.Tensor:
+        ctx.half = half
+        return _window_sums(x, half)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _BoxSum.apply(grad, ctx.half), None
+
+
+def _window_sums(x: torch.Tensor, half: int) -> torch.Tensor:
     out = x
-    for axis in range(spatial):
-        size, padding = [1] * spatial, [0] * spatial
-        size[axis], padding[axis] = window, window // 2
-        kernel = x.new_ones((channels, 1, *size))
-        out = convolve(out, kernel, padding=tuple(padding), groups=channels)
-    return out * _inverse_counts(tuple(x.shape[2:]), window, x.device, x.dtype)
+    for axis in range(2, x.dim()):
+        n = x.shape[axis]
+        total = out.clone(memory_format=torch.contiguous_format)
+        for shift in range(1, min(half, n - 1) + 1):
+            total.narrow(axis, shift, n - shift).add_(out.narrow(axis, 0, n - shift))
+            total.narrow(axis, 0, n - shift).add_(out.narrow(axis, shift, n - shift))
+        out = total
+    return out
 
 
 def _inverse_counts(

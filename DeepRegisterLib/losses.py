@@ -139,10 +139,11 @@ def diffusion(flow: torch.Tensor) -> torch.Tensor:
 def flow_jacobian_determinant(flow: torch.Tensor) -> torch.Tensor:
     """det(I + ∇u) of a voxel-unit flow (N, dim, *shape), with central differences."""
     spatial = flow.dim() - 2
-    grads = torch.gradient(flow, dim=tuple(range(2, 2 + spatial)))
+    # unbind, not a slice per channel: a slice's backward fills a zero tensor the flow's size.
+    grads = [g.unbind(1) for g in torch.gradient(flow, dim=tuple(range(2, 2 + spatial)))]
     # j[r][c] = δ_rc + ∂u_r/∂x_c: the flow's channel r moves along array axis r (``warp``).
     axes = range(spatial)
-    j = [[grads[c][:, r] + (1.0 if r == c else 0.0) for c in axes] for r in axes]
+    j = [[grads[c][r] + (1.0 if r == c else 0.0) for c in axes] for r in axes]
     if spatial == 2:
         return j[0][0] * j[1][1] - j[0][1] * j[1][0]
     return (

@@ -106,9 +106,16 @@ def sample(
     padding_mode: str = "zeros",
 ) -> torch.Tensor:
     """Sample ``image`` (N, C, *in_shape) at voxel coordinates (N, dim, *out_shape)."""
-    in_shape = image.shape[2:]
-    norm = [2.0 * voxel_coords[:, i] / max(s - 1, 1) - 1.0 for i, s in enumerate(in_shape)]
-    grid = torch.stack(norm[::-1], dim=-1)  # grid_sample wants (x=I, y=J, z=K)
+    spatial = image.dim() - 2
+    extent = torch.tensor(
+        [max(s - 1, 1) for s in image.shape[2:]],
+        device=voxel_coords.device,
+        dtype=voxel_coords.dtype,
+    ).view(1, spatial, *([1] * spatial))
+    # Whole-tensor arithmetic, not a slice per axis: each slice's backward fills a zero tensor
+    # the flow's size, ten times an optimisation step's grid sampling.
+    norm = 2.0 * voxel_coords / extent - 1.0
+    grid = norm.flip(1).movedim(1, -1)  # grid_sample wants (x=I, y=J, z=K)
     return grid_sample(image, grid, mode=mode, padding_mode=padding_mode)
 
 

@@ -71,6 +71,16 @@ def test_box_filter_averages_the_part_of_each_window_inside_the_grid(
     torch.testing.assert_close(ours[1], reference[1], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("window", [3, 5])
+def test_box_filter_gradient_is_itself_differentiable(window: int) -> None:
+    # The backward pass reuses the forward sum (the window sum is its own adjoint): check both
+    # derivatives against finite differences, on a grid with an axis shorter than the window.
+    generator = torch.Generator().manual_seed(window)
+    x = torch.rand((2, 2, 3, 6, 5), generator=generator, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: box_filter(t, window), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: box_filter(t, window), (x,))
+
+
 def test_box_filter_refuses_an_even_window() -> None:
     with pytest.raises(ValueError, match="odd window, got 4"):
         box_filter(torch.zeros((1, 1, 8, 8)), 4)
