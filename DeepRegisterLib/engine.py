@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import platform
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -37,7 +39,7 @@ from .preflight import (
     plan_memory,
 )
 from .presets import Preset, get_preset
-from .resampling import network_inputs, resample
+from .resampling import antialiased, fixed_on_grid, moving_on_grid, resample
 from .result import RegistrationResult
 from .warping import compose_displacement, inverse_displacement, warp_image
 
@@ -361,6 +363,53 @@ class _Job:
     estimated_bytes: int
 
 
+def _affine_stage(stages: _Stages, job: _Job, moving_norm: sitk.Image) -> sitk.AffineTransform:
+    dim = job.fixed_image.GetDimension()
+    if job.affine:
+        return register_normalised(
+            job.fixed_norm, moving_norm,
+            fixed_mask=job.fixed_mask, moving_mask=job.moving_mask,
+            initial_transform=job.initial_transform, iterations=job.settings.affine_iterations,
+            finest_mm=job.settings.affine_finest_mm,
+            seed=job.seed, progress=stages.reporter("affine"), is_cancelled=stages.cancelled,
+        )  # fmt: skip
+    if job.initial_transform is not None:
+        return to_affine(job.initial_transform, dim)
+    return sitk.AffineTransform(dim)
+
+
+class _AlongsideAffine:
+    """One worker thread for work that can run beside the affine stage.
+
+    The work is told to stop (its ``is_cancelled``) only when the main thread leaves the block
+    with an error, a cancel included; the main thread itself asks the user's cancel token while
+    it waits for a result. Leaving always waits for the worker, so no work outlives the run.
+    """
+
+    def __init__(self, is_cancelled: Callable[[], bool]):
+        self._is_cancelled = is_cancelled
+        self._failed = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepregister")
+
+    def __enter__(self) -> _AlongsideAffine:
+        return self
+
+    def submit(self, function: Callable[..., Any], *args: Any) -> Future:
+        return self._pool.submit(function, *args, self._failed.is_set)
+
+    def result(self, job: Future) -> Any:
+        while True:
+            try:
+                return job.result(timeout=0.1)
+            except TimeoutError:
+                stop_if_cancelled(self._is_cancelled, "while preparing the images")
+
+    def __exit__(self, error_type, *_: object) -> None:
+        if error_type is not None:
+            self._failed.set()
+        self._pool.shutdown(wait=True, cancel_futures=error_type is not None)
+
+
 def _run(
     stages: _Stages, job: _Job, device: torch.device, notes: tuple[str, ...]
 ) -> RegistrationResult:
@@ -373,29 +422,24 @@ def _run(
     stop = stages.cancelled
     # Normalised once, for the affine stage and the network inputs; dropped after them.
     moving_norm = normalised_for_registration(job.moving_image, stop)
-    if job.affine:
-        affine_tx = register_normalised(
-            job.fixed_norm, moving_norm,
-            fixed_mask=job.fixed_mask, moving_mask=job.moving_mask,
-            initial_transform=job.initial_transform, iterations=job.settings.affine_iterations,
-            finest_mm=job.settings.affine_finest_mm,
-            seed=job.seed, progress=stages.reporter("affine"), is_cancelled=stages.cancelled,
-        )  # fmt: skip
-    elif job.initial_transform is not None:
-        affine_tx = to_affine(job.initial_transform, dim)
-    else:
-        affine_tx = sitk.AffineTransform(dim)
+    reference = job.network_grid.reference_image()
+    with _AlongsideAffine(stop) as alongside:
+        # ITK's affine stage runs on one thread (for determinism, see affine.py): the network
+        # inputs' smoothing, which does not depend on the affine, takes another meanwhile.
+        fixed_net_job = alongside.submit(fixed_on_grid, job.fixed_norm, reference)
+        moving_smooth_job = alongside.submit(antialiased, moving_norm, reference.GetSpacing()[0])
+        affine_tx = _affine_stage(stages, job, moving_norm)
+        fixed_net = alongside.result(fixed_net_job)
+        moving_smooth = alongside.result(moving_smooth_job)
+    del moving_norm
     timings["affine_s"] = time.perf_counter() - tick
     stages.check("after the affine stage")
 
     # --- images on the network grid -------------------------------------------------------
     tick = time.perf_counter()
-    reference = job.network_grid.reference_image()
     identity = sitk.Transform(dim, sitk.sitkIdentity)
-    fixed_net, moving_net, moving_before = network_inputs(
-        job.fixed_norm, moving_norm, reference, affine_tx, stop
-    )
-    del moving_norm
+    moving_net, moving_before = moving_on_grid(moving_smooth, reference, affine_tx, stop)
+    del moving_smooth
     moving_domain = resample(
         _domain_image(job.moving_image), reference, affine_tx, sitk.sitkNearestNeighbor,
         sitk.sitkUInt8, stop,

@@ -125,16 +125,35 @@ def network_inputs(
 
     Both images come normalised on their own full grids, then are smoothed and resampled alike,
     so an image registered to itself gives identical inputs. Training prepares real pairs with
-    this same function, so that a model is validated on what the engine will feed it.
+    this same function, so that a model is validated on what the engine will feed it; the
+    engine calls its parts itself, smoothing while the affine stage runs.
     """
-    target_mm = reference.GetSpacing()[0]
-    identity = sitk.Transform(reference.GetDimension(), sitk.sitkIdentity)
-    fixed_smooth = antialiased(fixed_norm, target_mm, is_cancelled)
-    fixed_net = resample_linear(fixed_smooth, reference, identity, is_cancelled)
-    del fixed_smooth
-    moving_smooth = antialiased(moving_norm, target_mm, is_cancelled)
+    fixed_net = fixed_on_grid(fixed_norm, reference, is_cancelled)
+    moving_smooth = antialiased(moving_norm, reference.GetSpacing()[0], is_cancelled)
+    return (fixed_net, *moving_on_grid(moving_smooth, reference, affine, is_cancelled))
+
+
+def fixed_on_grid(
+    fixed_norm: sitk.Image, reference: sitk.Image, is_cancelled: IsCancelled = _never
+) -> sitk.Image:
+    """The fixed part of :func:`network_inputs`."""
+    smoothed = antialiased(fixed_norm, reference.GetSpacing()[0], is_cancelled)
+    return resample_linear(smoothed, reference, _identity(reference), is_cancelled)
+
+
+def moving_on_grid(
+    moving_smooth: sitk.Image,
+    reference: sitk.Image,
+    affine: sitk.Transform,
+    is_cancelled: IsCancelled = _never,
+) -> tuple[sitk.Image, sitk.Image]:
+    """The moving part of :func:`network_inputs`, from the moving image already
+    ``antialiased`` for the grid: through ``affine``, and as it lies."""
     return (
-        fixed_net,
         resample_linear(moving_smooth, reference, affine, is_cancelled),
-        resample_linear(moving_smooth, reference, identity, is_cancelled),
+        resample_linear(moving_smooth, reference, _identity(reference), is_cancelled),
     )
+
+
+def _identity(reference: sitk.Image) -> sitk.Transform:
+    return sitk.Transform(reference.GetDimension(), sitk.sitkIdentity)

@@ -112,6 +112,72 @@ def test_a_cancel_request_stops_the_network_between_its_layers(a_3d_pair) -> Non
     assert time.perf_counter() - canceller.set_at < LATENCY_LIMIT_S
 
 
+def _worker_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("deepregister")]
+
+
+def test_the_smoothing_beside_the_affine_stage_stops_with_a_cancel(
+    a_3d_pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The network inputs are smoothed on a worker thread while the affine stage runs. On a
+    large CT that can outlast the affine stage: the wait for it still answers a cancel within
+    a second, the worker is told to stop, and no thread is left running."""
+    affine_done, event = threading.Event(), threading.Event()
+    seen: dict[str, object] = {}
+    real_affine = engine.register_normalised
+
+    def affine_then_flag(*args, **kwargs):
+        transform = real_affine(*args, **kwargs)
+        affine_done.set()
+        return transform
+
+    def slow_smoothing(image, target_mm, is_cancelled):
+        seen["thread"] = threading.current_thread().name
+        affine_done.wait(30)
+        seen["set_at"] = time.perf_counter()
+        event.set()  # the user cancels while the main thread waits for this work
+        deadline = time.perf_counter() + 30
+        while not is_cancelled() and time.perf_counter() < deadline:
+            time.sleep(0.01)
+        seen["told_to_stop"] = is_cancelled()
+        raise RegistrationCancelled("smoothing stopped")
+
+    monkeypatch.setattr(engine, "register_normalised", affine_then_flag)
+    monkeypatch.setattr(engine, "antialiased", slow_smoothing)
+    with pytest.raises(RegistrationCancelled, match="while preparing the images"):
+        engine.register(*a_3d_pair, preset="fast", model=None, device="cpu", cancel=event)
+    latency = time.perf_counter() - seen["set_at"]
+    assert latency < LATENCY_LIMIT_S, f"took {latency:.2f} s to stop"
+    assert seen["thread"].startswith("deepregister")
+    assert seen["told_to_stop"] is True
+    assert _worker_threads() == []
+
+
+def test_a_failed_affine_stage_stops_the_smoothing_beside_it(
+    a_3d_pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    smoothing_stopped = threading.Event()
+
+    def smoothing_until_stopped(fixed_norm, reference, is_cancelled):
+        deadline = time.perf_counter() + 30
+        while not is_cancelled() and time.perf_counter() < deadline:
+            time.sleep(0.01)
+        smoothing_stopped.set()
+        raise RegistrationCancelled("smoothing stopped")
+
+    def failing_affine(*args, **kwargs):
+        raise RuntimeError("the affine stage failed")
+
+    monkeypatch.setattr(engine, "fixed_on_grid", smoothing_until_stopped)
+    monkeypatch.setattr(engine, "register_normalised", failing_affine)
+    started = time.perf_counter()
+    with pytest.raises(RuntimeError, match="the affine stage failed"):
+        engine.register(*a_3d_pair, preset="fast", model=None, device="cpu")
+    assert time.perf_counter() - started < 10
+    assert smoothing_stopped.is_set()
+    assert _worker_threads() == []
+
+
 class FlipsAfter:
     """A cancel token whose ``is_set()`` turns true on call ``n + 1``; records every call with
     the last progress message, to name the check that fired."""
