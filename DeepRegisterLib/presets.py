@@ -88,7 +88,9 @@ PRESETS: dict[str, Preset] = {
             "accurate",
             "about 3 minutes, for the best overlap",
             affine_iterations=150,
-            levels=(Level(4.0, 80, 5), Level(2.0, 120, 7, control_mm=2.0)),
+            # 4 and 5 squaring steps instead of 5 and 7: the same mean Dice on six fs-dev pairs
+            # (0.8319), a fifth less per 2 mm step. `balanced` with 4 and 5 lost up to 0.0007.
+            levels=(Level(4.0, 80, 4), Level(2.0, 120, 5, control_mm=2.0)),
         ),
     )
 }
