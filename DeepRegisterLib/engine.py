@@ -12,7 +12,7 @@ import platform
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent import futures
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -389,19 +389,19 @@ class _AlongsideAffine:
     def __init__(self, is_cancelled: Callable[[], bool]):
         self._is_cancelled = is_cancelled
         self._failed = threading.Event()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepregister")
+        self._pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepregister")
 
     def __enter__(self) -> _AlongsideAffine:
         return self
 
-    def submit(self, function: Callable[..., Any], *args: Any) -> Future:
+    def submit(self, function: Callable[..., Any], *args: Any) -> futures.Future:
         return self._pool.submit(function, *args, self._failed.is_set)
 
-    def result(self, job: Future) -> Any:
+    def result(self, job: futures.Future) -> Any:
         while True:
             try:
                 return job.result(timeout=0.1)
-            except TimeoutError:
+            except futures.TimeoutError:  # not the built-in one before Python 3.11
                 stop_if_cancelled(self._is_cancelled, "while preparing the images")
 
     def __exit__(self, error_type, *_: object) -> None:

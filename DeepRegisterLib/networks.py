@@ -112,8 +112,8 @@ def sample(
         device=voxel_coords.device,
         dtype=voxel_coords.dtype,
     ).view(1, spatial, *([1] * spatial))
-    # Whole-tensor arithmetic, not a slice per axis: each slice's backward fills a zero tensor
-    # the flow's size, ten times an optimisation step's grid sampling.
+    # Whole-tensor arithmetic, not a slice per axis: in an optimisation step each slice's
+    # backward filled a zero tensor the flow's size, three for every sampling.
     norm = 2.0 * voxel_coords / extent - 1.0
     grid = norm.flip(1).movedim(1, -1)  # grid_sample wants (x=I, y=J, z=K)
     return grid_sample(image, grid, mode=mode, padding_mode=padding_mode)
