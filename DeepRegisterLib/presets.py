@@ -72,7 +72,7 @@ PRESETS: dict[str, Preset] = {
         # (better on four), and integration is most of a step's grid sampling.
         Preset(
             "fast",
-            "about 15 s for a 1 mm brain on two CPU threads, 25 s on one",
+            "about 12 s for a 1 mm brain on two CPU threads, 15 s on one",
             affine_iterations=60,
             levels=(Level(4.0, 20, 4), Level(2.0, 10, 4, control_mm=2.0)),
             affine_finest_mm=4.0,
@@ -86,7 +86,7 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "accurate",
-            "about 3 minutes, for the best overlap",
+            "about 75 s on two CPU threads, for the best overlap",
             affine_iterations=150,
             # 4 and 5 squaring steps instead of 5 and 7: the same mean Dice on six fs-dev pairs
             # (0.8319), a fifth less per 2 mm step. `balanced` with 4 and 5 lost up to 0.0007.
