@@ -285,6 +285,16 @@ def test_preset_and_similarity_choices_are_the_librarys(module):
     assert _choices(fields["device"]) == ["auto", "cpu", "cuda"]
 
 
+def test_the_preset_tooltip_quotes_each_presets_description(ui):
+    # The .ui file cannot read the library, so its tooltip repeats the descriptions: keep them one.
+    from DeepRegisterLib.presets import PRESETS
+
+    combo = ui.find(".//widget[@name='presetComboBox']")
+    tooltip = combo.find("property[@name='toolTip']/string").text
+    for name, preset in PRESETS.items():
+        assert re.search(rf"\b{name}\b[^;]*: {re.escape(preset.description)}", tooltip), name
+
+
 def test_the_parameter_node_has_every_field_the_library_reads(module):
     """mrml.RegistrationParameters is what registerVolumesUsingParameters reads (ast: no slicer)."""
     mrml = ast.parse((ROOT / "DeepRegisterLib" / "mrml.py").read_text(encoding="utf-8"))
