@@ -27,6 +27,7 @@ from .networks import MAX_PARAMETERS, NetworkConfig, VxmDense
 # stage and the presets slightly (its card).
 DEFAULT_MODELS: dict[int, tuple[str, ...]] = {2: ("slice2d",), 3: ("brain3d",)}
 CONTRASTS = ("same", "any")  # a model's "contrast": what pairs it was trained for
+MAX_PASSES = 8  # recursive network passes a model may ask for: each costs two forward passes
 # The largest permitted network in float64, plus room for the archive's own records.
 MAX_WEIGHTS_BYTES = 8 * MAX_PARAMETERS + (16 << 20)
 
@@ -77,9 +78,10 @@ class ModelInfo:
     def passes(self) -> int:
         """How many times the engine runs the network on a pair (``recursive_velocity``)."""
         value = self.config.get("passes", 1)
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PASSES:
             raise ModelError(
-                f"model {self.name!r}: passes must be a whole number from 1 to 8, got {value!r}"
+                f"model {self.name!r}: passes must be a whole number from 1 to {MAX_PASSES}, "
+                f"got {value!r}"
             )
         return value
 

@@ -39,7 +39,7 @@ from .fileio import IMAGE_SUFFIXES, atomic_write_path, full_suffix, read_image
 from .geometry import Grid, flow_voxels_to_mm
 from .losses import SIMILARITIES, diffusion, similarity_function, soft_dice
 from .metrics import dice_per_label, mean_dice
-from .models import ModelInfo, find_model, load_model, save_model
+from .models import MAX_PASSES, ModelInfo, find_model, load_model, save_model
 from .networks import NetworkConfig, VxmDense, integrate_velocity, warp
 from .resampling import network_inputs
 from .synthesis import LabelMaps, SynthesisConfig, Synthesiser
@@ -68,6 +68,10 @@ class TrainingConfig:
     similarity_weight: float = 1.0  # 0: labels alone teach the alignment (SynthMorph's loss)
     regularization: float = 1.0
     dice_weight: float = 1.0
+    # 0: the loss sees one one-sided forward pass (VoxelMorph's). n ≥ 1: it sees what the engine
+    # runs, n recursive symmetric passes (2n forward passes a step), trained end to end as a
+    # weight-shared recursive cascade; validation and the saved model's JSON use n passes too.
+    passes: int = 0
     real_fraction: float = 0.5  # share of batch items drawn from real pairs, when there are any
     validate_every: int = 100
     checkpoint_every: int = 50
@@ -115,6 +119,8 @@ class TrainingConfig:
                 f"unknown learning-rate schedule {self.lr_schedule!r}; choose "
                 f"{', '.join(LR_SCHEDULES)}"
             )
+        if not 0 <= self.passes <= MAX_PASSES:
+            raise InputError(f"the passes must be from 0 to {MAX_PASSES}, got {self.passes}")
         if min(self.similarity_weight, self.regularization, self.dice_weight) < 0:
             raise InputError("the similarity, regularization and Dice weights must be ≥ 0")
         if self.similarity_weight == 0 and self.dice_weight == 0:
@@ -131,6 +137,11 @@ class TrainingConfig:
         ):
             if not 0 <= value <= 1:
                 raise InputError(f"the {name} must be in [0, 1], got {value}")
+
+    @property
+    def inference_passes(self) -> int:
+        """The recursive passes validation and the saved model use: one for a one-sided run."""
+        return max(1, self.passes)
 
     def learning_rate_at(self, step: int) -> float:
         """The rate for ``step`` (1-based): a function of the step alone, so resuming is exact."""
@@ -607,7 +618,9 @@ def train(
 
     def validate(step: int) -> list[float]:
         nonlocal best_score, best_step
-        scores = network_scores(network, val_pairs, device, config.mixed_precision)
+        scores = network_scores(
+            network, val_pairs, device, config.mixed_precision, config.inference_passes
+        )
         score = float(np.mean(scores))
         if score > best_score:
             best_score, best_step = score, step
@@ -693,7 +706,9 @@ def train(
 
     # The best validated weights (possibly the initial ones: then the card must say so).
     network.load_state_dict(torch.load(out / BEST, map_location=device, weights_only=True))
-    best_scores = network_scores(network, val_pairs, device, config.mixed_precision)
+    best_scores = network_scores(
+        network, val_pairs, device, config.mixed_precision, config.inference_passes
+    )
     summary = {
         "deepregister_version": __version__,
         "steps": step,
@@ -730,6 +745,7 @@ def train(
         name,
         {
             "input_spacing_mm": config.spacing_mm,
+            "passes": config.inference_passes,
             "similarity": config.similarity,
             "training": summary,
         },
@@ -750,7 +766,10 @@ def _losses(
     fixed = torch.cat([i.fixed for i in items]).to(device)
     moving = torch.cat([i.moving for i in items]).to(device)
     with _autocast(device, config.mixed_precision):
-        velocity = network.velocity(fixed, moving)
+        if config.passes:
+            velocity = network.recursive_velocity(fixed, moving, config.passes)
+        else:
+            velocity = network.velocity(fixed, moving)
     flow = integrate_velocity(velocity.float(), config.network.integration_steps)
     terms = {"regularization": diffusion(flow), "dice_loss": flow.new_zeros(())}
     if config.similarity_weight > 0:

@@ -165,6 +165,14 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     run.add_argument(
         "--dice-weight", type=float, default=1.0, help="weight of the soft Dice on labels"
     )
+    run.add_argument(
+        "--passes",
+        type=int,
+        default=0,
+        help="0: train one one-sided forward pass, VoxelMorph's loss (default). n: train what "
+        "the engine runs, n recursive symmetric passes end to end (2n forward passes a step); "
+        "the model's JSON then asks the engine for n",
+    )
     run.add_argument("--validate-every", type=int, default=100)
     run.add_argument("--checkpoint-every", type=int, default=50)
     run.add_argument(
@@ -216,6 +224,7 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         lr_schedule=args.lr_schedule,
+        passes=args.passes,
         similarity=args.similarity,
         similarity_weight=args.similarity_weight,
         regularization=args.regularization,

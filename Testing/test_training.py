@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from DeepRegisterLib import metrics, synthesis
 from DeepRegisterLib.errors import InputError, ModelError
 from DeepRegisterLib.geometry import Grid, flow_voxels_to_mm
-from DeepRegisterLib.models import find_model, load_model
+from DeepRegisterLib.models import find_model, load_model, save_model
 from DeepRegisterLib.networks import NetworkConfig, identity_grid, warp
 from DeepRegisterLib.synthesis import LabelMaps, SynthesisConfig, Synthesiser, load_label_maps
 from DeepRegisterLib.training import (
@@ -27,11 +27,14 @@ from DeepRegisterLib.training import (
     CHECKPOINT,
     CURVES,
     LOG,
+    SYNTHETIC_VALIDATION_PAIRS,
     PairFiles,
     TrainingConfig,
+    network_scores,
     prepare_pair,
     read_pairs_csv,
     real_validation_pair,
+    synthetic_validation_pairs,
     train,
 )
 from DeepRegisterLib.training_cli import add_train_parser, run_train
@@ -280,8 +283,10 @@ def _write(array: np.ndarray, path: Path) -> Path:
     return path
 
 
-def test_training_lowers_the_loss_of_the_pair_it_trains_on(tmp_path: Path) -> None:
-    """30 steps on one tiny synthetic pair, as real-pair files: the loss must drop.
+@pytest.mark.parametrize("passes", [0, 2])
+def test_training_lowers_the_loss_of_the_pair_it_trains_on(tmp_path: Path, passes: int) -> None:
+    """30 steps on one tiny synthetic pair, as real-pair files: the loss must drop, whether it
+    sees one one-sided pass or the engine's two recursive symmetric passes.
 
     The moving image is the fixed one under a smooth local bump (which the affine stage
     cannot undo), so there is a deformation to learn whatever the random draws.
@@ -297,7 +302,12 @@ def test_training_lowers_the_loss_of_the_pair_it_trains_on(tmp_path: Path) -> No
     )
     result = train(
         _config(
-            steps=30, learning_rate=3e-3, real_fraction=1.0, validate_every=30, checkpoint_every=30
+            steps=30,
+            learning_rate=3e-3,
+            real_fraction=1.0,
+            validate_every=30,
+            checkpoint_every=30,
+            passes=passes,
         ),
         tmp_path / "run",
         real_pairs=[files],
@@ -415,6 +425,39 @@ def test_fine_tuning_starts_from_the_given_model_and_records_its_checksum(tmp_pa
         train(other, tmp_path / "other", init_model=parent.model.weights, progress=None)
 
 
+def test_training_the_engines_passes_validates_and_saves_them(tmp_path: Path) -> None:
+    """With ``passes`` the loss, the validation and the model's JSON all use the engine's
+    recursive inference, so the chosen checkpoint is the best at what the engine runs."""
+    parent = train(_config(steps=2), tmp_path / "parent", name="parent", progress=None)
+    assert json.loads(parent.model.weights.with_suffix(".json").read_text())["passes"] == 1
+    # A barely trained network predicts almost nothing, the same in one pass or two: give it
+    # a flow to predict, so that scores in one and in two passes tell each other apart.
+    network = load_model(parent.model)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(network.flow.weight, std=10.0)  # velocities of a voxel or two
+    bold = save_model(network, tmp_path / "bold", "bold")
+
+    config = _config(steps=2, passes=2)
+    child = train(config, tmp_path / "child", name="child", init_model=bold.weights, progress=None)
+    assert json.loads(child.model.weights.with_suffix(".json").read_text())["passes"] == 2
+    assert find_model(child.model.weights).passes == 2
+
+    pairs = synthetic_validation_pairs(
+        Synthesiser(config.shape, config.synthesis), SYNTHETIC_VALIDATION_PAIRS, config.seed
+    )
+    expected = network_scores(network, pairs, torch.device("cpu"), passes=2)
+    assert child.summary["validation"]["initial"] == pytest.approx(expected)
+    assert expected != pytest.approx(network_scores(network, pairs, torch.device("cpu")))
+
+    # The same first batch from the same weights, seen through one one-sided pass instead.
+    train(_config(steps=1), tmp_path / "one", init_model=bold.weights, progress=None)
+    first_losses = []
+    for run in ("child", "one"):
+        with (tmp_path / run / LOG).open() as stream:
+            first_losses.append(next(float(r["loss"]) for r in csv.DictReader(stream) if r["loss"]))
+    assert first_losses[0] != pytest.approx(first_losses[1], rel=1e-3)
+
+
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_resume_continues_at_the_next_step_exactly(tmp_path: Path, schedule: str) -> None:
     """Stopped after step 1, resumed to 6 == 6 steps straight: the same weights and optimiser
@@ -478,6 +521,8 @@ def test_config_check_refuses_a_shape_the_network_cannot_take() -> None:
         ({"similarity_weight": 0.0, "dice_weight": 0.0}, "nothing drives the alignment"),
         ({"similarity_weight": -1.0}, "must be ≥ 0"),
         ({"lr_schedule": "step"}, "unknown learning-rate schedule"),
+        ({"passes": -1}, "passes must be from 0 to 8"),
+        ({"passes": 9}, "passes must be from 0 to 8"),
     ],
 )
 def test_config_check_refuses_weights_or_schedules_that_cannot_train(
