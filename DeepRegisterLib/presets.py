@@ -80,7 +80,7 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "balanced",
-            "about a minute",
+            "about 36 s for a 1 mm brain on two CPU threads",
             affine_iterations=100,
             levels=(Level(4.0, 50, 5), Level(2.0, 30, 6, control_mm=2.0)),
         ),
