@@ -739,17 +739,16 @@ def train(
             "best_step": best_step,
         },
     }
-    info = save_model(
-        network,
-        Path(model_dir) if model_dir is not None else out,
-        name,
-        {
-            "input_spacing_mm": config.spacing_mm,
-            "passes": config.inference_passes,
-            "similarity": config.similarity,
-            "training": summary,
-        },
-    )
+    extra: dict[str, Any] = {
+        "input_spacing_mm": config.spacing_mm,
+        "passes": config.inference_passes,
+        "similarity": config.similarity,
+        "training": summary,
+    }
+    if parent is not None and parent.max_extent_mm is not None:
+        # A fine-tune sees the parent's kind of images: its field-of-view guard still holds.
+        extra["max_extent_mm"] = parent.max_extent_mm
+    info = save_model(network, Path(model_dir) if model_dir is not None else out, name, extra)
     say(f"saved model {info.name!r} to {info.weights}")
     return TrainingResult(info, summary)
 

@@ -427,7 +427,8 @@ def test_fine_tuning_starts_from_the_given_model_and_records_its_checksum(tmp_pa
 
 def test_training_the_engines_passes_validates_and_saves_them(tmp_path: Path) -> None:
     """With ``passes`` the loss, the validation and the model's JSON all use the engine's
-    recursive inference, so the chosen checkpoint is the best at what the engine runs."""
+    recursive inference, so the chosen checkpoint is the best at what the engine runs; a
+    fine-tune keeps its parent's field-of-view guard."""
     parent = train(_config(steps=2), tmp_path / "parent", name="parent", progress=None)
     assert json.loads(parent.model.weights.with_suffix(".json").read_text())["passes"] == 1
     # A barely trained network predicts almost nothing, the same in one pass or two: give it
@@ -435,12 +436,13 @@ def test_training_the_engines_passes_validates_and_saves_them(tmp_path: Path) ->
     network = load_model(parent.model)
     torch.manual_seed(0)
     torch.nn.init.normal_(network.flow.weight, std=10.0)  # velocities of a voxel or two
-    bold = save_model(network, tmp_path / "bold", "bold")
+    bold = save_model(network, tmp_path / "bold", "bold", {"max_extent_mm": 120.0})
 
     config = _config(steps=2, passes=2)
     child = train(config, tmp_path / "child", name="child", init_model=bold.weights, progress=None)
     assert json.loads(child.model.weights.with_suffix(".json").read_text())["passes"] == 2
     assert find_model(child.model.weights).passes == 2
+    assert find_model(child.model.weights).max_extent_mm == 120.0  # the parent's guard
 
     pairs = synthetic_validation_pairs(
         Synthesiser(config.shape, config.synthesis), SYNTHETIC_VALIDATION_PAIRS, config.seed
