@@ -17,7 +17,7 @@ HAS_ANTS = importlib.util.find_spec("ants") is not None
 
 @pytest.mark.slow
 def test_smoke_writes_table_report_and_figures(tmp_path: Path) -> None:
-    methods = ["identity", "affine", "fast", *(["ants"] if HAS_ANTS else [])]
+    methods = ["identity", "affine", "fast", "fast-smooth", *(["ants"] if HAS_ANTS else [])]
     completed = subprocess.run(
         [sys.executable, str(SCRIPT), "--smoke", "--pairs", "1", "--out", str(tmp_path),
          "--methods", *methods],
@@ -29,6 +29,7 @@ def test_smoke_writes_table_report_and_figures(tmp_path: Path) -> None:
         "identity (no registration)",
         "affine only (DeepRegister)",
         "DeepRegister fast",
+        "DeepRegister fast, regularization 10",
     ]
     if HAS_ANTS:
         expected_rows.append("ANTs SyN (antspyx)")
@@ -58,6 +59,8 @@ def test_smoke_writes_table_report_and_figures(tmp_path: Path) -> None:
         assert 0.0 <= row["mean_dice"] <= 1.0
         assert row["time_s"] >= 0.0
         assert row["peak_rss_bytes"] > 0
+    weights = {row["method"]: row["notes"].get("regularization") for row in raw["rows"]}
+    assert (weights["fast"], weights["fast-smooth"]) == (1.0, 10.0)
     if HAS_ANTS:
         (ants_row,) = [row for row in raw["rows"] if row["method"] == "ants"]
         assert ants_row["notes"]["label_agreement_with_composite"] > 0.99

@@ -29,12 +29,17 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+#: ``fast`` with this diffusion weight (``--regularization``) instead of 1: on six fs-dev
+#: pairs SDlogJ 0.17 and Dice 0.792 against ANTs SyN's 0.20 and 0.786 (weight 1: 0.48, 0.821).
+SMOOTH_REGULARIZATION = 10.0
+
 #: Display names, in table order.
 METHOD_LABELS: dict[str, str] = {
     "identity": "identity (no registration)",
     "affine": "affine only (DeepRegister)",
     "network-only": "DeepRegister network only",
     "fast": "DeepRegister fast",
+    "fast-smooth": f"DeepRegister fast, regularization {SMOOTH_REGULARIZATION:g}",
     "balanced": "DeepRegister balanced",
     "accurate": "DeepRegister accurate",
     "ants": "ANTs SyN (antspyx)",
@@ -306,6 +311,7 @@ def _run_deepregister(
         "model": report.get("model"),
         "device": report.get("device"),
         "similarity": report.get("similarity"),
+        "regularization": report.get("regularization"),
         "network_grid": report.get("network_grid"),
         "optimisation_steps": report.get("optimisation_steps"),
     }
@@ -574,6 +580,7 @@ METHODS: dict[str, Callable[..., Output]] = {
     # The default preset, as in the "affine" row: the two rows then share their affine stage.
     "network-only": _preset_runner("balanced", iterations=0),
     "fast": _preset_runner("fast"),
+    "fast-smooth": _preset_runner("fast", regularization=SMOOTH_REGULARIZATION),
     "balanced": _preset_runner("balanced"),
     "accurate": _preset_runner("accurate"),
     "ants": run_ants,
