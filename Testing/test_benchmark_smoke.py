@@ -20,7 +20,7 @@ def test_smoke_writes_table_report_and_figures(tmp_path: Path) -> None:
     methods = ["identity", "affine", "fast", "fast-smooth", *(["ants"] if HAS_ANTS else [])]
     completed = subprocess.run(
         [sys.executable, str(SCRIPT), "--smoke", "--pairs", "1", "--out", str(tmp_path),
-         "--methods", *methods],
+         "--methods", *methods, "--regularization", "3"],
         capture_output=True, text=True, timeout=600, cwd=REPO,
     )  # fmt: skip
     assert completed.returncode == 0, completed.stdout + completed.stderr
@@ -60,7 +60,9 @@ def test_smoke_writes_table_report_and_figures(tmp_path: Path) -> None:
         assert row["time_s"] >= 0.0
         assert row["peak_rss_bytes"] > 0
     weights = {row["method"]: row["notes"].get("regularization") for row in raw["rows"]}
-    assert (weights["fast"], weights["fast-smooth"]) == (1.0, 10.0)
+    # --regularization sets the presets' weight; fast-smooth keeps its own.
+    assert (weights["fast"], weights["fast-smooth"]) == (3.0, 10.0)
+    assert "regularization 3 (`--regularization`)" in text
     if HAS_ANTS:
         (ants_row,) = [row for row in raw["rows"] if row["method"] == "ants"]
         assert ants_row["notes"]["label_agreement_with_composite"] > 0.99

@@ -80,6 +80,7 @@ class Settings:
     elastix_iterations: int | None = None  # None: elastix's default (256 per resolution)
     demons_iterations: int = 100
     model: str = "default"  # DeepRegister model for the presets and the network-only row
+    regularization: float | None = None  # the presets' diffusion weight; None: each preset's own
 
 
 @dataclass(frozen=True)
@@ -337,8 +338,16 @@ def _preset_runner(preset: str, **options: Any) -> Callable[..., Output]:
         fixed_labels: sitk.Image,
         settings: Settings,
     ) -> Output:
+        weight = settings.regularization
+        chosen = {} if weight is None else {"regularization": weight}
         return _run_deepregister(
-            fixed, moving, moving_labels, settings, preset=preset, model=settings.model, **options
+            fixed,
+            moving,
+            moving_labels,
+            settings,
+            preset=preset,
+            model=settings.model,
+            **{**chosen, **options},  # a method's own weight (fast-smooth) wins
         )
 
     runner.__doc__ = f"DeepRegister preset {preset!r} with ``--model`` (default: the default)."
