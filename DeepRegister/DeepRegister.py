@@ -515,7 +515,7 @@ class DeepRegisterLogic(ScriptedLoadableModuleLogic):
         """
         if not self.setupPythonRequirements():
             raise RuntimeError(_("PyTorch is needed to register volumes."))
-        from DeepRegisterLib import mrml
+        from DeepRegisterLib.mrml import bridge as mrml
 
         return mrml.registerVolumes(fixedVolumeNode, movingVolumeNode, preset, **options)
 
@@ -523,14 +523,14 @@ class DeepRegisterLogic(ScriptedLoadableModuleLogic):
         """registerVolumes with every argument from the parameter node, in this thread."""
         if not self.setupPythonRequirements():
             raise RuntimeError(_("PyTorch is needed to register volumes."))
-        from DeepRegisterLib import mrml
+        from DeepRegisterLib.mrml import bridge as mrml
 
         return mrml.registerVolumesUsingParameters(parameterNode, progress, cancel)
 
     def startRegistration(self, parameterNode):
         """Read the inputs (here) and run the engine in a worker thread; poll the returned task and
         call finishRegistration once it is no longer running."""
-        from DeepRegisterLib import mrml
+        from DeepRegisterLib.mrml import bridge as mrml
 
         return mrml.prepareRegistrationUsingParameters(parameterNode).start()
 
@@ -541,7 +541,7 @@ class DeepRegisterLogic(ScriptedLoadableModuleLogic):
         return nodes
 
     def createCheckerboardVolume(self, fixedVolumeNode, warpedVolumeNode, outputVolumeNode=None):
-        from DeepRegisterLib import mrml
+        from DeepRegisterLib.mrml import bridge as mrml
 
         return mrml.createCheckerboardVolume(fixedVolumeNode, warpedVolumeNode, outputVolumeNode)
 

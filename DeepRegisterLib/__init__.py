@@ -11,7 +11,7 @@ def __getattr__(name: str):
     """``registerVolumes`` (the Slicer console API) on first use, so that importing the package
     never needs ``slicer``."""
     if name == "registerVolumes":
-        from .mrml import registerVolumes
+        from .mrml.bridge import registerVolumes
 
         return registerVolumes
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

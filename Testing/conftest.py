@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from DeepRegisterLib.geometry import Grid
+from DeepRegisterLib.imaging.geometry import Grid
 
 PointMap = Callable[[np.ndarray], np.ndarray]
 

@@ -1,7 +1,7 @@
 """Every unusable input is refused with a specific, actionable error, and nothing is written.
 
 Failures go through ``register_and_write`` — register, then write the outputs with
-:mod:`DeepRegisterLib.fileio` — and each test checks that the output folder is unchanged.
+:mod:`DeepRegisterLib.imaging.fileio` — and each test checks that the output folder is unchanged.
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ import pytest
 import SimpleITK as sitk
 from conftest import grid_centre, image_on, make_phantom, oblique_grid
 
-import DeepRegisterLib.preflight
-from DeepRegisterLib import fileio, networks
-from DeepRegisterLib.engine import register
+import DeepRegisterLib.registration.preflight
 from DeepRegisterLib.errors import DeepRegisterError, InputError, ModelError, ResourceError
-from DeepRegisterLib.models import save_model
-from DeepRegisterLib.networks import NetworkConfig, VxmDense
-from DeepRegisterLib.preflight import check_intensity_image
+from DeepRegisterLib.imaging import fileio
+from DeepRegisterLib.nn import networks
+from DeepRegisterLib.nn.models import save_model
+from DeepRegisterLib.nn.networks import NetworkConfig, VxmDense
+from DeepRegisterLib.registration.engine import register
+from DeepRegisterLib.registration.preflight import check_intensity_image
 
 TINY_NETWORK = dict(encoder=(4, 4), decoder=(4, 4, 4))
 
@@ -552,7 +553,7 @@ def _config(network: dict) -> NetworkConfig:
 def test_images_too_big_for_memory_are_refused_suggesting_a_coarser_run(
     a_good_pair, an_output_folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(DeepRegisterLib.preflight, "available_memory_bytes", lambda: 1_000)
+    monkeypatch.setattr(DeepRegisterLib.registration.preflight, "available_memory_bytes", lambda: 1_000)
     message = refused(
         an_output_folder, ResourceError, "needs about .* GiB of memory", *a_good_pair, model=None
     )

@@ -104,7 +104,7 @@ def test_the_network_only_row_uses_the_model_the_engine_would_choose(
     has a network to show alone; without a model there is none."""
     monkeypatch.syspath_prepend(str(REPO))
     from benchmarks.run_benchmark import model_note
-    from DeepRegisterLib import models
+    from DeepRegisterLib.nn import models
 
     monkeypatch.setitem(models.DEFAULT_MODELS, 3, ("brain3d",))
     notes: list[str] = []

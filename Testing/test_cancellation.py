@@ -19,8 +19,9 @@ import pytest
 import SimpleITK as sitk
 from conftest import grid_centre, make_phantom, oblique_grid
 
-from DeepRegisterLib import cli, engine
+from DeepRegisterLib.cli import main as cli
 from DeepRegisterLib.errors import RegistrationCancelled
+from DeepRegisterLib.registration import engine
 
 LATENCY_LIMIT_S = 1.0
 REPO = Path(__file__).resolve().parents[1]
@@ -230,7 +231,7 @@ def test_the_first_registration_in_a_process_stops_within_a_second(tmp_path: Pat
         import json, sys, threading, time
         sys.path[:0] = [{str(REPO)!r}, {str(REPO / "Testing")!r}]
         import test_cancellation as t
-        from DeepRegisterLib import engine
+        from DeepRegisterLib.registration import engine
         from DeepRegisterLib.errors import RegistrationCancelled
         fixed, moving = t.a_pair(2, (24, 20))
         cancel, state = threading.Event(), {{}}
@@ -317,7 +318,7 @@ def test_ctrl_c_while_outputs_are_written_exits_130_and_writes_nothing(
     a_2d_pair_on_disk, an_output_folder: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
     """The warped image is already staged when Ctrl-C arrives in the transform's write."""
-    from DeepRegisterLib import fileio
+    from DeepRegisterLib.imaging import fileio
 
     def interrupted(transform, path):
         assert any(p.name.startswith(".warped.nii.gz.partial-") for p in an_output_folder.iterdir())
@@ -393,7 +394,7 @@ def test_a_cli_run_killed_while_writing_leaves_no_output_under_its_name(
     driver = textwrap.dedent("""
         import sys, time
         import SimpleITK as sitk
-        from DeepRegisterLib import cli
+        from DeepRegisterLib.cli import main as cli
         real = sitk.WriteImage
         def slow(image, path, *args):
             if "jacobian" in str(path):
@@ -428,7 +429,7 @@ def test_a_worker_thread_cancelled_mid_run_leaves_the_scene_unchanged(tmp_path: 
     covers a request made before the start)."""
     pytest.importorskip("slicer", reason="slicer-core is needed")
     test_mrml = pytest.importorskip("test_mrml")
-    from DeepRegisterLib import mrml
+    from DeepRegisterLib.mrml import bridge as mrml
 
     scene = test_mrml._new_scene(tmp_path / "cache").scene
     fixed, moving = test_mrml._pair(scene)

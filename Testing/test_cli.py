@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from DeepRegisterLib import cli
-from DeepRegisterLib.phantoms import demo_grid, phantom_pair
-from DeepRegisterLib.presets import PRESETS
+from DeepRegisterLib.cli import main as cli
+from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
+from DeepRegisterLib.registration.presets import PRESETS
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_register_without_any_output_is_refused(a_pair_on_disk, capsys):
 
 def test_a_failure_during_writing_leaves_no_output_at_all(a_pair_on_disk, tmp_path, monkeypatch):
     """Outputs are staged and committed together: if the last one fails, none appears."""
-    from DeepRegisterLib import report_figures
+    from DeepRegisterLib.evaluation import figures as report_figures
 
     def broken_figure(*args, **kwargs):
         raise RuntimeError("disk full")

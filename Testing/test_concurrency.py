@@ -21,8 +21,8 @@ import SimpleITK as sitk
 import torch
 from conftest import grid_centre, make_phantom, oblique_grid
 
-from DeepRegisterLib.engine import register
 from DeepRegisterLib.errors import InputError, RegistrationCancelled
+from DeepRegisterLib.registration.engine import register
 
 OPTIONS = dict(preset="fast", model=None, device="cpu", iterations=8)
 

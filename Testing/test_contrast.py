@@ -10,9 +10,9 @@ import pytest
 import SimpleITK as sitk
 from conftest import Phantom, grid_centre, make_phantom, oblique_grid
 
-from DeepRegisterLib import models
-from DeepRegisterLib.contrast import learn_contrast_map
-from DeepRegisterLib.engine import register
+from DeepRegisterLib.nn import models
+from DeepRegisterLib.registration.contrast import learn_contrast_map
+from DeepRegisterLib.registration.engine import register
 
 # Label → intensity of a second contrast: not monotonic in the first (70, 250, 150, 200, 110, 20).
 OTHER_CONTRAST = {1: 180.0, 2: 30.0, 3: 240.0, 4: 90.0, 5: 130.0, 6: 60.0}

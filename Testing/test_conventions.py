@@ -23,9 +23,9 @@ from conftest import Phantom, grid_centre, grid_points, image_on, oblique_grid, 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from DeepRegisterLib.engine import register, warp_image
-from DeepRegisterLib.geometry import Grid, flow_mm_to_voxels, flow_voxels_to_mm
-from DeepRegisterLib.networks import warp
+from DeepRegisterLib.imaging.geometry import Grid, flow_mm_to_voxels, flow_voxels_to_mm
+from DeepRegisterLib.nn.networks import warp
+from DeepRegisterLib.registration.engine import register, warp_image
 
 
 def known_linear_map(kind: str, dim: int, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

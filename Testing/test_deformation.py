@@ -13,10 +13,10 @@ import pytest
 import SimpleITK as sitk
 from conftest import Phantom, grid_centre, grid_points, make_phantom, oblique_grid
 
-from DeepRegisterLib import metrics
-from DeepRegisterLib.engine import register
-from DeepRegisterLib.geometry import Grid
-from DeepRegisterLib.result import RegistrationResult
+from DeepRegisterLib.imaging import metrics
+from DeepRegisterLib.imaging.geometry import Grid
+from DeepRegisterLib.registration.engine import register
+from DeepRegisterLib.registration.result import RegistrationResult
 
 AMPLITUDE_MM = 4.0
 WAVELENGTH_MM = 36.0

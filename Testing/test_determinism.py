@@ -11,8 +11,8 @@ import SimpleITK as sitk
 import torch
 from conftest import grid_centre, make_phantom, oblique_grid
 
-from DeepRegisterLib.engine import register
-from DeepRegisterLib.result import RegistrationResult
+from DeepRegisterLib.registration.engine import register
+from DeepRegisterLib.registration.result import RegistrationResult
 
 TIMING_KEYS = {"runtime_s", "timings"}
 

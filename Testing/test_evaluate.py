@@ -11,17 +11,17 @@ import pytest
 import SimpleITK as sitk
 
 from DeepRegisterLib.errors import InputError
-from DeepRegisterLib.evaluate import (
+from DeepRegisterLib.evaluation.evaluate import (
     displacement_on_grid,
     evaluate,
     evaluation_images,
     json_ready,
     read_label_names,
 )
-from DeepRegisterLib.fileio import read_transform
-from DeepRegisterLib.geometry import Grid
-from DeepRegisterLib.landmarks import Landmarks
-from DeepRegisterLib.report_figures import qa_figure, write_report
+from DeepRegisterLib.evaluation.figures import qa_figure, write_report
+from DeepRegisterLib.evaluation.landmarks import Landmarks
+from DeepRegisterLib.imaging.fileio import read_transform
+from DeepRegisterLib.imaging.geometry import Grid
 
 ANGLE = math.radians(20.0)
 OBLIQUE_3D = (

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from DeepRegisterLib import evaluate_cli
-from DeepRegisterLib.evaluate_cli import add_evaluate_parser, run_evaluate
+from DeepRegisterLib.cli import evaluate as evaluate_cli
+from DeepRegisterLib.cli.evaluate import add_evaluate_parser, run_evaluate
 
 
 def _parse(*argv: str) -> argparse.Namespace:

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from DeepRegisterLib import filters
-from DeepRegisterLib.filters import box_filter, grid_sample
+from DeepRegisterLib.nn import filters
+from DeepRegisterLib.nn.filters import box_filter, grid_sample
 
 
 @pytest.fixture

@@ -8,11 +8,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from DeepRegisterLib import affine, metrics, resampling, volumes, warping
 from DeepRegisterLib.errors import RegistrationCancelled
-from DeepRegisterLib.geometry import Grid
-from DeepRegisterLib.optimisation import optimise_velocity
-from DeepRegisterLib.presets import Level
+from DeepRegisterLib.imaging import metrics, resampling, volumes
+from DeepRegisterLib.imaging.geometry import Grid
+from DeepRegisterLib.registration import affine, warping
+from DeepRegisterLib.registration.optimisation import optimise_velocity
+from DeepRegisterLib.registration.presets import Level
 
 
 class CancelOnCall:
@@ -225,8 +226,8 @@ def test_the_affine_stage_works_on_copies_of_at_most_about_four_million_voxels()
 def test_the_engine_normalises_each_image_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """The affine stage and the network inputs share one normalised copy of each image (a
     second pass cost about a second per image on a 512² × 600 CT), with the same affine."""
-    from DeepRegisterLib import engine
-    from DeepRegisterLib.phantoms import demo_grid, phantom_pair
+    from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
+    from DeepRegisterLib.registration import engine
 
     pair = phantom_pair(demo_grid(3, size=32), amplitude_mm=2.0)
     normalised = [affine.normalised_for_registration(i) for i in (pair.fixed, pair.moving)]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from DeepRegisterLib.errors import InputError
-from DeepRegisterLib.landmarks import Landmarks, pair_landmarks, read_landmarks
+from DeepRegisterLib.evaluation.landmarks import Landmarks, pair_landmarks, read_landmarks
 
 LPS = np.array([[10.0, -20.0, 30.5], [-1.5, 2.0, 0.0]])
 RAS = LPS * [-1.0, -1.0, 1.0]

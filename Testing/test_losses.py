@@ -10,8 +10,8 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from DeepRegisterLib import metrics
-from DeepRegisterLib.losses import (
+from DeepRegisterLib.imaging import metrics
+from DeepRegisterLib.nn.losses import (
     SIMILARITIES,
     flow_jacobian_determinant,
     folding_penalty,
@@ -19,9 +19,9 @@ from DeepRegisterLib.losses import (
     similarity_function,
     similarity_to,
 )
-from DeepRegisterLib.networks import integrate_velocity
-from DeepRegisterLib.optimisation import optimise_velocity
-from DeepRegisterLib.presets import Level
+from DeepRegisterLib.nn.networks import integrate_velocity
+from DeepRegisterLib.registration.optimisation import optimise_velocity
+from DeepRegisterLib.registration.presets import Level
 
 
 @pytest.mark.parametrize("name", SIMILARITIES)

@@ -8,11 +8,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from DeepRegisterLib import cli, engine, preflight
+from DeepRegisterLib.cli import main as cli
 from DeepRegisterLib.errors import InputError, ResourceError
-from DeepRegisterLib.filters import MAX_GRADIENT_CHUNKS
-from DeepRegisterLib.phantoms import demo_grid, phantom_pair
-from DeepRegisterLib.preflight import estimate_peak_bytes, plan_memory
+from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
+from DeepRegisterLib.nn.filters import MAX_GRADIENT_CHUNKS
+from DeepRegisterLib.registration import engine, preflight
+from DeepRegisterLib.registration.preflight import estimate_peak_bytes, plan_memory
 
 GIB = 2**30
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from DeepRegisterLib import metrics
 from DeepRegisterLib.errors import InputError
-from DeepRegisterLib.geometry import Grid, image_from_array
+from DeepRegisterLib.imaging import metrics
+from DeepRegisterLib.imaging.geometry import Grid, image_from_array
 
 
 def _rotation(dim: int) -> np.ndarray:

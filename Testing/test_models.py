@@ -11,11 +11,12 @@ import SimpleITK as sitk
 import torch
 from conftest import grid_centre, image_on, make_phantom, oblique_grid
 
-from DeepRegisterLib import metrics, models
-from DeepRegisterLib.engine import register
 from DeepRegisterLib.errors import ModelError
-from DeepRegisterLib.geometry import Grid, flow_voxels_to_mm
-from DeepRegisterLib.networks import NetworkConfig, VxmDense, integrate_velocity
+from DeepRegisterLib.imaging import metrics
+from DeepRegisterLib.imaging.geometry import Grid, flow_voxels_to_mm
+from DeepRegisterLib.nn import models
+from DeepRegisterLib.nn.networks import NetworkConfig, VxmDense, integrate_velocity
+from DeepRegisterLib.registration.engine import register
 
 SMALL = dict(encoder=(8, 8, 8), decoder=(8, 8, 8, 8))
 

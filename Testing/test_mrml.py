@@ -26,10 +26,11 @@ if not hasattr(slicer, "vtkMRMLScene"):
 import vtk  # noqa: E402  (after the skip: vtk comes with slicer-core)
 from conftest import grid_points, rotation_matrix  # noqa: E402
 
-from DeepRegisterLib import metrics, mrml  # noqa: E402
 from DeepRegisterLib.errors import InputError, RegistrationCancelled  # noqa: E402
-from DeepRegisterLib.geometry import Grid  # noqa: E402
-from DeepRegisterLib.result import RegistrationResult, displacement_transform  # noqa: E402
+from DeepRegisterLib.imaging import metrics  # noqa: E402
+from DeepRegisterLib.imaging.geometry import Grid  # noqa: E402
+from DeepRegisterLib.mrml import bridge as mrml  # noqa: E402
+from DeepRegisterLib.registration.result import RegistrationResult, displacement_transform  # noqa: E402
 
 FLIP = np.diag([-1.0, -1.0, 1.0])
 OBLIQUE = rotation_matrix((1.0, 2.0, 3.0), 25.0)  # no voxel axis along R, A or S

@@ -6,10 +6,11 @@ from dataclasses import replace
 
 import pytest
 
-from DeepRegisterLib import engine, models, presets
-from DeepRegisterLib.networks import VxmDense
-from DeepRegisterLib.optimisation import optimise_velocity
-from DeepRegisterLib.phantoms import demo_grid, phantom_pair
+from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
+from DeepRegisterLib.nn import models
+from DeepRegisterLib.nn.networks import VxmDense
+from DeepRegisterLib.registration import engine, presets
+from DeepRegisterLib.registration.optimisation import optimise_velocity
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,10 @@ from conftest import image_on, rotation_matrix
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
-from DeepRegisterLib import fileio
-from DeepRegisterLib.engine import register
-from DeepRegisterLib.geometry import Grid, flow_mm_to_voxels, flow_voxels_to_mm
-from DeepRegisterLib.warping import warp_image
+from DeepRegisterLib.imaging import fileio
+from DeepRegisterLib.imaging.geometry import Grid, flow_mm_to_voxels, flow_voxels_to_mm
+from DeepRegisterLib.registration.engine import register
+from DeepRegisterLib.registration.warping import warp_image
 
 # No shrinking: every example is a registration, and shrinking one failure took 5 minutes.
 PROPERTY_SETTINGS = settings(

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import SimpleITK as sitk
 
-from DeepRegisterLib import fileio, metrics
-from DeepRegisterLib.engine import register
+from DeepRegisterLib.imaging import fileio, metrics
+from DeepRegisterLib.registration.engine import register
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FS_DEV = DATA / "fs-dev"

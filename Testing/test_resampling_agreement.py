@@ -13,10 +13,10 @@ import pytest
 import SimpleITK as sitk
 from conftest import Phantom, grid_centre, grid_points, image_on, make_phantom, oblique_grid
 
-from DeepRegisterLib import fileio, metrics
-from DeepRegisterLib.engine import register, warp_image
-from DeepRegisterLib.geometry import Grid
-from DeepRegisterLib.result import RegistrationResult
+from DeepRegisterLib.imaging import fileio, metrics
+from DeepRegisterLib.imaging.geometry import Grid
+from DeepRegisterLib.registration.engine import register, warp_image
+from DeepRegisterLib.registration.result import RegistrationResult
 
 
 class Case:

@@ -23,10 +23,12 @@ import SimpleITK as sitk
 import torch
 from conftest import grid_centre, make_phantom, oblique_grid
 
-from DeepRegisterLib import cli, fileio, models
-from DeepRegisterLib.engine import register
+from DeepRegisterLib.cli import main as cli
 from DeepRegisterLib.errors import ModelError
-from DeepRegisterLib.networks import NetworkConfig, VxmDense
+from DeepRegisterLib.imaging import fileio
+from DeepRegisterLib.nn import models
+from DeepRegisterLib.nn.networks import NetworkConfig, VxmDense
+from DeepRegisterLib.registration.engine import register
 
 PACKAGE = Path(__file__).resolve().parents[1] / "DeepRegisterLib"
 TINY = dict(encoder=(4, 4), decoder=(4, 4, 4))

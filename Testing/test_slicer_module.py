@@ -276,8 +276,8 @@ def test_the_apply_button_log_and_progress_widgets_exist(ui):
 
 
 def test_preset_and_similarity_choices_are_the_librarys(module):
-    from DeepRegisterLib.losses import SIMILARITIES
-    from DeepRegisterLib.presets import PRESETS
+    from DeepRegisterLib.nn.losses import SIMILARITIES
+    from DeepRegisterLib.registration.presets import PRESETS
 
     fields = _parameter_fields(module)
     assert _choices(fields["preset"]) == list(PRESETS)
@@ -287,7 +287,7 @@ def test_preset_and_similarity_choices_are_the_librarys(module):
 
 def test_the_preset_tooltip_quotes_each_presets_description(ui):
     # The .ui file cannot read the library, so its tooltip repeats the descriptions: keep them one.
-    from DeepRegisterLib.presets import PRESETS
+    from DeepRegisterLib.registration.presets import PRESETS
 
     combo = ui.find(".//widget[@name='presetComboBox']")
     tooltip = combo.find("property[@name='toolTip']/string").text
@@ -297,7 +297,7 @@ def test_the_preset_tooltip_quotes_each_presets_description(ui):
 
 def test_the_parameter_node_has_every_field_the_library_reads(module):
     """mrml.RegistrationParameters is what registerVolumesUsingParameters reads (ast: no slicer)."""
-    mrml = ast.parse((ROOT / "DeepRegisterLib" / "mrml.py").read_text(encoding="utf-8"))
+    mrml = ast.parse((ROOT / "DeepRegisterLib" / "mrml" / "bridge.py").read_text(encoding="utf-8"))
     protocol = _class(mrml, "RegistrationParameters")
     wanted = {
         n.target.id: ast.unparse(n.annotation)
@@ -366,9 +366,11 @@ def test_the_extension_cmake_lists_are_complete():
     for name, args in commands:
         if name == "add_subdirectory":
             assert (ROOT / args[0] / "CMakeLists.txt").is_file()
-    patterns = [args[-1] for name, args in commands if name == "file" and args[:1] == ["GLOB"]]
-    assert "DeepRegisterLib/*.py" in patterns
-    assert sorted(ROOT.glob("DeepRegisterLib/*.py")), "nothing for ctkMacroCompilePythonScript"
+    patterns = [
+        args[-1] for name, args in commands if name == "file" and args[:1] == ["GLOB_RECURSE"]
+    ]
+    assert "DeepRegisterLib/*.py" in patterns  # recursive: every package
+    assert sorted(ROOT.glob("DeepRegisterLib/**/*.py")), "nothing for ctkMacroCompilePythonScript"
     compile_ = next(args for name, args in commands if name == "ctkmacrocompilepythonscript")
     assert "NO_INSTALL_SUBDIR" in compile_
     assert compile_[compile_.index("SOURCE_DIR") + 1] == "${CMAKE_CURRENT_SOURCE_DIR}"

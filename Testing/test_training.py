@@ -15,13 +15,14 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from DeepRegisterLib import metrics, synthesis
+from DeepRegisterLib.cli.train import add_train_parser, run_train
 from DeepRegisterLib.errors import InputError, ModelError
-from DeepRegisterLib.geometry import Grid, flow_voxels_to_mm
-from DeepRegisterLib.models import find_model, load_model, save_model
-from DeepRegisterLib.networks import NetworkConfig, identity_grid, warp
-from DeepRegisterLib.synthesis import LabelMaps, SynthesisConfig, Synthesiser, load_label_maps
-from DeepRegisterLib.training import (
+from DeepRegisterLib.imaging import metrics
+from DeepRegisterLib.imaging.geometry import Grid, flow_voxels_to_mm
+from DeepRegisterLib.nn.models import find_model, load_model, save_model
+from DeepRegisterLib.nn.networks import NetworkConfig, identity_grid, warp
+from DeepRegisterLib.training import synthesis
+from DeepRegisterLib.training.loop import (
     ALIGNED_LABEL_MAPS,
     BEST,
     CHECKPOINT,
@@ -37,7 +38,12 @@ from DeepRegisterLib.training import (
     synthetic_validation_pairs,
     train,
 )
-from DeepRegisterLib.training_cli import add_train_parser, run_train
+from DeepRegisterLib.training.synthesis import (
+    LabelMaps,
+    SynthesisConfig,
+    Synthesiser,
+    load_label_maps,
+)
 
 SHAPES = {2: (32, 32), 3: (16, 16, 16)}
 
@@ -622,8 +628,8 @@ def test_real_pairs_are_prepared_exactly_as_the_engine_feeds_its_network(
     """Validation scores a model on what the engine will give it: both images normalised on
     their full grids, then smoothed and resampled (the fixed image was once normalised after
     resampling in training only, which put validation on other intensities than real use)."""
-    from DeepRegisterLib import engine
-    from DeepRegisterLib.phantoms import demo_grid, phantom_pair
+    from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
+    from DeepRegisterLib.registration import engine
 
     generated = phantom_pair(demo_grid(3, size=64), amplitude_mm=3.0)
     files = PairFiles(tmp_path / "fixed.nii.gz", tmp_path / "moving.nii.gz")

@@ -79,8 +79,8 @@ def reset_peak() -> bool:
 
 
 def repeat(runs: int, size: int) -> dict:
-    from DeepRegisterLib.engine import register
-    from DeepRegisterLib.phantoms import demo_grid, phantom_pair
+    from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
+    from DeepRegisterLib.registration.engine import register
 
     pair = phantom_pair(demo_grid(3, size), amplitude_mm=4.0, rotation_deg=5.0)
     rss, seconds = [], []
@@ -213,8 +213,8 @@ def big_run(shape: tuple[int, int, int], spacing: tuple[float, float, float]) ->
     """In a spawned child: build, register, measure; returns a JSON-able dict."""
     import torch
 
-    from DeepRegisterLib.engine import register
-    from DeepRegisterLib.preflight import estimate_peak_bytes
+    from DeepRegisterLib.registration.engine import register
+    from DeepRegisterLib.registration.preflight import estimate_peak_bytes
 
     out: dict = {"shape": list(shape), "spacing": list(spacing), "threads": torch.get_num_threads()}
     started = time.perf_counter()

@@ -206,7 +206,7 @@ def score(
     labels: tuple[int, ...] | None,
 ) -> dict[str, Any]:
     """Dice and HD95 per label, and the det J statistics, identical for every method."""
-    from DeepRegisterLib import metrics
+    from DeepRegisterLib.imaging import metrics
 
     warped = output.warped_labels
     if warped.GetPixelID() != fixed_labels.GetPixelID():
@@ -294,7 +294,7 @@ def _run_deepregister(
     settings: Settings,
     **options: Any,
 ) -> Output:
-    from DeepRegisterLib.engine import register
+    from DeepRegisterLib.registration.engine import register
 
     result = register(
         fixed,
@@ -543,7 +543,7 @@ def run_demons(
     matched to the fixed one, then demons runs ``--demons-iterations`` steps (Gaussian
     smoothing of the field, σ = 1 voxel). Total transform: ``T(x) = A(x + d(x))``.
     """
-    from DeepRegisterLib.affine import normalised_for_registration, register_affine
+    from DeepRegisterLib.registration.affine import normalised_for_registration, register_affine
 
     dim = fixed.GetDimension()
     affine = register_affine(fixed, moving, seed=settings.seed)

@@ -37,10 +37,10 @@ import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.run_benchmark import ordered_pairs, subjects_in, t2_like  # noqa: E402
-from DeepRegisterLib.contrast import in_contrast_of  # noqa: E402
-from DeepRegisterLib.metrics import FREESURFER_EVAL_LABELS  # noqa: E402
-from DeepRegisterLib.models import find_model, load_model  # noqa: E402
-from DeepRegisterLib.training import PairFiles, network_scores, real_validation_pair  # noqa: E402
+from DeepRegisterLib.imaging.metrics import FREESURFER_EVAL_LABELS  # noqa: E402
+from DeepRegisterLib.nn.models import find_model, load_model  # noqa: E402
+from DeepRegisterLib.registration.contrast import in_contrast_of  # noqa: E402
+from DeepRegisterLib.training.loop import PairFiles, network_scores, real_validation_pair  # noqa: E402
 
 
 def validation_names(info) -> set[str]:
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         lines += [
             "",
             "Cross-contrast, moving image mapped into the fixed image's contrast first (what the "
-            "engine feeds a same-contrast model in a MIND run; `DeepRegisterLib.contrast`):",
+            "engine feeds a same-contrast model in a MIND run; `DeepRegisterLib.registration.contrast`):",
             "",
             "| model | all pairs | held out | pairs improved over affine |",
             "|---|---|---|---|",

@@ -133,7 +133,7 @@ def prepare_2d(spec: PairSpec, folder: Path) -> PairSpec:
     the slice through the middle of the fixed brain's S–I extent is taken from both, so the 2D
     problem is the residual in-plane deformation. "identity" in 2D is therefore "after 3D affine".
     """
-    from DeepRegisterLib.engine import register
+    from DeepRegisterLib.registration.engine import register
 
     fixed = sitk.ReadImage(spec.fixed)
     labels = sitk.ReadImage(spec.fixed_labels)
@@ -169,7 +169,7 @@ def prepare_2d(spec: PairSpec, folder: Path) -> PairSpec:
 def fsdev_pairs(
     data: Path, count: int | None, folder: Path, cross_contrast: bool
 ) -> list[PairSpec]:
-    from DeepRegisterLib.metrics import FREESURFER_EVAL_LABELS
+    from DeepRegisterLib.imaging.metrics import FREESURFER_EVAL_LABELS
 
     pairs = ordered_pairs(subjects_in(data))
     specs = []
@@ -199,7 +199,7 @@ def fsdev_pairs(
 
 def smoke_pairs(count: int, folder: Path, cross_contrast: bool) -> list[PairSpec]:
     """Phantom pairs on a small oblique, anisotropic grid with a known deformation."""
-    from DeepRegisterLib.phantoms import demo_grid, phantom_pair
+    from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
 
     specs = []
     for seed in range(count):
@@ -293,7 +293,11 @@ def model_note(
     For ``default`` the engine's own choice for this similarity, so the network-only row never
     silently runs without a network.
     """
-    from DeepRegisterLib.engine import default_models, resolve_model, suited_default_model
+    from DeepRegisterLib.registration.engine import (
+        default_models,
+        resolve_model,
+        suited_default_model,
+    )
 
     try:
         if model == "default":
@@ -403,7 +407,7 @@ def write_report(
     threads = sorted({r["torch_threads"] for r in rows if "torch_threads" in r})
     ok_dims = "2D matched axial slices" if args.two_d else "3D volumes"
     data = (
-        "phantom pairs (DeepRegisterLib.phantoms, 32-voxel oblique grid)"
+        "phantom pairs (DeepRegisterLib.imaging.phantoms, 32-voxel oblique grid)"
         if args.smoke
         else (f"fs-dev ({Path(args.data).resolve()}), {ok_dims}")
     )

@@ -15,12 +15,12 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__
-from .errors import DeepRegisterError, InputError, ModelError, RegistrationCancelled, ResourceError
-from .evaluate_cli import add_evaluate_parser
+from .. import __version__
+from ..errors import DeepRegisterError, InputError, ModelError, RegistrationCancelled, ResourceError
+from ..registration.presets import PRESETS
+from .evaluate import add_evaluate_parser
 from .exit_codes import EXIT_ERROR, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_MEMORY, EXIT_OK
-from .presets import PRESETS
-from .training_cli import add_train_parser
+from .train import add_train_parser
 
 
 class ProgressBar:
@@ -130,7 +130,7 @@ def _add_register_parser(subparsers) -> None:
 
 def _write_outputs(result, args, fixed, moving) -> list[Path]:
     """Stage every output, then move them all into place together (or none of them)."""
-    from . import fileio
+    from ..imaging import fileio
 
     plan: list[tuple[Path, object]] = []
     if args.warped:
@@ -154,7 +154,7 @@ def _write_outputs(result, args, fixed, moving) -> list[Path]:
     if args.jacobian and result.jacobian is not None:
         plan.append((args.jacobian, lambda p: fileio.write_image(result.jacobian, p)))
     if args.qa_png:
-        from .report_figures import qa_figure
+        from ..evaluation.figures import qa_figure
 
         plan.append(
             (args.qa_png, lambda p: qa_figure(fixed, moving, result.warped, result.jacobian, p))
@@ -170,8 +170,8 @@ def _write_outputs(result, args, fixed, moving) -> list[Path]:
 
 
 def _run_register(args) -> int:
-    from . import fileio
-    from .engine import register
+    from ..imaging import fileio
+    from ..registration.engine import register
 
     if len(args.warped_labels) not in (0, len(args.labels)):
         raise InputError("give one --warped-labels output per --labels input, in the same order")
@@ -270,7 +270,7 @@ def _add_models_parser(subparsers) -> None:
 
 
 def _run_models(args) -> int:
-    from .models import DEFAULT_MODELS, available_models, search_path
+    from ..nn.models import DEFAULT_MODELS, available_models, search_path
 
     models = available_models()
     for name, info in sorted(models.items()):

@@ -6,7 +6,7 @@ import sys
 import traceback
 from collections.abc import Callable
 
-from .errors import InputError
+from ..errors import InputError
 
 EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_MEMORY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 

@@ -14,9 +14,9 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .filters import grid_sample
-from .geometry import Grid, affine_parameters
-from .volumes import allocate, as_array, paste_rows, rows_per_slab, stop_if
+from ..imaging.geometry import Grid, affine_parameters
+from ..imaging.volumes import allocate, as_array, paste_rows, rows_per_slab, stop_if
+from ..nn.filters import grid_sample
 
 
 def index_map(

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import stop_if_cancelled
+from ..errors import stop_if_cancelled
 
 IsCancelled = Callable[[], bool]
 SLAB_VOXELS = 4_000_000  # per Gaussian slab: a few tens of milliseconds of work

@@ -17,8 +17,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .errors import InputError
-from .geometry import lps_to_ras_matrix
+from ..errors import InputError
+from ..imaging.geometry import lps_to_ras_matrix
 
 _FCSV_DEFAULT_COLUMNS = ("id", "x", "y", "z", "ow", "ox", "oy", "oz", "vis", "sel", "lock", "label")
 # Slicer 4.x wrote the coordinate system as a number: vtkMRMLStorageNode's RAS = 0, LPS = 1.

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError, stop_if_cancelled
+from ..errors import InputError, stop_if_cancelled
 from .geometry import Grid
 from .volumes import allocate, paste_rows
 

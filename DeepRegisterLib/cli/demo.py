@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from . import fileio, metrics
-from .engine import ProgressCallback, register
-from .phantoms import demo_grid, phantom_pair
-from .report_figures import qa_figure
+from ..evaluation.figures import qa_figure
+from ..imaging import fileio, metrics
+from ..imaging.phantoms import demo_grid, phantom_pair
+from ..registration.engine import ProgressCallback, register
 
 
 def _endpoint_error(found: sitk.Image, truth: sitk.Image, mask: sitk.Image) -> float:

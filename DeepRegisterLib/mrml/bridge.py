@@ -4,7 +4,7 @@ It runs inside the Slicer application and headless with the ``slicer-core`` whee
 it uses MRML and VTK only (no Qt, no ``slicer.app``, no ``slicer.mrmlScene`` global: the scene is
 always the one the given nodes live in).
 
-Conventions (see :mod:`DeepRegisterLib.geometry`): MRML is RAS, SimpleITK and files are LPS, and
+Conventions (see :mod:`DeepRegisterLib.imaging.geometry`): MRML is RAS, SimpleITK and files are LPS, and
 both store voxels as (K, J, I) arrays. Every volume is taken in its own (local) coordinates; the
 outputs are placed under the fixed volume's parent transform, so they line up in world space
 whatever transforms the inputs sit under.
@@ -34,10 +34,10 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from .engine import CancelToken, ProgressCallback, register
-from .errors import InputError
-from .geometry import LPS_TO_RAS, Grid
-from .result import RegistrationResult
+from ..errors import InputError
+from ..imaging.geometry import LPS_TO_RAS, Grid
+from ..registration.engine import CancelToken, ProgressCallback, register
+from ..registration.result import RegistrationResult
 
 LabelNode = slicer.vtkMRMLLabelMapVolumeNode | slicer.vtkMRMLSegmentationNode
 MaskNode = slicer.vtkMRMLScalarVolumeNode | slicer.vtkMRMLSegmentationNode

@@ -14,14 +14,14 @@ from typing import Any
 
 import torch
 
-from .engine import resolve_device
-from .errors import InputError
+from ..errors import InputError
+from ..imaging.metrics import parse_labels
+from ..nn.losses import SIMILARITIES
+from ..nn.networks import NetworkConfig
+from ..registration.engine import resolve_device
+from ..training.loop import ALIGNED_LABEL_MAPS, LR_SCHEDULES, TrainingConfig, read_pairs, train
+from ..training.synthesis import SynthesisConfig, load_label_maps
 from .exit_codes import run_reporting_errors
-from .losses import SIMILARITIES
-from .metrics import parse_labels
-from .networks import NetworkConfig
-from .synthesis import SynthesisConfig, load_label_maps
-from .training import ALIGNED_LABEL_MAPS, LR_SCHEDULES, TrainingConfig, read_pairs, train
 
 _DEFAULT_NETWORK = NetworkConfig()
 

@@ -20,15 +20,17 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import __version__, metrics
+from .. import __version__
+from ..errors import InputError, ModelError, stop_if_cancelled
+from ..imaging import metrics
+from ..imaging.fileio import read_image
+from ..imaging.geometry import Grid, flow_voxels_to_mm, is_linear
+from ..imaging.resampling import antialiased, fixed_on_grid, moving_on_grid, resample
+from ..nn.losses import SIMILARITIES, similarity_to
+from ..nn.models import DEFAULT_MODELS, ModelInfo, available_models, find_model, load_model
+from ..nn.networks import integrate_velocity, warp
 from .affine import normalised_for_registration, register_normalised, to_affine
 from .contrast import in_contrast_of
-from .errors import InputError, ModelError, stop_if_cancelled
-from .fileio import read_image
-from .geometry import Grid, flow_voxels_to_mm, is_linear
-from .losses import SIMILARITIES, similarity_to
-from .models import DEFAULT_MODELS, ModelInfo, available_models, find_model, load_model
-from .networks import integrate_velocity, warp
 from .optimisation import level_shape, optimise_velocity
 from .preflight import (
     check_intensity_image,
@@ -39,7 +41,6 @@ from .preflight import (
     plan_memory,
 )
 from .presets import Preset, get_preset
-from .resampling import antialiased, fixed_on_grid, moving_on_grid, resample
 from .result import RegistrationResult
 from .warping import compose_displacement, inverse_displacement, warp_image
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import SimpleITK as sitk
 
-from .geometry import Grid
+from ..imaging.geometry import Grid
 
 
 def displacement_transform(displacement: sitk.Image) -> sitk.DisplacementFieldTransform:

@@ -10,8 +10,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .errors import InputError, ResourceError
-from .filters import MAX_GRADIENT_CHUNKS
+from ..errors import InputError, ResourceError
+from ..nn.filters import MAX_GRADIENT_CHUNKS
 
 MIN_SIZE = 4
 INTEGER_PIXEL_TYPES = {

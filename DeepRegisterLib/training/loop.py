@@ -31,17 +31,17 @@ import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from . import __version__
-from .affine import normalised_for_registration, register_normalised
-from .engine import foreground_box
-from .errors import InputError
-from .fileio import IMAGE_SUFFIXES, atomic_write_path, full_suffix, read_image
-from .geometry import Grid, flow_voxels_to_mm
-from .losses import SIMILARITIES, diffusion, similarity_function, soft_dice
-from .metrics import dice_per_label, mean_dice
-from .models import MAX_PASSES, ModelInfo, find_model, load_model, save_model
-from .networks import NetworkConfig, VxmDense, integrate_velocity, warp
-from .resampling import network_inputs
+from .. import __version__
+from ..errors import InputError
+from ..imaging.fileio import IMAGE_SUFFIXES, atomic_write_path, full_suffix, read_image
+from ..imaging.geometry import Grid, flow_voxels_to_mm
+from ..imaging.metrics import dice_per_label, mean_dice
+from ..imaging.resampling import network_inputs
+from ..nn.losses import SIMILARITIES, diffusion, similarity_function, soft_dice
+from ..nn.models import MAX_PASSES, ModelInfo, find_model, load_model, save_model
+from ..nn.networks import NetworkConfig, VxmDense, integrate_velocity, warp
+from ..registration.affine import normalised_for_registration, register_normalised
+from ..registration.engine import foreground_box
 from .synthesis import LabelMaps, SynthesisConfig, Synthesiser
 
 CHECKPOINT, BEST, LOG, CURVES = "checkpoint.pt", "best.pt", "log.csv", "curves.png"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelError
+from ..errors import ModelError
 from .networks import MAX_PARAMETERS, NetworkConfig, VxmDense
 
 # The models "default" means, per dimension, in order of preference: the engine takes the first
@@ -34,10 +34,10 @@ MAX_WEIGHTS_BYTES = 8 * MAX_PARAMETERS + (16 << 20)
 
 def shipped_models_dir() -> Path:
     """Resources/Models in a source checkout; the installed copy in a wheel install."""
-    source_tree = Path(__file__).resolve().parents[1] / "Resources" / "Models"
+    source_tree = Path(__file__).resolve().parents[2] / "Resources" / "Models"
     if source_tree.is_dir():
         return source_tree
-    from . import shipped_models  # installed by pyproject's package-dir mapping
+    from .. import shipped_models
 
     return Path(shipped_models.__file__).parent
 

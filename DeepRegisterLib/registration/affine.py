@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import stop_if_cancelled
-from .geometry import affine_parameters
-from .resampling import run_filter
+from ..errors import stop_if_cancelled
+from ..imaging.geometry import affine_parameters
+from ..imaging.resampling import run_filter
 
 ProgressCallback = Callable[[float, str], None]
 WORKING_SPACING_MM = 2.0

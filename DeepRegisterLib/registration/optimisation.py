@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import stop_if_cancelled
-from .filters import box_filter
-from .losses import diffusion, folding_penalty, similarity_function, similarity_to
-from .networks import integrate_velocity, resize_flow, warp
+from ..errors import stop_if_cancelled
+from ..nn.filters import box_filter
+from ..nn.losses import diffusion, folding_penalty, similarity_function, similarity_to
+from ..nn.networks import integrate_velocity, resize_flow, warp
 from .presets import Level
 
 CONTROL_MIN_VOXELS = 16

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from .errors import InputError
+from ..errors import InputError
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 TRANSFORM_SUFFIXES = (".h5", ".hdf5", ".tfm", ".txt", ".mat")

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from . import metrics
-from .errors import InputError
-from .geometry import Grid
+from ..errors import InputError
+from ..imaging import metrics
+from ..imaging.geometry import Grid
 from .landmarks import Landmarks, pair_landmarks
 
 #: Keys of :func:`evaluation_images`, all on the fixed grid.

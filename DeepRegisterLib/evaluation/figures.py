@@ -23,10 +23,10 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .errors import InputError
+from ..errors import InputError
+from ..imaging.fileio import atomic_write_path
+from ..imaging.metrics import same_grid
 from .evaluate import json_ready
-from .fileio import atomic_write_path
-from .metrics import same_grid
 
 _PLANES = ("sagittal", "coronal", "axial")  # normal along L, P, S
 _DPI = 100
@@ -428,7 +428,7 @@ def write_report(
 ) -> dict[str, Path]:
     """Write ``report.json``, ``report.md``, a self-contained ``report.html`` and PNG figures.
 
-    ``evaluation`` is :func:`~DeepRegisterLib.evaluate.evaluate`'s result; ``images`` (as from
+    ``evaluation`` is :func:`~DeepRegisterLib.evaluation.evaluate.evaluate`'s result; ``images`` (as from
     :func:`~DeepRegisterLib.evaluate.evaluation_images`: fixed, warped, jacobian on the fixed
     grid) adds checkerboard, difference and det J figures. Returns the written paths by kind.
     """

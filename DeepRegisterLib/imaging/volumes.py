@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import stop_if_cancelled
+from ..errors import stop_if_cancelled
 from .geometry import Grid
 
 IsCancelled = Callable[[], bool] | None

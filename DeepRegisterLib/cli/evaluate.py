@@ -11,12 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .evaluate import evaluate, evaluation_images, read_label_names
+from ..evaluation.evaluate import evaluate, evaluation_images, read_label_names
+from ..evaluation.figures import write_report
+from ..evaluation.landmarks import read_landmarks
+from ..imaging.fileio import read_image, read_transform
+from ..imaging.metrics import parse_labels
 from .exit_codes import run_reporting_errors
-from .fileio import read_image, read_transform
-from .landmarks import read_landmarks
-from .metrics import parse_labels
-from .report_figures import write_report
 
 
 def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
