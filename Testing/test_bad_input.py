@@ -19,12 +19,12 @@ import pytest
 import SimpleITK as sitk
 from conftest import grid_centre, image_on, make_phantom, oblique_grid
 
-import DeepRegisterLib.registration.preflight
 from DeepRegisterLib.errors import DeepRegisterError, InputError, ModelError, ResourceError
 from DeepRegisterLib.imaging import fileio
 from DeepRegisterLib.nn import networks
 from DeepRegisterLib.nn.models import save_model
 from DeepRegisterLib.nn.networks import NetworkConfig, VxmDense
+from DeepRegisterLib.registration import preflight
 from DeepRegisterLib.registration.engine import register
 from DeepRegisterLib.registration.preflight import check_intensity_image
 
@@ -553,7 +553,7 @@ def _config(network: dict) -> NetworkConfig:
 def test_images_too_big_for_memory_are_refused_suggesting_a_coarser_run(
     a_good_pair, an_output_folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(DeepRegisterLib.registration.preflight, "available_memory_bytes", lambda: 1_000)
+    monkeypatch.setattr(preflight, "available_memory_bytes", lambda: 1_000)
     message = refused(
         an_output_folder, ResourceError, "needs about .* GiB of memory", *a_good_pair, model=None
     )

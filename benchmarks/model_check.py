@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         lines += [
             "",
             "Cross-contrast, moving image mapped into the fixed image's contrast first (what the "
-            "engine feeds a same-contrast model in a MIND run; `DeepRegisterLib.registration.contrast`):",
+            "engine feeds a same-contrast model in a MIND run; "
+            "`DeepRegisterLib.registration.contrast`):",
             "",
             "| model | all pairs | held out | pairs improved over affine |",
             "|---|---|---|---|",

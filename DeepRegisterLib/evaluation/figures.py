@@ -428,8 +428,8 @@ def write_report(
 ) -> dict[str, Path]:
     """Write ``report.json``, ``report.md``, a self-contained ``report.html`` and PNG figures.
 
-    ``evaluation`` is :func:`~DeepRegisterLib.evaluation.evaluate.evaluate`'s result; ``images`` (as from
-    :func:`~DeepRegisterLib.evaluate.evaluation_images`: fixed, warped, jacobian on the fixed
+    ``evaluation`` is :func:`~.evaluate.evaluate`'s result; ``images`` (as from
+    :func:`~.evaluate.evaluation_images`: fixed, warped, jacobian on the fixed
     grid) adds checkerboard, difference and det J figures. Returns the written paths by kind.
     """
     out = Path(out_dir)

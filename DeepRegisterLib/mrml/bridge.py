@@ -4,8 +4,9 @@ It runs inside the Slicer application and headless with the ``slicer-core`` whee
 it uses MRML and VTK only (no Qt, no ``slicer.app``, no ``slicer.mrmlScene`` global: the scene is
 always the one the given nodes live in).
 
-Conventions (see :mod:`DeepRegisterLib.imaging.geometry`): MRML is RAS, SimpleITK and files are LPS, and
-both store voxels as (K, J, I) arrays. Every volume is taken in its own (local) coordinates; the
+Conventions (see :mod:`DeepRegisterLib.imaging.geometry`): MRML is RAS, SimpleITK and files are
+LPS, and both store voxels as (K, J, I) arrays. Every volume is taken in its own (local)
+coordinates; the
 outputs are placed under the fixed volume's parent transform, so they line up in world space
 whatever transforms the inputs sit under.
 
