@@ -83,7 +83,7 @@ def test_register_under_a_memory_limit_runs_coarser_and_says_so(pair) -> None:
     spacing = free.report["network_grid"]["spacing_mm"]
     messages: list[str] = []
     limited = engine.register(
-        *pair, **options, max_memory_bytes=free.report["estimated_peak_bytes"] - 1,
+        *pair, **options, max_memory_gib=(free.report["estimated_peak_bytes"] - 1) / 2**30,
         progress=lambda fraction, message: messages.append(message),
     )  # fmt: skip
     coarse = limited.report["network_grid"]["spacing_mm"]
@@ -153,8 +153,8 @@ def test_an_out_of_memory_error_on_the_cpu_is_not_retried(pair, monkeypatch) -> 
 
 
 def test_a_non_positive_memory_limit_is_refused(pair) -> None:
-    with pytest.raises(InputError, match="memory limit must be positive"):
-        engine.register(*pair, model=None, device="cpu", max_memory_bytes=0)
+    with pytest.raises(InputError, match="memory limit max_memory_gib must be positive"):
+        engine.register(*pair, model=None, device="cpu", max_memory_gib=0)
 
 
 def test_the_estimate_counts_a_gradient_copy_of_the_flow_per_further_thread(

@@ -791,7 +791,7 @@ def test_registration_from_parameters_in_a_worker_thread(scene):
     before = scene.GetNumberOfNodes()
 
     job = mrml.prepareRegistrationUsingParameters(parameters)
-    assert job.options["similarity"] is None
+    assert job.options["similarity"] == "lncc"
     assert job.options["iterations"] is None
     thread = job.start()
     messages = []

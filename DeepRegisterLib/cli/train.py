@@ -16,9 +16,9 @@ import torch
 
 from ..errors import InputError
 from ..imaging.metrics import parse_labels
+from ..nn.devices import resolve_device
 from ..nn.losses import SIMILARITIES
 from ..nn.networks import NetworkConfig
-from ..registration.engine import resolve_device
 from ..training.loop import ALIGNED_LABEL_MAPS, LR_SCHEDULES, TrainingConfig, read_pairs, train
 from ..training.synthesis import SynthesisConfig, load_label_maps
 from .exit_codes import run_reporting_errors

@@ -924,7 +924,7 @@ def prepareRegistration(
             "affine": affine,
             "preset": preset,
             "model": model,
-            "similarity": similarity,
+            "similarity": similarity or "lncc",
             "regularization": regularization,
             "iterations": iterations,
             "compute_inverse": computeInverse,

@@ -18,6 +18,7 @@ import SimpleITK as sitk
 from ..errors import stop_if_cancelled
 from ..imaging.geometry import affine_parameters
 from ..imaging.resampling import run_filter
+from .preprocessing import normalised_for_registration
 
 ProgressCallback = Callable[[float, str], None]
 WORKING_SPACING_MM = 2.0
@@ -33,34 +34,6 @@ def to_affine(transform: sitk.Transform, dim: int) -> sitk.AffineTransform:
     affine.SetMatrix(tuple(matrix.ravel()))
     affine.SetTranslation(tuple(translation))
     return affine
-
-
-def normalised_for_registration(
-    image: sitk.Image, is_cancelled: Callable[[], bool] = lambda: False
-) -> sitk.Image:
-    """Float image with intensities mapped to [0, 1] between the 1st and 99th percentiles.
-
-    Moments and metrics then behave the same for CT (−1024…3071) and MR (arbitrary units).
-    Each whole-volume operation takes up to a second on a 512² × 600 CT, so each is an ITK
-    filter that a cancel request aborts.
-    """
-    array = sitk.GetArrayViewFromImage(image)
-    sample = array.ravel()[:: max(1, array.size // 2_000_000)]
-    low, high = np.percentile(sample, [1.0, 99.0])
-    if high <= low:
-        high = low + 1.0
-    cast = sitk.CastImageFilter()
-    cast.SetOutputPixelType(sitk.sitkFloat32)
-    clamp = sitk.ClampImageFilter()
-    clamp.SetOutputPixelType(sitk.sitkFloat32)
-    clamp.SetLowerBound(0.0)
-    clamp.SetUpperBound(1.0)
-    scaled = run_filter(cast, image, is_cancelled=is_cancelled)
-    scaled = run_filter(sitk.SubtractImageFilter(), scaled, float(low), is_cancelled=is_cancelled)
-    scaled = run_filter(
-        sitk.DivideImageFilter(), scaled, float(high - low), is_cancelled=is_cancelled
-    )
-    return run_filter(clamp, scaled, is_cancelled=is_cancelled)
 
 
 def working_spacing(image: sitk.Image) -> float:

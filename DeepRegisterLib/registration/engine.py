@@ -26,10 +26,11 @@ from ..imaging import metrics
 from ..imaging.fileio import read_image
 from ..imaging.geometry import Grid, flow_voxels_to_mm, is_linear
 from ..imaging.resampling import antialiased, fixed_on_grid, moving_on_grid, resample
-from ..nn.losses import SIMILARITIES, similarity_to
+from ..nn.devices import resolve_device
+from ..nn.losses import similarity_to
 from ..nn.models import DEFAULT_MODELS, ModelInfo, available_models, find_model, load_model
 from ..nn.networks import integrate_velocity, warp
-from .affine import normalised_for_registration, register_normalised, to_affine
+from .affine import register_normalised, to_affine
 from .contrast import in_contrast_of
 from .optimisation import level_shape, optimise_velocity
 from .preflight import (
@@ -40,14 +41,15 @@ from .preflight import (
     memory_budget,
     plan_memory,
 )
-from .presets import Preset, get_preset
+from .preprocessing import foreground_box, normalised_for_registration
+from .presets import Preset
 from .result import RegistrationResult
+from .settings import RegistrationSettings
 from .warping import compose_displacement, inverse_displacement, warp_image
 
 ProgressCallback = Callable[[float, str], None]
 ImageLike = sitk.Image | str | os.PathLike
 
-FOREGROUND_MARGIN_MM = 10.0
 MIN_LEVEL_VOXELS = 16
 MAX_NETWORK_VOXELS = 160**3
 
@@ -84,16 +86,6 @@ class _Stages:
 
     def check(self, where: str) -> None:
         stop_if_cancelled(self.cancelled, where)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("device 'cuda' was requested but no CUDA GPU is available; use 'cpu'")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise InputError(f"unknown device {device!r}; choose auto, cpu or cuda")
-    return torch.device(device)
 
 
 def default_models(dim: int) -> list[ModelInfo]:
@@ -144,25 +136,6 @@ def _to_tensor(image: sitk.Image, device: torch.device, dtype=torch.float32) -> 
     ].to(device)
 
 
-def foreground_box(image: sitk.Image, mask: sitk.Image | None) -> tuple[np.ndarray, np.ndarray]:
-    """Index box (I, J, K order) of the fixed foreground, with a margin, clipped to the image."""
-    if mask is not None:
-        fg = sitk.GetArrayViewFromImage(mask) > 0
-    else:
-        fg = sitk.GetArrayFromImage(normalised_for_registration(image)) > 0.05
-    size = np.asarray(image.GetSize())
-    if not fg.any():
-        return np.zeros(len(size)), size - 1.0
-    nonzero = [np.flatnonzero(fg.any(axis=tuple(a for a in range(fg.ndim) if a != ax))) for ax in
-               range(fg.ndim)]  # fmt: skip
-    lower_kji = np.array([n[0] for n in nonzero], dtype=float)
-    upper_kji = np.array([n[-1] for n in nonzero], dtype=float)
-    margin = FOREGROUND_MARGIN_MM / np.asarray(image.GetSpacing())
-    lower = np.maximum(lower_kji[::-1] - margin, 0)
-    upper = np.minimum(upper_kji[::-1] + margin, size - 1)
-    return lower, upper
-
-
 def _global_ncc(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> float:
     weight = torch.ones_like(a) if mask is None else mask
     n = weight.sum().clamp_min(1)
@@ -188,39 +161,33 @@ def _network_levels(preset: Preset, grid: Grid, shape: tuple[int, ...]):
 def register(
     fixed: ImageLike,
     moving: ImageLike,
+    settings: RegistrationSettings | None = None,
     *,
     fixed_mask: ImageLike | None = None,
     moving_mask: ImageLike | None = None,
     moving_labels: Mapping[str, ImageLike] | None = None,
     fixed_labels: ImageLike | None = None,
     initial_transform: sitk.Transform | None = None,
-    affine: bool = True,
-    preset: str = "balanced",
-    model: str | os.PathLike | None = "default",
-    similarity: str | None = None,
-    regularization: float | None = None,
-    iterations: int | None = None,
-    compute_inverse: bool = False,
-    compute_jacobian: bool = True,
-    device: str = "auto",
-    max_memory_bytes: int | None = None,
-    seed: int = 0,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
+    **options: Any,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed``; everything returned lives on the fixed image's grid.
 
+    ``settings`` says how (default :class:`RegistrationSettings()`); keyword ``options`` are
+    its field names and override it, for the console: ``register(f, m, preset="fast")``.
     Images may be SimpleITK images or file paths. ``initial_transform`` (linear, fixed → moving)
     seeds the affine stage, or replaces it when ``affine=False``. ``cancel`` is anything with
     ``is_set()`` (e.g. ``threading.Event``); a cancelled run raises ``RegistrationCancelled``.
     Bad input raises ``InputError`` before any work is done.
 
     When the run would not fit in memory (90 % of what is available, and at most
-    ``max_memory_bytes``), the deformable stages run on a coarser grid, or on the CPU when the
+    ``max_memory_gib``), the deformable stages run on a coarser grid, or on the CPU when the
     GPU is short or runs out; each such choice is a progress message and a line in
     ``report["notes"]``. ``ResourceError`` only when no such path fits.
     """
     started = time.perf_counter()
+    settings = (settings or RegistrationSettings()).replace(**options)
     stages = _Stages(progress, cancel)
     stages.report("checks", 0.0, "checking inputs")
 
@@ -232,25 +199,15 @@ def register(
     stages.check("during the input checks")
     check_same_dimension(fixed_image, moving_image)
     dim = fixed_image.GetDimension()
-    settings = get_preset(preset)
-    if iterations is not None:
-        settings = settings.with_iterations(iterations)
-    similarity = similarity or "lncc"
-    if similarity not in SIMILARITIES:
-        raise InputError(f"unknown similarity {similarity!r}; choose {', '.join(SIMILARITIES)}")
-    weight = settings.regularization if regularization is None else float(regularization)
-    if not np.isfinite(weight) or weight < 0:
-        raise InputError(f"regularization must be a number ≥ 0, got {regularization}")
+    preset = settings.resolved_preset()
     if initial_transform is not None and not is_linear(initial_transform, dim):
         raise InputError(
             "the initial transform must be linear (rigid/affine); apply a deformable initial "
             "transform to the moving image first"
         )
-    if max_memory_bytes is not None and not max_memory_bytes > 0:
-        raise InputError(f"the memory limit must be positive, got {max_memory_bytes} bytes")
-    torch_device = resolve_device(device)
-    default_model = str(model) == "default"
-    model_info = None if default_model else resolve_model(model, dim)  # default: chosen below
+    torch_device = resolve_device(settings.device)
+    default_model = settings.model == "default"
+    model_info = None if default_model else resolve_model(settings.model, dim)
     fixed_mask_img = (
         None if fixed_mask is None
         else mask_on_grid(_as_image(fixed_mask, "fixed mask"), fixed_image, "the fixed mask")
@@ -281,12 +238,14 @@ def register(
     notes: tuple[str, ...] = ()
     extent_mm = float(np.max((upper - lower + 1) * np.asarray(fixed_grid.spacing)))
     if default_model:
-        model_info, notes = suited_default_model(default_models(dim), similarity, extent_mm)
+        model_info, notes = suited_default_model(
+            default_models(dim), settings.similarity, extent_mm
+        )
     elif model_info is not None:
         model_info.check()
     spacing = (
         model_info.spacing_mm if model_info is not None
-        else min(level.spacing_mm for level in settings.levels)
+        else min(level.spacing_mm for level in preset.levels)
     )  # fmt: skip
     multiple = model_info.network.multiple if model_info is not None else 2
 
@@ -296,7 +255,8 @@ def register(
     plan = plan_memory(
         fixed_image, moving_image, lambda mm: int(np.prod(network_grid_at(mm).size)), spacing,
         model_name=None if model_info is None else model_info.name, device=torch_device.type,
-        budget_bytes=memory_budget(max_memory_bytes), gpu_free_bytes=_gpu_free_bytes(torch_device),
+        budget_bytes=memory_budget(settings.max_memory_bytes),
+        gpu_free_bytes=_gpu_free_bytes(torch_device),
     )  # fmt: skip
     notes = (*notes, *plan.notes)
     for note in notes:
@@ -308,16 +268,14 @@ def register(
     network_grid = network_grid_at(plan.spacing_mm)
     stages.report("checks", 1.0, "inputs checked")
     generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
+    torch.manual_seed(settings.seed)
 
     job = _Job(
         fixed_image=fixed_image, fixed_norm=fixed_norm, moving_image=moving_image,
         fixed_mask=fixed_mask_img, moving_mask=moving_mask_img, label_maps=label_maps,
-        fixed_labels=fixed_label_img, initial_transform=initial_transform, affine=affine,
-        settings=settings, similarity=similarity, regularization=weight, model_info=model_info,
-        default_model=default_model, network_grid=network_grid,
-        compute_inverse=compute_inverse, compute_jacobian=compute_jacobian, seed=seed,
-        started=started, estimated_bytes=plan.estimated_bytes,
+        fixed_labels=fixed_label_img, initial_transform=initial_transform, settings=settings,
+        preset=preset, model_info=model_info, default_model=default_model,
+        network_grid=network_grid, started=started, estimated_bytes=plan.estimated_bytes,
     )  # fmt: skip
 
     def run(device: torch.device, notes: tuple[str, ...]) -> RegistrationResult:
@@ -332,7 +290,7 @@ def register(
             note = "memory: the GPU ran out of memory, so the registration was run again on the CPU"
             stages.report("checks", 1.0, note)
             torch.cuda.empty_cache()
-            torch.manual_seed(seed)
+            torch.manual_seed(settings.seed)
             return run(torch.device("cpu"), (*notes, note))
     finally:
         torch.random.set_rng_state(generator_state)
@@ -350,29 +308,24 @@ class _Job:
     label_maps: dict[str, sitk.Image]
     fixed_labels: sitk.Image | None
     initial_transform: sitk.Transform | None
-    affine: bool
-    settings: Preset
-    similarity: str
-    regularization: float
+    settings: RegistrationSettings
+    preset: Preset  # the settings' preset, iterations applied
     model_info: ModelInfo | None
     default_model: bool  # model_info was chosen by model="default", not named by the user
     network_grid: Grid
-    compute_inverse: bool
-    compute_jacobian: bool
-    seed: int
     started: float  # perf_counter() at the call
     estimated_bytes: int
 
 
 def _affine_stage(stages: _Stages, job: _Job, moving_norm: sitk.Image) -> sitk.AffineTransform:
     dim = job.fixed_image.GetDimension()
-    if job.affine:
+    if job.settings.affine:
         return register_normalised(
             job.fixed_norm, moving_norm,
             fixed_mask=job.fixed_mask, moving_mask=job.moving_mask,
-            initial_transform=job.initial_transform, iterations=job.settings.affine_iterations,
-            finest_mm=job.settings.affine_finest_mm,
-            seed=job.seed, progress=stages.reporter("affine"), is_cancelled=stages.cancelled,
+            initial_transform=job.initial_transform, iterations=job.preset.affine_iterations,
+            finest_mm=job.preset.affine_finest_mm, seed=job.settings.seed,
+            progress=stages.reporter("affine"), is_cancelled=stages.cancelled,
         )  # fmt: skip
     if job.initial_transform is not None:
         return to_affine(job.initial_transform, dim)
@@ -463,12 +416,12 @@ def _run(
     network_passes = 0
     if job.model_info is not None:
         network_passes = job.model_info.passes
-        if job.settings.network_passes is not None:
-            network_passes = min(network_passes, job.settings.network_passes)
+        if job.preset.network_passes is not None:
+            network_passes = min(network_passes, job.preset.network_passes)
         stages.report("network", 0.0, f"running model {job.model_info.name}")
         network = load_model(job.model_info, device)
         m_in = m_t
-        if job.similarity == "mind" and job.model_info.contrast == "same":
+        if job.settings.similarity == "mind" and job.model_info.contrast == "same":
             m_in, note = _in_fixed_contrast(m_t, f_t, job.model_info.name)
             stages.report("network", 0.1, note)
             notes = (*notes, note)
@@ -496,7 +449,8 @@ def _run(
                 # A model chosen for the user must not make things worse: images unlike its
                 # training data (another anatomy or contrast) can mislead it.
                 note = (
-                    f"model: the default model {job.model_info.name!r} made the {job.similarity} "
+                    f"model: the default model {job.model_info.name!r} made the "
+                    f"{job.settings.similarity} "
                     f"loss worse than the affine alone ({before:.4f} → {after:.4f}), so its "
                     "output was not used; these images may be unlike its training data"
                 )
@@ -508,15 +462,15 @@ def _run(
 
     # --- instance optimisation ---------------------------------------------------------
     tick = time.perf_counter()
-    levels = _network_levels(job.settings, job.network_grid, tuple(f_t.shape[2:]))
+    levels = _network_levels(job.preset, job.network_grid, tuple(f_t.shape[2:]))
     trace: list[float] = []
     if levels:
         velocity, trace = optimise_velocity(
             f_t, m_t, mask_t, levels,
-            similarity=job.similarity, regularization=job.regularization,
-            learning_rate=job.settings.learning_rate,
-            window=job.settings.window_for(job.similarity),
-            folding_weight=job.settings.folding_weight,
+            similarity=job.settings.similarity, regularization=job.settings.regularization_weight,
+            learning_rate=job.preset.learning_rate,
+            window=job.preset.window_for(job.settings.similarity),
+            folding_weight=job.preset.folding_weight,
             initial_velocity=velocity, progress=stages.reporter("optimisation"),
             is_cancelled=stages.cancelled,
         )  # fmt: skip
@@ -548,7 +502,7 @@ def _run(
             for name, labels in job.label_maps.items()
         }
         inverse = None
-        if job.compute_inverse:
+        if job.settings.compute_inverse:
             stages.report("outputs", 0.6, "inverting the transform")
             inverse_mm = flow_voxels_to_mm(integrate_velocity(-velocity, steps), job.network_grid)
             inverse = inverse_displacement(
@@ -558,7 +512,7 @@ def _run(
     stages.check("while writing outputs")
     jacobian = None
     report: dict[str, Any] = {}
-    if job.compute_jacobian:
+    if job.settings.compute_jacobian:
         stages.report("outputs", 0.8, "computing the Jacobian determinant")
         jacobian = metrics.jacobian_determinant(displacement, stages.cancelled)
         region = job.fixed_mask
@@ -570,7 +524,7 @@ def _run(
     net_mask = mask_t if mask_t is not None else (f_t > 0.05).to(f_t.dtype)
     report.update(
         {
-            "similarity": job.similarity,
+            "similarity": job.settings.similarity,
             "ncc_before": _global_ncc(f_t, _to_tensor(moving_before, device), net_mask),
             "ncc_affine": _global_ncc(f_t, m_t, net_mask),
             "ncc_after": _global_ncc(f_t, warped_net, net_mask),
@@ -590,18 +544,19 @@ def _run(
             "runtime_s": time.perf_counter() - job.started,
             "timings": timings,
             "device": str(device),
-            "preset": job.settings.name,
+            "preset": job.preset.name,
             "model": None if model_info is None else model_info.name,
             "model_sha256": None if model_info is None else model_info.sha256,
             "network_passes": 0 if model_info is None else network_passes,
-            "seed": job.seed,
-            "regularization": job.regularization,
-            "folding_weight": job.settings.folding_weight,
+            "seed": job.settings.seed,
+            "regularization": job.settings.regularization_weight,
+            "folding_weight": job.preset.folding_weight,
             "network_grid": {
                 "size": list(job.network_grid.size),
                 "spacing_mm": job.network_grid.spacing[0],
             },
             "estimated_peak_bytes": job.estimated_bytes,
+            "settings": job.settings.to_dict(),
             "notes": list(notes),
             "versions": {
                 "deepregister": __version__,
@@ -686,7 +641,8 @@ def _similarity_change(
 ) -> tuple[float, float]:
     """The optimisation's loss on the network grid after the affine alone, and after the
     network's deformation as well (lower is better)."""
-    loss = similarity_to(job.similarity, fixed, mask, job.settings.window_for(job.similarity))
+    similarity = job.settings.similarity
+    loss = similarity_to(similarity, fixed, mask, job.preset.window_for(similarity))
     with torch.inference_mode():
         before = float(loss(moving))
         stop_if_cancelled(is_cancelled, "after the network")

@@ -40,8 +40,8 @@ from ..imaging.resampling import network_inputs
 from ..nn.losses import SIMILARITIES, diffusion, similarity_function, soft_dice
 from ..nn.models import MAX_PASSES, ModelInfo, find_model, load_model, save_model
 from ..nn.networks import NetworkConfig, VxmDense, integrate_velocity, warp
-from ..registration.affine import normalised_for_registration, register_normalised
-from ..registration.engine import foreground_box
+from ..registration.affine import register_normalised
+from ..registration.preprocessing import foreground_box, normalised_for_registration
 from .synthesis import LabelMaps, SynthesisConfig, Synthesiser
 
 CHECKPOINT, BEST, LOG, CURVES = "checkpoint.pt", "best.pt", "log.csv", "curves.png"

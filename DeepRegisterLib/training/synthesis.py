@@ -30,8 +30,8 @@ from ..errors import InputError
 from ..imaging.fileio import atomic_write_path, read_image
 from ..imaging.geometry import Grid
 from ..nn.networks import identity_grid, integrate_velocity, resize_flow, sample
-from ..registration.affine import normalised_for_registration, register_normalised
-from ..registration.engine import foreground_box
+from ..registration.affine import register_normalised
+from ..registration.preprocessing import foreground_box, normalised_for_registration
 
 #: Rough T1-weighted intensities (background 0, white matter 0.9) of the FreeSurfer structures,
 #: for T1-like synthesis (``SynthesisConfig.t1_like``). Labels not listed draw random means.
