@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
 from ..registration.settings import RegistrationSettings
 
 _TYPES = {"int": int, "float": float, "str": str}
@@ -22,7 +25,19 @@ def _cli_fields() -> list[dataclasses.Field]:
 
 
 def add_settings_arguments(group: Any) -> None:
-    """One option per setting, with the settings' help, choices and defaults."""
+    """``--settings FILE`` and one option per setting, with the settings' help and choices.
+
+    An option left out keeps the value from ``--settings`` (or the default): the defaults are
+    applied by :func:`settings_from_arguments`, not by argparse.
+    """
+    group.add_argument(
+        "--settings",
+        dest="settings_file",
+        type=Path,
+        metavar="JSON",
+        help='settings from a JSON file (as a report\'s "settings" records them); options '
+        "given as well override it",
+    )
     for field in _cli_fields():
         help_text = field.metadata["help"].replace("%", "%%")
         kind = field.type.split(" | ")[0]
@@ -33,7 +48,8 @@ def add_settings_arguments(group: Any) -> None:
                 negated if field.default else flag,
                 dest=field.name,
                 action="store_false" if field.default else "store_true",
-                help=f"do not {help_text}" if field.default else help_text,
+                default=argparse.SUPPRESS,
+                help=f"turn off {help_text}" if field.default else help_text,
             )
             continue
         # Choices are the settings' to check (device also takes cuda:N): an unknown value is
@@ -44,12 +60,27 @@ def add_settings_arguments(group: Any) -> None:
             flag,
             dest=field.name,
             type=_TYPES[kind],
-            default=field.default,
+            default=argparse.SUPPRESS,
             metavar=metavar or (f"{{{','.join(choices)}}}" if choices else None),
             help=help_text + default,
         )
 
 
 def settings_from_arguments(args: argparse.Namespace, **derived: Any) -> RegistrationSettings:
-    """The settings the options ask for; ``derived`` fills the fields set from the outputs."""
-    return RegistrationSettings(**{f.name: getattr(args, f.name) for f in _cli_fields()}, **derived)
+    """The settings file's (or the defaults), then the options given, then ``derived`` (the
+    fields set from the outputs asked for)."""
+    base = RegistrationSettings()
+    if getattr(args, "settings_file", None) is not None:
+        base = RegistrationSettings.from_dict(_read_settings_file(args.settings_file))
+    given = {f.name: getattr(args, f.name) for f in _cli_fields() if hasattr(args, f.name)}
+    return base.replace(**given, **derived)
+
+
+def _read_settings_file(path: Path) -> dict[str, Any]:
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise InputError(f"cannot read the settings file {path}: {error}") from None
+    if not isinstance(values, dict):
+        raise InputError(f"the settings file {path} must hold a JSON object of settings")
+    return values

@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import InputError
 from .exit_codes import EXIT_OK
 from .options import add_settings_arguments, settings_from_arguments
-from .progress import ProgressBar
+from .progress import JsonProgress, ProgressBar
 
 
 def add_register_parser(subparsers: Any) -> None:
@@ -66,7 +66,14 @@ def add_register_parser(subparsers: Any) -> None:
     out.add_argument("--qa-png", type=Path, help="QA picture: slices of fixed/moving/warped/…")
     out.add_argument("--report", type=Path, help="JSON report (metrics, timings, versions)")
     add_settings_arguments(p.add_argument_group("settings"))
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--progress",
+        choices=["auto", "json", "none"],
+        default="auto",
+        help="auto: a bar on a terminal, a line per 10 %% in a log; json: one JSON object per "
+        "line on standard output (progress, then the outputs and the report) for programs",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar (--progress none)")
     p.set_defaults(run=run_register)
 
 
@@ -142,14 +149,23 @@ def run_register(args: argparse.Namespace) -> int:
         moving_labels={str(path): path for path in args.labels},
         fixed_labels=args.fixed_labels,
         initial_transform=initial,
-        progress=None if args.quiet else ProgressBar(),
+        progress=_progress(args),
         cancel=threading.Event(),
     )
     written = _write_outputs(result, args, fixed, moving)
+    if args.progress == "json":
+        JsonProgress().finished([str(path) for path in written], result.report)
+        return EXIT_OK
     print_summary(result.report)
     for path in written:
         print(f"wrote {path}")
     return EXIT_OK
+
+
+def _progress(args: argparse.Namespace):
+    if args.quiet or args.progress == "none":
+        return None
+    return JsonProgress() if args.progress == "json" else ProgressBar()
 
 
 def print_summary(report: dict) -> None:

@@ -67,7 +67,9 @@ class RegistrationSettings:
         None, "total instance-optimisation steps (default: the preset's; 0: network only)"
     )
     affine: bool = _option(
-        True, "run the affine stage (off: use the initial transform as it is, or identity)"
+        True,
+        "an affine stage before the deformable ones (without it, the initial transform is used "
+        "as it is, or identity)",
     )
     compute_inverse: bool = _option(
         False, "also compute the inverse (moving to fixed) transform", cli="derived"
