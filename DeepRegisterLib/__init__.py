@@ -1,17 +1,25 @@
 """DeepRegister: deep-learning deformable registration of medical images.
 
-``register(fixed, moving, ...)`` is the entry point for Python users; ``deepregister`` is the
-command line; :mod:`DeepRegisterLib.mrml` bridges results into a Slicer (MRML) scene.
+``register(fixed, moving, settings)`` is the entry point for Python users, with
+:class:`RegistrationSettings` saying how; ``deepregister`` is the command line;
+:mod:`DeepRegisterLib.mrml` bridges results into a Slicer (MRML) scene.
+
+The packages follow the data flow, every import pointing down: applications (``cli``, ``mrml``)
+→ the registration pipeline and its neighbours (``registration``, ``evaluation``, ``training``)
+→ foundations (``nn``, ``imaging``, ``errors``).
 """
 
+from .registration.settings import RegistrationSettings
+
 __version__ = "0.1.0"
+__all__ = ["RegistrationSettings", "__version__", "register"]
 
 
 def __getattr__(name: str):
-    """``registerVolumes`` (the Slicer console API) on first use, so that importing the package
-    never needs ``slicer``."""
-    if name == "registerVolumes":
-        from .mrml.bridge import registerVolumes
+    """``register`` on first use: importing the package (and so ``deepregister --help``) must
+    not import torch."""
+    if name == "register":
+        from .registration.engine import register
 
-        return registerVolumes
+        return register
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
