@@ -81,6 +81,8 @@ def _read_settings_file(path: Path) -> dict[str, Any]:
         values = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise InputError(f"cannot read the settings file {path}: {error}") from None
+    if isinstance(values, dict) and isinstance(values.get("settings"), dict):
+        values = values["settings"]  # a report: rerun with the settings it records
     if not isinstance(values, dict):
         raise InputError(f"the settings file {path} must hold a JSON object of settings")
     return values
