@@ -35,8 +35,8 @@ def add_settings_arguments(group: Any) -> None:
         dest="settings_file",
         type=Path,
         metavar="JSON",
-        help='settings from a JSON file (as a report\'s "settings" records them); options '
-        "given as well override it",
+        help='settings from a JSON file: an earlier run\'s --report, or its "settings" object '
+        "alone; options given as well override it",
     )
     for field in _cli_fields():
         help_text = field.metadata["help"].replace("%", "%%")
