@@ -1,15 +1,14 @@
 """The MRML bridge against a real headless MRML scene (slicer-core): geometry, transforms, files,
-scene round trips, atomic failure, and registration end to end on a tiny pair."""
+scene round trips, atomic failure, views, and registration in this process end to end on a tiny
+pair (the child-process path: test_process_runner.py)."""
 
 from __future__ import annotations
 
 import json
 import math
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -26,11 +25,14 @@ if not hasattr(slicer, "vtkMRMLScene"):
 import vtk  # noqa: E402  (after the skip: vtk comes with slicer-core)
 from conftest import grid_points, rotation_matrix  # noqa: E402
 
+from DeepRegisterLib import mrml  # noqa: E402
 from DeepRegisterLib.errors import InputError, RegistrationCancelled  # noqa: E402
 from DeepRegisterLib.imaging import metrics  # noqa: E402
 from DeepRegisterLib.imaging.geometry import Grid  # noqa: E402
-from DeepRegisterLib.mrml import bridge as mrml  # noqa: E402
+from DeepRegisterLib.mrml import push as mrml_push  # noqa: E402
+from DeepRegisterLib.mrml.transforms import affineFromRAS  # noqa: E402
 from DeepRegisterLib.registration.result import RegistrationResult, displacement_transform  # noqa: E402
+from DeepRegisterLib.registration.settings import RegistrationSettings  # noqa: E402
 
 FLIP = np.diag([-1.0, -1.0, 1.0])
 OBLIQUE = rotation_matrix((1.0, 2.0, 3.0), 25.0)  # no voxel axis along R, A or S
@@ -482,6 +484,82 @@ def test_the_initial_transform_is_what_the_views_show(scene):
         mrml.prepareRegistration(fixed, moving, initialTransformNode=grid)
 
 
+def _rigid(axis, degrees: float, translation) -> np.ndarray:
+    matrix = np.eye(4)
+    matrix[:3, :3] = rotation_matrix(axis, degrees)
+    matrix[:3, 3] = translation
+    return matrix
+
+
+def _linear_transform_node(scene, name: str, to_parent: np.ndarray, parent=None):
+    node = scene.AddNewNodeByClass("vtkMRMLTransformNode", name)
+    node.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(to_parent))
+    node.SetAndObserveTransformNodeID(None if parent is None else parent.GetID())
+    return node
+
+
+def _resliced(moving_node, fixed_ijk_to_moving_ijk, size) -> np.ndarray:
+    """The moving voxels sampled (VTK, linear) at the moving indices of each fixed index; the
+    map is a VTK transform or a 4×4 matrix."""
+    transform = fixed_ijk_to_moving_ijk
+    if isinstance(transform, np.ndarray):
+        transform = vtk.vtkTransform()
+        transform.SetMatrix(slicer.util.vtkMatrixFromArray(fixed_ijk_to_moving_ijk))
+    reslice = vtk.vtkImageReslice()
+    reslice.SetInputData(moving_node.GetImageData())
+    reslice.SetResliceTransform(transform)
+    reslice.SetInterpolationModeToLinear()
+    reslice.SetOutputExtent(0, size[0] - 1, 0, size[1] - 1, 0, size[2] - 1)
+    reslice.SetOutputSpacing(1, 1, 1)
+    reslice.SetOutputOrigin(0, 0, 0)
+    reslice.Update()
+    scalars = reslice.GetOutput().GetPointData().GetScalars()
+    return vtk.util.numpy_support.vtk_to_numpy(scalars).reshape(tuple(reversed(size)))
+
+
+def test_a_rotated_initial_transform_is_read_across_parent_transforms(scene):
+    fixed, moving = _pair(scene)  # the fixed volume is oblique and anisotropic
+    fixed_parent_matrix = _rigid((0.0, 0.0, 1.0), 10.0, (2.0, -3.0, 4.0))
+    initial_matrix = _rigid((1.0, -2.0, 0.5), 30.0, (5.0, 1.0, -2.0))
+    initial_parent_matrix = _rigid((0.3, 1.0, 0.0), -12.0, (-1.0, 0.5, 2.5))
+    fixed_parent = _linear_transform_node(scene, "fixed parent", fixed_parent_matrix)
+    initial_parent = _linear_transform_node(scene, "initial parent", initial_parent_matrix)
+    initial = _linear_transform_node(scene, "initial", initial_matrix, initial_parent)
+    fixed.SetAndObserveTransformNodeID(fixed_parent.GetID())
+
+    job = mrml.prepareRegistration(fixed, moving, initialTransformNode=initial)
+
+    # A fixed-local point x is at P x in the world, where the moving volume placed under the
+    # initial transform shows its local point (Q I)⁻¹ P x. ITK wants that map in LPS.
+    expected = np.linalg.inv(initial_parent_matrix @ initial_matrix) @ fixed_parent_matrix
+    points = grid_points(Grid.of(job.fixed)).reshape(-1, 3)
+    mapped = np.array([job.initialTransform.TransformPoint(tuple(p)) for p in points[::41]])
+    assert np.allclose(mapped, _ras(_ras(points[::41]) @ expected[:3, :3].T + expected[:3, 3]))
+    lps_matrix = (FLIP @ expected[:3, :3] @ FLIP).ravel()
+    assert np.allclose(affineFromRAS(expected).GetMatrix(), lps_matrix)
+    # The voxels: ITK resampling through it shows what VTK shows of the moving volume.
+    resampled = sitk.Resample(job.moving, job.fixed, job.initialTransform, sitk.sitkLinear, 0.0)
+    fixed_to_moving_ijk = np.linalg.inv(_ijk_to_ras(moving)) @ expected @ _ijk_to_ras(fixed)
+    shown = _resliced(moving, fixed_to_moving_ijk, FIXED_SIZE)
+    all_mapped = _ras(_ras(points) @ expected[:3, :3].T + expected[:3, 3])
+    inside = _inside(job.moving, all_mapped, 1.0).reshape(shown.shape)
+    assert inside.sum() > 1000
+    difference = np.abs(sitk.GetArrayViewFromImage(resampled) - shown)[inside]
+    assert difference.max() < 1e-3 * shown.max()
+
+
+def test_settings_come_as_an_object_a_preset_name_or_their_field_names(scene):
+    fixed, moving = _pair(scene)
+    settings = RegistrationSettings(preset="fast", compute_inverse=True, device="cpu")
+
+    by_name = mrml.prepareRegistration(fixed, moving, "fast", compute_inverse=True, device="cpu")
+    by_object = mrml.prepareRegistration(fixed, moving, settings)
+    overridden = mrml.prepareRegistration(fixed, moving, settings, compute_inverse=False)
+
+    assert by_name.settings == by_object.settings == settings
+    assert overridden.settings == settings.replace(compute_inverse=False)
+
+
 def test_a_segmentation_mask_is_the_union_of_its_segments_on_the_volume_grid(scene):
     fixed, moving = _pair(scene)
     shape = slicer.util.arrayFromVolume(fixed).shape
@@ -509,17 +587,7 @@ def _resliced_onto_fixed(moving_node, fixed_node) -> np.ndarray:
     reslice_transform.Concatenate(fixed_to_world)
     reslice_transform.Concatenate(to_moving)
     reslice_transform.Concatenate(world_to_moving_ijk)
-    reslice = vtk.vtkImageReslice()
-    reslice.SetInputData(moving_node.GetImageData())
-    reslice.SetResliceTransform(reslice_transform)
-    reslice.SetInterpolationModeToLinear()
-    size = fixed_node.GetImageData().GetDimensions()
-    reslice.SetOutputExtent(0, size[0] - 1, 0, size[1] - 1, 0, size[2] - 1)
-    reslice.SetOutputSpacing(1, 1, 1)
-    reslice.SetOutputOrigin(0, 0, 0)
-    reslice.Update()
-    scalars = reslice.GetOutput().GetPointData().GetScalars()
-    return vtk.util.numpy_support.vtk_to_numpy(scalars).reshape(tuple(reversed(size)))
+    return _resliced(moving_node, reslice_transform, fixed_node.GetImageData().GetDimensions())
 
 
 def _inside(image: sitk.Image, points: np.ndarray, margin: float) -> np.ndarray:
@@ -670,6 +738,14 @@ def test_bad_input_changes_nothing(scene):
         mrml.registerVolumes(fixed, fixed)
     with pytest.raises(InputError, match="must not be the fixed volume"):
         mrml.registerVolumes(fixed, moving, outputVolumeNode=fixed)
+    with pytest.raises(InputError, match="must not be the moving volume"):
+        mrml.registerVolumes(fixed, moving, outputVolumeNode=moving)
+    with pytest.raises(InputError, match="must not be the moving volume"):
+        mrml.pushResult(_hand_made_result(fixed, moving), fixed, moving, None, moving)
+    with pytest.raises(InputError, match="unknown setting"):
+        mrml.registerVolumes(fixed, moving, "fast", computeInverse=True)
+    with pytest.raises(InputError, match="unknown preset"):
+        mrml.registerVolumes(fixed, moving, "quick")
     with pytest.raises(InputError, match="another grid"):
         mrml.pushResult(_hand_made_result(moving, fixed), fixed, moving)
     assert _snapshot(scene) == before
@@ -703,7 +779,7 @@ def test_a_push_failing_half_way_puts_the_scene_back(scene, monkeypatch):
     def failing(*args):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(mrml, "_fillReportTable", failing)  # the last step of a push
+    monkeypatch.setattr(mrml_push, "_fillReportTable", failing)  # the last step of a push
     with pytest.raises(RuntimeError, match="disk full"):
         mrml.pushResult(
             _hand_made_result(fixed, moving, inverse=True), fixed, moving, output_transform, output
@@ -737,10 +813,15 @@ def test_register_volumes_end_to_end(scene):
     segmentation = _blob_segmentation(scene, moving)
     fixed_blob = slicer.util.arrayFromVolume(fixed) > 50
 
+    itk_threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+
     nodes = mrml.registerVolumes(
         fixed, moving, "fast", createOutputVolume=True, movingLabelNodes=[segmentation],
         device="cpu",
     )  # fmt: skip
+
+    assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == itk_threads  # Slicer's own
+    assert nodes.report["settings"]["preset"] == "fast"
 
     report = nodes.report
     assert report["ncc_after"] > report["ncc_before"]
@@ -757,58 +838,6 @@ def test_register_volumes_end_to_end(scene):
     assert _dice(warped_blob, fixed_blob) > _dice(before, fixed_blob) + 0.05
 
 
-def _parameters(fixed, moving, **overrides) -> SimpleNamespace:
-    """Stands in for the module's parameter node: the same field names, and its defaults."""
-    values = dict(
-        fixedVolume=fixed,
-        movingVolume=moving,
-        fixedMask=None,
-        movingMask=None,
-        movingLabels=None,
-        initialTransform=None,
-        outputTransform=None,
-        outputVolume=None,
-        createOutputVolume=False,
-        preset="fast",
-        affine=True,
-        model="default",
-        device="cpu",
-        similarity="default",
-        regularization=0.0,
-        iterations=0,
-        computeInverse=True,
-        computeJacobian=True,
-    )
-    values.update(overrides)
-    return SimpleNamespace(**values)
-
-
-def test_registration_from_parameters_in_a_worker_thread(scene):
-    fixed, moving = _pair(scene)
-    mask = _add_volume(scene, (slicer.util.arrayFromVolume(fixed) > 5).astype(np.uint8), name="m")
-    mask.CopyOrientation(fixed)
-    parameters = _parameters(fixed, moving, fixedMask=mask)
-    before = scene.GetNumberOfNodes()
-
-    job = mrml.prepareRegistrationUsingParameters(parameters)
-    assert job.options["similarity"] == "lncc"
-    assert job.options["iterations"] is None
-    thread = job.start()
-    messages = []
-    while thread.running:
-        messages += thread.poll()
-        time.sleep(0.05)
-    messages += thread.poll()
-    assert scene.GetNumberOfNodes() == before  # nothing pushed from the worker
-    nodes = thread.push()
-
-    assert messages[-1][0] == pytest.approx(1.0)
-    assert all(0.0 <= f <= 1.0 and isinstance(m, str) for f, m in messages)
-    assert moving.GetTransformNodeID() == nodes.transformNode.GetID()
-    assert nodes.inverseTransformNode is not None
-    assert nodes.jacobianVolumeNode is not None
-
-
 def test_checkerboard_volume_alternates_fixed_and_warped_tiles(scene):
     fixed = _add_volume(scene, np.zeros((8, 8, 8), np.float32), name="fixed")
     warped = _add_volume(scene, np.arange(512, dtype=np.float32).reshape(8, 8, 8), name="warped")
@@ -817,3 +846,20 @@ def test_checkerboard_volume_alternates_fixed_and_warped_tiles(scene):
     assert not array[:4, :4, :4].any()
     assert array[:4, :4, 4:].any()
     assert np.array_equal(_ijk_to_ras(node), _ijk_to_ras(fixed))
+
+
+def test_the_difference_view_puts_back_each_views_compositing(scene):
+    composite = slicer.vtkMRMLSliceCompositeNode
+    views = [scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode") for _ in range(3)]
+    modes = (composite.Alpha, composite.Add, composite.ReverseAlpha)
+    for view, mode in zip(views, modes, strict=True):
+        view.SetCompositing(mode)
+    compositing = mrml.SliceCompositing()
+
+    compositing.override(views, composite.Subtract)
+    compositing.override(views, composite.Subtract)  # the difference shown twice
+    assert {view.GetCompositing() for view in views} == {composite.Subtract}
+    compositing.restore(views)
+    compositing.restore(views)  # another view shown after that: nothing left to put back
+
+    assert tuple(view.GetCompositing() for view in views) == modes

@@ -1,0 +1,316 @@
+"""Pushing a registration's outcome into the scene, all or nothing, on the scene's thread."""
+
+# Slicer's camelCase also for fields (they mirror the module's parameter node):
+# ruff: noqa: N815
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import SimpleITK as sitk
+import slicer
+import vtk
+
+from ..errors import InputError
+from ..imaging.geometry import Grid
+from .inputs import LabelNode, LabelSource, labelSourceLayout
+from .nodes import referenceImage, sameGrid, updateVolumeNodeFromImage
+from .scene_edit import SceneEdit
+from .segmentations import SegmentLabels, updateSegmentationNodeFromSegmentLabels
+from .transforms import gridTransformFromDisplacement, setRegistrationTransform
+
+#: Node reference roles from an output transform to the QA nodes of its last run, so that running
+#: again into the same transform updates those nodes instead of piling up new ones.
+INVERSE_TRANSFORM_ROLE = "DeepRegisterInverseTransform"
+JACOBIAN_VOLUME_ROLE = "DeepRegisterJacobian"
+REPORT_TABLE_ROLE = "DeepRegisterReport"
+#: Attribute of the output transform holding the run's report as JSON.
+REPORT_ATTRIBUTE = "DeepRegister.Report"
+
+
+class PushableResult(Protocol):
+    """What a push reads of a result: a RegistrationResult, or the outputs of a child process."""
+
+    fixed_grid: Grid
+    displacement: sitk.Image
+    warped: sitk.Image
+    warped_labels: dict[str, sitk.Image]
+    jacobian: sitk.Image | None
+    inverse_displacement: sitk.Image | None
+    report: dict[str, Any]
+
+
+@dataclass
+class RegistrationNodes:
+    """The nodes one registration created or updated, and its report."""
+
+    transformNode: slicer.vtkMRMLTransformNode
+    volumeNode: slicer.vtkMRMLScalarVolumeNode | None = None
+    inverseTransformNode: slicer.vtkMRMLTransformNode | None = None
+    jacobianVolumeNode: slicer.vtkMRMLScalarVolumeNode | None = None
+    labelNodes: list[LabelNode] = field(default_factory=list)
+    reportTableNode: slicer.vtkMRMLTableNode | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PushTargets:
+    """Where a result goes: the registration's volumes, the outputs chosen, the label nodes."""
+
+    fixedNode: slicer.vtkMRMLScalarVolumeNode
+    movingNode: slicer.vtkMRMLScalarVolumeNode
+    outputTransformNode: slicer.vtkMRMLTransformNode | None = None
+    outputVolumeNode: slicer.vtkMRMLScalarVolumeNode | None = None
+    createOutputVolume: bool = False
+    labelSources: Sequence[LabelSource] = ()
+    createReportTable: bool = True
+
+    def checkedScene(self) -> slicer.vtkMRMLScene:
+        """The scene, once every target is still in it and the outputs are acceptable."""
+        scene = self.fixedNode.GetScene()
+        if scene is None:
+            raise InputError(
+                f"the fixed volume '{self.fixedNode.GetName()}' is not in a scene (any more)"
+            )
+        others = (self.movingNode, self.outputTransformNode, self.outputVolumeNode)
+        for node in (*others, *(s.node for s in self.labelSources)):
+            if node is not None and (node.GetScene() is not scene or not scene.IsNodePresent(node)):
+                raise InputError(f"'{node.GetName()}' is not in the fixed volume's scene any more")
+        checkOutputs(self.fixedNode, self.movingNode, *others[1:])
+        return scene
+
+
+def checkOutputs(fixedNode, movingNode, outputTransformNode, outputVolumeNode) -> None:
+    """Refuse outputs that would overwrite an input or sit above the fixed volume."""
+    if outputVolumeNode is not None:
+        if outputVolumeNode is fixedNode:
+            raise InputError("the output volume must not be the fixed volume")
+        if outputVolumeNode is movingNode:
+            raise InputError(
+                "the output volume must not be the moving volume: the warped copy would "
+                "overwrite it; choose another volume or create a new one"
+            )
+        if outputVolumeNode.IsA("vtkMRMLLabelMapVolumeNode") or not outputVolumeNode.IsA(
+            "vtkMRMLScalarVolumeNode"
+        ):
+            raise InputError(
+                f"output volume '{outputVolumeNode.GetName()}' must be a scalar volume"
+            )
+    ancestor = None if outputTransformNode is None else fixedNode.GetParentTransformNode()
+    while ancestor is not None:
+        if ancestor is outputTransformNode:
+            raise InputError(
+                f"the output transform '{outputTransformNode.GetName()}' is a parent "
+                "transform of the fixed volume; choose another output transform"
+            )
+        ancestor = ancestor.GetParentTransformNode()
+
+
+def pushResult(
+    result: PushableResult,
+    fixedNode: slicer.vtkMRMLScalarVolumeNode,
+    movingNode: slicer.vtkMRMLScalarVolumeNode,
+    outputTransformNode: slicer.vtkMRMLTransformNode | None = None,
+    outputVolumeNode: slicer.vtkMRMLScalarVolumeNode | None = None,
+    *,
+    createOutputVolume: bool = False,
+    movingLabelNodes: Sequence[LabelNode] = (),
+    createReportTable: bool = True,
+) -> RegistrationNodes:
+    """Put a registration result into the scene of ``fixedNode``.
+
+    Creates (or updates) the transform node holding the fixed → moving grid transform, with fixed
+    and moving node references; the warped volume (into ``outputVolumeNode``, a new node if
+    ``createOutputVolume``, otherwise the moving volume is placed under the transform); the inverse
+    transform and Jacobian volume if the result has them; warped label maps / segmentations for
+    ``movingLabelNodes`` (matched by the keys :func:`prepareRegistration` gives them; other warped
+    labels become label map volumes); the report as an attribute and a table.
+
+    If anything fails, the scene is left as it was and the error is raised.
+    """
+    sources = [labelSourceLayout(node) for node in movingLabelNodes]
+    targets = PushTargets(
+        fixedNode, movingNode, outputTransformNode, outputVolumeNode, createOutputVolume,
+        sources, createReportTable,
+    )  # fmt: skip
+    return push(result, targets)
+
+
+def push(result: PushableResult, targets: PushTargets) -> RegistrationNodes:
+    """:func:`pushResult` for targets already read; everything that can fail is checked or
+    converted before the scene is touched, and a failure part-way undoes the push."""
+    scene = targets.checkedScene()
+    fixedNode, movingNode = targets.fixedNode, targets.movingNode
+    _checkResultFits(result, fixedNode)
+    consumed = {key for source in targets.labelSources for key in source.keys}
+    missing = consumed - result.warped_labels.keys()
+    if missing:
+        raise InputError(f"the result has no warped labels for {', '.join(sorted(missing))}")
+    gridTransform = gridTransformFromDisplacement(result.displacement)
+    inverse = result.inverse_displacement
+    inverseTransform = None if inverse is None else gridTransformFromDisplacement(inverse)
+    fixedParentID = fixedNode.GetTransformNodeID()
+    # The inverse lives in the moving volume's frame: the one it was in before any registration.
+    movingParent = movingNode.GetParentTransformNode()
+    ranBefore = movingParent is not None and movingParent is targets.outputTransformNode
+    movingParentID = fixedParentID if ranBefore else movingNode.GetTransformNodeID()
+
+    with SceneEdit(scene) as edit:
+        transformNode = (
+            edit.change(targets.outputTransformNode)
+            if targets.outputTransformNode is not None
+            else edit.newNode(
+                "vtkMRMLTransformNode", f"{movingNode.GetName()} to {fixedNode.GetName()}"
+            )
+        )
+        setRegistrationTransform(transformNode, gridTransform, fixedNode, movingNode)
+        transformNode.SetAndObserveTransformNodeID(fixedParentID)
+        transformNode.SetAttribute(REPORT_ATTRIBUTE, json.dumps(result.report))
+        nodes = RegistrationNodes(transformNode, report=dict(result.report))
+        nodes.volumeNode = _pushWarpedVolume(edit, targets, result)
+        if inverseTransform is not None:
+            inverseNode = _pushInverse(edit, targets, transformNode, inverseTransform)
+            inverseNode.SetAndObserveTransformNodeID(movingParentID)
+            nodes.inverseTransformNode = inverseNode
+        if result.jacobian is not None:
+            nodes.jacobianVolumeNode = _pushJacobian(edit, transformNode, result.jacobian)
+        nodes.labelNodes = [_pushLabels(edit, s, result, fixedNode) for s in targets.labelSources]
+        for key in sorted(result.warped_labels.keys() - consumed):
+            labelNode = edit.newNode("vtkMRMLLabelMapVolumeNode", f"{key} warped")
+            updateVolumeNodeFromImage(labelNode, result.warped_labels[key])
+            labelNode.CreateDefaultDisplayNodes()
+            nodes.labelNodes.append(labelNode)
+        if targets.createReportTable:
+            nodes.reportTableNode = _pushReportTable(edit, transformNode, result.report)
+        for node in (nodes.volumeNode, nodes.jacobianVolumeNode, *nodes.labelNodes):
+            if node is not None:
+                node.SetAndObserveTransformNodeID(fixedParentID)
+        if nodes.volumeNode is None:
+            edit.change(movingNode).SetAndObserveTransformNodeID(transformNode.GetID())
+    return nodes
+
+
+def _pushWarpedVolume(edit: SceneEdit, targets: PushTargets, result: PushableResult):
+    """The warped volume's node (new or updated), or None when none was asked for."""
+    outputVolumeNode = targets.outputVolumeNode
+    if outputVolumeNode is None and targets.createOutputVolume:
+        name = f"{targets.movingNode.GetName()} warped"
+        outputVolumeNode = edit.newNode("vtkMRMLScalarVolumeNode", name)
+        updateVolumeNodeFromImage(outputVolumeNode, result.warped)
+        _copyVolumeDisplay(targets.movingNode, outputVolumeNode)
+    elif outputVolumeNode is not None:
+        updateVolumeNodeFromImage(edit.change(outputVolumeNode), result.warped)
+        outputVolumeNode.CreateDefaultDisplayNodes()
+    return outputVolumeNode
+
+
+def _pushInverse(edit: SceneEdit, targets: PushTargets, transformNode, inverseTransform):
+    fixedNode, movingNode = targets.fixedNode, targets.movingNode
+    inverseNode = edit.reuseOrNew(
+        transformNode,
+        INVERSE_TRANSFORM_ROLE,
+        "vtkMRMLTransformNode",
+        f"{fixedNode.GetName()} to {movingNode.GetName()}",
+    )
+    setRegistrationTransform(inverseNode, inverseTransform, movingNode, fixedNode)
+    transformNode.SetNodeReferenceID(INVERSE_TRANSFORM_ROLE, inverseNode.GetID())
+    return inverseNode
+
+
+def _pushJacobian(edit: SceneEdit, transformNode, jacobian: sitk.Image):
+    jacobianNode = edit.reuseOrNew(
+        transformNode,
+        JACOBIAN_VOLUME_ROLE,
+        "vtkMRMLScalarVolumeNode",
+        f"{transformNode.GetName()} Jacobian",
+    )
+    updateVolumeNodeFromImage(jacobianNode, jacobian)
+    _showJacobian(jacobianNode)
+    transformNode.SetNodeReferenceID(JACOBIAN_VOLUME_ROLE, jacobianNode.GetID())
+    return jacobianNode
+
+
+def _pushReportTable(edit: SceneEdit, transformNode, report: Mapping[str, Any]):
+    tableNode = edit.reuseOrNew(
+        transformNode, REPORT_TABLE_ROLE, "vtkMRMLTableNode", f"{transformNode.GetName()} QA"
+    )
+    _fillReportTable(tableNode, report)
+    transformNode.SetNodeReferenceID(REPORT_TABLE_ROLE, tableNode.GetID())
+    return tableNode
+
+
+def _pushLabels(edit: SceneEdit, source: LabelSource, result, fixedNode) -> LabelNode:
+    name = f"{source.node.GetName()} warped"
+    if source.isSegmentation:
+        node = edit.newNode("vtkMRMLSegmentationNode", name)
+        node.CreateDefaultDisplayNodes()
+        node.SetReferenceImageGeometryParameterFromVolumeNode(fixedNode)
+        layers = [result.warped_labels[key] for key in source.keys]
+        updateSegmentationNodeFromSegmentLabels(node, SegmentLabels(layers, source.segments))
+    else:
+        node = edit.newNode("vtkMRMLLabelMapVolumeNode", name)
+        updateVolumeNodeFromImage(node, result.warped_labels[source.node.GetID()])
+        _copyVolumeDisplay(source.node, node)
+    return node
+
+
+def _checkResultFits(result: PushableResult, fixedNode) -> None:
+    fixed = referenceImage(fixedNode)
+    if not sameGrid(result.fixed_grid.reference_image(), fixed):
+        raise InputError(
+            f"the result was computed on another grid than the fixed volume "
+            f"'{fixedNode.GetName()}' (size {result.fixed_grid.size} vs {fixed.GetSize()}); push "
+            "it with the fixed volume it was registered to"
+        )
+    if not sameGrid(result.displacement, fixed):
+        raise InputError("the result's displacement field is not on its fixed grid")
+
+
+def _copyVolumeDisplay(source: slicer.vtkMRMLVolumeNode, target: slicer.vtkMRMLVolumeNode):
+    """Show the target like the source (colour table, window/level)."""
+    target.CreateDefaultDisplayNodes()
+    sourceDisplay, targetDisplay = source.GetDisplayNode(), target.GetDisplayNode()
+    if sourceDisplay is None or targetDisplay is None:
+        return
+    targetDisplay.SetAndObserveColorNodeID(sourceDisplay.GetColorNodeID())
+    if sourceDisplay.IsA("vtkMRMLScalarVolumeDisplayNode"):
+        targetDisplay.SetAutoWindowLevel(sourceDisplay.GetAutoWindowLevel())
+        targetDisplay.SetWindowLevel(sourceDisplay.GetWindow(), sourceDisplay.GetLevel())
+
+
+def _showJacobian(volumeNode: slicer.vtkMRMLScalarVolumeNode) -> None:
+    """Diverging colours centred on det J = 1 (blue: compression, red: expansion)."""
+    volumeNode.CreateDefaultDisplayNodes()
+    display = volumeNode.GetDisplayNode()
+    colorID = "vtkMRMLColorTableNodeFileDivergingBlueRed.txt"
+    if volumeNode.GetScene().GetNodeByID(colorID) is not None:
+        display.SetAndObserveColorNodeID(colorID)
+    display.SetAutoWindowLevel(False)
+    display.SetWindowLevel(2.0, 1.0)
+
+
+def _reportRows(report: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, str]]:
+    """Flatten nested report entries into (dotted name, text) rows."""
+    for key, value in report.items():
+        if isinstance(value, Mapping):
+            yield from _reportRows(value, f"{prefix}{key}.")
+        elif isinstance(value, float):
+            yield f"{prefix}{key}", f"{value:.6g}"
+        else:
+            yield f"{prefix}{key}", value if isinstance(value, str) else json.dumps(value)
+
+
+def _fillReportTable(tableNode: slicer.vtkMRMLTableNode, report: Mapping[str, Any]) -> None:
+    names, values = vtk.vtkStringArray(), vtk.vtkStringArray()
+    names.SetName("Measure")
+    values.SetName("Value")
+    for name, value in _reportRows(report):
+        names.InsertNextValue(name)
+        values.InsertNextValue(value)
+    table = vtk.vtkTable()
+    table.AddColumn(names)
+    table.AddColumn(values)
+    tableNode.SetAndObserveTable(table)

@@ -1,0 +1,93 @@
+"""Transforms between MRML (RAS, VTK) and ITK (LPS): linear ones across parent transforms, and
+grid transforms from displacement fields."""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+import slicer
+import vtk
+
+from ..errors import InputError
+from .nodes import embed3x3, imageDataFromArray, rasGeometry
+
+_RAS_TO_LPS_4 = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def affineFromRAS(matrix: np.ndarray) -> sitk.AffineTransform:
+    """The ITK (LPS) affine transform equal to a 4×4 RAS matrix."""
+    lps = _RAS_TO_LPS_4 @ matrix @ _RAS_TO_LPS_4
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix(tuple(float(v) for v in lps[:3, :3].ravel()))
+    transform.SetTranslation(tuple(float(v) for v in lps[:3, 3]))
+    return transform
+
+
+def frameTransform(referenceNode, node) -> sitk.Transform | None:
+    """Linear LPS transform from ``referenceNode``'s local coordinates to ``node``'s, or None.
+
+    This is the resampling transform that brings ``node``'s voxels onto ``referenceNode``'s grid
+    when the two sit under different parent transforms.
+    """
+    source, target = referenceNode.GetParentTransformNode(), node.GetParentTransformNode()
+    if source is target:
+        return None
+    ras = vtk.vtkMatrix4x4()
+    if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(source, target, ras):
+        raise InputError(
+            f"'{node.GetName()}' and '{referenceNode.GetName()}' are under different transforms "
+            "and at least one is not linear; harden the transforms first"
+        )
+    matrix = slicer.util.arrayFromVTKMatrix(ras)
+    if np.allclose(matrix, np.eye(4), atol=1e-9):
+        return None
+    return affineFromRAS(matrix)
+
+
+def initialTransform(fixedNode, initialTransformNode) -> sitk.Transform | None:
+    """The fixed → moving (resampling) transform that placing the moving volume under
+    ``initialTransformNode`` shows, in the fixed volume's local LPS coordinates."""
+    if initialTransformNode is None:
+        return None
+    ras = vtk.vtkMatrix4x4()
+    if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(
+        fixedNode.GetParentTransformNode(), initialTransformNode, ras
+    ):
+        raise InputError(
+            f"initial transform '{initialTransformNode.GetName()}' must be linear (rigid or "
+            "affine); harden a deformable initial transform onto the moving volume instead"
+        )
+    return affineFromRAS(slicer.util.arrayFromVTKMatrix(ras))
+
+
+def gridTransformFromDisplacement(displacement: sitk.Image) -> slicer.vtkOrientedGridTransform:
+    """A Slicer grid transform (RAS vectors, linear interpolation) equal to an ITK field (LPS).
+
+    Both are resampling transforms (``x ↦ x + u(x)``, fixed → moving): set the result with
+    ``SetAndObserveTransformFromParent``.
+    """
+    if displacement.GetDimension() != 3 or displacement.GetNumberOfComponentsPerPixel() != 3:
+        raise InputError("a displacement field for MRML must be a 3D image of 3D vectors")
+    origin, directions, spacing = rasGeometry(displacement)
+    vectors = np.array(sitk.GetArrayViewFromImage(displacement), dtype=np.float64)
+    vectors[..., :2] *= -1.0  # LPS → RAS
+    grid = imageDataFromArray(vectors)
+    grid.SetOrigin(*origin)
+    grid.SetSpacing(*spacing)
+    transform = slicer.vtkOrientedGridTransform()
+    transform.SetDisplacementGridData(grid)
+    transform.SetGridDirectionMatrix(slicer.util.vtkMatrixFromArray(embed3x3(directions)))
+    transform.SetInterpolationModeToLinear()
+    return transform
+
+
+def setRegistrationTransform(transformNode, gridTransform, fixedNode, movingNode) -> None:
+    """Hold ``gridTransform`` as the resampling (FromParent) transform, with the registration's
+    fixed and moving volumes as references (as Slicer's registration modules do)."""
+    transformNode.SetAndObserveTransformFromParent(gridTransform)
+    transformNode.SetNodeReferenceID(
+        slicer.vtkMRMLTransformNode.GetFixedNodeReferenceRole(), fixedNode.GetID()
+    )
+    transformNode.SetNodeReferenceID(
+        slicer.vtkMRMLTransformNode.GetMovingNodeReferenceRole(), movingNode.GetID()
+    )
