@@ -1,0 +1,157 @@
+"""The Slicer module's path: a registration in a child process (mrml.RegistrationProcess) against
+a real headless scene and real child processes. The scene gets what the in-process path gives it,
+bit for bit; cancel, a killed child and a refused input leave the scene and the disk as before."""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer", reason="slicer-core (the headless MRML scene) is needed")
+test_mrml = pytest.importorskip("test_mrml")  # skips with it when `slicer` is not slicer-core
+
+from DeepRegisterLib import mrml  # noqa: E402
+from DeepRegisterLib.errors import DeepRegisterError, InputError, RegistrationCancelled  # noqa: E402
+from DeepRegisterLib.registration.settings import RegistrationSettings  # noqa: E402
+
+SETTINGS = RegistrationSettings(preset="fast", model="none", device="cpu", compute_inverse=True)
+#: Enough optimisation steps that a cancel or a kill lands while the child is optimising.
+LONG = SETTINGS.replace(iterations=2000)
+LATENCY_LIMIT_S = 1.0
+
+
+@pytest.fixture
+def temporary_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where tempfile puts the runner's private folders, to check that none is left behind."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def _scene(folder: Path):
+    scene = test_mrml._new_scene(folder).scene
+    fixed, moving = test_mrml._pair(scene)
+    segmentation = test_mrml._blob_segmentation(scene, moving)
+    return scene, fixed, moving, segmentation
+
+
+def _wait(process: mrml.RegistrationProcess, timeout_s: float = 300.0):
+    """Poll like the module's timer; the (fraction, message) pairs in the order they came."""
+    messages, deadline = [], time.monotonic() + timeout_s
+    while process.running:
+        assert time.monotonic() < deadline, "the child did not finish in time"
+        messages += process.poll()
+        time.sleep(0.02)
+    return messages + process.poll()
+
+
+def _wait_for_optimisation(process: mrml.RegistrationProcess) -> None:
+    deadline = time.monotonic() + 120.0
+    while not any(message.startswith("optimising") for _, message in process.poll()):
+        assert process.running, "the child ended before optimising"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def _node_summary(scene) -> list[tuple[str, str]]:
+    nodes = (scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes()))
+    return sorted((node.GetClassName(), node.GetName()) for node in nodes)
+
+
+def test_the_child_gives_the_scene_what_registering_in_process_gives(tmp_path, temporary_folder):
+    scene, fixed, moving, segmentation = _scene(tmp_path / "in-process")
+    expected = mrml.registerVolumes(
+        fixed, moving, SETTINGS, createOutputVolume=True, movingLabelNodes=[segmentation]
+    )
+    child_scene, fixed, moving, segmentation = _scene(tmp_path / "child")
+    job = mrml.prepareRegistration(
+        fixed, moving, SETTINGS, createOutputVolume=True, movingLabelNodes=[segmentation]
+    )
+    before = test_mrml._snapshot(child_scene)
+
+    process = mrml.RegistrationProcess(job).start()
+    messages = _wait(process)
+    assert test_mrml._snapshot(child_scene) == before  # nothing pushed before the main thread does
+    nodes = process.push()
+
+    fractions = [fraction for fraction, _ in messages]
+    assert fractions == sorted(fractions)
+    assert fractions[-1] == 1.0
+    assert messages[0][1] == "checking inputs"
+    assert messages[-1][1] == "done"
+    assert _node_summary(child_scene) == _node_summary(scene)
+    grid = slicer.util.arrayFromGridTransform
+    assert np.array_equal(grid(nodes.transformNode), grid(expected.transformNode))  # bit for bit
+    assert np.array_equal(grid(nodes.inverseTransformNode), grid(expected.inverseTransformNode))
+    for got, want in ((nodes.volumeNode, expected.volumeNode),
+                      (nodes.jacobianVolumeNode, expected.jacobianVolumeNode)):  # fmt: skip
+        assert np.array_equal(slicer.util.arrayFromVolume(got), slicer.util.arrayFromVolume(want))
+        assert np.array_equal(test_mrml._ijk_to_ras(got), test_mrml._ijk_to_ras(want))
+    labels = [mrml.segmentLabelsFromSegmentationNode(n.labelNodes[0], n.volumeNode)
+              for n in (nodes, expected)]  # fmt: skip
+    assert np.array_equal(*(sitk.GetArrayViewFromImage(label.layers[0]) for label in labels))
+    assert labels[0].segments[0].name == "blob"
+    timing = {"runtime_s", "timings"}
+    assert {k: v for k, v in nodes.report.items() if k not in timing} == {
+        k: v for k, v in expected.report.items() if k not in timing
+    }
+    assert not list(temporary_folder.iterdir())
+
+
+def test_a_cancel_while_optimising_ends_the_child_at_once_and_changes_nothing(
+    tmp_path, temporary_folder
+):
+    scene, fixed, moving, _ = _scene(tmp_path)
+    before = test_mrml._snapshot(scene)
+    process = mrml.RegistrationProcess(mrml.prepareRegistration(fixed, moving, LONG)).start()
+    _wait_for_optimisation(process)
+
+    asked = time.perf_counter()
+    process.cancel()
+    latency = time.perf_counter() - asked
+
+    assert latency < LATENCY_LIMIT_S
+    assert not process.running
+    with pytest.raises(RegistrationCancelled):
+        process.push()
+    assert test_mrml._snapshot(scene) == before
+    assert not list(temporary_folder.iterdir())
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="kill -9 is POSIX")
+def test_a_killed_child_is_a_clear_error_and_changes_nothing(tmp_path, temporary_folder):
+    scene, fixed, moving, _ = _scene(tmp_path)
+    before = test_mrml._snapshot(scene)
+    process = mrml.RegistrationProcess(mrml.prepareRegistration(fixed, moving, LONG)).start()
+    _wait_for_optimisation(process)
+
+    os.kill(process.pid, signal.SIGKILL)
+    _wait(process, timeout_s=10.0)
+
+    with pytest.raises(DeepRegisterError, match="killed by signal 9; the scene is unchanged"):
+        process.push()
+    assert test_mrml._snapshot(scene) == before
+    assert not list(temporary_folder.iterdir())
+
+
+def test_an_input_the_child_refuses_is_an_input_error_with_its_message(tmp_path, temporary_folder):
+    scene, fixed, _, _ = _scene(tmp_path)
+    constant = test_mrml._add_volume(scene, np.full((8, 8, 8), 3.0, np.float32), name="constant")
+    before = test_mrml._snapshot(scene)
+    process = mrml.RegistrationProcess(mrml.prepareRegistration(fixed, constant, SETTINGS))
+
+    _wait(process.start())
+
+    with pytest.raises(InputError, match="constant") as refused:
+        process.push()
+    assert "deepregister" not in str(refused.value)  # the message, not the command's prefix
+    assert test_mrml._snapshot(scene) == before
+    assert not list(temporary_folder.iterdir())
