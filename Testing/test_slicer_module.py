@@ -8,6 +8,7 @@ Slicer test requires, the CMake file lists, and the contract with DeepRegisterLi
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 import struct
 import subprocess
@@ -92,9 +93,41 @@ def _node_classes(annotation: ast.expr) -> set[str]:
     return set(re.findall(r"vtkMRML\w+", ast.unparse(annotation)))
 
 
-def _choices(annotation: ast.expr) -> list[str]:
+def _library_imports(module: ast.Module) -> dict[str, str]:
+    """Module-level ``from DeepRegisterLib... import name`` → the module it comes from."""
+    return {
+        alias.name: node.module
+        for node in module.body
+        if isinstance(node, ast.ImportFrom) and node.module.startswith("DeepRegisterLib")
+        for alias in node.names
+    }
+
+
+def _choices(module: ast.Module, annotation: ast.expr) -> list[str]:
+    """A Choice's values, with the names the module imports from the library resolved."""
     (call,) = [n for n in ast.walk(annotation) if isinstance(n, ast.Call) and n.func.id == "Choice"]
-    return ast.literal_eval(call.args[0])
+    names = {
+        name: getattr(importlib.import_module(source), name)
+        for name, source in _library_imports(module).items()
+    }
+    expression = compile(ast.Expression(call.args[0]), "<Choice>", "eval")
+    return eval(expression, {"__builtins__": {"list": list}, **names})  # our own source
+
+
+def _function(module: ast.Module, class_name: str, name: str) -> ast.FunctionDef:
+    return next(
+        n
+        for n in _class(module, class_name).body
+        if isinstance(n, ast.FunctionDef) and n.name == name
+    )
+
+
+def _attributes_read(function: ast.FunctionDef, owner: str) -> set[str]:
+    return {
+        n.attr
+        for n in ast.walk(function)
+        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == owner
+    }
 
 
 def _bound_widgets(ui: ET.ElementTree) -> dict[str, tuple[str, str]]:
@@ -184,10 +217,23 @@ def test_torch_and_the_library_are_imported_only_inside_functions(module):
     top_level = set()
     for node in module.body:
         if isinstance(node, ast.Import):
-            top_level |= {alias.name.split(".")[0] for alias in node.names}
+            top_level |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
-            top_level.add(node.module.split(".")[0])
-    assert not top_level & {"torch", "DeepRegisterLib", "PyTorchUtils", "SimpleITK", "numpy"}
+            top_level.add(node.module)
+    library = {name for name in top_level if name.startswith("DeepRegisterLib")}
+    assert library <= {
+        "DeepRegisterLib.registration.presets",
+        "DeepRegisterLib.registration.settings",
+    }
+    assert not {name.split(".")[0] for name in top_level} & {
+        "torch", "PyTorchUtils", "SimpleITK", "numpy"
+    }  # fmt: skip
+    # What the module imports at load time must stay cheap: no torch, no slicer.
+    code = f"import sys; import {', '.join(sorted(library))}; print('torch' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False"
 
 
 def test_the_library_path_is_added_only_when_the_library_is_not_importable(module):
@@ -276,13 +322,15 @@ def test_the_apply_button_log_and_progress_widgets_exist(ui):
 
 
 def test_preset_and_similarity_choices_are_the_librarys(module):
-    from DeepRegisterLib.nn.losses import SIMILARITIES
     from DeepRegisterLib.registration.presets import PRESETS
+    from DeepRegisterLib.registration.settings import DEVICES, SIMILARITIES
 
     fields = _parameter_fields(module)
-    assert _choices(fields["preset"]) == list(PRESETS)
-    assert set(_choices(fields["similarity"])) == {"default", *SIMILARITIES}
-    assert _choices(fields["device"]) == ["auto", "cpu", "cuda"]
+    assert _choices(module, fields["preset"]) == list(PRESETS)
+    assert _choices(module, fields["similarity"]) == ["default", *SIMILARITIES]
+    assert _choices(module, fields["device"]) == list(DEVICES)
+    # The library's own lists, not copies of them.
+    assert {"PRESETS", "SIMILARITIES", "DEVICES"} <= set(_library_imports(module))
 
 
 def test_the_preset_tooltip_quotes_each_presets_description(ui):
@@ -295,25 +343,62 @@ def test_the_preset_tooltip_quotes_each_presets_description(ui):
         assert re.search(rf"\b{name}\b[^;]*: {re.escape(preset.description)}", tooltip), name
 
 
-def test_the_parameter_node_has_every_field_the_library_reads(module):
-    """mrml.RegistrationParameters is what registerVolumesUsingParameters reads (ast: no slicer)."""
-    mrml = ast.parse((ROOT / "DeepRegisterLib" / "mrml" / "bridge.py").read_text(encoding="utf-8"))
-    protocol = _class(mrml, "RegistrationParameters")
-    wanted = {
-        n.target.id: ast.unparse(n.annotation)
-        for n in protocol.body
-        if isinstance(n, ast.AnnAssign)
-    }
+def _snake_case(name: str) -> str:
+    return re.sub(r"(?<!^)([A-Z])", r"_\1", name).lower()
+
+
+def test_one_function_maps_every_setting_the_gui_offers_to_registration_settings(module):
+    from DeepRegisterLib.registration.settings import field_names
+
     fields = _parameter_fields(module)
-    assert set(wanted) <= set(fields)
-    for name, annotation in wanted.items():
-        kind = _kind(fields[name])
-        if kind in ("bool", "int", "float", "str"):
-            assert annotation == kind, name
-        elif kind == "choice":
-            assert annotation == "str", name
-        else:
-            assert "vtkMRML" in annotation or annotation.endswith("Node | None"), name
+    offered = {name for name in fields if _snake_case(name) in field_names()}
+    assert offered >= {"preset", "similarity", "iterations", "computeInverse", "device"}
+    mapping = _function(module, "DeepRegisterLogic", "settingsFromParameterNode")
+    assert _attributes_read(mapping, "parameterNode") == offered
+    (call,) = [
+        n
+        for n in ast.walk(mapping)
+        if isinstance(n, ast.Call) and ast.unparse(n.func) == "RegistrationSettings"
+    ]
+    keywords = {k.arg for k in call.keywords if k.arg is not None}
+    optional = {
+        n.slice.value
+        for n in ast.walk(mapping)
+        if isinstance(n, ast.Subscript) and ast.unparse(n.value) == "optional"
+    }
+    assert keywords | optional == {_snake_case(name) for name in offered}
+
+
+def test_starting_a_run_reads_every_other_parameter(module):
+    fields = _parameter_fields(module)
+    others = {name for name in fields if _kind(fields[name]) == "node"} | {"createOutputVolume"}
+    start = _function(module, "DeepRegisterLogic", "startRegistration")
+    assert _attributes_read(start, "p") == others
+    assert "settingsFromParameterNode" in ast.unparse(start)
+
+
+def test_the_module_runs_registrations_in_a_child_process_not_a_thread(module):
+    source = ast.unparse(module)
+    assert "RegistrationProcess(" in source
+    assert "threading" not in source
+    assert "Thread" not in source
+
+
+def test_the_help_states_the_slicer_and_torch_versions(module):
+    help_text = _strings(_parent_assignments(module)["helpText"])
+    assert "Slicer 5.10" in help_text
+    minimum = next(
+        ast.literal_eval(n.value)
+        for n in module.body
+        if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "MINIMUM_TORCH_VERSION"
+    )
+    assert minimum == "2.5"  # torch.OutOfMemoryError, which the engine catches
+    assert f"PyTorch {minimum}" in help_text
+
+
+def test_the_moving_volume_is_refused_as_output_volume(module):
+    reasons = ast.unparse(_function(module, "DeepRegisterWidget", "_whyCannotApply"))
+    assert "parameters.outputVolume == parameters.movingVolume" in reasons
 
 
 # --- build files and resources ------------------------------------------------------------
