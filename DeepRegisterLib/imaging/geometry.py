@@ -14,10 +14,13 @@ Conventions (see README, "Conventions"):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
-import torch
+
+if TYPE_CHECKING:  # torch is imported where flows are converted: the Slicer bridge reads grids
+    import torch  # in Slicer's own process, which must not pay for (or pin) torch
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
@@ -158,6 +161,8 @@ def flow_voxels_to_mm(flow: torch.Tensor, grid: Grid) -> torch.Tensor:
 
     Channel c of the flow is array axis c, i.e. ITK axis ``dim - 1 - c``.
     """
+    import torch
+
     dim = grid.dim
     m = torch.as_tensor(grid.index_to_physical, dtype=flow.dtype, device=flow.device)
     flow_ijk = flow.flip(1)  # (K,J,I) channels → (I,J,K)
@@ -166,6 +171,8 @@ def flow_voxels_to_mm(flow: torch.Tensor, grid: Grid) -> torch.Tensor:
 
 def flow_mm_to_voxels(vectors: torch.Tensor, grid: Grid) -> torch.Tensor:
     """Inverse of :func:`flow_voxels_to_mm`."""
+    import torch
+
     m_inv = torch.as_tensor(
         np.linalg.inv(grid.index_to_physical), dtype=vectors.dtype, device=vectors.device
     )
