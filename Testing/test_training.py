@@ -7,6 +7,8 @@ import csv
 import dataclasses
 import itertools
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,28 +23,19 @@ from DeepRegisterLib.imaging import metrics
 from DeepRegisterLib.imaging.geometry import Grid, flow_voxels_to_mm
 from DeepRegisterLib.nn.models import find_model, load_model, save_model
 from DeepRegisterLib.nn.networks import NetworkConfig, identity_grid, warp
-from DeepRegisterLib.training import synthesis
-from DeepRegisterLib.training.loop import (
-    ALIGNED_LABEL_MAPS,
-    BEST,
-    CHECKPOINT,
-    CURVES,
-    LOG,
+from DeepRegisterLib.training import label_maps
+from DeepRegisterLib.training.checkpoints import BEST, CHECKPOINT
+from DeepRegisterLib.training.config import SynthesisConfig, TrainingConfig
+from DeepRegisterLib.training.label_maps import ALIGNED_LABEL_MAPS, LabelMaps, load_label_maps
+from DeepRegisterLib.training.log import CURVES, LOG
+from DeepRegisterLib.training.loop import train
+from DeepRegisterLib.training.pairs import PairFiles, prepare_pair, read_pairs_csv
+from DeepRegisterLib.training.synthesis import Synthesiser
+from DeepRegisterLib.training.validation import (
     SYNTHETIC_VALIDATION_PAIRS,
-    PairFiles,
-    TrainingConfig,
     network_scores,
-    prepare_pair,
-    read_pairs_csv,
     real_validation_pair,
     synthetic_validation_pairs,
-    train,
-)
-from DeepRegisterLib.training.synthesis import (
-    LabelMaps,
-    SynthesisConfig,
-    Synthesiser,
-    load_label_maps,
 )
 
 SHAPES = {2: (32, 32), 3: (16, 16, 16)}
@@ -222,9 +215,9 @@ def test_aligned_label_maps_come_from_the_cache_while_files_and_options_match(
     paths = [_head(tmp_path, "a.nii.gz"), _head(tmp_path, "b.nii.gz", pose)]
     cache = tmp_path / "aligned.pt"
     registrations = []
-    register = synthesis.register_normalised
+    register = label_maps.register_normalised
     monkeypatch.setattr(
-        synthesis,
+        label_maps,
         "register_normalised",
         lambda *args, **kwargs: registrations.append(1) or register(*args, **kwargs),
     )
@@ -614,6 +607,29 @@ def test_cli_trains_on_pairs_of_two_aligned_label_maps(tmp_path: Path) -> None:
     assert recorded["config"]["lr_schedule"] == "cosine"
 
 
+def test_cli_help_and_options_load_neither_torch_nor_the_training_code() -> None:
+    """``deepregister train --help`` answers at once: torch, numpy, SimpleITK, matplotlib and
+    the training modules load only when training runs (a fresh interpreter tells)."""
+    script = (
+        "import argparse, contextlib, io, sys\n"
+        "from DeepRegisterLib.cli.train import add_train_parser\n"
+        "parser = argparse.ArgumentParser()\n"
+        "add_train_parser(parser.add_subparsers())\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "    parser.parse_args(['train', '--help'])\n"
+        "parser.parse_args(['train', '--out', 'x', '--shape', '32', '32'])\n"
+        "heavy = {'torch', 'numpy', 'SimpleITK', 'matplotlib'}\n"
+        "training = {'DeepRegisterLib.training', 'DeepRegisterLib.training.config'}\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy\n"
+        "             or m.startswith('DeepRegisterLib.training') and m not in training))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    loaded = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert loaded.stdout.strip() == "[]"
+
+
 def test_cli_reports_bad_options_as_input_errors(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -629,7 +645,7 @@ def test_real_pairs_are_prepared_exactly_as_the_engine_feeds_its_network(
     their full grids, then smoothed and resampled (the fixed image was once normalised after
     resampling in training only, which put validation on other intensities than real use)."""
     from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
-    from DeepRegisterLib.registration import engine
+    from DeepRegisterLib.registration import engine, optimisation_stage
 
     generated = phantom_pair(demo_grid(3, size=64), amplitude_mm=3.0)
     files = PairFiles(tmp_path / "fixed.nii.gz", tmp_path / "moving.nii.gz")
@@ -641,7 +657,7 @@ def test_real_pairs_are_prepared_exactly_as_the_engine_feeds_its_network(
         fed.extend((fixed, moving))
         raise RuntimeError("captured")
 
-    monkeypatch.setattr(engine, "optimise_velocity", capture)
+    monkeypatch.setattr(optimisation_stage, "optimise_velocity", capture)
     with pytest.raises(RuntimeError, match="captured"):
         engine.register(files.fixed, files.moving, preset="balanced", model=None, device="cpu")
     # "balanced" runs on a 2 mm grid, with the affine stage's default settings, as training.

@@ -1,7 +1,12 @@
 """``deepregister train``: train a model on synthetic (and optionally real) pairs.
 
-Kept apart from ``cli.py`` so the command is wired in with two calls (:func:`add_train_parser`,
-:func:`run_train`) and can be tested on its own.
+Kept apart from ``main.py`` so the command is wired in with two calls (:func:`add_train_parser`,
+:func:`run_train`) and can be tested on its own. Torch and the training code are imported only
+when training runs: the options' defaults come from the torch-free :mod:`training.config`, so
+``deepregister --help`` stays fast.
+
+``torchrun --nproc_per_node N -m DeepRegisterLib train ...`` trains in N processes (GPUs) with
+DistributedDataParallel; see :mod:`DeepRegisterLib.training.distributed`.
 """
 
 from __future__ import annotations
@@ -9,21 +14,29 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
-from ..imaging.metrics import parse_labels
-from ..nn.devices import resolve_device
-from ..nn.losses import SIMILARITIES
-from ..nn.networks import NetworkConfig
-from ..training.loop import ALIGNED_LABEL_MAPS, LR_SCHEDULES, TrainingConfig, read_pairs, train
-from ..training.synthesis import SynthesisConfig, load_label_maps
+from ..registration.settings import SIMILARITIES
+from ..training.config import LR_SCHEDULES, SynthesisConfig, TrainingConfig
 from .exit_codes import run_reporting_errors
 
-_DEFAULT_NETWORK = NetworkConfig()
+if TYPE_CHECKING:
+    from ..nn.networks import NetworkConfig
+    from ..training.label_maps import LabelMaps
+
+
+def _config_option(
+    group: Any, flag: str, help: str | None = None, *, config: type = TrainingConfig, **options
+) -> None:
+    """An option whose type and default are those of ``config``'s field of the same name (for
+    ``--spacing``, ``spacing_mm``): the command line and the Python API share one default."""
+    name = flag.removeprefix("--").replace("-", "_")
+    fields = config.__dataclass_fields__
+    default = fields[name if name in fields else f"{name}_mm"].default
+    group.add_argument(flag, type=type(default), default=default, help=help, **options)
 
 
 def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -35,10 +48,19 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
             "Train a VoxelMorph-style network on pairs synthesised from label maps (or from "
             "random shapes when none are given), validate it on real labelled pairs, and save "
             "it as a model (weights + JSON + SHA-256) that 'deepregister register --model' "
-            "loads. Checkpoints allow --resume."
+            "loads. Checkpoints allow --resume. Launched by 'torchrun --nproc_per_node N -m "
+            "DeepRegisterLib train ...', it trains in N processes (GPUs) with "
+            "DistributedDataParallel."
         ),
     )
-    data = parser.add_argument_group("data")
+    _add_data_options(parser.add_argument_group("data"))
+    _add_model_options(parser.add_argument_group("model"))
+    _add_optimisation_options(parser.add_argument_group("optimisation"))
+    parser.set_defaults(run=run_train)  # cli.main dispatches with args.run(args)
+    return parser
+
+
+def _add_data_options(data: Any) -> None:
     data.add_argument(
         "--label-maps",
         nargs="+",
@@ -52,38 +74,39 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="LABEL",
         help="labels ≥ this become background (100 strips SynthSeg's extra-cerebral labels)",
     )
-    data.add_argument(
+    _config_option(
+        data,
         "--same-contrast",
-        type=float,
-        default=0.0,
-        metavar="P",
-        help="probability that a synthetic pair shares one contrast (default 0: independent "
+        "probability that a synthetic pair shares one contrast (default %(default)s: independent "
         "contrasts, as SynthMorph; higher values learn same-modality pairs in fewer steps)",
+        metavar="P",
+        config=SynthesisConfig,
     )
-    data.add_argument(
+    _config_option(
+        data,
         "--t1-like",
-        type=float,
-        default=0.0,
+        "probability that a synthetic pair gets T1-like intensities (FreeSurfer label "
+        "maps only; default %(default)s)",
         metavar="P",
-        help="probability that a synthetic pair gets T1-like intensities (FreeSurfer label "
-        "maps only; default 0)",
+        config=SynthesisConfig,
     )
-    data.add_argument(
+    _config_option(
+        data,
         "--other-subject",
-        type=float,
-        default=0.0,
-        metavar="P",
-        help="probability that a synthetic pair's moving image comes from another label map "
+        "probability that a synthetic pair's moving image comes from another label map "
         "than its fixed image (real inter-subject anatomy; the maps are first aligned to the "
-        "first one by the affine stage). Default 0: one map, randomly deformed",
-    )
-    data.add_argument(
-        "--zero-background",
-        type=float,
-        default=0.0,
+        "first one by the affine stage). Default %(default)s: one map, randomly deformed",
         metavar="P",
-        help="probability that a synthetic pair's background (label 0) is exactly 0 in both "
-        "images, as in skull-stripped scans (default 0: a random contrast like any label)",
+        config=SynthesisConfig,
+    )
+    _config_option(
+        data,
+        "--zero-background",
+        "probability that a synthetic pair's background (label 0) is exactly 0 in both "
+        "images, as in skull-stripped scans (default %(default)s: a random contrast like any "
+        "label)",
+        metavar="P",
+        config=SynthesisConfig,
     )
     data.add_argument(
         "--real-pairs",
@@ -91,11 +114,10 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="real training pairs: a CSV (fixed,moving[,fixed_labels,moving_labels]) or a "
         "folder of images (every ordered pair); each pair is affine-aligned first",
     )
-    data.add_argument(
+    _config_option(
+        data,
         "--real-fraction",
-        type=float,
-        default=0.5,
-        help="share of pairs drawn from --real-pairs (default 0.5)",
+        "share of pairs drawn from --real-pairs (default %(default)s)",
     )
     data.add_argument(
         "--validation",
@@ -111,7 +133,8 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "structures); default: every label of the fixed label map",
     )
 
-    model = parser.add_argument_group("model")
+
+def _add_model_options(model: Any) -> None:
     model.add_argument("--out", type=Path, required=True, help="folder for checkpoints and logs")
     model.add_argument("--name", default="model", help="model name (default 'model')")
     model.add_argument(
@@ -124,65 +147,76 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         required=True,
         help="training crop in voxels, 2 or 3 sizes (array order), multiples of 2**levels",
     )
-    model.add_argument(
-        "--spacing", type=float, default=2.0, help="isotropic training spacing, mm (default 2)"
+    _config_option(
+        model,
+        "--spacing",
+        "isotropic training spacing, mm (default %(default)s)",
     )
     model.add_argument(
         "--encoder",
         type=int,
         nargs="+",
-        default=list(_DEFAULT_NETWORK.encoder),
-        help="encoder features per level (default %(default)s)",
+        help="encoder features per level (default: the standard network's)",
     )
     model.add_argument(
         "--decoder",
         type=int,
         nargs="+",
-        default=list(_DEFAULT_NETWORK.decoder),
-        help="decoder features per stage (default %(default)s)",
+        help="decoder features per stage (default: the standard network's)",
     )
-    model.add_argument("--integration-steps", type=int, default=_DEFAULT_NETWORK.integration_steps)
-
-    run = parser.add_argument_group("optimisation")
-    run.add_argument("--steps", type=int, default=1000, help="training steps (default 1000)")
-    run.add_argument("--batch-size", type=int, default=1)
-    run.add_argument("--learning-rate", type=float, default=1e-4)
-    run.add_argument(
-        "--lr-schedule",
-        choices=LR_SCHEDULES,
-        default="constant",
-        help="cosine: decay the learning rate to 0 at the last step (default constant)",
-    )
-    run.add_argument("--similarity", choices=SIMILARITIES, default="lncc")
-    run.add_argument(
-        "--similarity-weight",
-        type=float,
-        default=1.0,
-        help="weight of the image similarity; 0 trains on label Dice alone, as SynthMorph does "
-        "for contrast-agnostic models (default 1)",
-    )
-    run.add_argument("--regularization", type=float, default=1.0, help="diffusion weight")
-    run.add_argument(
-        "--dice-weight", type=float, default=1.0, help="weight of the soft Dice on labels"
-    )
-    run.add_argument(
-        "--passes",
+    model.add_argument(
+        "--integration-steps",
         type=int,
-        default=0,
-        help="0: train one one-sided forward pass, VoxelMorph's loss (default). n: train what "
+        help="scaling-and-squaring steps (default: the standard network's)",
+    )
+
+
+def _add_optimisation_options(run: Any) -> None:
+    _config_option(run, "--steps", "training steps (default %(default)s)")
+    _config_option(
+        run,
+        "--batch-size",
+        "pairs per step and process: torchrun's N processes train on N times as many "
+        "(default %(default)s)",
+    )
+    _config_option(run, "--learning-rate", "Adam's learning rate (default %(default)s)")
+    _config_option(
+        run,
+        "--lr-schedule",
+        "cosine: decay the learning rate to 0 at the last step (default %(default)s)",
+        choices=LR_SCHEDULES,
+    )
+    _config_option(run, "--similarity", choices=SIMILARITIES)
+    _config_option(
+        run,
+        "--similarity-weight",
+        "weight of the image similarity; 0 trains on label Dice alone, as SynthMorph does "
+        "for contrast-agnostic models (default %(default)s)",
+    )
+    _config_option(run, "--regularization", "diffusion weight (default %(default)s)")
+    _config_option(run, "--dice-weight", "weight of the soft Dice on labels (default %(default)s)")
+    _config_option(
+        run,
+        "--passes",
+        "0: train one one-sided forward pass, VoxelMorph's loss (default). n: train what "
         "the engine runs, n recursive symmetric passes end to end (2n forward passes a step); "
         "the model's JSON then asks the engine for n",
     )
-    run.add_argument("--validate-every", type=int, default=100)
-    run.add_argument("--checkpoint-every", type=int, default=50)
+    _config_option(run, "--validate-every")
+    _config_option(run, "--checkpoint-every")
     run.add_argument(
         "--max-minutes", type=float, help="stop after this much training time, and save"
     )
     run.add_argument(
         "--init-model", help="start from this model's weights (name or .pt path): fine-tuning"
     )
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
+    _config_option(run, "--seed")
+    run.add_argument(
+        "--device",
+        default="auto",
+        help="auto (GPU when present), cpu or cuda; under torchrun each process takes the GPU "
+        "of its LOCAL_RANK",
+    )
     run.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own)")
     run.add_argument(
         "--mixed-precision",
@@ -191,8 +225,6 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "bfloat16 instructions it saves about a third of the time)",
     )
     run.add_argument("--resume", action="store_true", help="continue after the checkpoint in --out")
-    parser.set_defaults(run=run_train)  # cli.main dispatches with args.run(args)
-    return parser
 
 
 def _label_map_files(patterns: list[str]) -> list[Path]:
@@ -205,18 +237,27 @@ def _label_map_files(patterns: list[str]) -> list[Path]:
     return files
 
 
-def config_from_args(args: argparse.Namespace) -> TrainingConfig:
-    """The training configuration the options describe (checked)."""
+def _network_config(args: argparse.Namespace) -> NetworkConfig:
+    """The standard network, with the architecture options given."""
+    from ..nn.networks import NetworkConfig
+
+    given = {
+        "encoder": None if args.encoder is None else tuple(args.encoder),
+        "decoder": None if args.decoder is None else tuple(args.decoder),
+        "integration_steps": args.integration_steps,
+    }
     try:
         network = NetworkConfig(
-            dim=len(args.shape),
-            encoder=tuple(args.encoder),
-            decoder=tuple(args.decoder),
-            integration_steps=args.integration_steps,
+            dim=len(args.shape), **{k: v for k, v in given.items() if v is not None}
         )
         network.validate()
     except ValueError as error:
         raise InputError(f"invalid network options: {error}") from None
+    return network
+
+
+def config_from_args(args: argparse.Namespace) -> TrainingConfig:
+    """The training configuration the options describe (checked)."""
     config = TrainingConfig(
         shape=tuple(args.shape),
         spacing_mm=args.spacing,
@@ -235,7 +276,7 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
         max_minutes=args.max_minutes,
         seed=args.seed,
         mixed_precision=args.mixed_precision,
-        network=network,
+        network=_network_config(args),
         synthesis=SynthesisConfig(
             same_contrast=args.same_contrast,
             t1_like=args.t1_like,
@@ -247,43 +288,69 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
     return config
 
 
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _label_maps(
+    args: argparse.Namespace, config: TrainingConfig, say: Callable[[str], None] | None
+) -> LabelMaps | None:
+    """The --label-maps, resampled (and aligned, for --other-subject: cached in --out)."""
+    from ..training.label_maps import ALIGNED_LABEL_MAPS, load_label_maps
+
+    if not args.label_maps:
+        return None
+    files = _label_map_files(args.label_maps)
+    if say is not None:
+        say(f"loading {len(files)} label maps at {config.spacing_mm:g} mm")
+    align = config.synthesis.other_subject > 0
+    if align:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    return load_label_maps(
+        files,
+        config.spacing_mm,
+        args.background_from,
+        align=align,
+        progress=say,
+        cache=Path(args.out) / ALIGNED_LABEL_MAPS if align else None,
+    )
+
+
 def _train(args: argparse.Namespace) -> None:
+    """Train as the options say: alone, or as one of the processes torchrun launched."""
+    import torch
+
+    from ..imaging.metrics import parse_labels
+    from ..nn.devices import resolve_device
+    from ..training.distributed import Ranks, main_first, process_group
+    from ..training.loop import train
+    from ..training.pairs import read_pairs
+
     if args.threads is not None:
         if args.threads < 1:
             raise InputError(f"--threads must be ≥ 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     config = config_from_args(args)
-    device = resolve_device(args.device)
-    label_maps = None
-    if args.label_maps:
-        files = _label_map_files(args.label_maps)
-        print(f"loading {len(files)} label maps at {config.spacing_mm:g} mm")
-        align = config.synthesis.other_subject > 0
-        if align:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-        label_maps = load_label_maps(
-            files,
-            config.spacing_mm,
-            args.background_from,
-            align=align,
-            progress=lambda message: print(message, flush=True),
-            cache=Path(args.out) / ALIGNED_LABEL_MAPS if align else None,
+    with process_group(resolve_device(args.device)) as device:
+        ranks = Ranks.current()
+        with main_first(ranks):  # the others then read the main process's aligned-map cache
+            label_maps = _label_maps(args, config, _say if ranks.is_main else None)
+        result = train(
+            config,
+            args.out,
+            name=args.name,
+            model_dir=args.model_dir,
+            label_maps=label_maps,
+            real_pairs=read_pairs(args.real_pairs) if args.real_pairs else (),
+            validation=read_pairs(args.validation) if args.validation else (),
+            eval_labels=parse_labels(args.eval_labels, "--eval-labels"),
+            device=device,
+            resume=args.resume,
+            init_model=args.init_model,
+            progress=_say,  # the main process's only
         )
-    result = train(
-        config,
-        args.out,
-        name=args.name,
-        model_dir=args.model_dir,
-        label_maps=label_maps,
-        real_pairs=read_pairs(args.real_pairs) if args.real_pairs else (),
-        validation=read_pairs(args.validation) if args.validation else (),
-        eval_labels=parse_labels(args.eval_labels, "--eval-labels"),
-        device=device,
-        resume=args.resume,
-        init_model=args.init_model,
-        progress=lambda message: print(message, flush=True),
-    )
-    print(json.dumps(result.summary["validation"], indent=2))
+    if result is not None:
+        print(json.dumps(result.summary["validation"], indent=2))
 
 
 def run_train(args: argparse.Namespace) -> int:
