@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
+from ..nn.network_config import NetworkConfig
 from ..registration.settings import SIMILARITIES
 from ..training.config import LR_SCHEDULES, SynthesisConfig, TrainingConfig
 from .exit_codes import run_reporting_errors
 
 if TYPE_CHECKING:
-    from ..nn.networks import NetworkConfig
     from ..training.label_maps import LabelMaps
 
 
@@ -156,18 +156,18 @@ def _add_model_options(model: Any) -> None:
         "--encoder",
         type=int,
         nargs="+",
-        help="encoder features per level (default: the standard network's)",
+        help=f"encoder features per level (default {' '.join(map(str, NetworkConfig.encoder))})",
     )
     model.add_argument(
         "--decoder",
         type=int,
         nargs="+",
-        help="decoder features per stage (default: the standard network's)",
+        help=f"decoder features per stage (default {' '.join(map(str, NetworkConfig.decoder))})",
     )
     model.add_argument(
         "--integration-steps",
         type=int,
-        help="scaling-and-squaring steps (default: the standard network's)",
+        help=f"scaling-and-squaring steps (default {NetworkConfig.integration_steps})",
     )
 
 
@@ -239,8 +239,6 @@ def _label_map_files(patterns: list[str]) -> list[Path]:
 
 def _network_config(args: argparse.Namespace) -> NetworkConfig:
     """The standard network, with the architecture options given."""
-    from ..nn.networks import NetworkConfig
-
     given = {
         "encoder": None if args.encoder is None else tuple(args.encoder),
         "decoder": None if args.decoder is None else tuple(args.decoder),

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelError
-from .networks import MAX_PARAMETERS, NetworkConfig, VxmDense
+from .network_config import MAX_PARAMETERS, NetworkConfig
+from .networks import VxmDense
 
 # The models "default" means, per dimension, in order of preference: the engine takes the first
 # installed one that suits the run (engine.register), and none when none does. On the 20

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import InputError
+from ..nn.network_config import NetworkConfig
 from ..registration.settings import SIMILARITIES
-
-if TYPE_CHECKING:
-    from ..nn.networks import NetworkConfig
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -55,13 +53,6 @@ class SynthesisConfig:
     shape_spacing: float = 8.0  # voxels between control points of generated maps
 
 
-def standard_network() -> NetworkConfig:
-    """The engine's standard U-Net (imports the network module, and so torch)."""
-    from ..nn.networks import NetworkConfig
-
-    return NetworkConfig()
-
-
 @dataclass(frozen=True)
 class TrainingConfig:
     """What to train and how; recorded in the model's JSON.
@@ -90,7 +81,7 @@ class TrainingConfig:
     max_minutes: float | None = None  # stop (and save) after this much training time in total
     seed: int = 0
     mixed_precision: bool | None = None  # bfloat16 autocast of the U-Net; None: on a GPU only
-    network: NetworkConfig = field(default_factory=standard_network)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
 
     @property
