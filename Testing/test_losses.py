@@ -1,6 +1,7 @@
 """Similarity measures: what instance optimisation computes once per level equals the plain
-measure exactly, values and gradients. The folding penalty: its det J is the metric's, and
-optimising with it leaves no fold where the same optimisation without it folds."""
+measure exactly, values and gradients; LNCC and MIND equal their definitions computed apart (by
+hand, and in numpy). The folding penalty: its det J is the metric's, and optimising with it leaves
+no fold where the same optimisation without it folds."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from DeepRegisterLib.nn.losses import (
     flow_jacobian_determinant,
     folding_penalty,
     lncc,
+    mind,
+    mind_descriptor,
     similarity_function,
     similarity_to,
 )
@@ -122,3 +125,85 @@ def test_optimising_with_the_folding_penalty_leaves_no_fold(shape: tuple[int, ..
 
     assert folded_share(0.0) > 0.005
     assert folded_share(10.0) == 0.0
+
+
+# --- the measures' values, computed independently by their definitions ----------------------
+
+
+def box_mean(a: np.ndarray, window: int) -> np.ndarray:
+    """Mean over each ``window``-wide box, counting only the voxels inside the array."""
+    half = window // 2
+    out = np.empty_like(a)
+    for index in np.ndindex(a.shape):
+        box = tuple(slice(max(i - half, 0), i + half + 1) for i in index)
+        out[index] = a[box].mean()
+    return out
+
+
+def reference_lncc(f: np.ndarray, w: np.ndarray, window: int, mask=None) -> float:
+    """−mean of (cov² + ε) / (var_f · var_w + ε) over local boxes, ε = 1e-5: VoxelMorph's squared
+    local NCC with the ε in numerator and denominator that this implementation documents."""
+    eps = 1e-5
+    mu_f, mu_w = box_mean(f, window), box_mean(w, window)
+    var_f = np.maximum(box_mean(f * f, window) - mu_f**2, 0)
+    var_w = np.maximum(box_mean(w * w, window) - mu_w**2, 0)
+    cov = box_mean(f * w, window) - mu_f * mu_w
+    cc = (cov**2 + eps) / (var_f * var_w + eps)
+    return -float(cc.mean() if mask is None else (cc * mask).sum() / mask.sum())
+
+
+def reference_mind(image: np.ndarray, window: int, distance: int = 2) -> np.ndarray:
+    """Heinrich et al. (2012) MIND over the 2·dim neighbours at ``distance`` voxels (edges
+    replicated), channel axis first: D_r(x) = box mean of (I(x) − I(x − r))²,
+    V(x) = mean_r D_r(x) (floored at 1e-3 of its image mean, + 1e-8), exp(−D_r / V) scaled so
+    that each voxel's largest entry is 1."""
+    distances = []
+    for axis in range(image.ndim):
+        positions = np.arange(image.shape[axis])
+        for step in (distance, -distance):
+            moved = np.take(image, np.clip(positions - step, 0, len(positions) - 1), axis=axis)
+            distances.append(box_mean((image - moved) ** 2, window))
+    d = np.stack(distances)
+    variance = d.mean(axis=0)
+    variance = np.maximum(variance, 1e-3 * variance.mean() + 1e-8)
+    descriptor = np.exp(-d / variance)
+    return descriptor / np.maximum(descriptor.max(axis=0), 1e-6)
+
+
+def test_lncc_of_a_three_voxel_row_worked_by_hand() -> None:
+    """fixed (0, 1, 2), warped (0, 1, 1), window 3 (boxes clipped at the ends):
+    voxel 0: {0,1} vs {0,1}: cov = var = 1/4, cc = 1; voxel 2: {1,2} vs {1,1}: cov = var_w = 0,
+    cc = ε/ε = 1; voxel 1: var_f = 2/3, var_w = 2/9, cov = 1 − 2/3 = 1/3, cc = (1/9 + ε) /
+    (4/27 + ε) ≈ 3/4."""
+    eps = 1e-5
+    expected = -(1 + (1 / 9 + eps) / (4 / 27 + eps) + 1) / 3
+    fixed = torch.tensor([[[[0.0, 1.0, 2.0]]]], dtype=torch.float64)
+    warped = torch.tensor([[[[0.0, 1.0, 1.0]]]], dtype=torch.float64)
+    assert float(lncc(fixed, warped, window=3)) == pytest.approx(expected, rel=1e-12)
+    assert expected == pytest.approx(-11 / 12, abs=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(7, 9), (5, 6, 7)], ids=["2d", "3d"])
+@pytest.mark.parametrize("masked", [False, True], ids=["whole", "masked"])
+def test_lncc_and_mind_equal_their_definitions_computed_in_numpy(
+    shape: tuple[int, ...], masked: bool
+) -> None:
+    rng = np.random.default_rng(4)
+    fixed = rng.uniform(0, 1, shape)
+    warped = 0.6 * fixed + 0.4 * rng.uniform(0, 1, shape)  # related, not equal
+    mask = (rng.uniform(0, 1, shape) > 0.4).astype(np.float64) if masked else None
+
+    def tensor(a: np.ndarray | None) -> torch.Tensor | None:
+        return None if a is None else torch.from_numpy(a)[None, None]
+
+    ours = float(lncc(tensor(fixed), tensor(warped), tensor(mask), window=5))
+    assert ours == pytest.approx(reference_lncc(fixed, warped, 5, mask), rel=1e-10)
+    assert -1 < ours < -0.1  # neither perfect nor unrelated: the value says something
+
+    descriptor = mind_descriptor(tensor(fixed), window=3)[0].numpy()
+    np.testing.assert_allclose(descriptor, reference_mind(fixed, window=3), rtol=1e-10)
+    per_voxel = ((reference_mind(fixed, 3) - reference_mind(warped, 3)) ** 2).mean(axis=0)
+    expected = per_voxel.mean() if mask is None else (per_voxel * mask).sum() / mask.sum()
+    ours = float(mind(tensor(fixed), tensor(warped), tensor(mask), window=3))
+    assert ours == pytest.approx(expected, rel=1e-10)
+    assert ours > 1e-3
