@@ -21,7 +21,7 @@ from conftest import grid_centre, make_phantom, oblique_grid
 
 from DeepRegisterLib.cli import main as cli
 from DeepRegisterLib.errors import RegistrationCancelled
-from DeepRegisterLib.registration import engine
+from DeepRegisterLib.registration import affine_stage, engine
 
 LATENCY_LIMIT_S = 1.0
 REPO = Path(__file__).resolve().parents[1]
@@ -125,7 +125,7 @@ def test_the_smoothing_beside_the_affine_stage_stops_with_a_cancel(
     a second, the worker is told to stop, and no thread is left running."""
     affine_done, event = threading.Event(), threading.Event()
     seen: dict[str, object] = {}
-    real_affine = engine.register_normalised
+    real_affine = affine_stage.register_normalised
 
     def affine_then_flag(*args, **kwargs):
         transform = real_affine(*args, **kwargs)
@@ -143,8 +143,8 @@ def test_the_smoothing_beside_the_affine_stage_stops_with_a_cancel(
         seen["told_to_stop"] = is_cancelled()
         raise RegistrationCancelled("smoothing stopped")
 
-    monkeypatch.setattr(engine, "register_normalised", affine_then_flag)
-    monkeypatch.setattr(engine, "antialiased", slow_smoothing)
+    monkeypatch.setattr(affine_stage, "register_normalised", affine_then_flag)
+    monkeypatch.setattr(affine_stage, "antialiased", slow_smoothing)
     with pytest.raises(RegistrationCancelled, match="while preparing the images"):
         engine.register(*a_3d_pair, preset="fast", model=None, device="cpu", cancel=event)
     latency = time.perf_counter() - seen["set_at"]
@@ -169,8 +169,8 @@ def test_a_failed_affine_stage_stops_the_smoothing_beside_it(
     def failing_affine(*args, **kwargs):
         raise RuntimeError("the affine stage failed")
 
-    monkeypatch.setattr(engine, "fixed_on_grid", smoothing_until_stopped)
-    monkeypatch.setattr(engine, "register_normalised", failing_affine)
+    monkeypatch.setattr(affine_stage, "fixed_on_grid", smoothing_until_stopped)
+    monkeypatch.setattr(affine_stage, "register_normalised", failing_affine)
     started = time.perf_counter()
     with pytest.raises(RuntimeError, match="the affine stage failed"):
         engine.register(*a_3d_pair, preset="fast", model=None, device="cpu")
@@ -231,16 +231,16 @@ def test_the_first_registration_in_a_process_stops_within_a_second(tmp_path: Pat
         import json, sys, threading, time
         sys.path[:0] = [{str(REPO)!r}, {str(REPO / "Testing")!r}]
         import test_cancellation as t
-        from DeepRegisterLib.registration import engine
+        from DeepRegisterLib.registration import engine, optimisation_stage
         from DeepRegisterLib.errors import RegistrationCancelled
         fixed, moving = t.a_pair(2, (24, 20))
         cancel, state = threading.Event(), {{}}
-        real = engine.optimise_velocity
+        real = optimisation_stage.optimise_velocity
         def cancelled_at_start(*args, **kwargs):
             state["modules"], state["set_at"] = set(sys.modules), time.perf_counter()
             cancel.set()
             return real(*args, **kwargs)
-        engine.optimise_velocity = cancelled_at_start
+        optimisation_stage.optimise_velocity = cancelled_at_start
         try:
             engine.register(fixed, moving, preset="fast", model=None, device="cpu", cancel=cancel)
         except RegistrationCancelled:
@@ -424,31 +424,27 @@ def test_a_cli_run_killed_while_writing_leaves_no_output_under_its_name(
 # --- the MRML bridge ----------------------------------------------------------------------------
 
 
-def test_a_worker_thread_cancelled_mid_run_leaves_the_scene_unchanged(tmp_path: Path) -> None:
-    """The Slicer module's path: RegistrationThread, cancelled while optimising (test_mrml
-    covers a request made before the start)."""
+def test_a_console_run_cancelled_mid_run_leaves_the_scene_unchanged(tmp_path: Path) -> None:
+    """The console's in-process path, cancelled while optimising (test_mrml covers a request
+    made before the start; test_process_runner the module's child process)."""
     pytest.importorskip("slicer", reason="slicer-core is needed")
     test_mrml = pytest.importorskip("test_mrml")
-    from DeepRegisterLib.mrml import bridge as mrml
+    from DeepRegisterLib import mrml
 
     scene = test_mrml._new_scene(tmp_path / "cache").scene
     fixed, moving = test_mrml._pair(scene)
     before = test_mrml._snapshot(scene)
-    job = mrml.prepareRegistration(fixed, moving, "fast", createOutputVolume=True, device="cpu",
-                                   model="none", computeInverse=True)  # fmt: skip
-    assert test_mrml._snapshot(scene) == before
-    thread = job.start()
-    deadline = time.monotonic() + 60
-    while thread.running and time.monotonic() < deadline:
-        if any(m.startswith("optimising") for _, m in thread.poll()):
-            thread.cancel()
-            cancelled_at = time.perf_counter()
-            break
-        time.sleep(0.01)
-    while thread.running and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert time.perf_counter() - cancelled_at < LATENCY_LIMIT_S + 0.1
+    cancel = threading.Event()
+
+    def cancel_when_optimising(fraction: float, message: str) -> None:
+        if message.startswith("optimising") and not cancel.is_set():
+            cancel.set()
+
     with pytest.raises(RegistrationCancelled):
-        thread.push()
+        mrml.registerVolumes(
+            fixed, moving, "fast", createOutputVolume=True, device="cpu", model="none",
+            compute_inverse=True, progress=cancel_when_optimising, cancel=cancel,
+        )  # fmt: skip
+    assert cancel.is_set()
     assert test_mrml._snapshot(scene) == before
     assert moving.GetTransformNodeID() is None

@@ -12,7 +12,7 @@ from DeepRegisterLib.cli import main as cli
 from DeepRegisterLib.errors import InputError, ResourceError
 from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
 from DeepRegisterLib.nn.filters import MAX_GRADIENT_CHUNKS
-from DeepRegisterLib.registration import engine, preflight
+from DeepRegisterLib.registration import engine, job, optimisation_stage, preflight
 from DeepRegisterLib.registration.preflight import estimate_peak_bytes, plan_memory
 
 GIB = 2**30
@@ -120,15 +120,15 @@ def test_a_gpu_out_of_memory_error_reruns_on_the_cpu_with_the_same_result(
     optimiser raises the error CUDA raises when it runs out of memory."""
     options = dict(preset="fast", model=None, iterations=5)
     on_cpu = engine.register(*pair, device="cpu", **options)
-    real_optimise = engine.optimise_velocity
+    real_optimise = optimisation_stage.optimise_velocity
 
     def optimise(fixed, *args, **kwargs):
         if fixed.device.type != "cpu":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_optimise(fixed, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "optimise_velocity", optimise)
-    monkeypatch.setattr(engine, "resolve_device", lambda device: torch.device("meta"))
+    monkeypatch.setattr(optimisation_stage, "optimise_velocity", optimise)
+    monkeypatch.setattr(job, "resolve_device", lambda device: torch.device("meta"))
     messages: list[str] = []
     fell_back = engine.register(
         *pair, device="cuda", progress=lambda f, m: messages.append(m), **options
@@ -147,7 +147,7 @@ def test_an_out_of_memory_error_on_the_cpu_is_not_retried(pair, monkeypatch) -> 
     def optimise(*args, **kwargs):
         raise torch.OutOfMemoryError("out of memory")
 
-    monkeypatch.setattr(engine, "optimise_velocity", optimise)
+    monkeypatch.setattr(optimisation_stage, "optimise_velocity", optimise)
     with pytest.raises(torch.OutOfMemoryError):
         engine.register(*pair, preset="fast", model=None, device="cpu", iterations=2)
 

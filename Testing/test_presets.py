@@ -9,7 +9,7 @@ import pytest
 from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
 from DeepRegisterLib.nn import models
 from DeepRegisterLib.nn.networks import VxmDense
-from DeepRegisterLib.registration import engine, presets
+from DeepRegisterLib.registration import engine, optimisation_stage, presets
 from DeepRegisterLib.registration.optimisation import optimise_velocity
 
 
@@ -26,7 +26,7 @@ def register_recording(pair, monkeypatch: pytest.MonkeyPatch, **options) -> tupl
         given.append(kwargs)
         return optimise_velocity(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "optimise_velocity", optimise)
+    monkeypatch.setattr(optimisation_stage, "optimise_velocity", optimise)
     result = engine.register(
         pair.fixed, pair.moving, model=None, device="cpu", iterations=2, **options
     )

@@ -15,8 +15,9 @@ from conftest import Phantom, grid_centre, grid_points, image_on, make_phantom, 
 
 from DeepRegisterLib.imaging import fileio, metrics
 from DeepRegisterLib.imaging.geometry import Grid
-from DeepRegisterLib.registration.engine import register, warp_image
+from DeepRegisterLib.registration.engine import register
 from DeepRegisterLib.registration.result import RegistrationResult
+from DeepRegisterLib.registration.warping import warp_image
 
 
 class Case:

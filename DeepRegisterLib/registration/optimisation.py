@@ -119,62 +119,101 @@ def optimise_velocity(
         else initial_velocity
     )
     total_steps = sum(level.iterations for _, level in levels) or 1
+    trace: list[float] = []
 
-    def cancel_point(_: torch.Tensor | None = None) -> None:  # also a gradient hook
-        stop_if_cancelled(is_cancelled, "during optimisation")
+    def step_done(value: float, level: Level) -> None:
+        trace.append(value)
+        if progress is not None:
+            progress(len(trace) / total_steps, f"optimising at {level.spacing_mm:g} mm")
 
-    done, trace = 0, []
     for shape, level in levels:
         images = LevelImages(
             downsample_image(fixed, shape),
             downsample_image(moving, shape),
             None if mask is None else (downsample_image(mask, shape) > 0.5).to(fixed.dtype),
         )
-        similarity_to_fixed = similarity_to(similarity, images.fixed, images.mask, window)
-        # The velocity may live on a coarser control grid (VoxelMorph's int_downsize): a smooth
-        # field loses little detail, and integration costs up to 8× less in 3D.
-        factor = min(2.0, max(1.0, level.control_mm / level.spacing_mm))
-        coarse_enough = min(shape) >= factor * CONTROL_MIN_VOXELS
-        control = level_shape(shape, factor) if coarse_enough else shape
-        taper = border_taper(control, width=2.0, device=fixed.device, dtype=fixed.dtype)
-        parameter = resize_flow(velocity, control).clone().requires_grad_(True)
-        optimiser = Adam(parameter, learning_rate)
-        best = float("inf")
-        stale = 0
-        # Adam's first steps have a fixed size whatever the gradient, so a step can make things
-        # worse (e.g. on an already aligned pair): keep the best parameter seen, not the last.
-        best_value, best_parameter = float("inf"), parameter.detach().clone()
-        for _ in range(level.iterations):
-            cancel_point()
-            parameter.grad = None
-            control_flow = integrate_velocity(_smooth(parameter) * taper, level.integration_steps)
-            cancel_point()
-            warped = warp(images.moving, resize_flow(control_flow, shape))
-            loss = similarity_to_fixed(warped)
-            loss = loss + regularization * diffusion(control_flow)
-            if folding_weight > 0:
-                loss = loss + folding_weight * folding_penalty(control_flow)
-            cancel_point()
-            # A step on a CT-sized grid takes seconds: asked after integrating, after the forward
-            # pass, and (these hooks) twice during backward.
-            warped.register_hook(cancel_point)
-            control_flow.register_hook(cancel_point)
-            loss.backward()
-            value = float(loss.detach())
-            if value < best_value:  # the loss of the parameter before this step
-                best_value, best_parameter = value, parameter.detach().clone()
-            optimiser.step()
-            trace.append(value)
-            done += 1
-            if progress is not None:
-                progress(done / total_steps, f"optimising at {level.spacing_mm:g} mm")
-            # Early stop: no relative improvement of 1e-4 over the last 10 steps.
-            if best == float("inf") or value < best - 1e-4 * abs(best):
-                best, stale = value, 0
-            else:
-                stale += 1
-                if stale >= 10:
-                    break
-        with torch.no_grad():
-            velocity = resize_flow(_smooth(best_parameter) * taper, fine_shape)
+        objective = Objective(
+            similarity_to(similarity, images.fixed, images.mask, window),
+            regularization,
+            folding_weight,
+        )
+        velocity = _optimise_level(
+            images, objective, shape, level, velocity, fine_shape, learning_rate, step_done,
+            is_cancelled,
+        )  # fmt: skip
     return velocity, trace
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The loss of one level: dissimilarity to the fixed image plus the field's penalties."""
+
+    similarity_to_fixed: Callable[[torch.Tensor], torch.Tensor]
+    regularization: float
+    folding_weight: float
+
+    def __call__(self, warped: torch.Tensor, control_flow: torch.Tensor) -> torch.Tensor:
+        loss = self.similarity_to_fixed(warped)
+        loss = loss + self.regularization * diffusion(control_flow)
+        if self.folding_weight > 0:
+            loss = loss + self.folding_weight * folding_penalty(control_flow)
+        return loss
+
+
+def _optimise_level(
+    images: LevelImages,
+    objective: Objective,
+    shape: tuple[int, ...],
+    level: Level,
+    velocity: torch.Tensor,
+    fine_shape: tuple[int, ...],
+    learning_rate: float,
+    step_done: Callable[[float, Level], None],
+    is_cancelled: Callable[[], bool],
+) -> torch.Tensor:
+    """One level's Adam steps from ``velocity``; the best parameter seen, at ``fine_shape``."""
+    fixed = images.fixed
+
+    def cancel_point(_: torch.Tensor | None = None) -> None:  # also a gradient hook
+        stop_if_cancelled(is_cancelled, "during optimisation")
+
+    # The velocity may live on a coarser control grid (VoxelMorph's int_downsize): a smooth
+    # field loses little detail, and integration costs up to 8× less in 3D.
+    factor = min(2.0, max(1.0, level.control_mm / level.spacing_mm))
+    coarse_enough = min(shape) >= factor * CONTROL_MIN_VOXELS
+    control = level_shape(shape, factor) if coarse_enough else shape
+    taper = border_taper(control, width=2.0, device=fixed.device, dtype=fixed.dtype)
+    parameter = resize_flow(velocity, control).clone().requires_grad_(True)
+    optimiser = Adam(parameter, learning_rate)
+    best = float("inf")
+    stale = 0
+    # Adam's first steps have a fixed size whatever the gradient, so a step can make things
+    # worse (e.g. on an already aligned pair): keep the best parameter seen, not the last.
+    best_value, best_parameter = float("inf"), parameter.detach().clone()
+    for _ in range(level.iterations):
+        cancel_point()
+        parameter.grad = None
+        control_flow = integrate_velocity(_smooth(parameter) * taper, level.integration_steps)
+        cancel_point()
+        warped = warp(images.moving, resize_flow(control_flow, shape))
+        loss = objective(warped, control_flow)
+        cancel_point()
+        # A step on a CT-sized grid takes seconds: asked after integrating, after the forward
+        # pass, and (these hooks) twice during backward.
+        warped.register_hook(cancel_point)
+        control_flow.register_hook(cancel_point)
+        loss.backward()
+        value = float(loss.detach())
+        if value < best_value:  # the loss of the parameter before this step
+            best_value, best_parameter = value, parameter.detach().clone()
+        optimiser.step()
+        step_done(value, level)
+        # Early stop: no relative improvement of 1e-4 over the last 10 steps.
+        if best == float("inf") or value < best - 1e-4 * abs(best):
+            best, stale = value, 0
+        else:
+            stale += 1
+            if stale >= 10:
+                break
+    with torch.no_grad():
+        return resize_flow(_smooth(best_parameter) * taper, fine_shape)
