@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import Phantom, grid_centre, grid_points, make_phantom, oblique_grid
 
-from DeepRegisterLib.imaging import metrics
+from DeepRegisterLib.imaging import distances, metrics
 from DeepRegisterLib.imaging.geometry import Grid
 from DeepRegisterLib.registration.engine import register
 from DeepRegisterLib.registration.result import RegistrationResult
@@ -121,7 +121,7 @@ def test_the_inverse_composed_with_the_forward_is_close_to_the_identity(
 ) -> None:
     result = a_deformed_pair.deformable
     assert result.inverse_displacement is not None
-    error = metrics.inverse_consistency_error(
+    error = distances.inverse_consistency_error(
         result.displacement, result.inverse_displacement, a_deformed_pair.fixed_labels > 0
     )
     print(f"\n{a_deformed_pair.grid.dim}D inverse consistency: {error}")

@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from DeepRegisterLib.errors import InputError
-from DeepRegisterLib.imaging import metrics
+from DeepRegisterLib.imaging import distances, metrics
 from DeepRegisterLib.imaging.geometry import Grid, image_from_array
 
 
@@ -176,7 +176,7 @@ def test_identical_label_maps_have_dice_one_and_hd95_zero() -> None:
     labels[3:9, 4:12, 5:10] = 4
     image = _labels(labels)
     assert metrics.dice_per_label(image, image) == {4: 1.0}
-    assert metrics.hd95(image, image, 4) == pytest.approx(0.0, abs=1e-5)
+    assert distances.hd95(image, image, 4) == pytest.approx(0.0, abs=1e-5)
 
 
 def test_dice_counts_negative_and_large_labels() -> None:
@@ -237,10 +237,10 @@ def test_hd95_of_concentric_squares_matches_brute_force_on_anisotropic_grid() ->
     a.SetSpacing(tuple(spacing))
     b.SetSpacing(tuple(spacing))
 
-    value = metrics.hd95(a, b)
+    value = distances.hd95(a, b)
 
     assert value == pytest.approx(_brute_force_hd95(inner, outer, spacing))
-    assert value == pytest.approx(metrics.hd95(b, a))
+    assert value == pytest.approx(distances.hd95(b, a))
 
 
 def test_hd95_of_concentric_spheres_is_the_radius_difference() -> None:
@@ -250,7 +250,7 @@ def test_hd95_of_concentric_spheres_is_the_radius_difference() -> None:
     large = _labels(np.where(radius <= 14, 5, 0))
 
     # Discrete surfaces are accurate to about one voxel.
-    assert metrics.hd95(small, large, label=5) == pytest.approx(6.0, abs=1.0)
+    assert distances.hd95(small, large, label=5) == pytest.approx(6.0, abs=1.0)
 
 
 def test_hd95_of_objects_touching_the_image_border() -> None:
@@ -259,16 +259,16 @@ def test_hd95_of_objects_touching_the_image_border() -> None:
     b[:, :6] = 1  # columns 0-5
     # Shared border surfaces are at distance 0, the inner edges 2 mm apart: most of both
     # surfaces (the border runs) are shared, so the 95th percentile is the edge distance.
-    assert metrics.hd95(_labels(a), _labels(b)) == pytest.approx(2.0, abs=1e-5)
+    assert distances.hd95(_labels(a), _labels(b)) == pytest.approx(2.0, abs=1e-5)
 
 
 def test_hd95_of_empty_objects() -> None:
     empty = _labels(np.zeros((10, 10)))
     box = np.zeros((10, 10))
     box[3:6, 3:6] = 2
-    assert math.isnan(metrics.hd95(empty, empty))
-    assert metrics.hd95(empty, _labels(box)) == math.inf
-    assert math.isnan(metrics.hd95(_labels(box), _labels(box), label=7))
+    assert math.isnan(distances.hd95(empty, empty))
+    assert distances.hd95(empty, _labels(box)) == math.inf
+    assert math.isnan(distances.hd95(_labels(box), _labels(box), label=7))
 
 
 @pytest.mark.parametrize("dim", [2, 3])
@@ -283,20 +283,20 @@ def test_tre_of_a_known_translation(dim: int) -> None:
     moving = fixed + offset + errors[:, None] * direction
 
     np.testing.assert_allclose(
-        metrics.target_registration_error(fixed, moving, transform), errors, atol=1e-9
+        distances.target_registration_error(fixed, moving, transform), errors, atol=1e-9
     )
 
 
 def test_tre_rejects_unpaired_or_wrong_dimension_points() -> None:
     transform = sitk.TranslationTransform(3)
     with pytest.raises(InputError, match="pair up"):
-        metrics.target_registration_error(np.zeros((3, 3)), np.zeros((4, 3)), transform)
+        distances.target_registration_error(np.zeros((3, 3)), np.zeros((4, 3)), transform)
     with pytest.raises(InputError, match="transform is 3D"):
-        metrics.target_registration_error(np.zeros((3, 2)), np.zeros((3, 2)), transform)
+        distances.target_registration_error(np.zeros((3, 2)), np.zeros((3, 2)), transform)
     with pytest.raises(InputError, match=r"\(N, 2\) or \(N, 3\)"):
-        metrics.target_registration_error(np.zeros(3), np.zeros(3), transform)
+        distances.target_registration_error(np.zeros(3), np.zeros(3), transform)
     with pytest.raises(InputError, match="NaN"):
-        metrics.target_registration_error(np.full((1, 3), np.nan), np.zeros((1, 3)), transform)
+        distances.target_registration_error(np.full((1, 3), np.nan), np.zeros((1, 3)), transform)
 
 
 @pytest.mark.parametrize("dim", [2, 3])
@@ -336,13 +336,13 @@ def test_inverse_consistency_of_translation_fields(dim: int) -> None:
     forward = _field(np.broadcast_to(shift, (*fixed_grid.shape, dim)), fixed_grid)
     inverse = _field(np.broadcast_to(-shift, (*moving_grid.shape, dim)), moving_grid)
 
-    exact = metrics.inverse_consistency_error(forward, inverse)
+    exact = distances.inverse_consistency_error(forward, inverse)
     assert exact["mean_mm"] == pytest.approx(0.0, abs=1e-9)
     assert exact["max_mm"] == pytest.approx(0.0, abs=1e-9)
     assert 0.0 < exact["fraction_outside"] < 0.5  # T pushes the far edge off the moving grid
 
     identity = _field(np.zeros((*moving_grid.shape, dim)), moving_grid)
-    off = metrics.inverse_consistency_error(forward, identity)
+    off = distances.inverse_consistency_error(forward, identity)
     assert off["mean_mm"] == pytest.approx(np.linalg.norm(shift))
     assert off["max_mm"] == pytest.approx(np.linalg.norm(shift))
 
@@ -353,8 +353,8 @@ def test_inverse_consistency_with_mask_and_nowhere_inside() -> None:
     inverse = _field(np.zeros((8, 8, 2)), grid)
     mask = np.zeros((8, 8))
     mask[2:4, 2:4] = 1
-    result = metrics.inverse_consistency_error(forward, inverse, _labels(mask, grid))
+    result = distances.inverse_consistency_error(forward, inverse, _labels(mask, grid))
     assert math.isnan(result["mean_mm"])
     assert result["fraction_outside"] == 1.0
     with pytest.raises(InputError, match="dimension"):
-        metrics.inverse_consistency_error(forward, sitk.Image([4, 4, 4], sitk.sitkVectorFloat64))
+        distances.inverse_consistency_error(forward, sitk.Image([4, 4, 4], sitk.sitkVectorFloat64))

@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
-from ..imaging import metrics
+from ..imaging import distances, metrics
 from ..imaging.geometry import Grid
 from .landmarks import Landmarks, pair_landmarks
 
@@ -150,7 +150,7 @@ def _label_scores(
                 "name": names.get(label, str(label)),
                 "dice": dice,
                 "dice_before": before[label],
-                "hd95_mm": metrics.hd95(fixed_labels, warped, label),
+                "hd95_mm": distances.hd95(fixed_labels, warped, label),
             }
         )
     hd = np.array([row["hd95_mm"] for row in rows], dtype=np.float64)
@@ -177,8 +177,8 @@ def _landmark_scores(
 ) -> dict[str, Any]:
     fixed, moving, names = pair_landmarks(_as_landmarks(fixed_points), _as_landmarks(moving_points))
     identity = sitk.Transform(transform.GetDimension(), sitk.sitkIdentity)
-    after = metrics.target_registration_error(fixed, moving, transform)
-    before = metrics.target_registration_error(fixed, moving, identity)
+    after = distances.target_registration_error(fixed, moving, transform)
+    before = distances.target_registration_error(fixed, moving, identity)
     return {
         "count": len(names),
         "tre_mm": _summary(after),
@@ -265,7 +265,7 @@ def evaluate(
                 f"The inverse transform is {inverse_transform.GetDimension()}D, the images "
                 f"{grid.dim}D."
             )
-        result["inverse_consistency"] = metrics.inverse_consistency_error(
+        result["inverse_consistency"] = distances.inverse_consistency_error(
             displacement_on_grid(transform, fixed), displacement_on_grid(inverse_transform, moving)
         )
     return json_ready(result)

@@ -1,4 +1,5 @@
-"""Figures and readable reports of a registration: PNG, Markdown and self-contained HTML.
+"""Figures and readable reports of a registration: PNG, Markdown and self-contained HTML
+(the text is laid out in :mod:`.report_text`).
 
 Matplotlib is driven through its Agg canvas directly (no pyplot), so drawing never touches a GUI
 backend or global figure state — safe inside Slicer, on servers and in parallel tests. Every
@@ -7,10 +8,7 @@ file is written atomically: a reader never sees half a report.
 
 from __future__ import annotations
 
-import base64
-import html
 import json
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ from matplotlib.figure import Figure
 from ..errors import InputError
 from ..imaging.fileio import atomic_write_path
 from ..imaging.metrics import same_grid
+from . import report_text
 from .evaluate import json_ready
 
 _PLANES = ("sagittal", "coronal", "axial")  # normal along L, P, S
@@ -230,191 +229,6 @@ def _dice_figure(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     return _save(figure, path)
 
 
-# --- Markdown / HTML -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Table:
-    headers: Sequence[str]
-    rows: Sequence[Sequence[str]]
-
-
-_Block = str | _Table | Path
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def _mean_std(stats: Mapping[str, Any] | None) -> str:
-    if not stats or stats.get("mean") is None:
-        return "n/a"
-    return f"{stats['mean']:.2f} ± {stats['std']:.2f} (max {stats['max']:.2f})"
-
-
-def _sections(evaluation: Mapping[str, Any], figures: Mapping[str, Path]) -> list[_Block]:
-    """The report's content once, rendered to Markdown and to HTML."""
-    grid = evaluation.get("fixed_grid", {})
-    size = "×".join(str(s) for s in grid.get("size", ()))
-    spacing = "×".join(f"{s:g}" for s in grid.get("spacing", ()))
-    blocks: list[_Block] = [
-        f"Transform `{evaluation.get('transform', '?')}`, {evaluation.get('dimension', '?')}D; "
-        f'measured on the fixed grid ({size} voxels of {spacing} mm). "Before" is the moving '
-        "image as it lies in physical space (identity transform).",
-    ]
-    summary = []
-    similarity = evaluation.get("similarity", {})
-    before, after = similarity.get("before", {}), similarity.get("after", {})
-    summary.append(["NCC", _fmt(before.get("ncc")), _fmt(after.get("ncc"))])
-    summary.append(["Normalised MI", _fmt(before.get("nmi")), _fmt(after.get("nmi"))])
-    labels = evaluation.get("labels")
-    if labels:
-        summary.append(
-            ["Mean Dice", _fmt(labels.get("mean_dice_before")), _fmt(labels.get("mean_dice"))]
-        )
-        summary.append(["Mean HD95 (mm)", "", _fmt(labels.get("mean_hd95_mm"), 2)])
-    landmarks = evaluation.get("landmarks")
-    if landmarks:
-        summary.append(
-            [
-                "TRE (mm), mean ± std",
-                _mean_std(landmarks.get("tre_before_mm")),
-                _mean_std(landmarks.get("tre_mm")),
-            ]
-        )
-    blocks += ["## Summary", _Table(["Measure", "Before", "After"], summary)]
-
-    jacobian = evaluation.get("jacobian", {})
-    blocks += [
-        "## Transform regularity",
-        _Table(
-            ["det J min", "det J max", "det J 1st–99th pct", "Folded voxels (%)", "SDlogJ"],
-            [
-                [
-                    _fmt(jacobian.get("min")),
-                    _fmt(jacobian.get("max")),
-                    f"{_fmt(jacobian.get('p1'))} – {_fmt(jacobian.get('p99'))}",
-                    _fmt(jacobian.get("folding_percent"), 4),
-                    _fmt(jacobian.get("sdlogj"), 4),
-                ]
-            ],
-        ),
-    ]
-    inverse = evaluation.get("inverse_consistency")
-    if inverse:
-        blocks += [
-            "## Inverse consistency",
-            "Distance between x and T⁻¹(T(x)) over the fixed grid.",
-            _Table(
-                ["Mean (mm)", "Max (mm)", "Left out: T(x) outside the inverse field (%)"],
-                [
-                    [
-                        _fmt(inverse.get("mean_mm"), 3),
-                        _fmt(inverse.get("max_mm"), 3),
-                        _fmt(100.0 * (inverse.get("fraction_outside") or 0.0), 2),
-                    ]
-                ],
-            ),
-        ]
-    if labels:
-        blocks += [
-            "## Dice per label",
-            _Table(
-                ["Label", "Name", "Dice before", "Dice after", "HD95 (mm)"],
-                [
-                    [
-                        str(row["label"]),
-                        str(row["name"]),
-                        _fmt(row.get("dice_before")),
-                        _fmt(row.get("dice")),
-                        _fmt(row.get("hd95_mm"), 2),
-                    ]
-                    for row in labels.get("per_label", [])
-                ],
-            ),
-        ]
-    if landmarks:
-        blocks += [
-            "## Landmarks",
-            _Table(
-                ["Name", "TRE before (mm)", "TRE after (mm)"],
-                [
-                    [str(p["name"]), _fmt(p.get("tre_before_mm"), 2), _fmt(p.get("tre_mm"), 2)]
-                    for p in landmarks.get("per_point", [])
-                ],
-            ),
-        ]
-    if figures:
-        blocks += ["## Figures", *figures.values()]
-    return blocks
-
-
-def _markdown(blocks: Sequence[_Block]) -> str:
-    out = ["# Registration evaluation"]
-    for block in blocks:
-        if isinstance(block, _Table):
-            lines = [
-                "| " + " | ".join(block.headers) + " |",
-                "|" + "---|" * len(block.headers),
-                *(
-                    "| " + " | ".join(c.replace("|", r"\|") for c in row) + " |"
-                    for row in block.rows
-                ),
-            ]
-            out.append("\n".join(lines))
-        elif isinstance(block, Path):
-            out.append(f"![{block.stem}]({block.name})")
-        else:
-            out.append(block)
-    return "\n\n".join(out) + "\n"
-
-
-_CSS = (
-    "body{font-family:sans-serif;max-width:70em;margin:2em auto;color:#222}"
-    "table{border-collapse:collapse;margin:1em 0}"
-    "th,td{border:1px solid #bbb;padding:.25em .6em;text-align:right}"
-    "th{background:#eee}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
-)
-
-
-def _inline_code(text: str) -> str:
-    parts = html.escape(text).split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
-
-
-def _html(blocks: Sequence[_Block]) -> str:
-    out = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8"><title>Registration evaluation</title>',
-        f"<style>{_CSS}</style></head><body>",
-        "<h1>Registration evaluation</h1>",
-    ]
-    for block in blocks:
-        if isinstance(block, _Table):
-            head = "".join(f"<th>{html.escape(h)}</th>" for h in block.headers)
-            body = "".join(
-                "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
-                for row in block.rows
-            )
-            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-        elif isinstance(block, Path):
-            data = base64.b64encode(block.read_bytes()).decode("ascii")
-            out.append(
-                f'<figure><img alt="{html.escape(block.stem)}" src="data:image/png;base64,{data}">'
-                f"<figcaption>{html.escape(block.stem)}</figcaption></figure>"
-            )
-        elif block.startswith("## "):
-            out.append(f"<h2>{html.escape(block[3:])}</h2>")
-        else:
-            out.append(f"<p>{_inline_code(block)}</p>")
-    out.append("</body></html>")
-    return "\n".join(out) + "\n"
-
-
 def _write_text(path: Path, text: str) -> Path:
     with atomic_write_path(path) as staged:
         staged.write_text(text, encoding="utf-8")
@@ -455,12 +269,12 @@ def write_report(
     labels = evaluation.get("labels")
     if labels and labels.get("per_label"):
         figures["dice"] = _dice_figure(labels["per_label"], out / "dice.png")
-    blocks = _sections(evaluation, figures)
+    blocks = report_text.sections(evaluation, figures)
     written = {
         "json": _write_text(
             out / "report.json", json.dumps(evaluation, indent=2, allow_nan=False) + "\n"
         ),
-        "markdown": _write_text(out / "report.md", _markdown(blocks)),
-        "html": _write_text(out / "report.html", _html(blocks)),
+        "markdown": _write_text(out / "report.md", report_text.markdown(blocks)),
+        "html": _write_text(out / "report.html", report_text.html_page(blocks)),
     }
     return {**written, **figures}

@@ -57,7 +57,7 @@ def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
     )
 
 
-def _require_same_grid(a: sitk.Image, b: sitk.Image, what: str) -> None:
+def require_same_grid(a: sitk.Image, b: sitk.Image, what: str) -> None:
     if not same_grid(a, b):
         raise InputError(
             f"{what} are not on the same grid (size {a.GetSize()} vs {b.GetSize()}, spacing "
@@ -66,24 +66,24 @@ def _require_same_grid(a: sitk.Image, b: sitk.Image, what: str) -> None:
         )
 
 
-def _scalar_array(image: sitk.Image, what: str) -> np.ndarray:
+def scalar_array(image: sitk.Image, what: str) -> np.ndarray:
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{what} must be a scalar image, not a vector image.")
     return sitk.GetArrayViewFromImage(image)
 
 
-def _mask_array(mask: sitk.Image | None, reference: sitk.Image) -> np.ndarray | None:
+def mask_array(mask: sitk.Image | None, reference: sitk.Image) -> np.ndarray | None:
     """The mask as booleans on ``reference``'s grid; an empty mask would make every mean nan."""
     if mask is None:
         return None
-    _require_same_grid(mask, reference, "The mask and the image")
-    inside = _scalar_array(mask, "The mask") != 0
+    require_same_grid(mask, reference, "The mask and the image")
+    inside = scalar_array(mask, "The mask") != 0
     if not inside.any():
         raise InputError("The mask is empty (all zero); give a mask that covers the region.")
     return inside
 
 
-def _check_displacement(displacement: sitk.Image) -> None:
+def check_displacement(displacement: sitk.Image) -> None:
     dim = displacement.GetDimension()
     if displacement.GetNumberOfComponentsPerPixel() != dim:
         raise InputError(
@@ -128,7 +128,7 @@ def jacobian_determinant(
     contributes no derivative (a one-slice volume is treated as a slab). ``is_cancelled`` is
     asked before each slab; when it answers True, ``RegistrationCancelled`` is raised.
     """
-    _check_displacement(displacement)
+    check_displacement(displacement)
     to_index = np.linalg.inv(Grid.of(displacement).index_to_physical)  # (index q, physical r)
     field = sitk.GetArrayViewFromImage(displacement)
     image = allocate(Grid.of(displacement), sitk.sitkFloat32, is_cancelled=is_cancelled)
@@ -161,9 +161,9 @@ def folding_percent(
     is_cancelled: Callable[[], bool] | None = None,
 ) -> float:
     """Percentage of voxels (within ``mask``) where det J ≤ 0: where the transform folds."""
-    det = _scalar_array(jacobian, "The Jacobian determinant")
+    det = scalar_array(jacobian, "The Jacobian determinant")
     folded = total = 0
-    for values in _slab_values(det, _mask_array(mask, jacobian), is_cancelled):
+    for values in _slab_values(det, mask_array(mask, jacobian), is_cancelled):
         folded += int(np.count_nonzero(values <= 0))
         total += values.size
     return 100.0 * folded / total
@@ -180,9 +180,9 @@ def sdlogj(
     instead of turning the result into nan. Slabs are merged with Chan et al.'s pairwise
     update of the mean and the sum of squared deviations, as accurate as one pass over all.
     """
-    det = _scalar_array(jacobian, "The Jacobian determinant")
+    det = scalar_array(jacobian, "The Jacobian determinant")
     count, mean, squares = 0, 0.0, 0.0
-    for values in _slab_values(det, _mask_array(mask, jacobian), is_cancelled):
+    for values in _slab_values(det, mask_array(mask, jacobian), is_cancelled):
         if values.size == 0:
             continue
         logs = np.log(np.clip(values.astype(np.float64), *_JACOBIAN_CLIP))
@@ -196,7 +196,7 @@ def sdlogj(
 
 
 def _label_array(image: sitk.Image, what: str) -> np.ndarray:
-    array = _scalar_array(image, what)
+    array = scalar_array(image, what)
     if np.issubdtype(array.dtype, np.floating) and (
         not np.all(np.isfinite(array)) or np.any(array != np.round(array))
     ):
@@ -218,7 +218,7 @@ def dice_per_label(
     label absent from both maps has no defined overlap and gets ``nan``, which
     :func:`mean_dice` leaves out. Counts come from one pass over the voxels, not one per label.
     """
-    _require_same_grid(fixed_labels, warped_labels, "The fixed and warped label maps")
+    require_same_grid(fixed_labels, warped_labels, "The fixed and warped label maps")
     fixed = _label_array(fixed_labels, "The fixed label map")
     warped = _label_array(warped_labels, "The warped label map")
     if labels is None:
@@ -252,10 +252,10 @@ def mean_dice(per_label: Mapping[int, float]) -> float:
 def _paired_values(
     a: sitk.Image, b: sitk.Image, mask: sitk.Image | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    _require_same_grid(a, b, "The two images")
-    va = _scalar_array(a, "The first image").astype(np.float64)
-    vb = _scalar_array(b, "The second image").astype(np.float64)
-    inside = _mask_array(mask, a)
+    require_same_grid(a, b, "The two images")
+    va = scalar_array(a, "The first image").astype(np.float64)
+    vb = scalar_array(b, "The second image").astype(np.float64)
+    inside = mask_array(mask, a)
     if inside is not None:
         va, vb = va[inside], vb[inside]
     finite = np.isfinite(va) & np.isfinite(vb)
@@ -294,132 +294,3 @@ def mutual_information(
     if h_joint == 0:
         return float("nan")
     return (_entropy(joint.sum(axis=1)) + _entropy(joint.sum(axis=0))) / h_joint
-
-
-def _surface_and_distance(
-    binary: np.ndarray, spacing: tuple[float, ...]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Boundary voxels of the object, and the unsigned distance (mm) to that boundary."""
-    objects = sitk.GetImageFromArray(binary.astype(np.uint8))
-    objects.SetSpacing(spacing)
-    contour = sitk.GetArrayFromImage(sitk.LabelContour(objects, fullyConnected=False)) != 0
-    distance = sitk.SignedMaurerDistanceMap(
-        objects, insideIsPositive=False, squaredDistance=False, useImageSpacing=True
-    )
-    return contour, np.abs(sitk.GetArrayFromImage(distance))
-
-
-def hd95(a: sitk.Image, b: sitk.Image, label: int | None = None) -> float:
-    """Symmetric 95th-percentile Hausdorff distance (mm) between the surfaces of two objects.
-
-    The object is ``label`` (or every non-zero voxel when ``label`` is None). The 95th percentile
-    of distances from a's surface to b's, and from b's to a's, are taken separately and the larger
-    is returned (as MONAI and the Learn2Reg surface-distance code do), so it is robust to a few
-    outlier voxels. Returns ``nan`` when both objects are empty (nothing to compare) and ``inf``
-    when only one is (the surface is infinitely far away); report means should skip non-finite.
-
-    Distance maps are computed only over the bounding box of the two objects (exact, since every
-    surface voxel lies inside it), so evaluating 27 small structures in a 256³ volume stays cheap.
-    An object touching the image border has a surface there.
-    """
-    _require_same_grid(a, b, "The two label maps")
-    array_a, array_b = _scalar_array(a, "The label map"), _scalar_array(b, "The label map")
-    binary_a = array_a == label if label is not None else array_a != 0
-    binary_b = array_b == label if label is not None else array_b != 0
-    empty_a, empty_b = not binary_a.any(), not binary_b.any()
-    if empty_a and empty_b:
-        return float("nan")
-    if empty_a or empty_b:
-        return float("inf")
-    union = binary_a | binary_b
-    box = []
-    for axis in range(union.ndim):
-        occupied = np.flatnonzero(union.any(axis=tuple(x for x in range(union.ndim) if x != axis)))
-        box.append(slice(occupied[0], occupied[-1] + 1))
-    surface_a, distance_a = _surface_and_distance(np.pad(binary_a[tuple(box)], 1), a.GetSpacing())
-    surface_b, distance_b = _surface_and_distance(np.pad(binary_b[tuple(box)], 1), a.GetSpacing())
-    return float(
-        max(np.percentile(distance_b[surface_a], 95), np.percentile(distance_a[surface_b], 95))
-    )
-
-
-def _points_array(points: np.ndarray, what: str) -> np.ndarray:
-    array = np.asarray(points, dtype=np.float64)
-    if array.ndim != 2 or array.shape[1] not in (2, 3):
-        raise InputError(f"{what} must be an (N, 2) or (N, 3) array of LPS mm points.")
-    if not np.all(np.isfinite(array)):
-        raise InputError(f"{what} contain NaN or Inf coordinates.")
-    return array
-
-
-def target_registration_error(
-    fixed_points: np.ndarray, moving_points: np.ndarray, transform: sitk.Transform
-) -> np.ndarray:
-    """Distance (mm) between T(fixed point) and its moving counterpart, per landmark pair.
-
-    The transform maps fixed → moving (the resampling direction), so the fixed landmarks are
-    pushed through it and compared with the moving landmarks, all in LPS mm.
-    """
-    fixed = _points_array(fixed_points, "The fixed landmarks")
-    moving = _points_array(moving_points, "The moving landmarks")
-    if fixed.shape != moving.shape:
-        raise InputError(
-            f"The fixed and moving landmarks do not pair up: {fixed.shape[0]} points in "
-            f"{fixed.shape[1]}D vs {moving.shape[0]} points in {moving.shape[1]}D; give the "
-            "same landmarks, in the same order, in both files."
-        )
-    if fixed.shape[1] != transform.GetDimension():
-        raise InputError(
-            f"The landmarks are {fixed.shape[1]}D but the transform is {transform.GetDimension()}D."
-        )
-    mapped = np.array([transform.TransformPoint(tuple(p)) for p in fixed]).reshape(fixed.shape)
-    return np.linalg.norm(mapped - moving, axis=1)
-
-
-def _field_transform(displacement: sitk.Image) -> sitk.DisplacementFieldTransform:
-    transform = sitk.DisplacementFieldTransform(sitk.Cast(displacement, sitk.sitkVectorFloat64))
-    transform.SetInterpolator(sitk.sitkLinear)
-    return transform
-
-
-def inverse_consistency_error(
-    forward: sitk.Image, inverse: sitk.Image, mask: sitk.Image | None = None
-) -> dict[str, float]:
-    """How far T_inv(T(x)) lands from x (mm), over the forward field's grid.
-
-    ``forward`` lives on the fixed grid and ``inverse`` on the moving grid; the inverse is sampled
-    at T(x) with linear interpolation. Points that T maps outside the inverse field's grid are
-    left out (the inverse is unknown there) and their share is reported as
-    ``fraction_outside``; if none is inside, the distances are ``nan``.
-    """
-    _check_displacement(forward)
-    _check_displacement(inverse)
-    if forward.GetDimension() != inverse.GetDimension():
-        raise InputError("The forward and inverse displacement fields differ in dimension.")
-    inside_mask = _mask_array(mask, forward)
-    forward_tx = _field_transform(forward)
-    round_trip = sitk.CompositeTransform([_field_transform(inverse), forward_tx])
-    residual = sitk.TransformToDisplacementField(
-        round_trip,
-        sitk.sitkVectorFloat64,
-        forward.GetSize(),
-        forward.GetOrigin(),
-        forward.GetSpacing(),
-        forward.GetDirection(),
-    )
-    error = np.linalg.norm(sitk.GetArrayViewFromImage(residual), axis=-1)
-    inverse_domain = sitk.Image(inverse.GetSize(), sitk.sitkUInt8) + 1
-    inverse_domain.CopyInformation(inverse)
-    lands_inside = (
-        sitk.GetArrayFromImage(
-            sitk.Resample(inverse_domain, forward, forward_tx, sitk.sitkNearestNeighbor, 0)
-        )
-        != 0
-    )
-    considered = lands_inside if inside_mask is None else lands_inside & inside_mask
-    total = error.size if inside_mask is None else int(inside_mask.sum())
-    values = error[considered]
-    result = {"fraction_outside": float(1.0 - values.size / total)}
-    if values.size == 0:
-        return {"mean_mm": float("nan"), "max_mm": float("nan"), **result}
-    return {"mean_mm": float(values.mean()), "max_mm": float(values.max()), **result}
