@@ -81,7 +81,7 @@ def test_missing_data_exits_clearly(tmp_path: Path) -> None:
 
 def test_pair_order_is_documented_ring_then_rest() -> None:
     sys.path.insert(0, str(REPO))
-    from benchmarks.run_benchmark import ordered_pairs
+    from benchmarks.pairs import ordered_pairs
 
     subjects = [f"sub-0{i}" for i in range(1, 6)]
     pairs = ordered_pairs(subjects)
@@ -103,7 +103,7 @@ def test_the_network_only_row_uses_the_model_the_engine_would_choose(
     """A cross-contrast run takes the same-contrast default through the contrast map, so it
     has a network to show alone; without a model there is none."""
     monkeypatch.syspath_prepend(str(REPO))
-    from benchmarks.run_benchmark import model_note
+    from benchmarks.methods import model_note
     from DeepRegisterLib.nn import models
 
     monkeypatch.setitem(models.DEFAULT_MODELS, 3, ("brain3d",))

@@ -130,7 +130,7 @@ def test_the_model_check_scores_a_shipped_model_in_three_contrasts(tmp_path: Pat
 def test_a_t2_like_moving_brain_keeps_the_networks_gain_through_the_contrast_map() -> None:
     """The 3D default model is same-contrast; a cross-contrast (MIND) run feeds it the moving
     image mapped into the fixed image's contrast, and it must still clearly beat the affine."""
-    from benchmarks.run_benchmark import t2_like
+    from benchmarks.pairs import t2_like
 
     fixed, fixed_labels = at_2mm("sub-01")
     moving, moving_labels = at_2mm("sub-02")

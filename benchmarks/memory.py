@@ -41,8 +41,13 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 
+from benchmarks.ct_phantom import ct_pair, displacement_mm  # noqa: E402
+from DeepRegisterLib import RegistrationSettings  # noqa: E402
+
 MIB = 2**20
 GIB = 2**30
+#: Every registration here: the fast preset on the CPU, the default model.
+SETTINGS = RegistrationSettings(preset="fast", device="cpu")
 
 
 def proc_status(field: str, pid: int | str = "self") -> int:
@@ -79,15 +84,15 @@ def reset_peak() -> bool:
 
 
 def repeat(runs: int, size: int) -> dict:
+    from DeepRegisterLib import register
     from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
-    from DeepRegisterLib.registration.engine import register
 
     pair = phantom_pair(demo_grid(3, size), amplitude_mm=4.0, rotation_deg=5.0)
     rss, seconds = [], []
     print(f"(a) {runs} registrations of a {pair.fixed.GetSize()} phantom pair, preset fast")
     for run in range(1, runs + 1):
         started = time.perf_counter()
-        result = register(pair.fixed, pair.moving, preset="fast", device="cpu")
+        result = register(pair.fixed, pair.moving, SETTINGS)
         seconds.append(time.perf_counter() - started)
         del result
         rss.append(proc_status("VmRSS"))
@@ -103,6 +108,7 @@ def repeat(runs: int, size: int) -> dict:
     print("  " + verdict)
     return {
         "size": list(pair.fixed.GetSize()),
+        "settings": SETTINGS.to_dict(),
         "rss": rss,
         "seconds": seconds,
         "verdict": verdict,
@@ -111,73 +117,6 @@ def repeat(runs: int, size: int) -> dict:
 
 
 # --- (b) big CT-like volumes ------------------------------------------------------------------
-
-
-def displacement_mm(points: np.ndarray, extent: np.ndarray) -> np.ndarray:
-    """The known smooth deformation d(x) (mm), ≤ about 4 mm: a shift plus two sine waves."""
-    shift = np.array([2.0, -1.5, 1.0], dtype=np.float32)
-    phase = points / extent.astype(np.float32) * np.float32(2 * np.pi)
-    d = np.empty_like(points)
-    d[..., 0] = shift[0] + 2.5 * np.sin(phase[..., 1] + 0.3) * np.cos(phase[..., 2])
-    d[..., 1] = shift[1] + 2.0 * np.sin(phase[..., 2] + 1.1)
-    d[..., 2] = shift[2] + 1.5 * np.cos(phase[..., 0] - 0.4)
-    return d
-
-
-def ct_values(points: np.ndarray, extent: np.ndarray, seed: int) -> np.ndarray:
-    """Hounsfield units of a torso-like phantom at LPS points (origin at the volume centre)."""
-    x, y, z = points[..., 0], points[..., 1], points[..., 2]
-    a, b = 0.42 * extent[0], 0.30 * extent[1]
-    half_z = 0.45 * extent[2]
-    r = np.sqrt((x / a) ** 2 + (y / b) ** 2)
-    inside = (r < 1.0) & (np.abs(z) < half_z)
-    hu = np.full(points.shape[:-1], -1024.0, dtype=np.float32)
-    tissue = 40.0 + 25.0 * np.sin(x / 9.0) * np.cos(y / 11.0) * np.sin(z / 13.0)
-    hu[inside] = tissue[inside]
-    hu[inside & (r > 0.9)] = -100.0  # subcutaneous fat
-    chest = z > 0.0
-    for side in (-1.0, 1.0):
-        lung = (
-            ((x - side * 0.45 * a) / (0.33 * a)) ** 2
-            + ((y + 0.1 * b) / (0.6 * b)) ** 2
-            + ((z - 0.5 * half_z) / (0.45 * half_z)) ** 2
-        ) < 1.0
-        hu[lung & inside] = -850.0
-    spine = np.sqrt(x**2 + (y - 0.6 * b) ** 2)
-    hu[inside & (spine < 18.0)] = 1000.0
-    hu[inside & (spine < 12.0)] = 300.0
-    ribs = inside & chest & (r > 0.8) & (r < 0.86) & (np.sin(z / 6.0) > 0.3)
-    hu[ribs] = 700.0
-    noise = np.random.default_rng(seed).normal(0.0, 12.0, size=hu.shape).astype(np.float32)
-    hu[inside] += noise[inside]
-    return np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
-
-
-def ct_pair(shape_ijk: tuple[int, int, int], spacing: tuple[float, float, float]):
-    """Fixed f(x) and moving m(y) = f(y − d(y)) (so u ≈ d), built a slab at a time: at most one
-    int16 array, its SimpleITK copy and one slab of coordinates exist at once."""
-    size = np.asarray(shape_ijk)
-    sp = np.asarray(spacing, dtype=np.float32)
-    extent = size * sp
-    origin = -(size - 1) / 2.0 * sp
-    images = []
-    for moving in (False, True):
-        volume = np.empty(tuple(size[::-1]), dtype=np.int16)  # (K, J, I)
-        slab = max(1, 4_000_000 // int(size[0] * size[1]))
-        i = origin[0] + sp[0] * np.arange(size[0], dtype=np.float32)
-        j = origin[1] + sp[1] * np.arange(size[1], dtype=np.float32)
-        for k0 in range(0, size[2], slab):
-            k = origin[2] + sp[2] * np.arange(k0, min(k0 + slab, size[2]), dtype=np.float32)
-            points = np.stack(np.meshgrid(k, j, i, indexing="ij")[::-1], axis=-1)
-            if moving:
-                points -= displacement_mm(points, extent)
-            volume[k0 : k0 + len(k)] = ct_values(points, extent, seed=k0 + 7919 * moving)
-        image = sitk.GetImageFromArray(volume)
-        del volume
-        image.SetSpacing(tuple(float(s) for s in sp))
-        image.SetOrigin(tuple(float(o) for o in origin))
-        images.append(image)
-    return images[0], images[1], extent
 
 
 class CheckClock:
@@ -213,10 +152,11 @@ def big_run(shape: tuple[int, int, int], spacing: tuple[float, float, float]) ->
     """In a spawned child: build, register, measure; returns a JSON-able dict."""
     import torch
 
-    from DeepRegisterLib.registration.engine import register
+    from DeepRegisterLib import register
     from DeepRegisterLib.registration.preflight import estimate_peak_bytes
 
     out: dict = {"shape": list(shape), "spacing": list(spacing), "threads": torch.get_num_threads()}
+    out["settings"] = SETTINGS.to_dict()
     started = time.perf_counter()
     fixed, moving, extent = ct_pair(shape, spacing)
     out["build_s"] = time.perf_counter() - started
@@ -225,15 +165,7 @@ def big_run(shape: tuple[int, int, int], spacing: tuple[float, float, float]) ->
     out["peak_reset"] = reset_peak()
     clock = CheckClock()
     started = time.perf_counter()
-    result = register(
-        fixed,
-        moving,
-        preset="fast",
-        device="cpu",
-        model="default",
-        progress=clock.progress,
-        cancel=clock,
-    )
+    result = register(fixed, moving, SETTINGS, progress=clock.progress, cancel=clock)
     finished = time.perf_counter()
     out["wall_s"] = finished - started
     out["peak"] = proc_status("VmHWM")
