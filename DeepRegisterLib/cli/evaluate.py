@@ -1,6 +1,6 @@
 """``deepregister evaluate``: score any registration result from files and write a report.
 
-Kept apart from ``cli.py`` so the command can be wired in with two calls
+Kept apart from ``main.py`` so the command can be wired in with two calls
 (:func:`add_evaluate_parser`, :func:`run_evaluate`) and tested without the registration engine.
 """
 
@@ -11,11 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..evaluation.evaluate import evaluate, evaluation_images, read_label_names
-from ..evaluation.figures import write_report
-from ..evaluation.landmarks import read_landmarks
-from ..imaging.fileio import read_image, read_transform
-from ..imaging.metrics import parse_labels
 from .exit_codes import run_reporting_errors
 
 
@@ -63,6 +58,13 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _evaluate_files(args: argparse.Namespace) -> dict[str, Path]:
+    # Imported here: they pull in torch, SimpleITK and matplotlib, which --help must not wait for.
+    from ..evaluation.evaluate import evaluate, evaluation_images, read_label_names
+    from ..evaluation.figures import write_report
+    from ..evaluation.landmarks import read_landmarks
+    from ..imaging.fileio import read_image, read_transform
+    from ..imaging.metrics import parse_labels
+
     fixed = read_image(args.fixed, "fixed image")
     moving = read_image(args.moving, "moving image")
     transform = read_transform(args.transform)
