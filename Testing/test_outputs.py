@@ -1,0 +1,204 @@
+"""What ``deepregister register`` writes, and what it refuses before doing any work.
+
+Real runs of the command line on small phantoms; every file is read back by SimpleITK (and by
+ANTs where antspyx is installed).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from DeepRegisterLib.cli import main as cli
+from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
+
+FAST = ["--preset", "fast", "--iterations", "0", "--device", "cpu", "--quiet"]
+
+
+def array(image: sitk.Image) -> np.ndarray:
+    return sitk.GetArrayFromImage(image)
+
+
+@pytest.fixture(scope="module")
+def pair_3d(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("pair3d")
+    pair = phantom_pair(demo_grid(3, 24), amplitude_mm=3.0, rotation_deg=4.0)
+    paths = {key: folder / f"{key}.nii.gz" for key in ("fixed", "moving", "moving_labels")}
+    for key, path in paths.items():
+        sitk.WriteImage(getattr(pair, key), str(path))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def pair_2d(tmp_path_factory) -> dict[str, Path]:
+    """A 2D pair as photographs come: 8-bit PNG pictures, and a float copy of the moving."""
+    folder = tmp_path_factory.mktemp("pair2d")
+    pair = phantom_pair(demo_grid(2, 32), amplitude_mm=2.0)
+    top = float(array(pair.fixed).max())
+    paths = {}
+    for key in ("fixed", "moving"):
+        scaled = sitk.Cast(sitk.Round(getattr(pair, key) * (255.0 / top)), sitk.sitkUInt8)
+        paths[key] = folder / f"{key}.png"
+        sitk.WriteImage(scaled, str(paths[key]))
+    paths["moving_float"] = folder / "moving_float.nrrd"
+    sitk.WriteImage(sitk.Cast(pair.moving, sitk.sitkFloat32), str(paths["moving_float"]))
+    paths["moving_labels"] = folder / "moving_labels.nii.gz"
+    sitk.WriteImage(pair.moving_labels, str(paths["moving_labels"]))
+    negative = sitk.Cast(pair.moving_labels, sitk.sitkInt16) - 1
+    paths["negative_labels"] = folder / "negative_labels.nii.gz"
+    sitk.WriteImage(negative, str(paths["negative_labels"]))
+    return paths
+
+
+def register(pair: dict[str, Path], *options: str | Path, moving: str = "moving") -> int:
+    argv = ["register", "--fixed", pair["fixed"], "--moving", pair[moving], *options, *FAST]
+    return cli.main([str(part) for part in argv])
+
+
+def test_transform_fields_are_float32_images_that_itk_and_ants_apply(pair_3d, tmp_path):
+    out = {
+        "warped": tmp_path / "warped.nii.gz",
+        "field": tmp_path / "transform.nii.gz",
+        "nrrd": tmp_path / "inverse.nrrd",
+        "exact": tmp_path / "displacement.mha",
+        "h5": tmp_path / "transform.h5",
+    }
+    code = register(
+        pair_3d, "--warped", out["warped"], "--transform", out["field"],
+        "--inverse-transform", out["nrrd"], "--displacement", out["exact"],
+    )  # fmt: skip
+    assert code == cli.EXIT_OK
+    assert register(pair_3d, "--transform", out["h5"]) == cli.EXIT_OK
+
+    field = sitk.ReadImage(str(out["field"]))
+    assert field.GetPixelID() == sitk.sitkVectorFloat32
+    assert sitk.ReadImage(str(out["nrrd"])).GetPixelID() == sitk.sitkVectorFloat32
+    with gzip.open(out["field"]) as stream:  # a real gzip file, as the name promises
+        assert len(stream.read()) > 0
+    exact = sitk.ReadImage(str(out["exact"]))
+    assert exact.GetPixelID() == sitk.sitkVectorFloat64
+    h5 = sitk.DisplacementFieldTransform(sitk.ReadTransform(str(out["h5"])))
+    np.testing.assert_array_equal(array(h5.GetDisplacementField()), array(exact))  # bit for bit
+    np.testing.assert_allclose(array(field), array(exact), rtol=1e-6, atol=1e-6)
+
+    fixed, moving = (sitk.ReadImage(str(pair_3d[key])) for key in ("fixed", "moving"))
+    transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    resampled = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    warped = array(sitk.ReadImage(str(out["warped"])))
+    assert np.abs(array(resampled) - warped).max() < 1e-2 * float(array(moving).max())
+
+    ants = pytest.importorskip("ants")
+    by_ants = ants.apply_transforms(
+        fixed=ants.image_read(str(pair_3d["fixed"])),
+        moving=ants.image_read(str(pair_3d["moving"])),
+        transformlist=[str(out["field"])],
+    )
+    interior = (slice(3, -3),) * 3  # ANTs and ITK differ only at the image border
+    difference = np.abs(by_ants.numpy().transpose() - warped)[interior]
+    assert difference.max() < 2e-2 * float(array(moving).max())
+
+
+def test_jacobian_asked_for_is_written_even_when_the_settings_turn_it_off(pair_3d, tmp_path):
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"compute_jacobian": False}))
+    jacobian, report = tmp_path / "jacobian.nrrd", tmp_path / "report.json"
+    assert register(pair_3d, "--settings", settings, "--jacobian", jacobian) == cli.EXIT_OK
+    fixed = sitk.ReadImage(str(pair_3d["fixed"]))
+    assert sitk.ReadImage(str(jacobian)).GetSize() == fixed.GetSize()
+    assert register(pair_3d, "--settings", settings, "--report", report) == cli.EXIT_OK
+    assert "folding_percent" not in json.loads(report.read_text())
+
+
+def test_2d_pictures_come_back_as_pictures_of_the_inputs_type(pair_2d, tmp_path):
+    out = {
+        "png": tmp_path / "warped.png",
+        "labels": tmp_path / "labels.png",
+        "labels_nii": tmp_path / "labels.nii.gz",
+        "report": tmp_path / "report.json",
+    }
+    code = register(
+        pair_2d, "--warped", out["png"], "--labels", pair_2d["moving_labels"],
+        pair_2d["moving_labels"], "--warped-labels", out["labels"], out["labels_nii"],
+        "--report", out["report"],
+    )  # fmt: skip
+    assert code == cli.EXIT_OK
+    warped = sitk.ReadImage(str(out["png"]))
+    assert warped.GetPixelID() == sitk.sitkUInt8
+    assert warped.GetSize() == sitk.ReadImage(str(pair_2d["fixed"])).GetSize()
+    assert array(warped).max() > 100  # intensities kept, not squeezed
+    labels = sitk.ReadImage(str(out["labels"]))
+    assert labels.GetPixelID() == sitk.sitkUInt8
+    np.testing.assert_array_equal(array(labels), array(sitk.ReadImage(str(out["labels_nii"]))))
+    assert json.loads(out["report"].read_text())["notes"] == []
+
+
+def test_a_float_image_as_16_bit_tiff_is_rescaled_with_a_note(pair_2d, tmp_path, capsys):
+    tiff, report = tmp_path / "warped.tif", tmp_path / "report.json"
+    code = register(pair_2d, "--warped", tiff, "--report", report, moving="moving_float")
+    assert code == cli.EXIT_OK
+    picture = sitk.ReadImage(str(tiff))
+    assert picture.GetPixelID() == sitk.sitkUInt16
+    assert array(picture).max() == 65535
+    assert "rescaled" in capsys.readouterr().out
+    assert any("rescaled" in note for note in json.loads(report.read_text())["notes"])
+
+
+def refused(pair: dict[str, Path], capsys, *options: str | Path) -> str:
+    """The error message of a refused run that wrote nothing."""
+    assert register(pair, *options) == cli.EXIT_INPUT
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--warped", "{out}/w.jpg"], "--warped"),
+        (["--transform", "{out}/t.json"], "use .h5"),
+        (["--displacement", "{out}/d.png"], "--displacement"),
+        (["--jacobian", "{out}/j.tif"], "--jacobian"),
+        (["--inverse-transform", "{out}/inverse"], "no suffix"),
+        (["--qa-png", "{out}/qa.jpg"], "use .png"),
+        (["--report", "{out}/r.txt"], "use .json"),
+        (["--labels", "{moving_labels}", "--warped-labels", "{out}/l.bmp"], "--warped-labels"),
+        (["--warped", "{out}/missing/w.nii.gz"], "folder does not exist"),
+        (["--warped", "{out}"], "is a folder"),
+        (["--warped", "{out}/a.nii.gz", "--jacobian", "{out}/./a.nii.gz"], "both name"),
+        (["--warped", "{moving}"], "one of the inputs"),
+    ],
+)
+def test_unusable_outputs_are_refused_before_the_inputs_are_read(
+    pair_3d, tmp_path, capsys, options, expected
+):
+    """The fixed image given does not exist: a message about the output proves it came first."""
+    argv = [option.format(out=tmp_path, **pair_3d) for option in options]
+    missing = {**pair_3d, "fixed": tmp_path / "no-such-fixed.nii.gz"}
+    assert expected in refused(missing, capsys, *argv)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_2d_formats_are_refused_for_3d_images_before_any_work(pair_3d, tmp_path, capsys):
+    message = refused(pair_3d, capsys, "--warped", tmp_path / "w.png")
+    assert ".png holds 2D pictures and these images are 3D" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_labels_that_no_picture_holds_are_refused_before_the_run(pair_2d, tmp_path, capsys):
+    labels = tmp_path / "labels.png"
+    message = refused(
+        pair_2d, capsys, "--labels", pair_2d["negative_labels"], "--warped-labels", labels
+    )
+    assert "do not fit 0…65535" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_an_unwritable_output_folder_is_refused(pair_3d, tmp_path, capsys):
+    folder = tmp_path / "locked"
+    folder.mkdir(mode=0o555)
+    assert "not writable" in refused(pair_3d, capsys, "--warped", folder / "w.nii.gz")
