@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import DeepRegisterError, InputError, ModelError, RegistrationCancelled, ResourceError
+from .batch import add_batch_parser
 from .demo import add_demo_parser
 from .evaluate import add_evaluate_parser
 from .exit_codes import EXIT_ERROR, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_MEMORY, EXIT_OK
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_register_parser(subparsers)
+    add_batch_parser(subparsers)
     add_demo_parser(subparsers)
     add_evaluate_parser(subparsers)
     add_train_parser(subparsers)

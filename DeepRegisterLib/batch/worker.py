@@ -1,0 +1,191 @@
+"""One batch job on a worker: register, write the job's folder, hand back its summary row.
+
+The job's ``report.json`` is written last, after every other output is in place (each one
+atomically): a folder with a valid report for the same inputs and settings is a finished job,
+anything else is redone. A job that fails writes ``error.json`` instead and returns its error;
+it never raises, so one bad scan cannot stop a batch. Only a dying worker process ends a job
+without a row; the scheduler then runs it again elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .jobs import BatchJob
+from .summary import summary_row
+
+#: What a job can write: the choices of ``--outputs``, and the file each one becomes.
+OUTPUT_FILES = {
+    "warped": "warped.nii.gz",
+    "transform": "transform.h5",
+    "inverse": "inverse_transform.h5",
+    "labels": "warped_labels.nii.gz",
+    "jacobian": "jacobian.nii.gz",
+    "qa": "qa.png",
+}
+DEFAULT_OUTPUTS = ("warped", "transform", "labels", "jacobian")
+REPORT_FILE, ERROR_FILE = "report.json", "error.json"
+#: The Dask event topic on which workers announce each job's start and progress.
+EVENT_TOPIC = "deepregister-batch"
+
+
+def expected_outputs(job: BatchJob, outputs: tuple[str, ...], settings: dict) -> dict[str, Path]:
+    """The files this job writes besides its report (labels only where the job has some)."""
+    return {
+        name: Path(OUTPUT_FILES[name])
+        for name in outputs
+        if (name != "labels" or job.labels is not None)
+        and (name != "jacobian" or settings.get("compute_jacobian", True))
+    }
+
+
+def finished_report(
+    job: BatchJob, folder: Path, outputs: tuple[str, ...], settings: dict
+) -> dict[str, Any] | None:
+    """The report of a job already done with these inputs, settings and outputs, else None."""
+    try:
+        report = json.loads((folder / REPORT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict):
+        return None
+    batch = report.get("batch", {})
+    same = report.get("settings") == settings and batch.get("inputs") == job.inputs()
+    files = expected_outputs(job, outputs, settings).values()
+    present = all((folder / name).is_file() for name in files)
+    return report if same and present else None
+
+
+def _announce(job_id: str, message: str) -> None:
+    """Send a message to the client's log (a no-op outside a Dask worker)."""
+    with contextlib.suppress(ImportError, ValueError):
+        from distributed import get_worker
+
+        worker = get_worker()
+        worker.log_event(EVENT_TOPIC, {"job": job_id, "message": message, "worker": worker.address})
+
+
+def _threads(requested: int | None) -> int:
+    """Torch's and ITK's threads: as asked, else this worker's cores shared by its task slots."""
+    if requested:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        from distributed import get_worker
+
+        slots = get_worker().state.nthreads
+    except (ImportError, ValueError):
+        slots = 1
+    return max(1, (cores or 1) // slots)
+
+
+def _decile_messages(job_id: str) -> Callable[[float, str], None]:
+    last = [-1]
+
+    def progress(fraction: float, message: str) -> None:
+        if int(10 * fraction) > last[0]:
+            last[0] = int(10 * fraction)
+            _announce(job_id, f"{100 * fraction:.0f}% {message}")
+
+    return progress
+
+
+def _write(result, job: BatchJob, folder: Path, files: dict[str, Path]) -> None:
+    """Stage every output, then move them into place together (``atomic_write_path``)."""
+    from ..imaging import fileio
+
+    writers: dict[str, Callable[[Path], Any]] = {
+        "warped": lambda p: fileio.write_image(result.warped, p),
+        "transform": lambda p: fileio.write_transform(result.transform(), p),
+        "inverse": lambda p: fileio.write_transform(result.inverse_transform(), p),
+        "labels": lambda p: fileio.write_image(result.warped_labels["labels"], p),
+        "jacobian": lambda p: fileio.write_image(result.jacobian, p),
+    }
+    if "qa" in files:
+        from ..evaluation.figures import qa_figure
+
+        fixed = fileio.read_image(job.fixed, "fixed image")
+        moving = fileio.read_image(job.moving, "moving image")
+        writers["qa"] = lambda p: qa_figure(fixed, moving, result.warped, result.jacobian, p)
+    with contextlib.ExitStack() as stack:
+        for name, file in files.items():
+            writers[name](stack.enter_context(fileio.atomic_write_path(folder / file)))
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    from ..imaging.fileio import atomic_write_path
+
+    with atomic_write_path(path) as staged:
+        staged.write_text(json.dumps(value, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def run_job(
+    job: BatchJob,
+    settings: dict[str, Any],
+    outputs: tuple[str, ...],
+    out_dir: str,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Register one job into ``out_dir/<id>/``; its summary row, ``status`` "ok" or "failed"."""
+    started = time.perf_counter()
+    folder = Path(out_dir) / job.id
+    _announce(job.id, f"started (pid {os.getpid()})")
+    try:
+        import SimpleITK as sitk
+        import torch
+
+        from ..registration.engine import register
+        from ..registration.settings import RegistrationSettings
+
+        count = _threads(threads)
+        torch.set_num_threads(count)
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(count)
+        files = expected_outputs(job, outputs, settings)
+        folder.mkdir(parents=True, exist_ok=True)
+        # A report left by other settings must not vouch for the outputs this run replaces.
+        (folder / REPORT_FILE).unlink(missing_ok=True)
+        result = register(
+            job.fixed,
+            job.moving,
+            RegistrationSettings.from_dict(settings),
+            fixed_mask=job.fixed_mask,
+            moving_mask=job.moving_mask,
+            moving_labels=None if job.labels is None else {"labels": job.labels},
+            fixed_labels=job.fixed_labels if job.labels is not None else None,
+            progress=_decile_messages(job.id),
+        )
+        _write(result, job, folder, files)
+        report = dict(result.report)
+        report["batch"] = {
+            "id": job.id,
+            "inputs": job.inputs(),
+            "outputs": sorted(str(file) for file in files.values()),
+            "threads": count,
+            "pid": os.getpid(),
+            "job_s": time.perf_counter() - started,
+            # The worker process's peak so far: with one job at a time, its largest job's.
+            "worker_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        }
+        _write_json(folder / REPORT_FILE, report)
+        (folder / ERROR_FILE).unlink(missing_ok=True)
+        _announce(job.id, f"done in {report['batch']['job_s']:.1f} s")
+        return summary_row(job.id, report, "ok")
+    except Exception as error:
+        message = f"{type(error).__name__}: {error}"
+        with contextlib.suppress(Exception):
+            folder.mkdir(parents=True, exist_ok=True)
+            _write_json(
+                folder / ERROR_FILE,
+                {"id": job.id, "inputs": job.inputs(), "error": message,
+                 "traceback": traceback.format_exc()},
+            )  # fmt: skip
+        _announce(job.id, f"failed: {message}")
+        return summary_row(job.id, None, "failed", message, time.perf_counter() - started)
