@@ -278,11 +278,9 @@ def test_only_the_mrml_bridge_imports_slicer_and_nothing_imports_its_gui() -> No
     assert any(i.target == "slicer" for i in imports), "the bridge itself should import slicer"
 
 
-@pytest.mark.xfail(strict=False, reason="files being split")
 def test_no_library_file_is_over_400_lines() -> None:
     assert long_files() == []
 
 
-@pytest.mark.xfail(strict=False, reason="files being split")
 def test_no_function_is_over_80_lines_except_parser_builders() -> None:
     assert long_functions() == []
