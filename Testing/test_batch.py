@@ -85,7 +85,7 @@ def first_run(data, tmp_path_factory):
 
 def test_a_batch_writes_every_output_and_records_the_failed_job(data, first_run):
     out, code, _ = first_run
-    assert code == 1  # one job failed; the others still ran
+    assert code == batch_cli.EXIT_JOBS_FAILED  # one job failed; the others still ran
     for job in ("pair0", "pair1"):
         names = {p.name for p in (out / job).iterdir()}
         assert names == {OUTPUT_FILES[o] for o in EVERY_OUTPUT} | {"report.json"}
@@ -128,7 +128,7 @@ def test_the_summary_holds_the_reports_numbers(first_run):
 def test_a_rerun_skips_finished_jobs_and_retries_the_failed_one(data, first_run):
     out, _, args = first_run
     before = {job: (out / job / "report.json").stat().st_mtime_ns for job in ("pair0", "pair1")}
-    assert cli.main([*args, *QUICK, "--quiet"]) == 1
+    assert cli.main([*args, *QUICK, "--quiet"]) == batch_cli.EXIT_JOBS_FAILED
     after = {job: (out / job / "report.json").stat().st_mtime_ns for job in ("pair0", "pair1")}
     assert after == before
     log = (out / "batch.log").read_text()

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from .exit_codes import EXIT_ERROR, EXIT_OK
+from .exit_codes import EXIT_JOBS_FAILED, EXIT_OK
 from .options import add_settings_arguments, settings_from_arguments
 
 #: Mirrors ``batch.worker.OUTPUT_FILES`` (not imported: that would load the engine for --help).
@@ -24,7 +24,7 @@ template (--fixed with --moving). Each job writes a folder OUT/<id>/ (warped.nii
 transform.h5, warped_labels.nii.gz, jacobian.nii.gz, report.json, as --outputs asks); OUT gets
 summary.csv, summary.md, summary.png and batch.log. Finished jobs (a valid report for the same
 inputs and settings) are skipped, so rerunning a stopped batch resumes it. A failed job is
-recorded (OUT/<id>/error.json, the summary) and the others go on; the exit code is then 1.
+recorded (OUT/<id>/error.json, the summary) and the others go on; the exit code is then 4.
 """
 
 _EPILOG = """\
@@ -126,5 +126,5 @@ def run_batch_command(args: argparse.Namespace) -> int:
             f"{args.out / 'summary.md'}. Rerun the same command to retry only those.",
             file=sys.stderr,
         )
-        return EXIT_ERROR
+        return EXIT_JOBS_FAILED
     return EXIT_OK

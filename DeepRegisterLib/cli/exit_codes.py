@@ -9,6 +9,8 @@ from collections.abc import Callable
 from ..errors import InputError
 
 EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_MEMORY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+#: ``batch``: every job ran, and some failed (each recorded in its error.json and the summary).
+EXIT_JOBS_FAILED = 4
 
 
 def run_reporting_errors(command: str, work: Callable[[], object]) -> int:

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
             "'deepregister register --help' for the main command."
         ),
         epilog="Exit codes: 0 ok, 1 unexpected error, 2 bad input/options/model, "
-        "3 not enough memory, 130 interrupted.",
+        "3 not enough memory, 4 some batch jobs failed, 130 interrupted.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -84,7 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"deepregister: not enough memory: {error}", file=sys.stderr)
         return EXIT_MEMORY
     except (KeyboardInterrupt, RegistrationCancelled):
-        print("deepregister: interrupted; no output was written", file=sys.stderr)
+        kept = "finished jobs are kept" if args.command == "batch" else "no output was written"
+        print(f"deepregister: interrupted; {kept}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except DeepRegisterError as error:
         print(f"deepregister: error: {error}", file=sys.stderr)
