@@ -143,7 +143,13 @@ steps = {
 
 
 def peak() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM belongs to this address space, new at exec; ru_maxrss is inherited across fork and
+    # exec, so a child of a big pytest process would start at the parent's peak.
+    try:
+        status = open("/proc/self/status").read()
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return int(status.split("VmHWM:")[1].split()[0]) * 1024
 
 
 before, started, errors = peak(), time.perf_counter(), []
