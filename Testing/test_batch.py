@@ -70,6 +70,16 @@ def _write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _environment_kept():
+    """A LocalCluster a test starts itself writes its workers' variables (OMP_NUM_THREADS=1...)
+    into this process's environment: later tests' child processes must not inherit them."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def _no_partial_files(folder: Path) -> bool:
     return not any(".partial-" in path.name for path in folder.rglob("*"))
 
@@ -79,7 +89,11 @@ def first_run(data, tmp_path_factory):
     """The command line on the CSV: two jobs that work and one that fails."""
     out = tmp_path_factory.mktemp("batch-out")
     args = ["batch", "--jobs", str(data / "jobs.csv"), "--out", str(out), "--workers", "2"]
+    environment = dict(os.environ)
     code = cli.main([*args, *QUICK, "--quiet"])
+    # Dask's nanny writes OMP_NUM_THREADS=1 and more into this process's environment; a child
+    # started after the batch (the Slicer runner's, say) would inherit the workers' settings.
+    assert dict(os.environ) == environment
     return out, code, args
 
 

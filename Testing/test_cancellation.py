@@ -387,8 +387,8 @@ def test_a_cli_run_killed_mid_registration_leaves_no_output(
 def test_a_cli_run_killed_while_writing_leaves_no_output_under_its_name(
     a_2d_pair_on_disk, an_output_folder: Path
 ) -> None:
-    """Killed with the warped image and the transform staged and the Jacobian half-written:
-    no final name appears or changes. The staging folders stay behind (SIGKILL runs no
+    """Killed while the outputs are written side by side and the Jacobian is half-written: no
+    final name appears or changes. The staging folders stay behind (SIGKILL runs no
     cleanup): hidden, never named as an output, but each holds a file of the output's name
     (by design, for detached headers) — the half-written Jacobian among them."""
     driver = textwrap.dedent("""
@@ -420,7 +420,6 @@ def test_a_cli_run_killed_while_writing_leaves_no_output_under_its_name(
     # (A .nii.gz is written as .nii by ITK, then gzipped by fileio: the half file is the .nii.)
     (half,) = [path for name, path in leftovers.items() if name.startswith("jacobian.nii")]
     assert half.read_bytes() == b"half a jacobian"
-    assert sitk.ReadImage(str(leftovers["warped.nii.gz"])).GetSize() == (32, 28)
 
 
 # --- the MRML bridge ----------------------------------------------------------------------------

@@ -100,6 +100,7 @@ def dask_client(plan: WorkerPlan | None, scheduler: str | None, retries: int) ->
         "distributed.nanny.pre-spawn-environ.OMP_NUM_THREADS": plan.threads,
     }
     with (
+        _environment_restored(),
         dask.config.set(config),
         LocalCluster(
             n_workers=plan.workers,
@@ -112,3 +113,16 @@ def dask_client(plan: WorkerPlan | None, scheduler: str | None, retries: int) ->
         Client(cluster) as client,
     ):
         yield client
+
+
+@contextlib.contextmanager
+def _environment_restored() -> Iterator[None]:
+    """Dask's nanny writes its pre-spawn variables (OMP_NUM_THREADS=1, MALLOC_TRIM_THRESHOLD_,
+    ...) into this process's own environment; put it back, so that what runs after a batch (a
+    child process, torch imported later) sees the user's environment, not the workers'."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
