@@ -22,7 +22,7 @@ import pytest
 import SimpleITK as sitk
 
 from DeepRegisterLib.batch import jobs_from_csv, jobs_from_template, run_batch
-from DeepRegisterLib.batch.cluster import usable_cores
+from DeepRegisterLib.batch.cluster import WorkerPlan, dask_client, usable_cores
 from DeepRegisterLib.batch.summary import COLUMNS, summary_row
 from DeepRegisterLib.batch.worker import OUTPUT_FILES, finished_report
 from DeepRegisterLib.cli import batch as batch_cli
@@ -247,3 +247,12 @@ def test_csv_and_template_jobs_are_named_and_checked(data, tmp_path):
         jobs_from_template(data / "fixed0.nii.gz", str(tmp_path / "*.nrrd"), None)
     assert tuple(OUTPUT_FILES) == batch_cli.OUTPUTS
     assert COLUMNS[:2] == ("id", "status")
+
+
+def test_local_workers_keep_the_allocators_adaptive_thresholds():
+    """Dask's default MALLOC_TRIM_THRESHOLD_ for workers made one fs-dev registration take
+    31.0 s instead of 17.5 s (every large tensor mapped and zeroed afresh)."""
+    plan = WorkerPlan(workers=1, threads=1, memory_limit_bytes=2**30, job_bytes=2**28)
+    with dask_client(plan, None, retries=1) as client:
+        (value,) = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_")).values()
+    assert value is None

@@ -98,6 +98,9 @@ def dask_client(plan: WorkerPlan | None, scheduler: str | None, retries: int) ->
         "distributed.scheduler.allowed-failures": retries,
         # Torch's threads are set per job (worker.run_job); nothing else should spawn its own.
         "distributed.nanny.pre-spawn-environ.OMP_NUM_THREADS": plan.threads,
+        # Dask's default (65536) turns off glibc's adaptive mmap threshold, so every large
+        # tensor is mapped and zeroed afresh: one fs-dev pair took 31.0 s instead of 17.5 s.
+        "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
     }
     with (
         _environment_restored(),
