@@ -5,9 +5,11 @@ worker thread runs only in the gaps (the demo registration took 103 s instead of
 child is the library's own command line, run by Slicer's interpreter: the job's inputs go to a
 private temporary folder as uncompressed MetaImage (.mha: exact voxels and geometry; NRRD stores
 direction × spacing and reads an oblique direction back 1 ulp off), the settings as JSON;
-progress comes back as JSON lines on the child's stdout, read by a thread that only blocks on the
-pipe; the outputs come back as files and are pushed on the main thread, all or nothing. The
-folder is removed whatever the outcome. Use from the main thread::
+progress comes back as the JSON lines the child writes to a file in that folder, which
+:meth:`RegistrationProcess.poll` reads from the main thread without blocking. No Python thread
+of ours is involved, and a starved reader can never stall the child (as a full pipe would); the
+outputs come back as files and are pushed on the main thread, all or nothing. The folder is
+removed whatever the outcome. Use from the main thread::
 
     process = RegistrationProcess(job).start()
     while process.running:          # a QTimer slot in the module
@@ -20,15 +22,13 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import queue
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import SimpleITK as sitk
 import slicer
@@ -72,8 +72,9 @@ class RegistrationProcess:
         self.cancelRequested = False
         self._folder: Path | None = None
         self._process: subprocess.Popen | None = None
-        self._reader: threading.Thread | None = None
-        self._messages: queue.SimpleQueue[tuple[float, str]] = queue.SimpleQueue()
+        self._progress: BinaryIO | None = None  # the child's stdout, read from where poll left off
+        self._partialLine = b""
+        self._drained = False  # the child has ended and poll() has read all it wrote
         self._labelKeys = list(job.labelImages)
 
     def start(self) -> RegistrationProcess:
@@ -81,22 +82,21 @@ class RegistrationProcess:
         self._folder = Path(tempfile.mkdtemp(prefix="DeepRegister-"))
         try:
             command = self._writeInputs(self._folder)
-            with open(self._folder / "stderr.txt", "wb") as stderr:
+            progress = self._folder / "progress.jsonl"
+            with open(progress, "wb") as stdout, open(self._folder / "stderr.txt", "wb") as stderr:
                 self._process = subprocess.Popen(
                     command,
                     stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    bufsize=1 << 16,  # one GIL hand-over per 64 KB when the reader is starved
+                    stdout=stdout,
                     stderr=stderr,
                     cwd=self._folder,
                     env=_childEnvironment(),
                     creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0),
                 )
+            self._progress = open(progress, "rb")  # noqa: SIM115 (closed in _cleanUp)
         except BaseException:
-            self._removeFolder()
+            self._cleanUp()
             raise
-        self._reader = threading.Thread(target=self._read, name="DeepRegister pipe", daemon=True)
-        self._reader.start()
         atexit.register(self.cancel)  # closing Slicer ends the child too
         return self
 
@@ -106,24 +106,24 @@ class RegistrationProcess:
 
     @property
     def running(self) -> bool:
-        """True until the child has exited and its output has been read to the end."""
-        if self._process is None:
-            return False
-        return self._process.poll() is None or bool(self._reader and self._reader.is_alive())
+        """True until the child has ended and :meth:`poll` has returned all it wrote."""
+        return self._process is not None and not self._drained
 
     def poll(self) -> list[tuple[float, str]]:
-        """The (fraction, message) pairs that arrived since the last call, in order; never
+        """The (fraction, message) pairs the child wrote since the last call, in order; never
         blocks."""
-        messages = []
-        while True:
-            try:
-                messages.append(self._messages.get_nowait())
-            except queue.Empty:
-                return messages
+        if self._progress is None or self._drained:
+            return []
+        ended = self._process.poll() is not None  # asked first: what follows reads all it wrote
+        lines = (self._partialLine + self._progress.read()).split(b"\n")
+        self._partialLine = lines.pop()  # a line the child is still writing
+        self._drained = ended
+        return [event for event in map(_progressEvent, lines) if event is not None]
 
     def cancel(self) -> None:
         """End the child (terminate, then kill after a grace period) and remove its files."""
         self.cancelRequested = True
+        self._drained = True
         if self._process is not None and self._process.poll() is None:
             self._process.terminate()
             try:
@@ -150,16 +150,6 @@ class RegistrationProcess:
     def push(self) -> RegistrationNodes:
         """:meth:`finish`, then the outputs pushed into the scene (main thread, all or nothing)."""
         return self.job.push(self.finish())
-
-    def _read(self) -> None:
-        """The reader thread: progress events from the child's stdout into the queue."""
-        for line in self._process.stdout:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue  # not ours (a library printing to stdout)
-            if isinstance(event, dict) and event.get("event") == "progress":
-                self._messages.put((float(event["fraction"]), str(event["message"])))
 
     def _writeInputs(self, folder: Path) -> list[str]:
         job, out = self.job, folder / "out"
@@ -218,15 +208,22 @@ class RegistrationProcess:
 
     def _cleanUp(self) -> None:
         atexit.unregister(self.cancel)
-        if self._reader is not None:
-            self._reader.join(timeout=1.0)  # the pipe ends with the child
-        if self._process is not None and self._process.stdout is not None:
-            self._process.stdout.close()
-        self._removeFolder()
-
-    def _removeFolder(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)
+
+
+def _progressEvent(line: bytes) -> tuple[float, str] | None:
+    """(fraction, message) of a progress line; None for any other line (the final "done"
+    event, or a library printing to stdout)."""
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(event, dict) or event.get("event") != "progress":
+        return None
+    return float(event["fraction"]), str(event["message"])
 
 
 def _displacementField(path: Path) -> sitk.Image | None:
