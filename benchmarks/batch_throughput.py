@@ -29,13 +29,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere, without installing
     sys.path.insert(0, str(REPO))
 
-from benchmarks.run_benchmark import ordered_pairs, subjects_in  # noqa: E402
+from benchmarks.pairs import ordered_pairs, subjects_in  # noqa: E402
+from benchmarks.run_benchmark import DEFAULT_DATA  # noqa: E402
 from DeepRegisterLib.batch import BatchJob, run_batch  # noqa: E402
 from DeepRegisterLib.batch.cluster import usable_cores  # noqa: E402
 from DeepRegisterLib.batch.worker import DEFAULT_OUTPUTS, run_job  # noqa: E402
 from DeepRegisterLib.registration.settings import RegistrationSettings  # noqa: E402
-
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "fs-dev"
 
 
 def fsdev_jobs(data: Path, count: int) -> list[BatchJob]:

@@ -50,7 +50,6 @@ from benchmarks.pairs import (  # noqa: E402
     smoke_pairs,
     subjects_in,
 )
-from benchmarks.pairs import ordered_pairs as ordered_pairs  # noqa: E402 (for older scripts)
 from benchmarks.run_report import write_report  # noqa: E402
 from benchmarks.tasks import PairSpec, Settings, Task  # noqa: E402
 from DeepRegisterLib import RegistrationSettings  # noqa: E402

@@ -33,14 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere, without installing
     sys.path.insert(0, str(REPO))
 
-from benchmarks.run_benchmark import (  # noqa: E402
-    DEFAULT_DATA,
-    DEFAULT_OUT,
-    machine_info,
-    ordered_pairs,
-    subjects_in,
-    usable_cores,
-)
+from benchmarks.pairs import ordered_pairs, subjects_in  # noqa: E402
+from benchmarks.run_benchmark import DEFAULT_DATA, DEFAULT_OUT, machine_info, usable_cores  # noqa: E402
 
 #: Output name → (register option, file name); ``--outputs`` picks among them.
 OUTPUTS = {

@@ -98,8 +98,8 @@ def _decile_messages(job_id: str) -> Callable[[float, str], None]:
     return progress
 
 
-def _write(result, job: BatchJob, folder: Path, files: dict[str, Path]) -> None:
-    """Stage every output, then move them into place together (``atomic_write_path``)."""
+def _write(result, fixed, moving, folder: Path, files: dict[str, Path]) -> None:
+    """Every output of the job, all or none (:func:`fileio.write_together`)."""
     from ..imaging import fileio
 
     writers: dict[str, Callable[[Path], Any]] = {
@@ -112,12 +112,8 @@ def _write(result, job: BatchJob, folder: Path, files: dict[str, Path]) -> None:
     if "qa" in files:
         from ..evaluation.figures import qa_figure
 
-        fixed = fileio.read_image(job.fixed, "fixed image")
-        moving = fileio.read_image(job.moving, "moving image")
         writers["qa"] = lambda p: qa_figure(fixed, moving, result.warped, result.jacobian, p)
-    with contextlib.ExitStack() as stack:
-        for name, file in files.items():
-            writers[name](stack.enter_context(fileio.atomic_write_path(folder / file)))
+    fileio.write_together([(folder / file, writers[name]) for name, file in files.items()])
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
@@ -142,6 +138,7 @@ def run_job(
         import SimpleITK as sitk
         import torch
 
+        from ..imaging.fileio import read_image
         from ..registration.engine import register
         from ..registration.settings import RegistrationSettings
 
@@ -152,9 +149,11 @@ def run_job(
         folder.mkdir(parents=True, exist_ok=True)
         # A report left by other settings must not vouch for the outputs this run replaces.
         (folder / REPORT_FILE).unlink(missing_ok=True)
+        fixed = read_image(job.fixed, "fixed image")  # read once: the QA figure shows them too
+        moving = read_image(job.moving, "moving image")
         result = register(
-            job.fixed,
-            job.moving,
+            fixed,
+            moving,
             RegistrationSettings.from_dict(settings),
             fixed_mask=job.fixed_mask,
             moving_mask=job.moving_mask,
@@ -162,7 +161,7 @@ def run_job(
             fixed_labels=job.fixed_labels if job.labels is not None else None,
             progress=_decile_messages(job.id),
         )
-        _write(result, job, folder, files)
+        _write(result, fixed, moving, folder, files)
         report = dict(result.report)
         report["batch"] = {
             "id": job.id,

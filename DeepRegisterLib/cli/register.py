@@ -7,10 +7,8 @@ whole run succeeded, each atomically: a failed or interrupted run leaves no file
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -167,8 +165,7 @@ def _as_pictures(result, args, moving, label_types: dict[Path, int]):
 
 
 def _write_outputs(result, args, fixed, moving, pictures) -> list[Path]:
-    """Stage every output, write them side by side (ITK and zlib release the GIL), then move
-    them all into place together, or none of them if any failed."""
+    """Every output asked for, all or none (:func:`fileio.write_together`)."""
     from ..imaging import fileio
 
     plan: list[tuple[Path, Any]] = []
@@ -197,13 +194,7 @@ def _write_outputs(result, args, fixed, moving, pictures) -> list[Path]:
     if args.report:
         text = json.dumps(result.report, indent=2, default=str) + "\n"
         plan.append((args.report, lambda p: p.write_text(text)))
-    with contextlib.ExitStack() as stack:
-        staged = [stack.enter_context(fileio.atomic_write_path(path)) for path, _ in plan]
-        with ThreadPoolExecutor(max_workers=min(len(plan), 4)) as pool:
-            futures = [pool.submit(write, to) for (_, write), to in zip(plan, staged, strict=True)]
-        for future in futures:
-            future.result()  # the first failure, once every writer has stopped
-    return [path for path, _ in plan]
+    return fileio.write_together(plan)
 
 
 def _write_transform(displacement, path: Path) -> None:

@@ -16,7 +16,8 @@ import struct
 import tempfile
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import SimpleITK as sitk
@@ -55,6 +56,18 @@ def atomic_write_path(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(item, target.parent / item.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_together(plan: Sequence[tuple[Path, Callable[[Path], object]]]) -> list[Path]:
+    """Stage every output, write them side by side (ITK and zlib release the GIL), then move
+    them all into place together, or none of them if any writer failed."""
+    with contextlib.ExitStack() as stack:
+        staged = [stack.enter_context(atomic_write_path(path)) for path, _ in plan]
+        with ThreadPoolExecutor(max_workers=max(1, min(len(plan), 4))) as pool:
+            futures = [pool.submit(write, to) for (_, write), to in zip(plan, staged, strict=True)]
+        for future in futures:
+            future.result()  # the first failure, once every writer has stopped
+    return [path for path, _ in plan]
 
 
 def _sweep_stale_staging(target: Path) -> None:

@@ -124,20 +124,14 @@ def registerVolumes(
     movingNode: slicer.vtkMRMLScalarVolumeNode,
     settings: RegistrationSettings | str | None = None,
     *,
-    outputTransformNode: slicer.vtkMRMLTransformNode | None = None,
-    outputVolumeNode: slicer.vtkMRMLScalarVolumeNode | None = None,
-    createOutputVolume: bool = False,
-    fixedMaskNode: MaskNode | None = None,
-    movingMaskNode: MaskNode | None = None,
-    movingLabelNodes: Sequence[LabelNode] = (),
-    initialTransformNode: slicer.vtkMRMLTransformNode | None = None,
-    createReportTable: bool = True,
     progress=None,
     cancel=None,
-    **settingsKeywords: Any,
+    **arguments: Any,
 ) -> RegistrationNodes:
     """Register two volume nodes in this process and put the results into their scene; for the
     Python console (it blocks until done; the module runs a child process instead).
+
+    ``arguments`` are :func:`prepareRegistration`'s keywords (the nodes, and settings fields):
 
     - ``settings``: a RegistrationSettings, a preset name ("fast", "balanced", "accurate"), or
       None; keywords named like its fields override it (``compute_inverse=True``,
@@ -162,18 +156,5 @@ def registerVolumes(
     Raises InputError for unusable input and RegistrationCancelled when cancelled; either way
     the scene is left as it was.
     """
-    job = prepareRegistration(
-        fixedNode,
-        movingNode,
-        settings,
-        outputTransformNode=outputTransformNode,
-        outputVolumeNode=outputVolumeNode,
-        createOutputVolume=createOutputVolume,
-        fixedMaskNode=fixedMaskNode,
-        movingMaskNode=movingMaskNode,
-        movingLabelNodes=movingLabelNodes,
-        initialTransformNode=initialTransformNode,
-        createReportTable=createReportTable,
-        **settingsKeywords,
-    )
+    job = prepareRegistration(fixedNode, movingNode, settings, **arguments)
     return job.push(job.run(progress, cancel))
