@@ -556,8 +556,11 @@ def test_settings_come_as_an_object_a_preset_name_or_their_field_names(scene):
     by_object = mrml.prepareRegistration(fixed, moving, settings)
     overridden = mrml.prepareRegistration(fixed, moving, settings, compute_inverse=False)
 
-    assert by_name.settings == by_object.settings == settings
-    assert overridden.settings == settings.replace(compute_inverse=False)
+    # No node receives a warped volume: none is made.
+    assert by_name.settings == by_object.settings == settings.replace(compute_warped=False)
+    assert overridden.settings == settings.replace(compute_inverse=False, compute_warped=False)
+    wanted = mrml.prepareRegistration(fixed, moving, settings, createOutputVolume=True)
+    assert wanted.settings == settings
 
 
 def test_a_segmentation_mask_is_the_union_of_its_segments_on_the_volume_grid(scene):

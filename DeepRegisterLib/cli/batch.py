@@ -103,7 +103,11 @@ def run_batch_command(args: argparse.Namespace) -> int:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
     if args.retries < 0:
         raise InputError("--retries must be 0 or more")
-    settings = settings_from_arguments(args, compute_inverse="inverse" in args.outputs)
+    settings = settings_from_arguments(
+        args,
+        compute_inverse="inverse" in args.outputs,
+        compute_warped=bool({"warped", "qa"} & set(args.outputs)),
+    )
     from ..batch import run_batch
 
     outcome = run_batch(

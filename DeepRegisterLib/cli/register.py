@@ -140,9 +140,13 @@ def _check_before_work(args: argparse.Namespace) -> dict[Path, int]:
 
 
 def _settings(args: argparse.Namespace):
-    """The settings, with the inverse and the Jacobian computed only where an output needs them
-    (the report records folding when the settings ask for it)."""
-    settings = settings_from_arguments(args, compute_inverse=args.inverse_transform is not None)
+    """The settings, with the warped image, the inverse and the Jacobian computed only where an
+    output needs them (the report records folding when the settings ask for it)."""
+    settings = settings_from_arguments(
+        args,
+        compute_inverse=args.inverse_transform is not None,
+        compute_warped=bool(args.warped or args.qa_png),
+    )
     reported = args.report is not None or args.progress == "json"
     jacobian = bool(args.jacobian or args.qa_png) or (reported and settings.compute_jacobian)
     return settings.replace(compute_jacobian=jacobian)

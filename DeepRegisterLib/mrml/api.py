@@ -88,7 +88,9 @@ def prepareRegistration(
     **settingsKeywords: Any,
 ) -> RegistrationJob:
     """Check the nodes and read their voxels; see :func:`registerVolumes` for the arguments."""
-    settings = settingsFrom(settings, **settingsKeywords)
+    # The warped volume is made only for a node that receives it.
+    warped = outputVolumeNode is not None or createOutputVolume
+    settings = settingsFrom(settings, **settingsKeywords).replace(compute_warped=warped)
     if fixedNode is None or movingNode is None:
         raise InputError("select both a fixed and a moving volume")
     if fixedNode is movingNode:

@@ -36,7 +36,7 @@ class PushableResult(Protocol):
 
     fixed_grid: Grid
     displacement: sitk.Image
-    warped: sitk.Image
+    warped: sitk.Image | None
     warped_labels: dict[str, sitk.Image]
     jacobian: sitk.Image | None
     inverse_displacement: sitk.Image | None
@@ -196,6 +196,9 @@ def push(result: PushableResult, targets: PushTargets) -> RegistrationNodes:
 def _pushWarpedVolume(edit: SceneEdit, targets: PushTargets, result: PushableResult):
     """The warped volume's node (new or updated), or None when none was asked for."""
     outputVolumeNode = targets.outputVolumeNode
+    wanted = outputVolumeNode is not None or targets.createOutputVolume
+    if wanted and result.warped is None:
+        raise InputError("this result has no warped volume: register with compute_warped=True")
     if outputVolumeNode is None and targets.createOutputVolume:
         name = f"{targets.movingNode.GetName()} warped"
         outputVolumeNode = edit.newNode("vtkMRMLScalarVolumeNode", name)

@@ -56,7 +56,7 @@ class ProcessOutputs:
 
     fixed_grid: Grid
     displacement: sitk.Image
-    warped: sitk.Image
+    warped: sitk.Image | None  # None unless a volume node receives it
     warped_labels: dict[str, sitk.Image] = field(default_factory=dict)
     jacobian: sitk.Image | None = None
     inverse_displacement: sitk.Image | None = None
@@ -167,8 +167,10 @@ class RegistrationProcess:
             "--moving", written(job.moving, "moving.mha"),
             "--settings", str(folder / "settings.json"), "--progress", "json",
             "--displacement", str(out / "displacement.mha"),  # float64, exactly as computed
-            "--warped", str(out / "warped.mha"), "--report", str(out / "report.json"),
+            "--report", str(out / "report.json"),
         ]  # fmt: skip
+        if job.settings.compute_warped:
+            command += ["--warped", str(out / "warped.mha")]
         if job.fixedMask is not None:
             command += ["--fixed-mask", written(job.fixedMask, "fixed-mask.mha")]
         if job.movingMask is not None:

@@ -22,7 +22,7 @@ from .warping import compose_displacement, inverse_displacement, warp_image
 @dataclass
 class Outputs:
     displacement: sitk.Image
-    warped: sitk.Image
+    warped: sitk.Image | None  # None unless the settings ask for it
     warped_labels: dict[str, sitk.Image]
     inverse: sitk.Image | None
     jacobian: sitk.Image | None
@@ -43,7 +43,11 @@ def output_stage(
             affine, deformation.flow_mm, job.network_grid, Grid.of(job.fixed_image), stop
         )
         stages.report("outputs", 0.3, "warping the moving image")
-        warped = warp_image(job.moving_image, displacement, device=device, is_cancelled=stop)
+        warped = (
+            warp_image(job.moving_image, displacement, device=device, is_cancelled=stop)
+            if job.settings.compute_warped
+            else None
+        )
         warped_labels = {
             name: warp_image(labels, displacement, nearest=True, device=device, is_cancelled=stop)
             for name, labels in job.label_maps.items()

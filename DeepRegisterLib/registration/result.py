@@ -29,7 +29,7 @@ class RegistrationResult:
 
     fixed_grid: Grid
     displacement: sitk.Image
-    warped: sitk.Image
+    warped: sitk.Image | None  # None when the settings' compute_warped is off
     affine: sitk.Transform
     warped_labels: dict[str, sitk.Image] = field(default_factory=dict)
     jacobian: sitk.Image | None = None

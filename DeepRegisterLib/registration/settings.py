@@ -74,6 +74,7 @@ class RegistrationSettings:
     compute_inverse: bool = _option(
         False, "also compute the inverse (moving to fixed) transform", cli="derived"
     )
+    compute_warped: bool = _option(True, "warp the moving image onto the fixed grid", cli="derived")
     compute_jacobian: bool = _option(
         True, "compute the Jacobian determinant and its QA figures", cli="derived"
     )
