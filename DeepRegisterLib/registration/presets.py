@@ -24,7 +24,9 @@ class Preset:
     description: str
     affine_iterations: int
     levels: tuple[Level, ...]
-    affine_finest_mm: float = 2.0
+    # The affine stage's finest level: 4 mm matched 2 mm's Dice after `balanced` on ten fs-dev
+    # pairs (0.837 against 0.836) in a third of the stage's time.
+    affine_finest_mm: float = 4.0
     regularization: float = 1.0
     learning_rate: float = 0.5
     window: int = 5  # local NCC window, voxels at each level
@@ -75,7 +77,6 @@ PRESETS: dict[str, Preset] = {
             "about 12 s for a 1 mm brain on two CPU threads, 15 s on one",
             affine_iterations=60,
             levels=(Level(4.0, 20, 4), Level(2.0, 10, 4, control_mm=2.0)),
-            affine_finest_mm=4.0,
             network_passes=1,
         ),
         Preset(
