@@ -62,7 +62,8 @@ def add_register_parser(subparsers: Any) -> None:
         "--transform",
         type=Path,
         help="total transform: ITK .h5/.tfm (float64), or a displacement-field image "
-        "(.nii.gz/.nrrd/.mha, float32, which ITK, ANTs and Slicer read)",
+        "(.nii.gz/.nrrd/.mha, float32, which ITK, ANTs and Slicer read). Writing a 256³ "
+        "field takes about 0.3 s as .mha, 0.5 s as .nrrd, 1 s as .h5, 1.5 s as .nii.gz",
     )
     out.add_argument(
         "--displacement",
