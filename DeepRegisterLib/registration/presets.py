@@ -76,20 +76,20 @@ PRESETS: dict[str, Preset] = {
         # Six 2 mm steps instead of ten lost Dice on all twenty (0.8258).
         Preset(
             "fast",
-            "about 12 s for a 1 mm brain on two CPU threads, 15 s on one",
+            "about 16 s for a 1 mm brain on two CPU threads, start to files",
             affine_iterations=60,
             levels=(Level(4.0, 20, 4), Level(2.0, 10, 3, control_mm=2.0)),
             network_passes=1,
         ),
         Preset(
             "balanced",
-            "about 36 s for a 1 mm brain on two CPU threads",
+            "about 33 s for a 1 mm brain on two CPU threads, start to files",
             affine_iterations=100,
             levels=(Level(4.0, 50, 5), Level(2.0, 30, 6, control_mm=2.0)),
         ),
         Preset(
             "accurate",
-            "about 75 s on two CPU threads, for the best overlap",
+            "about 80 s on two CPU threads, for the best overlap",
             affine_iterations=150,
             # 4 and 5 squaring steps instead of 5 and 7: the same mean Dice on six fs-dev pairs
             # (0.8319), a fifth less per 2 mm step. `balanced` with 4 and 5 lost up to 0.0007.
