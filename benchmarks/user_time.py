@@ -157,10 +157,11 @@ def dice_27(report: dict[str, Any]) -> float | None:
     mean covers every label of the fixed map, small ones included)."""
     from DeepRegisterLib.imaging import metrics
 
-    for per_label in report.get("dice", {}).values():
-        chosen = {k: v for k, v in per_label.items() if int(k) in metrics.FREESURFER_EVAL_LABELS}
-        return metrics.mean_dice(chosen)
-    return None
+    per_label = next(iter(report.get("dice", {}).values()), None)
+    if per_label is None:
+        return None
+    chosen = {k: v for k, v in per_label.items() if int(k) in metrics.FREESURFER_EVAL_LABELS}
+    return metrics.mean_dice(chosen)
 
 
 def fsdev(data: Path, count: int) -> list[dict[str, str]]:

@@ -88,9 +88,7 @@ def prepareRegistration(
     **settingsKeywords: Any,
 ) -> RegistrationJob:
     """Check the nodes and read their voxels; see :func:`registerVolumes` for the arguments."""
-    # The warped volume is made only for a node that receives it.
-    warped = outputVolumeNode is not None or createOutputVolume
-    settings = settingsFrom(settings, **settingsKeywords).replace(compute_warped=warped)
+    settings = settingsFrom(settings, **settingsKeywords)
     if fixedNode is None or movingNode is None:
         raise InputError("select both a fixed and a moving volume")
     if fixedNode is movingNode:
@@ -111,7 +109,8 @@ def prepareRegistration(
     )  # fmt: skip
     return RegistrationJob(
         targets=targets,
-        settings=settings,
+        # The warped volume is made only for a node that receives it.
+        settings=settings.replace(compute_warped=targets.wantsWarpedVolume),
         fixed=imageFromVolumeNode(fixedNode),
         moving=imageFromVolumeNode(movingNode),
         fixedMask=fixedMask,

@@ -68,6 +68,10 @@ class PushTargets:
     labelSources: Sequence[LabelSource] = ()
     createReportTable: bool = True
 
+    @property
+    def wantsWarpedVolume(self) -> bool:
+        return self.outputVolumeNode is not None or self.createOutputVolume
+
     def checkedScene(self) -> slicer.vtkMRMLScene:
         """The scene, once every target is still in it and the outputs are acceptable."""
         scene = self.fixedNode.GetScene()
@@ -196,8 +200,7 @@ def push(result: PushableResult, targets: PushTargets) -> RegistrationNodes:
 def _pushWarpedVolume(edit: SceneEdit, targets: PushTargets, result: PushableResult):
     """The warped volume's node (new or updated), or None when none was asked for."""
     outputVolumeNode = targets.outputVolumeNode
-    wanted = outputVolumeNode is not None or targets.createOutputVolume
-    if wanted and result.warped is None:
+    if targets.wantsWarpedVolume and result.warped is None:
         raise InputError("this result has no warped volume: register with compute_warped=True")
     if outputVolumeNode is None and targets.createOutputVolume:
         name = f"{targets.movingNode.GetName()} warped"

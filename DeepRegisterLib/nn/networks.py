@@ -50,9 +50,20 @@ def _normalised_identity(
     take part in a later autograd graph.
     """
     with torch.inference_mode(False):
-        extent = torch.tensor([max(s - 1, 1) for s in shape], device=device, dtype=dtype)
-        normalised = 2.0 * identity_grid(shape, device, dtype) / extent.view(-1, *[1] * len(shape))
-        return (normalised - 1.0).flip(1).movedim(1, -1).contiguous()
+        return _grid_coordinates(identity_grid(shape, device, dtype), shape).contiguous()
+
+
+def _grid_coordinates(voxel_coords: torch.Tensor, in_shape: tuple[int, ...]) -> torch.Tensor:
+    """Voxel coordinates (N, dim, *out_shape) of an ``in_shape`` image as grid_sample's
+    normalised ones (corners aligned), (N, *out_shape, dim) with x = I first."""
+    spatial = len(in_shape)
+    extent = torch.tensor(
+        [max(s - 1, 1) for s in in_shape], device=voxel_coords.device, dtype=voxel_coords.dtype
+    ).view(1, spatial, *([1] * spatial))
+    # Whole-tensor arithmetic, not a slice per axis: in an optimisation step each slice's
+    # backward filled a zero tensor the flow's size, three for every sampling.
+    norm = 2.0 * voxel_coords / extent - 1.0
+    return norm.flip(1).movedim(1, -1)
 
 
 def sample(
@@ -62,16 +73,7 @@ def sample(
     padding_mode: str = "zeros",
 ) -> torch.Tensor:
     """Sample ``image`` (N, C, *in_shape) at voxel coordinates (N, dim, *out_shape)."""
-    spatial = image.dim() - 2
-    extent = torch.tensor(
-        [max(s - 1, 1) for s in image.shape[2:]],
-        device=voxel_coords.device,
-        dtype=voxel_coords.dtype,
-    ).view(1, spatial, *([1] * spatial))
-    # Whole-tensor arithmetic, not a slice per axis: in an optimisation step each slice's
-    # backward filled a zero tensor the flow's size, three for every sampling.
-    norm = 2.0 * voxel_coords / extent - 1.0
-    grid = norm.flip(1).movedim(1, -1)  # grid_sample wants (x=I, y=J, z=K)
+    grid = _grid_coordinates(voxel_coords, tuple(image.shape[2:]))
     return grid_sample(image, grid, mode=mode, padding_mode=padding_mode)
 
 
