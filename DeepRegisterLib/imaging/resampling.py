@@ -3,9 +3,9 @@
 SimpleITK's one-call functions cannot be interrupted, and on a 512² × 600 CT one call runs for
 many seconds. Filter objects, though, emit progress events many times a second and honour
 ``Abort()``, so :func:`resample` aborts from its progress callback when a cancel is requested.
-``RecursiveGaussianImageFilter`` reports progress only at its start and end; it filters each line
-along one axis independently, so :func:`antialiased` runs it over slabs cut across the other axes
-(bit-identical to one whole-volume call) and checks for a cancel between slabs.
+The anti-aliasing Gaussian filters each line along one axis independently, so
+:func:`antialiased` runs it over slabs cut across another axis (bit-identical to one
+whole-volume pass) and checks for a cancel between slabs.
 """
 
 from __future__ import annotations
@@ -76,22 +76,48 @@ def resample_linear(
 def _gaussian_along(
     volume: np.ndarray, spacing: tuple[float, ...], sigma: float, axis: int, is_cancelled
 ) -> np.ndarray:
-    """ITK's recursive Gaussian along ITK ``axis`` of a (K, J, I) array, slab by slab."""
+    """A Gaussian of ``sigma`` mm along ITK ``axis`` of a (K, J, I) array, slab by slab."""
     array_axis = volume.ndim - 1 - axis
     across = 1 if array_axis == 0 else 0  # slabs are cut across another axis
     per_slab = max(1, SLAB_VOXELS * volume.shape[across] // volume.size)
+    kernel = gaussian_half_kernel(sigma / spacing[axis])
     out = np.empty_like(volume)
-    gaussian = sitk.RecursiveGaussianImageFilter()
-    gaussian.SetSigma(sigma)
-    gaussian.SetDirection(axis)
     for start in range(0, volume.shape[across], per_slab):
         stop_if_cancelled(is_cancelled, "while smoothing the images")
         rows = (slice(None),) * across + (slice(start, start + per_slab),)
-        slab = sitk.GetImageFromArray(np.ascontiguousarray(volume[rows]))
-        slab.SetSpacing(spacing)
-        smoothed = gaussian.Execute(slab)  # held: the array view does not keep it alive
-        out[rows] = sitk.GetArrayViewFromImage(smoothed)
+        out[rows] = _convolve_along(volume[rows], kernel, array_axis)
     return out
+
+
+def gaussian_half_kernel(sigma_voxels: float) -> np.ndarray:
+    """The centre tap and one side of a sampled Gaussian cut at 4 σ, normalised to sum 1.
+
+    Sampled rather than ITK's recursive (IIR) approximation: at the sub-voxel widths used for
+    anti-aliasing (0.7 voxel from 1 to 2 mm) it is 3 to 7 taps, three times faster.
+    """
+    radius = max(1, int(4.0 * sigma_voxels + 0.5))
+    half = np.exp(-0.5 * (np.arange(radius + 1) / sigma_voxels) ** 2)
+    return (half / (half[0] + 2.0 * half[1:].sum())).astype(np.float32)
+
+
+def _convolve_along(volume: np.ndarray, half_kernel: np.ndarray, axis: int) -> np.ndarray:
+    """``volume`` convolved along array ``axis`` with the symmetric kernel, border repeated."""
+    radius = len(half_kernel) - 1
+    lines = np.moveaxis(volume, axis, 0)
+    n = lines.shape[0]
+    edge = [np.repeat(lines[:1], radius, 0), lines, np.repeat(lines[-1:], radius, 0)]
+    padded = np.concatenate(edge)
+    out = padded[radius : radius + n] * half_kernel[0]
+    pair = np.empty_like(out)
+    for tap in range(1, radius + 1):  # the two taps at ±tap share a weight
+        np.add(
+            padded[radius - tap : radius - tap + n],
+            padded[radius + tap : radius + tap + n],
+            out=pair,
+        )
+        pair *= half_kernel[tap]
+        out += pair
+    return np.moveaxis(out, 0, axis)
 
 
 def antialiased(
