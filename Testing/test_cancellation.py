@@ -85,8 +85,9 @@ class CancelFromAnotherThread:
         ("optimising", 2, "during optimisation"),
         ("composing the transform", 1, "while writing outputs"),
         ("warping the moving image", 1, "while writing outputs"),
+        ("computing the Jacobian determinant", 1, "while writing outputs"),
     ],
-    ids=["affine", "optimisation", "outputs-compose", "outputs-warp"],
+    ids=["affine", "optimisation", "outputs-compose", "outputs-warp", "outputs-jacobian"],
 )
 def test_a_cancel_request_stops_each_stage_within_a_second(
     a_3d_pair, prefix: str, nth: int, where: str
@@ -100,6 +101,7 @@ def test_a_cancel_request_stops_each_stage_within_a_second(
     latency = time.perf_counter() - canceller.set_at
     assert latency < LATENCY_LIMIT_S, f"took {latency:.2f} s to stop"
     assert canceller.messages[-1] != "done"
+    assert _worker_threads() == []  # the det J beside the warps stopped with the run
 
 
 def test_a_cancel_request_stops_the_network_between_its_layers(a_3d_pair) -> None:

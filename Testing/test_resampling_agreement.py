@@ -17,7 +17,7 @@ from DeepRegisterLib.imaging import fileio, metrics
 from DeepRegisterLib.imaging.geometry import Grid
 from DeepRegisterLib.registration.engine import register
 from DeepRegisterLib.registration.result import RegistrationResult
-from DeepRegisterLib.registration.warping import warp_image
+from DeepRegisterLib.registration.warping import warp_image, warp_images
 
 
 class Case:
@@ -184,3 +184,31 @@ def test_warp_image_matches_itk_where_points_fall_outside_or_on_the_moving_borde
         sitk.Resample(labels, labels, transform, sitk.sitkNearestNeighbor, 0)
     )
     np.testing.assert_array_equal(ours_nn, itk_nn)
+
+
+def test_warping_several_images_in_one_pass_equals_itk_on_each() -> None:
+    """A scan and its labels share sampling coordinates; labels on another grid get their own."""
+    fixed = oblique_grid(3, size=(18, 20, 14))
+    scan_grid = oblique_grid(3, size=(22, 18, 16), degrees=35.0, spacing=(1.1, 1.2, 1.4))
+    coarse_grid = oblique_grid(3, size=(12, 10, 9), degrees=-10.0, spacing=(2.0, 2.2, 2.5))
+    rng = np.random.default_rng(1)
+    scan = image_on(scan_grid, rng.uniform(1, 255, size=scan_grid.shape).astype(np.float32))
+    labels = image_on(scan_grid, rng.integers(1, 9, size=scan_grid.shape).astype(np.uint8))
+    coarse = image_on(coarse_grid, rng.integers(1, 300, size=coarse_grid.shape).astype(np.int16))
+    field = rng.normal(scale=1.5, size=(*fixed.shape, 3))
+    displacement = image_on(fixed, field, vector=True)
+    transform = sitk.DisplacementFieldTransform(sitk.Cast(displacement, sitk.sitkVectorFloat64))
+    reference = image_on(fixed, np.zeros(fixed.shape, np.float32))
+
+    warped = warp_images([(scan, False), (labels, True), (coarse, True)], displacement)
+
+    itk_scan = sitk.Resample(scan, reference, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    assert np.abs(sitk.GetArrayFromImage(warped[0]) - sitk.GetArrayFromImage(itk_scan)).max() < 1e-3
+    for ours, moving in zip(warped[1:], (labels, coarse), strict=True):
+        itk = sitk.Resample(moving, reference, transform, sitk.sitkNearestNeighbor, 0)
+        assert ours.GetPixelID() == moving.GetPixelID()
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(ours), sitk.GetArrayFromImage(itk))
+        assert (sitk.GetArrayFromImage(itk) == 0).any()  # some points fall outside each grid
+    for ours, (moving, nearest) in zip(warped, ((scan, False), (labels, True)), strict=False):
+        alone = warp_image(moving, displacement, nearest=nearest)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(ours), sitk.GetArrayFromImage(alone))

@@ -6,19 +6,17 @@ network inputs, which does not depend on the affine, runs beside it on another.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
-from concurrent import futures
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
-from ..errors import InputError, stop_if_cancelled
+from ..errors import InputError
 from ..imaging.resampling import antialiased, fixed_on_grid, moving_on_grid, resample
 from .affine import register_normalised, to_affine
+from .beside import Beside
 from .job import Job
 from .preprocessing import normalised_for_registration
 from .progress import Stages
@@ -82,7 +80,7 @@ def _affine_beside_smoothing(
     stop = stages.cancelled
     # Normalised once, for the affine stage and the network inputs; dropped after them.
     moving_norm = normalised_for_registration(job.moving_image, stop)
-    with _AlongsideAffine(stop) as alongside:
+    with Beside(stop, "while preparing the images") as alongside:
         fixed_net_job = alongside.submit(fixed_on_grid, job.fixed_norm, reference)
         moving_smooth_job = alongside.submit(antialiased, moving_norm, reference.GetSpacing()[0])
         affine_tx = _affine_transform(stages, job, moving_norm)
@@ -104,38 +102,6 @@ def _affine_transform(stages: Stages, job: Job, moving_norm: sitk.Image) -> sitk
     if job.initial_transform is not None:
         return to_affine(job.initial_transform, dim)
     return sitk.AffineTransform(dim)
-
-
-class _AlongsideAffine:
-    """One worker thread for work that can run beside the affine stage.
-
-    The work is told to stop (its ``is_cancelled``) only when the main thread leaves the block
-    with an error, a cancel included; the main thread itself asks the user's cancel token while
-    it waits for a result. Leaving always waits for the worker, so no work outlives the run.
-    """
-
-    def __init__(self, is_cancelled: Callable[[], bool]):
-        self._is_cancelled = is_cancelled
-        self._failed = threading.Event()
-        self._pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepregister")
-
-    def __enter__(self) -> _AlongsideAffine:
-        return self
-
-    def submit(self, function: Callable[..., Any], *args: Any) -> futures.Future:
-        return self._pool.submit(function, *args, self._failed.is_set)
-
-    def result(self, job: futures.Future) -> Any:
-        while True:
-            try:
-                return job.result(timeout=0.1)
-            except futures.TimeoutError:  # not the built-in one before Python 3.11
-                stop_if_cancelled(self._is_cancelled, "while preparing the images")
-
-    def __exit__(self, error_type, *_: object) -> None:
-        if error_type is not None:
-            self._failed.set()
-        self._pool.shutdown(wait=True, cancel_futures=error_type is not None)
 
 
 def _domain_image(image: sitk.Image) -> sitk.Image:

@@ -13,10 +13,11 @@ import torch
 from ..imaging import metrics
 from ..imaging.geometry import Grid, flow_voxels_to_mm
 from ..nn.networks import integrate_velocity
+from .beside import Beside
 from .job import Job
 from .optimisation_stage import Deformation
 from .progress import Stages
-from .warping import compose_displacement, inverse_displacement, warp_image
+from .warping import compose_displacement, inverse_displacement, warp_images
 
 
 @dataclass
@@ -42,30 +43,50 @@ def output_stage(
         displacement = compose_displacement(
             affine, deformation.flow_mm, job.network_grid, Grid.of(job.fixed_image), stop
         )
-        stages.report("outputs", 0.3, "warping the moving image")
-        warped = (
-            warp_image(job.moving_image, displacement, device=device, is_cancelled=stop)
-            if job.settings.compute_warped
+    # det J is numpy on one core: it runs beside the warps, which keep torch's threads busy.
+    with Beside(stop, "while writing outputs") as beside:
+        qa = (
+            beside.submit(_jacobian_and_qa, job, displacement)
+            if job.settings.compute_jacobian
             else None
         )
-        warped_labels = {
-            name: warp_image(labels, displacement, nearest=True, device=device, is_cancelled=stop)
-            for name, labels in job.label_maps.items()
-        }
-        inverse = None
-        if job.settings.compute_inverse:
-            stages.report("outputs", 0.6, "inverting the transform")
-            inverse = _inverse(job, affine, deformation, stop)
-    stages.check("while writing outputs")
-    outputs = Outputs(displacement, warped, warped_labels, inverse, None)
-    if job.settings.compute_jacobian:
+        stages.report("outputs", 0.3, "warping the moving image")
+        with torch.inference_mode():
+            warped, warped_labels = _warped(job, displacement, device, stop)
+            inverse = None
+            if job.settings.compute_inverse:
+                stages.report("outputs", 0.6, "inverting the transform")
+                inverse = _inverse(job, affine, deformation, stop)
         stages.report("outputs", 0.8, "computing the Jacobian determinant")
-        outputs.jacobian = metrics.jacobian_determinant(displacement, stop)
-        region = job.fixed_mask
-        outputs.qa["folding_percent"] = metrics.folding_percent(outputs.jacobian, region, stop)
-        outputs.qa["sdlogj"] = metrics.sdlogj(outputs.jacobian, region, stop)
-        stages.check("while writing outputs")
+        outputs = Outputs(displacement, warped, warped_labels, inverse, None)
+        if qa is not None:
+            outputs.jacobian, outputs.qa = beside.result(qa)
+    stages.check("while writing outputs")
     return outputs
+
+
+def _warped(
+    job: Job, displacement: sitk.Image, device: torch.device, stop: Callable[[], bool]
+) -> tuple[sitk.Image | None, dict[str, sitk.Image]]:
+    """The moving image (if asked for) and every label map, warped in one pass."""
+    movings = [(labels, True) for labels in job.label_maps.values()]
+    if job.settings.compute_warped:
+        movings.insert(0, (job.moving_image, False))
+    warped = warp_images(movings, displacement, device=device, is_cancelled=stop)
+    image = warped.pop(0) if job.settings.compute_warped else None
+    return image, dict(zip(job.label_maps, warped, strict=True))
+
+
+def _jacobian_and_qa(
+    job: Job, displacement: sitk.Image, is_cancelled: Callable[[], bool]
+) -> tuple[sitk.Image, dict[str, Any]]:
+    jacobian = metrics.jacobian_determinant(displacement, is_cancelled)
+    region = job.fixed_mask
+    qa = {
+        "folding_percent": metrics.folding_percent(jacobian, region, is_cancelled),
+        "sdlogj": metrics.sdlogj(jacobian, region, is_cancelled),
+    }
+    return jacobian, qa
 
 
 def _inverse(

@@ -8,7 +8,7 @@ That keeps a 256³ composition to a few seconds on two CPU cores and memory to a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -220,6 +220,19 @@ def warp_image(
     Linear for intensities (float32 out); nearest for label maps (pixel type kept, labels
     exact). ``displacement`` is a vector image, or a (K, J, I, dim) array with ``grid``.
     """
+    return warp_images([(moving, nearest)], displacement, grid, device, is_cancelled)[0]
+
+
+def warp_images(
+    movings: Sequence[tuple[sitk.Image, bool]],
+    displacement: sitk.Image | np.ndarray,
+    grid: Grid | None = None,
+    device: torch.device | str = "cpu",
+    is_cancelled: Callable[[], bool] = lambda: False,
+) -> list[sitk.Image]:
+    """:func:`warp_image` of each ``(image, nearest)`` through one displacement, in one pass:
+    the field is read once, and images on the same grid (a scan and its label maps) share
+    their sampling coordinates, which cost more to build than the sampling itself."""
     device = torch.device(device)
     if isinstance(displacement, sitk.Image):
         grid = Grid.of(displacement)
@@ -228,30 +241,69 @@ def warp_image(
         raise ValueError("an array displacement needs its grid")
     else:
         u_array = displacement
-    moving_grid = Grid.of(moving)
-    # float32 holds integer labels exactly below 2**24; larger label values need float64.
-    exact_in_float32 = not nearest or _max_abs(moving) < 2**24
-    dtype = np.float32 if exact_in_float32 else np.float64
-    volume = torch.as_tensor(as_array(moving, dtype, is_cancelled))[None, None].to(device)
-    linear, constant = index_map(grid, moving_grid)
-    to_index = torch.as_tensor(
-        moving_grid.physical_to_index_affine()[0], device=device, dtype=torch.float32
-    )
-    # Labels keep their pixel type (their values are exact); intensities become float32.
-    pixel_id = moving.GetPixelID() if nearest else sitk.sitkFloat32
-    out_dtype = sitk.GetArrayViewFromImage(moving).dtype if nearest else np.float32
-    image = allocate(grid, pixel_id, is_cancelled=is_cancelled)
+    sources = [_Source(image, nearest, grid, device, is_cancelled) for image, nearest in movings]
+    mappings = {
+        source.grid: _ItkCoordinates(grid, source.grid, device) for source in sources
+    }  # fmt: skip
     rows = rows_per_slab(grid)
     for start in range(0, grid.shape[0], rows):
         stop = min(start + rows, grid.shape[0])
         stop_if(is_cancelled)
-        # float32 indices: 1.5e-5 voxel at index 256, and half the memory traffic of float64.
         u = torch.tensor(u_array[start:stop], device=device, dtype=torch.float32)
-        index = affine_field(linear, constant, grid, start, stop, device, torch.float32)
-        index = index + u @ to_index.T
-        values = sample(volume, index, "nearest" if nearest else "bilinear", itk=True)
-        paste_rows(image, values[0].cpu().numpy().astype(out_dtype, copy=False), start)
-    return image
+        for moving_grid, mapping in mappings.items():
+            coordinates, inside = mapping.at(u, start, stop)
+            for source in (source for source in sources if source.grid == moving_grid):
+                values = grid_sample(source.volume, coordinates, source.mode, "border")[0]
+                values = (values[0] * inside).cpu().numpy()
+                paste_rows(source.image, values.astype(source.dtype, copy=False), start)
+    return [source.image for source in sources]
+
+
+class _Source:
+    """One image to warp: its voxels as a tensor, and the output image being filled."""
+
+    def __init__(self, moving: sitk.Image, nearest: bool, grid: Grid, device, is_cancelled):
+        self.grid = Grid.of(moving)
+        self.mode = "nearest" if nearest else "bilinear"
+        # float32 holds integer labels exactly below 2**24; larger label values need float64.
+        exact_in_float32 = not nearest or _max_abs(moving) < 2**24
+        dtype = np.float32 if exact_in_float32 else np.float64
+        self.volume = torch.as_tensor(as_array(moving, dtype, is_cancelled))[None, None].to(device)
+        # Labels keep their pixel type (their values are exact); intensities become float32.
+        self.dtype = sitk.GetArrayViewFromImage(moving).dtype if nearest else np.float32
+        pixel_id = moving.GetPixelID() if nearest else sitk.sitkFloat32
+        self.image = allocate(grid, pixel_id, is_cancelled=is_cancelled)
+
+
+class _ItkCoordinates:
+    """Where the voxels of ``grid`` displaced by ``u`` fall in ``moving``, in grid_sample's
+    normalised coordinates, and which of them ITK's resampling counts as inside.
+
+    The index map and the normalisation are one affine map, applied once: ITK's half-voxel
+    bounds ``[−0.5, n − 0.5)`` become bounds on the normalised coordinates.
+    """
+
+    def __init__(self, grid: Grid, moving: Grid, device: torch.device):
+        linear, constant = index_map(grid, moving)
+        sizes = np.asarray(moving.size, dtype=np.float64)
+        scale = 2.0 / np.maximum(sizes - 1.0, 1.0)
+        self._grid, self._device = grid, device
+        self._linear, self._constant = scale[:, None] * linear, scale * constant - 1.0
+        to_index = moving.physical_to_index_affine()[0]
+        self._from_mm = torch.as_tensor((scale[:, None] * to_index).T, dtype=torch.float32)
+        self._low = torch.as_tensor(-0.5 * scale - 1.0, dtype=torch.float32)
+        self._high = torch.as_tensor((sizes - 0.5) * scale - 1.0, dtype=torch.float32)
+
+    def at(self, u: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For rows [start, stop) with displacement ``u`` (rows, …, dim) in mm: the
+        coordinates (1, rows, …, dim) and the inside mask (rows, …)."""
+        device = self._device
+        coordinates = affine_field(
+            self._linear, self._constant, self._grid, start, stop, device, torch.float32
+        )
+        coordinates = coordinates + u @ self._from_mm.to(device)
+        inside = (coordinates >= self._low.to(device)) & (coordinates < self._high.to(device))
+        return coordinates[None], inside.all(dim=-1).to(coordinates.dtype)
 
 
 def inverse_displacement(
