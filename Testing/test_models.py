@@ -177,6 +177,26 @@ def test_recursive_inference_adds_a_correction_and_still_swaps_to_the_inverse(di
     assert not torch.allclose(twice, once, atol=1e-3)
 
 
+def test_one_sided_recursive_inference_runs_one_forward_pass_per_pass() -> None:
+    """``symmetric=False`` (what `fast` asks for) is the (fixed, moving) order alone: half the
+    forward passes, and the refinement adds the one-sided correction."""
+    torch.manual_seed(0)
+    network = VxmDense(NetworkConfig(dim=3, **SMALL)).eval()
+    for parameter in network.flow.parameters():
+        parameter.data.normal_(std=0.1)
+    fixed, moving = random_pair(3)
+    calls = []
+    network.unet.register_forward_hook(lambda *_: calls.append(1))
+    with torch.inference_mode():
+        once = network.recursive_velocity(fixed, moving, 1, symmetric=False)
+        assert len(calls) == 1
+        twice = network.recursive_velocity(fixed, moving, 2, symmetric=False)
+        assert len(calls) == 3
+        direct = network.velocity(fixed, moving)
+    torch.testing.assert_close(once, direct, rtol=0, atol=0)
+    assert not torch.allclose(twice, once, atol=1e-3)
+
+
 @pytest.mark.parametrize("passes", [0, 9, 1.5, True, "2", None])
 def test_a_model_asking_for_an_impossible_number_of_passes_is_refused(
     a_saved_3d_model: models.ModelInfo, passes: object
@@ -251,6 +271,36 @@ def test_register_with_a_saved_model_reports_its_name_and_checksum(
     multiple = a_saved_3d_model.network.multiple
     assert all(n % multiple == 0 for n in result.report["network_grid"]["size"])
     assert result.report["folding_percent"] < 0.01
+
+
+@pytest.mark.parametrize(
+    ("dim", "preset", "forward_passes"),
+    [(3, "fast", 1), (3, "balanced", 2), (2, "fast", 2)],
+    ids=["3d-fast-one-sided", "3d-balanced-symmetric", "2d-fast-symmetric"],
+)
+def test_the_preset_says_whether_a_pass_takes_one_order_or_both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dim: int, preset: str, forward_passes: int
+) -> None:
+    torch.manual_seed(0)
+    extra = {"input_spacing_mm": 3.0}
+    info = models.save_model(VxmDense(NetworkConfig(dim=dim, **SMALL)), tmp_path, "m", extra)
+    calls = []
+    real_velocity = VxmDense.velocity
+
+    def counted(self, fixed, moving):
+        calls.append(1)
+        return real_velocity(self, fixed, moving)
+
+    monkeypatch.setattr(VxmDense, "velocity", counted)
+    if dim == 3:
+        fixed, moving = a_shifted_3d_pair()
+    else:
+        grid = oblique_grid(2, size=(40, 36))
+        phantom = make_phantom(2, grid_centre(grid), scale_mm=10.0)
+        fixed, moving = phantom.image(grid), phantom.image(grid, through=lambda y: y - 1.5)
+    options = dict(preset=preset, iterations=1, device="cpu")
+    assert register(fixed, moving, model=str(info.weights), **options).report["model"] == "m"
+    assert len(calls) == forward_passes
 
 
 def test_an_unknown_model_name_lists_the_available_ones(

@@ -60,22 +60,24 @@ def test_the_optimiser_and_the_report_get_the_presets_folding_weight(
     assert report["folding_weight"] == 3.5
 
 
-@pytest.mark.parametrize(("preset", "passes"), [("fast", 1), ("balanced", 2)])
+@pytest.mark.parametrize(
+    ("preset", "passes", "symmetric"), [("fast", 1, False), ("balanced", 2, True)]
+)
 def test_fast_caps_the_models_recursive_passes_at_one(
-    pair, monkeypatch: pytest.MonkeyPatch, preset: str, passes: int
+    pair, monkeypatch: pytest.MonkeyPatch, preset: str, passes: int, symmetric: bool
 ) -> None:
     # brain3d asks for two passes; a second lifts it alone, but not what `fast` refines from it.
     assert models.find_model("brain3d").passes == 2
-    run: list[int] = []
+    run: list[tuple[int, bool]] = []
     recursive_velocity = VxmDense.recursive_velocity
 
-    def recording(self, fixed, moving, count):
-        run.append(count)
-        return recursive_velocity(self, fixed, moving, count)
+    def recording(self, fixed, moving, count, both_orders):
+        run.append((count, both_orders))
+        return recursive_velocity(self, fixed, moving, count, both_orders)
 
     monkeypatch.setattr(VxmDense, "recursive_velocity", recording)
     result = engine.register(
         pair.fixed, pair.moving, preset=preset, model="brain3d", device="cpu", iterations=0
     )
-    assert run == [passes]
+    assert run == [(passes, symmetric)]
     assert result.report["network_passes"] == passes

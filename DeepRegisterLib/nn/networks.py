@@ -167,22 +167,24 @@ class VxmDense(nn.Module):
         return 0.5 * (self.velocity(fixed, moving) - self.velocity(moving, fixed))
 
     def recursive_velocity(
-        self, fixed: torch.Tensor, moving: torch.Tensor, passes: int
+        self, fixed: torch.Tensor, moving: torch.Tensor, passes: int, symmetric: bool = True
     ) -> torch.Tensor:
-        """:meth:`symmetric_velocity`, refined ``passes − 1`` times on the pair it half aligns.
+        """:meth:`symmetric_velocity` (or, not ``symmetric``, :meth:`velocity`: half the
+        cost), refined ``passes − 1`` times on the pair it half aligns.
 
         Each further pass sees both images moved halfway, ``fixed ∘ exp(−v/2)`` and
         ``moving ∘ exp(v/2)``, and its velocity is added to ``v``: to first order that composes
-        the deformations (the later ones are small), it stays one stationary field, and
-        swapping the images still gives exactly ``−v``. The network then corrects what it
-        left at a scale it was trained on, as a recursive cascade does.
+        the deformations (the later ones are small), it stays one stationary field, and, when
+        symmetric, swapping the images still gives exactly ``−v``. The network then corrects
+        what it left at a scale it was trained on, as a recursive cascade does.
         """
-        velocity = self.symmetric_velocity(fixed, moving)
+        one_pass = self.symmetric_velocity if symmetric else self.velocity
+        velocity = one_pass(fixed, moving)
         steps = self.config.integration_steps
         for _ in range(passes - 1):
             half_fixed = warp(fixed, integrate_velocity(-0.5 * velocity, steps))
             half_moving = warp(moving, integrate_velocity(0.5 * velocity, steps))
-            velocity = velocity + self.symmetric_velocity(half_fixed, half_moving)
+            velocity = velocity + one_pass(half_fixed, half_moving)
         return velocity
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor):

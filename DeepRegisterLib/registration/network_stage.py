@@ -49,7 +49,8 @@ def network_stage(
         if not any(layer.children()):
             layer.register_forward_pre_hook(lambda *_: stages.check("while running the network"))
     with torch.inference_mode():
-        velocity = network.recursive_velocity(images.fixed, m_in, passes).clone()
+        symmetric = job.preset.symmetric_network_in_3d or info.network.dim != 3
+        velocity = network.recursive_velocity(images.fixed, m_in, passes, symmetric).clone()
     del m_in
     stages.check("after the network")
     if not bool(torch.isfinite(velocity).all()):
