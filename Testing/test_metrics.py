@@ -186,6 +186,24 @@ def test_dice_counts_negative_and_large_labels() -> None:
     assert dice == {-5: pytest.approx(2 / 3), 70000: pytest.approx(2 / 3)}
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.float32])
+def test_dice_counted_in_chunks_equals_a_direct_count(monkeypatch, dtype) -> None:
+    monkeypatch.setattr(metrics, "_COUNT_CHUNK", 37)  # many chunks, the last one partial
+    rng = np.random.default_rng(0)
+    fixed = rng.integers(0, 6, size=(9, 10, 11)).astype(dtype)
+    warped = np.where(rng.random(fixed.shape) < 0.7, fixed, rng.integers(0, 8, fixed.shape))
+    warped = warped.astype(dtype)
+    dice = metrics.dice_per_label(sitk.GetImageFromArray(fixed), sitk.GetImageFromArray(warped))
+    expected = {
+        label: 2
+        * np.sum((fixed == label) & (warped == label))
+        / (np.sum(fixed == label) + np.sum(warped == label))
+        for label in range(1, 6)
+    }
+    assert list(dice) == list(expected)
+    assert dice == pytest.approx(expected, abs=1e-12)
+
+
 def test_same_grid_tolerates_file_round_off_only() -> None:
     a = sitk.Image([4, 5, 6], sitk.sitkUInt8)
     b = sitk.Image([4, 5, 6], sitk.sitkFloat32)
