@@ -48,9 +48,10 @@ def add_register_parser(subparsers: Any) -> None:
     )
     out = p.add_argument_group(
         "outputs (all optional; formats from the suffix)",
-        "Every output path is checked before any work. A 256³ displacement field (2 cores): "
-        ".nrrd/.mha ~0.5 s (float32), .h5 ~2 s (float64), .nii.gz ~2–4 s (gzip without "
-        "compression: it would save 5–15 % for 10–30 s). Images that compress are gzipped fast.",
+        "Every output path is checked before any work. Writing a 256³ displacement field "
+        "(2 cores): .mha ~0.3 s, .nrrd ~0.5 s (float32), .h5 ~1–1.5 s (float64, 400 MB: the "
+        "disk's speed), .nii.gz ~1.5 s (gzip without compression: it would save 5–15 % for "
+        "10–30 s). Images that compress are gzipped fast.",
     )
     out.add_argument(
         "--warped",
@@ -62,8 +63,8 @@ def add_register_parser(subparsers: Any) -> None:
         "--transform",
         type=Path,
         help="total transform: ITK .h5/.tfm (float64), or a displacement-field image "
-        "(.nii.gz/.nrrd/.mha, float32, which ITK, ANTs and Slicer read). Writing a 256³ "
-        "field takes about 0.3 s as .mha, 0.5 s as .nrrd, 1 s as .h5, 1.5 s as .nii.gz",
+        "(.nii.gz/.nrrd/.mha, float32, which ITK, ANTs and Slicer read; see above for what "
+        "each costs to write)",
     )
     out.add_argument(
         "--displacement",
