@@ -7,52 +7,31 @@ Failures go through ``register_and_write`` — register, then write the outputs 
 from __future__ import annotations
 
 import gzip
-import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import grid_centre, image_on, make_phantom, oblique_grid
+from conftest import grid_centre, make_phantom, oblique_grid
+from refusals import (
+    folder_with_an_earlier_result,
+    listing,
+    refused,
+    register_and_write,
+    three_d_pair,
+    truncated_nifti,
+)
 
-from DeepRegisterLib.errors import DeepRegisterError, InputError, ModelError, ResourceError
+from DeepRegisterLib.errors import InputError, ResourceError
 from DeepRegisterLib.imaging import fileio
-from DeepRegisterLib.nn import networks
-from DeepRegisterLib.nn.models import save_model
-from DeepRegisterLib.nn.networks import NetworkConfig, VxmDense
 from DeepRegisterLib.registration import preflight
-from DeepRegisterLib.registration.engine import register
 from DeepRegisterLib.registration.preflight import check_intensity_image
-
-TINY_NETWORK = dict(encoder=(4, 4), decoder=(4, 4, 4))
-
-
-def register_and_write(out: Path, fixed, moving, **kwargs):
-    """What an application does: register (which validates first), then write the outputs."""
-    result = register(
-        fixed, moving, **{"preset": "fast", "iterations": 2, "device": "cpu", **kwargs}
-    )
-    fileio.write_image(result.warped, out / "warped.nii.gz")
-    fileio.write_image(result.displacement, out / "displacement.nrrd")
-    fileio.write_transform(result.transform(), out / "transform.h5")
-    return result
-
-
-def listing(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
 @pytest.fixture
 def an_output_folder(tmp_path: Path) -> Path:
-    """An output folder holding one earlier result, which a failed run must leave untouched."""
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "warped.nii.gz").write_bytes(b"an earlier result")
-    return out
+    return folder_with_an_earlier_result(tmp_path)
 
 
 @pytest.fixture(params=[2, 3], ids=["2d", "3d"])
@@ -68,24 +47,6 @@ def like(image: sitk.Image, array: np.ndarray, vector: bool = False) -> sitk.Ima
     out = sitk.GetImageFromArray(array, isVector=vector)
     out.CopyInformation(image)
     return out
-
-
-def refused(
-    out: Path,
-    error: type[Exception],
-    message: str,
-    fixed,
-    moving,
-    **kwargs,
-) -> str:
-    """Run ``register_and_write`` expecting ``error`` matching ``message``; the folder must not
-    change. Returns the message for further checks."""
-    before = listing(out)
-    with pytest.raises(error, match=message) as caught:
-        register_and_write(out, fixed, moving, **kwargs)
-    assert isinstance(caught.value, DeepRegisterError)  # one family for callers to catch
-    assert listing(out) == before
-    return str(caught.value)
 
 
 # --- images ---------------------------------------------------------------------------------
@@ -341,47 +302,11 @@ def test_float_label_maps_holding_whole_numbers_are_accepted(a_good_pair, an_out
 # --- files -------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def a_truncated_nifti(tmp_path: Path) -> Path:
-    image = image_on(
-        oblique_grid(3, size=(20, 18, 16)),
-        np.random.default_rng(0).uniform(0, 255, (16, 18, 20)).astype(np.float32),
-    )
-    whole = tmp_path / "whole.nii.gz"
-    sitk.WriteImage(image, str(whole))
-    cut = tmp_path / "cut.nii.gz"
-    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
-    return cut
-
-
-def test_reading_a_truncated_nifti_is_refused(a_truncated_nifti: Path) -> None:
-    """ITK alone reads such a file "successfully", with garbage for the missing voxels."""
-    with pytest.raises(InputError, match="truncated") as caught:
-        fileio.read_image(a_truncated_nifti, "moving image")
-    assert str(a_truncated_nifti) in str(caught.value)
-
-
-def test_reading_a_truncated_uncompressed_nifti_is_refused(tmp_path: Path) -> None:
-    whole = tmp_path / "whole.nii"
-    sitk.WriteImage(sitk.Image([10, 10, 10], sitk.sitkInt16), str(whole))
-    cut = tmp_path / "cut.nii"
-    cut.write_bytes(whole.read_bytes()[:-100])
-    with pytest.raises(InputError, match=r"truncated.*holds \d+ bytes"):
-        fileio.read_image(cut)
-
-
-def test_an_intact_nifti_still_reads(tmp_path: Path) -> None:
-    for suffix in (".nii", ".nii.gz"):
-        image = sitk.GetImageFromArray(np.arange(60, dtype=np.float32).reshape(3, 4, 5))
-        sitk.WriteImage(image, str(tmp_path / f"a{suffix}"))
-        back = fileio.read_image(tmp_path / f"a{suffix}")
-        np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image))
-
-
 def test_registering_a_truncated_or_missing_file_is_refused(
-    a_good_pair, an_output_folder: Path, a_truncated_nifti: Path, tmp_path: Path
+    a_good_pair, an_output_folder: Path, tmp_path: Path
 ) -> None:
     fixed = a_good_pair[0]
+    a_truncated_nifti = truncated_nifti(tmp_path)
     refused(
         an_output_folder,
         InputError,
@@ -446,107 +371,6 @@ def test_a_deformable_initial_transform_is_refused(a_good_pair, an_output_folder
     )
 
 
-# --- models ------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def a_saved_3d_model(tmp_path: Path):
-    return save_model(VxmDense(NetworkConfig(dim=3, **TINY_NETWORK)), tmp_path / "models", "m3d")
-
-
-def three_d_pair() -> tuple[sitk.Image, sitk.Image]:
-    grid = oblique_grid(3, size=(20, 18, 16))
-    phantom = make_phantom(3, grid_centre(grid), scale_mm=8.0)
-    return phantom.image(grid), phantom.image(grid, through=lambda y: y - 1.0)
-
-
-def test_a_2d_model_for_3d_images_is_refused(an_output_folder: Path, tmp_path: Path) -> None:
-    info = save_model(VxmDense(NetworkConfig(dim=2, **TINY_NETWORK)), tmp_path, "m2d")
-    message = refused(
-        an_output_folder,
-        ModelError,
-        "'m2d' is 2D but the images are 3D",
-        *three_d_pair(),
-        model=info.weights,
-    )
-    assert "choose a 3D model" in message
-
-
-def test_tampered_weights_fail_the_checksum(a_saved_3d_model, an_output_folder: Path) -> None:
-    data = bytearray(a_saved_3d_model.weights.read_bytes())
-    data[len(data) // 2] ^= 0x01  # flip one bit in the middle of the tensors
-    a_saved_3d_model.weights.write_bytes(bytes(data))
-    refused(
-        an_output_folder,
-        ModelError,
-        "checksum mismatch.*reinstall",
-        *three_d_pair(),
-        model=a_saved_3d_model.weights,
-    )
-
-
-def test_weights_without_a_checksum_file_are_refused(a_saved_3d_model, an_output_folder):
-    a_saved_3d_model.weights.with_suffix(".sha256").unlink()
-    refused(
-        an_output_folder,
-        ModelError,
-        r"m3d\.sha256 is missing.*cannot be verified",
-        *three_d_pair(),
-        model=a_saved_3d_model.weights,
-    )
-
-
-def test_a_missing_model_is_refused_listing_what_is_available(an_output_folder: Path) -> None:
-    refused(
-        an_output_folder,
-        ModelError,
-        "no model named 'no-such-model'",
-        *three_d_pair(),
-        model="no-such-model",
-    )
-
-
-@pytest.mark.parametrize(
-    ("network", "message"),
-    [
-        (dict(encoder=[16] * 100), "encoder must have 1..7 levels"),
-        (dict(encoder=[10**6, 32], decoder=[32, 32, 16]), "feature counts"),
-        (dict(encoder=[512] * 7, decoder=[512] * 12), "parameters"),
-    ],
-)
-def test_an_absurd_model_config_is_refused_before_any_allocation(
-    a_saved_3d_model,
-    an_output_folder: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    network: dict,
-    message: str,
-) -> None:
-    config_path = a_saved_3d_model.weights.with_suffix(".json")
-    config = json.loads(config_path.read_text())
-    config["network"].update(network)
-    config_path.write_text(json.dumps(config))
-
-    def no_allocation(*args, **kwargs):
-        raise AssertionError("a network was built from an absurd config")
-
-    monkeypatch.setattr(networks.UNet, "__init__", no_allocation)
-    text = refused(
-        an_output_folder, ModelError, message, *three_d_pair(), model=a_saved_3d_model.weights
-    )
-    assert "'m3d'" in text
-    assert "invalid network config" in text
-    with pytest.raises(ValueError, match=message):  # and the network class checks it too
-        VxmDense(_config(network))
-
-
-def _config(network: dict) -> NetworkConfig:
-    return NetworkConfig(
-        dim=3,
-        encoder=tuple(network["encoder"]),
-        decoder=tuple(network.get("decoder", NetworkConfig.decoder)),
-    )
-
-
 # --- resources and geometry after the affine stage ---------------------------------------------
 
 
@@ -566,82 +390,3 @@ def test_fields_of_view_that_do_not_overlap_are_refused(a_good_pair, an_output_f
     far = sitk.Image(moving)
     far.SetOrigin(tuple(np.asarray(moving.GetOrigin()) + 10_000.0))  # 10 m away
     refused(an_output_folder, InputError, "do not overlap", fixed, far, affine=False, model=None)
-
-
-# --- atomic writes -----------------------------------------------------------------------------
-
-
-def test_an_error_inside_an_atomic_write_leaves_neither_target_nor_temporary_files(
-    tmp_path: Path,
-) -> None:
-    target = tmp_path / "result.nii.gz"
-    staged: list[Path] = []
-
-    def write_half_then_fail() -> None:
-        with fileio.atomic_write_path(target) as tmp:
-            tmp.write_bytes(b"half a file")
-            staged.append(tmp)
-            raise RuntimeError("disk on fire")
-
-    with pytest.raises(RuntimeError, match="disk on fire"):
-        write_half_then_fail()
-    assert staged[0].parent.parent == tmp_path  # the partial file did exist, beside the target
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_a_failed_write_keeps_the_earlier_file_intact(
-    an_output_folder: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    before = listing(an_output_folder)
-
-    def dies_half_way(image, path, *args):
-        Path(path).write_bytes(b"partial")
-        raise RuntimeError("killed while writing")
-
-    monkeypatch.setattr(fileio.sitk, "WriteImage", dies_half_way)
-    with pytest.raises(RuntimeError, match="killed"):
-        fileio.write_image(sitk.Image([4, 4], sitk.sitkUInt8), an_output_folder / "warped.nii.gz")
-    assert listing(an_output_folder) == before
-
-
-def test_an_mhd_write_keeps_its_raw_data_file_valid(tmp_path: Path) -> None:
-    image = image_on(
-        oblique_grid(3, size=(6, 5, 4)), np.arange(120, dtype=np.float32).reshape(4, 5, 6)
-    )
-    fileio.write_image(image, tmp_path / "volume.mhd", compress=False)
-    names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["volume.mhd", "volume.raw"]  # no staging folder left behind
-    header = (tmp_path / "volume.mhd").read_text()
-    assert "ElementDataFile = volume.raw" in header
-    back = fileio.read_image(tmp_path / "volume.mhd")
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image))
-    np.testing.assert_allclose(back.GetDirection(), image.GetDirection(), atol=1e-12)
-
-
-def test_writing_to_a_missing_folder_or_with_an_unknown_suffix_is_refused(tmp_path: Path):
-    image = sitk.Image([4, 4], sitk.sitkUInt8)
-    with pytest.raises(InputError, match="does not exist"):
-        fileio.write_image(image, tmp_path / "missing" / "a.nii.gz")
-    with pytest.raises(InputError, match=r"use one of .*\.nii\.gz"):
-        fileio.write_image(image, tmp_path / "a.jpeg")
-    with pytest.raises(InputError, match=r"use \.h5"):
-        fileio.write_transform(sitk.Transform(2, sitk.sitkIdentity), tmp_path / "t.json")
-    assert list(tmp_path.iterdir()) == []
-    assert not os.listdir(tmp_path)
-
-
-def test_staging_left_by_a_killed_writer_is_swept_by_the_next_write(tmp_path):
-    """A SIGKILL mid-write leaves a hidden staging folder; the next write of that file removes
-    it, while a live process's staging folder is left alone."""
-    target = tmp_path / "warped.nii.gz"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)  # fmt: skip
-    stale = tmp_path / f".{target.name}.partial-{dead.stdout.strip()}-abc"
-    live = tmp_path / f".{target.name}.partial-{os.getpid()}-xyz"
-    for folder in (stale, live):
-        folder.mkdir()
-        (folder / target.name).write_bytes(b"half written")
-    fileio.write_image(sitk.Image(8, 8, sitk.sitkUInt8), target)
-    assert not stale.exists()
-    assert live.exists()
-    assert sitk.ReadImage(str(target)).GetSize() == (8, 8)
