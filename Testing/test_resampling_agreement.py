@@ -212,3 +212,20 @@ def test_warping_several_images_in_one_pass_equals_itk_on_each() -> None:
     for ours, (moving, nearest) in zip(warped, ((scan, False), (labels, True)), strict=False):
         alone = warp_image(moving, displacement, nearest=nearest)
         np.testing.assert_array_equal(sitk.GetArrayFromImage(ours), sitk.GetArrayFromImage(alone))
+
+
+def test_labels_beyond_float32s_exact_integers_are_warped_exactly() -> None:
+    """Labels above 2**24 are sampled in float64: float32 would merge neighbouring values."""
+    grid = oblique_grid(3, size=(12, 10, 9))
+    rng = np.random.default_rng(2)
+    labels = (2**25 + rng.integers(0, 5, size=grid.shape)).astype(np.int64)
+    moving = image_on(grid, labels)
+    displacement = image_on(grid, rng.normal(scale=0.8, size=(*grid.shape, 3)), vector=True)
+    transform = sitk.DisplacementFieldTransform(sitk.Cast(displacement, sitk.sitkVectorFloat64))
+
+    ours = sitk.GetArrayFromImage(warp_image(moving, displacement, nearest=True))
+    itk = sitk.GetArrayFromImage(
+        sitk.Resample(moving, moving, transform, sitk.sitkNearestNeighbor, 0)
+    )
+    np.testing.assert_array_equal(ours, itk)
+    assert set(np.unique(ours)) - {0} <= set(np.unique(labels))

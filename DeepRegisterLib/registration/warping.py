@@ -253,7 +253,8 @@ def warp_images(
         for moving_grid, mapping in mappings.items():
             coordinates, inside = mapping.at(u, start, stop)
             for source in (source for source in sources if source.grid == moving_grid):
-                values = grid_sample(source.volume, coordinates, source.mode, "border")[0]
+                at = coordinates.to(source.volume.dtype)  # float64 for labels above 2**24
+                values = grid_sample(source.volume, at, source.mode, "border")[0]
                 values = (values[0] * inside).cpu().numpy()
                 paste_rows(source.image, values.astype(source.dtype, copy=False), start)
     return [source.image for source in sources]
