@@ -57,9 +57,9 @@ def output_stage(
             if job.settings.compute_inverse:
                 stages.report("outputs", 0.6, "inverting the transform")
                 inverse = _inverse(job, affine, deformation, stop)
-        stages.report("outputs", 0.8, "computing the Jacobian determinant")
         outputs = Outputs(displacement, warped, warped_labels, inverse, None)
         if qa is not None:
+            stages.report("outputs", 0.8, "computing the Jacobian determinant")
             outputs.jacobian, outputs.qa = beside.result(qa)
     stages.check("while writing outputs")
     return outputs

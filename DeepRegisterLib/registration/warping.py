@@ -63,24 +63,15 @@ def affine_field(
     return out
 
 
-def sample(
-    volume: torch.Tensor, index_ijk: torch.Tensor, mode: str = "bilinear", itk: bool = False
-) -> torch.Tensor:
-    """Sample ``volume`` (1, C, *shape) at continuous (I, J, K) indices (…, dim) → (C, …).
-
-    ``itk=True`` reproduces ITK's resampling: points up to half a voxel outside take the border
-    value, points further out give 0. Otherwise the volume is zero outside (flows).
-    """
+def sample(volume: torch.Tensor, index_ijk: torch.Tensor) -> torch.Tensor:
+    """Sample ``volume`` (1, C, *shape) linearly at continuous (I, J, K) indices (…, dim) →
+    (C, …); zero outside, as a flow is."""
     spatial = volume.shape[2:]
     sizes = torch.tensor(spatial[::-1], dtype=index_ijk.dtype, device=index_ijk.device)
     grid = 2.0 * index_ijk / (sizes - 1).clamp_min(1) - 1.0
     batch_shape = index_ijk.shape[:-1]
     grid = grid.reshape(1, *batch_shape, len(spatial)).to(volume.dtype)
-    out = grid_sample(volume, grid, mode=mode, padding_mode="border" if itk else "zeros")[0]
-    if itk:
-        inside = ((index_ijk >= -0.5) & (index_ijk < sizes - 0.5)).all(dim=-1)
-        out = out * inside.to(out.dtype)
-    return out
+    return grid_sample(volume, grid)[0]
 
 
 def _interpolation_weights(coords: torch.Tensor, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -242,17 +233,18 @@ def warp_images(
     else:
         u_array = displacement
     sources = [_Source(image, nearest, grid, device, is_cancelled) for image, nearest in movings]
-    mappings = {
-        source.grid: _ItkCoordinates(grid, source.grid, device) for source in sources
-    }  # fmt: skip
+    by_grid: dict[Grid, list[_Source]] = {}
+    for source in sources:
+        by_grid.setdefault(source.grid, []).append(source)
+    mappings = [(_ItkCoordinates(grid, key, device), group) for key, group in by_grid.items()]
     rows = rows_per_slab(grid)
     for start in range(0, grid.shape[0], rows):
         stop = min(start + rows, grid.shape[0])
         stop_if(is_cancelled)
         u = torch.tensor(u_array[start:stop], device=device, dtype=torch.float32)
-        for moving_grid, mapping in mappings.items():
+        for mapping, group in mappings:
             coordinates, inside = mapping.at(u, start, stop)
-            for source in (source for source in sources if source.grid == moving_grid):
+            for source in group:
                 at = coordinates.to(source.volume.dtype)  # float64 for labels above 2**24
                 values = grid_sample(source.volume, at, source.mode, "border")[0]
                 values = (values[0] * inside).cpu().numpy()
@@ -291,19 +283,22 @@ class _ItkCoordinates:
         self._grid, self._device = grid, device
         self._linear, self._constant = scale[:, None] * linear, scale * constant - 1.0
         to_index = moving.physical_to_index_affine()[0]
-        self._from_mm = torch.as_tensor((scale[:, None] * to_index).T, dtype=torch.float32)
-        self._low = torch.as_tensor(-0.5 * scale - 1.0, dtype=torch.float32)
-        self._high = torch.as_tensor((sizes - 0.5) * scale - 1.0, dtype=torch.float32)
+
+        def on_device(values: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(values, dtype=torch.float32, device=device)
+
+        self._from_mm = on_device((scale[:, None] * to_index).T)
+        self._low = on_device(-0.5 * scale - 1.0)
+        self._high = on_device((sizes - 0.5) * scale - 1.0)
 
     def at(self, u: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """For rows [start, stop) with displacement ``u`` (rows, …, dim) in mm: the
         coordinates (1, rows, …, dim) and the inside mask (rows, …)."""
-        device = self._device
         coordinates = affine_field(
-            self._linear, self._constant, self._grid, start, stop, device, torch.float32
+            self._linear, self._constant, self._grid, start, stop, self._device, torch.float32
         )
-        coordinates = coordinates + u @ self._from_mm.to(device)
-        inside = (coordinates >= self._low.to(device)) & (coordinates < self._high.to(device))
+        coordinates = coordinates + u @ self._from_mm
+        inside = (coordinates >= self._low) & (coordinates < self._high)
         return coordinates[None], inside.all(dim=-1).to(coordinates.dtype)
 
 
