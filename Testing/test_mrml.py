@@ -22,17 +22,19 @@ if not hasattr(slicer, "vtkMRMLScene"):
         allow_module_level=True,
     )
 
+import torch  # noqa: E402
 import vtk  # noqa: E402  (after the skip: vtk comes with slicer-core)
 from conftest import grid_points, rotation_matrix  # noqa: E402
 
 from DeepRegisterLib import mrml  # noqa: E402
 from DeepRegisterLib.errors import InputError, RegistrationCancelled  # noqa: E402
-from DeepRegisterLib.imaging import metrics  # noqa: E402
+from DeepRegisterLib.imaging import fileio, metrics  # noqa: E402
 from DeepRegisterLib.imaging.geometry import Grid  # noqa: E402
 from DeepRegisterLib.mrml import push as mrml_push  # noqa: E402
 from DeepRegisterLib.mrml.transforms import affineFromRAS  # noqa: E402
 from DeepRegisterLib.registration.result import RegistrationResult, displacement_transform  # noqa: E402
 from DeepRegisterLib.registration.settings import RegistrationSettings  # noqa: E402
+from DeepRegisterLib.registration.warping import deformation_field  # noqa: E402
 
 FLIP = np.diag([-1.0, -1.0, 1.0])
 OBLIQUE = rotation_matrix((1.0, 2.0, 3.0), 25.0)  # no voxel axis along R, A or S
@@ -645,6 +647,30 @@ def test_slicers_h5_file_is_read_by_simpleitk_and_maps_points_as_ours(scene, tmp
         assert np.allclose(
             read_back.TransformPoint(tuple(p)), ours.TransformPoint(tuple(p)), atol=1e-6
         )
+
+
+def test_slicer_reads_our_composite_h5_and_maps_its_grid_nodes_as_we_do(scene, tmp_path):
+    """``--transform t.h5`` is ``[A, v]`` with ``v`` on the network grid. Slicer loads it as a
+    general transform; at the field's nodes it maps points as ITK does. (Between nodes Slicer
+    interpolates a grid read from a file cubically, ITK and we linearly: the README says so.)"""
+    grid = Grid((10, 9, 8), (2.0, 2.0, 2.0), (-9.0, -8.0, -7.0), tuple(OBLIQUE.ravel()))
+    v = torch.randn((1, 3, *grid.shape), generator=torch.Generator().manual_seed(5))
+    affine = sitk.AffineTransform(3)
+    affine.SetMatrix(tuple((OBLIQUE @ np.diag([1.05, 0.97, 1.02])).ravel()))
+    affine.SetTranslation((2.0, -1.0, 3.0))
+    ours = sitk.CompositeTransform([affine, displacement_transform(deformation_field(v, grid))])
+    fileio.write_transform(ours, tmp_path / "t.h5")
+
+    node = scene.AddNewNodeByClass("vtkMRMLTransformNode")
+    storage = scene.AddNewNodeByClass("vtkMRMLTransformStorageNode")
+    storage.SetFileName(str(tmp_path / "t.h5"))
+    assert storage.ReadData(node)
+    from_parent = node.GetTransformFromParent()  # ITK's resampling direction: fixed → moving
+    nodes = grid.index_to_physical_points(np.stack(np.meshgrid(*map(np.arange, grid.size)), -1))
+    far = grid.index_to_physical_points(np.array([[-5.0, 3.0, 2.0], [14.0, 20.0, -6.0]]))
+    for p in [*nodes.reshape(-1, 3)[::7], *far]:  # far: the affine alone, no field there
+        expected = ours.TransformPoint(tuple(p))
+        assert np.allclose(FLIP @ from_parent.TransformPoint(tuple(FLIP @ p)), expected, atol=1e-6)
 
 
 # --- scenes on disk --------------------------------------------------------------------------

@@ -186,8 +186,7 @@ class RegistrationProcess:
         if job.settings.compute_jacobian:
             command += ["--jacobian", str(out / "jacobian.mha")]
         if job.settings.compute_inverse:
-            # .h5 keeps the field's float64; an image suffix would round it to float32.
-            command += ["--inverse-transform", str(out / "inverse.h5")]
+            command += ["--inverse-displacement", str(out / "inverse.mha")]  # float64, exact
         return command
 
     def _readOutputs(self, out: Path) -> ProcessOutputs:
@@ -204,7 +203,7 @@ class RegistrationProcess:
             warped=read("warped.mha"),
             warped_labels={key: read(f"labels{i}.mha") for i, key in enumerate(self._labelKeys)},
             jacobian=read("jacobian.mha"),
-            inverse_displacement=_displacementField(out / "inverse.h5"),
+            inverse_displacement=read("inverse.mha"),
             report=json.loads((out / "report.json").read_text("utf-8")),
         )
 
@@ -226,12 +225,6 @@ def _progressEvent(line: bytes) -> tuple[float, str] | None:
     if not isinstance(event, dict) or event.get("event") != "progress":
         return None
     return float(event["fraction"]), str(event["message"])
-
-
-def _displacementField(path: Path) -> sitk.Image | None:
-    if not path.exists():
-        return None
-    return sitk.DisplacementFieldTransform(sitk.ReadTransform(str(path))).GetDisplacementField()
 
 
 def _childEnvironment() -> dict[str, str]:

@@ -105,6 +105,8 @@ def _run(
         affine=affine,
         warped_labels=outputs.warped_labels,
         jacobian=outputs.jacobian,
-        inverse_displacement=outputs.inverse,
+        inverse_displacement=None if outputs.inverse is None else outputs.inverse[0],
         report=report,
+        deformation=outputs.deformation,
+        inverse_deformation=None if outputs.inverse is None else outputs.inverse[1],
     )

@@ -17,15 +17,16 @@ from .beside import Beside
 from .job import Job
 from .optimisation_stage import Deformation
 from .progress import Stages
-from .warping import compose_displacement, inverse_displacement, warp_images
+from .warping import compose_displacement, deformation_field, inverse_displacement, warp_images
 
 
 @dataclass
 class Outputs:
     displacement: sitk.Image
+    deformation: sitk.Image  # v on the network grid: the transform is [affine, deformation]
     warped: sitk.Image | None  # None unless the settings ask for it
     warped_labels: dict[str, sitk.Image]
-    inverse: sitk.Image | None
+    inverse: tuple[sitk.Image, sitk.Image] | None  # on the moving grid; w on the network grid
     jacobian: sitk.Image | None
     qa: dict[str, Any] = field(default_factory=dict)  # folding_percent and sdlogj, if computed
 
@@ -57,7 +58,8 @@ def output_stage(
             if job.settings.compute_inverse:
                 stages.report("outputs", 0.6, "inverting the transform")
                 inverse = _inverse(job, affine, deformation, stop)
-        outputs = Outputs(displacement, warped, warped_labels, inverse, None)
+        deformation_image = deformation_field(deformation.flow_mm, job.network_grid)
+        outputs = Outputs(displacement, deformation_image, warped, warped_labels, inverse, None)
         if qa is not None:
             stages.report("outputs", 0.8, "computing the Jacobian determinant")
             outputs.jacobian, outputs.qa = beside.result(qa)
@@ -94,10 +96,12 @@ def _inverse(
     affine: sitk.AffineTransform,
     deformation: Deformation,
     stop: Callable[[], bool],
-) -> sitk.Image:
-    """Moving → fixed on the moving grid, from ``exp(−v)``: exact for a stationary velocity."""
+) -> tuple[sitk.Image, sitk.Image]:
+    """Moving → fixed on the moving grid, from ``w = exp(−v)`` (exact for a stationary
+    velocity), and ``w`` itself: the inverse is ``[w, affine⁻¹]``."""
     inverse_flow = integrate_velocity(-deformation.velocity, deformation.steps)
     inverse_mm = flow_voxels_to_mm(inverse_flow, job.network_grid)
-    return inverse_displacement(
+    dense = inverse_displacement(
         affine, inverse_mm, job.network_grid, Grid.of(job.moving_image), stop
     )
+    return dense, deformation_field(inverse_mm, job.network_grid)
