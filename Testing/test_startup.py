@@ -1,4 +1,5 @@
-"""``deepregister --help`` and argument errors answer at once: no heavy library is imported.
+"""``deepregister --help`` and argument errors answer at once: no heavy library is imported;
+and ``register`` ends as soon as its outputs are written.
 
 Timing would be flaky on a shared machine, so the tests look at what a fresh interpreter has
 imported after the command line answered: none of torch, matplotlib, SimpleITK or numpy.
@@ -59,3 +60,64 @@ def test_help_imports_no_heavy_library(argv):
 def test_argument_errors_exit_2_without_a_heavy_library(argv):
     outcome = imported_after(*argv)
     assert outcome == {"code": 2, "heavy": []}
+
+
+EXITING = """
+import atexit, pathlib, sys
+marker = pathlib.Path(sys.argv.pop(1))
+atexit.register(lambda: marker.write_text("finalised"))
+from DeepRegisterLib.cli.main import run
+run()
+"""
+
+
+def test_register_ends_without_finalisation_once_everything_is_written(tmp_path):
+    """``register`` skips Python's finalisation (torch's alone takes 0.3 s): the atexit handler
+    does not run, yet the outputs are complete and the last JSON event reached the pipe.
+    Other commands end as Python ends."""
+    from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
+
+    pair = phantom_pair(demo_grid(3, 16), amplitude_mm=2.0)
+    inputs = {key: tmp_path / f"{key}.mha" for key in ("fixed", "moving")}
+    for key, path in inputs.items():
+        sitk_write(getattr(pair, key), path)
+    marker, warped = tmp_path / "finalised.txt", tmp_path / "warped.nrrd"
+    argv = [
+        "register", "--fixed", inputs["fixed"], "--moving", inputs["moving"],
+        "--warped", warped, "--preset", "fast", "--iterations", "0", "--model", "none",
+        "--device", "cpu", "--progress", "json",
+    ]  # fmt: skip
+    completed = subprocess.run(
+        [sys.executable, "-c", EXITING, marker, *map(str, argv)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(completed.stdout.strip().splitlines()[-1])["event"] == "done"
+    assert not marker.exists()
+    assert sitk_read(warped).GetSize() == pair.fixed.GetSize()
+
+    refused = subprocess.run(
+        [sys.executable, "-c", EXITING, marker, *map(str, argv[:-2]), "--moving", "absent.mha"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert refused.returncode == 2
+    assert "absent.mha" in refused.stderr
+    assert not marker.exists()
+
+    listed = subprocess.run(
+        [sys.executable, "-c", EXITING, marker, "models"], capture_output=True, timeout=300
+    )
+    assert listed.returncode == 0
+    assert marker.read_text() == "finalised"
+
+
+def sitk_write(image, path) -> None:
+    import SimpleITK as sitk
+
+    sitk.WriteImage(image, str(path))
+
+
+def sitk_read(path):
+    import SimpleITK as sitk
+
+    return sitk.ReadImage(str(path))
