@@ -21,9 +21,18 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 #: Component → its test files; each file must run at least one test.
 COMPONENTS: dict[str, tuple[str, ...]] = {
-    "MRML bridge (slicer-core)": ("Testing/test_mrml.py",),
+    "MRML bridge (slicer-core)": (
+        "Testing/test_mrml.py",
+        "Testing/test_mrml_volumes.py",
+        "Testing/test_mrml_transforms.py",
+    ),
     "Slicer child-process runner": ("Testing/test_process_runner.py", "Testing/test_starvation.py"),
-    "training": ("Testing/test_training.py",),
+    "training": (
+        "Testing/test_training_synthesis.py",
+        "Testing/test_training_loop.py",
+        "Testing/test_training_real_pairs.py",
+        "Testing/test_training_cli.py",
+    ),
     "Dask batch": ("Testing/test_batch.py",),
     "distributed training": ("Testing/test_distributed_training.py",),
 }

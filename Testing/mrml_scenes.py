@@ -1,0 +1,201 @@
+"""A headless MRML scene like the application's, and the volumes, segmentations and known
+registration results the MRML bridge tests put in it. Shared by test_mrml*.py; imported only
+after their slicer-core guard (this module imports `slicer` itself)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicer
+import vtk
+from conftest import grid_points, rotation_matrix
+
+from DeepRegisterLib import mrml
+from DeepRegisterLib.imaging import metrics
+from DeepRegisterLib.imaging.geometry import Grid
+from DeepRegisterLib.registration.result import RegistrationResult, displacement_transform
+
+FLIP = np.diag([-1.0, -1.0, 1.0])
+OBLIQUE = rotation_matrix((1.0, 2.0, 3.0), 25.0)  # no voxel axis along R, A or S
+BINARY = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+
+
+# --- a scene like the application's -------------------------------------------------------
+
+
+@dataclass
+class Slicerish:
+    """A headless scene with the logics Slicer's application would attach to it."""
+
+    scene: slicer.vtkMRMLScene
+    app_logic: slicer.vtkSlicerApplicationLogic
+    transform_logic: slicer.vtkSlicerTransformLogic
+
+
+def _register_segmentation_converters() -> None:
+    """What the Segmentations module does at startup; needed to copy or convert segmentations."""
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    if not factory.GetConverterRules():
+        factory.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
+        factory.RegisterConverterRule(slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule())
+
+
+def _new_scene(cache_directory: Path) -> Slicerish:
+    scene = slicer.vtkMRMLScene()
+    cache = slicer.vtkCacheManager()
+    cache.SetRemoteCacheDirectory(str(cache_directory))
+    data_io = slicer.vtkDataIOManager()
+    data_io.SetCacheManager(cache)
+    scene.SetCacheManager(cache)
+    scene.SetDataIOManager(data_io)
+    app_logic = slicer.vtkSlicerApplicationLogic()
+    app_logic.SetMRMLScene(scene)
+    color_logic = app_logic.GetColorLogic()
+    color_logic.SetMRMLScene(scene)
+    color_logic.AddDefaultColorNodes()
+    app_logic.SetModuleLogic("Colors", color_logic)
+    transform_logic = slicer.vtkSlicerTransformLogic()
+    transform_logic.SetMRMLScene(scene)
+    transform_logic.SetMRMLApplicationLogic(app_logic)
+    _register_segmentation_converters()
+    return Slicerish(scene, app_logic, transform_logic)
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Slicerish:
+    return _new_scene(tmp_path / "cache")
+
+
+@pytest.fixture
+def scene(app: Slicerish) -> slicer.vtkMRMLScene:
+    return app.scene
+
+
+def _add_volume(
+    scene,
+    array: np.ndarray,
+    origin=(0.0, 0.0, 0.0),
+    directions=None,
+    spacing=(1.0, 1.0, 1.0),
+    name: str = "volume",
+    class_name: str = "vtkMRMLScalarVolumeNode",
+):
+    """A volume node built with Slicer's own API (not ours), geometry in RAS."""
+    node = scene.AddNewNodeByClass(class_name, name)
+    slicer.util.updateVolumeFromArray(node, array)
+    node.SetOrigin(*origin)
+    node.SetSpacing(*spacing)
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(3):
+        for c in range(3):
+            matrix.SetElement(r, c, (np.eye(3) if directions is None else directions)[r, c])
+    node.SetIJKToRASDirectionMatrix(matrix)
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def _ijk_to_ras(node) -> np.ndarray:
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _snapshot(scene) -> dict[str, tuple[str, int]]:
+    """Every node's class and modification time: equal snapshots mean nothing was touched."""
+    nodes = (scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes()))
+    return {n.GetID(): (n.GetClassName(), n.GetMTime()) for n in nodes}
+
+
+def _ras(lps: np.ndarray) -> np.ndarray:
+    return lps @ FLIP.T
+
+
+def _blobs(points_lps: np.ndarray, centre_lps: np.ndarray) -> np.ndarray:
+    """Two Gaussian blobs (a big one and an off-centre small one), smooth and asymmetric."""
+    d = points_lps - centre_lps
+    big = np.exp(-np.sum((d / [5.0, 4.0, 3.5]) ** 2, axis=-1))
+    small = np.exp(-np.sum(((d - [4.0, -3.0, 1.0]) / 1.8) ** 2, axis=-1))
+    return (100.0 * big + 40.0 * small).astype(np.float32)
+
+
+FIXED_SIZE, FIXED_SPACING = (22, 20, 18), (0.9, 1.0, 1.1)
+MOVING_SIZE, MOVING_SPACING = (30, 30, 30), (1.0, 1.1, 1.05)
+
+
+def _pair(scene, shift_lps=(1.5, -1.0, 0.8)):
+    """Oblique anisotropic fixed and axis-aligned moving volumes of the same blobs, moved by
+    ``shift_lps``; the moving field of view holds the fixed one."""
+    fixed_grid = Grid(FIXED_SIZE, FIXED_SPACING, (3.0, -7.0, 2.0), tuple(OBLIQUE.ravel()))
+    centre = fixed_grid.index_to_physical_points((np.array(FIXED_SIZE) - 1) / 2.0)
+    moving_origin = centre - (np.array(MOVING_SIZE) - 1) / 2.0 * np.array(MOVING_SPACING)
+    moving_grid = Grid(MOVING_SIZE, MOVING_SPACING, tuple(moving_origin), tuple(np.eye(3).ravel()))
+    fixed_array = _blobs(grid_points(fixed_grid), centre)
+    moving_array = _blobs(grid_points(moving_grid), centre + np.asarray(shift_lps))
+    fixed = _add_volume(scene, fixed_array, *_ras_geometry(fixed_grid), name="fixed")
+    moving = _add_volume(scene, moving_array, *_ras_geometry(moving_grid), name="moving")
+    return fixed, moving
+
+
+def _ras_geometry(grid: Grid):
+    return FLIP @ np.asarray(grid.origin), FLIP @ grid.direction_matrix, grid.spacing
+
+
+def _field(points_lps: np.ndarray) -> np.ndarray:
+    """A known smooth displacement (LPS mm): small rotation + translation + a sine ripple."""
+    angle = math.radians(4.0)
+    rotation = np.array(
+        [[math.cos(angle), -math.sin(angle), 0], [math.sin(angle), math.cos(angle), 0], [0, 0, 1]]
+    )
+    u = points_lps @ (rotation - np.eye(3)).T + [1.5, -1.0, 0.8]
+    u[..., 2] += 0.7 * np.sin(points_lps[..., 0] / 4.0)
+    return u
+
+
+def _hand_made_result(fixed_node, moving_node, inverse: bool = False) -> RegistrationResult:
+    """What the engine would return for the known field :func:`_field`."""
+    fixed = mrml.imageFromVolumeNode(fixed_node)
+    moving = mrml.imageFromVolumeNode(moving_node)
+    grid = Grid.of(fixed)
+    displacement = grid.apply_to(sitk.GetImageFromArray(_field(grid_points(grid)), isVector=True))
+    warped = sitk.Resample(
+        moving, fixed, displacement_transform(displacement), sitk.sitkLinear, 0.0, sitk.sitkFloat32
+    )
+    inverse_field = None
+    if inverse:  # minus the field at the same points: any moving-grid field serves to test pushing
+        moving_grid = Grid.of(moving)
+        inverse_field = moving_grid.apply_to(
+            sitk.GetImageFromArray(-_field(grid_points(moving_grid)), isVector=True)
+        )
+    jacobian = metrics.jacobian_determinant(displacement)
+    return RegistrationResult(
+        fixed_grid=grid,
+        displacement=displacement,
+        warped=warped,
+        affine=sitk.AffineTransform(3),
+        jacobian=jacobian,
+        inverse_displacement=inverse_field,
+        report={"runtime_s": 1.25, "device": "cpu", "folding_percent": 0.0, "timings": {"a": 1}},
+    )
+
+
+def _add_segmentation(scene, reference_node, masks: dict[str, np.ndarray], colors):
+    """A segmentation built with Slicer's API from (K, J, I) masks on the reference's grid."""
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "segmentation")
+    node.CreateDefaultDisplayNodes()
+    node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    reference_node.GetIJKToRASMatrix(ijk_to_ras)
+    for (name, mask), color in zip(masks.items(), colors, strict=True):
+        image = slicer.vtkOrientedImageData()
+        image.SetDimensions(*reversed(mask.shape))
+        image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+        vtk.util.numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = mask.ravel()
+        image.SetImageToWorldMatrix(ijk_to_ras)
+        node.AddSegmentFromBinaryLabelmapRepresentation(image, name, color)
+    node.GetSegmentation().CollapseBinaryLabelmaps(False)
+    return node
