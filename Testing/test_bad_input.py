@@ -25,8 +25,8 @@ from refusals import (
 
 from DeepRegisterLib.errors import InputError, ResourceError
 from DeepRegisterLib.imaging import fileio
-from DeepRegisterLib.registration import preflight
-from DeepRegisterLib.registration.preflight import check_intensity_image
+from DeepRegisterLib.registration import memory_plan
+from DeepRegisterLib.registration.image_checks import check_intensity_image
 
 
 @pytest.fixture
@@ -377,7 +377,7 @@ def test_a_deformable_initial_transform_is_refused(a_good_pair, an_output_folder
 def test_images_too_big_for_memory_are_refused_suggesting_a_coarser_run(
     a_good_pair, an_output_folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(preflight, "available_memory_bytes", lambda: 1_000)
+    monkeypatch.setattr(memory_plan, "available_memory_bytes", lambda: 1_000)
     message = refused(
         an_output_folder, ResourceError, "needs about .* GiB of memory", *a_good_pair, model=None
     )

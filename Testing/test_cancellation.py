@@ -20,8 +20,8 @@ import SimpleITK as sitk
 from conftest import grid_centre, make_phantom, oblique_grid
 
 from DeepRegisterLib.cli import main as cli
-from DeepRegisterLib.errors import RegistrationCancelled
-from DeepRegisterLib.registration import affine_stage, engine
+from DeepRegisterLib.errors import ModelError, RegistrationCancelled
+from DeepRegisterLib.registration import deformable, engine
 
 LATENCY_LIMIT_S = 1.0
 REPO = Path(__file__).resolve().parents[1]
@@ -122,12 +122,13 @@ def _worker_threads() -> list[str]:
 def test_the_smoothing_beside_the_affine_stage_stops_with_a_cancel(
     a_3d_pair, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The network inputs are smoothed on a worker thread while the affine stage runs. On a
-    large CT that can outlast the affine stage: the wait for it still answers a cancel within
-    a second, the worker is told to stop, and no thread is left running."""
+    """The network inputs are smoothed on a worker thread (after torch is loaded and the run
+    planned) while the affine stage runs. On a large CT that can outlast the affine stage: the
+    wait for it still answers a cancel within a second, the worker is told to stop, and no
+    thread is left running."""
     affine_done, event = threading.Event(), threading.Event()
     seen: dict[str, object] = {}
-    real_affine = affine_stage.register_normalised
+    real_affine = engine.register_normalised
 
     def affine_then_flag(*args, **kwargs):
         transform = real_affine(*args, **kwargs)
@@ -145,8 +146,8 @@ def test_the_smoothing_beside_the_affine_stage_stops_with_a_cancel(
         seen["told_to_stop"] = is_cancelled()
         raise RegistrationCancelled("smoothing stopped")
 
-    monkeypatch.setattr(affine_stage, "register_normalised", affine_then_flag)
-    monkeypatch.setattr(affine_stage, "antialiased", slow_smoothing)
+    monkeypatch.setattr(engine, "register_normalised", affine_then_flag)
+    monkeypatch.setattr(deformable, "antialiased", slow_smoothing)
     with pytest.raises(RegistrationCancelled, match="while preparing the images"):
         engine.register(*a_3d_pair, preset="fast", model=None, device="cpu", cancel=event)
     latency = time.perf_counter() - seen["set_at"]
@@ -171,13 +172,37 @@ def test_a_failed_affine_stage_stops_the_smoothing_beside_it(
     def failing_affine(*args, **kwargs):
         raise RuntimeError("the affine stage failed")
 
-    monkeypatch.setattr(affine_stage, "fixed_on_grid", smoothing_until_stopped)
-    monkeypatch.setattr(affine_stage, "register_normalised", failing_affine)
+    monkeypatch.setattr(deformable, "fixed_on_grid", smoothing_until_stopped)
+    monkeypatch.setattr(engine, "register_normalised", failing_affine)
     started = time.perf_counter()
     with pytest.raises(RuntimeError, match="the affine stage failed"):
         engine.register(*a_3d_pair, preset="fast", model=None, device="cpu")
     assert time.perf_counter() - started < 10
     assert smoothing_stopped.is_set()
+    assert _worker_threads() == []
+
+
+def test_a_plan_refused_beside_the_affine_stage_stops_it_with_the_plans_error(
+    a_3d_pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run is planned (device, model, memory) on the worker while the affine stage runs:
+    a refusal there stops the affine stage at its next iteration, and the user gets the
+    refusal, not a cancel."""
+    stopped = threading.Event()
+
+    def affine_until_stopped(*args, is_cancelled, **kwargs):
+        deadline = time.perf_counter() + 30
+        while not is_cancelled() and time.perf_counter() < deadline:
+            time.sleep(0.01)
+        stopped.set()
+        raise RegistrationCancelled("during the affine stage")
+
+    monkeypatch.setattr(engine, "register_normalised", affine_until_stopped)
+    started = time.perf_counter()
+    with pytest.raises(ModelError, match="no-such-model"):
+        engine.register(*a_3d_pair, preset="fast", model="no-such-model", device="cpu")
+    assert time.perf_counter() - started < 10
+    assert stopped.is_set()
     assert _worker_threads() == []
 
 

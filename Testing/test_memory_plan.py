@@ -12,8 +12,8 @@ from DeepRegisterLib.cli import main as cli
 from DeepRegisterLib.errors import InputError, ResourceError
 from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
 from DeepRegisterLib.nn.filters import MAX_GRADIENT_CHUNKS
-from DeepRegisterLib.registration import engine, job, optimisation_stage, preflight
-from DeepRegisterLib.registration.preflight import estimate_peak_bytes, plan_memory
+from DeepRegisterLib.registration import engine, job, memory_plan, optimisation_stage
+from DeepRegisterLib.registration.memory_plan import estimate_peak_bytes, plan_memory
 
 GIB = 2**30
 
@@ -59,7 +59,7 @@ def test_when_no_grid_fits_the_run_is_refused_saying_what_was_tried(pair) -> Non
 
 
 def test_a_gpu_too_small_for_the_network_grid_sends_the_work_to_the_cpu(pair) -> None:
-    on_gpu = voxels(2.0) * preflight.GPU_BYTES_PER_NETWORK_VOXEL + preflight.GPU_FIXED_BYTES
+    on_gpu = voxels(2.0) * memory_plan.GPU_BYTES_PER_NETWORK_VOXEL + memory_plan.GPU_FIXED_BYTES
     roomy = plan_memory(*pair, voxels, 2.0, device="cuda", gpu_free_bytes=2 * on_gpu)
     assert (roomy.device, roomy.notes) == ("cuda", ())
     short = plan_memory(*pair, voxels, 2.0, device="cuda", gpu_free_bytes=on_gpu // 2)
@@ -68,12 +68,12 @@ def test_a_gpu_too_small_for_the_network_grid_sends_the_work_to_the_cpu(pair) ->
 
 
 def test_the_budget_is_the_smaller_of_the_limit_and_what_is_available(monkeypatch) -> None:
-    monkeypatch.setattr(preflight, "available_memory_bytes", lambda: 10 * GIB)
-    assert preflight.memory_budget() == 9 * GIB
-    assert preflight.memory_budget(2 * GIB) == 2 * GIB
-    monkeypatch.setattr(preflight, "available_memory_bytes", lambda: None)
-    assert preflight.memory_budget() is None
-    assert preflight.memory_budget(GIB) == GIB
+    monkeypatch.setattr(memory_plan, "available_memory_bytes", lambda: 10 * GIB)
+    assert memory_plan.memory_budget() == 9 * GIB
+    assert memory_plan.memory_budget(2 * GIB) == 2 * GIB
+    monkeypatch.setattr(memory_plan, "available_memory_bytes", lambda: None)
+    assert memory_plan.memory_budget() is None
+    assert memory_plan.memory_budget(GIB) == GIB
 
 
 def test_register_under_a_memory_limit_runs_coarser_and_says_so(pair) -> None:

@@ -121,3 +121,46 @@ def sitk_read(path):
     import SimpleITK as sitk
 
     return sitk.ReadImage(str(path))
+
+
+BESIDE_THE_AFFINE = """
+import importlib.abc, json, sys, threading
+affine_running, order = threading.Event(), []
+
+class TorchWaitsForTheAffineStage(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            order.append(("torch", threading.current_thread().name))
+            affine_running.wait(60)
+        return None
+
+sys.meta_path.insert(0, TorchWaitsForTheAffineStage())
+from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
+from DeepRegisterLib.registration import engine
+assert "torch" not in sys.modules, "importing the engine loaded torch"
+
+def progress(fraction, message):
+    if message == "affine" and not affine_running.is_set():
+        order.append(("affine", threading.current_thread().name))
+        affine_running.set()
+
+pair = phantom_pair(demo_grid(3, 16), amplitude_mm=2.0)
+result = engine.register(pair.fixed, pair.moving, preset="fast", iterations=2, model=None,
+                         device="cpu", progress=progress)
+print(json.dumps({"order": order, "runtime_s": result.report["runtime_s"]}))
+"""
+
+
+def test_torch_loads_on_a_worker_while_the_affine_stage_runs():
+    """A fresh process (the command line, Slicer's child) would otherwise wait for torch (about
+    a second) and then for ITK's affine stage. Here torch's import cannot finish until the
+    affine stage has reported progress: the run completes only if the two overlap."""
+    completed = subprocess.run(
+        [sys.executable, "-c", BESIDE_THE_AFFINE], capture_output=True, text=True, timeout=300
+    )
+    assert completed.returncode == 0, completed.stderr
+    outcome = json.loads(completed.stdout.strip().splitlines()[-1])
+    threads = dict(outcome["order"])  # what came first, on which thread
+    assert threads["affine"] == "MainThread"
+    assert threads["torch"].startswith("deepregister")  # the worker beside the affine stage
+    assert outcome["runtime_s"] < 60  # torch's import did not wait out its 60 s

@@ -13,7 +13,7 @@
     in its own spawned process. Reported: wall time per stage, the peak resident set of the
     registration (VmHWM, reset after the images are built when the kernel allows it, and a
     parent-side sampler),
-    :func:`preflight.estimate_peak_bytes`, the error against the known field, and the longest
+    :func:`memory_plan.estimate_peak_bytes`, the error against the known field, and the longest
     stretch between two cancel checks (how long a cancel request can wait).
 
 A parent-side watchdog kills a child before the machine runs out of memory (other programs
@@ -153,7 +153,7 @@ def big_run(shape: tuple[int, int, int], spacing: tuple[float, float, float]) ->
     import torch
 
     from DeepRegisterLib import register
-    from DeepRegisterLib.registration.preflight import estimate_peak_bytes
+    from DeepRegisterLib.registration.memory_plan import estimate_peak_bytes
 
     out: dict = {"shape": list(shape), "spacing": list(spacing), "threads": torch.get_num_threads()}
     out["settings"] = SETTINGS.to_dict()
@@ -288,7 +288,7 @@ def describe_big(r: dict) -> list[str]:
         f"**{r['peak'] / GIB:.2f} GiB**; RSS before {r['rss_before'] / GIB:.2f} GiB (the two "
         f"images), after {r['rss_after'] / GIB:.2f} GiB; building the pair peaked at "
         f"{r['build_peak'] / GIB:.2f} GiB; sampled by the parent {r['max_rss'] / GIB:.2f} GiB",
-        f"  - `preflight.estimate_peak_bytes`: **{r['report_estimate'] / GIB:.2f} GiB**; the "
+        f"  - `memory_plan.estimate_peak_bytes`: **{r['report_estimate'] / GIB:.2f} GiB**; the "
         f"registration's own increase (peak − RSS before) {increase / GIB:.2f} GiB = "
         f"{increase / r['report_estimate']:.2f} × the estimate",
         f"  - NCC {r['ncc'][0]:.3f} → {r['ncc'][1]:.3f} (affine) → {r['ncc'][2]:.3f}; mean "

@@ -52,7 +52,7 @@ def job_peak_bytes(
     engine crops it to the foreground (and coarsens very large ones), so this errs on the safe
     side.
     """
-    from ..registration.preflight import estimate_peak_bytes
+    from ..registration.memory_plan import estimate_peak_bytes
 
     fixed, moving = headers[job.fixed], headers[job.moving]
     spacing = min(level.spacing_mm for level in settings.resolved_preset().levels)

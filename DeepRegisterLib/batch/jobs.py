@@ -52,7 +52,7 @@ class ImageHeader:
     """What a file's header says, read without its voxels.
 
     ``GetDimension``/``GetSize`` let the engine's memory estimate
-    (``registration.preflight.estimate_peak_bytes``) read a header as it reads an image.
+    (``registration.memory_plan.estimate_peak_bytes``) read a header as it reads an image.
     """
 
     dimension: int

@@ -1,7 +1,8 @@
 """One worker thread for work that can run beside the main thread's stage.
 
 ITK's affine stage keeps one core (see affine.py), and numpy's det J one core: the other core
-takes work that does not wait for them.
+takes work that does not wait for them (loading torch and planning the run, smoothing the
+network's inputs; warping).
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ class Beside:
 
     def submit(self, function: Callable[..., Any], *args: Any) -> futures.Future:
         return self._pool.submit(function, *args, self._failed.is_set)
+
+    def failed(self, job: futures.Future) -> bool:
+        """Whether ``job`` has ended in an error, for work on the main thread to stop on."""
+        return job.done() and not job.cancelled() and job.exception() is not None
 
     def result(self, job: futures.Future) -> Any:
         while True:

@@ -1,28 +1,29 @@
-"""Register one image pair: pre-flight → affine → network → instance optimisation → outputs.
+"""Register one image pair: checks → affine → network → instance optimisation → outputs.
 
 The deformable part runs on a "network grid": isotropic, the fixed image's orientation, cropped
 to the fixed foreground. Its displacement is composed with the affine into ONE field sampled on
 the fixed image's own grid, in LPS millimetres: ``T(x) = A(x + v(x))``, ``u(x) = T(x) − x``.
-Each stage lives in its own module; this one holds the sequence.
+
+This module holds the sequence and imports no torch: ITK's affine stage (one thread, GIL
+released) starts as soon as the inputs are checked, while a worker thread loads torch, plans
+the run and smooths the network's inputs (deformable.py). A fresh process (the command line,
+Slicer's child process) waits for one of the two, not for both one after the other.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import SimpleITK as sitk
-import torch
 
-from ..imaging.geometry import Grid
-from .affine_stage import affine_and_grid_images
-from .job import ImageLike, Job, check_inputs
-from .network_stage import network_stage
-from .optimisation_stage import optimisation_stage
-from .outputs import output_stage
-from .progress import CancelToken, ProgressCallback, Stages
-from .report import Stopwatch, build_report
+from ..errors import RegistrationCancelled
+from .affine import register_normalised, to_affine
+from .beside import Beside
+from .inputs import ImageLike, Inputs, check_inputs
+from .preprocessing import normalised_for_registration
+from .progress import CancelToken, ProgressCallback, Stages, Stopwatch
 from .result import RegistrationResult
 from .settings import RegistrationSettings
 
@@ -60,53 +61,52 @@ def register(
     started = time.perf_counter()
     settings = (settings or RegistrationSettings()).replace(**options)
     stages = Stages(progress, cancel)
-    job, device, notes = check_inputs(
-        fixed, moving, settings, stages, started,
+    inputs = check_inputs(
+        fixed, moving, settings, stages,
         fixed_mask=fixed_mask, moving_mask=moving_mask, moving_labels=moving_labels,
         fixed_labels=fixed_labels, initial_transform=initial_transform,
     )  # fmt: skip
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(settings.seed)
-    try:
-        try:
-            return _run(stages, job, device, notes)
-        except torch.OutOfMemoryError:
-            if device.type == "cpu":
-                raise
-            note = "memory: the GPU ran out of memory, so the registration was run again on the CPU"
-            stages.report("checks", 1.0, note)
-            torch.cuda.empty_cache()
-            torch.manual_seed(settings.seed)
-            return _run(stages, job, torch.device("cpu"), (*notes, note))
-    finally:
-        torch.random.set_rng_state(generator_state)
-
-
-def _run(
-    stages: Stages, job: Job, device: torch.device, notes: tuple[str, ...]
-) -> RegistrationResult:
-    """The stages in order, each timed, with a cancel check between them."""
     clock = Stopwatch()
-    affine, images = affine_and_grid_images(stages, job, device, clock.lap)
-    network = network_stage(stages, job, images, device, notes)
-    clock.lap("network_s")
-    stages.check("after the network")
-    deformation = optimisation_stage(stages, job, images, device, network.velocity)
-    clock.lap("optimisation_s")
-    stages.check("after optimisation")
-    outputs = output_stage(stages, job, affine, deformation, device)
-    clock.lap("outputs_s")
-    report = build_report(job, images, network, deformation, outputs, device, clock.timings)
-    stages.report("outputs", 1.0, "done")
-    return RegistrationResult(
-        fixed_grid=Grid.of(job.fixed_image),
-        displacement=outputs.displacement,
-        warped=outputs.warped,
-        affine=affine,
-        warped_labels=outputs.warped_labels,
-        jacobian=outputs.jacobian,
-        inverse_displacement=None if outputs.inverse is None else outputs.inverse[0],
-        report=report,
-        deformation=outputs.deformation,
-        inverse_deformation=None if outputs.inverse is None else outputs.inverse[1],
-    )
+    # Normalised once, for the affine stage and the network's input.
+    moving_norm = normalised_for_registration(inputs.moving_image, stages.cancelled)
+    with Beside(stages.cancelled, "while preparing the images") as beside:
+        preparing = beside.submit(_prepare, inputs, moving_norm, started)
+        try:
+            affine = _affine(stages, inputs, moving_norm, lambda: beside.failed(preparing))
+        except RegistrationCancelled:
+            if beside.failed(preparing) and not stages.cancelled():
+                beside.result(preparing)  # raises the plan's own error: that is what stopped it
+            raise
+        prepared = beside.result(preparing)
+    for note in prepared.notes:
+        stages.report("affine", 1.0, note)
+    clock.lap("affine_s")
+    stages.check("after the affine stage")
+    from .deformable import run  # loaded by the worker above
+
+    return run(stages, prepared, affine, clock)
+
+
+def _prepare(inputs: Inputs, moving_norm: sitk.Image, started: float, is_cancelled):
+    """On the worker: the import loads torch, beside the affine stage rather than before it."""
+    from .deformable import prepare
+
+    return prepare(inputs, moving_norm, started, is_cancelled)
+
+
+def _affine(
+    stages: Stages, inputs: Inputs, moving_norm: sitk.Image, also_stop: Callable[[], bool]
+) -> sitk.AffineTransform:
+    dim = inputs.fixed_image.GetDimension()
+    if inputs.settings.affine:
+        return register_normalised(
+            inputs.fixed_norm, moving_norm,
+            fixed_mask=inputs.fixed_mask, moving_mask=inputs.moving_mask,
+            initial_transform=inputs.initial_transform,
+            iterations=inputs.preset.affine_iterations, finest_mm=inputs.preset.affine_finest_mm,
+            seed=inputs.settings.seed, progress=stages.reporter("affine"),
+            is_cancelled=lambda: stages.cancelled() or also_stop(),
+        )  # fmt: skip
+    if inputs.initial_transform is not None:
+        return to_affine(inputs.initial_transform, dim)
+    return sitk.AffineTransform(dim)

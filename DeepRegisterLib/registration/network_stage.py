@@ -11,8 +11,8 @@ from ..errors import ModelError, stop_if_cancelled
 from ..nn.losses import similarity_to
 from ..nn.models import ModelInfo, load_model
 from ..nn.networks import integrate_velocity, warp
-from .affine_stage import GridImages
 from .contrast import in_contrast_of
+from .grid_images import GridImages
 from .job import Job
 from .progress import Stages
 

@@ -10,7 +10,7 @@ import torch
 
 from ..imaging.geometry import Grid, flow_voxels_to_mm
 from ..nn.networks import integrate_velocity, warp
-from .affine_stage import GridImages
+from .grid_images import GridImages
 from .job import MIN_LEVEL_VOXELS, Job
 from .optimisation import level_shape, optimise_velocity
 from .presets import Preset

@@ -1,8 +1,9 @@
-"""Progress and cancel for one run: each stage's own 0→1 progress on one overall bar, and the
-points where a run asks whether it should stop."""
+"""Progress, cancel and the clock of one run: each stage's own 0→1 progress on one overall bar,
+the points where a run asks whether it should stop, and each stage's wall time."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
@@ -44,3 +45,16 @@ class Stages:
 
     def check(self, where: str) -> None:
         stop_if_cancelled(self.cancelled, where)
+
+
+class Stopwatch:
+    """Each stage's wall time: ``lap(name)`` records the time since the previous lap."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = now - self._last
+        self._last = now

@@ -12,24 +12,11 @@ import torch
 
 from .. import __version__
 from ..imaging import metrics
-from .affine_stage import GridImages, to_tensor
+from .grid_images import GridImages, to_tensor
 from .job import Job
 from .network_stage import NetworkOutcome
 from .optimisation_stage import Deformation
 from .outputs import Outputs
-
-
-class Stopwatch:
-    """Each stage's wall time: ``lap(name)`` records the time since the previous lap."""
-
-    def __init__(self) -> None:
-        self.timings: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.timings[name] = now - self._last
-        self._last = now
 
 
 def build_report(

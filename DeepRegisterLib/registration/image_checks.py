@@ -1,17 +1,12 @@
-"""Checks that run before any work, so bad input fails fast with a message that says what to do."""
+"""Checks of the images, masks and label maps a run is given: bad input fails before any work,
+with a message that says what to do. No torch here: the checks run before it is loaded."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
-from dataclasses import dataclass, replace
-
 import numpy as np
 import SimpleITK as sitk
-import torch
 
-from ..errors import InputError, ResourceError
-from ..nn.filters import MAX_GRADIENT_CHUNKS
+from ..errors import InputError
 
 MIN_SIZE = 4
 INTEGER_PIXEL_TYPES = {
@@ -137,123 +132,3 @@ def check_label_map(labels: sitk.Image, what: str) -> sitk.Image:
     if array.min() < 0 or array.max() > np.iinfo(np.int32).max:
         raise InputError(f"{what} has labels outside 0…2³¹−1")
     return sitk.Cast(labels, sitk.sitkInt32)
-
-
-def available_memory_bytes() -> int | None:
-    """MemAvailable from the kernel (Linux), else None (then no estimate is enforced)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    if hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return None
-
-
-def estimate_peak_bytes(fixed: sitk.Image, moving: sitk.Image, network_voxels: int) -> int:
-    """A deliberately generous estimate of the engine's peak memory.
-
-    Calibrated on measured peaks (256³ brain pair: 1.3 GiB; 512² × 600 CT pair: 6.9 GiB, of
-    which 6.0 GiB above the two images: 0.6 × this estimate) as ≈ 48 bytes per fixed voxel
-    (the float64 displacement, built in place, plus the normalised copy, warped image, det J),
-    16 per moving voxel (float copies), 160 per network voxel (images, fields, optimiser
-    state, autograd) and 512 MiB for the libraries themselves. Each CPU thread after the first
-    adds 12 per network voxel, up to ``MAX_GRADIENT_CHUNKS``: the threaded grid sampler's
-    gradient copy of a float32 flow.
-    """
-    scale = fixed.GetDimension() / 3.0
-    fixed_voxels = int(np.prod(fixed.GetSize()))
-    moving_voxels = int(np.prod(moving.GetSize()))
-    chunks = min(torch.get_num_threads(), MAX_GRADIENT_CHUNKS)
-    per_network_voxel = 160 + 12 * (chunks - 1)
-    return int(
-        fixed_voxels * 48 * scale + moving_voxels * 16 + network_voxels * per_network_voxel + 2**29
-    )
-
-
-@dataclass(frozen=True)
-class MemoryPlan:
-    """Where and how finely the deformable stages run, chosen so that the run fits in memory."""
-
-    spacing_mm: float
-    use_model: bool
-    device: str
-    estimated_bytes: int
-    notes: tuple[str, ...] = ()
-
-
-COARSER_FACTORS = (1.5, 2.0, 3.0, 4.0)
-MAX_COARSE_SPACING_MM = 8.0
-GPU_BYTES_PER_NETWORK_VOXEL = 160
-GPU_FIXED_BYTES = 2**28  # CUDA context and kernels
-
-
-def memory_budget(limit_bytes: int | None = None) -> int | None:
-    """What a run may use: 90 % of the memory available now, and at most ``limit_bytes``."""
-    available = available_memory_bytes()
-    budget = None if available is None else int(0.9 * available)
-    if limit_bytes is not None:
-        budget = limit_bytes if budget is None else min(budget, limit_bytes)
-    return budget
-
-
-def plan_memory(
-    fixed: sitk.Image,
-    moving: sitk.Image,
-    network_voxels: Callable[[float], int],
-    spacing_mm: float,
-    *,
-    model_name: str | None = None,
-    device: str = "cpu",
-    budget_bytes: int | None = None,
-    gpu_free_bytes: int | None = None,
-) -> MemoryPlan:
-    """The requested plan if it fits, else the first safe one, with notes saying what changed.
-
-    RAM: the deformable stages move to coarser grids (a model trained for one spacing is left
-    out then), up to 8 mm; if even that does not fit, ``ResourceError``. The fixed-grid outputs
-    are always built in chunks, so their cost is the outputs themselves. GPU: if the network
-    grid does not fit in the free GPU memory, the deformable stages run on the CPU instead.
-    """
-    gib = 2**30
-    needed = estimate_peak_bytes(fixed, moving, network_voxels(spacing_mm))
-    plan = MemoryPlan(spacing_mm, model_name is not None, device, needed)
-    if budget_bytes is not None and needed > budget_bytes:
-        plan = None
-        coarse, coarse_needed = spacing_mm, needed
-        for factor in COARSER_FACTORS:
-            if spacing_mm * factor > max(MAX_COARSE_SPACING_MM, spacing_mm):
-                break
-            coarse = spacing_mm * factor
-            coarse_needed = estimate_peak_bytes(fixed, moving, network_voxels(coarse))
-            if coarse_needed <= budget_bytes:
-                without = (
-                    f" without model {model_name!r} (it needs {spacing_mm:g} mm)"
-                    if model_name is not None else ""
-                )  # fmt: skip
-                note = (
-                    f"memory: the {spacing_mm:g} mm grid needs about {needed / gib:.1f} GiB but "
-                    f"{budget_bytes / gib:.1f} GiB is available, so the deformable stages run on "
-                    f"a coarser {coarse:g} mm grid{without} (about {coarse_needed / gib:.1f} GiB)"
-                )
-                plan = MemoryPlan(coarse, False, device, coarse_needed, (note,))
-                break
-        if plan is None:
-            raise ResourceError(
-                f"this registration needs about {needed / gib:.1f} GiB of memory (still "
-                f"{coarse_needed / gib:.1f} GiB on a {coarse:g} mm grid) but only "
-                f"{budget_bytes / gib:.1f} GiB is available. Crop or downsample the images "
-                "(e.g. resample the fixed image to a coarser spacing), or close other programs."
-            )
-    if device != "cpu" and gpu_free_bytes is not None:
-        gpu_needed = network_voxels(plan.spacing_mm) * GPU_BYTES_PER_NETWORK_VOXEL + GPU_FIXED_BYTES
-        if gpu_needed > 0.9 * gpu_free_bytes:
-            note = (
-                f"memory: the GPU has {gpu_free_bytes / gib:.1f} GiB free but the deformable "
-                f"stages need about {gpu_needed / gib:.1f} GiB there, so they run on the CPU"
-            )
-            plan = replace(plan, device="cpu", notes=(*plan.notes, note))
-    return plan

@@ -1,0 +1,107 @@
+"""The torch half of a registration: prepared beside the affine stage, then run after it.
+
+:func:`prepare` runs on a worker thread while ITK's affine stage runs on the main one (see
+engine.py): importing this module loads torch, then the run is planned (device, model, memory)
+and the network's inputs are smoothed for its grid, none of which needs the affine.
+:func:`run` is the rest in order, network → optimisation → outputs, each timed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import SimpleITK as sitk
+import torch
+
+from ..imaging.geometry import Grid
+from ..imaging.resampling import antialiased, fixed_on_grid
+from .grid_images import grid_images
+from .inputs import Inputs
+from .job import Job, plan_job
+from .network_stage import network_stage
+from .optimisation_stage import optimisation_stage
+from .outputs import output_stage
+from .progress import Stages, Stopwatch
+from .report import build_report
+from .result import RegistrationResult
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The plan of the run and the network's inputs before the affine."""
+
+    job: Job
+    device: torch.device
+    notes: tuple[str, ...]  # choices made for the run, for the caller to report
+    fixed_net: sitk.Image  # the fixed image on the network grid
+    moving_smooth: sitk.Image  # the moving image smoothed for the grid's spacing
+
+
+def prepare(
+    inputs: Inputs, moving_norm: sitk.Image, started: float, is_cancelled: Callable[[], bool]
+) -> Prepared:
+    job, device, notes = plan_job(inputs, started)
+    reference = job.network_grid.reference_image()
+    fixed_net = fixed_on_grid(job.fixed_norm, reference, is_cancelled)
+    moving_smooth = antialiased(moving_norm, reference.GetSpacing()[0], is_cancelled)
+    return Prepared(job, device, notes, fixed_net, moving_smooth)
+
+
+def run(
+    stages: Stages, prepared: Prepared, affine: sitk.AffineTransform, clock: Stopwatch
+) -> RegistrationResult:
+    """The deformable stages with the settings' seed (the caller's random state is kept); on
+    a GPU that runs out of memory, again on the CPU with the same seed and a note."""
+    job, device = prepared.job, prepared.device
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(job.settings.seed)
+    try:
+        try:
+            return _run(stages, prepared, affine, device, prepared.notes, clock)
+        except torch.OutOfMemoryError:
+            if device.type == "cpu":
+                raise
+            note = "memory: the GPU ran out of memory, so the registration was run again on the CPU"
+            stages.report("network", 0.0, note)
+            torch.cuda.empty_cache()
+            torch.manual_seed(job.settings.seed)
+            notes = (*prepared.notes, note)
+            return _run(stages, prepared, affine, torch.device("cpu"), notes, clock)
+    finally:
+        torch.random.set_rng_state(generator_state)
+
+
+def _run(
+    stages: Stages,
+    prepared: Prepared,
+    affine: sitk.AffineTransform,
+    device: torch.device,
+    notes: tuple[str, ...],
+    clock: Stopwatch,
+) -> RegistrationResult:
+    """The stages in order, each timed, with a cancel check between them."""
+    job = prepared.job
+    images = grid_images(stages, job, affine, prepared.fixed_net, prepared.moving_smooth, device)
+    network = network_stage(stages, job, images, device, notes)
+    clock.lap("network_s")
+    stages.check("after the network")
+    deformation = optimisation_stage(stages, job, images, device, network.velocity)
+    clock.lap("optimisation_s")
+    stages.check("after optimisation")
+    outputs = output_stage(stages, job, affine, deformation, device)
+    clock.lap("outputs_s")
+    report = build_report(job, images, network, deformation, outputs, device, clock.timings)
+    stages.report("outputs", 1.0, "done")
+    return RegistrationResult(
+        fixed_grid=Grid.of(job.fixed_image),
+        displacement=outputs.displacement,
+        warped=outputs.warped,
+        affine=affine,
+        warped_labels=outputs.warped_labels,
+        jacobian=outputs.jacobian,
+        inverse_displacement=None if outputs.inverse is None else outputs.inverse[0],
+        report=report,
+        deformation=outputs.deformation,
+        inverse_deformation=None if outputs.inverse is None else outputs.inverse[1],
+    )
