@@ -16,6 +16,8 @@ import pytest
 import SimpleITK as sitk
 
 from DeepRegisterLib.cli import main as cli
+from DeepRegisterLib.errors import InputError
+from DeepRegisterLib.imaging import fileio
 from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
 
 FAST = ["--preset", "fast", "--iterations", "0", "--device", "cpu", "--quiet"]
@@ -140,6 +142,26 @@ def test_the_h5_transform_is_the_affine_after_the_deformation_on_the_network_gri
     )
     warped = array(sitk.ReadImage(str(out["warped"])))
     assert_ants_warps_as_we_do(pair_3d, out["h5"], warped)
+
+
+def test_a_mat_transform_is_the_dense_field_and_reads_back(pair_3d, tmp_path):
+    """ITK writes a composite into a MATLAB .mat file and then cannot read it: --transform t.mat
+    writes the displacement-field transform instead, and the library refuses the composite."""
+    out = {"mat": tmp_path / "t.mat", "exact": tmp_path / "displacement.mha"}
+    code = register(pair_3d, "--transform", out["mat"], "--displacement", out["exact"])
+    assert code == cli.EXIT_OK
+    exact = sitk.ReadImage(str(out["exact"]))
+    read_back = sitk.ReadTransform(str(out["mat"]))
+    np.testing.assert_allclose(on_grid(read_back, exact), array(exact), rtol=0, atol=1e-9)
+    composite = sitk.CompositeTransform(
+        [
+            sitk.AffineTransform(3),
+            sitk.DisplacementFieldTransform(sitk.Cast(exact, sitk.sitkVectorFloat64)),
+        ]
+    )
+    with pytest.raises(InputError, match=r"a \.mat file holds one transform; use \.h5"):
+        fileio.write_transform(composite, tmp_path / "composite.mat")
+    assert not (tmp_path / "composite.mat").exists()
 
 
 def assert_ants_warps_as_we_do(pair: dict[str, Path], transform: Path, warped: np.ndarray):

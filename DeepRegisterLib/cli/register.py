@@ -64,8 +64,8 @@ def add_register_parser(subparsers: Any) -> None:
         type=Path,
         help="total transform: ITK .h5/.tfm holding the affine and the deformation on the "
         "network grid, as ANTs writes them (ITK and ANTs apply it exactly as --warped was made; "
-        "Slicer interpolates its field cubically, ~0.1 mm apart), or with an image suffix "
-        "(.nii.gz/.nrrd/.mha) the dense float32 field on the fixed grid",
+        "Slicer interpolates its field cubically, ~0.1 mm apart; .mat holds the dense field), "
+        "or with an image suffix (.nii.gz/.nrrd/.mha) the dense float32 field on the fixed grid",
     )
     out.add_argument(
         "--displacement",
@@ -216,12 +216,17 @@ def _write_outputs(result, args, fixed, moving, pictures) -> list[Path]:
 
 
 def _write_transform(transform, displacement, path: Path) -> None:
-    """An ITK transform file of ``transform()``, or for an image suffix the dense
-    ``displacement`` as a float32 field."""
+    """An ITK transform file of ``transform()``; for an image suffix the dense ``displacement``
+    as a float32 field, and for a MATLAB ``.mat`` (one transform a file: ITK reads back no
+    composite from it) as a displacement-field transform."""
     from ..imaging import fileio
+    from ..registration.result import displacement_transform
 
-    if output_paths.full_suffix(path) in output_paths.IMAGE_SUFFIXES:
+    suffix = output_paths.full_suffix(path)
+    if suffix in output_paths.IMAGE_SUFFIXES:
         fileio.write_field(displacement, path)
+    elif suffix == ".mat":
+        fileio.write_transform(displacement_transform(displacement), path)
     else:
         fileio.write_transform(transform(), path)
 

@@ -276,6 +276,9 @@ def write_transform(transform: sitk.Transform, path: str | os.PathLike) -> Path:
             f"cannot write transform {target}: use .h5 (recommended) or .tfm, or an image "
             f"suffix ({', '.join(IMAGE_SUFFIXES)}) for a displacement-field image"
         )
+    if suffix == ".mat" and isinstance(transform, sitk.CompositeTransform):
+        # ITK writes it, then cannot read it back.
+        raise InputError(f"cannot write {target}: a .mat file holds one transform; use .h5")
     with atomic_write_path(target) as tmp, _hdf5_guard(suffix):
         sitk.WriteTransform(transform, str(tmp))
     return target
