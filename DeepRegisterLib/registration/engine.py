@@ -51,7 +51,9 @@ def register(
     Images may be SimpleITK images or file paths. ``initial_transform`` (linear, fixed → moving)
     seeds the affine stage, or replaces it when ``affine=False``. ``cancel`` is anything with
     ``is_set()`` (e.g. ``threading.Event``); a cancelled run raises ``RegistrationCancelled``.
-    Bad input raises ``InputError`` before any work is done.
+    Bad input raises ``InputError`` before any work is done; a model or a memory plan that
+    cannot work (``ModelError``, ``ResourceError``) as soon as torch has loaded, stopping the
+    affine stage begun beside it.
 
     When the run would not fit in memory (90 % of what is available, and at most
     ``max_memory_gib``), the deformable stages run on a coarser grid, or on the CPU when the

@@ -195,7 +195,7 @@ def compose_displacement(
 def deformation_field(flow_mm: torch.Tensor, network_grid: Grid) -> sitk.Image:
     """``v`` as the float64 field of an ITK displacement-field transform, so that the composite
     ``[affine, field]`` is the transform :func:`compose_displacement` samples, at a fraction of
-    its size (2 mm against 1 mm: 8×).
+    its size (2 mm over the foreground, against 1 mm over the whole image).
 
     The network grid is grown by one voxel of zeros on every side: ITK holds a field's edge
     value for half a voxel outside it and is zero beyond, while ``v`` fades linearly to zero
