@@ -1,6 +1,7 @@
 """A headless MRML scene like the application's, and the volumes, segmentations and known
-registration results the MRML bridge tests put in it. Shared by test_mrml*.py; imported only
-after their slicer-core guard (this module imports `slicer` itself)."""
+registration results the MRML bridge tests put in it, for every test of the bridge. Importing
+it skips the importing test module when `slicer` is not slicer-core: use
+``pytest.importorskip("mrml_scenes")``."""
 
 from __future__ import annotations
 
@@ -11,14 +12,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import slicer
-import vtk
-from conftest import grid_points, rotation_matrix
 
-from DeepRegisterLib import mrml
-from DeepRegisterLib.imaging import metrics
-from DeepRegisterLib.imaging.geometry import Grid
-from DeepRegisterLib.registration.result import RegistrationResult, displacement_transform
+slicer = pytest.importorskip("slicer", reason="slicer-core (the headless MRML scene) is needed")
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip(
+        "`import slicer` is not slicer-core (the unrelated PyPI package 'slicer' shadows it); "
+        "reinstall slicer-core==5.13.31053.0",
+        allow_module_level=True,
+    )
+
+import vtk  # noqa: E402  (after the skip: vtk comes with slicer-core)
+from conftest import grid_points, rotation_matrix  # noqa: E402
+
+from DeepRegisterLib import mrml  # noqa: E402
+from DeepRegisterLib.imaging import metrics  # noqa: E402
+from DeepRegisterLib.imaging.geometry import Grid  # noqa: E402
+from DeepRegisterLib.registration.result import (  # noqa: E402
+    RegistrationResult,
+    displacement_transform,
+)
 
 FLIP = np.diag([-1.0, -1.0, 1.0])
 OBLIQUE = rotation_matrix((1.0, 2.0, 3.0), 25.0)  # no voxel axis along R, A or S
@@ -199,3 +211,8 @@ def _add_segmentation(scene, reference_node, masks: dict[str, np.ndarray], color
         node.AddSegmentFromBinaryLabelmapRepresentation(image, name, color)
     node.GetSegmentation().CollapseBinaryLabelmaps(False)
     return node
+
+
+def _blob_segmentation(scene, volume):
+    mask = slicer.util.arrayFromVolume(volume) > 50
+    return _add_segmentation(scene, volume, {"blob": mask.astype(np.uint8)}, [(0.9, 0.5, 0.1)])

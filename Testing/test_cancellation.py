@@ -455,13 +455,12 @@ def test_a_cli_run_killed_while_writing_leaves_no_output_under_its_name(
 def test_a_console_run_cancelled_mid_run_leaves_the_scene_unchanged(tmp_path: Path) -> None:
     """The console's in-process path, cancelled while optimising (test_mrml covers a request
     made before the start; test_process_runner the module's child process)."""
-    pytest.importorskip("slicer", reason="slicer-core is needed")
-    test_mrml = pytest.importorskip("test_mrml")
+    mrml_scenes = pytest.importorskip("mrml_scenes")  # skips without slicer-core
     from DeepRegisterLib import mrml
 
-    scene = test_mrml._new_scene(tmp_path / "cache").scene
-    fixed, moving = test_mrml._pair(scene)
-    before = test_mrml._snapshot(scene)
+    scene = mrml_scenes._new_scene(tmp_path / "cache").scene
+    fixed, moving = mrml_scenes._pair(scene)
+    before = mrml_scenes._snapshot(scene)
     cancel = threading.Event()
 
     def cancel_when_optimising(fraction: float, message: str) -> None:
@@ -474,5 +473,5 @@ def test_a_console_run_cancelled_mid_run_leaves_the_scene_unchanged(tmp_path: Pa
             compute_inverse=True, progress=cancel_when_optimising, cancel=cancel,
         )  # fmt: skip
     assert cancel.is_set()
-    assert test_mrml._snapshot(scene) == before
+    assert mrml_scenes._snapshot(scene) == before
     assert moving.GetTransformNodeID() is None

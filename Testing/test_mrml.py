@@ -12,20 +12,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-slicer = pytest.importorskip("slicer", reason="slicer-core (the headless MRML scene) is needed")
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.skip(
-        "`import slicer` is not slicer-core (the unrelated PyPI package 'slicer' shadows it); "
-        "reinstall slicer-core==5.13.31053.0",
-        allow_module_level=True,
-    )
+mrml_scenes = pytest.importorskip("mrml_scenes")  # skips without slicer-core
 
-# test_process_runner.py, test_starvation.py and test_cancellation.py use `test_mrml._new_scene`,
-# `_pair`, `_snapshot`, `_add_volume`, `_ijk_to_ras` and `_blob_segmentation`.
-import mrml_scenes  # noqa: E402
+import slicer  # noqa: E402
 from mrml_scenes import (  # noqa: E402
     _add_segmentation,
     _add_volume,
+    _blob_segmentation,
     _hand_made_result,
     _ijk_to_ras,
     _new_scene,
@@ -219,11 +212,6 @@ def test_a_push_failing_half_way_puts_the_scene_back(scene, monkeypatch):
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
-
-
-def _blob_segmentation(scene, volume):
-    mask = slicer.util.arrayFromVolume(volume) > 50
-    return _add_segmentation(scene, volume, {"blob": mask.astype(np.uint8)}, [(0.9, 0.5, 0.1)])
 
 
 def test_register_volumes_end_to_end(scene):

@@ -11,15 +11,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-slicer = pytest.importorskip("slicer", reason="slicer-core (the headless MRML scene) is needed")
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.skip(
-        "`import slicer` is not slicer-core (the unrelated PyPI package 'slicer' shadows it); "
-        "reinstall slicer-core==5.13.31053.0",
-        allow_module_level=True,
-    )
+mrml_scenes = pytest.importorskip("mrml_scenes")  # skips without slicer-core
 
-import mrml_scenes  # noqa: E402
+import slicer  # noqa: E402
 import torch  # noqa: E402
 import vtk  # noqa: E402  (after the skip: vtk comes with slicer-core)
 from conftest import grid_points, rotation_matrix  # noqa: E402

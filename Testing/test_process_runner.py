@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-slicer = pytest.importorskip("slicer", reason="slicer-core (the headless MRML scene) is needed")
-test_mrml = pytest.importorskip("test_mrml")  # skips with it when `slicer` is not slicer-core
+mrml_scenes = pytest.importorskip("mrml_scenes")  # skips without slicer-core
+import slicer  # noqa: E402
 
 from DeepRegisterLib import mrml  # noqa: E402
 from DeepRegisterLib.errors import DeepRegisterError, InputError, RegistrationCancelled  # noqa: E402
@@ -37,9 +37,9 @@ def temporary_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _scene(folder: Path):
-    scene = test_mrml._new_scene(folder).scene
-    fixed, moving = test_mrml._pair(scene)
-    segmentation = test_mrml._blob_segmentation(scene, moving)
+    scene = mrml_scenes._new_scene(folder).scene
+    fixed, moving = mrml_scenes._pair(scene)
+    segmentation = mrml_scenes._blob_segmentation(scene, moving)
     return scene, fixed, moving, segmentation
 
 
@@ -75,11 +75,11 @@ def test_the_child_gives_the_scene_what_registering_in_process_gives(tmp_path, t
     job = mrml.prepareRegistration(
         fixed, moving, SETTINGS, createOutputVolume=True, movingLabelNodes=[segmentation]
     )
-    before = test_mrml._snapshot(child_scene)
+    before = mrml_scenes._snapshot(child_scene)
 
     process = mrml.RegistrationProcess(job).start()
     messages = _wait(process)
-    assert test_mrml._snapshot(child_scene) == before  # nothing pushed before the main thread does
+    assert mrml_scenes._snapshot(child_scene) == before  # nothing pushed before the main thread
     nodes = process.push()
 
     fractions = [fraction for fraction, _ in messages]
@@ -94,7 +94,7 @@ def test_the_child_gives_the_scene_what_registering_in_process_gives(tmp_path, t
     for got, want in ((nodes.volumeNode, expected.volumeNode),
                       (nodes.jacobianVolumeNode, expected.jacobianVolumeNode)):  # fmt: skip
         assert np.array_equal(slicer.util.arrayFromVolume(got), slicer.util.arrayFromVolume(want))
-        assert np.array_equal(test_mrml._ijk_to_ras(got), test_mrml._ijk_to_ras(want))
+        assert np.array_equal(mrml_scenes._ijk_to_ras(got), mrml_scenes._ijk_to_ras(want))
     labels = [mrml.segmentLabelsFromSegmentationNode(n.labelNodes[0], n.volumeNode)
               for n in (nodes, expected)]  # fmt: skip
     assert np.array_equal(*(sitk.GetArrayViewFromImage(label.layers[0]) for label in labels))
@@ -110,7 +110,7 @@ def test_a_cancel_while_optimising_ends_the_child_at_once_and_changes_nothing(
     tmp_path, temporary_folder
 ):
     scene, fixed, moving, _ = _scene(tmp_path)
-    before = test_mrml._snapshot(scene)
+    before = mrml_scenes._snapshot(scene)
     process = mrml.RegistrationProcess(mrml.prepareRegistration(fixed, moving, LONG)).start()
     _wait_for_optimisation(process)
 
@@ -122,14 +122,14 @@ def test_a_cancel_while_optimising_ends_the_child_at_once_and_changes_nothing(
     assert not process.running
     with pytest.raises(RegistrationCancelled):
         process.push()
-    assert test_mrml._snapshot(scene) == before
+    assert mrml_scenes._snapshot(scene) == before
     assert not list(temporary_folder.iterdir())
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="kill -9 is POSIX")
 def test_a_killed_child_is_a_clear_error_and_changes_nothing(tmp_path, temporary_folder):
     scene, fixed, moving, _ = _scene(tmp_path)
-    before = test_mrml._snapshot(scene)
+    before = mrml_scenes._snapshot(scene)
     process = mrml.RegistrationProcess(mrml.prepareRegistration(fixed, moving, LONG)).start()
     _wait_for_optimisation(process)
 
@@ -138,14 +138,14 @@ def test_a_killed_child_is_a_clear_error_and_changes_nothing(tmp_path, temporary
 
     with pytest.raises(DeepRegisterError, match="killed by signal 9; the scene is unchanged"):
         process.push()
-    assert test_mrml._snapshot(scene) == before
+    assert mrml_scenes._snapshot(scene) == before
     assert not list(temporary_folder.iterdir())
 
 
 def test_an_input_the_child_refuses_is_an_input_error_with_its_message(tmp_path, temporary_folder):
     scene, fixed, _, _ = _scene(tmp_path)
-    constant = test_mrml._add_volume(scene, np.full((8, 8, 8), 3.0, np.float32), name="constant")
-    before = test_mrml._snapshot(scene)
+    constant = mrml_scenes._add_volume(scene, np.full((8, 8, 8), 3.0, np.float32), name="constant")
+    before = mrml_scenes._snapshot(scene)
     process = mrml.RegistrationProcess(mrml.prepareRegistration(fixed, constant, SETTINGS))
 
     _wait(process.start())
@@ -153,5 +153,5 @@ def test_an_input_the_child_refuses_is_an_input_error_with_its_message(tmp_path,
     with pytest.raises(InputError, match="constant") as refused:
         process.push()
     assert "deepregister" not in str(refused.value)  # the message, not the command's prefix
-    assert test_mrml._snapshot(scene) == before
+    assert mrml_scenes._snapshot(scene) == before
     assert not list(temporary_folder.iterdir())

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-slicer = pytest.importorskip("slicer", reason="slicer-core (the headless MRML scene) is needed")
-test_mrml = pytest.importorskip("test_mrml")  # skips with it when `slicer` is not slicer-core
+mrml_scenes = pytest.importorskip("mrml_scenes")  # skips without slicer-core
 
 from DeepRegisterLib import mrml  # noqa: E402
 from DeepRegisterLib.registration.settings import RegistrationSettings  # noqa: E402
@@ -36,8 +35,8 @@ def _holding_the_gil() -> Callable[[], None]:
 
 def _registration_seconds(folder: Path, idle: Callable[[], None]) -> float:
     """Apply to finish as the module does it: start the child, poll between idle spells, push."""
-    scene = test_mrml._new_scene(folder).scene
-    fixed, moving = test_mrml._pair(scene)
+    scene = mrml_scenes._new_scene(folder).scene
+    fixed, moving = mrml_scenes._pair(scene)
     started = time.perf_counter()
     process = mrml.RegistrationProcess(mrml.prepareRegistration(fixed, moving, SETTINGS)).start()
     messages = []
