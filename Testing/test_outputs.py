@@ -106,7 +106,8 @@ def test_the_h5_transform_is_the_affine_after_the_deformation_on_the_network_gri
     pair_3d, tmp_path
 ):
     """As ANTs writes its transforms: a composite, the same map as the dense field to float32
-    rounding (on a brain, an eighth of the bytes: the network grid's 2 mm against 1 mm)."""
+    rounding (on a brain, a twentieth of the bytes: 2 mm over the foreground against 1 mm over
+    the whole image)."""
     out = {
         "h5": tmp_path / "transform.h5",
         "exact": tmp_path / "displacement.mha",

@@ -6,11 +6,10 @@ stops that stage too.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 from ..imaging.geometry import Grid
@@ -20,27 +19,15 @@ from .inputs import Inputs
 from .memory_plan import memory_budget, plan_memory
 from .model_choice import default_models, resolve_model, suited_default_model
 from .preprocessing import foreground_box
-from .presets import Preset
-from .settings import RegistrationSettings
 
 MIN_LEVEL_VOXELS = 16
 MAX_NETWORK_VOXELS = 160**3
 
 
 @dataclass(frozen=True)
-class Job:
+class Job(Inputs):
     """A checked registration: its inputs and every choice made before the heavy work."""
 
-    fixed_image: sitk.Image
-    fixed_norm: sitk.Image  # normalised_for_registration(fixed_image)
-    moving_image: sitk.Image
-    fixed_mask: sitk.Image | None
-    moving_mask: sitk.Image | None
-    label_maps: dict[str, sitk.Image]
-    fixed_labels: sitk.Image | None
-    initial_transform: sitk.Transform | None
-    settings: RegistrationSettings
-    preset: Preset  # the settings' preset, iterations applied
     model_info: ModelInfo | None
     default_model: bool  # model_info was chosen by model="default", not named by the user
     network_grid: Grid
@@ -66,14 +53,13 @@ def plan_job(inputs: Inputs, started: float) -> tuple[Job, torch.device, tuple[s
     model_info = None if default_model else resolve_model(settings.model, dim)
     plan = _plan_grid(inputs, model_info, device)
     job = Job(
-        fixed_image=inputs.fixed_image, fixed_norm=inputs.fixed_norm,
-        moving_image=inputs.moving_image, fixed_mask=inputs.fixed_mask,
-        moving_mask=inputs.moving_mask, label_maps=inputs.label_maps,
-        fixed_labels=inputs.fixed_labels, initial_transform=inputs.initial_transform,
-        settings=settings, preset=inputs.preset, model_info=plan.model_info,
-        default_model=default_model, network_grid=plan.network_grid, started=started,
+        **{field.name: getattr(inputs, field.name) for field in fields(Inputs)},
+        model_info=plan.model_info,
+        default_model=default_model,
+        network_grid=plan.network_grid,
+        started=started,
         estimated_bytes=plan.estimated_bytes,
-    )  # fmt: skip
+    )
     return job, plan.device, plan.notes
 
 
