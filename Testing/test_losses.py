@@ -1,30 +1,21 @@
 """Similarity measures: what instance optimisation computes once per level equals the plain
 measure exactly, values and gradients; LNCC and MIND equal their definitions computed apart (by
-hand, and in numpy). The folding penalty: its det J is the metric's, and optimising with it leaves
-no fold where the same optimisation without it folds."""
+hand, and in numpy)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
-import torch.nn.functional as F
 
-from DeepRegisterLib.imaging import metrics
 from DeepRegisterLib.nn.losses import (
     SIMILARITIES,
-    flow_jacobian_determinant,
-    folding_penalty,
     lncc,
     mind,
     mind_descriptor,
     similarity_function,
     similarity_to,
 )
-from DeepRegisterLib.nn.networks import integrate_velocity
-from DeepRegisterLib.registration.optimisation import optimise_velocity
-from DeepRegisterLib.registration.presets import Level
 
 
 @pytest.mark.parametrize("name", SIMILARITIES)
@@ -62,69 +53,6 @@ def test_local_ncc_of_an_image_with_itself_is_minus_one_even_where_flat() -> Non
 def test_an_unknown_similarity_is_refused_with_the_choices() -> None:
     with pytest.raises(ValueError, match="lncc, mse, mind"):
         similarity_to("ssd", torch.zeros((1, 1, 4, 4)), None, 3)
-
-
-def blurred(field: torch.Tensor, passes: int = 2) -> torch.Tensor:
-    pool = F.avg_pool3d if field.dim() == 5 else F.avg_pool2d
-    for _ in range(passes):
-        field = pool(field, 3, stride=1, padding=1, count_include_pad=False)
-    return field
-
-
-@pytest.mark.parametrize("dim", [2, 3])
-def test_the_jacobian_of_a_linear_flow_is_its_determinant_everywhere(dim: int) -> None:
-    matrix = torch.tensor([[0.3, -0.2, 0.1], [0.25, -0.4, 0.05], [-0.1, 0.2, 0.6]])[:dim, :dim]
-    shape = (9, 10, 11)[:dim]
-    points = torch.stack(
-        torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in shape), indexing="ij")
-    )
-    flow = torch.einsum("rc,c...->r...", matrix, points)[None]
-    expected = torch.linalg.det(torch.eye(dim) + matrix)
-    torch.testing.assert_close(flow_jacobian_determinant(flow), expected.expand(1, *shape))
-
-
-def test_the_jacobian_agrees_with_the_metric_on_the_image_grid() -> None:
-    generator = torch.Generator().manual_seed(3)
-    flow = blurred(torch.randn((1, 3, 14, 15, 16), generator=generator) * 10, passes=3)
-    # metrics.jacobian_determinant reads a physical (x, y, z) displacement on an image whose
-    # array is (z, y, x): channel r of the flow moves along array axis r.
-    vectors = flow[0].flip(0).permute(1, 2, 3, 0).double().numpy()
-    displacement = sitk.GetImageFromArray(vectors, isVector=True)
-    expected = sitk.GetArrayFromImage(metrics.jacobian_determinant(displacement))
-    ours = flow_jacobian_determinant(flow)[0].numpy()
-    inner = (slice(1, -1),) * 3  # one-sided differences at the border may differ
-    np.testing.assert_allclose(ours[inner], expected[inner], atol=1e-5)
-    assert (expected <= 0).any(), "the field should fold somewhere, or the test shows little"
-
-
-def test_the_folding_penalty_counts_only_what_falls_below_the_margin() -> None:
-    identity = torch.zeros((1, 3, 8, 8, 8))
-    assert float(folding_penalty(identity)) == 0.0
-    flip = torch.zeros((1, 2, 8, 8))
-    flip[0, 0] = -1.5 * torch.arange(8.0).view(8, 1)  # det J = 1 − 1.5 everywhere
-    assert float(folding_penalty(flip, margin=0.05)) == pytest.approx(0.55)
-
-
-@pytest.mark.parametrize("shape", [(40, 40), (24, 24, 24)], ids=["2d", "3d"])
-def test_optimising_with_the_folding_penalty_leaves_no_fold(shape: tuple[int, ...]) -> None:
-    """Unrelated noise images and no smoothness weight: the optimisation folds, unless told
-    not to."""
-    generator = torch.Generator().manual_seed(0)
-    fixed = blurred(torch.rand((1, 1, *shape), generator=generator))
-    moving = blurred(torch.rand((1, 1, *shape), generator=generator))
-    levels = [(shape, Level(1.0, 60, 5, control_mm=1.0))]
-
-    def folded_share(weight: float) -> float:
-        velocity, trace = optimise_velocity(
-            fixed, moving, None, levels, similarity="mse", regularization=0.0,
-            learning_rate=1.0, window=5, folding_weight=weight,
-        )  # fmt: skip
-        assert trace[-1] < trace[0]
-        det = flow_jacobian_determinant(integrate_velocity(velocity, 5))
-        return float((det <= 0).float().mean())
-
-    assert folded_share(0.0) > 0.005
-    assert folded_share(10.0) == 0.0
 
 
 # --- the measures' values, computed independently by their definitions ----------------------

@@ -1,4 +1,5 @@
-"""Similarity measures and regularisers shared by instance optimisation and training.
+"""Similarity measures shared by instance optimisation and training (the flow penalties are in
+regularizers.py).
 
 Local statistics use box filters (``filters.box_filter``): on two CPU cores they cost a fraction
 of a dense Gaussian or 7³ convolution, which decides how many optimisation steps we can afford.
@@ -125,43 +126,6 @@ def similarity_to(
         descriptor = mind_descriptor(fixed, window)
         return lambda warped: _mind_to(descriptor, warped, mask, window)
     return lambda warped: mse(fixed, warped, mask, window)
-
-
-def diffusion(flow: torch.Tensor) -> torch.Tensor:
-    """Mean squared forward difference of a flow: penalises non-smooth deformations."""
-    spatial = flow.dim() - 2
-    total = flow.new_zeros(())
-    for axis in range(spatial):
-        total = total + torch.diff(flow, dim=2 + axis).pow(2).mean()
-    return total / spatial
-
-
-def flow_jacobian_determinant(flow: torch.Tensor) -> torch.Tensor:
-    """det(I + ∇u) of a voxel-unit flow (N, dim, *shape), with central differences."""
-    spatial = flow.dim() - 2
-    # unbind, not a slice per channel: a slice's backward fills a zero tensor the flow's size.
-    grads = [g.unbind(1) for g in torch.gradient(flow, dim=tuple(range(2, 2 + spatial)))]
-    # j[r][c] = δ_rc + ∂u_r/∂x_c: the flow's channel r moves along array axis r (``warp``).
-    axes = range(spatial)
-    j = [[grads[c][r] + (1.0 if r == c else 0.0) for c in axes] for r in axes]
-    if spatial == 2:
-        return j[0][0] * j[1][1] - j[0][1] * j[1][0]
-    return (
-        j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
-        - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
-        + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0])
-    )
-
-
-def folding_penalty(flow: torch.Tensor, margin: float = 0.05) -> torch.Tensor:
-    """Mean shortfall of det J below ``margin``: zero for a transform that keeps every voxel's
-    orientation with room to spare (Kuang & Schmah 2019).
-
-    Scaling and squaring is diffeomorphic only for a velocity smooth on the grid's scale; a
-    velocity on a fine control grid can turn sharply enough to fold, and diffusion alone lets
-    it wherever the similarity pulls hard.
-    """
-    return F.relu(margin - flow_jacobian_determinant(flow)).mean()
 
 
 def soft_dice(fixed_onehot: torch.Tensor, warped_onehot: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 
 from ..errors import stop_if_cancelled
 from ..nn.filters import box_filter
-from ..nn.losses import diffusion, folding_penalty, similarity_function, similarity_to
+from ..nn.losses import similarity_function, similarity_to
 from ..nn.networks import integrate_velocity, resize_flow, warp
+from ..nn.regularizers import diffusion, folding_penalty
 from .presets import Level
 
 CONTROL_MIN_VOXELS = 16

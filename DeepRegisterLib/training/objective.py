@@ -11,8 +11,9 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..nn.losses import diffusion, soft_dice
+from ..nn.losses import soft_dice
 from ..nn.networks import integrate_velocity, warp
+from ..nn.regularizers import diffusion
 from .config import TrainingConfig
 from .pairs import TrainingItem
 from .precision import autocast

@@ -1,0 +1,132 @@
+"""The flow penalties: their hand-written gradients equal autograd's of the plain definitions;
+det J is the metric's; and optimising with the folding penalty leaves no fold where the same
+optimisation without it folds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from DeepRegisterLib.imaging import metrics
+from DeepRegisterLib.nn.networks import integrate_velocity
+from DeepRegisterLib.nn.regularizers import diffusion, flow_jacobian_determinant, folding_penalty
+from DeepRegisterLib.registration.optimisation import optimise_velocity
+from DeepRegisterLib.registration.presets import Level
+
+
+def blurred(field: torch.Tensor, passes: int = 2) -> torch.Tensor:
+    pool = F.avg_pool3d if field.dim() == 5 else F.avg_pool2d
+    for _ in range(passes):
+        field = pool(field, 3, stride=1, padding=1, count_include_pad=False)
+    return field
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_the_jacobian_of_a_linear_flow_is_its_determinant_everywhere(dim: int) -> None:
+    matrix = torch.tensor([[0.3, -0.2, 0.1], [0.25, -0.4, 0.05], [-0.1, 0.2, 0.6]])[:dim, :dim]
+    shape = (9, 10, 11)[:dim]
+    points = torch.stack(
+        torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in shape), indexing="ij")
+    )
+    flow = torch.einsum("rc,c...->r...", matrix, points)[None]
+    expected = torch.linalg.det(torch.eye(dim) + matrix)
+    torch.testing.assert_close(flow_jacobian_determinant(flow), expected.expand(1, *shape))
+
+
+def test_the_jacobian_agrees_with_the_metric_on_the_image_grid() -> None:
+    generator = torch.Generator().manual_seed(3)
+    flow = blurred(torch.randn((1, 3, 14, 15, 16), generator=generator) * 10, passes=3)
+    # metrics.jacobian_determinant reads a physical (x, y, z) displacement on an image whose
+    # array is (z, y, x): channel r of the flow moves along array axis r.
+    vectors = flow[0].flip(0).permute(1, 2, 3, 0).double().numpy()
+    displacement = sitk.GetImageFromArray(vectors, isVector=True)
+    expected = sitk.GetArrayFromImage(metrics.jacobian_determinant(displacement))
+    ours = flow_jacobian_determinant(flow)[0].numpy()
+    inner = (slice(1, -1),) * 3  # one-sided differences at the border may differ
+    np.testing.assert_allclose(ours[inner], expected[inner], atol=1e-5)
+    assert (expected <= 0).any(), "the field should fold somewhere, or the test shows little"
+
+
+def test_the_folding_penalty_counts_only_what_falls_below_the_margin() -> None:
+    identity = torch.zeros((1, 3, 8, 8, 8))
+    assert float(folding_penalty(identity)) == 0.0
+    flip = torch.zeros((1, 2, 8, 8))
+    flip[0, 0] = -1.5 * torch.arange(8.0).view(8, 1)  # det J = 1 − 1.5 everywhere
+    assert float(folding_penalty(flip, margin=0.05)) == pytest.approx(0.55)
+
+
+@pytest.mark.parametrize("shape", [(40, 40), (24, 24, 24)], ids=["2d", "3d"])
+def test_optimising_with_the_folding_penalty_leaves_no_fold(shape: tuple[int, ...]) -> None:
+    """Unrelated noise images and no smoothness weight: the optimisation folds, unless told
+    not to."""
+    generator = torch.Generator().manual_seed(0)
+    fixed = blurred(torch.rand((1, 1, *shape), generator=generator))
+    moving = blurred(torch.rand((1, 1, *shape), generator=generator))
+    levels = [(shape, Level(1.0, 60, 5, control_mm=1.0))]
+
+    def folded_share(weight: float) -> float:
+        velocity, trace = optimise_velocity(
+            fixed, moving, None, levels, similarity="mse", regularization=0.0,
+            learning_rate=1.0, window=5, folding_weight=weight,
+        )  # fmt: skip
+        assert trace[-1] < trace[0]
+        det = flow_jacobian_determinant(integrate_velocity(velocity, 5))
+        return float((det <= 0).float().mean())
+
+    assert folded_share(0.0) > 0.005
+    assert folded_share(10.0) == 0.0
+
+
+def plain_diffusion(flow: torch.Tensor) -> torch.Tensor:
+    spatial = flow.dim() - 2
+    return sum(torch.diff(flow, dim=axis).pow(2).mean() for axis in range(2, flow.dim())) / spatial
+
+
+def plain_folding_penalty(flow: torch.Tensor, margin: float) -> torch.Tensor:
+    """The definition, through autograd: det J from ``torch.gradient`` and a cofactor
+    expansion (``torch.linalg.det`` of the stacked matrices)."""
+    spatial = flow.dim() - 2
+    grads = torch.gradient(flow, dim=tuple(range(2, flow.dim())))  # grads[c][:, r] = ∂u_r/∂x_c
+    jacobian = torch.stack(grads, dim=-1).movedim(1, -2)  # (N, *shape, r, c)
+    det = torch.linalg.det(torch.eye(spatial, dtype=flow.dtype) + jacobian)
+    return F.relu(margin - det).mean()
+
+
+@pytest.mark.parametrize(
+    "shape", [(2, 5), (7, 9), (3, 2, 6), (6, 7, 8)], ids=["2d-thin", "2d", "3d-thin", "3d"]
+)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_the_penalties_value_and_gradient_equal_autograds_of_their_definitions(
+    shape: tuple[int, ...], batch: int
+) -> None:
+    generator = torch.Generator().manual_seed(len(shape) * 10 + batch)
+    flow = torch.randn((batch, len(shape), *shape), generator=generator, dtype=torch.float64)
+    # Large enough that some voxels fold and others do not: both branches of the penalty.
+    flow = 0.6 * flow
+    weights = torch.rand(2, generator=generator, dtype=torch.float64) + 0.5
+
+    def value_and_gradient(penalties) -> tuple[torch.Tensor, torch.Tensor]:
+        leaf = flow.clone().requires_grad_(True)
+        value = weights[0] * penalties[0](leaf) + weights[1] * penalties[1](leaf, 0.05)
+        value.backward()
+        return value.detach(), leaf.grad
+
+    ours = value_and_gradient((diffusion, folding_penalty))
+    plain = value_and_gradient((plain_diffusion, plain_folding_penalty))
+    det = flow_jacobian_determinant(flow)
+    assert bool((det < 0.05).any())
+    assert bool((det > 0.05).any())
+    torch.testing.assert_close(ours[0], plain[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours[1], plain[1], rtol=1e-10, atol=1e-12)
+
+
+def test_a_flow_that_folds_nowhere_gets_no_folding_gradient() -> None:
+    flow = 0.01 * torch.randn((1, 3, 6, 7, 8), generator=torch.Generator().manual_seed(5))
+    leaf = flow.requires_grad_(True)
+    penalty = folding_penalty(leaf)
+    penalty.backward()
+    assert float(penalty.detach()) == 0.0
+    assert torch.equal(leaf.grad, torch.zeros_like(flow))
