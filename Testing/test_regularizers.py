@@ -12,7 +12,12 @@ import torch.nn.functional as F
 
 from DeepRegisterLib.imaging import metrics
 from DeepRegisterLib.nn.networks import integrate_velocity
-from DeepRegisterLib.nn.regularizers import diffusion, flow_jacobian_determinant, folding_penalty
+from DeepRegisterLib.nn.regularizers import (
+    _gradient,
+    diffusion,
+    flow_jacobian_determinant,
+    folding_penalty,
+)
 from DeepRegisterLib.registration.optimisation import optimise_velocity
 from DeepRegisterLib.registration.presets import Level
 
@@ -130,3 +135,11 @@ def test_a_flow_that_folds_nowhere_gets_no_folding_gradient() -> None:
     penalty.backward()
     assert float(penalty.detach()) == 0.0
     assert torch.equal(leaf.grad, torch.zeros_like(flow))
+
+
+@pytest.mark.parametrize("shape", [(2, 5), (3, 2, 6), (6, 7, 8)], ids=["2d", "3d-thin", "3d"])
+def test_the_jacobians_differences_are_torch_gradients_bit_for_bit(shape: tuple[int, ...]) -> None:
+    flow = torch.randn((2, len(shape), *shape), generator=torch.Generator().manual_seed(6))
+    axes = tuple(range(2, flow.dim()))
+    for axis, expected in zip(axes, torch.gradient(flow, dim=axes), strict=True):
+        assert torch.equal(_gradient(flow, axis), expected)
