@@ -33,7 +33,7 @@ class Preset:
     # MIND's patch, voxels at each level: at 4 mm a 5-voxel patch (20 mm) averages away the
     # structure its descriptor should describe.
     mind_window: int = 3
-    # Weight of losses.folding_penalty. A 2 mm control grid folded up to 0.09 % of the brain
+    # Weight of regularizers.folding_penalty. A 2 mm control grid folded up to 0.09 % of the brain
     # on fs-dev pairs without it (`accurate`, 120 steps).
     folding_weight: float = 10.0
     # At most this many recursive network passes (None: as many as the model asks). A second
