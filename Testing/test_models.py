@@ -17,6 +17,7 @@ from DeepRegisterLib.imaging.geometry import Grid, flow_voxels_to_mm
 from DeepRegisterLib.nn import models
 from DeepRegisterLib.nn.networks import NetworkConfig, VxmDense, integrate_velocity
 from DeepRegisterLib.registration.engine import register
+from DeepRegisterLib.registration.preprocessing import foreground_box
 
 SMALL = dict(encoder=(8, 8, 8), decoder=(8, 8, 8, 8))
 
@@ -283,13 +284,17 @@ def test_register_with_a_saved_model_reports_its_name_and_checksum(
 
     assert result.report["model"] == "tiny3d"
     assert result.report["model_sha256"] == models.sha256_of(a_saved_3d_model.weights)
-    # The network grid honours the model: its spacing and its size multiple (2**levels).
-    # (3 mm, or finer when the field of view is too small for 16 network voxels across it).
+    # The network grid honours the model's spacing (3 mm, or finer when the field of view is
+    # too small for 16 network voxels across it) and covers the fixed foreground box, not
+    # grown to the network's size multiple: the network pads its own input.
     smallest_extent = min(n * s for n, s in zip(fixed.GetSize(), fixed.GetSpacing(), strict=True))
     expected_spacing = min(3.0, smallest_extent / 16)
     assert result.report["network_grid"]["spacing_mm"] == pytest.approx(expected_spacing)
-    multiple = a_saved_3d_model.network.multiple
-    assert all(n % multiple == 0 for n in result.report["network_grid"]["size"])
+    box = Grid.of(fixed).with_spacing_cropped_to(
+        result.report["network_grid"]["spacing_mm"], *foreground_box(fixed, None), multiple=1
+    )
+    assert tuple(result.report["network_grid"]["size"]) == box.size
+    assert any(n % a_saved_3d_model.network.multiple for n in box.size)  # not by chance
     assert result.report["folding_percent"] < 0.01
 
 

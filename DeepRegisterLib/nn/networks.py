@@ -138,6 +138,19 @@ class UNet(nn.Module):
         return x
 
 
+def _padded_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple]:
+    """``x`` zero-padded on both sides of each spatial axis to a multiple of ``multiple``, and
+    the index that crops the padded grid back to ``x``'s."""
+    shape = x.shape[2:]
+    before = [(-n % multiple) // 2 for n in shape]
+    after = [-n % multiple - b for n, b in zip(shape, before, strict=True)]
+    crop = (..., *(slice(b, b + n) for b, n in zip(before, shape, strict=True)))
+    if not any(after):  # before ≤ after on every axis
+        return x, crop
+    pads = [p for b, a in zip(before[::-1], after[::-1], strict=True) for p in (b, a)]
+    return F.pad(x, pads), crop
+
+
 class VxmDense(nn.Module):
     """U-Net on the (fixed, moving) pair → velocity field → displacement (voxels)."""
 
@@ -154,9 +167,14 @@ class VxmDense(nn.Module):
         nn.init.zeros_(self.flow.bias)
 
     def velocity(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        """The velocity (voxels) on the images' grid, whatever its size: the pair is padded
+        with zeros to the U-Net's size multiple and the output cropped back, so the grids
+        after the network need not grow to that multiple (up to a third more voxels to
+        optimise on a brain)."""
+        pair, crop = _padded_to_multiple(torch.cat([moving, fixed], dim=1), self.config.multiple)
         # contiguous: channels-last weights (``load_model`` on a CPU) give a channels-last
         # output, which every sampling after this would copy.
-        return self.flow(self.unet(torch.cat([moving, fixed], dim=1))).contiguous()
+        return self.flow(self.unet(pair))[crop].contiguous()
 
     def symmetric_velocity(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         """The mean of the pass for (fixed, moving) and the negated pass for (moving, fixed).

@@ -84,10 +84,9 @@ def _plan_grid(inputs: Inputs, model_info: ModelInfo | None, device: torch.devic
         model_info.spacing_mm if model_info is not None
         else min(level.spacing_mm for level in preset.levels)
     )  # fmt: skip
-    multiple = model_info.network.multiple if model_info is not None else 2
 
     def network_grid_at(spacing_mm: float) -> Grid:
-        return _network_grid(fixed_grid, spacing_mm, lower, upper, multiple)
+        return _network_grid(fixed_grid, spacing_mm, lower, upper)
 
     plan = plan_memory(
         fixed_image, moving_image, lambda mm: int(np.prod(network_grid_at(mm).size)), spacing,
@@ -104,15 +103,17 @@ def _plan_grid(inputs: Inputs, model_info: ModelInfo | None, device: torch.devic
 
 
 def _network_grid(
-    fixed_grid: Grid, spacing_mm: float, lower: np.ndarray, upper: np.ndarray, multiple: int
+    fixed_grid: Grid, spacing_mm: float, lower: np.ndarray, upper: np.ndarray
 ) -> Grid:
-    """The isotropic grid of the deformable stages, over the fixed foreground box."""
+    """The isotropic grid of the deformable stages, over the fixed foreground box and no more:
+    the network pads its input to the size it needs (``VxmDense.velocity``), and every voxel
+    added here would be optimised, composed and sampled again at each step."""
     extent = float(min(fixed_grid.extent_mm))
     spacing = max(min(spacing_mm, extent / MIN_LEVEL_VOXELS), min(fixed_grid.spacing))
     # Very anisotropic images (e.g. 0.2 × 5 × 5 mm) would otherwise get a huge isotropic grid.
     volume = float(np.prod(fixed_grid.extent_mm))
     spacing = max(spacing, (volume / MAX_NETWORK_VOXELS) ** (1.0 / fixed_grid.dim))
-    return fixed_grid.with_spacing_cropped_to(spacing, lower, upper, multiple)
+    return fixed_grid.with_spacing_cropped_to(spacing, lower, upper, multiple=1)
 
 
 def _gpu_free_bytes(device: torch.device) -> int | None:
