@@ -37,11 +37,13 @@ def test_real_validation_scores_affine_only_like_a_zero_flow(tmp_path: Path) -> 
 
     (files,) = read_pairs_csv(tmp_path / "pairs.csv")
     assert files.fixed == tmp_path / "f.nii.gz"  # relative to the CSV's folder
-    pair = real_validation_pair(files, spacing_mm=1.0, multiple=16)
-    assert pair.fixed.shape[2:] == (48, 48)  # the foreground box, rounded up to 16
+    pair = real_validation_pair(files, spacing_mm=1.0)
+    # The foreground box with its margin, clipped to the 40² image: no longer rounded up to
+    # 48 × 48 for a network whose size multiple is 16 (the network pads its own input).
+    assert pair.fixed.shape[2:] == (40, 38)
     affine_only = pair.score(None)
     assert affine_only > 0.9  # the affine stage undoes the shift
-    assert pair.score(torch.zeros(1, 2, 48, 48)) == pytest.approx(affine_only)
+    assert pair.score(torch.zeros(1, 2, 40, 38)) == pytest.approx(affine_only)
 
 
 def test_real_pairs_are_prepared_exactly_as_the_engine_feeds_its_network(
@@ -67,7 +69,7 @@ def test_real_pairs_are_prepared_exactly_as_the_engine_feeds_its_network(
     with pytest.raises(RuntimeError, match="captured"):
         engine.register(files.fixed, files.moving, preset="balanced", model=None, device="cpu")
     # "balanced" runs on a 2 mm grid, with the affine stage's default settings, as training.
-    prepared = prepare_pair(files, spacing_mm=2.0, multiple=2)
+    prepared = prepare_pair(files, spacing_mm=2.0)
     assert tuple(prepared.grid.size) == tuple(fed[0].shape[2:][::-1])
     torch.testing.assert_close(prepared.fixed, fed[0], rtol=0, atol=0)
     torch.testing.assert_close(prepared.moving, fed[1], rtol=0, atol=0)

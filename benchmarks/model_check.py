@@ -143,7 +143,6 @@ def _score(
 ) -> dict:
     """One pair in one contrast: the affine's and each model's Dice, and for "cross" each
     same-contrast model's through the contrast map (as the engine's MIND runs feed it)."""
-    multiple = max(info.network.multiple for info in infos)
     images = {name: args.data / name / "brainmask.nii.gz" for name in (fixed, moving)}
     for name in {"same": (), "cross": (moving,), "t2-pair": (fixed, moving)}[contrast]:
         images[name] = t2_like_file(args.data, name, scratch)
@@ -152,7 +151,7 @@ def _score(
         args.data / fixed / "aseg.nii.gz", args.data / moving / "aseg.nii.gz",
     )  # fmt: skip
     labels = list(FREESURFER_EVAL_LABELS)
-    pair = real_validation_pair(files, infos[0].spacing_mm, multiple, labels)
+    pair = real_validation_pair(files, infos[0].spacing_mm, labels)
     tick = time.perf_counter()
     scores = [
         network_scores(net, [pair], torch.device("cpu"), passes=info.passes)[0]

@@ -106,7 +106,7 @@ def train(
 
     real = None
     if real_pairs:
-        real = RealPairs(real_pairs, config.spacing_mm, config.network.multiple, config.dim)
+        real = RealPairs(real_pairs, config.spacing_mm, config.dim)
     trainer = TrainingStep(network, optimiser, config, synthesiser, real, ranks)
     _Session(config, network, optimiser, trainer, validator, out, state, say).run()
 

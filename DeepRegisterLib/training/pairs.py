@@ -130,8 +130,9 @@ class PreparedPair:
     moving_labels_image: sitk.Image | None
 
 
-def prepare_pair(files: PairFiles, spacing_mm: float, multiple: int, seed: int = 0) -> PreparedPair:
-    """Affine-align a pair and resample it to the network grid (the engine's preprocessing)."""
+def prepare_pair(files: PairFiles, spacing_mm: float, seed: int = 0) -> PreparedPair:
+    """Affine-align a pair and resample it to the network grid (the engine's preprocessing):
+    the foreground box, which the network pads to its size multiple itself."""
     fixed = read_image(files.fixed, "fixed image")
     moving = read_image(files.moving, "moving image")
     if fixed.GetDimension() != moving.GetDimension():
@@ -141,7 +142,7 @@ def prepare_pair(files: PairFiles, spacing_mm: float, multiple: int, seed: int =
     moving_norm = normalised_for_registration(moving)
     affine = register_normalised(fixed_norm, moving_norm, seed=seed)
     grid = Grid.of(fixed).with_spacing_cropped_to(
-        spacing_mm, *foreground_box(fixed, fixed_norm > 0.05), multiple
+        spacing_mm, *foreground_box(fixed, fixed_norm > 0.05), multiple=1
     )
     reference = grid.reference_image()
     identity = sitk.Transform(dim, sitk.sitkIdentity)
@@ -170,11 +171,11 @@ def prepare_pair(files: PairFiles, spacing_mm: float, multiple: int, seed: int =
 class RealPairs:
     """Real training pairs, prepared (affine + resampling) when first drawn and then cached."""
 
-    def __init__(self, files: Sequence[PairFiles], spacing_mm: float, multiple: int, dim: int):
+    def __init__(self, files: Sequence[PairFiles], spacing_mm: float, dim: int):
         if not files:
             raise InputError("the real pair list is empty")
         self.files = list(files)
-        self.spacing_mm, self.multiple, self.dim = spacing_mm, multiple, dim
+        self.spacing_mm, self.dim = spacing_mm, dim
         self._cache: dict[int, PreparedPair] = {}
 
     def __len__(self) -> int:
@@ -182,7 +183,7 @@ class RealPairs:
 
     def prepared(self, index: int) -> PreparedPair:
         if index not in self._cache:
-            pair = prepare_pair(self.files[index], self.spacing_mm, self.multiple)
+            pair = prepare_pair(self.files[index], self.spacing_mm)
             if pair.grid.dim != self.dim:
                 raise InputError(f"{pair.name} is {pair.grid.dim}D; training is {self.dim}D")
             self._cache[index] = pair

@@ -41,7 +41,7 @@ class ValidationPair:
 
 
 def real_validation_pair(
-    files: PairFiles, spacing_mm: float, multiple: int, labels: Sequence[int] | None = None
+    files: PairFiles, spacing_mm: float, labels: Sequence[int] | None = None
 ) -> ValidationPair:
     """Mean Dice on the network grid of labels warped by ``A(x + u(x))`` in one resampling.
 
@@ -50,7 +50,7 @@ def real_validation_pair(
     """
     if files.fixed_labels is None or files.moving_labels is None:
         raise InputError(f"validation pair {files.name} needs fixed and moving label maps")
-    pair = prepare_pair(files, spacing_mm, multiple)
+    pair = prepare_pair(files, spacing_mm)
     reference = pair.grid.reference_image()
     fixed_labels = sitk.GetImageFromArray(pair.fixed_labels[0, 0].numpy().astype(np.int32))
     pair.grid.apply_to(fixed_labels)
@@ -135,10 +135,8 @@ def validation_pairs(
     """The real labelled pairs given, or held-out synthetic ones: validation needs no data."""
     if validation:
         say(f"preparing {len(validation)} validation pairs (affine + resampling)")
-        multiple = config.network.multiple
         pairs = [
-            real_validation_pair(files, config.spacing_mm, multiple, eval_labels)
-            for files in validation
+            real_validation_pair(files, config.spacing_mm, eval_labels) for files in validation
         ]
     else:
         pairs = synthetic_validation_pairs(synthesiser, SYNTHETIC_VALIDATION_PAIRS, config.seed)
