@@ -130,9 +130,16 @@ def jacobian_determinant(
     asked before each slab; when it answers True, ``RegistrationCancelled`` is raised.
     """
     check_displacement(displacement)
-    to_index = np.linalg.inv(Grid.of(displacement).index_to_physical)  # (index q, physical r)
     field = sitk.GetArrayViewFromImage(displacement)
-    image = allocate(Grid.of(displacement), sitk.sitkFloat32, is_cancelled=is_cancelled)
+    return field_jacobian_determinant(field, Grid.of(displacement), is_cancelled)
+
+
+def field_jacobian_determinant(
+    field: np.ndarray, grid: Grid, is_cancelled: Callable[[], bool] | None = None
+) -> sitk.Image:
+    """:func:`jacobian_determinant` of a (…, dim) displacement array on ``grid``."""
+    to_index = np.linalg.inv(grid.index_to_physical)  # (index q, physical r)
+    image = allocate(grid, sitk.sitkFloat32, is_cancelled=is_cancelled)
     depth = len(field)
     slab = max(1, _JACOBIAN_BLOCK_VOXELS // max(1, int(np.prod(field.shape[1:-1]))))
     for start in range(0, depth, slab):

@@ -8,7 +8,7 @@ That keeps a 256³ composition to a few seconds on two CPU cores and memory to a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -159,37 +159,59 @@ def compose_displacement(
     grid: Grid,
     is_cancelled: Callable[[], bool] = lambda: False,
 ) -> sitk.Image:
-    """``u(x) = A(x + v(x)) − x`` on ``grid`` as a float64 vector image in LPS mm.
+    """:func:`displacement_array` as the float64 vector image ITK displacement-field
+    transforms hold, filled in place chunk by chunk."""
+    field = allocate(grid, sitk.sitkVectorFloat64, grid.dim, is_cancelled)
+    for start, u in _displacement_chunks(affine, flow_mm, network_grid, grid, is_cancelled):
+        paste_rows(field, u.to(torch.float64).cpu().numpy(), start)
+    return field
 
-    Computed in float32 (about 1e-5 mm on a ±200 mm field of view) and stored as float64,
-    the type ITK displacement-field transforms hold, one chunk of rows at a time.
+
+def displacement_array(
+    affine: sitk.Transform,
+    flow_mm: torch.Tensor,
+    network_grid: Grid,
+    grid: Grid,
+    is_cancelled: Callable[[], bool] = lambda: False,
+) -> np.ndarray:
+    """``u(x) = A(x + v(x)) − x`` on ``grid`` as a float32 (…, dim) array in LPS mm (about
+    1e-5 mm on a ±200 mm field of view): what warping and det J read, at a third of the cost
+    of the float64 image when no one keeps the field.
 
     ``flow_mm`` is ``v`` (1, dim, *network_grid.shape), in LPS mm components; it is zero
     outside the network grid, where the transform is the affine alone.
     """
+    field = np.empty((*grid.shape, grid.dim), dtype=np.float32)
+    for start, u in _displacement_chunks(affine, flow_mm, network_grid, grid, is_cancelled):
+        torch.from_numpy(field[start : start + len(u)]).copy_(u)
+    return field
+
+
+def _displacement_chunks(
+    affine: sitk.Transform,
+    flow_mm: torch.Tensor,
+    network_grid: Grid,
+    grid: Grid,
+    is_cancelled: Callable[[], bool],
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, ``u`` for a chunk of array rows as a (rows, …, dim) float32 tensor)."""
     dim = grid.dim
     matrix, translation = affine_parameters(affine, dim)
     stop_if(is_cancelled)
     v_on_grid = FieldOnGrid(flow_mm, network_grid, grid, is_cancelled)
-    # (M − I) x + t is affine in the index: (M − I) P idx + (M − I) o + t, built from ramps.
+    # M v + (M − I) x + t; the last two are affine in the index: (M − I) P idx + (M − I) o + t.
     shift = matrix - np.eye(dim)
     linear = shift @ grid.index_to_physical
     constant = shift @ np.asarray(grid.origin) + translation
-    field = allocate(grid, sitk.sitkVectorFloat64, dim, is_cancelled)
+    matrix_t = torch.as_tensor(matrix.T, dtype=torch.float32, device=flow_mm.device)
     rows = rows_per_slab(grid)
     for start in range(0, grid.shape[0], rows):
         stop = min(start + rows, grid.shape[0])
         stop_if(is_cancelled)
-        v = v_on_grid.rows(start, stop)  # (dim, rows, …), float32
-        ramps = [ramp[..., 0].to(v.dtype) for ramp in _ramps(grid, start, stop, v.device)]
-        chunk = np.empty((stop - start, *grid.shape[1:], dim), dtype=np.float64)
-        for p in range(dim):
-            component = sum(float(matrix[p, q]) * v[q] for q in range(dim))
-            for axis, ramp in enumerate(ramps):
-                component = component + float(linear[p, axis]) * ramp
-            chunk[..., p] = (component + float(constant[p])).cpu().numpy()
-        paste_rows(field, chunk, start)
-    return field
+        v = v_on_grid.rows(start, stop).to(torch.float32)
+        u = torch.movedim(v, 0, -1) @ matrix_t
+        u += affine_field(linear, constant, grid, start, stop, u.device, torch.float32)
+        yield start, u
 
 
 def deformation_field(flow_mm: torch.Tensor, network_grid: Grid) -> sitk.Image:
