@@ -5,6 +5,7 @@ segmentations: test_mrml_volumes.py; transforms: test_mrml_transforms.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 
@@ -159,6 +160,9 @@ def test_bad_input_changes_nothing(scene):
         mrml.registerVolumes(fixed, moving, "quick")
     with pytest.raises(InputError, match="another grid"):
         mrml.pushResult(_hand_made_result(moving, fixed), fixed, moving)
+    without_field = dataclasses.replace(_hand_made_result(fixed, moving), displacement=None)
+    with pytest.raises(InputError, match="compute_displacement=True"):
+        mrml.pushResult(without_field, fixed, moving)
     assert _snapshot(scene) == before
 
 

@@ -206,6 +206,34 @@ def test_the_moving_image_is_warped_only_when_an_output_shows_it(pair_3d, tmp_pa
     assert sorted(p.name for p in alone.iterdir()) == ["r.json", "t.nrrd"]
 
 
+def test_the_dense_field_is_made_only_for_an_output_written_from_it(pair_3d, tmp_path):
+    """An .h5 transform is [affine, deformation]: without --displacement (or a field or .mat
+    transform) no float64 field is built (a second a brain), and every output is the same."""
+    lean, full = tmp_path / "lean", tmp_path / "full"
+    outputs = ("t.h5", "w.nrrd", "j.nrrd", "labels.nrrd", "r.json")
+    for folder in (lean, full):
+        folder.mkdir()
+    common = ("--labels", pair_3d["moving_labels"])
+    for folder, extra in ((lean, ()), (full, ("--displacement", full / "d.mha"))):
+        paths = [folder / name for name in outputs]
+        code = register(
+            pair_3d, *common, "--transform", paths[0], "--warped", paths[1],
+            "--jacobian", paths[2], "--warped-labels", paths[3], "--report", paths[4], *extra,
+        )  # fmt: skip
+        assert code == cli.EXIT_OK
+    reports = [json.loads((folder / "r.json").read_text()) for folder in (lean, full)]
+    assert [r["settings"]["compute_displacement"] for r in reports] == [False, True]
+    assert reports[0]["folding_percent"] == reports[1]["folding_percent"]
+    assert reports[0]["sdlogj"] == reports[1]["sdlogj"]
+    for name in outputs[1:4]:
+        images = [array(sitk.ReadImage(str(folder / name))) for folder in (lean, full)]
+        np.testing.assert_array_equal(*images)
+    fields = [sitk.CompositeTransform(sitk.ReadTransform(str(f / "t.h5"))) for f in (lean, full)]
+    exact = sitk.ReadImage(str(full / "d.mha"))
+    np.testing.assert_array_equal(on_grid(fields[0], exact), on_grid(fields[1], exact))
+    assert not (lean / "d.mha").exists()
+
+
 def test_2d_pictures_come_back_as_pictures_of_the_inputs_type(pair_2d, tmp_path):
     out = {
         "png": tmp_path / "warped.png",

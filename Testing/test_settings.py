@@ -139,8 +139,8 @@ def test_an_unknown_name_is_refused_with_the_list_of_settings() -> None:
 def test_to_dict_and_from_dict_round_trip_through_json() -> None:
     chosen = RegistrationSettings(
         preset="fast", model=None, similarity="mind", regularization=2.5, iterations=40,
-        affine=False, compute_inverse=True, compute_warped=False, compute_jacobian=False,
-        device="cuda:1", seed=9, max_memory_gib=1.5,
+        affine=False, compute_inverse=True, compute_warped=False, compute_displacement=False,
+        compute_jacobian=False, device="cuda:1", seed=9, max_memory_gib=1.5,
     )  # fmt: skip
     assert all(chosen.to_dict()[f.name] != f.default for f in dataclasses.fields(chosen))
     assert RegistrationSettings.from_dict(json.loads(json.dumps(chosen.to_dict()))) == chosen
@@ -219,8 +219,11 @@ def test_a_settings_file_is_the_base_and_options_given_override_it(
     )  # fmt: skip
     assert code == cli.EXIT_OK
     recorded = json.loads((out / "report.json").read_text())["settings"]
-    # Derived from the outputs asked for: a report alone shows no warped image.
-    expected = base.replace(similarity="lncc", iterations=1, affine=False, compute_warped=False)
+    # Derived from the outputs asked for: a report alone needs no warped image, no dense field.
+    expected = base.replace(
+        similarity="lncc", iterations=1, affine=False, compute_warped=False,
+        compute_displacement=False,
+    )  # fmt: skip
     assert RegistrationSettings.from_dict(recorded) == expected
     # The report's settings fed back as a file reproduce them exactly.
     settings_file.write_text(json.dumps(recorded))

@@ -155,6 +155,7 @@ def run_batch(
         )
     if "inverse" in outputs:
         settings = settings.replace(compute_inverse=True)
+    settings = settings.replace(compute_displacement=False)  # the jobs write .h5 transforms
     if not jobs:
         raise InputError("the batch has no jobs")
     headers = check_jobs(jobs)

@@ -150,12 +150,14 @@ def _check_before_work(args: argparse.Namespace) -> dict[Path, int]:
 
 
 def _settings(args: argparse.Namespace):
-    """The settings, with the warped image, the inverse and the Jacobian computed only where an
-    output needs them (the report records folding when the settings ask for it)."""
+    """The settings, with the warped image, the dense field, the inverse and the Jacobian
+    computed only where an output needs them (the report records folding when the settings
+    ask for it)."""
     settings = settings_from_arguments(
         args,
         compute_inverse=bool(args.inverse_transform or args.inverse_displacement),
         compute_warped=bool(args.warped or args.qa_png),
+        compute_displacement=bool(args.displacement) or _transform_is_dense(args.transform),
     )
     reported = args.report is not None or args.progress == "json"
     jacobian = bool(args.jacobian or args.qa_png) or (reported and settings.compute_jacobian)
@@ -215,6 +217,14 @@ def _write_outputs(result, args, fixed, moving, pictures) -> list[Path]:
     return fileio.write_together(plan)
 
 
+def _transform_is_dense(path: Path | None) -> bool:
+    """Whether ``--transform`` is written from the dense field (see :func:`_write_transform`)."""
+    if path is None:
+        return False
+    suffix = output_paths.full_suffix(path)
+    return suffix in output_paths.IMAGE_SUFFIXES or suffix == ".mat"
+
+
 def _write_transform(transform, displacement, path: Path) -> None:
     """An ITK transform file of ``transform()``; for an image suffix the dense ``displacement``
     as a float32 field, and for a MATLAB ``.mat`` (one transform a file: ITK reads back no
@@ -222,13 +232,12 @@ def _write_transform(transform, displacement, path: Path) -> None:
     from ..imaging import fileio
     from ..registration.result import displacement_transform
 
-    suffix = output_paths.full_suffix(path)
-    if suffix in output_paths.IMAGE_SUFFIXES:
-        fileio.write_field(displacement, path)
-    elif suffix == ".mat":
+    if not _transform_is_dense(path):
+        fileio.write_transform(transform(), path)
+    elif output_paths.full_suffix(path) == ".mat":
         fileio.write_transform(displacement_transform(displacement), path)
     else:
-        fileio.write_transform(transform(), path)
+        fileio.write_field(displacement, path)
 
 
 def run_register(args: argparse.Namespace) -> int:

@@ -109,8 +109,11 @@ def prepareRegistration(
     )  # fmt: skip
     return RegistrationJob(
         targets=targets,
-        # The warped volume is made only for a node that receives it.
-        settings=settings.replace(compute_warped=targets.wantsWarpedVolume),
+        # The warped volume is made only for a node that receives it; the grid transform node
+        # is made from the dense field.
+        settings=settings.replace(
+            compute_warped=targets.wantsWarpedVolume, compute_displacement=True
+        ),
         fixed=imageFromVolumeNode(fixedNode),
         moving=imageFromVolumeNode(movingNode),
         fixedMask=fixedMask,

@@ -35,7 +35,7 @@ class PushableResult(Protocol):
     """What a push reads of a result: a RegistrationResult, or the outputs of a child process."""
 
     fixed_grid: Grid
-    displacement: sitk.Image
+    displacement: sitk.Image | None  # None (compute_displacement off) is refused
     warped: sitk.Image | None
     warped_labels: dict[str, sitk.Image]
     jacobian: sitk.Image | None
@@ -270,6 +270,11 @@ def _checkResultFits(result: PushableResult, fixedNode) -> None:
             f"the result was computed on another grid than the fixed volume "
             f"'{fixedNode.GetName()}' (size {result.fixed_grid.size} vs {fixed.GetSize()}); push "
             "it with the fixed volume it was registered to"
+        )
+    if result.displacement is None:
+        raise InputError(
+            "this result has no dense displacement field, which the grid transform node is "
+            "made from: register with compute_displacement=True"
         )
     if not sameGrid(result.displacement, fixed):
         raise InputError("the result's displacement field is not on its fixed grid")

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import SimpleITK as sitk
 import torch
 
@@ -17,12 +18,18 @@ from .beside import Beside
 from .job import Job
 from .optimisation_stage import Deformation
 from .progress import Stages
-from .warping import compose_displacement, deformation_field, inverse_displacement, warp_images
+from .warping import (
+    compose_displacement,
+    deformation_field,
+    displacement_array,
+    inverse_displacement,
+    warp_images,
+)
 
 
 @dataclass
 class Outputs:
-    displacement: sitk.Image
+    displacement: sitk.Image | None  # None unless the settings keep it
     deformation: sitk.Image  # v on the network grid: the transform is [affine, deformation]
     warped: sitk.Image | None  # None unless the settings ask for it
     warped_labels: dict[str, sitk.Image]
@@ -40,10 +47,7 @@ def output_stage(
 ) -> Outputs:
     stages.report("outputs", 0.0, "composing the transform")
     stop = stages.cancelled
-    with torch.inference_mode():
-        displacement = compose_displacement(
-            affine, deformation.flow_mm, job.network_grid, Grid.of(job.fixed_image), stop
-        )
+    displacement = _displacement(job, affine, deformation, stop)
     # det J is numpy on one core: it runs beside the warps, which keep torch's threads busy.
     with Beside(stop, "while writing outputs") as beside:
         qa = (
@@ -59,7 +63,8 @@ def output_stage(
                 stages.report("outputs", 0.6, "inverting the transform")
                 inverse = _inverse(job, affine, deformation, stop)
         deformation_image = deformation_field(deformation.flow_mm, job.network_grid)
-        outputs = Outputs(displacement, deformation_image, warped, warped_labels, inverse, None)
+        kept = displacement if isinstance(displacement, sitk.Image) else None
+        outputs = Outputs(kept, deformation_image, warped, warped_labels, inverse, None)
         if qa is not None:
             stages.report("outputs", 0.8, "computing the Jacobian determinant")
             outputs.jacobian, outputs.qa = beside.result(qa)
@@ -67,22 +72,40 @@ def output_stage(
     return outputs
 
 
+def _displacement(
+    job: Job, affine: sitk.AffineTransform, deformation: Deformation, stop: Callable[[], bool]
+) -> sitk.Image | np.ndarray:
+    """The dense field on the fixed grid: the float64 image when the settings keep it, else
+    the float32 array that warping and det J read (the image costs a second a brain)."""
+    compose = compose_displacement if job.settings.compute_displacement else displacement_array
+    with torch.inference_mode():
+        return compose(
+            affine, deformation.flow_mm, job.network_grid, Grid.of(job.fixed_image), stop
+        )
+
+
 def _warped(
-    job: Job, displacement: sitk.Image, device: torch.device, stop: Callable[[], bool]
+    job: Job, displacement: sitk.Image | np.ndarray, device: torch.device, stop: Callable[[], bool]
 ) -> tuple[sitk.Image | None, dict[str, sitk.Image]]:
     """The moving image (if asked for) and every label map, warped in one pass."""
     movings = [(labels, True) for labels in job.label_maps.values()]
     if job.settings.compute_warped:
         movings.insert(0, (job.moving_image, False))
-    warped = warp_images(movings, displacement, device=device, is_cancelled=stop)
+    if not movings:
+        return None, {}
+    grid = Grid.of(job.fixed_image)
+    warped = warp_images(movings, displacement, grid, device=device, is_cancelled=stop)
     image = warped.pop(0) if job.settings.compute_warped else None
     return image, dict(zip(job.label_maps, warped, strict=True))
 
 
 def _jacobian_and_qa(
-    job: Job, displacement: sitk.Image, is_cancelled: Callable[[], bool]
+    job: Job, displacement: sitk.Image | np.ndarray, is_cancelled: Callable[[], bool]
 ) -> tuple[sitk.Image, dict[str, Any]]:
-    jacobian = metrics.jacobian_determinant(displacement, is_cancelled)
+    if isinstance(displacement, sitk.Image):
+        displacement = sitk.GetArrayViewFromImage(displacement)
+    grid = Grid.of(job.fixed_image)
+    jacobian = metrics.field_jacobian_determinant(displacement, grid, is_cancelled)
     region = job.fixed_mask
     qa = {
         "folding_percent": metrics.folding_percent(jacobian, region, is_cancelled),

@@ -27,11 +27,13 @@ class RegistrationResult:
     ``warped(x) = moving(T(x))`` — ITK's resampling transform and Slicer's "FromParent".
     The engine also hands back how it is made, ``T(x) = A(x + v(x))`` with ``v`` (``deformation``)
     on the network grid, which :meth:`transform` gives as ITK's composite (as ANTs writes its
-    transforms): the same map to float32 rounding, in a twentieth of the bytes on a brain.
+    transforms): the same map to float32 rounding, in a twentieth of the bytes on a brain. With
+    the settings' ``compute_displacement`` off, ``displacement`` is None and that composite is
+    the transform.
     """
 
     fixed_grid: Grid
-    displacement: sitk.Image
+    displacement: sitk.Image | None
     warped: sitk.Image | None  # None when the settings' compute_warped is off
     affine: sitk.Transform
     warped_labels: dict[str, sitk.Image] = field(default_factory=dict)

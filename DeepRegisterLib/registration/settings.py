@@ -75,6 +75,12 @@ class RegistrationSettings:
         False, "also compute the inverse (moving to fixed) transform", cli="derived"
     )
     compute_warped: bool = _option(True, "warp the moving image onto the fixed grid", cli="derived")
+    compute_displacement: bool = _option(
+        True,
+        "keep the transform as a dense float64 field on the fixed grid (24 bytes a voxel); "
+        "without it the result's transform is the affine and the network-grid deformation",
+        cli="derived",
+    )
     compute_jacobian: bool = _option(
         True, "compute the Jacobian determinant and its QA figures", cli="derived"
     )
