@@ -47,24 +47,19 @@ def output_stage(
 ) -> Outputs:
     stages.report("outputs", 0.0, "composing the transform")
     stop = stages.cancelled
-    displacement = _displacement(job, affine, deformation, stop)
+    displacement, field = _displacement(job, affine, deformation, stop)
     # det J is numpy on one core: it runs beside the warps, which keep torch's threads busy.
     with Beside(stop, "while writing outputs") as beside:
-        qa = (
-            beside.submit(_jacobian_and_qa, job, displacement)
-            if job.settings.compute_jacobian
-            else None
-        )
+        qa = beside.submit(_jacobian_and_qa, job, field) if job.settings.compute_jacobian else None
         stages.report("outputs", 0.3, "warping the moving image")
         with torch.inference_mode():
-            warped, warped_labels = _warped(job, displacement, device, stop)
+            warped, warped_labels = _warped(job, field, device, stop)
             inverse = None
             if job.settings.compute_inverse:
                 stages.report("outputs", 0.6, "inverting the transform")
                 inverse = _inverse(job, affine, deformation, stop)
         deformation_image = deformation_field(deformation.flow_mm, job.network_grid)
-        kept = displacement if isinstance(displacement, sitk.Image) else None
-        outputs = Outputs(kept, deformation_image, warped, warped_labels, inverse, None)
+        outputs = Outputs(displacement, deformation_image, warped, warped_labels, inverse, None)
         if qa is not None:
             stages.report("outputs", 0.8, "computing the Jacobian determinant")
             outputs.jacobian, outputs.qa = beside.result(qa)
@@ -74,18 +69,20 @@ def output_stage(
 
 def _displacement(
     job: Job, affine: sitk.AffineTransform, deformation: Deformation, stop: Callable[[], bool]
-) -> sitk.Image | np.ndarray:
-    """The dense field on the fixed grid: the float64 image when the settings keep it, else
-    the float32 array that warping and det J read (the image costs a second a brain)."""
-    compose = compose_displacement if job.settings.compute_displacement else displacement_array
+) -> tuple[sitk.Image | None, np.ndarray]:
+    """The dense field on the fixed grid: the float64 image when the settings keep it (else
+    None: it costs a second a brain), and the (…, dim) array that warping and det J read,
+    a view of that image or a float32 array of the same values."""
+    args = (affine, deformation.flow_mm, job.network_grid, Grid.of(job.fixed_image), stop)
     with torch.inference_mode():
-        return compose(
-            affine, deformation.flow_mm, job.network_grid, Grid.of(job.fixed_image), stop
-        )
+        if not job.settings.compute_displacement:
+            return None, displacement_array(*args)
+        image = compose_displacement(*args)
+    return image, sitk.GetArrayViewFromImage(image)
 
 
 def _warped(
-    job: Job, displacement: sitk.Image | np.ndarray, device: torch.device, stop: Callable[[], bool]
+    job: Job, field: np.ndarray, device: torch.device, stop: Callable[[], bool]
 ) -> tuple[sitk.Image | None, dict[str, sitk.Image]]:
     """The moving image (if asked for) and every label map, warped in one pass."""
     movings = [(labels, True) for labels in job.label_maps.values()]
@@ -94,18 +91,16 @@ def _warped(
     if not movings:
         return None, {}
     grid = Grid.of(job.fixed_image)
-    warped = warp_images(movings, displacement, grid, device=device, is_cancelled=stop)
+    warped = warp_images(movings, field, grid, device=device, is_cancelled=stop)
     image = warped.pop(0) if job.settings.compute_warped else None
     return image, dict(zip(job.label_maps, warped, strict=True))
 
 
 def _jacobian_and_qa(
-    job: Job, displacement: sitk.Image | np.ndarray, is_cancelled: Callable[[], bool]
+    job: Job, field: np.ndarray, is_cancelled: Callable[[], bool]
 ) -> tuple[sitk.Image, dict[str, Any]]:
-    if isinstance(displacement, sitk.Image):
-        displacement = sitk.GetArrayViewFromImage(displacement)
     grid = Grid.of(job.fixed_image)
-    jacobian = metrics.field_jacobian_determinant(displacement, grid, is_cancelled)
+    jacobian = metrics.field_jacobian_determinant(field, grid, is_cancelled)
     region = job.fixed_mask
     qa = {
         "folding_percent": metrics.folding_percent(jacobian, region, is_cancelled),
