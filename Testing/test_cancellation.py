@@ -147,7 +147,7 @@ def test_the_smoothing_beside_the_affine_stage_stops_with_a_cancel(
         raise RegistrationCancelled("smoothing stopped")
 
     monkeypatch.setattr(engine, "register_normalised", affine_then_flag)
-    monkeypatch.setattr(deformable, "antialiased", slow_smoothing)
+    monkeypatch.setattr(deformable, "smoothed_for_grid", slow_smoothing)
     with pytest.raises(RegistrationCancelled, match="while preparing the images"):
         engine.register(*a_3d_pair, preset="fast", model=None, device="cpu", cancel=event)
     latency = time.perf_counter() - seen["set_at"]

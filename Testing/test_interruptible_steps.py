@@ -85,6 +85,76 @@ def test_smoothing_is_the_gaussian_itk_would_apply() -> None:
     assert float(np.abs(ours[inner] - itk[inner]).max()) < 0.01 * spread
 
 
+def an_object_on_zeros(shape: tuple[int, ...], spacing: tuple[float, ...]) -> sitk.Image:
+    """Noise inside an off-centre box, exact zeros around it: a skull-stripped brain's layout."""
+    image = an_image(shape, spacing)
+    array = sitk.GetArrayFromImage(image)
+    keep = np.zeros(shape, dtype=bool)
+    keep[tuple(slice(n // 5, n // 2 + 2) for n in shape)] = True
+    out = sitk.GetImageFromArray(np.where(keep, array, 0).astype(np.float32))
+    out.CopyInformation(image)
+    return out
+
+
+def a_grid_over(
+    image: sitk.Image, spacing_mm: float, corner: tuple[float, ...], size: int = 9
+) -> sitk.Image:
+    """A coarser grid in ``image``'s orientation from continuous index ``corner``: like the
+    network grid, which covers the fixed image's foreground box."""
+    dim = image.GetDimension()
+    reference = sitk.Image([size] * dim, sitk.sitkUInt8)
+    reference.SetSpacing([spacing_mm] * dim)
+    reference.SetDirection(image.GetDirection())
+    reference.SetOrigin(image.TransformContinuousIndexToPhysicalPoint(corner))
+    return reference
+
+
+@pytest.mark.parametrize(
+    ("shape", "spacing"),
+    [((40, 48, 36), (0.7, 1.0, 1.3)), ((50, 44), (0.6, 1.1)), ((40, 36, 30), (3.0, 3.0, 3.0))],
+    ids=["3d-anisotropic", "2d", "already-coarse"],
+)
+def test_smoothing_only_what_a_resampling_reads_changes_nothing_it_reads(shape, spacing):
+    """The moving image is smoothed over its nonzero box only; through any transform, the
+    resampled result is exactly that of the whole smoothed volume."""
+    image = an_object_on_zeros(shape, spacing)
+    dim = len(shape)
+    reference = a_grid_over(image, 2.5, tuple(n / 6 for n in reversed(shape)), size=24)
+    transform = sitk.AffineTransform(dim)
+    transform.SetMatrix(tuple((np.eye(dim) + 0.05 * np.roll(np.eye(dim), 1, axis=1)).ravel()))
+    transform.SetTranslation(tuple([1.5] * dim))
+    part = resampling.smoothed_for_grid(image, 2.5)
+    assert np.prod(part.GetSize()) < 0.5 * np.prod(image.GetSize()), "nothing was cut away"
+    whole = resampling.antialiased(image, 2.5)
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(resampling.resample_linear(part, reference, transform)),
+        sitk.GetArrayFromImage(resampling.resample_linear(whole, reference, transform)),
+    )
+
+
+def test_the_fixed_image_is_smoothed_only_under_the_network_grid() -> None:
+    image = an_image((60, 64, 56), (1.0, 0.8, 1.2))  # nonzero everywhere: the grid decides
+    reference = a_grid_over(image, 2.0, (20.3, 11.0, 25.7))
+    part = resampling.smoothed_for_grid(image, 2.0, reference=reference)
+    assert np.prod(part.GetSize()) < 0.25 * np.prod(image.GetSize())
+    ours = sitk.GetArrayFromImage(resampling.fixed_on_grid(image, reference))
+    whole = resampling.resample_linear(
+        resampling.antialiased(image, 2.0), reference, sitk.Transform(3, sitk.sitkIdentity)
+    )
+    # The crop's origin is computed anew, so a grid point's index may differ in its last bit.
+    np.testing.assert_allclose(ours, sitk.GetArrayFromImage(whole), rtol=0, atol=1e-4)
+
+
+def test_an_all_zero_image_smooths_to_zeros_on_any_grid() -> None:
+    image = sitk.Image([30, 20, 10], sitk.sitkFloat32)
+    part = resampling.smoothed_for_grid(image, 2.0, reference=a_grid_over(image, 2.0, (0, 0, 0)))
+    assert part.GetNumberOfPixels() < image.GetNumberOfPixels()
+    resampled = resampling.resample_linear(
+        part, a_grid_over(image, 2.0, (3, 2, 1)), sitk.Transform(3, sitk.sitkIdentity)
+    )
+    assert not sitk.GetArrayViewFromImage(resampled).any()
+
+
 def test_smoothing_stops_between_slabs(monkeypatch) -> None:
     image = an_image((30, 41, 27), (0.7, 1.3, 2.5))
     monkeypatch.setattr(resampling, "SLAB_VOXELS", 300)

@@ -5,11 +5,14 @@ many seconds. Filter objects, though, emit progress events many times a second a
 ``Abort()``, so :func:`resample` aborts from its progress callback when a cancel is requested.
 The anti-aliasing Gaussian filters each line along one axis independently, so
 :func:`antialiased` runs it over slabs cut across another axis (bit-identical to one
-whole-volume pass) and checks for a cancel between slabs.
+whole-volume pass) and checks for a cancel between slabs. Before a resampling, only the part
+of a volume that the resampling can read is smoothed (:func:`smoothed_for_grid`): a skull-stripped
+brain fills about a third of its 1 mm volume, and the network grid covers only that box.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import numpy as np
@@ -120,14 +123,19 @@ def _convolve_along(volume: np.ndarray, half_kernel: np.ndarray, axis: int) -> n
     return np.moveaxis(out, 0, axis)
 
 
+def _antialiasing_sigmas(spacing: tuple[float, ...], target_mm: float) -> list[float]:
+    """The Gaussian's sigma (mm) along each axis; 0 for axes already as coarse as the target."""
+    sigmas = [0.4 * np.sqrt(max(target_mm**2 - s**2, 0.0)) for s in spacing]
+    return [sigma if sigma > 0.1 * s else 0.0 for sigma, s in zip(sigmas, spacing, strict=True)]
+
+
 def antialiased(
     image: sitk.Image, target_mm: float, is_cancelled: IsCancelled = _never
 ) -> sitk.Image:
     """Gaussian-smoothed along each axis finer than ``target_mm``, before resampling onto it."""
     spacing = image.GetSpacing()
-    sigmas = [0.4 * np.sqrt(max(target_mm**2 - s**2, 0.0)) for s in spacing]
-    # Axes already as coarse as the target stay untouched.
-    axes = [axis for axis, sigma in enumerate(sigmas) if sigma > 0.1 * spacing[axis]]
+    sigmas = _antialiasing_sigmas(spacing, target_mm)
+    axes = [axis for axis, sigma in enumerate(sigmas) if sigma > 0]
     if not axes:
         return sitk.Cast(image, sitk.sitkFloat32)
     volume = sitk.GetArrayViewFromImage(image)
@@ -138,6 +146,64 @@ def antialiased(
     smoothed = sitk.GetImageFromArray(volume)
     smoothed.CopyInformation(image)
     return smoothed
+
+
+def smoothed_for_grid(
+    image: sitk.Image,
+    target_mm: float,
+    is_cancelled: IsCancelled = _never,
+    reference: sitk.Image | None = None,
+) -> sitk.Image:
+    """:func:`antialiased` where a resampling onto a ``target_mm`` grid can read it, and no more.
+
+    That is the box of ``image``'s nonzero voxels (within ``reference``'s extent when the grid
+    is known and resampled without a transform), grown by the kernel's reach and one voxel for
+    the interpolation. Outside the box the smoothed image is zero, which is also what
+    :func:`resample` reads outside an image, so resampling the result onto any grid gives what
+    resampling the whole smoothed volume would give.
+    """
+    spacing = image.GetSpacing()
+    reach = [
+        int(4.0 * sigma / s + 0.5) + 1
+        for sigma, s in zip(_antialiasing_sigmas(spacing, target_mm), spacing, strict=True)
+    ]
+    lower, upper = _nonzero_box(image, is_cancelled)
+    if reference is not None:
+        read_lower, read_upper = _box_read_by(reference, image)
+        lower, upper = np.maximum(lower, read_lower), np.minimum(upper, read_upper)
+    if np.any(upper < lower):  # nothing nonzero is read: smooth a single voxel
+        upper = lower = np.clip(lower, 0, np.asarray(image.GetSize()) - 1)
+    lower = np.maximum(lower - reach, 0)
+    upper = np.minimum(upper + reach, np.asarray(image.GetSize()) - 1)
+    crop = image[tuple(slice(int(a), int(b) + 1) for a, b in zip(lower, upper, strict=True))]
+    return antialiased(crop, target_mm, is_cancelled)
+
+
+def _nonzero_box(image: sitk.Image, is_cancelled: IsCancelled) -> tuple[np.ndarray, np.ndarray]:
+    """First and last index (I, J, K order) holding a nonzero voxel; upper < lower if none."""
+    stop_if_cancelled(is_cancelled, "while smoothing the images")
+    nonzero = sitk.GetArrayViewFromImage(image) != 0
+    dim = nonzero.ndim
+    lower, upper = [], []
+    for array_axis in reversed(range(dim)):  # I first
+        rows = np.flatnonzero(nonzero.any(axis=tuple(a for a in range(dim) if a != array_axis)))
+        lower.append(rows[0] if rows.size else nonzero.shape[array_axis])
+        upper.append(rows[-1] if rows.size else -1)
+    return np.asarray(lower), np.asarray(upper)
+
+
+def _box_read_by(reference: sitk.Image, image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """Index box of ``image`` that linear resampling onto ``reference`` (no transform) reads."""
+    corners = itertools.product(*[(0.0, n - 1.0) for n in reference.GetSize()])
+    indices = np.array(
+        [
+            image.TransformPhysicalPointToContinuousIndex(
+                reference.TransformContinuousIndexToPhysicalPoint(corner)
+            )
+            for corner in corners
+        ]
+    )
+    return np.floor(indices.min(axis=0)), np.ceil(indices.max(axis=0))
 
 
 def network_inputs(
@@ -155,7 +221,7 @@ def network_inputs(
     engine calls its parts itself, smoothing while the affine stage runs.
     """
     fixed_net = fixed_on_grid(fixed_norm, reference, is_cancelled)
-    moving_smooth = antialiased(moving_norm, reference.GetSpacing()[0], is_cancelled)
+    moving_smooth = smoothed_for_grid(moving_norm, reference.GetSpacing()[0], is_cancelled)
     return (fixed_net, *moving_on_grid(moving_smooth, reference, affine, is_cancelled))
 
 
@@ -163,7 +229,7 @@ def fixed_on_grid(
     fixed_norm: sitk.Image, reference: sitk.Image, is_cancelled: IsCancelled = _never
 ) -> sitk.Image:
     """The fixed part of :func:`network_inputs`."""
-    smoothed = antialiased(fixed_norm, reference.GetSpacing()[0], is_cancelled)
+    smoothed = smoothed_for_grid(fixed_norm, reference.GetSpacing()[0], is_cancelled, reference)
     return resample_linear(smoothed, reference, _identity(reference), is_cancelled)
 
 
@@ -174,7 +240,7 @@ def moving_on_grid(
     is_cancelled: IsCancelled = _never,
 ) -> tuple[sitk.Image, sitk.Image]:
     """The moving part of :func:`network_inputs`, from the moving image already
-    ``antialiased`` for the grid: through ``affine``, and as it lies."""
+    :func:`smoothed_for_grid`: through ``affine``, and as it lies."""
     return (
         resample_linear(moving_smooth, reference, affine, is_cancelled),
         resample_linear(moving_smooth, reference, _identity(reference), is_cancelled),

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 import torch
 
 from ..imaging.geometry import Grid
-from ..imaging.resampling import antialiased, fixed_on_grid
+from ..imaging.resampling import fixed_on_grid, smoothed_for_grid
 from .grid_images import grid_images
 from .inputs import Inputs
 from .job import Job, plan_job
@@ -35,7 +35,7 @@ class Prepared:
     device: torch.device
     notes: tuple[str, ...]  # choices made for the run, for the caller to report
     fixed_net: sitk.Image  # the fixed image on the network grid
-    moving_smooth: sitk.Image  # the moving image smoothed for the grid's spacing
+    moving_smooth: sitk.Image  # the moving image smoothed for the grid's spacing, where nonzero
 
 
 def prepare(
@@ -44,7 +44,7 @@ def prepare(
     job, device, notes = plan_job(inputs, started)
     reference = job.network_grid.reference_image()
     fixed_net = fixed_on_grid(job.fixed_norm, reference, is_cancelled)
-    moving_smooth = antialiased(moving_norm, reference.GetSpacing()[0], is_cancelled)
+    moving_smooth = smoothed_for_grid(moving_norm, reference.GetSpacing()[0], is_cancelled)
     return Prepared(job, device, notes, fixed_net, moving_smooth)
 
 
