@@ -313,6 +313,22 @@ def test_the_affine_stage_works_on_copies_of_at_most_about_four_million_voxels()
     assert affine.working_spacing(sitk.Image([512, 512], sitk.sitkUInt8)) == 2.0
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.float32, np.float64])
+def test_normalising_maps_the_1st_and_99th_percentiles_to_0_and_1_and_can_be_stopped(dtype):
+    from DeepRegisterLib.registration.preprocessing import normalised_for_registration
+
+    rng = np.random.default_rng(3)
+    values = np.clip(rng.normal(120, 60, (20, 30, 40)), 0, 255).astype(dtype)
+    image = sitk.GetImageFromArray(values)
+    low, high = np.percentile(values, [1.0, 99.0])
+    expected = np.clip((values.astype(np.float64) - low) / (high - low), 0.0, 1.0)
+    normalised = normalised_for_registration(image)
+    assert normalised.GetPixelID() == sitk.sitkFloat32
+    np.testing.assert_allclose(sitk.GetArrayViewFromImage(normalised), expected, atol=1e-6)
+    with pytest.raises(RegistrationCancelled):
+        normalised_for_registration(image, CancelOnCall(1))
+
+
 def test_the_engine_normalises_each_image_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """The affine stage and the network inputs share one normalised copy of each image (a
     second pass cost about a second per image on a 512² × 600 CT), with the same affine."""
