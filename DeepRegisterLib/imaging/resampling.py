@@ -162,12 +162,14 @@ def smoothed_for_grid(
     :func:`resample` reads outside an image, so resampling the result onto any grid gives what
     resampling the whole smoothed volume would give.
     """
-    spacing = image.GetSpacing()
+    spacing, dim = image.GetSpacing(), image.GetDimension()
     reach = [
         int(4.0 * sigma / s + 0.5) + 1
         for sigma, s in zip(_antialiasing_sigmas(spacing, target_mm), spacing, strict=True)
     ]
-    lower, upper = _nonzero_box(image, is_cancelled)
+    stop_if_cancelled(is_cancelled, "while smoothing the images")
+    box = nonzero_box(sitk.GetArrayViewFromImage(image) != 0)
+    lower, upper = box if box is not None else (np.zeros(dim), -np.ones(dim))
     if reference is not None:
         read_lower, read_upper = _box_read_by(reference, image)
         lower, upper = np.maximum(lower, read_lower), np.minimum(upper, read_upper)
@@ -179,17 +181,17 @@ def smoothed_for_grid(
     return antialiased(crop, target_mm, is_cancelled)
 
 
-def _nonzero_box(image: sitk.Image, is_cancelled: IsCancelled) -> tuple[np.ndarray, np.ndarray]:
-    """First and last index (I, J, K order) holding a nonzero voxel; upper < lower if none."""
-    stop_if_cancelled(is_cancelled, "while smoothing the images")
-    nonzero = sitk.GetArrayViewFromImage(image) != 0
-    dim = nonzero.ndim
-    lower, upper = [], []
-    for array_axis in reversed(range(dim)):  # I first
-        rows = np.flatnonzero(nonzero.any(axis=tuple(a for a in range(dim) if a != array_axis)))
-        lower.append(rows[0] if rows.size else nonzero.shape[array_axis])
-        upper.append(rows[-1] if rows.size else -1)
-    return np.asarray(lower), np.asarray(upper)
+def nonzero_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """First and last index (I, J, K order) where ``mask`` (an array in K, J, I order) is
+    true; None when it is true nowhere."""
+    if not mask.any():
+        return None
+    dim = mask.ndim
+    rows = [
+        np.flatnonzero(mask.any(axis=tuple(a for a in range(dim) if a != array_axis)))
+        for array_axis in reversed(range(dim))
+    ]
+    return np.array([r[0] for r in rows]), np.array([r[-1] for r in rows])
 
 
 def _box_read_by(reference: sitk.Image, image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import SimpleITK as sitk
 
-from ..imaging.resampling import run_filter
+from ..imaging.resampling import nonzero_box, run_filter
 
 FOREGROUND_MARGIN_MM = 10.0
 
@@ -52,13 +52,8 @@ def foreground_box(image: sitk.Image, mask: sitk.Image | None) -> tuple[np.ndarr
     else:
         fg = sitk.GetArrayFromImage(normalised_for_registration(image)) > 0.05
     size = np.asarray(image.GetSize())
-    if not fg.any():
+    box = nonzero_box(fg)
+    if box is None:
         return np.zeros(len(size)), size - 1.0
-    nonzero = [np.flatnonzero(fg.any(axis=tuple(a for a in range(fg.ndim) if a != ax))) for ax in
-               range(fg.ndim)]  # fmt: skip
-    lower_kji = np.array([n[0] for n in nonzero], dtype=float)
-    upper_kji = np.array([n[-1] for n in nonzero], dtype=float)
     margin = FOREGROUND_MARGIN_MM / np.asarray(image.GetSpacing())
-    lower = np.maximum(lower_kji[::-1] - margin, 0)
-    upper = np.minimum(upper_kji[::-1] + margin, size - 1)
-    return lower, upper
+    return np.maximum(box[0] - margin, 0), np.minimum(box[1] + margin, size - 1)
