@@ -94,7 +94,7 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "balanced",
-            "about 29 s for a 1 mm brain on two CPU threads, start to files",
+            "about 24 s for a 1 mm brain on two CPU threads, start to files",
             affine_iterations=100,
             levels=(Level(4.0, 50, 4), Level(2.0, 30, 4, control_mm=2.0)),
         ),
