@@ -83,7 +83,7 @@ PRESETS: dict[str, Preset] = {
         # Six 2 mm steps instead of ten lost Dice on all twenty (0.8258).
         # `balanced` squares 4 and 4 times, not 5 and 6: on the twenty pairs 0.8387 against
         # 0.8384 (better on 14), no fold, and a 2 mm step samples 5 times instead of 7. 5 and 4
-        # scored 0.8383 (better on 8), 5 and 3 0.8383 (on 7); `fast` with 4 and 2 lost on 10 of 14.
+        # scored 0.8383 (better on 8), 5 and 3 0.8383 (on 7); `fast` with 4 and 2 lost on 13 of 17.
         Preset(
             "fast",
             "about 12 s for a 1 mm brain on two CPU threads, start to files",
