@@ -163,8 +163,9 @@ def smoothed_for_grid(
     resampling the whole smoothed volume would give.
     """
     spacing, dim = image.GetSpacing(), image.GetDimension()
+    # The kernel's radius (its length less the centre tap), plus one voxel for the interpolation.
     reach = [
-        int(4.0 * sigma / s + 0.5) + 1
+        len(gaussian_half_kernel(sigma / s)) if sigma > 0 else 1
         for sigma, s in zip(_antialiasing_sigmas(spacing, target_mm), spacing, strict=True)
     ]
     stop_if_cancelled(is_cancelled, "while smoothing the images")
@@ -173,10 +174,10 @@ def smoothed_for_grid(
     if reference is not None:
         read_lower, read_upper = _box_read_by(reference, image)
         lower, upper = np.maximum(lower, read_lower), np.minimum(upper, read_upper)
+    last = np.asarray(image.GetSize()) - 1
     if np.any(upper < lower):  # nothing nonzero is read: smooth a single voxel
-        upper = lower = np.clip(lower, 0, np.asarray(image.GetSize()) - 1)
-    lower = np.maximum(lower - reach, 0)
-    upper = np.minimum(upper + reach, np.asarray(image.GetSize()) - 1)
+        upper = lower = np.clip(lower, 0, last)
+    lower, upper = np.maximum(lower - reach, 0), np.minimum(upper + reach, last)
     crop = image[tuple(slice(int(a), int(b) + 1) for a, b in zip(lower, upper, strict=True))]
     return antialiased(crop, target_mm, is_cancelled)
 
