@@ -1,0 +1,58 @@
+"""Mattes mutual information of sampled intensity pairs, differentiable in the moving values.
+
+As Mattes et al. (2003) and ITK's metric: a joint histogram whose moving axis is filled through
+a cubic B-spline Parzen window, so the metric has a gradient in each moving intensity, while the
+fixed axis is a plain bin count (the fixed values do not move). Intensities are in [0, 1]
+(``normalised_for_registration``). Each sample adds its four B-spline taps with one
+``index_add``, not a dense samples × bins kernel: 20 000 samples cost a fraction of a
+millisecond, and the sum is in sample order, so the result does not depend on thread timing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BINS = 32
+# Keeps log() finite for empty bins; far below the 1 / (16 · samples) of one tap.
+LOG_FLOOR = 1e-12
+
+
+def _cubic_bspline_taps(fraction: torch.Tensor) -> torch.Tensor:
+    """The weights of the four bins around a position ``base + fraction`` (bins base − 1 to
+    base + 2), (4, N); they sum to one."""
+    f2 = fraction * fraction
+    f3 = f2 * fraction
+    taps = torch.stack(
+        [(1 - fraction) ** 3, 3 * f3 - 6 * f2 + 4, -3 * f3 + 3 * f2 + 3 * fraction + 1, f3]
+    )
+    return taps / 6.0
+
+
+class SampledMutualInformation:
+    """MI between fixed values given once and moving values given at each evaluation."""
+
+    def __init__(self, fixed_values: torch.Tensor, bins: int = BINS):
+        if bins < 4:
+            raise ValueError(f"mutual information needs at least 4 bins, got {bins}")
+        self.bins = bins
+        fixed_bin = torch.round(fixed_values.clamp(0, 1) * (bins - 1)).long()
+        self._rows = (fixed_bin * bins)[None]
+        self._taps = torch.arange(-1, 3, device=fixed_values.device)[:, None]
+
+    def __call__(self, moving_values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """MI in nats of the samples, each counted with its weight (0 for a sample that falls
+        outside the moving image); 0 when no sample counts."""
+        bins = self.bins
+        # Bin centres 1 … bins − 2 keep every tap of a value in [0, 1] inside the histogram.
+        position = moving_values.clamp(0, 1) * (bins - 3) + 1.0
+        base = torch.floor(position.detach())
+        taps = _cubic_bspline_taps(position - base) * weights
+        columns = (base.long() + self._taps).clamp(0, bins - 1)
+        joint = torch.zeros(bins * bins, dtype=taps.dtype, device=taps.device)
+        joint = joint.index_add(0, (self._rows + columns).reshape(-1), taps.reshape(-1))
+        joint = joint.view(bins, bins) / joint.sum().clamp_min(torch.finfo(taps.dtype).tiny)
+        fixed = joint.sum(dim=1, keepdim=True)
+        moving = joint.sum(dim=0, keepdim=True)
+        return (
+            joint * (torch.log(joint + LOG_FLOOR) - torch.log(fixed * moving + LOG_FLOOR))
+        ).sum()
