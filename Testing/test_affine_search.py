@@ -1,9 +1,5 @@
-"""The affine stage's levels: `fast` registers on 4 mm copies, not a 2 mm pyramid.
-
-ITK's registration pyramid smooths both whole working copies at every level, on the one thread
-the metric needs for determinism. When every level is 4 mm or coarser (`fast`), 4 mm copies
-give the same levels at an eighth of that work (3.9–4.9 s → 1.6–2.1 s on fs-dev brains).
-"""
+"""The affine stage: its levels, what it recovers (3D, 2D, across contrasts, within masks),
+and that the same inputs and seed give the same transform."""
 
 from __future__ import annotations
 
@@ -11,63 +7,160 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from DeepRegisterLib.errors import RegistrationCancelled
 from DeepRegisterLib.imaging.geometry import Grid
 from DeepRegisterLib.imaging.phantoms import phantom
-from DeepRegisterLib.registration import affine
+from DeepRegisterLib.registration import affine, affine_search
 
 
-def _brain_sized(spacing_mm: float = 2.0, size: int = 80) -> sitk.Image:
-    grid = Grid((size,) * 3, (spacing_mm,) * 3, (-80.0,) * 3, tuple(np.eye(3).ravel()))
+def _brain_sized(spacing_mm: float = 2.0, size: int = 80, dim: int = 3) -> sitk.Image:
+    grid = Grid((size,) * dim, (spacing_mm,) * dim, (-80.0,) * dim, tuple(np.eye(dim).ravel()))
     return phantom(grid)[0]
 
 
-@pytest.mark.parametrize(
-    ("finest_mm", "expected"),
-    [
-        (4.0, (2, [2, 1], [2, 1])),  # fast: 8 and 4 mm levels on 4 mm copies
-        (2.0, (1, [4, 2], [2, 1])),  # balanced, accurate: 2 mm copies, as before
-        (8.0, (2, [2, 1], [4, 2])),
-        (6.0, (1, [4, 2], [6, 3])),  # no common factor: the 2 mm copies
-    ],
-)
-def test_levels_keep_their_spacing_on_coarser_copies(finest_mm, expected) -> None:
-    coarser, rigid, affine_levels = affine._levels(_brain_sized(), 2.0, finest_mm)
-    assert (coarser, rigid, affine_levels) == expected
-    # The physical levels are those of the 2 mm pyramid: 8 and 4 mm rigid, 2f and f affine.
-    assert [coarser * 2.0 * s for s in rigid] == [8.0, 4.0]
-    finest = max(1, round(finest_mm / 2.0))
-    assert [coarser * 2.0 * s for s in affine_levels] == [4.0 * finest, 2.0 * finest]
-
-
-def test_small_images_keep_their_two_fine_levels() -> None:
-    assert affine._levels(_brain_sized(2.0, size=40), 2.0, 4.0) == (1, [2, 1], [2, 1])
-
-
-def test_fast_recovers_a_rotation_and_scaling_from_4mm_copies(monkeypatch) -> None:
-    """12° about an oblique axis, 6 % and −5 % scaling, a shift: recovered within a millimetre
-    at 4 mm, and ITK is handed 4 mm copies."""
-    fixed = _brain_sized()
+def _oblique_affine() -> sitk.AffineTransform:
+    """12° about an oblique axis, 6 % and −5 % scaling, a shift."""
     truth = sitk.AffineTransform(3)
     rotation = sitk.VersorTransform((0.2, 0.3, 1.0), np.deg2rad(12.0))
     matrix = np.asarray(rotation.GetMatrix()).reshape(3, 3) @ np.diag([1.06, 0.95, 1.0])
     truth.SetMatrix(tuple(matrix.ravel()))
     truth.SetTranslation((4.0, -3.0, 2.0))
-    moving = sitk.Resample(fixed, fixed, truth.GetInverse(), sitk.sitkLinear, 0.0)
+    return truth
 
-    spacings: list[tuple[float, ...]] = []
-    run_stage = affine._run_stage
 
-    def recording(fixed_copy, *args, **kwargs):
-        spacings.append(fixed_copy.GetSpacing())
-        return run_stage(fixed_copy, *args, **kwargs)
+def _moved(fixed: sitk.Image, truth: sitk.Transform) -> sitk.Image:
+    """``moving(T(x)) = fixed(x)``: the moving image for a fixed → moving map ``T``."""
+    return sitk.Resample(fixed, fixed, truth.GetInverse(), sitk.sitkLinear, 0.0)
 
-    monkeypatch.setattr(affine, "_run_stage", recording)
-    found = affine.register_affine(fixed, moving, iterations=60, finest_mm=4.0)
 
-    assert spacings == [(4.0, 4.0, 4.0)] * 2  # the rigid and the affine stage
-    points = [(30.0, 0.0, 0.0), (0.0, 30.0, 0.0), (0.0, 0.0, 30.0), (-30.0, -20.0, 10.0)]
-    errors = [
-        np.linalg.norm(np.subtract(found.TransformPoint(p), truth.TransformPoint(p)))
+def _largest_error_mm(found: sitk.Transform, truth: sitk.Transform, points) -> float:
+    return max(
+        float(np.linalg.norm(np.subtract(found.TransformPoint(p), truth.TransformPoint(p))))
         for p in points
-    ]
-    assert max(errors) < 1.0, errors
+    )
+
+
+BRAIN_POINTS = [(30.0, 0.0, 0.0), (0.0, 30.0, 0.0), (0.0, 0.0, 30.0), (-30.0, -20.0, 10.0)]
+
+
+@pytest.mark.parametrize(
+    ("finest_mm", "rigid", "affine_levels"),
+    [
+        (4.0, [8.0, 4.0], [8.0, 4.0]),  # every preset
+        (2.0, [8.0, 4.0], [4.0, 2.0]),
+        (6.0, [8.0, 4.0], [12.0, 6.0]),
+        (1.0, [8.0, 4.0], [4.0, 2.0]),  # never finer than the working spacing
+    ],
+)
+def test_levels_are_multiples_of_the_working_spacing(finest_mm, rigid, affine_levels) -> None:
+    assert affine.level_spacings(_brain_sized(), finest_mm) == (rigid, affine_levels)
+
+
+def test_small_images_keep_their_two_fine_levels() -> None:
+    assert affine.level_spacings(_brain_sized(2.0, size=40), 4.0) == ([4.0, 2.0], [4.0, 2.0])
+
+
+def test_a_large_ct_has_coarser_levels() -> None:
+    """Its working spacing is coarser than 2 mm (test_interruptible_steps), and so its levels."""
+    ct = sitk.Image([512, 512, 500], sitk.sitkUInt8)
+    ct.SetSpacing((0.8, 0.8, 0.8))
+    working = affine.working_spacing(ct)
+    assert affine.level_spacings(ct, 4.0) == ([4 * working, 2 * working],) * 2
+
+
+def test_fast_recovers_a_rotation_scaling_and_shift() -> None:
+    fixed = _brain_sized()
+    truth = _oblique_affine()
+    found = affine_search.register_affine(fixed, _moved(fixed, truth), iterations=30)
+    assert _largest_error_mm(found, truth, BRAIN_POINTS) < 1.0
+
+
+def test_the_same_seed_gives_the_same_transform_and_another_seed_a_close_one() -> None:
+    fixed = _brain_sized()
+    moving = _moved(fixed, _oblique_affine())
+    first = affine_search.register_affine(fixed, moving, iterations=20, seed=3)
+    again = affine_search.register_affine(fixed, moving, iterations=20, seed=3)
+    other = affine_search.register_affine(fixed, moving, iterations=20, seed=4)
+    assert first.GetParameters() == again.GetParameters()
+    assert first.GetParameters() != other.GetParameters()  # another sample of voxels
+    assert _largest_error_mm(first, other, BRAIN_POINTS) < 1.0
+
+
+def test_mutual_information_aligns_images_of_inverted_contrast() -> None:
+    """Bright in one image is dark in the other (as T1 against T2): no intensity-difference
+    metric could align them, mutual information does. The moments start is further off (the
+    inverted image's centre of mass is elsewhere), so the search takes more steps."""
+    fixed = _brain_sized()
+    truth = _oblique_affine()
+    moving = _moved(fixed, truth)
+    array = sitk.GetArrayFromImage(moving)
+    inside = array > 0.02 * array.max()  # the object; its textured surroundings are kept
+    inverted = sitk.GetImageFromArray(np.where(inside, array.max() * 1.2 - array, array))
+    inverted.CopyInformation(moving)
+    found = affine_search.register_affine(fixed, inverted, iterations=60)
+    assert _largest_error_mm(found, truth, BRAIN_POINTS) < 1.5
+
+
+def test_a_moving_mask_keeps_a_bright_distraction_out_of_the_metric() -> None:
+    """The moving image has a bright block the fixed one lacks (a marker, a clamp): samples
+    that land in it are not counted when the moving mask leaves it out."""
+    fixed = _brain_sized()
+    truth = _oblique_affine()
+    moving = _moved(fixed, truth)
+    array = sitk.GetArrayFromImage(moving)
+    array[:, :, -20:] = array.max() * 2.0
+    distracted = sitk.GetImageFromArray(array)
+    distracted.CopyInformation(moving)
+    mask_array = np.ones(array.shape, dtype=np.uint8)
+    mask_array[:, :, -22:] = 0
+    mask = sitk.GetImageFromArray(mask_array)
+    mask.CopyInformation(moving)
+    masked = affine_search.register_affine(fixed, distracted, iterations=100, moving_mask=mask)
+    unmasked = affine_search.register_affine(fixed, distracted, iterations=100)
+    assert _largest_error_mm(masked, truth, BRAIN_POINTS) < 1.0
+    assert _largest_error_mm(unmasked, truth, BRAIN_POINTS) > 5.0  # the distraction is real
+
+
+def test_a_2d_pair_is_registered_with_2d_transforms() -> None:
+    fixed = _brain_sized(1.0, size=128, dim=2)
+    truth = sitk.AffineTransform(2)
+    angle = np.deg2rad(10.0)
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    truth.SetMatrix(tuple((rotation @ np.diag([1.05, 0.97])).ravel()))
+    truth.SetCenter((-16.5, -16.5))
+    truth.SetTranslation((3.0, -2.0))
+    found = affine_search.register_affine(fixed, _moved(fixed, truth), iterations=30)
+    assert found.GetDimension() == 2
+    corners = [(20.0, 0.0), (0.0, 20.0), (-30.0, -20.0), (-10.0, 25.0)]
+    assert _largest_error_mm(found, truth, corners) < 1.0
+
+
+def test_an_initial_transform_is_the_start_and_the_rigid_search_is_skipped() -> None:
+    """Given the truth as the start, the search stays within a fraction of its 4 mm voxels."""
+    fixed = _brain_sized()
+    truth = _oblique_affine()
+    moving = _moved(fixed, truth)
+    reports: list[float] = []
+    found = affine_search.register_affine(
+        fixed, moving, iterations=10, initial_transform=truth,
+        progress=lambda fraction, _message: reports.append(fraction),
+    )  # fmt: skip
+    assert _largest_error_mm(found, truth, BRAIN_POINTS) < 1.0
+    assert len(reports) == 2 * 10  # the affine search's two levels only
+    assert reports[-1] == 1.0
+
+
+def test_a_cancel_stops_the_search_at_its_next_step() -> None:
+    fixed = _brain_sized()
+    steps: list[float] = []
+
+    def cancel_after_five() -> bool:
+        return len(steps) >= 5
+
+    with pytest.raises(RegistrationCancelled, match="during the affine stage"):
+        affine_search.register_affine(
+            fixed, _moved(fixed, _oblique_affine()), iterations=30,
+            progress=lambda fraction, _message: steps.append(fraction),
+            is_cancelled=cancel_after_five,
+        )  # fmt: skip
+    assert len(steps) == 5

@@ -21,7 +21,7 @@ from conftest import grid_centre, make_phantom, oblique_grid
 
 from DeepRegisterLib.cli import main as cli
 from DeepRegisterLib.errors import ModelError, RegistrationCancelled
-from DeepRegisterLib.registration import deformable, engine
+from DeepRegisterLib.registration import affine_search, deformable, engine
 
 LATENCY_LIMIT_S = 1.0
 REPO = Path(__file__).resolve().parents[1]
@@ -128,7 +128,7 @@ def test_the_smoothing_beside_the_affine_stage_stops_with_a_cancel(
     thread is left running."""
     affine_done, event = threading.Event(), threading.Event()
     seen: dict[str, object] = {}
-    real_affine = engine.register_normalised
+    real_affine = affine_search.register_normalised
 
     def affine_then_flag(*args, **kwargs):
         transform = real_affine(*args, **kwargs)
@@ -146,7 +146,7 @@ def test_the_smoothing_beside_the_affine_stage_stops_with_a_cancel(
         seen["told_to_stop"] = is_cancelled()
         raise RegistrationCancelled("smoothing stopped")
 
-    monkeypatch.setattr(engine, "register_normalised", affine_then_flag)
+    monkeypatch.setattr(affine_search, "register_normalised", affine_then_flag)
     monkeypatch.setattr(deformable, "smoothed_for_grid", slow_smoothing)
     with pytest.raises(RegistrationCancelled, match="while preparing the images"):
         engine.register(*a_3d_pair, preset="fast", model=None, device="cpu", cancel=event)
@@ -173,7 +173,7 @@ def test_a_failed_affine_stage_stops_the_smoothing_beside_it(
         raise RuntimeError("the affine stage failed")
 
     monkeypatch.setattr(deformable, "fixed_on_grid", smoothing_until_stopped)
-    monkeypatch.setattr(engine, "register_normalised", failing_affine)
+    monkeypatch.setattr(affine_search, "register_normalised", failing_affine)
     started = time.perf_counter()
     with pytest.raises(RuntimeError, match="the affine stage failed"):
         engine.register(*a_3d_pair, preset="fast", model=None, device="cpu")
@@ -197,7 +197,7 @@ def test_a_plan_refused_beside_the_affine_stage_stops_it_with_the_plans_error(
         stopped.set()
         raise RegistrationCancelled("during the affine stage")
 
-    monkeypatch.setattr(engine, "register_normalised", affine_until_stopped)
+    monkeypatch.setattr(affine_search, "register_normalised", affine_until_stopped)
     started = time.perf_counter()
     with pytest.raises(ModelError, match="no-such-model"):
         engine.register(*a_3d_pair, preset="fast", model="no-such-model", device="cpu")

@@ -11,7 +11,7 @@ import torch
 from DeepRegisterLib.errors import RegistrationCancelled
 from DeepRegisterLib.imaging import metrics, resampling, volumes
 from DeepRegisterLib.imaging.geometry import Grid
-from DeepRegisterLib.registration import affine, warping
+from DeepRegisterLib.registration import affine, affine_search, warping
 from DeepRegisterLib.registration.optimisation import optimise_velocity
 from DeepRegisterLib.registration.presets import Level
 
@@ -299,8 +299,8 @@ def test_the_field_resampled_by_rows_equals_trilinear_sampling_with_zero_outside
 
 
 def test_the_affine_stage_works_on_copies_of_at_most_about_four_million_voxels() -> None:
-    """A brain at 1 mm keeps its 2 mm copy; a 40 × 40 × 60 cm CT gets about 3 mm, because
-    ITK's registration pyramid cannot be interrupted and costs in proportion to the voxels."""
+    """A brain at 1 mm keeps its 2 mm copy; a 40 × 40 × 60 cm CT gets about 3 mm: making a
+    copy cannot be interrupted, and an affine gains nothing from more voxels."""
     brain = sitk.Image([64, 64, 64], sitk.sitkUInt8)
     brain.SetSpacing((4.0, 4.0, 4.0))  # the extent of 256³ at 1 mm, without its memory
     assert affine.working_spacing(brain) == affine.WORKING_SPACING_MM
@@ -336,13 +336,13 @@ def test_the_engine_normalises_each_image_once(monkeypatch: pytest.MonkeyPatch) 
     from DeepRegisterLib.registration import engine, inputs
 
     pair = phantom_pair(demo_grid(3, size=32), amplitude_mm=2.0)
-    normalised = [affine.normalised_for_registration(i) for i in (pair.fixed, pair.moving)]
-    separate = affine.register_affine(pair.fixed, pair.moving, iterations=20)
-    shared = affine.register_normalised(*normalised, iterations=20)
+    normalised = [affine_search.normalised_for_registration(i) for i in (pair.fixed, pair.moving)]
+    separate = affine_search.register_affine(pair.fixed, pair.moving, iterations=20)
+    shared = affine_search.register_normalised(*normalised, iterations=20)
     assert separate.GetParameters() == shared.GetParameters()
 
     calls: list[int] = []
-    original = affine.normalised_for_registration
+    original = affine_search.normalised_for_registration
 
     def counted(image: sitk.Image, *args) -> sitk.Image:
         calls.append(image.GetNumberOfPixels())
@@ -350,7 +350,7 @@ def test_the_engine_normalises_each_image_once(monkeypatch: pytest.MonkeyPatch) 
 
     monkeypatch.setattr(inputs, "normalised_for_registration", counted)
     monkeypatch.setattr(engine, "normalised_for_registration", counted)
-    monkeypatch.setattr(affine, "normalised_for_registration", counted)
+    monkeypatch.setattr(affine_search, "normalised_for_registration", counted)
     engine.register(pair.fixed, pair.moving, preset="fast", iterations=0, model=None)
     assert len(calls) == 2
 

@@ -123,44 +123,51 @@ def sitk_read(path):
     return sitk.ReadImage(str(path))
 
 
-BESIDE_THE_AFFINE = """
-import importlib.abc, json, sys, threading
-affine_running, order = threading.Event(), []
+WHILE_READING = """
+import importlib.abc, json, sys, threading, time
+reading, order = threading.Event(), []
 
-class TorchWaitsForTheAffineStage(importlib.abc.MetaPathFinder):
+class TorchWaitsForTheReading(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name == "torch":
             order.append(("torch", threading.current_thread().name))
-            affine_running.wait(60)
+            reading.wait(60)
         return None
 
-sys.meta_path.insert(0, TorchWaitsForTheAffineStage())
-from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
-from DeepRegisterLib.registration import engine
+sys.meta_path.insert(0, TorchWaitsForTheReading())
+from DeepRegisterLib.registration import engine, inputs
 assert "torch" not in sys.modules, "importing the engine loaded torch"
+read_image = inputs.read_image
 
-def progress(fraction, message):
-    if message == "affine" and not affine_running.is_set():
-        order.append(("affine", threading.current_thread().name))
-        affine_running.set()
+def read_and_tell(path, what="image"):
+    order.append(("read", threading.current_thread().name))
+    reading.set()
+    return read_image(path, what)
 
-pair = phantom_pair(demo_grid(3, 16), amplitude_mm=2.0)
-result = engine.register(pair.fixed, pair.moving, preset="fast", iterations=2, model=None,
-                         device="cpu", progress=progress)
-print(json.dumps({"order": order, "runtime_s": result.report["runtime_s"]}))
+inputs.read_image = read_and_tell
+started = time.perf_counter()
+engine.register(sys.argv[1], sys.argv[2], preset="fast", iterations=2, model=None, device="cpu")
+print(json.dumps({"order": order, "seconds": time.perf_counter() - started}))
 """
 
 
-def test_torch_loads_on_a_worker_while_the_affine_stage_runs():
-    """A fresh process (the command line, Slicer's child) would otherwise wait for torch (about
-    a second) and then for ITK's affine stage. Here torch's import cannot finish until the
-    affine stage has reported progress: the run completes only if the two overlap."""
+def test_torch_loads_on_a_thread_while_the_inputs_are_read(tmp_path):
+    """A fresh process (the command line, Slicer's child) would otherwise read its images
+    only after torch's import (about a second). Here that import cannot finish until an image
+    is being read: the run completes at once only if the two overlap."""
+    from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
+
+    pair = phantom_pair(demo_grid(3, 16), amplitude_mm=2.0)
+    paths = [tmp_path / "fixed.mha", tmp_path / "moving.mha"]
+    for image, path in zip((pair.fixed, pair.moving), paths, strict=True):
+        sitk_write(image, path)
     completed = subprocess.run(
-        [sys.executable, "-c", BESIDE_THE_AFFINE], capture_output=True, text=True, timeout=300
-    )
+        [sys.executable, "-c", WHILE_READING, *map(str, paths)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
     assert completed.returncode == 0, completed.stderr
     outcome = json.loads(completed.stdout.strip().splitlines()[-1])
-    threads = dict(outcome["order"])  # what came first, on which thread
-    assert threads["affine"] == "MainThread"
-    assert threads["torch"].startswith("deepregister")  # the worker beside the affine stage
-    assert outcome["runtime_s"] < 60  # torch's import did not wait out its 60 s
+    threads = dict(outcome["order"])  # the first of each, and on which thread
+    assert threads["read"] == "MainThread"
+    assert threads["torch"] == "deepregister-load-torch"
+    assert outcome["seconds"] < 60  # torch's import did not wait out its 60 s

@@ -78,13 +78,13 @@ def test_label_dice_alone_trains_without_computing_the_image_similarity(tmp_path
     """SynthMorph's loss: a similarity weight of 0 leaves Dice + regulariser, and they learn.
 
     The moving image has another contrast (label intensities scrambled, background kept), so
-    local NCC would mislead and even the affine stage leaves the pair misaligned; the labels,
-    warped by the same bump, still say where everything went.
+    local NCC would mislead; the affine stage leaves the bump, and the labels, warped by the
+    same bump, still say where everything went.
     """
     config = SynthesisConfig(shape_spacing=12.0, blur_sigma=0.0, bias_std=0.0)
     pair = Synthesiser((32, 32), config)(torch.Generator().manual_seed(2))
     y, x = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
-    bump = 4.0 * torch.exp(-((y - 16) ** 2 + (x - 16) ** 2) / 60)
+    bump = 6.0 * torch.exp(-((y - 16) ** 2 + (x - 16) ** 2) / 60)
     flow = torch.stack([bump, -bump])[None]
     moving = warp(pair.fixed, flow, padding_mode="border")
     moving = torch.where(moving > 0.02, (5 * moving) % 1 + 0.1, moving)

@@ -297,7 +297,7 @@ def run_demons(
     matched to the fixed one, then demons runs ``--demons-iterations`` steps (Gaussian
     smoothing of the field, σ = 1 voxel). Total transform: ``T(x) = A(x + d(x))``.
     """
-    from DeepRegisterLib.registration.affine import register_affine
+    from DeepRegisterLib.registration.affine_search import register_affine
     from DeepRegisterLib.registration.preprocessing import normalised_for_registration
 
     dim = fixed.GetDimension()

@@ -244,8 +244,9 @@ def run_register(args: argparse.Namespace) -> int:
     label_types = _check_before_work(args)
     settings = _settings(args)
     from ..imaging import fileio
-    from ..registration.engine import register
+    from ..registration.engine import load_torch_beside, register
 
+    load_torch_beside()
     fixed = fileio.read_image(args.fixed, "fixed image")
     moving = fileio.read_image(args.moving, "moving image")
     initial = (

@@ -1,6 +1,6 @@
 """The inputs of one call, read and checked: every refusal that needs no plan, before any work.
 
-No torch here: the affine stage starts on these inputs while torch loads beside it (see
+No torch here: the inputs are read and checked while torch loads beside them (see
 engine.py); the plan that needs torch (device, model, memory) is job.py's.
 """
 

@@ -21,7 +21,7 @@ import torch
 from ..errors import InputError
 from ..imaging.fileio import atomic_write_path, read_image
 from ..imaging.geometry import Grid
-from ..registration.affine import register_normalised
+from ..registration.affine_search import register_normalised
 from ..registration.preprocessing import foreground_box, normalised_for_registration
 from .intensities import FREESURFER_T1_MEANS
 

@@ -21,7 +21,7 @@ from ..errors import InputError
 from ..imaging.fileio import IMAGE_SUFFIXES, full_suffix, read_image
 from ..imaging.geometry import Grid
 from ..imaging.resampling import network_inputs
-from ..registration.affine import register_normalised
+from ..registration.affine_search import register_normalised
 from ..registration.preprocessing import foreground_box, normalised_for_registration
 
 
