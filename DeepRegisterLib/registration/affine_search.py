@@ -6,7 +6,7 @@ Mattes metric gives the same result for the same seed only on one thread, and it
 into Python at every iteration (for progress and cancelling), waiting on the interpreter lock
 while torch loaded beside it. For `fast` on fs-dev brains that stage took 1.3 s alone and 2–3 s
 in a run; this search takes about 0.5 s, and the affine it finds is closer (mean Dice over 27
-structures of the affine alone 0.601 → 0.641 on eight pairs, and 0.590 → 0.640 on four with
+structures of the affine alone 0.601 → 0.641 on eight pairs, and 0.625 → 0.683 on four with
 one image's contrast inverted). A seeded sample and sums in a fixed order: the same inputs and
 seed give the same transform.
 """

@@ -1,8 +1,7 @@
 """One worker thread for work that can run beside the main thread's stage.
 
-ITK's affine stage keeps one core (see affine.py), and numpy's det J one core: the other core
-takes work that does not wait for them (loading torch and planning the run, smoothing the
-network's inputs; warping).
+The work beside needs neither the affine nor det J: planning the run and smoothing the
+network's inputs beside the affine search, warping beside numpy's det J (one core).
 """
 
 from __future__ import annotations

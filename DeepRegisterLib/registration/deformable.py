@@ -1,8 +1,8 @@
 """The torch half of a registration: prepared beside the affine stage, then run after it.
 
-:func:`prepare` runs on a worker thread while ITK's affine stage runs on the main one (see
-engine.py): importing this module loads torch, then the run is planned (device, model, memory)
-and the network's inputs are smoothed for its grid, none of which needs the affine.
+:func:`prepare` runs on a worker thread while the affine stage runs on the main one (see
+engine.py): the run is planned (device, model, memory) and the network's inputs are smoothed
+for its grid, none of which needs the affine.
 :func:`run` is the rest in order, network → optimisation → outputs, each timed.
 """
 
