@@ -70,6 +70,12 @@ class Grid:
         inv = np.linalg.inv(self.index_to_physical)
         return inv, -inv @ np.asarray(self.origin)
 
+    @property
+    def index_to_sampler_scale(self) -> np.ndarray:
+        """Per (I, J, K) axis, ``s`` with grid_sample's coordinate ``s · i − 1`` for the
+        continuous index ``i`` (``align_corners=True``; a one-voxel axis keeps ``s = 2``)."""
+        return 2.0 / np.maximum(np.asarray(self.size, dtype=np.float64) - 1.0, 1.0)
+
     def index_to_physical_points(self, index_ijk: np.ndarray) -> np.ndarray:
         return index_ijk @ self.index_to_physical.T + np.asarray(self.origin)
 

@@ -82,7 +82,7 @@ class _Level:
         self.moving_mask = None if masks[1] is None else _as_volume(masks[1])
         # grid_sample's coordinates of a moving point: ``scale · (A y + b) − 1`` per axis.
         to_index, offset = moving_grid.physical_to_index_affine()
-        scale = 2.0 / np.maximum(np.asarray(moving_grid.size, dtype=np.float64) - 1.0, 1.0)
+        scale = moving_grid.index_to_sampler_scale
         self._to_sampler = torch.from_numpy(scale[:, None] * to_index)
         self._sampler_offset = torch.from_numpy(scale * offset - 1.0)
         self._centre = torch.from_numpy(centre)
@@ -159,8 +159,7 @@ def _search(
                 with torch.no_grad():
                     parameters -= step * gradient / length
     with torch.no_grad():
-        found = pose()
-    return Pose(found.matrix.detach(), found.shift.detach())
+        return pose()
 
 
 def register_affine(

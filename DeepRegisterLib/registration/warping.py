@@ -323,7 +323,7 @@ class _ItkCoordinates:
     def __init__(self, grid: Grid, moving: Grid, device: torch.device):
         linear, constant = index_map(grid, moving)
         sizes = np.asarray(moving.size, dtype=np.float64)
-        scale = 2.0 / np.maximum(sizes - 1.0, 1.0)
+        scale = moving.index_to_sampler_scale
         self._grid, self._device = grid, device
         self._linear, self._constant = scale[:, None] * linear, scale * constant - 1.0
         to_index = moving.physical_to_index_affine()[0]
