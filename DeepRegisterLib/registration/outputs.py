@@ -12,7 +12,7 @@ import SimpleITK as sitk
 import torch
 
 from ..imaging import metrics
-from ..imaging.geometry import Grid, flow_voxels_to_mm
+from ..imaging.geometry import Grid, affine_parameters, flow_voxels_to_mm
 from ..nn.networks import integrate_velocity
 from .beside import Beside
 from .job import Job
@@ -21,6 +21,7 @@ from .progress import Stages
 from .warping import (
     compose_displacement,
     deformation_field,
+    deformed_box,
     displacement_array,
     inverse_displacement,
     warp_images,
@@ -50,7 +51,9 @@ def output_stage(
     displacement, field = _displacement(job, affine, deformation, stop)
     # det J is numpy on one core: it runs beside the warps, which keep torch's threads busy.
     with Beside(stop, "while writing outputs") as beside:
-        qa = beside.submit(_jacobian_and_qa, job, field) if job.settings.compute_jacobian else None
+        qa = None
+        if job.settings.compute_jacobian:
+            qa = beside.submit(_jacobian_and_qa, job, affine, field)
         stages.report("outputs", 0.3, "warping the moving image")
         with torch.inference_mode():
             warped, warped_labels = _warped(job, field, device, stop)
@@ -97,10 +100,13 @@ def _warped(
 
 
 def _jacobian_and_qa(
-    job: Job, field: np.ndarray, is_cancelled: Callable[[], bool]
+    job: Job, affine: sitk.AffineTransform, field: np.ndarray, is_cancelled: Callable[[], bool]
 ) -> tuple[sitk.Image, dict[str, Any]]:
     grid = Grid.of(job.fixed_image)
-    jacobian = metrics.field_jacobian_determinant(field, grid, is_cancelled)
+    # Beyond the network grid the transform is the affine: det J is det(M) there.
+    matrix, _ = affine_parameters(affine, grid.dim)
+    outside = (deformed_box(job.network_grid, grid), float(np.linalg.det(matrix)))
+    jacobian = metrics.field_jacobian_determinant(field, grid, is_cancelled, outside)
     region = job.fixed_mask
     qa = {
         "folding_percent": metrics.folding_percent(jacobian, region, is_cancelled),

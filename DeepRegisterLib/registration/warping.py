@@ -8,6 +8,7 @@ That keeps a 256³ composition to a few seconds on two CPU cores and memory to a
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -212,6 +213,19 @@ def _displacement_chunks(
         u = torch.movedim(v, 0, -1) @ matrix_t
         u += affine_field(linear, constant, grid, start, stop, u.device, torch.float32)
         yield start, u
+
+
+def deformed_box(network_grid: Grid, grid: Grid, margin: int = 2) -> tuple[slice, ...]:
+    """The array slices of ``grid`` holding every voxel where ``v`` is non-zero (it fades to
+    zero over one network voxel outside the network grid), and ``margin`` voxels more."""
+    linear, constant = index_map(network_grid, grid)
+    corners = np.array(list(itertools.product(*[(-1, n) for n in network_grid.size])))
+    indices = corners @ linear.T + constant  # where v has faded to zero
+    low = np.floor(indices.min(axis=0)).astype(int) + 1 - margin
+    high = np.ceil(indices.max(axis=0)).astype(int) + margin
+    sizes = np.asarray(grid.size)
+    low, high = np.clip(low, 0, sizes), np.clip(high, 0, sizes)
+    return tuple(slice(int(a), int(b)) for a, b in zip(low[::-1], high[::-1], strict=True))
 
 
 def deformation_field(flow_mm: torch.Tensor, network_grid: Grid) -> sitk.Image:
