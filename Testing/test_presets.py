@@ -8,8 +8,8 @@ import pytest
 
 from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
 from DeepRegisterLib.nn import models
-from DeepRegisterLib.nn.networks import VxmDense
-from DeepRegisterLib.registration import engine, optimisation_stage, presets
+from DeepRegisterLib.nn.networks import VxmDense, integrate_velocity
+from DeepRegisterLib.registration import engine, optimisation, optimisation_stage, presets
 from DeepRegisterLib.registration.optimisation import optimise_velocity
 
 
@@ -81,3 +81,28 @@ def test_fast_caps_the_models_recursive_passes_at_one(
     )
     assert run == [(passes, symmetric)]
     assert result.report["network_passes"] == passes
+
+
+@pytest.mark.parametrize("preset", list(presets.PRESETS))
+def test_each_step_integrates_following_the_levels_differentiated_squarings(
+    pair, monkeypatch: pytest.MonkeyPatch, preset: str
+) -> None:
+    integrated: list[tuple[int, int | None]] = []
+
+    def recording(velocity, steps, differentiated=None):
+        if velocity.requires_grad:  # a step's integration, not the final one
+            integrated.append((steps, differentiated))
+        return integrate_velocity(velocity, steps, differentiated)
+
+    monkeypatch.setattr(optimisation, "integrate_velocity", recording)
+    levels = presets.PRESETS[preset].with_iterations(2).levels
+    engine.register(pair.fixed, pair.moving, preset=preset, model=None, device="cpu", iterations=2)
+    expected = [
+        (level.integration_steps, level.differentiated_squarings)
+        for level in levels
+        for _ in range(level.iterations)
+    ]
+    assert integrated == expected
+    assert any(differentiated is not None for _, differentiated in integrated) == (
+        preset != "accurate"
+    )

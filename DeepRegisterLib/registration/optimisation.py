@@ -194,7 +194,9 @@ def _optimise_level(
     for _ in range(level.iterations):
         cancel_point()
         parameter.grad = None
-        control_flow = integrate_velocity(_smooth(parameter) * taper, level.integration_steps)
+        control_flow = integrate_velocity(
+            _smooth(parameter) * taper, level.integration_steps, level.differentiated_squarings
+        )
         cancel_point()
         warped = warp(images.moving, resize_flow(control_flow, shape))
         loss = objective(warped, control_flow)
