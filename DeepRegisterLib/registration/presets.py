@@ -95,7 +95,7 @@ PRESETS: dict[str, Preset] = {
         # one. `accurate` follows all: with 2 it folded on six of six pairs, against four.
         Preset(
             "fast",
-            "about 12 s for a 1 mm brain on two CPU threads, start to files",
+            "about 11 s for a 1 mm brain on two CPU threads, start to files",
             affine_iterations=30,
             levels=(
                 Level(4.0, 20, 4, differentiated_squarings=2),
@@ -106,7 +106,7 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "balanced",
-            "about 24 s for a 1 mm brain on two CPU threads, start to files",
+            "about 21 s for a 1 mm brain on two CPU threads, start to files",
             affine_iterations=50,
             levels=(
                 Level(4.0, 50, 4, differentiated_squarings=2),
