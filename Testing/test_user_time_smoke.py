@@ -29,4 +29,8 @@ def test_smoke_times_the_command_line_and_writes_markdown_and_json(tmp_path: Pat
     assert set(row["stages_s"]) >= {"affine_s", "network_s", "optimisation_s", "outputs_s"}
     assert row["bytes_written"] > 0
     assert row["peak_rss_mb"] > 0
-    assert "| phantom 0 | fast | this |" in results_file.with_suffix(".md").read_text()
+    # A machine without a GPU: --device auto ran on the CPU, and the files say so.
+    assert row["device"] == results["machine"]["device"] == "cpu"
+    markdown = results_file.with_suffix(".md").read_text()
+    assert "| phantom 0 | fast | this |" in markdown
+    assert "; device cpu;" in markdown

@@ -96,13 +96,14 @@ def startup_s(repo: Path, env: dict[str, str], runs: int = 3) -> float:
 
 def run_register(
     repo: Path, env: dict[str, str], pair: dict[str, str], preset: str, outputs: Sequence[str],
-    folder: Path,
+    folder: Path, device: str = "auto",
 ) -> dict[str, Any]:  # fmt: skip
     report = folder / "report.json"
     command = [
         sys.executable, "-m", "DeepRegisterLib", "register", "--fixed", pair["fixed"],
         "--moving", pair["moving"], "--labels", pair["moving_labels"],
         "--fixed-labels", pair["fixed_labels"], "--preset", preset, "--report", str(report),
+        "--device", device,
     ]  # fmt: skip
     for name in outputs:
         option, file_name = OUTPUTS[name]
@@ -116,6 +117,7 @@ def run_register(
     before_engine = first_progress
     return {
         "total_s": child["wall_s"],
+        "device": engine["device"],
         "before_engine_s": before_engine,
         "engine_s": engine["runtime_s"],
         "stages_s": engine.get("timings", {}),
@@ -217,6 +219,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the fs-dev folder")
     parser.add_argument("--threads", type=int, default=usable_cores())
+    parser.add_argument(
+        "--device", default="auto", help="register's --device (default auto: a GPU if any)"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--tag", default="", help="suffix for the result files' names")
     parser.add_argument("--smoke", action="store_true", help="one tiny phantom pair, no ANTs")
@@ -242,7 +247,9 @@ def measure(args: argparse.Namespace, work: Path, save: Callable[[dict], None]) 
         for preset in args.presets:
             for label, repo in args.repos.items():
                 folder = Path(tempfile.mkdtemp(dir=work))
-                row = run_register(repo, envs[label], pair, preset, args.outputs, folder)
+                row = run_register(
+                    repo, envs[label], pair, preset, args.outputs, folder, args.device
+                )
                 row.update(pair=pair["name"], preset=preset, version=label)
                 results["runs"].append(row)
                 print(f"{pair['name']} {preset} {label}: {row['total_s']:.1f} s", flush=True)
@@ -308,12 +315,18 @@ def summary(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _devices(results: dict[str, Any]) -> str:
+    """The devices the engine reports it ran on (``--device auto`` decides in each run)."""
+    return ", ".join(sorted({str(run.get("device")) for run in results["runs"]})) or "–"
+
+
 def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [
         "# What a user waits for: `deepregister register`, start to files on disk",
         "",
         f"Outputs asked for: {', '.join(args.outputs)} (plus --report, and --labels/"
-        f"--fixed-labels for Dice); {args.threads} threads; presets {', '.join(args.presets)}.",
+        f"--fixed-labels for Dice); {args.threads} threads; device "
+        f"{_devices(results)}; presets {', '.join(args.presets)}.",
         "Start-up is `register --help` alone (median of 3). 'Before engine' is the time to the "
         "first progress line (start-up, imports, reading); 'after engine' is writing and exit. "
         "Ratios are × ANTs SyN's time (read, register, write the warped image and labels) on "
@@ -351,6 +364,14 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _resolved_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.smoke and not args.data.is_dir():
@@ -359,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{datetime.date.today().isoformat()}-user-time{'-' + args.tag if args.tag else ''}"
     context = {
-        "machine": machine_info("cpu"),
+        "machine": machine_info(_resolved_device(args.device)),
         "options": {k: v for k, v in vars(args).items() if k not in ("repos", "repo")},
         "repos": {label: str(path) for label, path in args.repos.items()},
     }
