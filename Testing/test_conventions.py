@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from DeepRegisterLib.imaging.geometry import Grid, flow_mm_to_voxels, flow_voxels_to_mm
 from DeepRegisterLib.nn.networks import warp
 from DeepRegisterLib.registration.engine import register
-from DeepRegisterLib.registration.warping import warp_image
+from DeepRegisterLib.registration.image_warping import warp_image
 
 
 def known_linear_map(kind: str, dim: int, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from DeepRegisterLib.imaging import fileio
 from DeepRegisterLib.imaging.geometry import Grid, flow_mm_to_voxels, flow_voxels_to_mm
 from DeepRegisterLib.registration.engine import register
-from DeepRegisterLib.registration.warping import warp_image
+from DeepRegisterLib.registration.image_warping import warp_image
 
 # No shrinking: every example is a registration, and shrinking one failure took 5 minutes.
 PROPERTY_SETTINGS = settings(

@@ -17,13 +17,12 @@ from conftest import Phantom, grid_centre, grid_points, image_on, make_phantom, 
 from DeepRegisterLib.imaging import fileio, metrics
 from DeepRegisterLib.imaging.geometry import Grid
 from DeepRegisterLib.registration.engine import register
+from DeepRegisterLib.registration.image_warping import warp_image, warp_images
 from DeepRegisterLib.registration.result import RegistrationResult, displacement_transform
 from DeepRegisterLib.registration.warping import (
     compose_displacement,
     deformation_field,
     inverse_displacement,
-    warp_image,
-    warp_images,
 )
 
 

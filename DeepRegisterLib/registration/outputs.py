@@ -15,6 +15,7 @@ from ..imaging import metrics
 from ..imaging.geometry import Grid, affine_parameters, flow_voxels_to_mm
 from ..nn.networks import integrate_velocity
 from .beside import Beside
+from .image_warping import warp_images
 from .job import Job
 from .optimisation_stage import Deformation
 from .progress import Stages
@@ -24,7 +25,6 @@ from .warping import (
     deformed_box,
     displacement_array,
     inverse_displacement,
-    warp_images,
 )
 
 
