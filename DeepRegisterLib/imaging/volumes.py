@@ -67,9 +67,14 @@ def allocate(
 def paste_rows(image: sitk.Image, rows: np.ndarray, start: int) -> None:
     """Write ``rows`` (array order; a trailing component axis for vector images) into
     ``image`` from array row ``start`` on, in place."""
+    rest = (slice(None),) * (image.GetDimension() - 1)
+    paste_block(image, rows, (slice(start, start + len(rows)), *rest))
+
+
+def paste_block(image: sitk.Image, values: np.ndarray, block: tuple[slice, ...]) -> None:
+    """Write ``values`` into the array-order slices ``block`` of ``image``, in place."""
     vector = image.GetNumberOfComponentsPerPixel() > 1
-    where = (slice(None),) * (image.GetDimension() - 1) + (slice(start, start + len(rows)),)
-    image[where] = sitk.GetImageFromArray(rows, isVector=vector)
+    image[tuple(reversed(block))] = sitk.GetImageFromArray(values, isVector=vector)
 
 
 def as_array(image: sitk.Image, dtype: type, is_cancelled: IsCancelled = None) -> np.ndarray:

@@ -1,21 +1,41 @@
 """Warping images through a dense displacement, as ITK's resampling would, in one pass per grid.
 
 The moving image and its label maps share their sampling coordinates, which cost more to build
-than the sampling itself; intensities are sampled linearly, labels by nearest neighbour.
+than the sampling itself; intensities are sampled linearly, labels by nearest neighbour. When
+the caller knows how far the displacement strays from an affine map (:class:`Reach`), only the
+box of the output grid that can land near a non-zero moving voxel is sampled: a skull-stripped
+brain and its labels are zero over most of their field of view, and so is everything the rest
+of the output grid would sample.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
 from ..imaging.geometry import Grid
-from ..imaging.volumes import allocate, as_array, paste_rows, rows_per_slab, stop_if
+from ..imaging.volumes import allocate, as_array, paste_block, rows_per_slab, stop_if
 from ..nn.filters import grid_sample
-from .warping import affine_field, index_map
+from .warping import Block, block_field, index_map
+
+# Voxels of margin around a moving image's non-zero box: a linear sample at index p reads
+# floor(p) and floor(p) + 1, so one voxel would do; the second absorbs any rounding.
+SUPPORT_MARGIN = 2.0
+
+
+@dataclass(frozen=True)
+class Reach:
+    """What is known of a displacement ``u`` beyond its values: ``x + u(x)`` lies within
+    ``mm`` of ``matrix @ x + translation`` (LPS mm) at every voxel."""
+
+    matrix: np.ndarray
+    translation: np.ndarray
+    mm: float
 
 
 def _max_abs(image: sitk.Image) -> float:
@@ -46,10 +66,12 @@ def warp_images(
     grid: Grid | None = None,
     device: torch.device | str = "cpu",
     is_cancelled: Callable[[], bool] = lambda: False,
+    reach: Reach | None = None,
 ) -> list[sitk.Image]:
     """:func:`warp_image` of each ``(image, nearest)`` through one displacement, in one pass:
     the field is read once, and images on the same grid (a scan and its label maps) share
-    their sampling coordinates, which cost more to build than the sampling itself."""
+    their sampling coordinates, which cost more to build than the sampling itself. With
+    ``reach``, voxels that cannot land near a non-zero moving voxel are left at zero unread."""
     device = torch.device(device)
     if isinstance(displacement, sitk.Image):
         grid = Grid.of(displacement)
@@ -62,24 +84,55 @@ def warp_images(
     by_grid: dict[Grid, list[_Source]] = {}
     for source in sources:
         by_grid.setdefault(source.grid, []).append(source)
-    mappings = [(_ItkCoordinates(grid, key, device), group) for key, group in by_grid.items()]
     rows = rows_per_slab(grid)
-    for start in range(0, grid.shape[0], rows):
-        stop = min(start + rows, grid.shape[0])
-        stop_if(is_cancelled)
-        u = torch.tensor(u_array[start:stop], device=device, dtype=torch.float32)
-        for mapping, group in mappings:
-            coordinates, inside = mapping.at(u, start, stop)
+    for moving, group in by_grid.items():
+        mapping = _ItkCoordinates(grid, moving, device)
+        box = sampled_box(grid, moving, reach, [source.support for source in group])
+        for start in range(box[0].start, box[0].stop, rows):
+            stop_if(is_cancelled)
+            block = (slice(start, min(start + rows, box[0].stop)), *box[1:])
+            u = torch.tensor(u_array[block], device=device, dtype=torch.float32)
+            coordinates, inside = mapping.at(u, block)
             for source in group:
                 at = coordinates.to(source.volume.dtype)  # float64 for labels above 2**24
                 values = grid_sample(source.volume, at, source.mode, "border")[0]
                 values = (values[0] * inside).cpu().numpy()
-                paste_rows(source.image, values.astype(source.dtype, copy=False), start)
+                paste_block(source.image, values.astype(source.dtype, copy=False), block)
     return [source.image for source in sources]
 
 
+def sampled_box(
+    grid: Grid, moving: Grid, reach: Reach | None, supports: Sequence[Block | None]
+) -> Block:
+    """The array slices of ``grid`` whose voxels can land within SUPPORT_MARGIN voxels of a
+    ``supports`` box (array slices of ``moving`` holding an image's non-zero voxels; None for
+    an all-zero image); the whole grid without ``reach``. The rest samples only zeros."""
+    whole = tuple(slice(0, n) for n in grid.shape)
+    boxes = [box for box in supports if box is not None]
+    if reach is None:
+        return whole
+    if not boxes:
+        return tuple(slice(0, 0) for _ in grid.shape)
+    linear, constant = index_map(grid, moving, (reach.matrix, reach.translation))
+    to_index = moving.physical_to_index_affine()[0]
+    # Index units (I, J, K) the moving point can stray from the affine's, and the margin.
+    slack = reach.mm * np.linalg.norm(to_index, axis=1) + SUPPORT_MARGIN
+    low = np.min([[s.start for s in box[::-1]] for box in boxes], axis=0) - slack
+    high = np.max([[s.stop - 1 for s in box[::-1]] for box in boxes], axis=0) + slack
+    corners = np.array(list(itertools.product(*zip(low, high, strict=True))))
+    try:
+        indices = (corners - constant) @ np.linalg.inv(linear).T
+    except np.linalg.LinAlgError:  # a degenerate affine: no box to trust
+        return whole
+    sizes = np.asarray(grid.size)
+    first = np.clip(np.floor(indices.min(axis=0)).astype(int) - 1, 0, sizes)
+    last = np.clip(np.ceil(indices.max(axis=0)).astype(int) + 2, first, sizes)
+    return tuple(slice(int(a), int(b)) for a, b in zip(first[::-1], last[::-1], strict=True))
+
+
 class _Source:
-    """One image to warp: its voxels as a tensor, and the output image being filled."""
+    """One image to warp: its voxels as a tensor, the box of them that is non-zero, and the
+    output image being filled."""
 
     def __init__(self, moving: sitk.Image, nearest: bool, grid: Grid, device, is_cancelled):
         self.grid = Grid.of(moving)
@@ -88,6 +141,7 @@ class _Source:
         exact_in_float32 = not nearest or _max_abs(moving) < 2**24
         dtype = np.float32 if exact_in_float32 else np.float64
         self.volume = torch.as_tensor(as_array(moving, dtype, is_cancelled))[None, None].to(device)
+        self.support = _nonzero_box(self.volume[0, 0])
         # Labels keep their pixel type (their values are exact); intensities become float32.
         self.dtype = sitk.GetArrayViewFromImage(moving).dtype if nearest else np.float32
         pixel_id = moving.GetPixelID() if nearest else sitk.sitkFloat32
@@ -106,7 +160,7 @@ class _ItkCoordinates:
         linear, constant = index_map(grid, moving)
         sizes = np.asarray(moving.size, dtype=np.float64)
         scale = moving.index_to_sampler_scale
-        self._grid, self._device = grid, device
+        self._device = device
         self._linear, self._constant = scale[:, None] * linear, scale * constant - 1.0
         to_index = moving.physical_to_index_affine()[0]
 
@@ -117,12 +171,23 @@ class _ItkCoordinates:
         self._low = on_device(-0.5 * scale - 1.0)
         self._high = on_device((sizes - 0.5) * scale - 1.0)
 
-    def at(self, u: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """For rows [start, stop) with displacement ``u`` (rows, …, dim) in mm: the
-        coordinates (1, rows, …, dim) and the inside mask (rows, …)."""
-        coordinates = affine_field(
-            self._linear, self._constant, self._grid, start, stop, self._device, torch.float32
-        )
+    def at(self, u: torch.Tensor, block: Block) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the voxels of ``block`` displaced by ``u`` (…, dim) in mm: the coordinates
+        (1, …, dim) and the inside mask (…)."""
+        coordinates = block_field(self._linear, self._constant, block, self._device, torch.float32)
         coordinates = coordinates + u @ self._from_mm
         inside = (coordinates >= self._low) & (coordinates < self._high)
         return coordinates[None], inside.all(dim=-1).to(coordinates.dtype)
+
+
+def _nonzero_box(volume: torch.Tensor) -> Block | None:
+    """The array slices holding every non-zero (or NaN) voxel; None if there is none."""
+    nonzero = volume != 0
+    axes = range(nonzero.dim())
+    box = []
+    for axis in axes:
+        hits = nonzero.any(dim=tuple(a for a in axes if a != axis)).nonzero()[:, 0]
+        if len(hits) == 0:
+            return None
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)

@@ -15,7 +15,7 @@ from ..imaging import metrics
 from ..imaging.geometry import Grid, affine_parameters, flow_voxels_to_mm
 from ..nn.networks import integrate_velocity
 from .beside import Beside
-from .image_warping import warp_images
+from .image_warping import Reach, warp_images
 from .job import Job
 from .optimisation_stage import Deformation
 from .progress import Stages
@@ -56,7 +56,7 @@ def output_stage(
             qa = beside.submit(_jacobian_and_qa, job, affine, field)
         stages.report("outputs", 0.3, "warping the moving image")
         with torch.inference_mode():
-            warped, warped_labels = _warped(job, field, device, stop)
+            warped, warped_labels = _warped(job, field, _reach(affine, deformation), device, stop)
             inverse = None
             if job.settings.compute_inverse:
                 stages.report("outputs", 0.6, "inverting the transform")
@@ -84,8 +84,17 @@ def _displacement(
     return image, sitk.GetArrayViewFromImage(image)
 
 
+def _reach(affine: sitk.AffineTransform, deformation: Deformation) -> Reach:
+    """``T(x) = A(x + v(x))`` strays from ``A x`` by at most ‖A‖ · max |v|: where the warp
+    can skip what cannot land on the moving image."""
+    flow = deformation.flow_mm
+    matrix, translation = affine_parameters(affine, flow.shape[1])
+    largest = float(flow.square().sum(dim=1).sqrt().max()) if flow.numel() else 0.0
+    return Reach(matrix, translation, float(np.linalg.norm(matrix, 2)) * largest)
+
+
 def _warped(
-    job: Job, field: np.ndarray, device: torch.device, stop: Callable[[], bool]
+    job: Job, field: np.ndarray, reach: Reach, device: torch.device, stop: Callable[[], bool]
 ) -> tuple[sitk.Image | None, dict[str, sitk.Image]]:
     """The moving image (if asked for) and every label map, warped in one pass."""
     movings = [(labels, True) for labels in job.label_maps.values()]
@@ -94,7 +103,7 @@ def _warped(
     if not movings:
         return None, {}
     grid = Grid.of(job.fixed_image)
-    warped = warp_images(movings, field, grid, device=device, is_cancelled=stop)
+    warped = warp_images(movings, field, grid, device, stop, reach)
     image = warped.pop(0) if job.settings.compute_warped else None
     return image, dict(zip(job.label_maps, warped, strict=True))
 

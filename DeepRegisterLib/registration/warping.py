@@ -33,15 +33,21 @@ def index_map(
     return linear, constant
 
 
-def _ramps(grid: Grid, start: int, stop: int, device, dtype=torch.float64) -> list[torch.Tensor]:
-    """Index ramps per ITK axis (I, J[, K]), shaped to broadcast over array rows [start, stop)."""
-    dim = grid.dim
+Block = tuple[slice, ...]  # array-order slices with explicit starts and stops
+
+
+def row_block(grid: Grid, start: int, stop: int) -> Block:
+    """Array rows [start, stop) of ``grid``, whole along the other axes."""
+    return (slice(start, stop), *[slice(0, n) for n in grid.shape[1:]])
+
+
+def _ramps(block: Block, device, dtype=torch.float64) -> list[torch.Tensor]:
+    """Index ramps per ITK axis (I, J[, K]), shaped to broadcast over ``block``."""
+    dim = len(block)
     ramps = []
     for axis in range(dim):
-        n = grid.size[axis]
-        ramp = torch.arange(n, device=device, dtype=dtype)
-        if axis == dim - 1:
-            ramp = ramp[start:stop]
+        part = block[dim - 1 - axis]
+        ramp = torch.arange(part.start, part.stop, device=device, dtype=dtype)
         shape = [1] * dim
         shape[dim - 1 - axis] = ramp.numel()
         ramps.append(ramp.view(*shape, 1))
@@ -58,9 +64,16 @@ def affine_field(
     dtype=torch.float64,
 ) -> torch.Tensor:
     """``linear @ idx + constant`` for the voxels of rows [start, stop): (rows, …, dim)."""
+    return block_field(linear, constant, row_block(grid, start, stop), device, dtype)
+
+
+def block_field(
+    linear: np.ndarray, constant: np.ndarray, block: Block, device, dtype=torch.float64
+) -> torch.Tensor:
+    """``linear @ idx + constant`` for the voxels of ``block``: (…, dim)."""
     lin = torch.as_tensor(linear, device=device, dtype=dtype)
     out = torch.as_tensor(np.asarray(constant), device=device, dtype=dtype)
-    for axis, ramp in enumerate(_ramps(grid, start, stop, device, dtype)):
+    for axis, ramp in enumerate(_ramps(block, device, dtype)):
         out = out + ramp * lin[:, axis]
     return out
 
