@@ -113,6 +113,9 @@ def test_all_zero_images_sample_nothing_and_stay_zero() -> None:
     zeros = [(image_on(moving, np.zeros(moving.shape, np.float32)), False)]
     field, reach = _near_affine(fixed, moving, stray_mm=1.0)
     assert all(s.stop == s.start for s in sampled_box(fixed, moving, reach, [None]))
+    # A reach that says nothing (a non-finite displacement somewhere) samples everything.
+    unknown = Reach(reach.matrix, reach.translation, float("nan"))
+    assert sampled_box(fixed, moving, unknown, [None]) == tuple(slice(0, n) for n in fixed.shape)
     (warped,) = warp_images(zeros, field, fixed, reach=reach)
     assert warped.GetSize() == fixed.size
     assert not sitk.GetArrayFromImage(warped).any()

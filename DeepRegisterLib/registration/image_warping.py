@@ -108,9 +108,9 @@ def sampled_box(
     ``supports`` box (array slices of ``moving`` holding an image's non-zero voxels; None for
     an all-zero image); the whole grid without ``reach``. The rest samples only zeros."""
     whole = tuple(slice(0, n) for n in grid.shape)
-    boxes = [box for box in supports if box is not None]
-    if reach is None:
+    if reach is None or not np.isfinite(reach.mm):
         return whole
+    boxes = [box for box in supports if box is not None]
     if not boxes:
         return tuple(slice(0, 0) for _ in grid.shape)
     linear, constant = index_map(grid, moving, (reach.matrix, reach.translation))
