@@ -6,11 +6,28 @@ Only the machinery is checked; the times themselves are never asserted.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
+
+
+def test_timed_runs_keep_what_is_already_on_the_python_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The checkout comes first; packages someone put on PYTHONPATH stay importable."""
+    from benchmarks.user_time import child_env
+
+    monkeypatch.setenv("PYTHONPATH", "/opt/extra-site")
+    env = child_env(Path("/tmp/checkout"), threads=2)
+    assert env["PYTHONPATH"].split(os.pathsep) == ["/tmp/checkout", "/opt/extra-site"]
+    assert env["OMP_NUM_THREADS"] == env["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] == "2"
+    monkeypatch.delenv("PYTHONPATH")
+    assert child_env(Path("/tmp/checkout"), threads=1)["PYTHONPATH"] == "/tmp/checkout"
 
 
 def test_smoke_times_the_command_line_and_writes_markdown_and_json(tmp_path: Path) -> None:

@@ -196,7 +196,10 @@ def phantoms(count: int, folder: Path) -> list[dict[str, str]]:
 
 
 def child_env(repo: Path, threads: int) -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(repo), ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(threads))
+    """The environment of a timed run: ``repo`` first on the path (what is already on it, such
+    as packages unpacked beside an interpreter, stays after it), ``threads`` threads."""
+    path = os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=path, ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(threads))
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     return env
 
