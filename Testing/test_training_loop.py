@@ -266,6 +266,21 @@ def test_a_time_budget_stops_training_and_still_saves(tmp_path: Path) -> None:
     assert result.model.weights.exists()
 
 
+@pytest.mark.parametrize(("native", "noted"), [(False, True), (True, False)])
+def test_mixed_precision_on_a_cpu_without_bfloat16_says_it_is_slow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native: bool, noted: bool
+) -> None:
+    """Emulated bfloat16 cost ten times a float32 step on such a CPU: the run says so."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    said: list[str] = []
+    train(_config(steps=1, mixed_precision=True), tmp_path, progress=said.append)
+    assert any("no bfloat16 instructions" in line for line in said) == noted
+    said.clear()
+    train(_config(steps=1, mixed_precision=None), tmp_path / "default", progress=said.append)
+    assert not any("bfloat16" in line for line in said)  # off by default on a CPU: no note
+
+
 def test_config_check_refuses_a_shape_the_network_cannot_take() -> None:
     with pytest.raises(InputError, match="multiple of 16"):
         _config(shape=(30, 30)).check()

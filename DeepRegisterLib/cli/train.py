@@ -222,7 +222,8 @@ def _add_optimisation_options(run: Any) -> None:
         "--mixed-precision",
         action=argparse.BooleanOptionalAction,
         help="bfloat16 autocast of the network (default: on a GPU only; on a CPU with "
-        "bfloat16 instructions it saves about a third of the time)",
+        "bfloat16 instructions it saves about a third of the time, on one without them it is "
+        "emulated and several times slower)",
     )
     run.add_argument("--resume", action="store_true", help="continue after the checkpoint in --out")
 

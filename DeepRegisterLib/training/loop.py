@@ -39,6 +39,7 @@ from .distributed import Ranks
 from .label_maps import LabelMaps
 from .log import CURVES, LOG, TrainingLog, plot_curves
 from .pairs import PairFiles, RealPairs
+from .precision import slow_mixed_precision_note
 from .step import TrainingStep
 from .summary import TrainingResult, save_best_model, training_data
 from .synthesis import Synthesiser
@@ -88,6 +89,8 @@ def train(
     device = torch.device(device)
     ranks = Ranks.current()
     say = (progress if ranks.is_main else None) or _silent
+    if note := slow_mixed_precision_note(device, config.mixed_precision):
+        say(note)
 
     synthesiser = Synthesiser(config.shape, config.synthesis, label_maps, device)
     validator = None
