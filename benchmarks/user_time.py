@@ -367,15 +367,9 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _resolved_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    from DeepRegisterLib.nn.devices import resolve_device
+
     args = parse_args(argv)
     if not args.smoke and not args.data.is_dir():
         print(f"user_time: no fs-dev data at {args.data} (use --data or --smoke)", file=sys.stderr)
@@ -383,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{datetime.date.today().isoformat()}-user-time{'-' + args.tag if args.tag else ''}"
     context = {
-        "machine": machine_info(_resolved_device(args.device)),
+        "machine": machine_info(str(resolve_device(args.device))),
         "options": {k: v for k, v in vars(args).items() if k not in ("repos", "repo")},
         "repos": {label: str(path) for label, path in args.repos.items()},
     }

@@ -87,7 +87,8 @@ def warp_images(
     rows = rows_per_slab(grid)
     for moving, group in by_grid.items():
         mapping = _ItkCoordinates(grid, moving, device)
-        box = sampled_box(grid, moving, reach, [source.support for source in group])
+        supports = [] if reach is None else [_nonzero_box(s.volume[0, 0]) for s in group]
+        box = sampled_box(grid, moving, reach, supports)
         for start in range(box[0].start, box[0].stop, rows):
             stop_if(is_cancelled)
             block = (slice(start, min(start + rows, box[0].stop)), *box[1:])
@@ -131,8 +132,7 @@ def sampled_box(
 
 
 class _Source:
-    """One image to warp: its voxels as a tensor, the box of them that is non-zero, and the
-    output image being filled."""
+    """One image to warp: its voxels as a tensor, and the output image being filled."""
 
     def __init__(self, moving: sitk.Image, nearest: bool, grid: Grid, device, is_cancelled):
         self.grid = Grid.of(moving)
@@ -141,7 +141,6 @@ class _Source:
         exact_in_float32 = not nearest or _max_abs(moving) < 2**24
         dtype = np.float32 if exact_in_float32 else np.float64
         self.volume = torch.as_tensor(as_array(moving, dtype, is_cancelled))[None, None].to(device)
-        self.support = _nonzero_box(self.volume[0, 0])
         # Labels keep their pixel type (their values are exact); intensities become float32.
         self.dtype = sitk.GetArrayViewFromImage(moving).dtype if nearest else np.float32
         pixel_id = moving.GetPixelID() if nearest else sitk.sitkFloat32

@@ -49,14 +49,15 @@ def output_stage(
     stages.report("outputs", 0.0, "composing the transform")
     stop = stages.cancelled
     displacement, field = _displacement(job, affine, deformation, stop)
+    reach = _reach(affine, deformation)
     # det J is numpy on one core: it runs beside the warps, which keep torch's threads busy.
     with Beside(stop, "while writing outputs") as beside:
         qa = None
         if job.settings.compute_jacobian:
-            qa = beside.submit(_jacobian_and_qa, job, affine, field)
+            qa = beside.submit(_jacobian_and_qa, job, reach.matrix, field)
         stages.report("outputs", 0.3, "warping the moving image")
         with torch.inference_mode():
-            warped, warped_labels = _warped(job, field, _reach(affine, deformation), device, stop)
+            warped, warped_labels = _warped(job, field, reach, device, stop)
             inverse = None
             if job.settings.compute_inverse:
                 stages.report("outputs", 0.6, "inverting the transform")
@@ -109,11 +110,10 @@ def _warped(
 
 
 def _jacobian_and_qa(
-    job: Job, affine: sitk.AffineTransform, field: np.ndarray, is_cancelled: Callable[[], bool]
+    job: Job, matrix: np.ndarray, field: np.ndarray, is_cancelled: Callable[[], bool]
 ) -> tuple[sitk.Image, dict[str, Any]]:
     grid = Grid.of(job.fixed_image)
-    # Beyond the network grid the transform is the affine: det J is det(M) there.
-    matrix, _ = affine_parameters(affine, grid.dim)
+    # Beyond the network grid the transform is the affine ``matrix``: det J is its det there.
     outside = (deformed_box(job.network_grid, grid), float(np.linalg.det(matrix)))
     jacobian = metrics.field_jacobian_determinant(field, grid, is_cancelled, outside)
     region = job.fixed_mask

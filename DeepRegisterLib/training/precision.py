@@ -6,6 +6,9 @@ import contextlib
 
 import torch
 
+# torch.cpu's own feature probes (private, so looked up rather than assumed).
+_BFLOAT16_PROBES = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+
 
 def autocast(device: torch.device, mixed_precision: bool | None):
     """bfloat16 autocast (no loss scaling needed); by default on a GPU only."""
@@ -21,10 +24,6 @@ def cpu_has_bfloat16() -> bool | None:
     probes = [getattr(torch.cpu, name, None) for name in _BFLOAT16_PROBES]
     answers = [bool(probe()) for probe in probes if probe is not None]
     return any(answers) if answers else None
-
-
-# torch.cpu's own feature probes (private, so looked up rather than assumed).
-_BFLOAT16_PROBES = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
 
 
 def slow_mixed_precision_note(device: torch.device, mixed_precision: bool | None) -> str | None:
