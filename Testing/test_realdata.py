@@ -132,6 +132,21 @@ def test_the_model_check_scores_a_shipped_model_in_three_contrasts(tmp_path: Pat
     assert "| `brain3d` | " in table  # the mapped cross-contrast row
 
 
+@pytest.mark.slow
+def test_the_model_check_scores_only_the_contrasts_asked_for(tmp_path: Path) -> None:
+    from benchmarks import model_check
+
+    assert model_check.main(["--models", "brain3d", "--pairs", "1", "--threads", "1",
+                             "--contrasts", "same", "--data", str(FS_DEV),
+                             "--out", str(tmp_path), "--tag", "same"]) == 0  # fmt: skip
+    rows = json.loads(next(tmp_path.glob("*-same.json")).read_text())
+    assert [(row["pair"], row["contrast"]) for row in rows] == [("sub-02→sub-01", "same")]
+    table = next(tmp_path.glob("*-same.md")).read_text()
+    assert "| same | all (1) |" in table
+    assert "| cross |" not in table
+    assert "mapped into" not in table
+
+
 def test_a_t2_like_moving_brain_keeps_the_networks_gain_through_the_contrast_map() -> None:
     """The 3D default model is same-contrast; a cross-contrast (MIND) run feeds it the moving
     image mapped into the fixed image's contrast, and it must still clearly beat the affine."""
