@@ -184,7 +184,8 @@ def _optimise_level(
     coarse_enough = min(shape) >= factor * CONTROL_MIN_VOXELS
     control = level_shape(shape, factor) if coarse_enough else shape
     taper = border_taper(control, width=2.0, device=fixed.device, dtype=fixed.dtype)
-    parameter = resize_flow(velocity, control).clone().requires_grad_(True)
+    start = resize_flow(velocity, control)
+    parameter = start.clone().requires_grad_(True)
     optimiser = Adam(parameter, learning_rate)
     best = float("inf")
     stale = 0
@@ -219,4 +220,7 @@ def _optimise_level(
             if stale >= 10:
                 break
     with torch.no_grad():
+        if level.adds_change and control != fine_shape:
+            # The detail of ``velocity`` finer than this grid survives for finer levels.
+            return velocity + resize_flow(_smooth(best_parameter - start) * taper, fine_shape)
         return resize_flow(_smooth(best_parameter) * taper, fine_shape)
