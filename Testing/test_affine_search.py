@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
-from DeepRegisterLib.errors import RegistrationCancelled
+from DeepRegisterLib.errors import InputError, RegistrationCancelled
 from DeepRegisterLib.imaging.geometry import Grid
 from DeepRegisterLib.imaging.phantoms import phantom
 from DeepRegisterLib.registration import affine, affine_search
@@ -84,6 +85,25 @@ def test_the_same_seed_gives_the_same_transform_and_another_seed_a_close_one() -
     assert first.GetParameters() == again.GetParameters()
     assert first.GetParameters() != other.GetParameters()  # another sample of voxels
     assert _largest_error_mm(first, other, BRAIN_POINTS) < 1.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_on_a_gpu_the_search_runs_there_and_finds_the_cpus_transform() -> None:
+    """The same sample of voxels on either device; only the histogram's order of sums differs."""
+    fixed = _brain_sized()
+    truth = _oblique_affine()
+    moving = _moved(fixed, truth)
+    on_cpu = affine_search.register_affine(fixed, moving, iterations=30, device="cpu")
+    on_gpu = affine_search.register_affine(fixed, moving, iterations=30, device="cuda")
+    assert _largest_error_mm(on_gpu, truth, BRAIN_POINTS) < 1.0
+    assert _largest_error_mm(on_gpu, on_cpu, BRAIN_POINTS) < 0.1
+
+
+def test_a_device_this_machine_lacks_is_refused_with_what_to_use() -> None:
+    fixed = _brain_sized(4.0, size=40)
+    unknown = "cuda" if not torch.cuda.is_available() else "tpu"
+    with pytest.raises(InputError, match="cpu"):
+        affine_search.register_affine(fixed, fixed, iterations=1, device=unknown)
 
 
 def test_mutual_information_aligns_images_of_inverted_contrast() -> None:

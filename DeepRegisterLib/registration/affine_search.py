@@ -8,7 +8,9 @@ while torch loaded beside it. For `fast` on fs-dev brains that stage took 1.3 s 
 in a run; this search takes about 0.5 s, and the affine it finds is closer (mean Dice over 27
 structures of the affine alone 0.601 → 0.641 on eight pairs, and 0.625 → 0.683 on four with
 one image's contrast inverted). A seeded sample and sums in a fixed order: the same inputs and
-seed give the same transform.
+seed give the same transform on the CPU. On a GPU the search runs there too (a process that
+stays, with torch and CUDA loaded, otherwise waits for the CPU's threads), with the same sample;
+its histogram sums in no fixed order, so there the last bits can differ between runs.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 
 from ..errors import stop_if_cancelled
 from ..imaging.geometry import Grid
+from ..nn.devices import resolve_device
 from ..nn.filters import grid_sample
 from ..nn.mutual_information import SampledMutualInformation
 from .affine import level_spacings, moments_transform, recentred, to_affine, working_copy
@@ -61,6 +64,7 @@ class _Level:
         spacing_mm: float,
         centre: np.ndarray,
         generator: torch.Generator,
+        device: torch.device,
     ):
         fixed_grid, moving_grid = Grid.of(fixed), Grid.of(moving)
         self.spacing_mm = spacing_mm
@@ -76,16 +80,16 @@ class _Level:
         chosen = chosen.sort().values  # memory order: the moving copy is read in fewer lines
         index_kji = np.stack(np.unravel_index(chosen.numpy(), fixed_grid.shape), axis=-1)
         points = fixed_grid.index_to_physical_points(index_kji[:, ::-1].astype(np.float64))
-        self.offsets = torch.from_numpy(points - centre).float()
-        self.metric = SampledMutualInformation(values[chosen])
-        self.moving = _as_volume(moving)
-        self.moving_mask = None if masks[1] is None else _as_volume(masks[1])
+        self.offsets = torch.from_numpy(points - centre).float().to(device)
+        self.metric = SampledMutualInformation(values[chosen].to(device))
+        self.moving = _as_volume(moving, device)
+        self.moving_mask = None if masks[1] is None else _as_volume(masks[1], device)
         # grid_sample's coordinates of a moving point: ``scale · (A y + b) − 1`` per axis.
         to_index, offset = moving_grid.physical_to_index_affine()
         scale = moving_grid.index_to_sampler_scale
-        self._to_sampler = torch.from_numpy(scale[:, None] * to_index)
-        self._sampler_offset = torch.from_numpy(scale * offset - 1.0)
-        self._centre = torch.from_numpy(centre)
+        self._to_sampler = torch.from_numpy(scale[:, None] * to_index).to(device)
+        self._sampler_offset = torch.from_numpy(scale * offset - 1.0).to(device)
+        self._centre = torch.from_numpy(centre).to(device)
 
     def similarity(self, pose: Pose) -> torch.Tensor:
         linear = self._to_sampler @ pose.matrix
@@ -101,9 +105,9 @@ class _Level:
         return self.metric(values, inside)
 
 
-def _as_volume(image: sitk.Image) -> torch.Tensor:
+def _as_volume(image: sitk.Image, device: torch.device) -> torch.Tensor:
     array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
-    return torch.from_numpy(array)[None, None]
+    return torch.from_numpy(array)[None, None].to(device)
 
 
 def _rotation(angles: torch.Tensor) -> torch.Tensor:
@@ -130,16 +134,16 @@ def _search(
     """Regular-step gradient descent over parameters that each move points by about a
     millimetre per unit (angles and matrix entries are scaled by ``radius_mm``, shifts are in
     millimetres), restarted at each level."""
-    dim = start.shift.numel()
+    dim, device = start.shift.numel(), start.shift.device
     linear_count = (1 if dim == 2 else 3) if rigid else dim * dim
-    parameters = torch.zeros(linear_count + dim, dtype=torch.float64, requires_grad=True)
+    parameters = torch.zeros(
+        linear_count + dim, dtype=torch.float64, device=device, requires_grad=True
+    )
+    identity = torch.eye(dim, dtype=torch.float64, device=device)
 
     def pose() -> Pose:
         linear = parameters[:linear_count] / radius_mm
-        if rigid:
-            change = _rotation(linear)
-        else:
-            change = torch.eye(dim, dtype=torch.float64) + linear.view(dim, dim)
+        change = _rotation(linear) if rigid else identity + linear.view(dim, dim)
         return Pose(change @ start.matrix, start.shift + parameters[linear_count:])
 
     for level in levels:
@@ -191,6 +195,7 @@ def register_normalised(
     iterations: int = 50,
     finest_mm: float = 4.0,
     seed: int = 0,
+    device: str = "cpu",
     progress: ProgressCallback | None = None,
     is_cancelled: Callable[[], bool] = lambda: False,
 ) -> sitk.AffineTransform:
@@ -199,14 +204,16 @@ def register_normalised(
 
     ``iterations`` steps at each level at most; ``finest_mm`` is the last level's spacing (the
     working spacing or coarser). ``initial_transform`` (linear) replaces the moments
-    initialisation and the rigid search when given.
+    initialisation and the rigid search when given. ``device`` is a run's setting ("auto",
+    "cpu", "cuda"…).
     """
     dim = fixed.GetDimension()
     rigid_mm, affine_mm = level_spacings(fixed, finest_mm)
     centre = np.asarray(
         fixed.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2.0 for s in fixed.GetSize()])
     )
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # on the CPU: the same sample everywhere
+    where = resolve_device(device)
     copies: dict[float, tuple[sitk.Image, sitk.Image]] = {}
     levels: dict[float, _Level] = {}
 
@@ -228,7 +235,7 @@ def register_normalised(
                 for mask in (fixed_mask, moving_mask)
             )
             levels[spacing_mm] = _Level(
-                *copies_at(spacing_mm), masks, spacing_mm, centre, generator
+                *copies_at(spacing_mm), masks, spacing_mm, centre, generator, where
             )
         return levels[spacing_mm]
 
@@ -248,7 +255,7 @@ def register_normalised(
         if progress is not None:
             progress(min(done / total, 1.0), "affine")
 
-    start = _pose(recentred(to_affine(first, dim), centre))
+    start = _pose(recentred(to_affine(first, dim), centre), where)
     radius_mm = float(np.linalg.norm(Grid.of(fixed).extent_mm)) / 4.0
     with torch.enable_grad():
         for spacings, rigid in searches:
@@ -258,17 +265,16 @@ def register_normalised(
     return to_affine(_transform(start, centre), dim)
 
 
-def _pose(transform: sitk.AffineTransform) -> Pose:
+def _pose(transform: sitk.AffineTransform, device: torch.device) -> Pose:
     dim = transform.GetDimension()
     matrix = np.asarray(transform.GetMatrix(), dtype=np.float64).reshape(dim, dim)
-    return Pose(
-        torch.from_numpy(matrix), torch.tensor(transform.GetTranslation(), dtype=torch.float64)
-    )
+    shift = torch.tensor(transform.GetTranslation(), dtype=torch.float64)
+    return Pose(torch.from_numpy(matrix).to(device), shift.to(device))
 
 
 def _transform(pose: Pose, centre: np.ndarray) -> sitk.AffineTransform:
     transform = sitk.AffineTransform(len(centre))
     transform.SetCenter(tuple(float(c) for c in centre))
-    transform.SetMatrix(tuple(pose.matrix.numpy().ravel()))
-    transform.SetTranslation(tuple(pose.shift.numpy()))
+    transform.SetMatrix(tuple(pose.matrix.cpu().numpy().ravel()))
+    transform.SetTranslation(tuple(pose.shift.cpu().numpy()))
     return transform

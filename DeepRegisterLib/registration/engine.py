@@ -133,7 +133,8 @@ def _affine(
             fixed_mask=inputs.fixed_mask, moving_mask=inputs.moving_mask,
             initial_transform=inputs.initial_transform,
             iterations=inputs.preset.affine_iterations, finest_mm=inputs.preset.affine_finest_mm,
-            seed=inputs.settings.seed, progress=stages.reporter("affine"),
+            seed=inputs.settings.seed, device=inputs.settings.device,
+            progress=stages.reporter("affine"),
             is_cancelled=lambda: stages.cancelled() or also_stop(),
         )  # fmt: skip
     if inputs.initial_transform is not None:
