@@ -23,6 +23,7 @@ import SimpleITK as sitk
 
 from DeepRegisterLib.batch import jobs_from_csv, jobs_from_template, run_batch
 from DeepRegisterLib.batch.cluster import WorkerPlan, dask_client, usable_cores
+from DeepRegisterLib.batch.runner import job_settings
 from DeepRegisterLib.batch.summary import COLUMNS, summary_row
 from DeepRegisterLib.batch.worker import OUTPUT_FILES, finished_report
 from DeepRegisterLib.cli import batch as batch_cli
@@ -250,6 +251,14 @@ def test_csv_and_template_jobs_are_named_and_checked(data, tmp_path):
         jobs_from_template(data / "fixed0.nii.gz", str(tmp_path / "*.nrrd"), None)
     assert tuple(OUTPUT_FILES) == batch_cli.OUTPUTS
     assert COLUMNS[:2] == ("id", "status")
+
+
+def test_jobs_compute_the_inverse_only_when_asked_and_never_the_dense_field():
+    """The float64 field on the fixed grid costs a second a brain, and no job writes it."""
+    asked = RegistrationSettings(compute_displacement=True)
+    assert job_settings(asked, EVERY_OUTPUT) == asked.replace(compute_displacement=False)
+    with_inverse = job_settings(asked, ("transform", "inverse"))
+    assert with_inverse.compute_inverse and not with_inverse.compute_displacement
 
 
 def test_local_workers_keep_the_allocators_adaptive_thresholds():

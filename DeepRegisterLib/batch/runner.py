@@ -128,6 +128,14 @@ def _submit_and_collect(
     return rows
 
 
+def job_settings(settings: RegistrationSettings, outputs: tuple[str, ...]) -> RegistrationSettings:
+    """What every job computes for ``outputs``: the inverse only when asked for, and never the
+    float64 dense field (a second a brain), since the jobs write ``.h5`` transforms."""
+    if "inverse" in outputs:
+        settings = settings.replace(compute_inverse=True)
+    return settings.replace(compute_displacement=False)
+
+
 def run_batch(
     jobs: Sequence[BatchJob],
     out_dir: str | os.PathLike,
@@ -153,9 +161,7 @@ def run_batch(
         raise InputError(
             f"unknown output(s) {', '.join(unknown)}; choose from {', '.join(OUTPUT_FILES)}"
         )
-    if "inverse" in outputs:
-        settings = settings.replace(compute_inverse=True)
-    settings = settings.replace(compute_displacement=False)  # the jobs write .h5 transforms
+    settings = job_settings(settings, outputs)
     if not jobs:
         raise InputError("the batch has no jobs")
     headers = check_jobs(jobs)
