@@ -258,7 +258,8 @@ def test_jobs_compute_the_inverse_only_when_asked_and_never_the_dense_field():
     asked = RegistrationSettings(compute_displacement=True)
     assert job_settings(asked, EVERY_OUTPUT) == asked.replace(compute_displacement=False)
     with_inverse = job_settings(asked, ("transform", "inverse"))
-    assert with_inverse.compute_inverse and not with_inverse.compute_displacement
+    assert with_inverse.compute_inverse
+    assert not with_inverse.compute_displacement
 
 
 def test_local_workers_keep_the_allocators_adaptive_thresholds():
