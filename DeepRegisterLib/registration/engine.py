@@ -17,6 +17,8 @@ import importlib
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import SimpleITK as sitk
@@ -99,14 +101,16 @@ def register(
     with Beside(stages.cancelled, "while preparing the images") as beside:
         preparing = beside.submit(_prepare, inputs, moving_norm, started)
         try:
-            affine = _affine(stages, inputs, moving_norm, lambda: beside.failed(preparing))
+            affine, note = _affine(stages, inputs, moving_norm, lambda: beside.failed(preparing))
         except RegistrationCancelled:
             if beside.failed(preparing) and not stages.cancelled():
                 beside.result(preparing)  # raises the plan's own error: that is what stopped it
             raise
         prepared = beside.result(preparing)
-    for note in prepared.notes:
-        stages.report("affine", 1.0, note)
+    for planned in prepared.notes:
+        stages.report("affine", 1.0, planned)
+    if note is not None:  # reported when it happened
+        prepared = replace(prepared, notes=(note, *prepared.notes))
     clock.lap("affine_s")
     stages.check("after the affine stage")
     from .deformable import run  # loaded by the worker above
@@ -123,20 +127,31 @@ def _prepare(inputs: Inputs, moving_norm: sitk.Image, started: float, is_cancell
 
 def _affine(
     stages: Stages, inputs: Inputs, moving_norm: sitk.Image, also_stop: Callable[[], bool]
-) -> sitk.AffineTransform:
+) -> tuple[sitk.AffineTransform, str | None]:
+    """The affine, and a note when a GPU out of memory sent the search to the CPU."""
     dim = inputs.fixed_image.GetDimension()
-    if inputs.settings.affine:
-        from .affine_search import register_normalised  # loading since the run began
+    if not inputs.settings.affine:
+        if inputs.initial_transform is not None:
+            return to_affine(inputs.initial_transform, dim), None
+        return sitk.AffineTransform(dim), None
+    import torch  # loaded with the search
 
-        return register_normalised(
-            inputs.fixed_norm, moving_norm,
-            fixed_mask=inputs.fixed_mask, moving_mask=inputs.moving_mask,
-            initial_transform=inputs.initial_transform,
-            iterations=inputs.preset.affine_iterations, finest_mm=inputs.preset.affine_finest_mm,
-            seed=inputs.settings.seed, device=inputs.settings.device,
-            progress=stages.reporter("affine"),
-            is_cancelled=lambda: stages.cancelled() or also_stop(),
-        )  # fmt: skip
-    if inputs.initial_transform is not None:
-        return to_affine(inputs.initial_transform, dim)
-    return sitk.AffineTransform(dim)
+    from .affine_search import register_normalised  # loading since the run began
+
+    search = partial(
+        register_normalised, inputs.fixed_norm, moving_norm,
+        fixed_mask=inputs.fixed_mask, moving_mask=inputs.moving_mask,
+        initial_transform=inputs.initial_transform,
+        iterations=inputs.preset.affine_iterations, finest_mm=inputs.preset.affine_finest_mm,
+        seed=inputs.settings.seed, progress=stages.reporter("affine"),
+        is_cancelled=lambda: stages.cancelled() or also_stop(),
+    )  # fmt: skip
+    try:
+        return search(device=inputs.settings.device), None
+    except torch.OutOfMemoryError:
+        if inputs.settings.device == "cpu":
+            raise
+        torch.cuda.empty_cache()
+        note = "memory: the GPU ran out of memory, so the affine search ran on the CPU"
+        stages.report("affine", 0.0, note)
+        return search(device="cpu"), note
