@@ -206,11 +206,11 @@ def test_the_displacement_built_in_chunks_matches_one_piece(monkeypatch) -> None
     affine = sitk.AffineTransform(3)
     affine.SetMatrix((1.02, 0.01, 0.0, -0.02, 0.98, 0.03, 0.0, 0.01, 1.01))
     affine.SetTranslation((1.5, -0.5, 2.0))
-    whole = warping.compose_displacement(affine, flow, network, fixed)
+    whole = warping.Displacement(affine, flow, network, fixed).image()
     inverse_whole = warping.inverse_displacement(affine, -flow, network, fixed)
     monkeypatch.setattr(volumes, "SLAB_VOXELS", 2 * 23 * 21)  # two rows per chunk
     count = CancelOnCall(None)
-    chunked = warping.compose_displacement(affine, flow, network, fixed, count)
+    chunked = warping.Displacement(affine, flow, network, fixed, count).image()
     assert count.calls >= 10
     inverse_chunked = warping.inverse_displacement(affine, -flow, network, fixed)
     for a, b in ((whole, chunked), (inverse_whole, inverse_chunked)):
@@ -220,21 +220,29 @@ def test_the_displacement_built_in_chunks_matches_one_piece(monkeypatch) -> None
         np.testing.assert_allclose(
             sitk.GetArrayViewFromImage(a), sitk.GetArrayViewFromImage(b), rtol=0, atol=1e-5
         )
-    # The float32 array that warping reads when no one keeps the field holds the same values.
+    # What warping and det J read when no one keeps the field holds the same values, in any
+    # block (a slab with a box across, a halo row, one voxel).
     u = sitk.GetArrayViewFromImage(whole)
-    np.testing.assert_array_equal(warping.displacement_array(affine, flow, network, fixed), u)
+    lazy = warping.Displacement(affine, flow, network, fixed)
+    assert lazy.shape == u.shape
+    for block in (
+        warping.row_block(fixed, 0, fixed.shape[0]),
+        (slice(3, 11), slice(2, 19), slice(5, 6)),
+        (slice(25, 26), slice(20, 21), slice(0, 21)),
+    ):
+        np.testing.assert_array_equal(lazy[block], u[block])
     # Outside the network grid the field is the affine's alone: u(x) = A x − x.
     corner = np.asarray(affine.TransformPoint(fixed.origin)) - np.asarray(fixed.origin)
     np.testing.assert_allclose(u[0, 0, 0], corner, atol=1e-4)
     cancel = CancelOnCall(4)
     with pytest.raises(RegistrationCancelled):
-        warping.compose_displacement(affine, flow, network, fixed, cancel)
+        warping.Displacement(affine, flow, network, fixed, cancel).image()
     assert cancel.calls == 4
 
 
 def test_the_jacobian_stops_between_slabs(monkeypatch) -> None:
     network, fixed, flow = network_and_fixed_grids()
-    field = warping.compose_displacement(sitk.AffineTransform(3), flow, network, fixed)
+    field = warping.Displacement(sitk.AffineTransform(3), flow, network, fixed).image()
     whole = metrics.jacobian_determinant(field)
     monkeypatch.setattr(metrics, "_JACOBIAN_BLOCK_VOXELS", 23 * 21)
     count = CancelOnCall(None)
@@ -286,7 +294,8 @@ def test_the_field_resampled_by_rows_equals_trilinear_sampling_with_zero_outside
     in one gather, on a fixed grid that reaches past the network grid on every side."""
     network, fixed, flow = network_and_fixed_grids()
     resampler = warping.FieldOnGrid(flow, network, fixed)
-    ours = torch.cat([resampler.rows(start, min(start + 5, 26)) for start in range(0, 26, 5)], 1)
+    rows = [warping.row_block(fixed, start, min(start + 5, 26)) for start in range(0, 26, 5)]
+    ours = torch.cat([resampler.block(block) for block in rows], 1)
     linear, constant = warping.index_map(fixed, network)
     index = warping.affine_field(linear, constant, fixed, 0, 26, "cpu")  # (K, J, I, 3) as I, J, K
     normalised = 2 * index / (torch.tensor(network.size, dtype=torch.float64) - 1) - 1

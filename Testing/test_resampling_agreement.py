@@ -20,7 +20,7 @@ from DeepRegisterLib.registration.engine import register
 from DeepRegisterLib.registration.image_warping import warp_image, warp_images
 from DeepRegisterLib.registration.result import RegistrationResult, displacement_transform
 from DeepRegisterLib.registration.warping import (
-    compose_displacement,
+    Displacement,
     deformation_field,
     inverse_displacement,
 )
@@ -264,7 +264,7 @@ def test_the_transform_files_composite_is_the_dense_field_everywhere(dim: int) -
     affine.SetTranslation(tuple(np.linspace(-2.0, 3.0, dim)))
     result = RegistrationResult(
         fixed_grid=fixed,
-        displacement=compose_displacement(affine, v, network, fixed),
+        displacement=Displacement(affine, v, network, fixed).image(),
         warped=None,
         affine=affine,
         inverse_displacement=inverse_displacement(affine, -v, network, moving),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Protocol
 
 import numpy as np
 import SimpleITK as sitk
@@ -134,13 +135,21 @@ def jacobian_determinant(
     return field_jacobian_determinant(field, Grid.of(displacement), is_cancelled)
 
 
+class FieldBlocks(Protocol):
+    """A (…, dim) displacement read by array slices: an array, or one evaluated on request."""
+
+    shape: tuple[int, ...]
+
+    def __getitem__(self, block: tuple[slice, ...]) -> np.ndarray: ...
+
+
 def field_jacobian_determinant(
-    field: np.ndarray,
+    field: FieldBlocks,
     grid: Grid,
     is_cancelled: Callable[[], bool] | None = None,
     affine_outside: tuple[tuple[slice, ...], float] | None = None,
 ) -> sitk.Image:
-    """:func:`jacobian_determinant` of a (…, dim) displacement array on ``grid``.
+    """:func:`jacobian_determinant` of a (…, dim) displacement on ``grid``, read by blocks.
 
     ``affine_outside`` = (array slices of a box, det J beyond it), for a field that is affine
     except at least two voxels inside the box's faces, the reach of the differences at and

@@ -21,7 +21,7 @@ import torch
 from ..imaging.geometry import Grid
 from ..imaging.volumes import allocate, as_array, paste_block, rows_per_slab, stop_if
 from ..nn.filters import grid_sample
-from .warping import Block, block_field, index_map
+from .warping import Block, Displacement, block_field, index_map
 
 # Voxels of margin around a moving image's non-zero box: a linear sample at index p reads
 # floor(p) and floor(p) + 1, so one voxel would do; the second absorbs any rounding.
@@ -46,7 +46,7 @@ def _max_abs(image: sitk.Image) -> float:
 
 def warp_image(
     moving: sitk.Image,
-    displacement: sitk.Image | np.ndarray,
+    displacement: sitk.Image | np.ndarray | Displacement,
     grid: Grid | None = None,
     nearest: bool = False,
     device: torch.device | str = "cpu",
@@ -55,14 +55,15 @@ def warp_image(
     """``moving(x + u(x))`` on the displacement's grid, as ITK's Resample computes it.
 
     Linear for intensities (float32 out); nearest for label maps (pixel type kept, labels
-    exact). ``displacement`` is a vector image, or a (K, J, I, dim) array with ``grid``.
+    exact). ``displacement`` is a vector image, a (K, J, I, dim) array with ``grid``, or a
+    :class:`Displacement`.
     """
     return warp_images([(moving, nearest)], displacement, grid, device, is_cancelled)[0]
 
 
 def warp_images(
     movings: Sequence[tuple[sitk.Image, bool]],
-    displacement: sitk.Image | np.ndarray,
+    displacement: sitk.Image | np.ndarray | Displacement,
     grid: Grid | None = None,
     device: torch.device | str = "cpu",
     is_cancelled: Callable[[], bool] = lambda: False,
@@ -71,15 +72,10 @@ def warp_images(
     """:func:`warp_image` of each ``(image, nearest)`` through one displacement, in one pass:
     the field is read once, and images on the same grid (a scan and its label maps) share
     their sampling coordinates, which cost more to build than the sampling itself. With
-    ``reach``, voxels that cannot land near a non-zero moving voxel are left at zero unread."""
+    ``reach``, voxels that cannot land near a non-zero moving voxel are left at zero unread
+    (and a :class:`Displacement` is not evaluated there)."""
     device = torch.device(device)
-    if isinstance(displacement, sitk.Image):
-        grid = Grid.of(displacement)
-        u_array = sitk.GetArrayViewFromImage(displacement)
-    elif grid is None:
-        raise ValueError("an array displacement needs its grid")
-    else:
-        u_array = displacement
+    grid, field = _field(displacement, grid)
     sources = [_Source(image, nearest, grid, device, is_cancelled) for image, nearest in movings]
     by_grid: dict[Grid, list[_Source]] = {}
     for source in sources:
@@ -92,14 +88,26 @@ def warp_images(
         for start in range(box[0].start, box[0].stop, rows):
             stop_if(is_cancelled)
             block = (slice(start, min(start + rows, box[0].stop)), *box[1:])
-            u = torch.tensor(u_array[block], device=device, dtype=torch.float32)
-            coordinates, inside = mapping.at(u, block)
+            coordinates, inside = mapping.at(field, block)
             for source in group:
                 at = coordinates.to(source.volume.dtype)  # float64 for labels above 2**24
                 values = grid_sample(source.volume, at, source.mode, "border")[0]
                 values = (values[0] * inside).cpu().numpy()
                 paste_block(source.image, values.astype(source.dtype, copy=False), block)
     return [source.image for source in sources]
+
+
+def _field(
+    displacement: sitk.Image | np.ndarray | Displacement, grid: Grid | None
+) -> tuple[Grid, np.ndarray | Displacement]:
+    """The displacement's grid, and what to read it from: an array, or a Displacement."""
+    if isinstance(displacement, Displacement):
+        return displacement.grid, displacement
+    if isinstance(displacement, sitk.Image):
+        return Grid.of(displacement), sitk.GetArrayViewFromImage(displacement)
+    if grid is None:
+        raise ValueError("an array displacement needs its grid")
+    return grid, displacement
 
 
 def sampled_box(
@@ -170,9 +178,15 @@ class _ItkCoordinates:
         self._low = on_device(-0.5 * scale - 1.0)
         self._high = on_device((sizes - 0.5) * scale - 1.0)
 
-    def at(self, u: torch.Tensor, block: Block) -> tuple[torch.Tensor, torch.Tensor]:
-        """For the voxels of ``block`` displaced by ``u`` (…, dim) in mm: the coordinates
+    def at(
+        self, field: np.ndarray | Displacement, block: Block
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the voxels of ``block`` displaced by ``field`` (…, dim, in mm): the coordinates
         (1, …, dim) and the inside mask (…)."""
+        if isinstance(field, Displacement):
+            u = field.tensor(block).to(self._device)
+        else:
+            u = torch.tensor(field[block], device=self._device, dtype=torch.float32)
         coordinates = block_field(self._linear, self._constant, block, self._device, torch.float32)
         coordinates = coordinates + u @ self._from_mm
         inside = (coordinates >= self._low) & (coordinates < self._high)

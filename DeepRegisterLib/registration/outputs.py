@@ -20,10 +20,9 @@ from .job import Job
 from .optimisation_stage import Deformation
 from .progress import Stages
 from .warping import (
-    compose_displacement,
+    Displacement,
     deformation_field,
     deformed_box,
-    displacement_array,
     inverse_displacement,
 )
 
@@ -73,16 +72,14 @@ def output_stage(
 
 def _displacement(
     job: Job, affine: sitk.AffineTransform, deformation: Deformation, stop: Callable[[], bool]
-) -> tuple[sitk.Image | None, np.ndarray]:
-    """The dense field on the fixed grid: the float64 image when the settings keep it (else
-    None: it costs a second a brain), and the (…, dim) array that warping and det J read,
-    a view of that image or a float32 array of the same values."""
-    args = (affine, deformation.flow_mm, job.network_grid, Grid.of(job.fixed_image), stop)
+) -> tuple[sitk.Image | None, Displacement]:
+    """The dense field on the fixed grid as the float64 image when the settings keep it (else
+    None: it costs a second a brain), and the same values evaluated where warping and det J
+    read them, so that their outputs do not depend on whether the image was kept."""
+    grid = Grid.of(job.fixed_image)
     with torch.inference_mode():
-        if not job.settings.compute_displacement:
-            return None, displacement_array(*args)
-        image = compose_displacement(*args)
-    return image, sitk.GetArrayViewFromImage(image)
+        field = Displacement(affine, deformation.flow_mm, job.network_grid, grid, stop)
+        return (field.image() if job.settings.compute_displacement else None), field
 
 
 def _reach(affine: sitk.AffineTransform, deformation: Deformation) -> Reach:
@@ -95,7 +92,11 @@ def _reach(affine: sitk.AffineTransform, deformation: Deformation) -> Reach:
 
 
 def _warped(
-    job: Job, field: np.ndarray, reach: Reach, device: torch.device, stop: Callable[[], bool]
+    job: Job,
+    field: Displacement,
+    reach: Reach,
+    device: torch.device,
+    stop: Callable[[], bool],
 ) -> tuple[sitk.Image | None, dict[str, sitk.Image]]:
     """The moving image (if asked for) and every label map, warped in one pass."""
     movings = [(labels, True) for labels in job.label_maps.values()]
@@ -110,7 +111,10 @@ def _warped(
 
 
 def _jacobian_and_qa(
-    job: Job, matrix: np.ndarray, field: np.ndarray, is_cancelled: Callable[[], bool]
+    job: Job,
+    matrix: np.ndarray,
+    field: Displacement,
+    is_cancelled: Callable[[], bool],
 ) -> tuple[sitk.Image, dict[str, Any]]:
     grid = Grid.of(job.fixed_image)
     # Beyond the network grid the transform is the affine ``matrix``: det J is its det there.
