@@ -61,12 +61,14 @@ def test_the_optimiser_and_the_report_get_the_presets_folding_weight(
 
 
 @pytest.mark.parametrize(
-    ("preset", "passes", "symmetric"), [("fast", 1, False), ("balanced", 2, True)]
+    ("preset", "passes", "symmetric"),
+    [("fast", 1, False), ("balanced", 1, True), ("accurate", 2, True)],
 )
-def test_fast_caps_the_models_recursive_passes_at_one(
+def test_fast_and_balanced_cap_the_models_recursive_passes_at_one(
     pair, monkeypatch: pytest.MonkeyPatch, preset: str, passes: int, symmetric: bool
 ) -> None:
-    # brain3d asks for two passes; a second lifts it alone, but not what `fast` refines from it.
+    # brain3d asks for two passes; a second lifts it alone, but not what `fast` and `balanced`
+    # refine from it.
     assert models.find_model("brain3d").passes == 2
     run: list[tuple[int, bool]] = []
     recursive_velocity = VxmDense.recursive_velocity
