@@ -118,7 +118,7 @@ PRESETS: dict[str, Preset] = {
         # stage about half as long. One pass with a weight of 60 folded 3 voxels on one pair.
         Preset(
             "balanced",
-            "about 17 s for a 1 mm brain on two CPU threads, start to files",
+            "about 16 s for a 1 mm brain on two CPU threads, start to files",
             affine_iterations=50,
             levels=(
                 Level(4.0, 50, 4, differentiated_squarings=2),
