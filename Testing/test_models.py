@@ -326,8 +326,8 @@ def test_register_with_a_saved_model_reports_its_name_and_checksum(
 
 @pytest.mark.parametrize(
     ("dim", "preset", "forward_passes"),
-    [(3, "fast", 1), (3, "balanced", 2), (2, "fast", 2)],
-    ids=["3d-fast-one-sided", "3d-balanced-symmetric", "2d-fast-symmetric"],
+    [(3, "fast", 1), (3, "balanced", 1), (3, "accurate", 2), (2, "fast", 2)],
+    ids=["3d-fast-one-sided", "3d-balanced-one-sided", "3d-accurate-both", "2d-fast-both"],
 )
 def test_the_preset_says_whether_a_pass_takes_one_order_or_both(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dim: int, preset: str, forward_passes: int
