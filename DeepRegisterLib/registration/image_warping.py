@@ -75,7 +75,7 @@ def warp_images(
     ``reach``, voxels that cannot land near a non-zero moving voxel are left at zero unread
     (and a :class:`Displacement` is not evaluated there)."""
     device = torch.device(device)
-    grid, field = _field(displacement, grid)
+    grid, u_at = _reader(displacement, grid, device)
     sources = [_Source(image, nearest, grid, device, is_cancelled) for image, nearest in movings]
     by_grid: dict[Grid, list[_Source]] = {}
     for source in sources:
@@ -88,7 +88,7 @@ def warp_images(
         for start in range(box[0].start, box[0].stop, rows):
             stop_if(is_cancelled)
             block = (slice(start, min(start + rows, box[0].stop)), *box[1:])
-            coordinates, inside = mapping.at(field, block)
+            coordinates, inside = mapping.at(u_at(block), block)
             for source in group:
                 at = coordinates.to(source.volume.dtype)  # float64 for labels above 2**24
                 values = grid_sample(source.volume, at, source.mode, "border")[0]
@@ -97,17 +97,19 @@ def warp_images(
     return [source.image for source in sources]
 
 
-def _field(
-    displacement: sitk.Image | np.ndarray | Displacement, grid: Grid | None
-) -> tuple[Grid, np.ndarray | Displacement]:
-    """The displacement's grid, and what to read it from: an array, or a Displacement."""
+def _reader(
+    displacement: sitk.Image | np.ndarray | Displacement, grid: Grid | None, device: torch.device
+) -> tuple[Grid, Callable[[Block], torch.Tensor]]:
+    """The displacement's grid, and ``u`` over a block as float32 on ``device``."""
     if isinstance(displacement, Displacement):
-        return displacement.grid, displacement
+        return displacement.grid, lambda block: displacement.tensor(block).to(device)
     if isinstance(displacement, sitk.Image):
-        return Grid.of(displacement), sitk.GetArrayViewFromImage(displacement)
-    if grid is None:
+        grid, array = Grid.of(displacement), sitk.GetArrayViewFromImage(displacement)
+    elif grid is None:
         raise ValueError("an array displacement needs its grid")
-    return grid, displacement
+    else:
+        array = displacement
+    return grid, lambda block: torch.tensor(array[block], device=device, dtype=torch.float32)
 
 
 def sampled_box(
@@ -178,15 +180,9 @@ class _ItkCoordinates:
         self._low = on_device(-0.5 * scale - 1.0)
         self._high = on_device((sizes - 0.5) * scale - 1.0)
 
-    def at(
-        self, field: np.ndarray | Displacement, block: Block
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """For the voxels of ``block`` displaced by ``field`` (…, dim, in mm): the coordinates
+    def at(self, u: torch.Tensor, block: Block) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the voxels of ``block`` displaced by ``u`` (…, dim) in mm: the coordinates
         (1, …, dim) and the inside mask (…)."""
-        if isinstance(field, Displacement):
-            u = field.tensor(block).to(self._device)
-        else:
-            u = torch.tensor(field[block], device=self._device, dtype=torch.float32)
         coordinates = block_field(self._linear, self._constant, block, self._device, torch.float32)
         coordinates = coordinates + u @ self._from_mm
         inside = (coordinates >= self._low) & (coordinates < self._high)
