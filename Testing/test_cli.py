@@ -185,3 +185,38 @@ def test_demo_runs_on_its_embedded_pair_and_reports_improvement(tmp_path, capsys
     assert report["endpoint_error_mm_after"] < report["endpoint_error_mm_before"]
     for name in ("warped.nii.gz", "transform.h5", "inverse_transform.h5", "qa.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def _standby(line: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m DeepRegisterLib.cli.standby`` sent ``line`` on stdin."""
+    command = [sys.executable, "-m", "DeepRegisterLib.cli.standby"]
+    return subprocess.run(command, input=line, capture_output=True, text=True, cwd=cwd)
+
+
+def test_a_standby_process_runs_the_command_line_it_is_sent(a_pair_on_disk, tmp_path):
+    warped = tmp_path / "warped.nii.gz"
+    arguments = [
+        "register", "--fixed", str(a_pair_on_disk["fixed"]),
+        "--moving", str(a_pair_on_disk["moving"]), "--preset", "fast", "--iterations", "2",
+        "--device", "cpu", "--warped", str(warped), "--quiet",
+    ]  # fmt: skip
+    assert _standby(json.dumps(arguments) + "\n", tmp_path).returncode == cli.EXIT_OK
+    assert (
+        sitk.ReadImage(str(warped)).GetSize()
+        == sitk.ReadImage(str(a_pair_on_disk["fixed"])).GetSize()
+    )
+
+    missing = ["register", "--fixed", str(tmp_path / "none.nii.gz"), "--moving", str(warped),
+               "--warped", str(tmp_path / "again.nii.gz")]  # fmt: skip
+    refused = _standby(json.dumps(missing) + "\n", tmp_path)
+    assert refused.returncode == cli.EXIT_INPUT  # the command line's own exit code
+    assert "none.nii.gz" in refused.stderr
+
+
+def test_a_standby_process_let_go_ends_quietly_and_refuses_a_garbled_line(tmp_path):
+    let_go = _standby("", tmp_path)
+    assert (let_go.returncode, let_go.stdout, let_go.stderr) == (cli.EXIT_OK, "", "")
+    garbled = _standby('{"register": 1}\n', tmp_path)
+    assert garbled.returncode == cli.EXIT_INPUT
+    assert "one JSON list of strings" in garbled.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -74,12 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run() -> None:
-    """The ``deepregister`` program. After ``register``, with its outputs written and closed and
-    its threads joined, the process ends without Python's finalisation: with torch loaded that
-    takes 0.3 s, which a user waits for on every pair (and Slicer, on every run). The other
-    commands, with clusters to close and logs to flush, end as Python ends."""
-    args = build_parser().parse_args()
+def run(argv: Sequence[str] | None = None) -> None:
+    """The ``deepregister`` program on ``argv`` (default ``sys.argv[1:]``). After ``register``,
+    with its outputs written and closed and its threads joined, the process ends without
+    Python's finalisation: with torch loaded that takes 0.3 s, which a user waits for on every
+    pair (and Slicer, on every run). The other commands, with clusters to close and logs to
+    flush, end as Python ends."""
+    args = build_parser().parse_args(argv)
     code = _run(args)
     if args.command == "register":
         sys.stdout.flush()
