@@ -1,6 +1,7 @@
 """The Slicer module's path: a registration in a child process (mrml.RegistrationProcess) against
 a real headless scene and real child processes. The scene gets what the in-process path gives it,
-bit for bit; cancel, a killed child and a refused input leave the scene and the disk as before."""
+bit for bit, from a child started for the run or before it (mrml.startStandby); cancel, a killed
+child and a refused input leave the scene and the disk as before."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import slicer  # noqa: E402
 
 from DeepRegisterLib import mrml  # noqa: E402
 from DeepRegisterLib.errors import DeepRegisterError, InputError, RegistrationCancelled  # noqa: E402
+from DeepRegisterLib.mrml.child_process import ChildProcess  # noqa: E402
 from DeepRegisterLib.registration.settings import RegistrationSettings  # noqa: E402
 
 SETTINGS = RegistrationSettings(preset="fast", model="none", device="cpu", compute_inverse=True)
@@ -28,12 +30,13 @@ LATENCY_LIMIT_S = 1.0
 
 
 @pytest.fixture
-def temporary_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def temporary_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Where tempfile puts the runner's private folders, to check that none is left behind."""
     folder = tmp_path / "tmp"
     folder.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    return folder
+    yield folder
+    mrml.endStandby()  # a waiting child a test left is not handed to the next test
 
 
 def _scene(folder: Path):
@@ -66,7 +69,10 @@ def _node_summary(scene) -> list[tuple[str, str]]:
     return sorted((node.GetClassName(), node.GetName()) for node in nodes)
 
 
-def test_the_child_gives_the_scene_what_registering_in_process_gives(tmp_path, temporary_folder):
+@pytest.mark.parametrize("started_before", [False, True], ids=["started-for-the-run", "waiting"])
+def test_the_child_gives_the_scene_what_registering_in_process_gives(
+    tmp_path, temporary_folder, started_before
+):
     scene, fixed, moving, segmentation = _scene(tmp_path / "in-process")
     expected = mrml.registerVolumes(
         fixed, moving, SETTINGS, createOutputVolume=True, movingLabelNodes=[segmentation]
@@ -77,7 +83,10 @@ def test_the_child_gives_the_scene_what_registering_in_process_gives(tmp_path, t
     )
     before = mrml_scenes._snapshot(child_scene)
 
+    waiting = mrml.startStandby(mrml.childPython()) if started_before else None
     process = mrml.RegistrationProcess(job).start()
+    if waiting is not None:
+        assert process.pid == waiting.process.pid
     messages = _wait(process)
     assert mrml_scenes._snapshot(child_scene) == before  # nothing pushed before the main thread
     nodes = process.push()
@@ -154,4 +163,39 @@ def test_an_input_the_child_refuses_is_an_input_error_with_its_message(tmp_path,
         process.push()
     assert "deepregister" not in str(refused.value)  # the message, not the command's prefix
     assert mrml_scenes._snapshot(scene) == before
+    assert not list(temporary_folder.iterdir())
+
+
+def test_one_child_waits_per_interpreter_and_ending_it_leaves_nothing(temporary_folder):
+    python = mrml.childPython()
+    waiting = mrml.startStandby(python)
+    assert mrml.startStandby(python) is waiting  # asked again (the module entered again)
+    assert waiting.waiting
+    assert [path.name for path in temporary_folder.iterdir()] == [waiting.folder.name]
+
+    mrml.endStandby()
+
+    assert waiting.process.poll() is not None
+    assert not list(temporary_folder.iterdir())
+
+
+def test_a_waiting_child_let_go_ends_by_itself(temporary_folder):
+    child = ChildProcess(mrml.childPython())
+    child.process.stdin.close()  # as when Slicer ends without ending it
+    assert child.process.wait(timeout=120) == 0
+    child.end()
+    assert not list(temporary_folder.iterdir())
+
+
+def test_a_waiting_child_that_died_is_replaced_by_a_new_one(tmp_path, temporary_folder):
+    scene, fixed, moving, _ = _scene(tmp_path)  # the scene kept: the nodes live in it
+    waiting = mrml.startStandby(mrml.childPython())
+    waiting.process.kill()
+    waiting.process.wait()
+
+    process = mrml.RegistrationProcess(mrml.prepareRegistration(fixed, moving, SETTINGS)).start()
+
+    assert process.pid != waiting.process.pid
+    _wait(process)
+    assert process.push().transformNode.GetScene() is scene
     assert not list(temporary_folder.iterdir())

@@ -10,12 +10,14 @@ whatever transforms the inputs sit under.
 - :mod:`.nodes`, :mod:`.segmentations`, :mod:`.transforms`: nodes ↔ images and transforms;
 - :mod:`.inputs`: masks and label nodes read onto the right grids;
 - :mod:`.api`: :func:`registerVolumes` (console), :func:`prepareRegistration`;
-- :mod:`.runner`: the same job in a child process (the module's Apply);
+- :mod:`.runner`: the same job in a child process (the module's Apply), one started before it
+  (:mod:`.child_process`);
 - :mod:`.push`, :mod:`.scene_edit`: results into the scene, all or nothing;
 - :mod:`.views`: checkerboard volume, slice compositing.
 """
 
 from .api import RegistrationJob, prepareRegistration, registerVolumes
+from .child_process import endStandby, startStandby
 from .inputs import LabelNode, MaskNode
 from .nodes import imageFromVolumeNode, updateVolumeNodeFromImage
 from .push import (
@@ -55,12 +57,14 @@ __all__ = [
     "checkerboardImage",
     "childPython",
     "createCheckerboardVolume",
+    "endStandby",
     "gridTransformFromDisplacement",
     "imageFromVolumeNode",
     "prepareRegistration",
     "pushResult",
     "registerVolumes",
     "segmentLabelsFromSegmentationNode",
+    "startStandby",
     "updateSegmentationNodeFromSegmentLabels",
     "updateVolumeNodeFromImage",
 ]

@@ -2,14 +2,15 @@
 
 Inside the Slicer application the main thread holds Python's GIL while Qt idles, so a Python
 worker thread runs only in the gaps (the demo registration took 103 s instead of 4.4 s). The
-child is the library's own command line, run by Slicer's interpreter: the job's inputs go to a
-private temporary folder as uncompressed MetaImage (.mha: exact voxels and geometry; NRRD stores
-direction × spacing and reads an oblique direction back 1 ulp off), the settings as JSON;
-progress comes back as the JSON lines the child writes to a file in that folder, which
-:meth:`RegistrationProcess.poll` reads from the main thread without blocking. No Python thread
-of ours is involved, and a starved reader can never stall the child (as a full pipe would); the
-outputs come back as files and are pushed on the main thread, all or nothing. The folder is
-removed whatever the outcome. Use from the main thread::
+child is the library's own command line, run by Slicer's interpreter and usually started before
+the job (:mod:`.child_process`). The job's inputs go to the child's private temporary folder as
+uncompressed MetaImage (.mha: exact voxels and geometry; NRRD stores direction × spacing and
+reads an oblique direction back 1 ulp off), the settings as JSON; progress comes back as the JSON
+lines the child writes to a file in that folder, which :meth:`RegistrationProcess.poll` reads
+from the main thread without blocking. No Python thread of ours is involved, and a starved reader
+can never stall the child (as a full pipe would); the outputs come back as files and are pushed
+on the main thread, all or nothing. The folder is removed whatever the outcome. Use from the
+main thread::
 
     process = RegistrationProcess(job).start()
     while process.running:          # a QTimer slot in the module
@@ -21,11 +22,8 @@ from __future__ import annotations
 
 import atexit
 import json
-import os
 import shutil
-import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -37,11 +35,8 @@ from ..cli.exit_codes import EXIT_INPUT, EXIT_MEMORY
 from ..errors import DeepRegisterError, InputError, RegistrationCancelled, ResourceError
 from ..imaging.geometry import Grid
 from .api import RegistrationJob
+from .child_process import PROGRESS_FILE, STDERR_FILE, ChildProcess, takeChild
 from .push import RegistrationNodes
-
-#: How long a cancelled child may take to end after SIGTERM before it is killed.
-CANCEL_GRACE_S = 0.5
-_LIBRARY_PARENT = str(Path(__file__).resolve().parents[2])  # the folder holding DeepRegisterLib
 
 
 def childPython() -> str:
@@ -71,29 +66,19 @@ class RegistrationProcess:
         self.python = python or childPython()
         self.cancelRequested = False
         self._folder: Path | None = None
-        self._process: subprocess.Popen | None = None
+        self._child: ChildProcess | None = None
         self._progress: BinaryIO | None = None  # the child's stdout, read from where poll left off
         self._partialLine = b""
         self._drained = False  # the child has ended and poll() has read all it wrote
         self._labelKeys = list(job.labelImages)
 
     def start(self) -> RegistrationProcess:
-        """Write the inputs and start the child; returns at once."""
-        self._folder = Path(tempfile.mkdtemp(prefix="DeepRegister-"))
+        """Write the inputs and hand them to a child (the waiting one, if any); returns at once."""
+        self._child = takeChild(self.python)
+        self._folder = self._child.folder
         try:
-            command = self._writeInputs(self._folder)
-            progress = self._folder / "progress.jsonl"
-            with open(progress, "wb") as stdout, open(self._folder / "stderr.txt", "wb") as stderr:
-                self._process = subprocess.Popen(
-                    command,
-                    stdin=subprocess.DEVNULL,
-                    stdout=stdout,
-                    stderr=stderr,
-                    cwd=self._folder,
-                    env=_childEnvironment(),
-                    creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0),
-                )
-            self._progress = open(progress, "rb")  # noqa: SIM115 (closed in _cleanUp)
+            self._child.run(self._writeInputs(self._folder))
+            self._progress = open(self._folder / PROGRESS_FILE, "rb")  # noqa: SIM115 (_cleanUp)
         except BaseException:
             self._cleanUp()
             raise
@@ -102,19 +87,20 @@ class RegistrationProcess:
 
     @property
     def pid(self) -> int | None:
-        return None if self._process is None else self._process.pid
+        return None if self._child is None else self._child.process.pid
 
     @property
     def running(self) -> bool:
         """True until the child has ended and :meth:`poll` has returned all it wrote."""
-        return self._process is not None and not self._drained
+        return self._child is not None and not self._drained
 
     def poll(self) -> list[tuple[float, str]]:
         """The (fraction, message) pairs the child wrote since the last call, in order; never
         blocks."""
         if self._progress is None or self._drained:
             return []
-        ended = self._process.poll() is not None  # asked first: what follows reads all it wrote
+        # Asked first: what follows then reads all the child wrote.
+        ended = self._child.process.poll() is not None
         lines = (self._partialLine + self._progress.read()).split(b"\n")
         self._partialLine = lines.pop()  # a line the child is still writing
         self._drained = ended
@@ -124,13 +110,6 @@ class RegistrationProcess:
         """End the child (terminate, then kill after a grace period) and remove its files."""
         self.cancelRequested = True
         self._drained = True
-        if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(CANCEL_GRACE_S)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
         self._cleanUp()
 
     def finish(self) -> ProcessOutputs:
@@ -139,10 +118,10 @@ class RegistrationProcess:
         if self.running:
             raise RuntimeError("the registration is still running")
         try:
-            if self.cancelRequested or self._process is None:
+            if self.cancelRequested or self._child is None:
                 raise RegistrationCancelled("registration cancelled; the scene is unchanged")
-            if self._process.returncode != 0:
-                raise _childError(self._process.returncode, self._folder / "stderr.txt")
+            if self._child.process.returncode != 0:
+                raise _childError(self._child.process.returncode, self._folder / STDERR_FILE)
             return self._readOutputs(self._folder / "out")
         finally:
             self._cleanUp()
@@ -152,6 +131,7 @@ class RegistrationProcess:
         return self.job.push(self.finish())
 
     def _writeInputs(self, folder: Path) -> list[str]:
+        """The inputs written into ``folder``; the child's command line for them."""
         job, out = self.job, folder / "out"
         out.mkdir()
 
@@ -162,7 +142,7 @@ class RegistrationProcess:
 
         (folder / "settings.json").write_text(json.dumps(job.settings.to_dict()), "utf-8")
         command = [
-            self.python, "-m", "DeepRegisterLib", "register",
+            "register",
             "--fixed", written(job.fixed, "fixed.mha"),
             "--moving", written(job.moving, "moving.mha"),
             "--settings", str(folder / "settings.json"), "--progress", "json",
@@ -211,8 +191,8 @@ class RegistrationProcess:
         atexit.unregister(self.cancel)
         if self._progress is not None:
             self._progress.close()
-        if self._folder is not None:
-            shutil.rmtree(self._folder, ignore_errors=True)
+        if self._child is not None:
+            self._child.end()
 
 
 def _progressEvent(line: bytes) -> tuple[float, str] | None:
@@ -225,14 +205,6 @@ def _progressEvent(line: bytes) -> tuple[float, str] | None:
     if not isinstance(event, dict) or event.get("event") != "progress":
         return None
     return float(event["fraction"]), str(event["message"])
-
-
-def _childEnvironment() -> dict[str, str]:
-    """This environment, with the folder holding DeepRegisterLib first on the Python path."""
-    env = dict(os.environ)
-    paths = [_LIBRARY_PARENT, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    return env
 
 
 def _childError(returnCode: int, stderrPath: Path) -> Exception:
