@@ -208,14 +208,17 @@ class DeepRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
         self._abandonTask()
+        self.logic.endStandbyChild()
         self.removeObservers()
 
     def enter(self) -> None:
         """Called each time the user opens this module."""
         self.initializeParameterNode()
+        self.logic.startStandbyChild()
 
     def exit(self) -> None:
         """Called each time the user opens a different module."""
+        self.logic.endStandbyChild()
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
@@ -328,6 +331,8 @@ class DeepRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._task = None
         self._pollTimer.stop()
         self._setRunning(False)
+        if self.parent.isEntered:
+            self.logic.startStandbyChild()  # for the next run
         if task.cancelRequested:
             self._log(_("Cancelled; the scene is unchanged."))
             return
@@ -543,6 +548,25 @@ class DeepRegisterLogic(ScriptedLoadableModuleLogic):
                 )
             )
         return True
+
+    def startStandbyChild(self) -> None:
+        """Start the child process of the next run now, so that Apply does not wait for Python
+        and PyTorch to load (a second or more, several on some systems); it waits for its job,
+        using no CPU. Nothing happens until a PyTorch the library can use is installed."""
+        try:
+            if not torchVersionIsEnough(_installedTorchVersion()):
+                return
+        except importlib.metadata.PackageNotFoundError:
+            return
+        from DeepRegisterLib import mrml
+
+        mrml.startStandby(mrml.childPython())
+
+    def endStandbyChild(self) -> None:
+        """End the waiting child process, if any (it holds PyTorch's memory)."""
+        from DeepRegisterLib import mrml
+
+        mrml.endStandby()
 
     def settingsFromParameterNode(self, parameterNode):
         """The RegistrationSettings the parameter node describes; the GUI's placeholders

@@ -384,6 +384,19 @@ def test_the_module_runs_registrations_in_a_child_process_not_a_thread(module):
     assert "Thread" not in source
 
 
+def test_the_next_runs_child_waits_while_the_module_is_open_and_ends_when_it_is_left(module):
+    def calls(name: str) -> str:
+        return ast.unparse(_function(module, "DeepRegisterWidget", name))
+
+    assert "self.logic.startStandbyChild()" in calls("enter")
+    assert "self.logic.startStandbyChild()" in calls("_onPollTimer")  # after each run
+    for name in ("exit", "cleanup"):
+        assert "self.logic.endStandbyChild()" in calls(name)
+    start = ast.unparse(_function(module, "DeepRegisterLogic", "startStandbyChild"))
+    assert "torchVersionIsEnough" in start  # none before a usable PyTorch is installed
+    assert "mrml.startStandby(mrml.childPython())" in start
+
+
 def test_the_help_states_the_slicer_and_torch_versions(module):
     help_text = _strings(_parent_assignments(module)["helpText"])
     assert "Slicer 5.10" in help_text
