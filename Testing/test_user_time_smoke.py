@@ -51,3 +51,19 @@ def test_smoke_times_the_command_line_and_writes_markdown_and_json(tmp_path: Pat
     markdown = results_file.with_suffix(".md").read_text()
     assert "| phantom 0 | fast | this |" in markdown
     assert "; device cpu;" in markdown
+
+
+def test_apply_time_smoke_times_both_children_and_writes_its_table(tmp_path: Path) -> None:
+    pytest.importorskip("mrml_scenes")  # skips without slicer-core, as every MRML test does
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "apply_time.py"), "--smoke",
+         "--out", str(tmp_path), "--tag", "smoke"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    (results_file,) = tmp_path.glob("*-apply-time-smoke.json")
+    runs = json.loads(results_file.read_text())["runs"]
+    assert [run["version"] for run in runs] == ["new child", "waiting child"]
+    for run in runs:
+        assert run["total_s"] >= run["child_s"] >= run["engine_s"] > 0
+    assert "× new child" in (tmp_path / results_file.name.replace(".json", ".md")).read_text()
