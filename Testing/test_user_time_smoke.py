@@ -30,14 +30,20 @@ def test_timed_runs_keep_what_is_already_on_the_python_path(
     assert child_env(Path("/tmp/checkout"), threads=1)["PYTHONPATH"] == "/tmp/checkout"
 
 
-def test_smoke_times_the_command_line_and_writes_markdown_and_json(tmp_path: Path) -> None:
+def _smoke(script: str, folder: Path) -> Path:
+    """Run ``benchmarks/<script>.py --smoke`` into ``folder``; the JSON results file it wrote."""
     completed = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "user_time.py"), "--smoke",
-         "--out", str(tmp_path), "--tag", "smoke"],
+        [sys.executable, str(REPO / "benchmarks" / f"{script}.py"), "--smoke",
+         "--out", str(folder), "--tag", "smoke"],
         capture_output=True, text=True, timeout=300, cwd=REPO,
     )  # fmt: skip
     assert completed.returncode == 0, completed.stdout + completed.stderr
-    (results_file,) = tmp_path.glob("*-user-time-smoke.json")
+    (results_file,) = folder.glob(f"*-{script.replace('_', '-')}-smoke.json")
+    return results_file
+
+
+def test_smoke_times_the_command_line_and_writes_markdown_and_json(tmp_path: Path) -> None:
+    results_file = _smoke("user_time", tmp_path)
     results = json.loads(results_file.read_text())
     (row,) = results["runs"]
     assert row["preset"] == "fast"
@@ -55,15 +61,9 @@ def test_smoke_times_the_command_line_and_writes_markdown_and_json(tmp_path: Pat
 
 def test_apply_time_smoke_times_both_children_and_writes_its_table(tmp_path: Path) -> None:
     pytest.importorskip("mrml_scenes")  # skips without slicer-core, as every MRML test does
-    completed = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "apply_time.py"), "--smoke",
-         "--out", str(tmp_path), "--tag", "smoke"],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
-    )  # fmt: skip
-    assert completed.returncode == 0, completed.stdout + completed.stderr
-    (results_file,) = tmp_path.glob("*-apply-time-smoke.json")
+    results_file = _smoke("apply_time", tmp_path)
     runs = json.loads(results_file.read_text())["runs"]
     assert [run["version"] for run in runs] == ["new child", "waiting child"]
     for run in runs:
         assert run["total_s"] >= run["child_s"] >= run["engine_s"] > 0
-    assert "× new child" in (tmp_path / results_file.name.replace(".json", ".md")).read_text()
+    assert "× new child" in results_file.with_suffix(".md").read_text()

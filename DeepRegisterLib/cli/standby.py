@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .exit_codes import EXIT_INPUT, EXIT_OK
+from .exit_codes import EXIT_INPUT
 
 
 def arguments_from(line: str) -> list[str] | None:
@@ -26,7 +26,7 @@ def arguments_from(line: str) -> list[str] | None:
     return arguments
 
 
-def main() -> int:
+def main() -> None:
     from ..registration.engine import load_torch_beside
 
     load_torch_beside()
@@ -37,14 +37,12 @@ def main() -> int:
         print(
             f"deepregister standby: error: unusable command line {line!r}: {error}", file=sys.stderr
         )
-        return EXIT_INPUT
-    if arguments is None:
-        return EXIT_OK
-    from .main import run
+        sys.exit(EXIT_INPUT)
+    if arguments is not None:
+        from .main import run
 
-    run(arguments)  # exits, as the command line does
-    return EXIT_OK
+        run(arguments)  # ends the process with the command line's exit code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
