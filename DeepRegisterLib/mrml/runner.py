@@ -65,7 +65,6 @@ class RegistrationProcess:
         self.job = job
         self.python = python or childPython()
         self.cancelRequested = False
-        self._folder: Path | None = None
         self._child: ChildProcess | None = None
         self._progress: BinaryIO | None = None  # the child's stdout, read from where poll left off
         self._partialLine = b""
@@ -74,11 +73,10 @@ class RegistrationProcess:
 
     def start(self) -> RegistrationProcess:
         """Write the inputs and hand them to a child (the waiting one, if any); returns at once."""
-        self._child = takeChild(self.python)
-        self._folder = self._child.folder
+        self._child = child = takeChild(self.python)
         try:
-            self._child.run(self._writeInputs(self._folder))
-            self._progress = open(self._folder / PROGRESS_FILE, "rb")  # noqa: SIM115 (_cleanUp)
+            child.run(self._writeInputs(child.folder))
+            self._progress = open(child.folder / PROGRESS_FILE, "rb")  # noqa: SIM115 (_cleanUp)
         except BaseException:
             self._cleanUp()
             raise
@@ -121,8 +119,8 @@ class RegistrationProcess:
             if self.cancelRequested or self._child is None:
                 raise RegistrationCancelled("registration cancelled; the scene is unchanged")
             if self._child.process.returncode != 0:
-                raise _childError(self._child.process.returncode, self._folder / STDERR_FILE)
-            return self._readOutputs(self._folder / "out")
+                raise _childError(self._child.process.returncode, self._child.folder / STDERR_FILE)
+            return self._readOutputs(self._child.folder / "out")
         finally:
             self._cleanUp()
 
