@@ -70,8 +70,8 @@ def add_register_parser(subparsers: Any) -> None:
     out.add_argument(
         "--displacement",
         type=Path,
-        help="the displacement field exactly as computed (float64, bit for bit; e.g. .mha) for "
-        "programs that must reproduce the run; --transform FIELD.nrrd is half the size",
+        help="the dense displacement field on the fixed grid exactly as computed (float32, bit "
+        "for bit; e.g. .mha), beside a --transform .h5",
     )
     out.add_argument(
         "--inverse-transform",

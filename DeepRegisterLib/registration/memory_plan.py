@@ -34,7 +34,8 @@ def estimate_peak_bytes(fixed: sitk.Image, moving: sitk.Image, network_voxels: i
 
     Calibrated on measured peaks (256³ brain pair: 1.3 GiB; 512² × 600 CT pair: 6.9 GiB, of
     which 6.0 GiB above the two images: 0.6 × this estimate) as ≈ 48 bytes per fixed voxel
-    (the float64 displacement, built in place, plus the normalised copy, warped image, det J),
+    (the displacement built in place, plus the normalised copy, warped image, det J; measured
+    when the displacement was float64, 12 bytes a voxel more than its float32 now),
     16 per moving voxel (float copies), 160 per network voxel (images, fields, optimiser
     state, autograd) and 512 MiB for the libraries themselves. Each CPU thread after the first
     adds 12 per network voxel, up to ``MAX_GRADIENT_CHUNKS``: the threaded grid sampler's

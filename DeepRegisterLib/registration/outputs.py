@@ -73,7 +73,7 @@ def output_stage(
 def _displacement(
     job: Job, affine: sitk.AffineTransform, deformation: Deformation, stop: Callable[[], bool]
 ) -> tuple[sitk.Image | None, Displacement]:
-    """The dense field on the fixed grid as the float64 image when the settings keep it (else
+    """The dense field on the fixed grid as a float32 image when the settings keep it (else
     None: it costs a second a brain), and the same values evaluated where warping and det J
     read them, so that their outputs do not depend on whether the image was kept."""
     grid = Grid.of(job.fixed_image)

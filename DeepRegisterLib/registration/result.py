@@ -22,14 +22,15 @@ def displacement_transform(displacement: sitk.Image) -> sitk.DisplacementFieldTr
 class RegistrationResult:
     """The outcome of :func:`DeepRegisterLib.register`.
 
-    ``displacement`` is THE transform: a vector image (float64, LPS mm) on the fixed image's grid
+    ``displacement`` is THE transform: a vector image (float32, LPS mm) on the fixed image's grid
     with ``T(x) = x + u(x)`` mapping fixed points to moving points, so that
     ``warped(x) = moving(T(x))`` — ITK's resampling transform and Slicer's "FromParent".
     The engine also hands back how it is made, ``T(x) = A(x + v(x))`` with ``v`` (``deformation``)
     on the network grid, which :meth:`transform` gives as ITK's composite (as ANTs writes its
     transforms): the same map to float32 rounding, in a twentieth of the bytes on a brain. With
     the settings' ``compute_displacement`` off, ``displacement`` is None and that composite is
-    the transform.
+    the transform. The field is float32 because the engine computes it so; ITK's transforms
+    take float64, which :meth:`transform` hands them.
     """
 
     fixed_grid: Grid

@@ -77,7 +77,7 @@ class RegistrationSettings:
     compute_warped: bool = _option(True, "warp the moving image onto the fixed grid", cli="derived")
     compute_displacement: bool = _option(
         True,
-        "keep the transform as a dense float64 field on the fixed grid (24 bytes a voxel); "
+        "keep the transform as a dense float32 field on the fixed grid (12 bytes a voxel); "
         "without it the result's transform is the affine and the network-grid deformation",
         cli="derived",
     )

@@ -199,15 +199,16 @@ class Displacement:
         self._is_cancelled = is_cancelled
 
     def image(self) -> sitk.Image:
-        """The whole field as the float64 vector image ITK displacement-field transforms hold,
-        filled in place slab by slab."""
+        """The whole field as a float32 vector image, filled in place slab by slab: every bit
+        of ``u`` in half the bytes and time of float64 (ITK's transforms take a float64 copy,
+        :func:`~.result.displacement_transform`)."""
         grid = self.grid
-        field = allocate(grid, sitk.sitkVectorFloat64, grid.dim, self._is_cancelled)
+        field = allocate(grid, sitk.sitkVectorFloat32, grid.dim, self._is_cancelled)
         rows = rows_per_slab(grid)
         for start in range(0, grid.shape[0], rows):
             stop_if(self._is_cancelled)
             u = self.tensor(row_block(grid, start, min(start + rows, grid.shape[0])))
-            paste_rows(field, u.to(torch.float64).cpu().numpy(), start)
+            paste_rows(field, u.cpu().numpy(), start)
         return field
 
     def tensor(self, block: Block) -> torch.Tensor:
