@@ -169,11 +169,13 @@ def _field(points_lps: np.ndarray) -> np.ndarray:
 
 
 def _hand_made_result(fixed_node, moving_node, inverse: bool = False) -> RegistrationResult:
-    """What the engine would return for the known field :func:`_field`."""
+    """What the engine would return for the known field :func:`_field`: the field in float32,
+    as the engine computes it, and the inverse in float64."""
     fixed = mrml.imageFromVolumeNode(fixed_node)
     moving = mrml.imageFromVolumeNode(moving_node)
     grid = Grid.of(fixed)
-    displacement = grid.apply_to(sitk.GetImageFromArray(_field(grid_points(grid)), isVector=True))
+    u = _field(grid_points(grid)).astype(np.float32)
+    displacement = grid.apply_to(sitk.GetImageFromArray(u, isVector=True))
     warped = sitk.Resample(
         moving, fixed, displacement_transform(displacement), sitk.sitkLinear, 0.0, sitk.sitkFloat32
     )

@@ -62,7 +62,8 @@ def test_the_grid_transform_maps_points_like_the_itk_field(scene):
         expected = FLIP @ np.asarray(itk.TransformPoint(tuple(p)))
         assert np.allclose(transform.TransformPoint(tuple(FLIP @ p)), expected, atol=1e-6)
     vectors = slicer.util.arrayFromGridTransform(nodes.transformNode)
-    assert np.allclose(vectors, _ras(sitk.GetArrayViewFromImage(result.displacement)), atol=1e-12)
+    assert vectors.dtype == np.float32  # as computed: half the memory of double, same values
+    np.testing.assert_array_equal(vectors, _ras(sitk.GetArrayViewFromImage(result.displacement)))
 
 
 def test_pushing_creates_the_transform_with_references_and_qa(scene):

@@ -50,7 +50,7 @@ class ProcessOutputs:
     """What the child wrote, read back: what a push needs of a RegistrationResult."""
 
     fixed_grid: Grid
-    displacement: sitk.Image  # float32: the engine's float64 field holds float32 values
+    displacement: sitk.Image  # float32, as the engine computes it
     warped: sitk.Image | None  # None unless a volume node receives it
     warped_labels: dict[str, sitk.Image] = field(default_factory=dict)
     jacobian: sitk.Image | None = None
@@ -144,9 +144,7 @@ class RegistrationProcess:
             "--fixed", written(job.fixed, "fixed.mha"),
             "--moving", written(job.moving, "moving.mha"),
             "--settings", str(folder / "settings.json"), "--progress", "json",
-            # The dense field as a float32 image: u is computed in float32, so this holds every
-            # bit of the float64 field the engine returns, in half the bytes.
-            "--transform", str(out / "displacement.mha"),
+            "--displacement", str(out / "displacement.mha"),
             "--report", str(out / "report.json"),
         ]  # fmt: skip
         if job.settings.compute_warped:

@@ -82,10 +82,11 @@ def gridTransformFromDisplacement(displacement: sitk.Image) -> slicer.vtkOriente
 
 
 def _rasVectorGrid(lps: np.ndarray) -> vtk.vtkImageData:
-    """VTK image data of double vectors, the (K, J, I, 3) LPS ``lps`` flipped to RAS as they are
-    written into it: one pass over a field that takes 400 MB for a 1 mm brain, not a copy
-    flipped and then copied again."""
-    vectors = vtk.vtkDoubleArray()
+    """VTK image data of vectors, the (K, J, I, 3) LPS ``lps`` flipped to RAS as they are
+    written into it: one pass, not a copy flipped and then copied again. A float32 field stays
+    float32 (200 MB for a 1 mm brain, not 400), which VTK's grid transforms interpolate and
+    Slicer saves as they do double."""
+    vectors = vtk.vtkFloatArray() if lps.dtype == np.float32 else vtk.vtkDoubleArray()
     vectors.SetNumberOfComponents(3)
     vectors.SetNumberOfTuples(int(np.prod(lps.shape[:3])))
     ras = numpy_support.vtk_to_numpy(vectors).reshape(lps.shape)
