@@ -101,6 +101,39 @@ def test_pushing_creates_the_transform_with_references_and_qa(scene):
     assert rows == {"runtime_s": "1.25", "device": "cpu", "folding_percent": "0", "timings.a": "1"}
 
 
+def test_new_volumes_show_with_fixed_windows_their_sources_and_det_j_call_for(scene):
+    fixed, moving = _pair(scene)
+    moving_display = moving.GetDisplayNode()
+    moving_display.SetAutoWindowLevel(False)
+    moving_display.SetWindowLevel(0.7, 0.4)
+    moving_display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeRainbow")
+    result = _hand_made_result(fixed, moving)
+    automatic = []  # a new display node with an automatic window computes it from a histogram
+
+    def record_automatic(display, event):
+        automatic.append(display.GetAutoWindowLevel())
+
+    @vtk.calldata_type(vtk.VTK_OBJECT)
+    def watch(caller, event, node):
+        if node.IsA("vtkMRMLScalarVolumeDisplayNode"):
+            node.AddObserver(vtk.vtkCommand.ModifiedEvent, record_automatic)
+
+    tag = scene.AddObserver(scene.NodeAddedEvent, watch)
+    nodes = mrml.pushResult(result, fixed, moving, createOutputVolume=True)
+    scene.RemoveObserver(tag)
+
+    assert automatic
+    assert not any(automatic)  # no window/level computed only to be replaced
+    warped, jacobian = nodes.volumeNode.GetDisplayNode(), nodes.jacobianVolumeNode.GetDisplayNode()
+    assert warped.IsA("vtkMRMLScalarVolumeDisplayNode")
+    assert (warped.GetWindow(), warped.GetLevel()) == (0.7, 0.4)
+    assert warped.GetColorNodeID() == "vtkMRMLColorTableNodeRainbow"
+    assert (jacobian.GetWindow(), jacobian.GetLevel()) == (2.0, 1.0)  # centred on det J = 1
+    assert not warped.GetAutoWindowLevel()
+    assert not jacobian.GetAutoWindowLevel()
+    assert nodes.volumeNode.GetNumberOfDisplayNodes() == 1
+
+
 def test_running_into_the_same_transform_updates_its_qa_nodes(scene):
     fixed, moving = _pair(scene)
     first = mrml.pushResult(_hand_made_result(fixed, moving, inverse=True), fixed, moving)

@@ -17,7 +17,7 @@ import vtk
 from ..errors import InputError
 from ..imaging.geometry import Grid
 from .inputs import LabelNode, LabelSource, labelSourceLayout
-from .nodes import referenceImage, sameGrid, updateVolumeNodeFromImage
+from .nodes import referenceImage, sameGrid, showScalars, updateVolumeNodeFromImage
 from .scene_edit import SceneEdit
 from .segmentations import SegmentLabels, updateSegmentationNodeFromSegmentLabels
 from .transforms import gridTransformFromDisplacement, setRegistrationTransform
@@ -281,26 +281,24 @@ def _checkResultFits(result: PushableResult, fixedNode) -> None:
 
 
 def _copyVolumeDisplay(source: slicer.vtkMRMLVolumeNode, target: slicer.vtkMRMLVolumeNode):
-    """Show the target like the source (colour table, window/level)."""
-    target.CreateDefaultDisplayNodes()
-    sourceDisplay, targetDisplay = source.GetDisplayNode(), target.GetDisplayNode()
-    if sourceDisplay is None or targetDisplay is None:
+    """Show the target like the source: its colour table and, for scalar volumes, its
+    window/level, fixed."""
+    sourceDisplay = source.GetDisplayNode()
+    if sourceDisplay is not None and sourceDisplay.IsA("vtkMRMLScalarVolumeDisplayNode"):
+        window, level = sourceDisplay.GetWindow(), sourceDisplay.GetLevel()
+        showScalars(target, sourceDisplay.GetColorNodeID(), window, level)
         return
-    targetDisplay.SetAndObserveColorNodeID(sourceDisplay.GetColorNodeID())
-    if sourceDisplay.IsA("vtkMRMLScalarVolumeDisplayNode"):
-        targetDisplay.SetAutoWindowLevel(sourceDisplay.GetAutoWindowLevel())
-        targetDisplay.SetWindowLevel(sourceDisplay.GetWindow(), sourceDisplay.GetLevel())
+    target.CreateDefaultDisplayNodes()
+    if sourceDisplay is not None and target.GetDisplayNode() is not None:
+        target.GetDisplayNode().SetAndObserveColorNodeID(sourceDisplay.GetColorNodeID())
 
 
 def _showJacobian(volumeNode: slicer.vtkMRMLScalarVolumeNode) -> None:
     """Diverging colours centred on det J = 1 (blue: compression, red: expansion)."""
-    volumeNode.CreateDefaultDisplayNodes()
-    display = volumeNode.GetDisplayNode()
     colorID = "vtkMRMLColorTableNodeFileDivergingBlueRed.txt"
-    if volumeNode.GetScene().GetNodeByID(colorID) is not None:
-        display.SetAndObserveColorNodeID(colorID)
-    display.SetAutoWindowLevel(False)
-    display.SetWindowLevel(2.0, 1.0)
+    if volumeNode.GetScene().GetNodeByID(colorID) is None:
+        colorID = "vtkMRMLColorTableNodeGrey"
+    showScalars(volumeNode, colorID, 2.0, 1.0)
 
 
 def _reportRows(report: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, str]]:

@@ -10,7 +10,7 @@ import SimpleITK as sitk
 import slicer
 
 from ..errors import InputError
-from .nodes import imageFromVolumeNode, sameGrid, updateVolumeNodeFromImage
+from .nodes import imageFromVolumeNode, sameGrid, showScalars, updateVolumeNodeFromImage
 from .scene_edit import SceneEdit
 
 
@@ -48,10 +48,7 @@ def createCheckerboardVolume(
             )
         updateVolumeNodeFromImage(edit.change(outputNode), image)
         outputNode.SetAndObserveTransformNodeID(fixedNode.GetTransformNodeID())
-        outputNode.CreateDefaultDisplayNodes()
-        display = outputNode.GetDisplayNode()
-        display.SetAutoWindowLevel(False)
-        display.SetWindowLevel(1.0, 0.5)
+        showScalars(outputNode, "vtkMRMLColorTableNodeGrey", 1.0, 0.5)
     return outputNode
 
 
