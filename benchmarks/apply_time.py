@@ -48,6 +48,7 @@ def apply_once(scene, pair: dict[str, str], preset: str, waiting: bool, wait_s: 
     for key in ("fixed", "moving"):
         nodes[key] = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", key)
         mrml.updateVolumeNodeFromImage(nodes[key], sitk.ReadImage(pair[key]))
+        nodes[key].CreateDefaultDisplayNodes()  # as Slicer shows a volume it loads
     mrml.endStandby()
     if waiting:
         mrml.startStandby(mrml.childPython())
