@@ -49,15 +49,14 @@ def test_the_optimiser_gets_the_presets_window_for_the_similarity(
     assert [k["window"] for k in given] == [window]
 
 
-def test_the_optimiser_and_the_report_get_the_presets_folding_weight(
+def test_the_optimiser_and_the_report_get_the_presets_folding_weight_and_margin(
     pair, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(
-        presets.PRESETS, "fast", replace(presets.PRESETS["fast"], folding_weight=3.5)
-    )
+    changed = replace(presets.PRESETS["fast"], folding_weight=3.5, folding_margin=0.25)
+    monkeypatch.setitem(presets.PRESETS, "fast", changed)
     given, report = register_recording(pair, monkeypatch, preset="fast")
-    assert [k["folding_weight"] for k in given] == [3.5]
-    assert report["folding_weight"] == 3.5
+    assert [(k["folding_weight"], k["folding_margin"]) for k in given] == [(3.5, 0.25)]
+    assert (report["folding_weight"], report["folding_margin"]) == (3.5, 0.25)
 
 
 @pytest.mark.parametrize(

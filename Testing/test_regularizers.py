@@ -85,6 +85,32 @@ def test_optimising_with_the_folding_penalty_leaves_no_fold(shape: tuple[int, ..
     assert folded_share(10.0) == 0.0
 
 
+def test_a_wider_folding_margin_keeps_the_field_unfolded_between_its_nodes() -> None:
+    """The engine samples its 2 mm field at 1 mm, between the nodes the penalty sees: there a
+    field whose nodes all keep det J above 0.05 can fold, and one kept above 0.15 does not."""
+    shape = (24, 24, 24)
+    generator = torch.Generator().manual_seed(2)
+    fixed = blurred(torch.rand((1, 1, *shape), generator=generator))
+    moving = blurred(torch.rand((1, 1, *shape), generator=generator))
+    levels = [(shape, Level(1.0, 60, 5, control_mm=1.0))]
+
+    def folded_shares(margin: float) -> tuple[float, float]:
+        velocity, _ = optimise_velocity(
+            fixed, moving, None, levels, similarity="mse", regularization=0.0,
+            learning_rate=1.0, window=5, folding_weight=10.0, folding_margin=margin,
+        )  # fmt: skip
+        flow = integrate_velocity(velocity, 5)
+        finer = F.interpolate(flow, scale_factor=2, mode="trilinear", align_corners=False) * 2
+        return tuple(
+            float((flow_jacobian_determinant(f) <= 0).float().mean()) for f in (flow, finer)
+        )
+
+    nodes, between = folded_shares(0.05)
+    assert nodes == 0.0
+    assert between > 0.0
+    assert folded_shares(0.15) == (0.0, 0.0)
+
+
 def plain_diffusion(flow: torch.Tensor) -> torch.Tensor:
     spatial = flow.dim() - 2
     return sum(torch.diff(flow, dim=axis).pow(2).mean() for axis in range(2, flow.dim())) / spatial

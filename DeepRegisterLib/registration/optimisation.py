@@ -101,6 +101,7 @@ def optimise_velocity(
     learning_rate: float,
     window: int,
     folding_weight: float = 0.0,
+    folding_margin: float = 0.05,
     initial_velocity: torch.Tensor | None = None,
     progress: Callable[[float, str], None] | None = None,
     is_cancelled: Callable[[], bool] = lambda: False,
@@ -110,7 +111,8 @@ def optimise_velocity(
     Each level hands on the parameter with the lowest loss it evaluated (the start included).
 
     ``levels`` pairs each level's grid shape with its settings, coarse first.
-    ``folding_weight`` adds ``folding_penalty`` to the loss, for fine control grids.
+    ``folding_weight`` adds ``folding_penalty`` (det J kept above ``folding_margin``) to the
+    loss, for fine control grids.
     """
     similarity_function(similarity)  # refuses unknown names before any work
     fine_shape = tuple(fixed.shape[2:])
@@ -137,6 +139,7 @@ def optimise_velocity(
             similarity_to(similarity, images.fixed, images.mask, window),
             regularization,
             folding_weight,
+            folding_margin,
         )
         velocity = _optimise_level(
             images, objective, shape, level, velocity, fine_shape, learning_rate, step_done,
@@ -152,12 +155,14 @@ class Objective:
     similarity_to_fixed: Callable[[torch.Tensor], torch.Tensor]
     regularization: float
     folding_weight: float
+    folding_margin: float
 
     def __call__(self, warped: torch.Tensor, control_flow: torch.Tensor) -> torch.Tensor:
         loss = self.similarity_to_fixed(warped)
         loss = loss + self.regularization * diffusion(control_flow)
         if self.folding_weight > 0:
-            loss = loss + self.folding_weight * folding_penalty(control_flow)
+            penalty = folding_penalty(control_flow, self.folding_margin)
+            loss = loss + self.folding_weight * penalty
         return loss
 
 

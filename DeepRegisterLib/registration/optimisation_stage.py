@@ -46,7 +46,7 @@ def optimisation_stage(
             similarity=job.settings.similarity, regularization=job.settings.regularization_weight,
             learning_rate=job.preset.learning_rate,
             window=job.preset.window_for(job.settings.similarity),
-            folding_weight=job.preset.folding_weight,
+            folding_weight=job.preset.folding_weight, folding_margin=job.preset.folding_margin,
             initial_velocity=velocity, progress=stages.reporter("optimisation"),
             is_cancelled=stages.cancelled,
         )  # fmt: skip

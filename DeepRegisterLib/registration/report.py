@@ -43,6 +43,7 @@ def build_report(
             "seed": job.settings.seed,
             "regularization": job.settings.regularization_weight,
             "folding_weight": job.preset.folding_weight,
+            "folding_margin": job.preset.folding_margin,
             "network_grid": {
                 "size": list(job.network_grid.size),
                 "spacing_mm": job.network_grid.spacing[0],
