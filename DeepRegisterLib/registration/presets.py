@@ -44,7 +44,7 @@ class Preset:
     folding_weight: float = 10.0
     # The det J that penalty keeps the control grid above. Folds are counted at 1 mm, between
     # the 2 mm nodes, where the trilinear field can turn more sharply than the nodes' central
-    # differences show: `accurate` folded 3–7 voxels on 12 of the 20 fs-dev pairs with 0.05.
+    # differences show: `accurate` folded 1–7 voxels on 12 of the 20 fs-dev pairs with 0.05.
     folding_margin: float = 0.05
     # At most this many recursive network passes (None: as many as the model asks). A second
     # pass lifts the network alone (brain3d stage 2: 0.751 → 0.768), not always what refines it.
