@@ -22,6 +22,11 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
+try:  # ISA-L's deflate: level 1 packs a 1 mm brain about 8 times as fast as zlib's, as small
+    from isal import isal_zlib as _fast_deflate
+except ImportError:  # Python environments without it (Slicer's own) write the same format slower
+    _fast_deflate = zlib
+
 from ..errors import InputError
 from .output_paths import IMAGE_2D_SUFFIXES, IMAGE_SUFFIXES, TRANSFORM_SUFFIXES, full_suffix
 
@@ -29,8 +34,8 @@ from .output_paths import IMAGE_2D_SUFFIXES, IMAGE_SUFFIXES, TRANSFORM_SUFFIXES,
 #: ("H5Dwrite failed") or crashed the process at exit about two runs in five.
 _HDF5_LOCK = threading.Lock()
 
-#: zlib level for .nii.gz images that compress (masks, labels, brains on a zero background):
-#: level 1 gets most of level 6's gain in about two thirds of the time.
+#: Deflate level for .nii.gz images that compress (masks, labels, brains on a zero background):
+#: level 1 gets most of level 6's gain in a fraction of the time.
 FAST_GZIP = 1
 
 
@@ -249,9 +254,11 @@ def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = Tru
 
 
 def _gzip(source: Path, target: Path, level: int) -> None:
-    """``source`` → ``target`` as one gzip member; ``source`` removed. zlib releases the GIL, so
-    outputs written in threads compress side by side."""
-    packer = zlib.compressobj(level, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    """``source`` → ``target`` as one gzip member; ``source`` removed. Level 0 stores (zlib's:
+    ISA-L's level 0 still searches, and grows a float field by a fifth). Both release the GIL,
+    so outputs written in threads compress side by side."""
+    deflate = _fast_deflate if level > 0 else zlib
+    packer = deflate.compressobj(level, deflate.DEFLATED, 16 + deflate.MAX_WBITS)
     with source.open("rb") as reading, target.open("wb") as writing:
         while chunk := reading.read(1 << 24):
             writing.write(packer.compress(chunk))
