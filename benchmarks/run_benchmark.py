@@ -53,6 +53,7 @@ from benchmarks.pairs import (  # noqa: E402
 from benchmarks.run_report import write_report  # noqa: E402
 from benchmarks.tasks import PairSpec, Settings, Task  # noqa: E402
 from DeepRegisterLib import RegistrationSettings  # noqa: E402
+from DeepRegisterLib.batch.cluster import usable_cores  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "fs-dev"
 DEFAULT_OUT = REPO / "benchmarks" / "results"
@@ -98,12 +99,6 @@ def run_in_child(tasks: list[Task], timeout_s: float) -> Iterator[dict[str, Any]
         yield {"method": tasks[number].method, "pair": tasks[number].pair.name, "status": status}
         if number + 1 < len(tasks):
             yield from run_in_child(tasks[number + 1 :], timeout_s)
-
-
-def usable_cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def machine_info(device: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .cluster import usable_cores
 from .jobs import BatchJob
 from .summary import summary_row
 
@@ -77,14 +78,14 @@ def _threads(requested: int | None) -> int:
     """Torch's and ITK's threads: as asked, else this worker's cores shared by its task slots."""
     if requested:
         return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     try:
         from distributed import get_worker
 
         slots = get_worker().state.nthreads
     except (ImportError, ValueError):
         slots = 1
-    return max(1, (cores or 1) // slots)
+    return max(1, cores // slots)
 
 
 def _decile_messages(job_id: str) -> Callable[[float, str], None]:
