@@ -18,6 +18,7 @@ from DeepRegisterLib.nn import models
 from DeepRegisterLib.nn.networks import NetworkConfig, VxmDense, integrate_velocity
 from DeepRegisterLib.registration.engine import register
 from DeepRegisterLib.registration.preprocessing import foreground_box
+from DeepRegisterLib.registration.presets import get_preset
 
 SMALL = dict(encoder=(8, 8, 8), decoder=(8, 8, 8, 8))
 
@@ -317,7 +318,9 @@ def test_register_with_a_saved_model_reports_its_name_and_checksum(
     expected_spacing = min(3.0, smallest_extent / 16)
     assert result.report["network_grid"]["spacing_mm"] == pytest.approx(expected_spacing)
     box = Grid.of(fixed).with_spacing_cropped_to(
-        result.report["network_grid"]["spacing_mm"], *foreground_box(fixed, None), multiple=1
+        result.report["network_grid"]["spacing_mm"],
+        *foreground_box(fixed, None, get_preset("fast").foreground_margin_mm),
+        multiple=1,
     )
     assert tuple(result.report["network_grid"]["size"]) == box.size
     assert any(n % a_saved_3d_model.network.multiple for n in box.size)  # not by chance

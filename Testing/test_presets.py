@@ -5,12 +5,15 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+import SimpleITK as sitk
 
+from DeepRegisterLib.imaging.geometry import Grid
 from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
 from DeepRegisterLib.nn import models
 from DeepRegisterLib.nn.networks import VxmDense, integrate_velocity
 from DeepRegisterLib.registration import engine, optimisation, optimisation_stage, presets
 from DeepRegisterLib.registration.optimisation import optimise_velocity
+from DeepRegisterLib.registration.preprocessing import foreground_box
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +121,22 @@ def test_each_preset_spends_more_steps_at_the_finest_level_than_the_one_before()
 
     steps = [finest_steps(name) for name in ("fast", "balanced", "accurate")]
     assert steps == sorted(set(steps))
+
+
+def test_the_deformable_grid_reaches_the_presets_margin_past_the_fixed_foreground() -> None:
+    """`fast` and `balanced` optimise 5 mm past the foreground, `accurate` 10 mm: a cube of 20
+    voxels (1 mm) in a 64 mm field of view gets a grid of 15 or 20 voxels across at 2 mm."""
+    image = sitk.Image([64, 64, 64], sitk.sitkFloat32)
+    image[22:42, 22:42, 22:42] = 100.0
+    sizes = {}
+    for name in ("fast", "balanced", "accurate"):
+        result = engine.register(
+            image, image, model=None, device="cpu", iterations=0, affine=False, preset=name
+        )
+        sizes[name] = tuple(result.report["network_grid"]["size"])
+        margin = presets.get_preset(name).foreground_margin_mm
+        box = Grid.of(image).with_spacing_cropped_to(
+            2.0, *foreground_box(image, None, margin), multiple=1
+        )
+        assert sizes[name] == box.size
+    assert sizes == {"fast": (15, 15, 15), "balanced": (15, 15, 15), "accurate": (20, 20, 20)}

@@ -70,7 +70,7 @@ def _plan_grid(inputs: Inputs, model_info: ModelInfo | None, device: torch.devic
     fixed_image, moving_image = inputs.fixed_image, inputs.moving_image
     fixed_grid = Grid.of(fixed_image)
     foreground = inputs.fixed_mask if inputs.fixed_mask is not None else inputs.fixed_norm > 0.05
-    lower, upper = foreground_box(fixed_image, foreground)
+    lower, upper = foreground_box(fixed_image, foreground, preset.foreground_margin_mm)
     notes: tuple[str, ...] = ()
     extent_mm = float(np.max((upper - lower + 1) * np.asarray(fixed_grid.spacing)))
     if settings.model == "default":

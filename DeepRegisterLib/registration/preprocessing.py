@@ -13,8 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..imaging.resampling import nonzero_box, run_filter
-
-FOREGROUND_MARGIN_MM = 10.0
+from .presets import FOREGROUND_MARGIN_MM
 
 
 def normalised_for_registration(
@@ -45,8 +44,11 @@ def normalised_for_registration(
     return run_filter(window, image, is_cancelled=is_cancelled)
 
 
-def foreground_box(image: sitk.Image, mask: sitk.Image | None) -> tuple[np.ndarray, np.ndarray]:
-    """Index box (I, J, K order) of the fixed foreground, with a margin, clipped to the image."""
+def foreground_box(
+    image: sitk.Image, mask: sitk.Image | None, margin_mm: float = FOREGROUND_MARGIN_MM
+) -> tuple[np.ndarray, np.ndarray]:
+    """Index box (I, J, K order) of the fixed foreground, ``margin_mm`` wider on every side,
+    clipped to the image."""
     if mask is not None:
         fg = sitk.GetArrayViewFromImage(mask) > 0
     else:
@@ -55,5 +57,5 @@ def foreground_box(image: sitk.Image, mask: sitk.Image | None) -> tuple[np.ndarr
     box = nonzero_box(fg)
     if box is None:
         return np.zeros(len(size)), size - 1.0
-    margin = FOREGROUND_MARGIN_MM / np.asarray(image.GetSpacing())
+    margin = margin_mm / np.asarray(image.GetSpacing())
     return np.maximum(box[0] - margin, 0), np.minimum(box[1] + margin, size - 1)
