@@ -138,7 +138,7 @@ PRESETS: dict[str, Preset] = {
         # 10), no fold, a step sampling 4 times instead of 5.
         Preset(
             "balanced",
-            "about 11 s for a 1 mm brain on two CPU threads, start to files",
+            "about 10 s for a 1 mm brain on two CPU threads, start to files",
             affine_iterations=50,
             levels=(
                 Level(4.0, 50, 4, differentiated_squarings=2),
