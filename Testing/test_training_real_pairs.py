@@ -38,12 +38,12 @@ def test_real_validation_scores_affine_only_like_a_zero_flow(tmp_path: Path) -> 
     (files,) = read_pairs_csv(tmp_path / "pairs.csv")
     assert files.fixed == tmp_path / "f.nii.gz"  # relative to the CSV's folder
     pair = real_validation_pair(files, spacing_mm=1.0)
-    # The foreground box with its margin, clipped to the 40² image: no longer rounded up to
-    # 48 × 48 for a network whose size multiple is 16 (the network pads its own input).
-    assert pair.fixed.shape[2:] == (40, 38)
+    # The foreground box (rows 8–29, columns 10–27) with the default preset's 5 mm margin, not
+    # rounded up to 48 × 48 for a network whose size multiple is 16 (it pads its own input).
+    assert pair.fixed.shape[2:] == (32, 28)
     affine_only = pair.score(None)
     assert affine_only > 0.9  # the affine stage undoes the shift
-    assert pair.score(torch.zeros(1, 2, 40, 38)) == pytest.approx(affine_only)
+    assert pair.score(torch.zeros(1, 2, 32, 28)) == pytest.approx(affine_only)
 
 
 def test_real_pairs_are_prepared_exactly_as_the_engine_feeds_its_network(

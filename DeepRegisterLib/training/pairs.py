@@ -23,6 +23,11 @@ from ..imaging.geometry import Grid
 from ..imaging.resampling import network_inputs
 from ..registration.affine_search import register_normalised
 from ..registration.preprocessing import foreground_box, normalised_for_registration
+from ..registration.presets import get_preset
+from ..registration.settings import RegistrationSettings
+
+#: The network grid's margin past the fixed foreground in the engine's default run.
+_DEFAULT_MARGIN_MM = get_preset(RegistrationSettings().preset).foreground_margin_mm
 
 
 @dataclass
@@ -131,8 +136,9 @@ class PreparedPair:
 
 
 def prepare_pair(files: PairFiles, spacing_mm: float, seed: int = 0) -> PreparedPair:
-    """Affine-align a pair and resample it to the network grid (the engine's preprocessing):
-    the foreground box, which the network pads to its size multiple itself."""
+    """Affine-align a pair and resample it to the network grid (the engine's preprocessing, as
+    its default preset crops): the foreground box, which the network pads to its size multiple
+    itself."""
     fixed = read_image(files.fixed, "fixed image")
     moving = read_image(files.moving, "moving image")
     if fixed.GetDimension() != moving.GetDimension():
@@ -142,7 +148,7 @@ def prepare_pair(files: PairFiles, spacing_mm: float, seed: int = 0) -> Prepared
     moving_norm = normalised_for_registration(moving)
     affine = register_normalised(fixed_norm, moving_norm, seed=seed)
     grid = Grid.of(fixed).with_spacing_cropped_to(
-        spacing_mm, *foreground_box(fixed, fixed_norm > 0.05), multiple=1
+        spacing_mm, *foreground_box(fixed, fixed_norm > 0.05, _DEFAULT_MARGIN_MM), multiple=1
     )
     reference = grid.reference_image()
     identity = sitk.Transform(dim, sitk.sitkIdentity)
