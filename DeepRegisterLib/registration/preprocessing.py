@@ -13,7 +13,6 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..imaging.resampling import nonzero_box, run_filter
-from .presets import FOREGROUND_MARGIN_MM
 
 
 def normalised_for_registration(
@@ -45,7 +44,7 @@ def normalised_for_registration(
 
 
 def foreground_box(
-    image: sitk.Image, mask: sitk.Image | None, margin_mm: float = FOREGROUND_MARGIN_MM
+    image: sitk.Image, mask: sitk.Image | None, margin_mm: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Index box (I, J, K order) of the fixed foreground, ``margin_mm`` wider on every side,
     clipped to the image."""

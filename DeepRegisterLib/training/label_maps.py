@@ -25,6 +25,8 @@ from ..registration.affine_search import register_normalised
 from ..registration.preprocessing import foreground_box, normalised_for_registration
 from .intensities import FREESURFER_T1_MEANS
 
+# Air kept around a label map's labels: room for a synthetic deformation to move them in.
+LABEL_MAP_MARGIN_MM = 10.0
 ALIGNED_LABEL_MAPS = "aligned-label-maps.pt"  # the CLI's cache of aligned maps, for --resume
 
 
@@ -139,7 +141,7 @@ def _read_label_map(path: str | os.PathLike, background_from: int | None) -> sit
 
 
 def _cropped_grid(labels: sitk.Image, spacing_mm: float) -> Grid:
-    lower, upper = foreground_box(labels, labels > 0)
+    lower, upper = foreground_box(labels, labels > 0, LABEL_MAP_MARGIN_MM)
     return Grid.of(labels).with_spacing_cropped_to(spacing_mm, lower, upper, multiple=1)
 
 
