@@ -147,7 +147,7 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "accurate",
-            "about 25 s for a 1 mm brain on two CPU threads, for the best overlap",
+            "about 22 s for a 1 mm brain on two CPU threads, for the best overlap",
             affine_iterations=75,
             # 4 and 4 squaring steps (first 5 and 7, then 4 and 5): on the twenty fs-dev pairs
             # 4 and 4 scored 0.8409 Dice (27) as 4 and 5 did (−0.00006, better on 9), in 13 %
