@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +50,13 @@ def test_smoke_times_the_command_line_and_writes_markdown_and_json(tmp_path: Pat
     assert row["preset"] == "fast"
     assert row["version"] == "this"
     assert row["total_s"] >= row["engine_s"] > 0
+    assert row["before_engine_s"] > 0
+    assert row["after_engine_s"] >= 0
+    # The run with labels and a report gives the stages and Dice, and wrote the same files.
+    assert row["checked_s"] > 0
     assert set(row["stages_s"]) >= {"affine_s", "network_s", "optimisation_s", "outputs_s"}
+    assert 0 < row["dice_27"] <= 1
+    assert row["same_outputs"] is True
     assert row["bytes_written"] > 0
     assert row["peak_rss_mb"] > 0
     # A machine without a GPU: --device auto ran on the CPU, and the files say so.
@@ -57,6 +64,28 @@ def test_smoke_times_the_command_line_and_writes_markdown_and_json(tmp_path: Pat
     markdown = results_file.with_suffix(".md").read_text()
     assert "| phantom 0 | fast | this |" in markdown
     assert "; device cpu;" in markdown
+
+
+def test_same_outputs_reads_the_files_back_and_tells_them_apart(tmp_path: Path) -> None:
+    import SimpleITK as sitk
+
+    from benchmarks.user_time import same_outputs
+
+    image = sitk.GetImageFromArray(np.arange(24, dtype=np.float32).reshape(2, 3, 4))
+    for name, shift in (("a", 0.0), ("b", 0.0), ("c", 0.5)):
+        (tmp_path / name).mkdir()
+        sitk.WriteImage(image + shift, str(tmp_path / name / "warped.nii.gz"))
+        sitk.WriteTransform(
+            sitk.TranslationTransform(3, (1.0, 2.0, 3.0)), str(tmp_path / name / "transform.h5")
+        )
+    sitk.WriteTransform(
+        sitk.TranslationTransform(3, (1.0, 2.0, 3.5)), str(tmp_path / "c" / "transform.h5")
+    )
+    outputs = ["warped", "transform"]
+    assert same_outputs(tmp_path / "a", tmp_path / "b", outputs) is True
+    assert same_outputs(tmp_path / "a", tmp_path / "c", outputs) is False
+    assert same_outputs(tmp_path / "a", tmp_path / "c", ["warped"]) is False
+    assert same_outputs(tmp_path / "a", tmp_path / "c", ["qa"]) is None
 
 
 def test_apply_time_smoke_times_both_children_and_writes_its_table(tmp_path: Path) -> None:

@@ -5,12 +5,14 @@
     python benchmarks/user_time.py --repo before=/tmp/old-checkout --repo after=.
     python benchmarks/user_time.py --smoke --out /tmp/user-time
 
-Each run is the real command line in a fresh process, timed from outside (wall time; peak RSS
-from ``os.wait4``). Its stderr progress lines split the time: the first one marks the engine's
-start, the report's ``runtime_s`` its length, so what comes before is start-up and reading and
-what comes after is writing. ``register --help`` alone times the start-up. ANTs SyN (antspyx,
-its default ``SyN``: read, register, write the warped image) runs on the same pairs in the same
-run, and every time is also given as a multiple of SyN's. A benchmark, never a test.
+Each pair runs the command a user types (fixed, moving, preset, the outputs) in a fresh
+process, timed from outside (wall time; peak RSS from ``os.wait4``); its progress lines split
+the time into start-up and reading, the engine, and writing. Then the same command with the
+labels and a report, in another fresh process: the engine's stages, Dice and folding, its own
+time, and whether it wrote the same files (the same seed gives the same result). ANTs SyN
+(antspyx, its default ``SyN``) runs on the same pairs in the same run: read, register, write
+the warped image, then its labels; every time is also given as a multiple of SyN's. A
+benchmark, never a test.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere, without installi
 
 from benchmarks.pairs import ordered_pairs, subjects_in  # noqa: E402
 from benchmarks.run_benchmark import DEFAULT_DATA, DEFAULT_OUT, machine_info, usable_cores  # noqa: E402
+from benchmarks.user_time_report import markdown  # noqa: E402
 
 #: Output name → (register option, file name); ``--outputs`` picks among them.
 OUTPUTS = {
@@ -53,6 +56,7 @@ fixed, moving, labels = (ants.image_read(path) for path in sys.argv[1:4])
 out = sys.argv[4]
 result = ants.registration(fixed, moving, type_of_transform="SyN", outprefix=out + "/syn_")
 ants.image_write(result["warpedmovout"], out + "/warped.nii.gz")
+print("REGISTERED", file=sys.stderr, flush=True)
 warped_labels = ants.apply_transforms(
     fixed, labels, result["fwdtransforms"], interpolator="nearestNeighbor"
 )
@@ -94,16 +98,14 @@ def startup_s(repo: Path, env: dict[str, str], runs: int = 3) -> float:
     return statistics.median(timed_child(command, env, repo)["wall_s"] for _ in range(runs))
 
 
-def run_register(
+def _register(
     repo: Path, env: dict[str, str], pair: dict[str, str], preset: str, outputs: Sequence[str],
-    folder: Path, device: str = "auto",
+    folder: Path, device: str, extra: Sequence[str] = (),
 ) -> dict[str, Any]:  # fmt: skip
-    report = folder / "report.json"
+    """``deepregister register`` with ``outputs`` in ``folder`` (and ``extra`` options), timed."""
     command = [
         sys.executable, "-m", "DeepRegisterLib", "register", "--fixed", pair["fixed"],
-        "--moving", pair["moving"], "--labels", pair["moving_labels"],
-        "--fixed-labels", pair["fixed_labels"], "--preset", preset, "--report", str(report),
-        "--device", device,
+        "--moving", pair["moving"], "--preset", preset, "--device", device, *extra,
     ]  # fmt: skip
     for name in outputs:
         option, file_name = OUTPUTS[name]
@@ -112,22 +114,73 @@ def run_register(
     if child["returncode"] != 0:
         errors = "\n".join(line for _, line in child["stderr"][-5:])
         raise RuntimeError(f"register failed ({child['returncode']}): {errors}")
-    engine = json.loads(report.read_text())
-    first_progress = next(t for t, line in child["stderr"] if line.startswith("PROGRESS"))
-    before_engine = first_progress
+    return child
+
+
+def run_register(
+    repo: Path, env: dict[str, str], pair: dict[str, str], preset: str, outputs: Sequence[str],
+    folders: tuple[Path, Path], device: str = "auto",
+) -> dict[str, Any]:  # fmt: skip
+    """The command alone in ``folders[0]``, then with labels and a report in ``folders[1]``."""
+    alone, checked = folders
+    child = _register(repo, env, pair, preset, outputs, alone, device)
+    progress = [t for t, line in child["stderr"] if line.startswith("PROGRESS")]
+    report_path = checked / "report.json"
+    extra = ["--labels", pair["moving_labels"], "--fixed-labels", pair["fixed_labels"]]
+    with_labels = _register(
+        repo, env, pair, preset, outputs, checked, device, [*extra, "--report", str(report_path)]
+    )
+    report = json.loads(report_path.read_text())
     return {
         "total_s": child["wall_s"],
-        "device": engine["device"],
-        "before_engine_s": before_engine,
-        "engine_s": engine["runtime_s"],
-        "stages_s": engine.get("timings", {}),
-        "after_engine_s": child["wall_s"] - before_engine - engine["runtime_s"],
+        "before_engine_s": progress[0],
+        "engine_s": progress[-1] - progress[0],
+        "after_engine_s": child["wall_s"] - progress[-1],
         "peak_rss_mb": child["peak_rss_mb"],
-        "mean_dice": engine.get("mean_dice"),
-        "dice_27": dice_27(engine),
-        "folding_percent": engine.get("folding_percent"),
-        "bytes_written": sum(p.stat().st_size for p in folder.iterdir() if p != report),
+        "bytes_written": sum(p.stat().st_size for p in alone.iterdir()),
+        "checked_s": with_labels["wall_s"],
+        "checked_peak_rss_mb": with_labels["peak_rss_mb"],
+        "device": report["device"],
+        "stages_s": report.get("timings", {}),
+        "mean_dice": report.get("mean_dice"),
+        "dice_27": dice_27(report),
+        "folding_percent": report.get("folding_percent"),
+        "same_outputs": same_outputs(alone, checked, outputs),
     }
+
+
+def same_outputs(first: Path, second: Path, outputs: Sequence[str]) -> bool | None:
+    """Whether two folders hold the same transforms and images (read back, not byte by byte:
+    a file's header may differ); None when no output can be compared so."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    compared = None
+    for name in outputs:
+        file_name = OUTPUTS[name][1]
+        if file_name.endswith(".png"):
+            continue
+        a, b = first / file_name, second / file_name
+        if file_name.endswith((".h5", ".tfm", ".mat")):
+            same = _transform_values(a) == _transform_values(b)
+        else:
+            images = sitk.ReadImage(str(a)), sitk.ReadImage(str(b))  # alive while viewed
+            same = np.array_equal(*map(sitk.GetArrayViewFromImage, images))
+        compared = same if compared is None else compared and same
+    return compared
+
+
+def _transform_values(path: Path) -> list[tuple[float, ...]]:
+    """Every parameter of every transform in a file (a dense field's values included)."""
+    import SimpleITK as sitk
+
+    transform = sitk.ReadTransform(str(path))
+    parts = sitk.CompositeTransform(transform)
+    values = []
+    for index in range(parts.GetNumberOfTransforms()):
+        part = parts.GetNthTransform(index)
+        values += [part.GetFixedParameters(), part.GetParameters()]
+    return values
 
 
 def run_ants(pair: dict[str, str], env: dict[str, str], folder: Path) -> dict[str, Any]:
@@ -147,8 +200,10 @@ def run_ants(pair: dict[str, str], env: dict[str, str], folder: Path) -> dict[st
     per_label = metrics.dice_per_label(
         fixed_labels, sitk.Cast(warped, fixed_labels.GetPixelID()), metrics.FREESURFER_EVAL_LABELS
     )
+    registered = next(t for t, line in child["stderr"] if line == "REGISTERED")
     return {
-        "total_s": child["wall_s"],
+        "total_s": registered,
+        "with_labels_s": child["wall_s"],
         "peak_rss_mb": child["peak_rss_mb"],
         "dice_27": metrics.mean_dice(per_label),
     }
@@ -249,13 +304,17 @@ def measure(args: argparse.Namespace, work: Path, save: Callable[[dict], None]) 
     for pair in pairs:
         for preset in args.presets:
             for label, repo in args.repos.items():
-                folder = Path(tempfile.mkdtemp(dir=work))
+                folders = (Path(tempfile.mkdtemp(dir=work)), Path(tempfile.mkdtemp(dir=work)))
                 row = run_register(
-                    repo, envs[label], pair, preset, args.outputs, folder, args.device
+                    repo, envs[label], pair, preset, args.outputs, folders, args.device
                 )
                 row.update(pair=pair["name"], preset=preset, version=label)
                 results["runs"].append(row)
-                print(f"{pair['name']} {preset} {label}: {row['total_s']:.1f} s", flush=True)
+                print(
+                    f"{pair['name']} {preset} {label}: {row['total_s']:.1f} s alone, "
+                    f"{row['checked_s']:.1f} s with labels and report",
+                    flush=True,
+                )
                 save(results)
     for pair in [] if args.no_ants else pairs[: args.ants_pairs or len(pairs)]:
         folder = Path(tempfile.mkdtemp(dir=work))
@@ -263,113 +322,6 @@ def measure(args: argparse.Namespace, work: Path, save: Callable[[dict], None]) 
         print(f"{pair['name']} ANTs SyN {results['ants'][pair['name']]['total_s']:.1f} s")
         save(results)
     return results
-
-
-def _ratio(seconds: float, syn: float | None) -> str:
-    return f"{seconds / syn:.2f}×" if syn else "–"
-
-
-def _number(value: float | None, digits: int) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
-def _folded(percent: float | None) -> str:
-    """A share of folded voxels readable at one voxel (6 × 10⁻⁶ % of a 256³ grid)."""
-    return "–" if percent is None else "0" if percent == 0 else f"{percent:.1e}"
-
-
-def summary(results: dict[str, Any]) -> list[str]:
-    """One line per (preset, version) and one for SyN: means over the pairs SyN also ran on
-    for the times beside SyN's, and over every pair for the rest."""
-    ants = results["ants"]
-    lines = [
-        "| preset | version | pairs | total s | × SyN | affine / network / optimisation / "
-        "outputs s | Dice (27) | pairs folding (max % det J ≤ 0) | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for row in results["runs"]:
-        groups.setdefault((row["preset"], row["version"]), []).append(row)
-    for (preset, version), rows in groups.items():
-        with_syn = [r for r in rows if r["pair"] in ants]
-        ratio = (
-            statistics.mean(r["total_s"] for r in with_syn)
-            / statistics.mean(ants[r["pair"]]["total_s"] for r in with_syn)
-            if with_syn
-            else None
-        )
-        stages = " / ".join(
-            f"{statistics.mean(r['stages_s'].get(key, 0) for r in rows):.1f}"
-            for key in ("affine_s", "network_s", "optimisation_s", "outputs_s")
-        )
-        dice = [r["dice_27"] for r in rows if r.get("dice_27") is not None]
-        folding = [r["folding_percent"] for r in rows if r.get("folding_percent") is not None]
-        lines.append(
-            f"| {preset} | {version} | {len(rows)} "
-            f"| {statistics.mean(r['total_s'] for r in rows):.1f} "
-            f"| {'–' if ratio is None else f'{ratio:.2f}×'} | {stages} "
-            f"| {_number(statistics.mean(dice) if dice else None, 4)} "
-            f"| {sum(f > 0 for f in folding)} ({_folded(max(folding) if folding else None)}) "
-            f"| {max(r['peak_rss_mb'] for r in rows):.0f} |"
-        )
-    if ants:
-        dice = [a["dice_27"] for a in ants.values() if a.get("dice_27") is not None]
-        lines.append(
-            f"| ANTs SyN | antspyx | {len(ants)} "
-            f"| {statistics.mean(a['total_s'] for a in ants.values()):.1f} | 1.00× | – "
-            f"| {_number(statistics.mean(dice) if dice else None, 3)} | – "
-            f"| {max(a['peak_rss_mb'] for a in ants.values()):.0f} |"
-        )
-    return lines
-
-
-def _devices(results: dict[str, Any]) -> str:
-    """The devices the engine reports it ran on (``--device auto`` decides in each run)."""
-    return ", ".join(sorted({str(run.get("device")) for run in results["runs"]})) or "–"
-
-
-def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
-    lines = [
-        "# What a user waits for: `deepregister register`, start to files on disk",
-        "",
-        f"Outputs asked for: {', '.join(args.outputs)} (plus --report, and --labels/"
-        f"--fixed-labels for Dice); {args.threads} threads; device "
-        f"{_devices(results)}; presets {', '.join(args.presets)}.",
-        "Start-up is `register --help` alone (median of 3). 'Before engine' is the time to the "
-        "first progress line (start-up, imports, reading); 'after engine' is writing and exit. "
-        "Ratios are × ANTs SyN's time (read, register, write the warped image and labels) on "
-        "the same pairs in the same run. Dice (27): mean over the 27 FreeSurfer structures, "
-        "for SyN and DeepRegister alike; % det J ≤ 0 over the fixed grid.",
-        "",
-        "| version | start-up (--help) s |",
-        "|---|---|",
-        *[f"| {label} | {s:.2f} |" for label, s in results["startup_s"].items()],
-        "",
-        *summary(results),
-        "",
-        "| pair | preset | version | total s | × SyN | before engine s | engine s "
-        "| affine / network / optimisation / outputs s | after engine s | peak RSS MB "
-        "| MB written | Dice (27) | % det J ≤ 0 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in results["runs"]:
-        syn = results["ants"].get(row["pair"], {}).get("total_s")
-        stages = " / ".join(
-            f"{row['stages_s'].get(key, 0):.1f}"
-            for key in ("affine_s", "network_s", "optimisation_s", "outputs_s")
-        )
-        lines.append(
-            f"| {row['pair']} | {row['preset']} | {row['version']} | {row['total_s']:.1f} "
-            f"| {_ratio(row['total_s'], syn)} | {row['before_engine_s']:.1f} "
-            f"| {row['engine_s']:.1f} | {stages} | {row['after_engine_s']:.1f} "
-            f"| {row['peak_rss_mb']:.0f} | {row['bytes_written'] / 1e6:.0f} "
-            f"| {_number(row.get('dice_27'), 3)} | {_folded(row.get('folding_percent'))} |"
-        )
-    for name, syn in results["ants"].items():
-        total, peak = syn["total_s"], syn["peak_rss_mb"]
-        dice = _number(syn.get("dice_27"), 3)
-        lines.append(f"\nANTs SyN on {name}: {total:.1f} s, peak {peak:.0f} MB, Dice (27) {dice}")
-    return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
