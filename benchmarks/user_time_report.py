@@ -31,11 +31,11 @@ def _same(rows: list[dict[str, Any]]) -> str:
 
 def _mean_ratio(rows: list[dict[str, Any]], ants: dict[str, Any], key: str, syn_key: str) -> str:
     """Mean ``key`` over the pairs SyN ran on, as a multiple of SyN's mean ``syn_key`` there."""
-    with_syn = [r for r in rows if r["pair"] in ants and r.get(key) is not None]
+    with_syn = [r for r in rows if r["pair"] in ants]
     if not with_syn:
         return "–"
-    ours = statistics.mean(r[key] for r in with_syn)
-    return f"{ours / statistics.mean(ants[r['pair']][syn_key] for r in with_syn):.2f}×"
+    syn = statistics.mean(ants[r["pair"]][syn_key] for r in with_syn)
+    return _ratio(statistics.mean(r[key] for r in with_syn), syn)
 
 
 def summary(results: dict[str, Any]) -> list[str]:
