@@ -18,6 +18,7 @@ from .batch import add_batch_parser
 from .demo import add_demo_parser
 from .evaluate import add_evaluate_parser
 from .exit_codes import EXIT_ERROR, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_MEMORY, EXIT_OK
+from .process_memory import keep_freed_memory
 from .register import add_register_parser
 from .train import add_train_parser
 
@@ -79,14 +80,16 @@ def run(argv: Sequence[str] | None = None) -> None:
     with its outputs written and closed and its threads joined, the process ends without
     Python's finalisation: with torch loaded that takes 0.3 s, which a user waits for on every
     pair (and Slicer, on every run). The other commands, with clusters to close and logs to
-    flush, end as Python ends."""
+    flush, end as Python ends. A ``register`` process, living for one registration, keeps the
+    memory its stages free for the next to reuse (see process_memory)."""
     args = build_parser().parse_args(argv)
+    if args.command != "register":
+        sys.exit(_run(args))
+    keep_freed_memory()
     code = _run(args)
-    if args.command == "register":
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
