@@ -1,8 +1,9 @@
-"""A ``register`` process keeps the memory it frees: a stage's freed images are reused by the
-next, not returned to the system and taken again as fresh pages (see cli/process_memory.py).
+"""Memory a registration frees is reused, not taken again as fresh pages from the system.
 
-Measured the way the cost arises: minor page faults while a fresh interpreter allocates 64 MB,
-frees them and allocates them again, with and without asking glibc to keep them.
+A ``register`` process keeps what it frees (see cli/process_memory.py): measured the way the cost
+arises, as minor page faults while a fresh interpreter allocates 64 MB, frees them and allocates
+them again, with and without asking glibc to keep them. And the engine frees its full-resolution
+working images before the deformable stages, which then reuse that memory.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import platform
 import subprocess
 import sys
+import weakref
 
 import pytest
 
@@ -53,3 +55,37 @@ def test_other_systems_are_left_as_they_are(monkeypatch):
     for system in ("darwin", "win32"):
         monkeypatch.setattr(sys, "platform", system)
         assert keep_freed_memory() is False
+
+
+def test_full_resolution_working_images_end_before_the_deformable_stages(monkeypatch):
+    """The normalised images and the smoothed moving image (64 MB each at 256³) serve the
+    affine search and the network grid; none is alive once the network stage begins."""
+    from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
+    from DeepRegisterLib.registration import deformable, engine
+
+    made: list[weakref.ref] = []
+
+    def tracked(function):
+        def call(*args, **kwargs):
+            image = function(*args, **kwargs)
+            made.append(weakref.ref(image))
+            return image
+
+        return call
+
+    alive_at_network: list[list[bool]] = []
+
+    def network_stage(*args, **kwargs):
+        alive_at_network.append([ref() is not None for ref in made])
+        return original_network_stage(*args, **kwargs)
+
+    original_network_stage = deformable.network_stage
+    monkeypatch.setattr(
+        engine, "normalised_for_registration", tracked(engine.normalised_for_registration)
+    )
+    monkeypatch.setattr(deformable, "smoothed_for_grid", tracked(deformable.smoothed_for_grid))
+    monkeypatch.setattr(deformable, "network_stage", network_stage)
+    pair = phantom_pair(demo_grid(3, size=32), amplitude_mm=2.0)
+    result = engine.register(pair.fixed, pair.moving, preset="fast", iterations=0, model=None)
+    assert result.warped.GetSize() == pair.fixed.GetSize()
+    assert alive_at_network == [[False, False, False]]

@@ -1,9 +1,10 @@
-"""The torch half of a registration: prepared beside the affine stage, then run after it.
+"""The torch half of a registration: planned beside the affine stage, then run after it.
 
 :func:`prepare` runs on a worker thread while the affine stage runs on the main one (see
 engine.py): the run is planned (device, model, memory) and the network's inputs are smoothed
-for its grid, none of which needs the affine.
-:func:`run` is the rest in order, network → optimisation → outputs, each timed.
+for its grid, none of which needs the affine. :func:`on_network_grid` then puts the moving
+image through the affine onto the network grid, and :func:`run` is the rest in order,
+network → optimisation → outputs, each timed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from ..imaging.geometry import Grid
 from ..imaging.resampling import fixed_on_grid, smoothed_for_grid
-from .grid_images import grid_images
+from .grid_images import GridImages, grid_images
 from .inputs import Inputs
 from .job import Job, plan_job
 from .network_stage import network_stage
@@ -28,7 +29,7 @@ from .result import RegistrationResult
 
 
 @dataclass(frozen=True)
-class Prepared:
+class Planned:
     """The plan of the run and the network's inputs before the affine."""
 
     job: Job
@@ -38,14 +39,38 @@ class Prepared:
     moving_smooth: sitk.Image  # the moving image smoothed for the grid's spacing, where nonzero
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """The plan of the run and what its deformable stages work on (on the CPU until run)."""
+
+    job: Job
+    device: torch.device
+    notes: tuple[str, ...]
+    images: GridImages
+
+
 def prepare(
-    inputs: Inputs, moving_norm: sitk.Image, started: float, is_cancelled: Callable[[], bool]
-) -> Prepared:
-    job, device, notes = plan_job(inputs, started)
+    inputs: Inputs,
+    fixed_norm: sitk.Image,
+    moving_norm: sitk.Image,
+    started: float,
+    is_cancelled: Callable[[], bool],
+) -> Planned:
+    job, device, notes = plan_job(inputs, fixed_norm, started)
     reference = job.network_grid.reference_image()
-    fixed_net = fixed_on_grid(job.fixed_norm, reference, is_cancelled)
+    fixed_net = fixed_on_grid(fixed_norm, reference, is_cancelled)
     moving_smooth = smoothed_for_grid(moving_norm, reference.GetSpacing()[0], is_cancelled)
-    return Prepared(job, device, notes, fixed_net, moving_smooth)
+    return Planned(job, device, notes, fixed_net, moving_smooth)
+
+
+def on_network_grid(
+    stages: Stages, planned: Planned, affine: sitk.AffineTransform, notes: tuple[str, ...]
+) -> Prepared:
+    """The planned run with its images on the network grid, the moving one through the affine;
+    ``notes`` (said during the affine stage) come before the plan's."""
+    job = planned.job
+    images = grid_images(stages, job, affine, planned.fixed_net, planned.moving_smooth)
+    return Prepared(job, planned.device, (*notes, *planned.notes), images)
 
 
 def run(
@@ -81,8 +106,7 @@ def _run(
     clock: Stopwatch,
 ) -> RegistrationResult:
     """The stages in order, each timed, with a cancel check between them."""
-    job = prepared.job
-    images = grid_images(stages, job, affine, prepared.fixed_net, prepared.moving_smooth, device)
+    job, images = prepared.job, prepared.images.to(device)
     network = network_stage(stages, job, images, device, notes)
     clock.lap("network_s")
     stages.check("after the network")

@@ -17,7 +17,6 @@ import importlib
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -96,37 +95,56 @@ def register(
         fixed_labels=fixed_labels, initial_transform=initial_transform,
     )  # fmt: skip
     clock = Stopwatch()
-    # Normalised once, for the affine stage and the network's input.
-    moving_norm = normalised_for_registration(inputs.moving_image, stages.cancelled)
-    with Beside(stages.cancelled, "while preparing the images") as beside:
-        preparing = beside.submit(_prepare, inputs, moving_norm, started)
-        try:
-            affine, note = _affine(stages, inputs, moving_norm, lambda: beside.failed(preparing))
-        except RegistrationCancelled:
-            if beside.failed(preparing) and not stages.cancelled():
-                beside.result(preparing)  # raises the plan's own error: that is what stopped it
-            raise
-        prepared = beside.result(preparing)
-    for planned in prepared.notes:
-        stages.report("affine", 1.0, planned)
-    if note is not None:  # reported when it happened
-        prepared = replace(prepared, notes=(note, *prepared.notes))
+    prepared, affine = _affine_and_plan(stages, inputs, started)
     clock.lap("affine_s")
     stages.check("after the affine stage")
-    from .deformable import run  # loaded by the worker above
+    from .deformable import run  # loaded by the worker that planned the run
 
     return run(stages, prepared, affine, clock)
 
 
-def _prepare(inputs: Inputs, moving_norm: sitk.Image, started: float, is_cancelled):
+def _affine_and_plan(stages: Stages, inputs: Inputs, started: float):
+    """The affine search on the main thread while a worker plans the run and smooths the
+    network's inputs; then the moving image through the affine onto the network grid. The
+    full-resolution working images (normalised, smoothed: 64 MB each at 256³) end with this
+    call, so the deformable stages reuse their memory instead of taking fresh pages."""
+    # Normalised once: the affine stage's input, the foreground box and the network's input.
+    fixed_norm = normalised_for_registration(inputs.fixed_image, stages.cancelled)
+    moving_norm = normalised_for_registration(inputs.moving_image, stages.cancelled)
+    with Beside(stages.cancelled, "while preparing the images") as beside:
+        preparing = beside.submit(_prepare, inputs, fixed_norm, moving_norm, started)
+        try:
+            affine, note = _affine(
+                stages, inputs, fixed_norm, moving_norm, lambda: beside.failed(preparing)
+            )
+        except RegistrationCancelled:
+            if beside.failed(preparing) and not stages.cancelled():
+                beside.result(preparing)  # raises the plan's own error: that is what stopped it
+            raise
+        planned = beside.result(preparing)
+    for choice in planned.notes:
+        stages.report("affine", 1.0, choice)
+    from .deformable import on_network_grid
+
+    noted = () if note is None else (note,)  # reported when it happened
+    return on_network_grid(stages, planned, affine, noted), affine
+
+
+def _prepare(
+    inputs: Inputs, fixed_norm: sitk.Image, moving_norm: sitk.Image, started: float, is_cancelled
+):
     """On the worker, beside the affine search: plan the run, smooth the network's inputs."""
     from .deformable import prepare
 
-    return prepare(inputs, moving_norm, started, is_cancelled)
+    return prepare(inputs, fixed_norm, moving_norm, started, is_cancelled)
 
 
 def _affine(
-    stages: Stages, inputs: Inputs, moving_norm: sitk.Image, also_stop: Callable[[], bool]
+    stages: Stages,
+    inputs: Inputs,
+    fixed_norm: sitk.Image,
+    moving_norm: sitk.Image,
+    also_stop: Callable[[], bool],
 ) -> tuple[sitk.AffineTransform, str | None]:
     """The affine, and a note when a GPU out of memory sent the search to the CPU."""
     dim = inputs.fixed_image.GetDimension()
@@ -139,7 +157,7 @@ def _affine(
     from .affine_search import register_normalised  # loading since the run began
 
     search = partial(
-        register_normalised, inputs.fixed_norm, moving_norm,
+        register_normalised, fixed_norm, moving_norm,
         fixed_mask=inputs.fixed_mask, moving_mask=inputs.moving_mask,
         initial_transform=inputs.initial_transform,
         iterations=inputs.preset.affine_iterations, finest_mm=inputs.preset.affine_finest_mm,

@@ -24,6 +24,11 @@ class GridImages:
     mask: torch.Tensor | None  # the fixed mask, if any
     moving_before: sitk.Image  # the moving image on the grid without the affine (for the report)
 
+    def to(self, device: torch.device) -> GridImages:
+        """The same images on ``device`` (themselves where they already are)."""
+        mask = None if self.mask is None else self.mask.to(device)
+        return GridImages(self.fixed.to(device), self.moving.to(device), mask, self.moving_before)
+
 
 def grid_images(
     stages: Stages,
@@ -31,10 +36,9 @@ def grid_images(
     affine: sitk.AffineTransform,
     fixed_net: sitk.Image,
     moving_smooth: sitk.Image,
-    device: torch.device,
 ) -> GridImages:
-    """The network's inputs: the fixed image on the grid, and the moving image (smoothed for
-    the grid's spacing) through the affine; refused when the two barely overlap."""
+    """The network's inputs, on the CPU: the fixed image on the grid, and the moving image
+    (smoothed for the grid's spacing) through the affine; refused when the two barely overlap."""
     stop = stages.cancelled
     reference = job.network_grid.reference_image()
     dim = job.fixed_image.GetDimension()
@@ -45,6 +49,7 @@ def grid_images(
         sitk.sitkUInt8, stop,
     )  # fmt: skip
     _check_overlap(fixed_net, moving_domain)
+    cpu = torch.device("cpu")
     mask_t = (
         None if job.fixed_mask is None
         else to_tensor(
@@ -52,12 +57,10 @@ def grid_images(
                 job.fixed_mask, reference, identity, sitk.sitkNearestNeighbor, sitk.sitkUInt8,
                 stop,
             ),
-            device,
+            cpu,
         )
     )  # fmt: skip
-    return GridImages(
-        to_tensor(fixed_net, device), to_tensor(moving_net, device), mask_t, moving_before
-    )
+    return GridImages(to_tensor(fixed_net, cpu), to_tensor(moving_net, cpu), mask_t, moving_before)
 
 
 def to_tensor(image: sitk.Image, device: torch.device, dtype=torch.float32) -> torch.Tensor:

@@ -17,7 +17,6 @@ from ..errors import InputError
 from ..imaging.fileio import read_image
 from ..imaging.geometry import is_linear
 from .image_checks import check_intensity_image, check_label_map, check_same_dimension, mask_on_grid
-from .preprocessing import normalised_for_registration
 from .presets import Preset
 from .progress import Stages
 from .settings import RegistrationSettings
@@ -30,7 +29,6 @@ class Inputs:
     """The images and the settings of one call, checked."""
 
     fixed_image: sitk.Image
-    fixed_norm: sitk.Image  # normalised_for_registration(fixed_image)
     moving_image: sitk.Image
     fixed_mask: sitk.Image | None
     moving_mask: sitk.Image | None
@@ -78,11 +76,9 @@ def check_inputs(
         fixed_image, moving_image, fixed_mask, moving_mask, moving_labels, fixed_labels
     )
     stages.check("during the input checks")
-    # Normalised once: the affine stage's input, the foreground box and the network's input.
-    fixed_norm = normalised_for_registration(fixed_image, stages.cancelled)
     stages.report("checks", 1.0, "inputs checked")
     return Inputs(
-        fixed_image=fixed_image, fixed_norm=fixed_norm, moving_image=moving_image,
+        fixed_image=fixed_image, moving_image=moving_image,
         **extras._asdict(), initial_transform=initial_transform, settings=settings,
         preset=preset,
     )  # fmt: skip

@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 
 from ..imaging.geometry import Grid
@@ -43,15 +44,18 @@ class _GridPlan(NamedTuple):
     notes: tuple[str, ...]
 
 
-def plan_job(inputs: Inputs, started: float) -> tuple[Job, torch.device, tuple[str, ...]]:
+def plan_job(
+    inputs: Inputs, fixed_norm: sitk.Image, started: float
+) -> tuple[Job, torch.device, tuple[str, ...]]:
     """The job, the device it runs on and the notes on choices made for it (for the caller to
-    report: this runs on a worker thread)."""
+    report: this runs on a worker thread). ``fixed_norm`` (the normalised fixed image) gives
+    the foreground when there is no fixed mask."""
     settings = inputs.settings
     device = resolve_device(settings.device)
     default_model = settings.model == "default"
     dim = inputs.fixed_image.GetDimension()
     model_info = None if default_model else resolve_model(settings.model, dim)
-    plan = _plan_grid(inputs, model_info, device)
+    plan = _plan_grid(inputs, fixed_norm, model_info, device)
     job = Job(
         **{field.name: getattr(inputs, field.name) for field in fields(Inputs)},
         model_info=plan.model_info,
@@ -63,13 +67,15 @@ def plan_job(inputs: Inputs, started: float) -> tuple[Job, torch.device, tuple[s
     return job, plan.device, plan.notes
 
 
-def _plan_grid(inputs: Inputs, model_info: ModelInfo | None, device: torch.device) -> _GridPlan:
+def _plan_grid(
+    inputs: Inputs, fixed_norm: sitk.Image, model_info: ModelInfo | None, device: torch.device
+) -> _GridPlan:
     """The network grid over the fixed foreground, the model for it (a default one chosen
     here) and the device, on a plan that fits in memory."""
     settings, preset = inputs.settings, inputs.preset
     fixed_image, moving_image = inputs.fixed_image, inputs.moving_image
     fixed_grid = Grid.of(fixed_image)
-    foreground = inputs.fixed_mask if inputs.fixed_mask is not None else inputs.fixed_norm > 0.05
+    foreground = inputs.fixed_mask if inputs.fixed_mask is not None else fixed_norm > 0.05
     lower, upper = foreground_box(fixed_image, foreground, preset.foreground_margin_mm)
     notes: tuple[str, ...] = ()
     extent_mm = float(np.max((upper - lower + 1) * np.asarray(fixed_grid.spacing)))
