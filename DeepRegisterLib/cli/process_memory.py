@@ -1,16 +1,15 @@
 """Keep the memory a registration frees inside its process, for its next stage to reuse.
 
-glibc's allocator gives large blocks (above a threshold of 128 KiB, rising to 32 MiB) back to the
-system as soon as they are freed, and trims the free top of its heap. Each stage of a registration
-frees its working images and the next allocates new ones, so a ``fast`` run took about 280 000
-fresh pages (1.1 GB) from the system, each zeroed by the kernel on first touch, for a peak of
-about 0.9 GB. Where freed guest memory goes back to a virtual machine's host, a fresh page costs
-far more: 6 s per GiB on the two-core benchmark machine. Kept, a run takes about 150 000; on
-three fs-dev pairs its engine ran 0.7–1.4 s faster on two threads (see docs/history.md).
+glibc gives large freed blocks (above 128 KiB, rising to 32 MiB) straight back to the system and
+trims its heap's free top, so each stage of a run took its working images from fresh pages, which
+the kernel zeroes on first touch and a virtual machine's host may first have to supply again
+(6 s per GiB on the two-core benchmark machine). Kept, a ``fast`` run takes about 150 000 fresh
+pages instead of 240 000–320 000, and its engine 5.9–6.9 s instead of 6.6–7.6 s on one fs-dev
+pair (docs/history.md).
 
-Only a process that lives for one registration may do this: the command line's ``register``
-(and Slicer's child process, which runs it). Never in a caller's process (Slicer's own, a
-notebook), whose memory is not ours to hold.
+Only a process that lives for one registration may ask: ``deepregister register`` (Slicer's child
+process runs it too). Never a caller's process (Slicer's own, a notebook): its memory is not ours
+to hold.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import SimpleITK as sitk
 
@@ -30,6 +30,9 @@ from .preprocessing import normalised_for_registration
 from .progress import CancelToken, ProgressCallback, Stages, Stopwatch
 from .result import RegistrationResult
 from .settings import RegistrationSettings
+
+if TYPE_CHECKING:  # the torch half, imported where it runs
+    from .deformable import Prepared
 
 __all__ = ["CancelToken", "ImageLike", "ProgressCallback", "load_torch_beside", "register"]
 _loading_torch = threading.Event()
@@ -103,7 +106,9 @@ def register(
     return run(stages, prepared, affine, clock)
 
 
-def _affine_and_plan(stages: Stages, inputs: Inputs, started: float):
+def _affine_and_plan(
+    stages: Stages, inputs: Inputs, started: float
+) -> tuple[Prepared, sitk.AffineTransform]:
     """The affine search on the main thread while a worker plans the run and smooths the
     network's inputs; then the moving image through the affine onto the network grid. The
     full-resolution working images (normalised, smoothed: 64 MB each at 256³) end with this
