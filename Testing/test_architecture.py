@@ -5,8 +5,9 @@ Every import points down the data flow:
 * applications: ``cli`` (the command line), ``batch`` (many pairs), ``mrml`` (the Slicer bridge);
 * the pipeline: ``registration`` and ``evaluation`` (each on foundations only), ``training``
   (which also reuses the registration's affine stage and may use the evaluation);
-* foundations: ``nn`` and ``imaging`` (independent of each other), ``errors`` (below both), and
-  the shipped model files (``shipped_models``, read by ``nn.models``).
+* foundations: ``nn`` and ``imaging`` (independent of each other), ``errors`` (below both),
+  ``process_memory`` (what a process that exists to register asks of the C library: ``cli`` and
+  ``batch`` only), and the shipped model files (``shipped_models``, read by ``nn.models``).
 
 Among the applications, ``cli`` offers ``batch`` as a command, and ``mrml`` runs the command line
 in a child process and reads its exit codes (``cli.exit_codes`` only). No cycles between packages.
@@ -29,13 +30,23 @@ LIBRARY = "DeepRegisterLib"
 
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
+    "process_memory": set(),
     "imaging": {"errors"},
     "nn": {"errors", "shipped_models"},
     "registration": {"errors", "imaging", "nn"},
     "evaluation": {"errors", "imaging", "nn"},
     "training": {"errors", "imaging", "nn", "registration", "evaluation"},
-    "batch": {"errors", "imaging", "nn", "registration", "evaluation"},
-    "cli": {"errors", "imaging", "nn", "registration", "evaluation", "training", "batch"},
+    "batch": {"errors", "imaging", "nn", "registration", "evaluation", "process_memory"},
+    "cli": {
+        "errors",
+        "imaging",
+        "nn",
+        "registration",
+        "evaluation",
+        "training",
+        "batch",
+        "process_memory",
+    },
     # mrml runs the command line in a child process and reads its exit codes.
     "mrml": {"errors", "imaging", "nn", "registration", "evaluation", "cli.exit_codes"},
     # The package itself: its facade (``register``, ``RegistrationSettings``); ``python -m``.

@@ -1,6 +1,6 @@
 """Memory a registration frees is reused, not taken again as fresh pages from the system.
 
-A ``register`` process keeps what it frees (see cli/process_memory.py): measured the way the cost
+A ``register`` process keeps what it frees (see process_memory.py): measured the way the cost
 arises, as minor page faults while a fresh interpreter allocates 64 MB, frees them and allocates
 them again, with and without asking glibc to keep them. And the engine frees its full-resolution
 working images before the deformable stages, which then reuse that memory.
@@ -16,11 +16,11 @@ import weakref
 
 import pytest
 
-from DeepRegisterLib.cli.process_memory import keep_freed_memory
+from DeepRegisterLib.process_memory import keep_freed_memory
 
 REALLOCATE = """
 import json, resource, sys
-from DeepRegisterLib.cli.process_memory import keep_freed_memory
+from DeepRegisterLib.process_memory import keep_freed_memory
 agreed = keep_freed_memory() if sys.argv[1] == "keep" else None
 first = bytearray(2**26)  # 64 MB (zeroed: touched), above glibc's largest mmap threshold
 del first

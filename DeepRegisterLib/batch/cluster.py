@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+from ..process_memory import KEPT_MEMORY_ENVIRONMENT
 from ..registration.settings import RegistrationSettings
 from .jobs import BatchJob, ImageHeader
 
@@ -98,9 +99,14 @@ def dask_client(plan: WorkerPlan | None, scheduler: str | None, retries: int) ->
         "distributed.scheduler.allowed-failures": retries,
         # Torch's threads are set per job (worker.run_job); nothing else should spawn its own.
         "distributed.nanny.pre-spawn-environ.OMP_NUM_THREADS": plan.threads,
-        # Dask's default (65536) turns off glibc's adaptive mmap threshold, so every large
-        # tensor is mapped and zeroed afresh: one fs-dev pair took 31.0 s instead of 17.5 s.
-        "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+        # Dask's default trim threshold (65536) turned off glibc's adaptive mmap threshold, so
+        # every large tensor was mapped and zeroed afresh: one fs-dev pair took 31.0 s, not
+        # 17.5. Our workers exist to register: they keep what they free for the next stage and
+        # job (see process_memory).
+        **{
+            f"distributed.nanny.pre-spawn-environ.{name}": value
+            for name, value in KEPT_MEMORY_ENVIRONMENT.items()
+        },
     }
     with (
         _environment_restored(),

@@ -14,11 +14,11 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import DeepRegisterError, InputError, ModelError, RegistrationCancelled, ResourceError
+from ..process_memory import keep_freed_memory
 from .batch import add_batch_parser
 from .demo import add_demo_parser
 from .evaluate import add_evaluate_parser
 from .exit_codes import EXIT_ERROR, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_MEMORY, EXIT_OK
-from .process_memory import keep_freed_memory
 from .register import add_register_parser
 from .train import add_train_parser
 
