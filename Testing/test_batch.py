@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
+from page_faults import PAGES, only_glibc, reallocation_faults
 
 from DeepRegisterLib.batch import jobs_from_csv, jobs_from_template, run_batch
 from DeepRegisterLib.batch.cluster import WorkerPlan, dask_client, usable_cores
@@ -263,22 +263,7 @@ def test_jobs_compute_the_inverse_only_when_asked_and_never_the_dense_field():
     assert not with_inverse.compute_displacement
 
 
-def reallocation_faults() -> int:
-    """Minor page faults of allocating 64 MB (zeroed: touched) again after freeing it."""
-    import resource
-
-    first = bytearray(2**26)
-    del first
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    again = bytearray(2**26)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    del again
-    return faults
-
-
-@pytest.mark.skipif(
-    platform.libc_ver()[0] != "glibc", reason="only glibc's allocator can be asked to keep memory"
-)
+@only_glibc
 def test_local_workers_keep_the_memory_they_free():
     """A local worker reuses what it frees: glibc's defaults hand a 64 MB block back and map a
     new one (16 385 faults here; Dask's own trim threshold made one fs-dev registration take
@@ -286,5 +271,5 @@ def test_local_workers_keep_the_memory_they_free():
     plan = WorkerPlan(workers=1, threads=1, memory_limit_bytes=2**30, job_bytes=2**28)
     with dask_client(plan, None, retries=1) as client:
         (faults,) = client.run(reallocation_faults).values()
-    assert faults < 2**26 // 4096 // 20
-    assert reallocation_faults() > 2**26 // 4096 // 2, "this process kept glibc's defaults"
+    assert faults < PAGES // 20
+    assert reallocation_faults() > PAGES // 2, "this process kept glibc's defaults"

@@ -9,40 +9,37 @@ working images before the deformable stages, which then reuse that memory.
 from __future__ import annotations
 
 import json
-import platform
 import subprocess
 import sys
 import weakref
+from pathlib import Path
 
-import pytest
+from page_faults import PAGES, only_glibc
 
 from DeepRegisterLib.process_memory import keep_freed_memory
 
 REALLOCATE = """
-import json, resource, sys
+import json, sys
+sys.path.insert(0, sys.argv[2])
+from page_faults import reallocation_faults
 from DeepRegisterLib.process_memory import keep_freed_memory
 agreed = keep_freed_memory() if sys.argv[1] == "keep" else None
-first = bytearray(2**26)  # 64 MB (zeroed: touched), above glibc's largest mmap threshold
-del first
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-again = bytearray(2**26)
-faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-print(json.dumps({"agreed": agreed, "faults": faults}))
+print(json.dumps({"agreed": agreed, "faults": reallocation_faults()}))
 """
-PAGES = 2**26 // 4096  # of 64 MB, at 4 KiB
 
 
 def reallocate(mode: str) -> dict:
     completed = subprocess.run(
-        [sys.executable, "-c", REALLOCATE, mode], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", REALLOCATE, mode, str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert completed.returncode == 0, completed.stderr
     return json.loads(completed.stdout)
 
 
-@pytest.mark.skipif(
-    platform.libc_ver()[0] != "glibc", reason="only glibc's allocator can be asked to keep memory"
-)
+@only_glibc
 def test_kept_memory_is_reused_without_fresh_pages():
     default, kept = reallocate("default"), reallocate("keep")
     assert default["faults"] > PAGES // 2, "glibc returned the freed block and mapped a new one"
