@@ -100,9 +100,10 @@ def startup_s(repo: Path, env: dict[str, str], runs: int = 3) -> float:
 
 def _register(
     repo: Path, env: dict[str, str], pair: dict[str, str], preset: str, outputs: Sequence[str],
-    folder: Path, device: str, extra: Sequence[str] = (),
+    folder: Path, device: str, extra: Sequence[str] = (), pause_s: float = 0.0,
 ) -> dict[str, Any]:  # fmt: skip
-    """``deepregister register`` with ``outputs`` in ``folder`` (and ``extra`` options), timed."""
+    """``deepregister register`` with ``outputs`` in ``folder`` (and ``extra`` options), timed
+    after ``pause_s`` idle seconds."""
     command = [
         sys.executable, "-m", "DeepRegisterLib", "register", "--fixed", pair["fixed"],
         "--moving", pair["moving"], "--preset", preset, "--device", device, *extra,
@@ -110,6 +111,7 @@ def _register(
     for name in outputs:
         option, file_name = OUTPUTS[name]
         command += [option, str(folder / file_name)]
+    time.sleep(pause_s)
     child = timed_child(command, env, repo)
     if child["returncode"] != 0:
         errors = "\n".join(line for _, line in child["stderr"][-5:])
@@ -119,17 +121,19 @@ def _register(
 
 def run_register(
     repo: Path, env: dict[str, str], pair: dict[str, str], preset: str, outputs: Sequence[str],
-    folders: tuple[Path, Path], device: str = "auto",
+    folders: tuple[Path, Path], device: str = "auto", pause_s: float = 0.0,
 ) -> dict[str, Any]:  # fmt: skip
-    """The command alone in ``folders[0]``, then with labels and a report in ``folders[1]``."""
+    """The command alone in ``folders[0]``, then with labels and a report in ``folders[1]``,
+    each after ``pause_s`` idle seconds."""
     alone, checked = folders
-    child = _register(repo, env, pair, preset, outputs, alone, device)
+    child = _register(repo, env, pair, preset, outputs, alone, device, pause_s=pause_s)
     progress = [t for t, line in child["stderr"] if line.startswith("PROGRESS")]
     report_path = checked / "report.json"
     extra = ["--labels", pair["moving_labels"], "--fixed-labels", pair["fixed_labels"]]
     with_labels = _register(
-        repo, env, pair, preset, outputs, checked, device, [*extra, "--report", str(report_path)]
-    )
+        repo, env, pair, preset, outputs, checked, device,
+        [*extra, "--report", str(report_path)], pause_s,
+    )  # fmt: skip
     report = json.loads(report_path.read_text())
     return {
         "total_s": child["wall_s"],
@@ -280,6 +284,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--device", default="auto", help="register's --device (default auto: a GPU if any)"
     )
+    parser.add_argument(
+        "--pause", type=float, default=0.0, metavar="S",
+        help="idle seconds before each command, as between a user's commands: a virtual "
+        "machine's host may take freed memory back meanwhile, which the next command then "
+        "pays for as fresh pages (default 0: back to back, as a script's loop)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--tag", default="", help="suffix for the result files' names")
     parser.add_argument("--smoke", action="store_true", help="one tiny phantom pair, no ANTs")
@@ -306,8 +316,9 @@ def measure(args: argparse.Namespace, work: Path, save: Callable[[dict], None]) 
             for label, repo in args.repos.items():
                 folders = (Path(tempfile.mkdtemp(dir=work)), Path(tempfile.mkdtemp(dir=work)))
                 row = run_register(
-                    repo, envs[label], pair, preset, args.outputs, folders, args.device
-                )
+                    repo, envs[label], pair, preset, args.outputs, folders, args.device,
+                    args.pause,
+                )  # fmt: skip
                 row.update(pair=pair["name"], preset=preset, version=label)
                 results["runs"].append(row)
                 print(
