@@ -8,10 +8,6 @@ pages instead of 240 000–320 000, and its engine 5.9–6.9 s instead of 6.6–
 pair; a process registering one pair after another, about 100 000 a pair instead of 300 000
 (docs/history.md).
 
-A ``register`` process also asks for its heap on 2 MiB pages (transparent huge pages, where the
-kernel offers them on request): one fault maps 512 pages' worth, and a fresh `fast` run took
-about 67 000 faults instead of 195 000 and 0.5–1 s less (docs/history.md).
-
 Only processes that exist to register may ask: ``deepregister register``'s (Slicer's child
 process runs it too) and the workers of the local Dask cluster that ``deepregister batch``
 starts. Never a caller's process (Slicer's own, a notebook, a cluster we were handed): its
@@ -24,12 +20,7 @@ import ctypes
 import sys
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters, from glibc's <malloc.h>
-MADV_HUGEPAGE = 14  # madvise's advice, from Linux's <sys/mman.h>
 _INT_MAX = 2**31 - 1  # mallopt takes an int: blocks above 2 GiB are still mapped apart
-HUGE_PAGE = 2**21
-# Address space, not memory: nothing is touched until a block carved from it is. Below the trim
-# threshold, so the heap keeps it; above a 256³ `accurate` run's peak (about 1 GB with torch).
-HEAP_RESERVE = 3 * 2**29
 #: The same request to glibc, for a process about to start (glibc reads it at start-up).
 KEPT_MEMORY_ENVIRONMENT = {
     "MALLOC_MMAP_THRESHOLD_": str(_INT_MAX),
@@ -38,38 +29,16 @@ KEPT_MEMORY_ENVIRONMENT = {
 
 
 def keep_freed_memory() -> bool:
-    """Ask the C library to keep freed memory for reuse, on huge pages where the kernel offers
-    them; whether it agreed to keep it. Only glibc can be asked: elsewhere (macOS, Windows,
-    musl) nothing changes and this is False."""
+    """Ask the C library to keep freed memory for reuse; whether it agreed. Only glibc can be
+    asked: elsewhere (macOS, Windows, musl) nothing changes and this is False."""
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(None)  # the process's own C library
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     # Both, or neither takes effect as meant: a fixed trim threshold alone also stops the mmap
     # threshold rising, and every block above 128 KiB is then mapped anew (3.5 M faults a run).
     kept_blocks = mallopt(M_MMAP_THRESHOLD, _INT_MAX) == 1
-    if not (kept_blocks and mallopt(M_TRIM_THRESHOLD, _INT_MAX) == 1):
-        return False
-    _reserve_heap_on_huge_pages(libc)
-    return True
-
-
-def _reserve_heap_on_huge_pages(libc: ctypes.CDLL) -> None:
-    """Grow the heap by HEAP_RESERVE at once, advise it as huge pages and give it back to the
-    heap, which keeps it (trim threshold): every later block is carved from it. The advice is
-    a request: a kernel without transparent huge pages, or out of them, maps small pages."""
-    malloc, free, madvise = libc.malloc, libc.free, libc.madvise
-    malloc.argtypes, malloc.restype = (ctypes.c_size_t,), ctypes.c_void_p
-    free.argtypes, free.restype = (ctypes.c_void_p,), None
-    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    madvise.restype = ctypes.c_int
-    start = malloc(HEAP_RESERVE)
-    if not start:  # no room for the address space: small pages it is
-        return
-    first = -(-start // HUGE_PAGE) * HUGE_PAGE
-    madvise(first, (start + HEAP_RESERVE - first) // HUGE_PAGE * HUGE_PAGE, MADV_HUGEPAGE)
-    free(start)
+    return kept_blocks and mallopt(M_TRIM_THRESHOLD, _INT_MAX) == 1

@@ -2,9 +2,8 @@
 
 A ``register`` process keeps what it frees (see process_memory.py): measured the way the cost
 arises, as minor page faults while a fresh interpreter allocates 64 MB, frees them and allocates
-them again, with and without asking glibc to keep them. Its heap is mapped in huge pages, so
-even its first touch of 64 MB takes a few dozen faults, not 16 384. And the engine frees its
-full-resolution working images before the deformable stages, which then reuse that memory.
+them again, with and without asking glibc to keep them. And the engine frees its full-resolution
+working images before the deformable stages, which then reuse that memory.
 """
 
 from __future__ import annotations
@@ -15,26 +14,23 @@ import sys
 import weakref
 from pathlib import Path
 
-from page_faults import PAGES, THP_MODES, only_glibc, only_huge_pages_on_request
+from page_faults import PAGES, only_glibc
 
 from DeepRegisterLib.process_memory import keep_freed_memory
 
-ALLOCATE = """
+REALLOCATE = """
 import json, sys
 sys.path.insert(0, sys.argv[2])
-import page_faults
+from page_faults import reallocation_faults
 from DeepRegisterLib.process_memory import keep_freed_memory
 agreed = keep_freed_memory() if sys.argv[1] == "keep" else None
-measured = getattr(page_faults, sys.argv[3])()
-print(json.dumps({"agreed": agreed, "measured": measured}))
+print(json.dumps({"agreed": agreed, "faults": reallocation_faults()}))
 """
 
 
-def in_fresh_interpreter(mode: str, measure: str = "reallocation_faults") -> dict:
-    """``page_faults.<measure>()`` in a fresh interpreter, after keep_freed_memory() if
-    ``mode`` is "keep"."""
+def reallocate(mode: str) -> dict:
     completed = subprocess.run(
-        [sys.executable, "-c", ALLOCATE, mode, str(Path(__file__).parent), measure],
+        [sys.executable, "-c", REALLOCATE, mode, str(Path(__file__).parent)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -45,24 +41,10 @@ def in_fresh_interpreter(mode: str, measure: str = "reallocation_faults") -> dic
 
 @only_glibc
 def test_kept_memory_is_reused_without_fresh_pages():
-    default, kept = in_fresh_interpreter("default"), in_fresh_interpreter("keep")
-    assert default["measured"] > PAGES // 2, "glibc returned the freed block and mapped a new one"
-    assert kept == {"agreed": True, "measured": kept["measured"]}
-    assert kept["measured"] < PAGES // 20
-
-
-@only_glibc
-@only_huge_pages_on_request
-def test_the_kept_heap_is_mapped_in_huge_pages():
-    """64 MB touched for the first time: 16 384 faults of 4 KiB on glibc's defaults (where the
-    kernel maps huge pages only on request), a few dozen of 2 MiB once kept."""
-    default = in_fresh_interpreter("default", "first_allocation")["measured"]
-    kept = in_fresh_interpreter("keep", "first_allocation")["measured"]
+    default, kept = reallocate("default"), reallocate("keep")
+    assert default["faults"] > PAGES // 2, "glibc returned the freed block and mapped a new one"
+    assert kept == {"agreed": True, "faults": kept["faults"]}
     assert kept["faults"] < PAGES // 20
-    assert kept["huge_kb"] >= 2**26 // 1024 // 2  # at least half of the block
-    if "[madvise]" in THP_MODES.read_text():
-        assert default["faults"] > PAGES // 2
-        assert default["huge_kb"] < kept["huge_kb"]
 
 
 def test_other_systems_are_left_as_they_are(monkeypatch):
