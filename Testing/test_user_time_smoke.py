@@ -31,11 +31,11 @@ def test_timed_runs_keep_what_is_already_on_the_python_path(
     assert child_env(Path("/tmp/checkout"), threads=1)["PYTHONPATH"] == "/tmp/checkout"
 
 
-def _smoke(script: str, folder: Path) -> Path:
+def _smoke(script: str, folder: Path, *extra: str) -> Path:
     """Run ``benchmarks/<script>.py --smoke`` into ``folder``; the JSON results file it wrote."""
     completed = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / f"{script}.py"), "--smoke",
-         "--out", str(folder), "--tag", "smoke"],
+         "--out", str(folder), "--tag", "smoke", *extra],
         capture_output=True, text=True, timeout=300, cwd=REPO,
     )  # fmt: skip
     assert completed.returncode == 0, completed.stdout + completed.stderr
@@ -44,7 +44,7 @@ def _smoke(script: str, folder: Path) -> Path:
 
 
 def test_smoke_times_the_command_line_and_writes_markdown_and_json(tmp_path: Path) -> None:
-    results_file = _smoke("user_time", tmp_path)
+    results_file = _smoke("user_time", tmp_path, "--pause", "0.2")
     results = json.loads(results_file.read_text())
     (row,) = results["runs"]
     assert row["preset"] == "fast"
@@ -64,6 +64,25 @@ def test_smoke_times_the_command_line_and_writes_markdown_and_json(tmp_path: Pat
     markdown = results_file.with_suffix(".md").read_text()
     assert "| phantom 0 | fast | this |" in markdown
     assert "; device cpu;" in markdown
+    assert results["options"]["pause"] == 0.2
+    assert "Each command after 0.2 s idle." in markdown
+
+
+def test_the_pause_comes_before_the_timed_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--pause`` idles outside the time it measures: sleep first, then the timed child."""
+    from benchmarks import user_time
+
+    calls: list[str] = []
+    monkeypatch.setattr(user_time.time, "sleep", lambda s: calls.append(f"sleep {s}"))
+
+    def timed_child(command, env, cwd):
+        calls.append("timed")
+        return {"returncode": 0}
+
+    monkeypatch.setattr(user_time, "timed_child", timed_child)
+    pair = {"fixed": "f.nii.gz", "moving": "m.nii.gz"}
+    user_time._register(REPO, {}, pair, "fast", ["warped"], Path("/tmp"), "cpu", pause_s=3.0)
+    assert calls == ["sleep 3.0", "timed"]
 
 
 def test_same_outputs_reads_the_files_back_and_tells_them_apart(tmp_path: Path) -> None:
