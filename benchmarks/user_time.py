@@ -132,7 +132,7 @@ def run_register(
     extra = ["--labels", pair["moving_labels"], "--fixed-labels", pair["fixed_labels"]]
     with_labels = _register(
         repo, env, pair, preset, outputs, checked, device,
-        [*extra, "--report", str(report_path)], pause_s,
+        [*extra, "--report", str(report_path)], pause_s=pause_s,
     )  # fmt: skip
     report = json.loads(report_path.read_text())
     return {
