@@ -54,9 +54,10 @@ def warp_image(
 ) -> sitk.Image:
     """``moving(x + u(x))`` on the displacement's grid, as ITK's Resample computes it.
 
-    Linear for intensities (float32 out); nearest for label maps (pixel type kept, labels
-    exact). ``displacement`` is a vector image, a (K, J, I, dim) array with ``grid``, or a
-    :class:`Displacement`.
+    Linear for intensities (float32 out; an integer image keeps its type, rounded to the
+    nearest value, where ITK's Resample truncates); nearest for label maps (pixel type kept,
+    labels exact). ``displacement`` is a vector image, a (K, J, I, dim) array with ``grid``,
+    or a :class:`Displacement`.
     """
     return warp_images([(moving, nearest)], displacement, grid, device, is_cancelled)[0]
 
@@ -92,8 +93,7 @@ def warp_images(
             for source in group:
                 at = coordinates.to(source.volume.dtype)  # float64 for labels above 2**24
                 values = grid_sample(source.volume, at, source.mode, "border")[0]
-                values = (values[0] * inside).cpu().numpy()
-                paste_block(source.image, values.astype(source.dtype, copy=False), block)
+                source.paste((values[0] * inside).cpu().numpy(), block)
     return [source.image for source in sources]
 
 
@@ -151,10 +151,19 @@ class _Source:
         exact_in_float32 = not nearest or _max_abs(moving) < 2**24
         dtype = np.float32 if exact_in_float32 else np.float64
         self.volume = torch.as_tensor(as_array(moving, dtype, is_cancelled))[None, None].to(device)
-        # Labels keep their pixel type (their values are exact); intensities become float32.
-        self.dtype = sitk.GetArrayViewFromImage(moving).dtype if nearest else np.float32
-        pixel_id = moving.GetPixelID() if nearest else sitk.sitkFloat32
+        # Labels keep their pixel type, and so do integer intensities, rounded: linear
+        # interpolation stays between the image's values and the zero outside it, which the
+        # type holds. A quarter of float32's bytes for an 8-bit scan, to fill and to write.
+        kept = sitk.GetArrayViewFromImage(moving).dtype
+        self.rounds = not nearest and np.issubdtype(kept, np.integer)
+        self.dtype = kept if nearest or self.rounds else np.dtype(np.float32)
+        pixel_id = moving.GetPixelID() if nearest or self.rounds else sitk.sitkFloat32
         self.image = allocate(grid, pixel_id, is_cancelled=is_cancelled)
+
+    def paste(self, values: np.ndarray, block: Block) -> None:
+        if self.rounds:
+            np.rint(values, out=values)
+        paste_block(self.image, values.astype(self.dtype, copy=False), block)
 
 
 class _ItkCoordinates:
