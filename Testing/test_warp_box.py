@@ -12,6 +12,8 @@ from conftest import grid_points, image_on, oblique_grid, rotation_matrix
 
 from DeepRegisterLib.imaging.geometry import Grid
 from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
+from DeepRegisterLib.imaging.volumes import as_array
+from DeepRegisterLib.registration import image_warping
 from DeepRegisterLib.registration.engine import register
 from DeepRegisterLib.registration.image_warping import Reach, sampled_box, warp_images
 
@@ -119,3 +121,39 @@ def test_all_zero_images_sample_nothing_and_stay_zero() -> None:
     (warped,) = warp_images(zeros, field, fixed, reach=reach)
     assert warped.GetSize() == fixed.size
     assert not sitk.GetArrayFromImage(warped).any()
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_only_the_non_zero_box_becomes_a_tensor_and_itk_agrees(
+    dim: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scan and its labels become float tensors only around their non-zero block (plus a
+    voxel); points landing beyond it, or across its edge, get what SimpleITK's resampling
+    gives from the whole image."""
+    fixed, movings, moving = _padded_pair(dim)
+    field, _ = _near_affine(fixed, moving, stray_mm=1.5)
+    converted: list[tuple[int, ...]] = []
+
+    def recording(image: sitk.Image, *args, **kwargs) -> np.ndarray:
+        array = as_array(image, *args, **kwargs)
+        converted.append(array.shape)
+        return array
+
+    monkeypatch.setattr(image_warping, "as_array", recording)
+    warped = warp_images(movings, field, fixed)
+
+    block = [n // 4 for n in moving.shape]  # the non-zero block of _padded_pair
+    assert converted == [tuple(n + 2 for n in block)] * 2
+    transform = sitk.DisplacementFieldTransform(
+        image_on(fixed, field.astype(np.float64), vector=True)
+    )
+    for (image, nearest), ours in zip(movings, warped, strict=True):
+        interpolator = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
+        by_itk = sitk.Resample(image, fixed.reference_image(), transform, interpolator, 0.0)
+        expected, array = sitk.GetArrayFromImage(by_itk), sitk.GetArrayFromImage(ours)
+        assert np.count_nonzero(expected) > 50  # the fixed grid sees the block and beyond
+        assert np.count_nonzero(expected) < 0.9 * expected.size
+        if nearest:
+            np.testing.assert_array_equal(array, expected)
+        else:
+            np.testing.assert_allclose(array, expected, rtol=0, atol=1e-3)

@@ -5,7 +5,8 @@ than the sampling itself; intensities are sampled linearly, labels by nearest ne
 the caller knows how far the displacement strays from an affine map (:class:`Reach`), only the
 box of the output grid that can land near a non-zero moving voxel is sampled: a skull-stripped
 brain and its labels are zero over most of their field of view, and so is everything the rest
-of the output grid would sample.
+of the output grid would sample. For the same reason only the box of the moving voxels around
+the non-zero ones is converted to a float tensor, whatever the caller knows.
 """
 
 from __future__ import annotations
@@ -77,24 +78,56 @@ def warp_images(
     (and a :class:`Displacement` is not evaluated there)."""
     device = torch.device(device)
     grid, u_at = _reader(displacement, grid, device)
-    sources = [_Source(image, nearest, grid, device, is_cancelled) for image, nearest in movings]
-    by_grid: dict[Grid, list[_Source]] = {}
-    for source in sources:
-        by_grid.setdefault(source.grid, []).append(source)
+    groups: dict[Grid, list[int]] = {}
+    for index, (image, _) in enumerate(movings):
+        groups.setdefault(Grid.of(image), []).append(index)
+    warped: dict[int, sitk.Image] = {}
     rows = rows_per_slab(grid)
-    for moving, group in by_grid.items():
-        mapping = _ItkCoordinates(grid, moving, device)
-        supports = [] if reach is None else [_nonzero_box(s.volume[0, 0]) for s in group]
+    for moving, indices in groups.items():
+        supports = [_nonzero_box(sitk.GetArrayViewFromImage(movings[i][0])) for i in indices]
+        # Only the voxels around the non-zero ones become a float tensor (a brain's box is
+        # about a third of its scan): with a zero voxel of margin, a point beyond it samples
+        # zeros from the crop as from the whole image.
+        crop = _grown(supports, moving.shape)
+        whole = crop == tuple(slice(0, n) for n in moving.shape)  # no copy of a full scan
+        sources = [
+            _Source(
+                image if whole else image[_itk_region(crop)], nearest, grid, device, is_cancelled
+            )
+            for image, nearest in (movings[i] for i in indices)
+        ]
+        mapping = _ItkCoordinates(grid, sources[0].grid, device)
         box = sampled_box(grid, moving, reach, supports)
         for start in range(box[0].start, box[0].stop, rows):
             stop_if(is_cancelled)
             block = (slice(start, min(start + rows, box[0].stop)), *box[1:])
             coordinates, inside = mapping.at(u_at(block), block)
-            for source in group:
+            for source in sources:
                 at = coordinates.to(source.volume.dtype)  # float64 for labels above 2**24
                 values = grid_sample(source.volume, at, source.mode, "border")[0]
                 source.paste((values[0] * inside).cpu().numpy(), block)
-    return [source.image for source in sources]
+        warped.update((i, source.image) for i, source in zip(indices, sources, strict=True))
+    return [warped[i] for i in range(len(movings))]
+
+
+def _grown(supports: Sequence[Block | None], shape: tuple[int, ...]) -> Block:
+    """The box around every support, one voxel wider on each side within ``shape``; a single
+    (zero) voxel when every image is zero."""
+    boxes = [box for box in supports if box is not None]
+    if not boxes:
+        return tuple(slice(0, 1) for _ in shape)
+    return tuple(
+        slice(
+            max(min(b[axis].start for b in boxes) - 1, 0),
+            min(max(b[axis].stop for b in boxes) + 1, n),
+        )
+        for axis, n in enumerate(shape)
+    )
+
+
+def _itk_region(block: Block) -> tuple[slice, ...]:
+    """Array-order slices as SimpleITK's (I, J, K) image slicing takes them."""
+    return tuple(reversed(block))
 
 
 def _reader(
@@ -198,13 +231,12 @@ class _ItkCoordinates:
         return coordinates[None], inside.all(dim=-1).to(coordinates.dtype)
 
 
-def _nonzero_box(volume: torch.Tensor) -> Block | None:
+def _nonzero_box(volume: np.ndarray) -> Block | None:
     """The array slices holding every non-zero (or NaN) voxel; None if there is none."""
     nonzero = volume != 0
-    axes = range(nonzero.dim())
     box = []
-    for axis in axes:
-        hits = nonzero.any(dim=tuple(a for a in axes if a != axis)).nonzero()[:, 0]
+    for axis in range(nonzero.ndim):
+        hits = np.flatnonzero(nonzero.any(axis=tuple(a for a in range(nonzero.ndim) if a != axis)))
         if len(hits) == 0:
             return None
         box.append(slice(int(hits[0]), int(hits[-1]) + 1))
