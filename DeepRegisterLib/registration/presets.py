@@ -117,7 +117,7 @@ PRESETS: dict[str, Preset] = {
         # did not prevent.
         Preset(
             "fast",
-            "about 6 s for a 1 mm brain on two CPU threads, start to files",
+            "about 5 s for a 1 mm brain on two CPU threads, start to files",
             affine_iterations=30,
             levels=(
                 Level(4.0, 20, 4, differentiated_squarings=2, adds_change=True),
@@ -134,7 +134,7 @@ PRESETS: dict[str, Preset] = {
         # 10), no fold, a step sampling 4 times instead of 5.
         Preset(
             "balanced",
-            "about 10 s for a 1 mm brain on two CPU threads, start to files",
+            "about 9 s for a 1 mm brain on two CPU threads, start to files",
             affine_iterations=50,
             levels=(
                 Level(4.0, 50, 4, differentiated_squarings=2),
@@ -147,7 +147,7 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "accurate",
-            "about 22 s for a 1 mm brain on two CPU threads, for the best overlap",
+            "about 20 s for a 1 mm brain on two CPU threads, for the best overlap",
             affine_iterations=75,
             # 4 and 4 squaring steps (first 5 and 7, then 4 and 5): on the twenty fs-dev pairs
             # 4 and 4 scored 0.8409 Dice (27) as 4 and 5 did (−0.00006, better on 9), in 13 %
