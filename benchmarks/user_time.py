@@ -317,7 +317,7 @@ def measure(args: argparse.Namespace, work: Path, save: Callable[[dict], None]) 
                 folders = (Path(tempfile.mkdtemp(dir=work)), Path(tempfile.mkdtemp(dir=work)))
                 row = run_register(
                     repo, envs[label], pair, preset, args.outputs, folders, args.device,
-                    args.pause,
+                    pause_s=args.pause,
                 )  # fmt: skip
                 row.update(pair=pair["name"], preset=preset, version=label)
                 results["runs"].append(row)

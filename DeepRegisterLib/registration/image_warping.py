@@ -20,6 +20,7 @@ import SimpleITK as sitk
 import torch
 
 from ..imaging.geometry import Grid
+from ..imaging.resampling import nonzero_box
 from ..imaging.volumes import allocate, as_array, paste_block, rows_per_slab, stop_if
 from ..nn.filters import grid_sample
 from .warping import Block, Displacement, block_field, index_map
@@ -233,11 +234,8 @@ class _ItkCoordinates:
 
 def _nonzero_box(volume: np.ndarray) -> Block | None:
     """The array slices holding every non-zero (or NaN) voxel; None if there is none."""
-    nonzero = volume != 0
-    box = []
-    for axis in range(nonzero.ndim):
-        hits = np.flatnonzero(nonzero.any(axis=tuple(a for a in range(nonzero.ndim) if a != axis)))
-        if len(hits) == 0:
-            return None
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)
+    box = nonzero_box(volume != 0)
+    if box is None:
+        return None
+    first, last = box  # I, J, K order
+    return tuple(slice(int(a), int(b) + 1) for a, b in zip(first[::-1], last[::-1], strict=True))
