@@ -93,6 +93,30 @@ def test_pair_order_is_documented_ring_then_rest() -> None:
     assert all(moving != fixed for moving, fixed in pairs)
 
 
+def test_skip_starts_later_in_the_documented_order(tmp_path: Path) -> None:
+    """--skip 1 --pairs 1 is the order's second pair, so a slow method can add one pair."""
+    import SimpleITK as sitk
+
+    sys.path.insert(0, str(REPO))
+    from benchmarks.pairs import fsdev_pairs
+    from benchmarks.run_benchmark import parse_args
+
+    data = tmp_path / "data"
+    for subject in ("sub-01", "sub-02", "sub-03", "sub-04"):
+        (data / subject).mkdir(parents=True)
+        for name in ("brainmask", "aseg"):
+            sitk.WriteImage(
+                sitk.Image([4, 4, 4], sitk.sitkUInt8), str(data / subject / f"{name}.nii.gz")
+            )
+    args = parse_args(["--data", str(data), "--skip", "1", "--pairs", "1"])
+    specs = fsdev_pairs(data, args.pairs, tmp_path, False, args.skip)
+    assert [s.name for s in specs] == ["sub-04→sub-03"]
+    assert specs[0].fixed == str(data / "sub-03" / "brainmask.nii.gz")
+    assert len(fsdev_pairs(data, None, tmp_path, False, 10)) == 2  # 12 pairs, after 10
+    with pytest.raises(SystemExit):
+        parse_args(["--smoke", "--skip", "1"])
+
+
 @pytest.mark.parametrize(
     ("similarity", "model", "network_row"),
     [("lncc", "default", True), ("mind", "default", True), ("mind", "none", False)],

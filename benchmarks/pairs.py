@@ -119,11 +119,12 @@ def prepare_2d(spec: PairSpec, folder: Path) -> PairSpec:
 
 
 def fsdev_pairs(
-    data: Path, count: int | None, folder: Path, cross_contrast: bool
+    data: Path, count: int | None, folder: Path, cross_contrast: bool, skip: int = 0
 ) -> list[PairSpec]:
+    """``count`` pairs (all if None) of the documented order, after its first ``skip``."""
     from DeepRegisterLib.imaging.metrics import FREESURFER_EVAL_LABELS
 
-    pairs = ordered_pairs(subjects_in(data))
+    pairs = ordered_pairs(subjects_in(data))[skip:]
     specs = []
     for moving, fixed in pairs[:count] if count else pairs:
         moving_image = str(data / moving / "brainmask.nii.gz")

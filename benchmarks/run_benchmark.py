@@ -156,6 +156,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "2 with --smoke)",
     )
     parser.add_argument(
+        "--skip",
+        type=int,
+        default=0,
+        help="start after the first K pairs of that order (--skip 1 --pairs 1: sub-04→sub-03), "
+        "to add a slow method's pair to an earlier run",
+    )
+    parser.add_argument(
         "--methods",
         nargs="+",
         default=None,
@@ -213,6 +220,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         )
     if args.pairs is not None and args.pairs < 1:
         parser.error("--pairs must be ≥ 1")
+    if args.skip < 0 or (args.skip and args.smoke):
+        parser.error("--skip must be ≥ 0 and applies to the fs-dev pairs, not --smoke")
     if args.regularization is not None and args.regularization < 0:
         parser.error("--regularization must be ≥ 0")
     if args.timeout is None:
@@ -321,7 +330,7 @@ def _pairs(args: argparse.Namespace, folder: Path) -> list[PairSpec]:
     if args.smoke:
         pairs = smoke_pairs(args.pairs or 2, folder, args.cross_contrast)
     else:
-        pairs = fsdev_pairs(Path(args.data), args.pairs, folder, args.cross_contrast)
+        pairs = fsdev_pairs(Path(args.data), args.pairs, folder, args.cross_contrast, args.skip)
     if args.two_d:
         print(f"preparing {len(pairs)} matched axial slice pair(s) (3D affine first)…")
         pairs = [prepare_2d(p, folder) for p in pairs]
