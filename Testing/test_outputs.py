@@ -18,7 +18,7 @@ import SimpleITK as sitk
 
 from DeepRegisterLib.cli import main as cli
 from DeepRegisterLib.errors import InputError
-from DeepRegisterLib.imaging import fileio
+from DeepRegisterLib.imaging import fileio, metrics
 from DeepRegisterLib.imaging.phantoms import demo_grid, phantom, phantom_pair
 
 FAST = ["--preset", "fast", "--iterations", "0", "--device", "cpu", "--quiet"]
@@ -187,6 +187,23 @@ def test_jacobian_asked_for_is_written_even_when_the_settings_turn_it_off(pair_3
     assert sitk.ReadImage(str(jacobian)).GetSize() == fixed.GetSize()
     assert register(pair_3d, "--settings", settings, "--report", report) == cli.EXIT_OK
     assert "folding_percent" not in json.loads(report.read_text())
+
+
+def test_a_report_alone_keeps_no_det_j_image_and_the_same_figures(pair_3d, tmp_path):
+    """Folding and SDlogJ are gathered slab by slab: a report needs no det J image (67 MB for a
+    brain), and says the same as when the image is written, and as the image itself."""
+    reports = [tmp_path / "alone.json", tmp_path / "with.json"]
+    jacobian = tmp_path / "j.nrrd"
+    assert register(pair_3d, "--report", reports[0]) == cli.EXIT_OK
+    assert register(pair_3d, "--report", reports[1], "--jacobian", jacobian) == cli.EXIT_OK
+    alone, beside = (json.loads(path.read_text()) for path in reports)
+    assert [r["settings"]["keep_jacobian"] for r in (alone, beside)] == [False, True]
+    assert [r["settings"]["compute_jacobian"] for r in (alone, beside)] == [True, True]
+    assert alone["folding_percent"] == beside["folding_percent"]
+    assert alone["sdlogj"] == beside["sdlogj"] > 0
+    written = metrics.determinant_statistics(sitk.ReadImage(str(jacobian)))
+    assert beside["sdlogj"] == pytest.approx(written.sdlogj, rel=1e-9)
+    assert beside["folding_percent"] == written.folding_percent
 
 
 def test_the_moving_image_is_warped_only_when_an_output_shows_it(pair_3d, tmp_path):

@@ -140,7 +140,7 @@ def test_to_dict_and_from_dict_round_trip_through_json() -> None:
     chosen = RegistrationSettings(
         preset="fast", model=None, similarity="mind", regularization=2.5, iterations=40,
         affine=False, compute_inverse=True, compute_warped=False, compute_displacement=False,
-        compute_jacobian=False, device="cuda:1", seed=9, max_memory_gib=1.5,
+        compute_jacobian=False, keep_jacobian=False, device="cuda:1", seed=9, max_memory_gib=1.5,
     )  # fmt: skip
     assert all(chosen.to_dict()[f.name] != f.default for f in dataclasses.fields(chosen))
     assert RegistrationSettings.from_dict(json.loads(json.dumps(chosen.to_dict()))) == chosen
@@ -219,10 +219,11 @@ def test_a_settings_file_is_the_base_and_options_given_override_it(
     )  # fmt: skip
     assert code == cli.EXIT_OK
     recorded = json.loads((out / "report.json").read_text())["settings"]
-    # Derived from the outputs asked for: a report alone needs no warped image, no dense field.
+    # Derived from the outputs asked for: a report alone needs no warped image, no dense field,
+    # no det J image.
     expected = base.replace(
         similarity="lncc", iterations=1, affine=False, compute_warped=False,
-        compute_displacement=False,
+        compute_displacement=False, keep_jacobian=False,
     )  # fmt: skip
     assert RegistrationSettings.from_dict(recorded) == expected
     # The report's settings fed back as a file reproduce them exactly.

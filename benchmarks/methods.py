@@ -256,9 +256,9 @@ def score(
     assert isinstance(output.displacement, sitk.Image)
     jacobian = metrics.jacobian_determinant(output.displacement)
     region = region if region is not None and sitk.GetArrayViewFromImage(region).any() else None
-    scores["folding_percent"] = metrics.folding_percent(jacobian, region)
+    within = metrics.determinant_statistics(jacobian, region)
+    scores["folding_percent"], scores["sdlogj"] = within.folding_percent, within.sdlogj
     scores["folding_percent_grid"] = metrics.folding_percent(jacobian)
-    scores["sdlogj"] = metrics.sdlogj(jacobian, region)
     det = sitk.GetArrayViewFromImage(jacobian)
     scores["jacobian_min"] = float(det.min())
     return scores

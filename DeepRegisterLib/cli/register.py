@@ -161,7 +161,7 @@ def _check_before_work(args: argparse.Namespace) -> dict[Path, int]:
 def _settings(args: argparse.Namespace):
     """The settings, with the warped image, the dense field, the inverse and the Jacobian
     computed only where an output needs them (the report records folding when the settings
-    ask for it)."""
+    ask for it, without a det J image unless one is written)."""
     settings = settings_from_arguments(
         args,
         compute_inverse=bool(args.inverse_transform or args.inverse_displacement),
@@ -169,8 +169,9 @@ def _settings(args: argparse.Namespace):
         compute_displacement=bool(args.displacement) or _transform_is_dense(args.transform),
     )
     reported = args.report is not None or args.progress == "json"
-    jacobian = bool(args.jacobian or args.qa_png) or (reported and settings.compute_jacobian)
-    return settings.replace(compute_jacobian=jacobian)
+    image = bool(args.jacobian or args.qa_png)
+    jacobian = image or (reported and settings.compute_jacobian)
+    return settings.replace(compute_jacobian=jacobian, keep_jacobian=image)
 
 
 def _as_pictures(result, args, moving, label_types: dict[Path, int]):

@@ -112,14 +112,15 @@ def _summary(values: np.ndarray) -> dict[str, float]:
 def _jacobian_stats(jacobian: sitk.Image) -> dict[str, float]:
     det = sitk.GetArrayViewFromImage(jacobian)
     low, high = np.percentile(det, [1, 99])
+    statistics = metrics.determinant_statistics(jacobian)
     return {
         "min": float(det.min()),
         "max": float(det.max()),
         "mean": float(det.mean()),
         "p1": float(low),
         "p99": float(high),
-        "folding_percent": metrics.folding_percent(jacobian),
-        "sdlogj": metrics.sdlogj(jacobian),
+        "folding_percent": statistics.folding_percent,
+        "sdlogj": statistics.sdlogj,
     }
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Protocol
 
 import numpy as np
 import SimpleITK as sitk
@@ -97,12 +96,15 @@ def check_displacement(displacement: sitk.Image) -> None:
 _JACOBIAN_BLOCK_VOXELS = 1 << 21  # voxels per slab: ~100 MB of float32 working arrays
 
 
-def _determinant_block(field: np.ndarray, to_index: np.ndarray) -> np.ndarray:
-    """det(I + ∂u/∂x) on one (K, J, I, dim) or (J, I, dim) block, built one row at a time."""
-    dim = field.shape[-1]
+def determinant_block(components: Sequence[np.ndarray], to_index: np.ndarray) -> np.ndarray:
+    """det(I + ∂u/∂x) on one block of a displacement ``u``, from its components (each a
+    (K, J, I) or (J, I) array, LPS mm) and ``to_index`` = the grid's (index q, physical r)
+    matrix: derivatives by central differences along index axes (one-sided at the block's
+    faces), mapped to millimetres. Built one row of the matrix at a time, in float32."""
+    dim = len(components)
     rows = []
-    for p in range(dim):
-        component = field[..., p].astype(np.float32)
+    for p, component in enumerate(components):
+        component = np.asarray(component, dtype=np.float32)
         row = [np.full(component.shape, float(p == r), dtype=np.float32) for r in range(dim)]
         for q in range(dim):  # ITK axis q is array axis dim - 1 - q
             if component.shape[dim - 1 - q] < 2:
@@ -132,59 +134,83 @@ def jacobian_determinant(
     """
     check_displacement(displacement)
     field = sitk.GetArrayViewFromImage(displacement)
-    return field_jacobian_determinant(field, Grid.of(displacement), is_cancelled)
-
-
-class FieldBlocks(Protocol):
-    """A (…, dim) displacement read by array slices: an array, or one evaluated on request."""
-
-    shape: tuple[int, ...]
-
-    def __getitem__(self, block: tuple[slice, ...]) -> np.ndarray: ...
-
-
-def field_jacobian_determinant(
-    field: FieldBlocks,
-    grid: Grid,
-    is_cancelled: Callable[[], bool] | None = None,
-    affine_outside: tuple[tuple[slice, ...], float] | None = None,
-) -> sitk.Image:
-    """:func:`jacobian_determinant` of a (…, dim) displacement on ``grid``, read by blocks.
-
-    ``affine_outside`` = (array slices of a box, det J beyond it), for a field that is affine
-    except at least two voxels inside the box's faces, the reach of the differences at and
-    next to them: det J is computed in the box only (a registration's deformable part covers
-    a third of a 1 mm head) and is that constant beyond.
-    """
+    grid = Grid.of(displacement)
     to_index = np.linalg.inv(grid.index_to_physical)  # (index q, physical r)
-    box, outside = affine_outside or ((slice(None),) * grid.dim, 1.0)
-    rows, *across = (slice(*axis.indices(n)[:2]) for axis, n in zip(box, grid.shape, strict=True))
     image = allocate(grid, sitk.sitkFloat32, is_cancelled=is_cancelled)
-    slab = max(1, _JACOBIAN_BLOCK_VOXELS // max(1, int(np.prod(field.shape[1:-1]))))
-    for start in range(0, grid.shape[0], slab):
-        stop_if_cancelled(is_cancelled, "while computing det J")
-        stop = min(start + slab, grid.shape[0])
-        values = np.full((stop - start, *grid.shape[1:]), outside, dtype=np.float32)
-        first, last = max(start, rows.start), min(stop, rows.stop)
-        if first < last:  # with a one-slice halo in the box, as one pass over the box
-            lower, upper = max(first - 1, rows.start), min(last + 1, rows.stop)
-            block = _determinant_block(field[(slice(lower, upper), *across)], to_index)
-            inner = block[first - lower : last - lower]
-            values[(slice(first - start, last - start), *across)] = inner
-        paste_rows(image, values, start)
+    for start, stop in slabs(grid.shape, is_cancelled):
+        lower, upper = max(start - 1, 0), min(stop + 1, grid.shape[0])
+        block = field[lower:upper]
+        values = determinant_block([block[..., p] for p in range(grid.dim)], to_index)
+        paste_rows(image, values[start - lower : stop - lower], start)
     return image
 
 
-def _slab_values(
-    det: np.ndarray, inside: np.ndarray | None, is_cancelled: Callable[[], bool] | None
-) -> Iterator[np.ndarray]:
-    """The values of ``det`` (within ``inside``) slab by slab: a 512² × 600 field's statistics
-    would otherwise need several float64 copies of it at once, and could not be cancelled."""
-    step = max(1, _JACOBIAN_BLOCK_VOXELS // max(1, det[0].size))
-    for start in range(0, len(det), step):
-        stop_if_cancelled(is_cancelled, "while computing det J statistics")
-        block = det[start : start + step]
-        yield block if inside is None else block[inside[start : start + step]]
+def slabs(
+    shape: Sequence[int], is_cancelled: Callable[[], bool] | None = None
+) -> Iterator[tuple[int, int]]:
+    """(start, stop) rows of an array of ``shape``, about 2 million voxels at a time: a 512² ×
+    600 field's det J or statistics would otherwise need several float64 copies of it at once,
+    and could not be cancelled."""
+    step = max(1, _JACOBIAN_BLOCK_VOXELS // max(1, math.prod(shape[1:])))
+    for start in range(0, shape[0], step):
+        stop_if_cancelled(is_cancelled, "while computing det J")
+        yield start, min(start + step, shape[0])
+
+
+class DeterminantStatistics:
+    """Folding (% det J ≤ 0) and SDlogJ, gathered a slab at a time.
+
+    det J is clipped to [1e-9, 1e9] before its log, so folded voxels count as a large (finite)
+    penalty instead of turning SDlogJ into nan. Slabs are merged with Chan et al.'s pairwise
+    update of the mean and the sum of squared deviations, as accurate as one pass over all.
+    """
+
+    def __init__(self) -> None:
+        self.count = self.folded = 0
+        self.mean = self.squares = 0.0
+
+    def add(self, values: np.ndarray) -> None:
+        if values.size == 0:
+            return
+        logs = np.log(np.clip(values.astype(np.float64), *_JACOBIAN_CLIP))
+        mean = float(logs.mean())
+        self._merge(values.size, int(np.count_nonzero(values <= 0)), mean, logs - mean)
+
+    def add_constant(self, value: float, count: int) -> None:
+        """``count`` voxels of det J ``value``, without an array of them."""
+        if count > 0:
+            log = math.log(min(max(value, _JACOBIAN_CLIP[0]), _JACOBIAN_CLIP[1]))
+            self._merge(count, count if value <= 0 else 0, log, np.zeros(0))
+
+    def _merge(self, count: int, folded: int, mean: float, deviations: np.ndarray) -> None:
+        delta, merged = mean - self.mean, self.count + count
+        self.mean += delta * count / merged
+        squares = float(np.square(deviations).sum())
+        self.squares += squares + delta * delta * self.count * count / merged
+        self.count, self.folded = merged, self.folded + folded
+
+    @property
+    def folding_percent(self) -> float:
+        return 100.0 * self.folded / self.count
+
+    @property
+    def sdlogj(self) -> float:
+        return math.sqrt(self.squares / self.count)
+
+
+def determinant_statistics(
+    jacobian: sitk.Image,
+    mask: sitk.Image | None = None,
+    is_cancelled: Callable[[], bool] | None = None,
+) -> DeterminantStatistics:
+    """:class:`DeterminantStatistics` of a det J image, within ``mask`` if given."""
+    det = scalar_array(jacobian, "The Jacobian determinant")
+    inside = mask_array(mask, jacobian)
+    statistics = DeterminantStatistics()
+    for start, stop in slabs(det.shape, is_cancelled):
+        values = det[start:stop]
+        statistics.add(values if inside is None else values[inside[start:stop]])
+    return statistics
 
 
 def folding_percent(
@@ -193,12 +219,7 @@ def folding_percent(
     is_cancelled: Callable[[], bool] | None = None,
 ) -> float:
     """Percentage of voxels (within ``mask``) where det J ≤ 0: where the transform folds."""
-    det = scalar_array(jacobian, "The Jacobian determinant")
-    folded = total = 0
-    for values in _slab_values(det, mask_array(mask, jacobian), is_cancelled):
-        folded += int(np.count_nonzero(values <= 0))
-        total += values.size
-    return 100.0 * folded / total
+    return determinant_statistics(jacobian, mask, is_cancelled).folding_percent
 
 
 def sdlogj(
@@ -206,25 +227,8 @@ def sdlogj(
     mask: sitk.Image | None = None,
     is_cancelled: Callable[[], bool] | None = None,
 ) -> float:
-    """Standard deviation of log det J: smoothness of the field, comparable across methods.
-
-    det J is clipped to [1e-9, 1e9] first, so folded voxels count as a large (finite) penalty
-    instead of turning the result into nan. Slabs are merged with Chan et al.'s pairwise
-    update of the mean and the sum of squared deviations, as accurate as one pass over all.
-    """
-    det = scalar_array(jacobian, "The Jacobian determinant")
-    count, mean, squares = 0, 0.0, 0.0
-    for values in _slab_values(det, mask_array(mask, jacobian), is_cancelled):
-        if values.size == 0:
-            continue
-        logs = np.log(np.clip(values.astype(np.float64), *_JACOBIAN_CLIP))
-        slab_mean = float(logs.mean())
-        slab_squares = float(np.square(logs - slab_mean).sum())
-        delta, merged = slab_mean - mean, count + logs.size
-        mean += delta * logs.size / merged
-        squares += slab_squares + delta * delta * count * logs.size / merged
-        count = merged
-    return math.sqrt(squares / count)
+    """Standard deviation of log det J: smoothness of the field, comparable across methods."""
+    return determinant_statistics(jacobian, mask, is_cancelled).sdlogj
 
 
 def _label_array(image: sitk.Image, what: str) -> np.ndarray:

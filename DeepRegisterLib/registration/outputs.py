@@ -11,20 +11,15 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from ..imaging import metrics
 from ..imaging.geometry import Grid, affine_parameters, flow_voxels_to_mm
 from ..nn.networks import integrate_velocity
 from .beside import Beside
 from .image_warping import Reach, warp_images
+from .jacobian import jacobian_and_qa
 from .job import Job
 from .optimisation_stage import Deformation
 from .progress import Stages
-from .warping import (
-    Displacement,
-    deformation_field,
-    deformed_box,
-    inverse_displacement,
-)
+from .warping import Displacement, deformation_field, inverse_displacement
 
 
 @dataclass
@@ -34,7 +29,7 @@ class Outputs:
     warped: sitk.Image | None  # None unless the settings ask for it
     warped_labels: dict[str, sitk.Image]
     inverse: tuple[sitk.Image, sitk.Image] | None  # on the moving grid; w on the network grid
-    jacobian: sitk.Image | None
+    jacobian: sitk.Image | None  # None unless the settings keep it
     qa: dict[str, Any] = field(default_factory=dict)  # folding_percent and sdlogj, if computed
 
 
@@ -53,7 +48,9 @@ def output_stage(
     with Beside(stop, "while writing outputs") as beside:
         qa = None
         if job.settings.compute_jacobian:
-            qa = beside.submit(_jacobian_and_qa, job, reach.matrix, field)
+            keep = job.settings.keep_jacobian
+            region = job.fixed_mask
+            qa = beside.submit(jacobian_and_qa, field, reach.matrix, job.network_grid, region, keep)
         stages.report("outputs", 0.3, "warping the moving image")
         with torch.inference_mode():
             warped, warped_labels = _warped(job, field, reach, device, stop)
@@ -108,24 +105,6 @@ def _warped(
     warped = warp_images(movings, field, grid, device, stop, reach)
     image = warped.pop(0) if job.settings.compute_warped else None
     return image, dict(zip(job.label_maps, warped, strict=True))
-
-
-def _jacobian_and_qa(
-    job: Job,
-    matrix: np.ndarray,
-    field: Displacement,
-    is_cancelled: Callable[[], bool],
-) -> tuple[sitk.Image, dict[str, Any]]:
-    grid = Grid.of(job.fixed_image)
-    # Beyond the network grid the transform is the affine ``matrix``: det J is its det there.
-    outside = (deformed_box(job.network_grid, grid), float(np.linalg.det(matrix)))
-    jacobian = metrics.field_jacobian_determinant(field, grid, is_cancelled, outside)
-    region = job.fixed_mask
-    qa = {
-        "folding_percent": metrics.folding_percent(jacobian, region, is_cancelled),
-        "sdlogj": metrics.sdlogj(jacobian, region, is_cancelled),
-    }
-    return jacobian, qa
 
 
 def _inverse(

@@ -84,6 +84,12 @@ class RegistrationSettings:
     compute_jacobian: bool = _option(
         True, "compute the Jacobian determinant and its QA figures", cli="derived"
     )
+    keep_jacobian: bool = _option(
+        True,
+        "keep the Jacobian determinant as an image (4 bytes a voxel); without it only its QA "
+        "figures (folding, SDlogJ) are kept",
+        cli="derived",
+    )
     device: str = _option("auto", "auto, cpu, cuda or cuda:N", choices=DEVICES)
     seed: int = _option(0, "random seed: the same seed, inputs and device give the same result")
     max_memory_gib: float | None = _option(

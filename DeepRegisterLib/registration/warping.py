@@ -217,7 +217,7 @@ class Displacement:
         Component by component on contiguous arrays, element-wise only (no BLAS, whose
         rounding can depend on the block's size): half the time of broadcasting into the
         interleaved (…, dim) layout."""
-        v = self._v.block(block).to(torch.float32)
+        v = self.deformation(block)
         ramps = [ramp[..., 0] for ramp in _ramps(block, v.device, torch.float32)]
         u = torch.empty((*v.shape[1:], len(v)), dtype=torch.float32, device=v.device)
         for k, (row, linear, constant) in enumerate(
@@ -231,9 +231,9 @@ class Displacement:
             u[..., k] = value + constant
         return u
 
-    def __getitem__(self, block: Block) -> np.ndarray:
-        """``u`` over ``block`` as a NumPy array, for readers of arrays (det J)."""
-        return self.tensor(block).cpu().numpy()
+    def deformation(self, block: Block) -> torch.Tensor:
+        """``v`` over the array slices ``block``: (dim, …) float32, LPS mm components."""
+        return self._v.block(block).to(torch.float32)
 
 
 def deformed_box(network_grid: Grid, grid: Grid, margin: int = 2) -> tuple[slice, ...]:
