@@ -131,6 +131,20 @@ def test_jacobian_in_slabs_equals_the_whole_volume(monkeypatch: pytest.MonkeyPat
     )
 
 
+def test_jacobian_of_a_single_slice_or_voxel_uses_the_axes_it_has() -> None:
+    """An axis of length 1 contributes no derivative: a slice's det J is its in-plane one, and
+    a single voxel's is 1 (the identity), on an image of its own size either way."""
+    in_plane = np.zeros((1, 5, 6, 3), dtype=np.float32)
+    in_plane[..., 0] = 0.5 * np.arange(6)  # x stretched by 1.5 in a 1 mm plane
+    field = sitk.GetImageFromArray(in_plane, isVector=True)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(metrics.jacobian_determinant(field)), 1.5)
+    voxel = sitk.GetImageFromArray(np.full((1, 1, 1, 3), 2.0, dtype=np.float32), isVector=True)
+    det = sitk.GetArrayFromImage(metrics.jacobian_determinant(voxel))
+    assert det.shape == (1, 1, 1)
+    assert det.dtype == np.float32
+    assert det[0, 0, 0] == 1.0
+
+
 def test_sdlogj_of_two_known_values() -> None:
     det = np.array([[1.0, math.e], [1.0, math.e]], dtype=np.float32)
     assert metrics.sdlogj(sitk.GetImageFromArray(det)) == pytest.approx(0.5, rel=1e-6)

@@ -102,22 +102,26 @@ def determinant_block(components: Sequence[np.ndarray], to_index: np.ndarray) ->
     matrix: derivatives by central differences along index axes (one-sided at the block's
     faces), mapped to millimetres. Built one row of the matrix at a time, in float32."""
     dim = len(components)
+    shape = np.shape(components[0])
     rows = []
     for p, component in enumerate(components):
         component = np.asarray(component, dtype=np.float32)
-        row = [np.full(component.shape, float(p == r), dtype=np.float32) for r in range(dim)]
+        # Entries stay scalars (δ_pr) until a derivative lands on them: no constant arrays.
+        row: list[float | np.ndarray] = [float(p == r) for r in range(dim)]
         for q in range(dim):  # ITK axis q is array axis dim - 1 - q
-            if component.shape[dim - 1 - q] < 2:
+            if shape[dim - 1 - q] < 2:
                 continue
             du_dq = np.gradient(component, axis=dim - 1 - q, edge_order=1)
             for r in range(dim):
                 if to_index[q, r] != 0:  # axis-aligned grids skip two thirds of the work
-                    row[r] += du_dq * np.float32(to_index[q, r])
+                    row[r] = row[r] + du_dq * np.float32(to_index[q, r])
         rows.append(row)
     if dim == 2:
-        return rows[0][0] * rows[1][1] - rows[0][1] * rows[1][0]
-    (a, b, c), (d, e, f), (g, h, i) = rows
-    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+        det = rows[0][0] * rows[1][1] - rows[0][1] * rows[1][0]
+    else:
+        (a, b, c), (d, e, f), (g, h, i) = rows
+        det = a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+    return np.broadcast_to(np.float32(det), shape).copy() if np.ndim(det) == 0 else det
 
 
 def jacobian_determinant(
