@@ -121,7 +121,7 @@ def determinant_block(components: Sequence[np.ndarray], to_index: np.ndarray) ->
     else:
         (a, b, c), (d, e, f), (g, h, i) = rows
         det = a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
-    return np.broadcast_to(np.float32(det), shape).copy() if np.ndim(det) == 0 else det
+    return np.full(shape, det, dtype=np.float32) if np.ndim(det) == 0 else det
 
 
 def jacobian_determinant(
@@ -178,18 +178,19 @@ class DeterminantStatistics:
             return
         logs = np.log(np.clip(values.astype(np.float64), *_JACOBIAN_CLIP))
         mean = float(logs.mean())
-        self._merge(values.size, int(np.count_nonzero(values <= 0)), mean, logs - mean)
+        squares = float(np.square(logs - mean).sum())
+        self._merge(values.size, int(np.count_nonzero(values <= 0)), mean, squares)
 
     def add_constant(self, value: float, count: int) -> None:
         """``count`` voxels of det J ``value``, without an array of them."""
         if count > 0:
             log = math.log(min(max(value, _JACOBIAN_CLIP[0]), _JACOBIAN_CLIP[1]))
-            self._merge(count, count if value <= 0 else 0, log, np.zeros(0))
+            self._merge(count, count if value <= 0 else 0, log, 0.0)
 
-    def _merge(self, count: int, folded: int, mean: float, deviations: np.ndarray) -> None:
+    def _merge(self, count: int, folded: int, mean: float, squares: float) -> None:
+        """Adds ``count`` voxels with this mean log and sum of squared deviations from it."""
         delta, merged = mean - self.mean, self.count + count
         self.mean += delta * count / merged
-        squares = float(np.square(deviations).sum())
         self.squares += squares + delta * delta * self.count * count / merged
         self.count, self.folded = merged, self.folded + folded
 
