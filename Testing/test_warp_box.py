@@ -157,3 +157,51 @@ def test_only_the_non_zero_box_becomes_a_tensor_and_itk_agrees(
             np.testing.assert_array_equal(array, expected)
         else:
             np.testing.assert_allclose(array, expected, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+@pytest.mark.parametrize("side", ["first", "last"])
+def test_an_image_that_reaches_its_border_is_warped_as_itk_does_across_it(
+    dim: int, side: str
+) -> None:
+    """Where the non-zero voxels reach the moving grid's border, points within half a voxel
+    beyond it take the border's value and points further out zero, as in SimpleITK; elsewhere
+    the crop's zero faces alone give zero."""
+    grid = oblique_grid(dim, size=(18, 16, 14)[:dim])
+    n = grid.shape[0]
+    reaching = slice(0, n // 2) if side == "first" else slice(n // 2, n)
+    block = (reaching, *[slice(k // 4, 3 * k // 4) for k in grid.shape[1:]])
+    rng = np.random.default_rng(5)
+    scan = np.zeros(grid.shape, np.float32)
+    scan[block] = rng.uniform(10, 200, size=scan[block].shape)
+    labels = np.zeros(grid.shape, np.uint8)
+    labels[block] = rng.integers(1, 6, size=labels[block].shape)
+    movings = [(image_on(grid, scan), False), (image_on(grid, labels), True)]
+    # Outward across that border by 0.5 voxel on average, give or take 0.4: some points stay
+    # inside, some land within half a voxel beyond it, some further out.
+    outward = -1.0 if side == "first" else 1.0
+    steps = np.zeros((*grid.shape, dim))
+    steps[..., dim - 1] = outward * rng.uniform(0.1, 0.9, size=grid.shape)  # the array's first axis
+    field = steps @ np.asarray(grid.index_to_physical).T
+    beyond = np.arange(n).reshape(-1, *[1] * (dim - 1)) + steps[..., dim - 1]
+    border_band = (
+        (beyond < 0) & (beyond >= -0.5)
+        if side == "first"
+        else (beyond >= n - 1) & (beyond < n - 0.5)
+    )
+    assert border_band.any()
+    assert (np.abs(beyond - np.clip(beyond, 0, n - 1)) > 0.5).any()  # and further out
+
+    warped = warp_images(movings, field.astype(np.float32), grid)
+
+    transform = sitk.DisplacementFieldTransform(image_on(grid, field, vector=True))
+    for (image, nearest), ours in zip(movings, warped, strict=True):
+        interpolator = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
+        by_itk = sitk.GetArrayFromImage(
+            sitk.Resample(image, grid.reference_image(), transform, interpolator, 0.0)
+        )
+        assert np.count_nonzero(by_itk[border_band]) > 0  # the border's value, half a voxel out
+        if nearest:
+            np.testing.assert_array_equal(sitk.GetArrayFromImage(ours), by_itk)
+        else:
+            np.testing.assert_allclose(sitk.GetArrayFromImage(ours), by_itk, rtol=0, atol=1e-3)

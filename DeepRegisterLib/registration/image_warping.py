@@ -97,7 +97,7 @@ def warp_images(
             )
             for image, nearest in (movings[i] for i in indices)
         ]
-        mapping = _ItkCoordinates(grid, sources[0].grid, device)
+        mapping = _ItkCoordinates(grid, sources[0].grid, device, _zero_faces(crop, supports))
         box = sampled_box(grid, moving, reach, supports)
         for start in range(box[0].start, box[0].stop, rows):
             stop_if(is_cancelled)
@@ -105,8 +105,8 @@ def warp_images(
             coordinates, inside = mapping.at(u_at(block), block)
             for source in sources:
                 at = coordinates.to(source.volume.dtype)  # float64 for labels above 2**24
-                values = grid_sample(source.volume, at, source.mode, "border")[0]
-                source.paste((values[0] * inside).cpu().numpy(), block)
+                values = grid_sample(source.volume, at, source.mode, "border")[0, 0]
+                source.paste((values if inside is None else values * inside).cpu().numpy(), block)
         warped.update((i, source.image) for i, source in zip(indices, sources, strict=True))
     return [warped[i] for i in range(len(movings))]
 
@@ -123,6 +123,20 @@ def _grown(supports: Sequence[Block | None], shape: tuple[int, ...]) -> Block:
             min(max(b[axis].stop for b in boxes) + 1, n),
         )
         for axis, n in enumerate(shape)
+    )
+
+
+def _zero_faces(crop: Block, supports: Sequence[Block | None]) -> bool:
+    """Whether every outermost voxel of ``crop`` lies beyond every support (so is zero in
+    every image): the crop was grown past them on every side, not stopped by the image's own
+    border."""
+    boxes = [box for box in supports if box is not None]
+    if not boxes:  # the crop is one zero voxel
+        return True
+    return all(
+        part.start < min(box[axis].start for box in boxes)
+        and part.stop > max(box[axis].stop for box in boxes)
+        for axis, part in enumerate(crop)
     )
 
 
@@ -205,14 +219,16 @@ class _ItkCoordinates:
     normalised coordinates, and which of them ITK's resampling counts as inside.
 
     The index map and the normalisation are one affine map, applied once: ITK's half-voxel
-    bounds ``[−0.5, n − 0.5)`` become bounds on the normalised coordinates.
+    bounds ``[−0.5, n − 0.5)`` become bounds on the normalised coordinates. When the images'
+    outermost voxels are all zero (``zero_faces``), sampling with border padding already gives
+    zero beyond them, as ITK does outside, and no mask is made (a sixth of a brain's warp).
     """
 
-    def __init__(self, grid: Grid, moving: Grid, device: torch.device):
+    def __init__(self, grid: Grid, moving: Grid, device: torch.device, zero_faces: bool):
         linear, constant = index_map(grid, moving)
         sizes = np.asarray(moving.size, dtype=np.float64)
         scale = moving.index_to_sampler_scale
-        self._device = device
+        self._device, self._zero_faces = device, zero_faces
         self._linear, self._constant = scale[:, None] * linear, scale * constant - 1.0
         to_index = moving.physical_to_index_affine()[0]
 
@@ -223,11 +239,15 @@ class _ItkCoordinates:
         self._low = on_device(-0.5 * scale - 1.0)
         self._high = on_device((sizes - 0.5) * scale - 1.0)
 
-    def at(self, u: torch.Tensor, block: Block) -> tuple[torch.Tensor, torch.Tensor]:
+    def at(self, u: torch.Tensor, block: Block) -> tuple[torch.Tensor, torch.Tensor | None]:
         """For the voxels of ``block`` displaced by ``u`` (…, dim) in mm: the coordinates
-        (1, …, dim) and the inside mask (…)."""
+        (1, …, dim) and the inside mask (…), None where it would change no value."""
         coordinates = block_field(self._linear, self._constant, block, self._device, torch.float32)
-        coordinates = coordinates + u @ self._from_mm
+        dim = coordinates.shape[-1]
+        coordinates = torch.addmm(coordinates.view(-1, dim), u.reshape(-1, dim), self._from_mm)
+        coordinates = coordinates.view(u.shape)
+        if self._zero_faces:
+            return coordinates[None], None
         inside = (coordinates >= self._low) & (coordinates < self._high)
         return coordinates[None], inside.all(dim=-1).to(coordinates.dtype)
 
