@@ -89,7 +89,8 @@ def warp_images(
         # Only the voxels around the non-zero ones become a float tensor (a brain's box is
         # about a third of its scan): with a zero voxel of margin, a point beyond it samples
         # zeros from the crop as from the whole image.
-        crop = _grown(supports, moving.shape)
+        union = _union(supports)
+        crop = _grown(union, moving.shape)
         whole = crop == tuple(slice(0, n) for n in moving.shape)  # no copy of a full scan
         sources = [
             _Source(
@@ -97,7 +98,11 @@ def warp_images(
             )
             for image, nearest in (movings[i] for i in indices)
         ]
-        mapping = _ItkCoordinates(grid, sources[0].grid, device, _zero_faces(crop, supports))
+        # Non-zero voxels short of the image's border on every side leave the crop zero faces.
+        zero_faces = union is None or all(
+            part.start > 0 and part.stop < n for part, n in zip(union, moving.shape, strict=True)
+        )
+        mapping = _ItkCoordinates(grid, sources[0].grid, device, zero_faces)
         box = sampled_box(grid, moving, reach, supports)
         for start in range(box[0].start, box[0].stop, rows):
             stop_if(is_cancelled)
@@ -111,32 +116,25 @@ def warp_images(
     return [warped[i] for i in range(len(movings))]
 
 
-def _grown(supports: Sequence[Block | None], shape: tuple[int, ...]) -> Block:
-    """The box around every support, one voxel wider on each side within ``shape``; a single
-    (zero) voxel when every image is zero."""
+def _union(supports: Sequence[Block | None]) -> Block | None:
+    """The box around every support (array slices); None when every image is zero."""
     boxes = [box for box in supports if box is not None]
     if not boxes:
-        return tuple(slice(0, 1) for _ in shape)
+        return None
     return tuple(
-        slice(
-            max(min(b[axis].start for b in boxes) - 1, 0),
-            min(max(b[axis].stop for b in boxes) + 1, n),
-        )
-        for axis, n in enumerate(shape)
+        slice(min(box[axis].start for box in boxes), max(box[axis].stop for box in boxes))
+        for axis in range(len(boxes[0]))
     )
 
 
-def _zero_faces(crop: Block, supports: Sequence[Block | None]) -> bool:
-    """Whether every outermost voxel of ``crop`` lies beyond every support (so is zero in
-    every image): the crop was grown past them on every side, not stopped by the image's own
-    border."""
-    boxes = [box for box in supports if box is not None]
-    if not boxes:  # the crop is one zero voxel
-        return True
-    return all(
-        part.start < min(box[axis].start for box in boxes)
-        and part.stop > max(box[axis].stop for box in boxes)
-        for axis, part in enumerate(crop)
+def _grown(union: Block | None, shape: tuple[int, ...]) -> Block:
+    """``union`` one voxel wider on each side within ``shape``; a single (zero) voxel when
+    every image is zero."""
+    if union is None:
+        return tuple(slice(0, 1) for _ in shape)
+    return tuple(
+        slice(max(part.start - 1, 0), min(part.stop + 1, n))
+        for part, n in zip(union, shape, strict=True)
     )
 
 
@@ -169,15 +167,15 @@ def sampled_box(
     whole = tuple(slice(0, n) for n in grid.shape)
     if reach is None or not np.isfinite(reach.mm):
         return whole
-    boxes = [box for box in supports if box is not None]
-    if not boxes:
+    union = _union(supports)
+    if union is None:
         return tuple(slice(0, 0) for _ in grid.shape)
     linear, constant = index_map(grid, moving, (reach.matrix, reach.translation))
     to_index = moving.physical_to_index_affine()[0]
     # Index units (I, J, K) the moving point can stray from the affine's, and the margin.
     slack = reach.mm * np.linalg.norm(to_index, axis=1) + SUPPORT_MARGIN
-    low = np.min([[s.start for s in box[::-1]] for box in boxes], axis=0) - slack
-    high = np.max([[s.stop - 1 for s in box[::-1]] for box in boxes], axis=0) + slack
+    low = np.array([part.start for part in union[::-1]]) - slack
+    high = np.array([part.stop - 1 for part in union[::-1]]) + slack
     corners = np.array(list(itertools.product(*zip(low, high, strict=True))))
     try:
         indices = (corners - constant) @ np.linalg.inv(linear).T
