@@ -135,3 +135,23 @@ def test_the_network_only_row_uses_the_model_the_engine_would_choose(
     methods = model_note(3, model, similarity, ["affine", "network-only"], notes)
     assert ("network-only" in methods) is network_row
     assert ("`brain3d`" in notes[0]) is network_row
+
+
+def test_the_network_only_row_runs_the_model_as_it_was_trained(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every pass the model asks for, in both orders, after the affine row's own stage: a preset
+    that runs one one-sided pass to be refined (as `balanced` came to) understates the network
+    alone (0.771 against 0.80 on the 20 fs-dev pairs)."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from benchmarks.methods import DEEPREGISTER_ROWS, deepregister_settings
+    from benchmarks.tasks import Settings
+    from DeepRegisterLib.registration.presets import get_preset
+
+    row, affine = DEEPREGISTER_ROWS["network-only"], DEEPREGISTER_ROWS["affine"]
+    preset = get_preset(row["preset"])
+    assert preset.network_passes is None
+    assert preset.symmetric_network_in_3d
+    assert affine["preset"] == row["preset"]
+    settings = deepregister_settings("network-only", Settings())
+    assert (settings.preset, settings.iterations, settings.model) == (row["preset"], 0, "default")

@@ -272,10 +272,11 @@ def _finite_or_none(value: float) -> float | None:
 
 #: Each DeepRegister row's own settings fields, over the run's (:attr:`Settings.registration`).
 DEEPREGISTER_ROWS: dict[str, dict[str, Any]] = {
-    # The default preset's affine stage alone.
-    "affine": {"iterations": 0, "model": "none", "regularization": None},
-    # The default preset, as in the "affine" row: the two rows then share their affine stage.
-    "network-only": {"preset": "balanced", "iterations": 0},
+    # `accurate` runs the model as it was trained: every pass its JSON asks for, each in both
+    # orders (`fast` and `balanced` run one pass in one order, to refine it). The "affine" row
+    # takes the same preset, so that the two rows share their affine stage.
+    "affine": {"preset": "accurate", "iterations": 0, "model": "none", "regularization": None},
+    "network-only": {"preset": "accurate", "iterations": 0},
     "fast": {"preset": "fast"},
     "fast-smooth": {"preset": "fast", "regularization": SMOOTH_REGULARIZATION},
     "balanced": {"preset": "balanced"},
