@@ -60,9 +60,9 @@ def test_a_reach_skips_voxels_and_changes_no_value(dim: int) -> None:
 
     for whole, part in zip(everything, boxed, strict=True):
         np.testing.assert_array_equal(sitk.GetArrayFromImage(part), sitk.GetArrayFromImage(whole))
-    box = sampled_box(fixed, moving, reach, [tuple(slice(0, n) for n in moving.shape)])
+    box = sampled_box(fixed, moving, reach, tuple(slice(0, n) for n in moving.shape))
     small = sampled_box(
-        fixed, moving, reach, [tuple(slice(n // 3, n // 3 + n // 4) for n in moving.shape)]
+        fixed, moving, reach, tuple(slice(n // 3, n // 3 + n // 4) for n in moving.shape)
     )
     assert math.prod(s.stop - s.start for s in small) < 0.6 * math.prod(fixed.shape)
     # A larger support never gives a smaller box.
@@ -114,10 +114,10 @@ def test_all_zero_images_sample_nothing_and_stay_zero() -> None:
     fixed, _, moving = _padded_pair(3)
     zeros = [(image_on(moving, np.zeros(moving.shape, np.float32)), False)]
     field, reach = _near_affine(fixed, moving, stray_mm=1.0)
-    assert all(s.stop == s.start for s in sampled_box(fixed, moving, reach, [None]))
+    assert all(s.stop == s.start for s in sampled_box(fixed, moving, reach, None))
     # A reach that says nothing (a non-finite displacement somewhere) samples everything.
     unknown = Reach(reach.matrix, reach.translation, float("nan"))
-    assert sampled_box(fixed, moving, unknown, [None]) == tuple(slice(0, n) for n in fixed.shape)
+    assert sampled_box(fixed, moving, unknown, None) == tuple(slice(0, n) for n in fixed.shape)
     (warped,) = warp_images(zeros, field, fixed, reach=reach)
     assert warped.GetSize() == fixed.size
     assert not sitk.GetArrayFromImage(warped).any()

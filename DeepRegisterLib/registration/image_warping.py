@@ -103,7 +103,7 @@ def warp_images(
             part.start > 0 and part.stop < n for part, n in zip(union, moving.shape, strict=True)
         )
         mapping = _ItkCoordinates(grid, sources[0].grid, device, zero_faces)
-        box = sampled_box(grid, moving, reach, supports)
+        box = sampled_box(grid, moving, reach, union)
         for start in range(box[0].start, box[0].stop, rows):
             stop_if(is_cancelled)
             block = (slice(start, min(start + rows, box[0].stop)), *box[1:])
@@ -158,16 +158,13 @@ def _reader(
     return grid, lambda block: torch.tensor(array[block], device=device, dtype=torch.float32)
 
 
-def sampled_box(
-    grid: Grid, moving: Grid, reach: Reach | None, supports: Sequence[Block | None]
-) -> Block:
-    """The array slices of ``grid`` whose voxels can land within SUPPORT_MARGIN voxels of a
-    ``supports`` box (array slices of ``moving`` holding an image's non-zero voxels; None for
-    an all-zero image); the whole grid without ``reach``. The rest samples only zeros."""
+def sampled_box(grid: Grid, moving: Grid, reach: Reach | None, union: Block | None) -> Block:
+    """The array slices of ``grid`` whose voxels can land within SUPPORT_MARGIN voxels of
+    ``union`` (array slices of ``moving`` around every image's non-zero voxels; None when all
+    are zero); the whole grid without ``reach``. The rest samples only zeros."""
     whole = tuple(slice(0, n) for n in grid.shape)
     if reach is None or not np.isfinite(reach.mm):
         return whole
-    union = _union(supports)
     if union is None:
         return tuple(slice(0, 0) for _ in grid.shape)
     linear, constant = index_map(grid, moving, (reach.matrix, reach.translation))
