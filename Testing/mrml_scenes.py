@@ -5,7 +5,6 @@ it skips the importing test module when `slicer` is not slicer-core: use
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,43 +156,66 @@ def _ras_geometry(grid: Grid):
     return FLIP @ np.asarray(grid.origin), FLIP @ grid.direction_matrix, grid.spacing
 
 
+_ROTATION = rotation_matrix((0.0, 0.0, 1.0), 4.0)
+_SHIFT = (1.5, -1.0, 0.8)
+
+
 def _field(points_lps: np.ndarray) -> np.ndarray:
     """A known smooth displacement (LPS mm): small rotation + translation + a sine ripple."""
-    angle = math.radians(4.0)
-    rotation = np.array(
-        [[math.cos(angle), -math.sin(angle), 0], [math.sin(angle), math.cos(angle), 0], [0, 0, 1]]
-    )
-    u = points_lps @ (rotation - np.eye(3)).T + [1.5, -1.0, 0.8]
+    u = points_lps @ (_ROTATION - np.eye(3)).T + _SHIFT
     u[..., 2] += 0.7 * np.sin(points_lps[..., 0] / 4.0)
     return u
 
 
+def _ripple_on_lattice(grid: Grid) -> sitk.Image:
+    """``v``: :func:`_field`'s ripple on a 2 mm lattice with ``grid``'s directions, as the
+    engine hands it back (zero on its outermost nodes). The lattice covers only the middle of
+    ``grid``, and no voxel of ``grid`` sits on one of its nodes."""
+    origin = grid.index_to_physical_points(np.array([2.3, 1.7, 2.9]))
+    lattice = Grid((9, 9, 8), (2.0, 2.0, 2.0), tuple(origin), grid.direction)
+    ripple = np.zeros((*lattice.shape, 3))
+    points = grid_points(lattice)[1:-1, 1:-1, 1:-1]
+    ripple[1:-1, 1:-1, 1:-1, 2] = 0.7 * np.sin(points[..., 0] / 4.0)
+    inverse_rotation = np.linalg.inv(_ROTATION)  # A(x + v) − x = (R − I) x + t + R v
+    return lattice.apply_to(sitk.GetImageFromArray(ripple @ inverse_rotation.T, isVector=True))
+
+
 def _hand_made_result(fixed_node, moving_node, inverse: bool = False) -> RegistrationResult:
-    """What the engine would return for the known field :func:`_field`: the field in float32,
-    as the engine computes it, and the inverse in float64."""
+    """What the engine would return for a transform like :func:`_field`: its rotation and
+    shift as the affine, its ripple as ``v`` (:func:`_ripple_on_lattice`), the dense field in
+    float32 as the engine computes it; and, asked for, minus :func:`_field` on the moving grid
+    as the inverse (any moving-grid field serves to test pushing)."""
     fixed = mrml.imageFromVolumeNode(fixed_node)
     moving = mrml.imageFromVolumeNode(moving_node)
     grid = Grid.of(fixed)
-    u = _field(grid_points(grid)).astype(np.float32)
-    displacement = grid.apply_to(sitk.GetImageFromArray(u, isVector=True))
-    warped = sitk.Resample(
-        moving, fixed, displacement_transform(displacement), sitk.sitkLinear, 0.0, sitk.sitkFloat32
-    )
+    affine = sitk.AffineTransform(3)
+    affine.SetMatrix(tuple(_ROTATION.ravel()))
+    affine.SetTranslation(_SHIFT)
+    deformation = _ripple_on_lattice(grid)
+    transform = sitk.CompositeTransform([affine, displacement_transform(deformation)])
+    displacement = sitk.Cast(
+        sitk.TransformToDisplacementField(
+            transform, sitk.sitkVectorFloat64, grid.size, grid.origin, grid.spacing,
+            grid.direction,
+        ),
+        sitk.sitkVectorFloat32,
+    )  # fmt: skip
+    warped = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     inverse_field = None
-    if inverse:  # minus the field at the same points: any moving-grid field serves to test pushing
+    if inverse:
         moving_grid = Grid.of(moving)
         inverse_field = moving_grid.apply_to(
             sitk.GetImageFromArray(-_field(grid_points(moving_grid)), isVector=True)
         )
-    jacobian = metrics.jacobian_determinant(displacement)
     return RegistrationResult(
         fixed_grid=grid,
         displacement=displacement,
         warped=warped,
-        affine=sitk.AffineTransform(3),
-        jacobian=jacobian,
+        affine=affine,
+        jacobian=metrics.jacobian_determinant(displacement),
         inverse_displacement=inverse_field,
         report={"runtime_s": 1.25, "device": "cpu", "folding_percent": 0.0, "timings": {"a": 1}},
+        deformation=deformation,
     )
 
 

@@ -133,11 +133,13 @@ def test_settings_come_as_an_object_a_preset_name_or_their_field_names(scene):
     by_object = mrml.prepareRegistration(fixed, moving, settings)
     overridden = mrml.prepareRegistration(fixed, moving, settings, compute_inverse=False)
 
-    # No node receives a warped volume: none is made.
-    assert by_name.settings == by_object.settings == settings.replace(compute_warped=False)
-    assert overridden.settings == settings.replace(compute_inverse=False, compute_warped=False)
+    # No node receives a warped volume: none is made. Nor the dense field: the grid transform
+    # node is made from the affine and v.
+    unasked = settings.replace(compute_warped=False, compute_displacement=False)
+    assert by_name.settings == by_object.settings == unasked
+    assert overridden.settings == unasked.replace(compute_inverse=False)
     wanted = mrml.prepareRegistration(fixed, moving, settings, createOutputVolume=True)
-    assert wanted.settings == settings
+    assert wanted.settings == settings.replace(compute_displacement=False)
 
 
 # --- atomicity -------------------------------------------------------------------------------
@@ -160,9 +162,13 @@ def test_bad_input_changes_nothing(scene):
         mrml.registerVolumes(fixed, moving, "quick")
     with pytest.raises(InputError, match="another grid"):
         mrml.pushResult(_hand_made_result(moving, fixed), fixed, moving)
-    without_field = dataclasses.replace(_hand_made_result(fixed, moving), displacement=None)
-    with pytest.raises(InputError, match="compute_displacement=True"):
-        mrml.pushResult(without_field, fixed, moving)
+    without_v = dataclasses.replace(_hand_made_result(fixed, moving), deformation=None)
+    with pytest.raises(InputError, match="no deformation"):
+        mrml.pushResult(without_v, fixed, moving)
+    axis_aligned = sitk.Image([4, 4, 4], sitk.sitkVectorFloat64, 3)  # the fixed is oblique
+    turned = dataclasses.replace(_hand_made_result(fixed, moving), deformation=axis_aligned)
+    with pytest.raises(InputError, match="axis directions"):
+        mrml.pushResult(turned, fixed, moving)
     assert _snapshot(scene) == before
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -199,3 +201,26 @@ def test_a_waiting_child_that_died_is_replaced_by_a_new_one(tmp_path, temporary_
     _wait(process)
     assert process.push().transformNode.GetScene() is scene
     assert not list(temporary_folder.iterdir())
+
+
+def test_the_childs_files_are_read_side_by_side_without_an_hdf5_race(tmp_path):
+    """The transform (HDF5) is read while the images are. ITK asking its HDF5 reader about
+    each image beside that read failed or corrupted memory: a crash, so in a fresh process."""
+    field = sitk.Image([40, 40, 40], sitk.sitkVectorFloat64, 3)
+    composite = sitk.CompositeTransform(
+        [sitk.AffineTransform(3), sitk.DisplacementFieldTransform(field)]
+    )
+    sitk.WriteTransform(composite, str(tmp_path / "transform.h5"))
+    names = ["warped.mha", "jacobian.mha", "labels0.mha"]
+    for name in names:
+        sitk.WriteImage(sitk.Image([64, 64, 64], sitk.sitkFloat32), str(tmp_path / name))
+    code = (
+        "from pathlib import Path\n"
+        "from DeepRegisterLib.mrml.runner import readChildFiles\n"
+        f"for _ in range(150): readChildFiles(Path({str(tmp_path)!r}), {names!r})\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "H5" not in run.stderr  # HDF5's error stack, printed even where it recovers

@@ -109,10 +109,10 @@ def prepareRegistration(
     )  # fmt: skip
     return RegistrationJob(
         targets=targets,
-        # The warped volume is made only for a node that receives it; the grid transform node
-        # is made from the dense field.
+        # The warped volume is made only for a node that receives it. The grid transform node
+        # is made from the affine and v (registration/lattice.py), not from the dense field.
         settings=settings.replace(
-            compute_warped=targets.wantsWarpedVolume, compute_displacement=True
+            compute_warped=targets.wantsWarpedVolume, compute_displacement=False
         ),
         fixed=imageFromVolumeNode(fixedNode),
         moving=imageFromVolumeNode(movingNode),

@@ -16,6 +16,7 @@ import vtk
 
 from ..errors import InputError
 from ..imaging.geometry import Grid
+from ..registration.lattice import displacement_on_lattice
 from .inputs import LabelNode, LabelSource, labelSourceLayout
 from .nodes import referenceImage, sameGrid, showScalars, updateVolumeNodeFromImage
 from .scene_edit import SceneEdit
@@ -35,7 +36,8 @@ class PushableResult(Protocol):
     """What a push reads of a result: a RegistrationResult, or the outputs of a child process."""
 
     fixed_grid: Grid
-    displacement: sitk.Image | None  # None (compute_displacement off) is refused
+    affine: sitk.Transform
+    deformation: sitk.Image | None  # v; None (a result built by hand) is refused
     warped: sitk.Image | None
     warped_labels: dict[str, sitk.Image]
     jacobian: sitk.Image | None
@@ -153,7 +155,8 @@ def push(result: PushableResult, targets: PushTargets) -> RegistrationNodes:
     missing = consumed - result.warped_labels.keys()
     if missing:
         raise InputError(f"the result has no warped labels for {', '.join(sorted(missing))}")
-    gridTransform = gridTransformFromDisplacement(result.displacement)
+    lattice = displacement_on_lattice(result.affine, result.deformation, result.fixed_grid)
+    gridTransform = gridTransformFromDisplacement(lattice)
     inverse = result.inverse_displacement
     inverseTransform = None if inverse is None else gridTransformFromDisplacement(inverse)
     fixedParentID = fixedNode.GetTransformNodeID()
@@ -271,13 +274,11 @@ def _checkResultFits(result: PushableResult, fixedNode) -> None:
             f"'{fixedNode.GetName()}' (size {result.fixed_grid.size} vs {fixed.GetSize()}); push "
             "it with the fixed volume it was registered to"
         )
-    if result.displacement is None:
+    if result.deformation is None:
         raise InputError(
-            "this result has no dense displacement field, which the grid transform node is "
-            "made from: register with compute_displacement=True"
+            "this result has no deformation (v), which the grid transform node is made from: "
+            "push what DeepRegisterLib.register returned"
         )
-    if not sameGrid(result.displacement, fixed):
-        raise InputError("the result's displacement field is not on its fixed grid")
 
 
 def _copyVolumeDisplay(source: slicer.vtkMRMLVolumeNode, target: slicer.vtkMRMLVolumeNode):

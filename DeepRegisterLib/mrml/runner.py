@@ -24,6 +24,7 @@ import atexit
 import json
 import shutil
 import sys
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ import slicer
 
 from ..cli.exit_codes import EXIT_INPUT, EXIT_MEMORY
 from ..errors import DeepRegisterError, InputError, RegistrationCancelled, ResourceError
+from ..imaging.fileio import read_transform
 from ..imaging.geometry import Grid
 from .api import RegistrationJob
 from .child_process import PROGRESS_FILE, STDERR_FILE, ChildProcess, takeChild
@@ -51,7 +53,8 @@ class ProcessOutputs:
     """What the child wrote, read back: what a push needs of a RegistrationResult."""
 
     fixed_grid: Grid
-    displacement: sitk.Image  # float32, as the engine computes it
+    affine: sitk.Transform
+    deformation: sitk.Image  # v on the network grid: the transform is [affine, v]
     warped: sitk.Image | None  # None unless a volume node receives it
     warped_labels: dict[str, sitk.Image] = field(default_factory=dict)
     jacobian: sitk.Image | None = None
@@ -145,7 +148,7 @@ class RegistrationProcess:
             "--fixed", written(job.fixed, "fixed.mha"),
             "--moving", written(job.moving, "moving.mha"),
             "--settings", str(folder / "settings.json"), "--progress", "json",
-            "--displacement", str(out / "displacement.mha"),
+            "--transform", str(out / "transform.h5"),
             "--report", str(out / "report.json"),
         ]  # fmt: skip
         if job.settings.compute_warped:
@@ -168,19 +171,14 @@ class RegistrationProcess:
         return command
 
     def _readOutputs(self, out: Path) -> ProcessOutputs:
-        """The child's files, read side by side: ITK reads without the GIL, and Slicer's main
-        thread waits for this (a 1 mm brain's three files: 0.23 s, not 0.36 s one by one)."""
-        names = ["displacement.mha", "warped.mha", "jacobian.mha", "inverse.mha"]
-        present = [name for name in [*names, *self._labelFiles.values()] if (out / name).exists()]
-        if "displacement.mha" not in present:
-            raise DeepRegisterError("the registration process ended without writing its result")
-        with ThreadPoolExecutor(len(present)) as pool:
-            read = pool.map(lambda name: sitk.ReadImage(str(out / name)), present)
-            images = dict(zip(present, read, strict=True))
-        displacement = images["displacement.mha"]
+        """The child's files read back (the transform and the images it wrote)."""
+        names = ["warped.mha", "jacobian.mha", "inverse.mha", *self._labelFiles.values()]
+        transform, images = readChildFiles(out, names)
+        affine, deformation = _affineAndDeformation(transform)
         return ProcessOutputs(
-            fixed_grid=Grid.of(displacement),
-            displacement=displacement,
+            fixed_grid=Grid.of(self.job.fixed),
+            affine=affine,
+            deformation=deformation,
             warped=images.get("warped.mha"),
             warped_labels={key: images.get(name) for key, name in self._labelFiles.items()},
             jacobian=images.get("jacobian.mha"),
@@ -194,6 +192,36 @@ class RegistrationProcess:
             self._progress.close()
         if self._child is not None:
             self._child.end()
+
+
+def readChildFiles(
+    out: Path, imageNames: Sequence[str]
+) -> tuple[sitk.Transform, dict[str, sitk.Image]]:
+    """``transform.h5`` and those of the MetaImage files ``imageNames`` that ``out`` holds.
+
+    The images are read side by side (ITK reads without the GIL, and Slicer's main thread
+    waits for this) while this thread reads the transform. They are read as MetaImage by name:
+    ITK otherwise asks its HDF5 reader whether it can read each one, and that call beside the
+    transform's HDF5 read failed or corrupted memory.
+    """
+    if not (out / "transform.h5").exists():
+        raise DeepRegisterError("the registration process ended without writing its result")
+    present = [name for name in imageNames if (out / name).exists()]
+    with ThreadPoolExecutor(max(1, len(present))) as pool:
+        read = pool.map(
+            lambda name: sitk.ReadImage(str(out / name), imageIO="MetaImageIO"), present
+        )
+        transform = read_transform(out / "transform.h5")
+        return transform, dict(zip(present, read, strict=True))
+
+
+def _affineAndDeformation(transform: sitk.Transform) -> tuple[sitk.Transform, sitk.Image]:
+    """The affine and ``v`` of the ``[affine, v]`` composite that ``--transform`` wrote."""
+    parts = transform.Downcast()
+    if not isinstance(parts, sitk.CompositeTransform) or parts.GetNumberOfTransforms() != 2:
+        raise DeepRegisterError("the registration process wrote an unexpected transform")
+    field = parts.GetNthTransform(1).Downcast()
+    return parts.GetNthTransform(0).Downcast(), field.GetDisplacementField()
 
 
 def _progressEvent(line: bytes) -> tuple[float, str] | None:
