@@ -107,6 +107,20 @@ Research. J Digit Imaging 31(3):290-303, 2018.</li>
 </ul>
 Deep learning runs on PyTorch, installed through the SlicerPyTorch extension.
 """)
+        slicer.app.connect("startupCompleted()", _watchSceneLoads)
+
+
+def _watchSceneLoads() -> None:
+    """Slicer reads grid transforms back from a saved scene with cubic interpolation; ours are
+    the registration only with linear interpolation, which every scene load sets back."""
+    slicer.mrmlScene.AddObserver(slicer.mrmlScene.EndImportEvent, _onSceneLoaded)
+
+
+def _onSceneLoaded(scene, event) -> None:
+    if scene.GetNumberOfNodesByClass("vtkMRMLTransformNode"):
+        from DeepRegisterLib.mrml import restoreLinearInterpolation  # 0.3 s, not at startup
+
+        restoreLinearInterpolation(scene)
 
 
 #

@@ -16,7 +16,9 @@ import SimpleITK as sitk
 mrml_scenes = pytest.importorskip("mrml_scenes")  # skips without slicer-core
 
 import slicer  # noqa: E402
+import vtk  # noqa: E402
 from mrml_scenes import (  # noqa: E402
+    FLIP,
     _add_segmentation,
     _add_volume,
     _blob_segmentation,
@@ -29,6 +31,7 @@ from mrml_scenes import (  # noqa: E402
 
 from DeepRegisterLib import mrml  # noqa: E402
 from DeepRegisterLib.errors import InputError, RegistrationCancelled  # noqa: E402
+from DeepRegisterLib.imaging.geometry import Grid  # noqa: E402
 from DeepRegisterLib.mrml import push as mrml_push  # noqa: E402
 from DeepRegisterLib.registration.settings import RegistrationSettings  # noqa: E402
 
@@ -104,6 +107,15 @@ def test_the_scene_saved_and_read_back_has_every_node_intact(app, tmp_path, kind
         slicer.util.arrayFromGridTransform(nodes.transformNode),
         atol=1e-9,
     )
+    # Slicer reads a grid transform back cubic; ours is the registration only linear.
+    read_back, pushed = (n.GetTransformFromParent() for n in (transform_node, nodes.transformNode))
+    assert read_back.GetInterpolationMode() == vtk.VTK_CUBIC_INTERPOLATION
+    assert mrml.restoreLinearInterpolation(other) == 2  # the transform and its inverse
+    assert mrml.restoreLinearInterpolation(other) == 0
+    fixed_grid = Grid.of(mrml.imageFromVolumeNode(fixed))
+    index = np.random.default_rng(4).uniform(0, np.array(fixed_grid.size) - 1, (50, 3))
+    for point in fixed_grid.index_to_physical_points(index) @ FLIP:  # RAS
+        assert np.allclose(read_back.TransformPoint(point), pushed.TransformPoint(point), atol=1e-5)
     assert transform_node.GetAttribute(mrml.REPORT_ATTRIBUTE) == nodes.transformNode.GetAttribute(
         mrml.REPORT_ATTRIBUTE
     )

@@ -13,6 +13,7 @@ import re
 import struct
 import subprocess
 import sys
+import types
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -234,6 +235,34 @@ def test_torch_and_the_library_are_imported_only_inside_functions(module):
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "False"
+
+
+def test_a_loaded_scene_gets_our_transforms_linear_interpolation_back(module, tmp_path):
+    """The module's own code, run on a slicer-core scene standing in for slicer.mrmlScene: at
+    startup it observes scene loads, and a load sets our grid transforms back to linear."""
+    mrml_scenes = pytest.importorskip("mrml_scenes")  # skips without slicer-core
+    from DeepRegisterLib import mrml
+
+    init = ast.unparse(_function(module, "DeepRegister", "__init__"))
+    assert "slicer.app.connect('startupCompleted()', _watchSceneLoads)" in init
+    hooks = [
+        n
+        for n in module.body
+        if isinstance(n, ast.FunctionDef) and n.name in ("_watchSceneLoads", "_onSceneLoaded")
+    ]
+    saved = mrml_scenes._new_scene(tmp_path / "cache").scene
+    fixed, moving = mrml_scenes._pair(saved)
+    pushed = mrml.pushResult(mrml_scenes._hand_made_result(fixed, moving), fixed, moving)
+    assert saved.WriteToMRB(str(tmp_path / "scene.mrb"))
+    scene = mrml_scenes._new_scene(tmp_path / "cache2").scene
+    namespace = {"slicer": types.SimpleNamespace(mrmlScene=scene)}
+    exec(compile(ast.Module(hooks, type_ignores=[]), str(SOURCE), "exec"), namespace)
+
+    namespace["_watchSceneLoads"]()
+    assert scene.ReadFromMRB(str(tmp_path / "scene.mrb"))
+
+    loaded = scene.GetFirstNodeByName(pushed.transformNode.GetName())
+    assert loaded.GetTransformFromParent().GetInterpolationMode() == 1  # VTK's linear
 
 
 def test_the_library_path_is_added_only_when_the_library_is_not_importable(module):

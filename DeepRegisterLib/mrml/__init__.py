@@ -13,6 +13,7 @@ whatever transforms the inputs sit under.
 - :mod:`.runner`: the same job in a child process (the module's Apply), one started before it
   (:mod:`.child_process`);
 - :mod:`.push`, :mod:`.scene_edit`: results into the scene, all or nothing;
+- :mod:`.saved_scenes`: what Slicer forgets of them when it reads a saved scene;
 - :mod:`.views`: checkerboard volume, slice compositing.
 """
 
@@ -30,6 +31,7 @@ from .push import (
     pushResult,
 )
 from .runner import ProcessOutputs, RegistrationProcess, childPython
+from .saved_scenes import restoreLinearInterpolation
 from .segmentations import (
     SegmentInfo,
     SegmentLabels,
@@ -63,6 +65,7 @@ __all__ = [
     "prepareRegistration",
     "pushResult",
     "registerVolumes",
+    "restoreLinearInterpolation",
     "segmentLabelsFromSegmentationNode",
     "startStandby",
     "updateSegmentationNodeFromSegmentLabels",
