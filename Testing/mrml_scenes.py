@@ -160,31 +160,31 @@ _ROTATION = rotation_matrix((0.0, 0.0, 1.0), 4.0)
 _SHIFT = (1.5, -1.0, 0.8)
 
 
-def _field(points_lps: np.ndarray) -> np.ndarray:
-    """A known smooth displacement (LPS mm): small rotation + translation + a sine ripple."""
-    u = points_lps @ (_ROTATION - np.eye(3)).T + _SHIFT
-    u[..., 2] += 0.7 * np.sin(points_lps[..., 0] / 4.0)
-    return u
-
-
-def _ripple_on_lattice(grid: Grid) -> sitk.Image:
-    """``v``: :func:`_field`'s ripple on a 2 mm lattice with ``grid``'s directions, as the
-    engine hands it back (zero on its outermost nodes). The lattice covers only the middle of
-    ``grid``, and no voxel of ``grid`` sits on one of its nodes."""
+def _ripple_on_lattice(grid: Grid, sign: float = 1.0) -> sitk.Image:
+    """``v`` (or, ``sign`` −1, a stand-in for ``w``): a sine ripple ``sign · 0.7 sin(x / 4)``
+    mm along S on a 2 mm lattice with ``grid``'s directions, as the engine hands it back (zero
+    on its outermost nodes). The lattice covers only the middle of ``grid``, and no voxel of
+    ``grid`` sits on one of its nodes."""
     origin = grid.index_to_physical_points(np.array([2.3, 1.7, 2.9]))
     lattice = Grid((9, 9, 8), (2.0, 2.0, 2.0), tuple(origin), grid.direction)
     ripple = np.zeros((*lattice.shape, 3))
     points = grid_points(lattice)[1:-1, 1:-1, 1:-1]
-    ripple[1:-1, 1:-1, 1:-1, 2] = 0.7 * np.sin(points[..., 0] / 4.0)
-    inverse_rotation = np.linalg.inv(_ROTATION)  # A(x + v) − x = (R − I) x + t + R v
-    return lattice.apply_to(sitk.GetImageFromArray(ripple @ inverse_rotation.T, isVector=True))
+    ripple[1:-1, 1:-1, 1:-1, 2] = sign * 0.7 * np.sin(points[..., 0] / 4.0)
+    return lattice.apply_to(sitk.GetImageFromArray(ripple, isVector=True))
+
+
+def _dense(transform: sitk.Transform, grid: Grid, pixel_type: int) -> sitk.Image:
+    field = sitk.TransformToDisplacementField(
+        transform, sitk.sitkVectorFloat64, grid.size, grid.origin, grid.spacing, grid.direction
+    )
+    return sitk.Cast(field, pixel_type)
 
 
 def _hand_made_result(fixed_node, moving_node, inverse: bool = False) -> RegistrationResult:
-    """What the engine would return for a transform like :func:`_field`: its rotation and
-    shift as the affine, its ripple as ``v`` (:func:`_ripple_on_lattice`), the dense field in
-    float32 as the engine computes it; and, asked for, minus :func:`_field` on the moving grid
-    as the inverse (any moving-grid field serves to test pushing)."""
+    """What the engine would return for a small rotation and shift (the affine) and a ripple
+    (``v``, :func:`_ripple_on_lattice`): the dense field in float32 as the engine computes it;
+    and, asked for, an inverse ``[w, A⁻¹]`` with the opposite ripple as ``w`` (not the exact
+    inverse: any will do to test pushing) and its dense field on the moving grid, float64."""
     fixed = mrml.imageFromVolumeNode(fixed_node)
     moving = mrml.imageFromVolumeNode(moving_node)
     grid = Grid.of(fixed)
@@ -193,19 +193,14 @@ def _hand_made_result(fixed_node, moving_node, inverse: bool = False) -> Registr
     affine.SetTranslation(_SHIFT)
     deformation = _ripple_on_lattice(grid)
     transform = sitk.CompositeTransform([affine, displacement_transform(deformation)])
-    displacement = sitk.Cast(
-        sitk.TransformToDisplacementField(
-            transform, sitk.sitkVectorFloat64, grid.size, grid.origin, grid.spacing,
-            grid.direction,
-        ),
-        sitk.sitkVectorFloat32,
-    )  # fmt: skip
+    displacement = _dense(transform, grid, sitk.sitkVectorFloat32)
     warped = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    inverse_field = None
+    inverse_deformation = inverse_field = None
     if inverse:
-        moving_grid = Grid.of(moving)
-        inverse_field = moving_grid.apply_to(
-            sitk.GetImageFromArray(-_field(grid_points(moving_grid)), isVector=True)
+        inverse_deformation = _ripple_on_lattice(grid, -1.0)
+        undo = [displacement_transform(inverse_deformation), affine.GetInverse()]
+        inverse_field = _dense(
+            sitk.CompositeTransform(undo), Grid.of(moving), sitk.sitkVectorFloat64
         )
     return RegistrationResult(
         fixed_grid=grid,
@@ -216,6 +211,7 @@ def _hand_made_result(fixed_node, moving_node, inverse: bool = False) -> Registr
         inverse_displacement=inverse_field,
         report={"runtime_s": 1.25, "device": "cpu", "folding_percent": 0.0, "timings": {"a": 1}},
         deformation=deformation,
+        inverse_deformation=inverse_deformation,
     )
 
 

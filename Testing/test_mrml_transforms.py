@@ -22,7 +22,6 @@ from mrml_scenes import (  # noqa: E402
     FLIP,
     OBLIQUE,
     _add_volume,
-    _field,
     _hand_made_result,
     _ijk_to_ras,
     _pair,
@@ -92,9 +91,22 @@ def test_pushing_creates_the_transform_with_references_and_qa(scene):
     inverse = nodes.inverseTransformNode
     assert inverse.GetNodeReference(fixed_role) is moving
     assert inverse.GetNodeReference(moving_role) is fixed
-    y = Grid.of(result.inverse_displacement).index_to_physical_points(np.array([4.0, 5.0, 6.0]))
-    expected = FLIP @ (y - _field(y))
-    assert np.allclose(inverse.GetTransformFromParent().TransformPoint(FLIP @ y), expected)
+    # [w, A⁻¹] as it is, not its dense field: A⁻¹ then w's grid, interpolated as ITK does.
+    held = inverse.GetTransformFromParent()
+    assert held.IsA("vtkGeneralTransform")
+    held.Update()
+    linear, grid = (held.GetConcatenatedTransform(i) for i in range(2))
+    assert held.GetNumberOfConcatenatedTransforms() == 2
+    assert linear.IsA("vtkLinearTransform")
+    assert grid.IsA("vtkOrientedGridTransform")
+    assert grid.GetInterpolationMode() == 1  # linear
+    moving_grid = Grid.of(result.inverse_displacement)
+    index = np.random.default_rng(1).uniform(0, np.array(moving_grid.size) - 1, (40, 3))
+    itk = result.inverse_transform()
+    for y in moving_grid.index_to_physical_points(index):
+        expected = FLIP @ np.asarray(itk.TransformPoint(tuple(y)))
+        assert np.allclose(held.TransformPoint(FLIP @ y), expected, atol=1e-9)
+        assert abs(np.asarray(itk.TransformPoint(tuple(y))) - y).max() > 0.5  # not identity
 
     jacobian = nodes.jacobianVolumeNode
     assert np.array_equal(_ijk_to_ras(jacobian), _ijk_to_ras(fixed))

@@ -21,7 +21,11 @@ from .inputs import LabelNode, LabelSource, labelSourceLayout
 from .nodes import referenceImage, sameGrid, showScalars, updateVolumeNodeFromImage
 from .scene_edit import SceneEdit
 from .segmentations import SegmentLabels, updateSegmentationNodeFromSegmentLabels
-from .transforms import gridTransformFromDisplacement, setRegistrationTransform
+from .transforms import (
+    gridTransformFromDisplacement,
+    inverseTransformFromDeformation,
+    setRegistrationTransform,
+)
 
 #: Node reference roles from an output transform to the QA nodes of its last run, so that running
 #: again into the same transform updates those nodes instead of piling up new ones.
@@ -41,7 +45,7 @@ class PushableResult(Protocol):
     warped: sitk.Image | None
     warped_labels: dict[str, sitk.Image]
     jacobian: sitk.Image | None
-    inverse_displacement: sitk.Image | None
+    inverse_deformation: sitk.Image | None  # w = exp(−v); None: no inverse was asked for
     report: dict[str, Any]
 
 
@@ -157,8 +161,10 @@ def push(result: PushableResult, targets: PushTargets) -> RegistrationNodes:
         raise InputError(f"the result has no warped labels for {', '.join(sorted(missing))}")
     lattice = displacement_on_lattice(result.affine, result.deformation, result.fixed_grid)
     gridTransform = gridTransformFromDisplacement(lattice)
-    inverse = result.inverse_displacement
-    inverseTransform = None if inverse is None else gridTransformFromDisplacement(inverse)
+    inverse = result.inverse_deformation
+    inverseTransform = (
+        None if inverse is None else inverseTransformFromDeformation(result.affine, inverse)
+    )
     fixedParentID = fixedNode.GetTransformNodeID()
     # The inverse lives in the moving volume's frame: the one it was in before any registration.
     movingParent = movingNode.GetParentTransformNode()

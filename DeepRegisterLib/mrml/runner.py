@@ -58,7 +58,7 @@ class ProcessOutputs:
     warped: sitk.Image | None  # None unless a volume node receives it
     warped_labels: dict[str, sitk.Image] = field(default_factory=dict)
     jacobian: sitk.Image | None = None
-    inverse_displacement: sitk.Image | None = None
+    inverse_deformation: sitk.Image | None = None  # w: the inverse is [w, affine⁻¹]
     report: dict[str, Any] = field(default_factory=dict)
 
 
@@ -167,14 +167,15 @@ class RegistrationProcess:
         if job.settings.compute_jacobian:
             command += ["--jacobian", str(out / "jacobian.mha")]
         if job.settings.compute_inverse:
-            command += ["--inverse-displacement", str(out / "inverse.mha")]  # float64, exact
+            command += ["--inverse-transform", str(out / "inverse.h5")]  # [w, affine⁻¹]
         return command
 
     def _readOutputs(self, out: Path) -> ProcessOutputs:
         """The child's files read back (the transform and the images it wrote)."""
-        names = ["warped.mha", "jacobian.mha", "inverse.mha", *self._labelFiles.values()]
-        transform, images = readChildFiles(out, names)
-        affine, deformation = _affineAndDeformation(transform)
+        names = ["warped.mha", "jacobian.mha", *self._labelFiles.values()]
+        transforms, images = readChildFiles(out, names)
+        affine, deformation = _parts(transforms["transform.h5"], fieldAt=1)
+        inverse = transforms.get("inverse.h5")
         return ProcessOutputs(
             fixed_grid=Grid.of(self.job.fixed),
             affine=affine,
@@ -182,7 +183,7 @@ class RegistrationProcess:
             warped=images.get("warped.mha"),
             warped_labels={key: images.get(name) for key, name in self._labelFiles.items()},
             jacobian=images.get("jacobian.mha"),
-            inverse_displacement=images.get("inverse.mha"),
+            inverse_deformation=None if inverse is None else _parts(inverse, fieldAt=0)[1],
             report=json.loads((out / "report.json").read_text("utf-8")),
         )
 
@@ -196,13 +197,14 @@ class RegistrationProcess:
 
 def readChildFiles(
     out: Path, imageNames: Sequence[str]
-) -> tuple[sitk.Transform, dict[str, sitk.Image]]:
-    """``transform.h5`` and those of the MetaImage files ``imageNames`` that ``out`` holds.
+) -> tuple[dict[str, sitk.Transform], dict[str, sitk.Image]]:
+    """``transform.h5`` (and ``inverse.h5``, if there) and those of the MetaImage files
+    ``imageNames`` that ``out`` holds.
 
     The images are read side by side (ITK reads without the GIL, and Slicer's main thread
-    waits for this) while this thread reads the transform. They are read as MetaImage by name:
-    ITK otherwise asks its HDF5 reader whether it can read each one, and that call beside the
-    transform's HDF5 read failed or corrupted memory.
+    waits for this) while this thread reads the transforms. The images are read as MetaImage by
+    name: ITK otherwise asks its HDF5 reader whether it can read each one, and that call beside
+    a transform's HDF5 read failed or corrupted memory.
     """
     if not (out / "transform.h5").exists():
         raise DeepRegisterError("the registration process ended without writing its result")
@@ -211,17 +213,22 @@ def readChildFiles(
         read = pool.map(
             lambda name: sitk.ReadImage(str(out / name), imageIO="MetaImageIO"), present
         )
-        transform = read_transform(out / "transform.h5")
-        return transform, dict(zip(present, read, strict=True))
+        transforms = {
+            name: read_transform(out / name)
+            for name in ("transform.h5", "inverse.h5")
+            if (out / name).exists()
+        }
+        return transforms, dict(zip(present, read, strict=True))
 
 
-def _affineAndDeformation(transform: sitk.Transform) -> tuple[sitk.Transform, sitk.Image]:
-    """The affine and ``v`` of the ``[affine, v]`` composite that ``--transform`` wrote."""
+def _parts(transform: sitk.Transform, fieldAt: int) -> tuple[sitk.Transform, sitk.Image]:
+    """The linear part and the field of a composite the child wrote: ``[affine, v]`` (the
+    field at 1) or ``[w, affine⁻¹]`` (the field at 0)."""
     parts = transform.Downcast()
     if not isinstance(parts, sitk.CompositeTransform) or parts.GetNumberOfTransforms() != 2:
         raise DeepRegisterError("the registration process wrote an unexpected transform")
-    field = parts.GetNthTransform(1).Downcast()
-    return parts.GetNthTransform(0).Downcast(), field.GetDisplacementField()
+    linear = parts.GetNthTransform(1 - fieldAt).Downcast()
+    return linear, parts.GetNthTransform(fieldAt).Downcast().GetDisplacementField()
 
 
 def _progressEvent(line: bytes) -> tuple[float, str] | None:

@@ -24,12 +24,22 @@ def restoreLinearInterpolation(scene: slicer.vtkMRMLScene) -> int:
         if node.GetAttribute(REPORT_ATTRIBUTE) is None:
             continue
         for owner in (node, node.GetNodeReference(INVERSE_TRANSFORM_ROLE)):
-            grid = None if owner is None else owner.GetTransformFromParent()
-            if _isGrid(grid) and grid.GetInterpolationMode() != vtk.VTK_LINEAR_INTERPOLATION:
-                grid.SetInterpolationModeToLinear()
-                restored += 1
+            for grid in _grids(None if owner is None else owner.GetTransformFromParent()):
+                if grid.GetInterpolationMode() != vtk.VTK_LINEAR_INTERPOLATION:
+                    grid.SetInterpolationModeToLinear()
+                    restored += 1
     return restored
 
 
-def _isGrid(transform) -> bool:
-    return transform is not None and transform.IsA("vtkGridTransform")
+def _grids(transform) -> list:
+    """The grid transforms in ``transform``: itself, or those a general transform (the
+    inverse, ``A⁻¹`` then ``w``) concatenates."""
+    if transform is None:
+        return []
+    if transform.IsA("vtkGridTransform"):
+        return [transform]
+    if not transform.IsA("vtkGeneralTransform"):
+        return []
+    transform.Update()
+    parts = range(transform.GetNumberOfConcatenatedTransforms())
+    return [g for i in parts for g in _grids(transform.GetConcatenatedTransform(i))]
