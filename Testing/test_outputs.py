@@ -252,6 +252,26 @@ def test_the_dense_field_is_made_only_for_an_output_written_from_it(pair_3d, tmp
     assert not (lean / "d.mha").exists()
 
 
+def test_the_dense_inverse_is_made_only_for_an_output_written_from_it(pair_3d, tmp_path):
+    """An .h5 inverse is [w, affine⁻¹]: without --inverse-displacement (or a field inverse)
+    no float64 field is built on the moving grid (400 MB and a second for a 1 mm brain), and
+    the inverse is the same map."""
+    lean, full = tmp_path / "lean", tmp_path / "full"
+    for folder, extra in ((lean, ()), (full, ("--inverse-displacement", tmp_path / "i.mha"))):
+        folder.mkdir()
+        code = register(
+            pair_3d, "--inverse-transform", folder / "i.h5", "--report", folder / "r.json", *extra
+        )
+        assert code == cli.EXIT_OK
+    reports = [json.loads((folder / "r.json").read_text()) for folder in (lean, full)]
+    assert [r["settings"]["compute_displacement"] for r in reports] == [False, True]
+    exact = sitk.ReadImage(str(tmp_path / "i.mha"))
+    assert exact.GetSize() == sitk.ReadImage(str(pair_3d["moving"])).GetSize()
+    inverses = [sitk.ReadTransform(str(folder / "i.h5")) for folder in (lean, full)]
+    np.testing.assert_array_equal(on_grid(inverses[0], exact), on_grid(inverses[1], exact))
+    np.testing.assert_allclose(on_grid(inverses[0], exact), array(exact), atol=1e-5)  # float32
+
+
 def test_2d_pictures_come_back_as_pictures_of_the_inputs_type(pair_2d, tmp_path):
     out = {
         "png": tmp_path / "warped.png",

@@ -166,7 +166,9 @@ def _settings(args: argparse.Namespace):
         args,
         compute_inverse=bool(args.inverse_transform or args.inverse_displacement),
         compute_warped=bool(args.warped or args.qa_png),
-        compute_displacement=bool(args.displacement) or _transform_is_dense(args.transform),
+        compute_displacement=bool(args.displacement or args.inverse_displacement)
+        or _transform_is_dense(args.transform)
+        or _transform_is_dense(args.inverse_transform),
     )
     reported = args.report is not None or args.progress == "json"
     image = bool(args.jacobian or args.qa_png)

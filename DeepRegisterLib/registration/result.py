@@ -39,7 +39,7 @@ class RegistrationResult:
     affine: sitk.Transform
     warped_labels: dict[str, sitk.Image] = field(default_factory=dict)
     jacobian: sitk.Image | None = None
-    inverse_displacement: sitk.Image | None = None
+    inverse_displacement: sitk.Image | None = None  # dense, on the moving grid (see settings)
     report: dict[str, Any] = field(default_factory=dict)
     deformation: sitk.Image | None = None  # v; None: the transform is the displacement alone
     inverse_deformation: sitk.Image | None = None  # w = exp(−v): the inverse is [w, A⁻¹]
