@@ -156,6 +156,26 @@ def test_a_failure_during_writing_leaves_no_output_at_all(a_pair_on_disk, tmp_pa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_reader_that_leaves_stops_the_run_quietly_with_nothing_written(a_pair_on_disk, tmp_path):
+    """``register --progress json | head -1``: the next progress line meets a closed pipe. The
+    run stops as a program stopped by SIGPIPE does, without a traceback or any output."""
+    warped = tmp_path / "warped.nii.gz"
+    child = subprocess.Popen(
+        [sys.executable, "-m", "DeepRegisterLib", "register",
+         "--fixed", str(a_pair_on_disk["fixed"]), "--moving", str(a_pair_on_disk["moving"]),
+         "--warped", str(warped), "--progress", "json", "--model", "none"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert json.loads(child.stdout.readline())["event"] == "progress"
+    child.stdout.close()
+    code = child.wait(timeout=120)
+    errors = child.stderr.read()
+    child.stderr.close()
+    assert code == cli.EXIT_INTERRUPTED, errors
+    assert "Traceback" not in errors
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_help_and_models_explain_themselves():
     completed = subprocess.run(
         [sys.executable, "-m", "DeepRegisterLib", "register", "--help"],

@@ -113,6 +113,12 @@ def _run(args: argparse.Namespace) -> int:
     except DeepRegisterError as error:
         print(f"deepregister: error: {error}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:
+        # Whoever read standard output has gone (``| head``): stop quietly, as a program
+        # stopped by SIGPIPE does. Outputs are written all or none, so none was; the rest of
+        # what is printed (and Python's last flush) goes nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
