@@ -112,6 +112,15 @@ def test_apply_time_smoke_times_both_children_and_writes_its_table(tmp_path: Pat
     results_file = _smoke("apply_time", tmp_path)
     runs = json.loads(results_file.read_text())["runs"]
     assert [run["version"] for run in runs] == ["new child", "waiting child"]
+    assert not any(run["inverse"] for run in runs)
     for run in runs:
         assert run["total_s"] >= run["child_s"] >= run["engine_s"] > 0
     assert "× new child" in results_file.with_suffix(".md").read_text()
+
+
+def test_apply_time_smoke_with_the_inverse_says_so(tmp_path: Path) -> None:
+    pytest.importorskip("mrml_scenes")
+    results_file = _smoke("apply_time", tmp_path, "--inverse")
+    runs = json.loads(results_file.read_text())["runs"]
+    assert [run["inverse"] for run in runs] == [True, True]
+    assert "with the inverse transform" in results_file.with_suffix(".md").read_text()

@@ -3,6 +3,7 @@
 in a headless slicer-core scene), from Apply to the nodes in the scene.
 
     python benchmarks/apply_time.py --pairs 4
+    python benchmarks/apply_time.py --pairs 4 --inverse     # the inverse transform too
     python benchmarks/apply_time.py --smoke --out /tmp/apply-time
 
 Each pair runs twice, one after the other: with a child started by Apply ("new child", what every
@@ -38,8 +39,11 @@ PHASES = ("read_nodes_s", "write_inputs_s", "child_s", "read_outputs_s", "push_s
 VERSIONS = ("new child", "waiting child")
 
 
-def apply_once(scene, pair: dict[str, str], preset: str, waiting: bool, wait_s: float) -> dict:
-    """One Apply of ``pair`` (moving and fixed as volume nodes of ``scene``), timed by phase."""
+def apply_once(
+    scene, pair: dict[str, str], preset: str, waiting: bool, wait_s: float, inverse: bool
+) -> dict:
+    """One Apply of ``pair`` (moving and fixed as volume nodes of ``scene``), timed by phase;
+    ``inverse``: with the module's inverse transform output."""
     import SimpleITK as sitk
 
     from DeepRegisterLib import mrml
@@ -55,8 +59,9 @@ def apply_once(scene, pair: dict[str, str], preset: str, waiting: bool, wait_s: 
         time.sleep(wait_s)  # the user choosing volumes and settings
     clock = [time.perf_counter()]
     job = mrml.prepareRegistration(
-        nodes["fixed"], nodes["moving"], preset, createOutputVolume=True, device="cpu"
-    )
+        nodes["fixed"], nodes["moving"], preset, createOutputVolume=True, device="cpu",
+        compute_inverse=inverse,
+    )  # fmt: skip
     clock.append(time.perf_counter())
     process = mrml.RegistrationProcess(job).start()
     clock.append(time.perf_counter())
@@ -66,10 +71,11 @@ def apply_once(scene, pair: dict[str, str], preset: str, waiting: bool, wait_s: 
     clock.append(time.perf_counter())
     outputs = process.finish()
     clock.append(time.perf_counter())
-    job.push(outputs)
+    pushed = job.push(outputs)
     clock.append(time.perf_counter())
     phases = {name: b - a for name, a, b in zip(PHASES, clock[:-1], clock[1:], strict=True)}
-    return {**phases, "total_s": clock[-1] - clock[0], "engine_s": outputs.report["runtime_s"]}
+    engine_s, inverse = outputs.report["runtime_s"], pushed.inverseTransformNode is not None
+    return {**phases, "total_s": clock[-1] - clock[0], "engine_s": engine_s, "inverse": inverse}
 
 
 def measure(args: argparse.Namespace, work: Path, save) -> dict[str, Any]:
@@ -82,7 +88,8 @@ def measure(args: argparse.Namespace, work: Path, save) -> dict[str, Any]:
     for pair in pairs:
         for version in VERSIONS:
             scene = slicer.vtkMRMLScene()
-            row = apply_once(scene, pair, args.preset, version == "waiting child", args.wait)
+            waiting = version == "waiting child"
+            row = apply_once(scene, pair, args.preset, waiting, args.wait, args.inverse)
             scene.Clear(1)
             row.update(pair=pair["name"], version=version)
             results["runs"].append(row)
@@ -102,9 +109,10 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [
         "# What a Slicer user waits for after Apply: the module's child process, Apply to nodes",
         "",
-        f"Preset {args.preset}, {args.threads} threads, on the CPU; the waiting child was started "
-        f"{args.wait:g} s before Apply. Phases: reading the nodes / writing the inputs / the "
-        "child / reading its outputs / pushing them into the scene.",
+        f"Preset {args.preset}{', with the inverse transform' if args.inverse else ''}, "
+        f"{args.threads} threads, on the CPU; the waiting child was started {args.wait:g} s "
+        "before Apply. Phases: reading the nodes / writing the inputs / the child / reading its "
+        "outputs / pushing them into the scene.",
         "",
         "| version | pairs | Apply → nodes s | × new child | phases s | engine s |",
         "|---|---|---|---|---|---|",
@@ -134,6 +142,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--pairs", type=int, default=4, help="fs-dev pairs (default 4)")
     parser.add_argument("--preset", default="fast")
     parser.add_argument("--wait", type=float, default=5.0, help="seconds the child waits")
+    parser.add_argument("--inverse", action="store_true", help="ask for the inverse transform")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the fs-dev folder")
     parser.add_argument("--threads", type=int, default=usable_cores())
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
