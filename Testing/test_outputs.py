@@ -272,6 +272,25 @@ def test_the_dense_inverse_is_made_only_for_an_output_written_from_it(pair_3d, t
     np.testing.assert_allclose(on_grid(inverses[0], exact), array(exact), atol=1e-5)  # float32
 
 
+def test_uncompressed_images_hold_the_same_voxels(pair_3d, tmp_path):
+    """--uncompressed (the Slicer module's handover) writes the same images without zlib."""
+    names = ("w.mha", "j.mha", "labels.mha")
+    for folder, extra in (("packed", ()), ("plain", ("--uncompressed",))):
+        (tmp_path / folder).mkdir()
+        paths = [tmp_path / folder / name for name in names]
+        code = register(
+            pair_3d, "--warped", paths[0], "--jacobian", paths[1], "--labels",
+            pair_3d["moving_labels"], "--warped-labels", paths[2], *extra,
+        )  # fmt: skip
+        assert code == cli.EXIT_OK
+    for name in names:
+        packed, plain = (tmp_path / folder / name for folder in ("packed", "plain"))
+        assert b"CompressedData = True" in packed.read_bytes()[:2000], name
+        assert b"CompressedData = False" in plain.read_bytes()[:2000], name
+        images = [array(sitk.ReadImage(str(path))) for path in (packed, plain)]
+        np.testing.assert_array_equal(*images)
+
+
 def test_2d_pictures_come_back_as_pictures_of_the_inputs_type(pair_2d, tmp_path):
     out = {
         "png": tmp_path / "warped.png",

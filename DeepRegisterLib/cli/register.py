@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import threading
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,13 @@ def _add_output_arguments(out: Any) -> None:
     out.add_argument("--jacobian", type=Path, help="Jacobian determinant image")
     out.add_argument("--qa-png", type=Path, help="QA picture: slices of fixed/moving/warped/…")
     out.add_argument("--report", type=Path, help="JSON report (metrics, timings, versions)")
+    out.add_argument(
+        "--uncompressed",
+        action="store_true",
+        help="write the images without compression, for files read back at once (the Slicer "
+        "module's handover): a 1 mm brain's warped image and det J in 0.05 s instead of 0.2 s, "
+        "at 4-10 times the bytes",
+    )
 
 
 def _outputs(args: argparse.Namespace) -> list[tuple[str, str, Path]]:
@@ -196,27 +204,28 @@ def _write_outputs(result, args, fixed, moving, pictures) -> list[Path]:
     """Every output asked for, all or none (:func:`fileio.write_together`)."""
     from ..imaging import fileio
 
+    write_image = partial(fileio.write_image, compress=not args.uncompressed)
     plan: list[tuple[Path, Any]] = []
     if args.warped:
         warped = pictures.get(args.warped, result.warped)
-        plan.append((args.warped, lambda p: fileio.write_image(warped, p)))
+        plan.append((args.warped, lambda p: write_image(warped, p)))
     if args.transform:
         transform, field = result.transform, result.displacement
         plan.append((args.transform, lambda p: _write_transform(transform, field, p)))
     if args.displacement:
-        plan.append((args.displacement, lambda p: fileio.write_image(result.displacement, p)))
+        plan.append((args.displacement, lambda p: write_image(result.displacement, p)))
     if args.inverse_transform:
         inverse, inverse_field = result.inverse_transform, result.inverse_displacement
         plan.append((args.inverse_transform, lambda p: _write_transform(inverse, inverse_field, p)))
     if args.inverse_displacement:
         inverse_field = result.inverse_displacement
-        plan.append((args.inverse_displacement, lambda p: fileio.write_image(inverse_field, p)))
+        plan.append((args.inverse_displacement, lambda p: write_image(inverse_field, p)))
     # Checked before the run: none (--labels for Dice only), or one per --labels input.
     for path, source in zip(args.warped_labels, args.labels, strict=False):
         image = pictures.get(path, result.warped_labels[str(source)])
-        plan.append((path, lambda p, image=image: fileio.write_image(image, p)))
+        plan.append((path, lambda p, image=image: write_image(image, p)))
     if args.jacobian:
-        plan.append((args.jacobian, lambda p: fileio.write_image(result.jacobian, p)))
+        plan.append((args.jacobian, lambda p: write_image(result.jacobian, p)))
     if args.qa_png:
         from ..evaluation.figures import qa_figure
 

@@ -147,7 +147,7 @@ class RegistrationProcess:
             "register",
             "--fixed", written(job.fixed, "fixed.mha"),
             "--moving", written(job.moving, "moving.mha"),
-            "--settings", str(folder / "settings.json"), "--progress", "json",
+            "--settings", str(folder / "settings.json"), "--progress", "json", "--uncompressed",
             "--transform", str(out / "transform.h5"),
             "--report", str(out / "report.json"),
         ]  # fmt: skip
