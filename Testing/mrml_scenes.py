@@ -24,6 +24,7 @@ import vtk  # noqa: E402  (after the skip: vtk comes with slicer-core)
 from conftest import grid_points, rotation_matrix  # noqa: E402
 
 from DeepRegisterLib import mrml  # noqa: E402
+from DeepRegisterLib.evaluation.evaluate import displacement_on_grid  # noqa: E402
 from DeepRegisterLib.imaging import metrics  # noqa: E402
 from DeepRegisterLib.imaging.geometry import Grid  # noqa: E402
 from DeepRegisterLib.registration.result import (  # noqa: E402
@@ -173,13 +174,6 @@ def _ripple_on_lattice(grid: Grid, sign: float = 1.0) -> sitk.Image:
     return lattice.apply_to(sitk.GetImageFromArray(ripple, isVector=True))
 
 
-def _dense(transform: sitk.Transform, grid: Grid, pixel_type: int) -> sitk.Image:
-    field = sitk.TransformToDisplacementField(
-        transform, sitk.sitkVectorFloat64, grid.size, grid.origin, grid.spacing, grid.direction
-    )
-    return sitk.Cast(field, pixel_type)
-
-
 def _hand_made_result(fixed_node, moving_node, inverse: bool = False) -> RegistrationResult:
     """What the engine would return for a small rotation and shift (the affine) and a ripple
     (``v``, :func:`_ripple_on_lattice`): the dense field in float32 as the engine computes it;
@@ -193,15 +187,15 @@ def _hand_made_result(fixed_node, moving_node, inverse: bool = False) -> Registr
     affine.SetTranslation(_SHIFT)
     deformation = _ripple_on_lattice(grid)
     transform = sitk.CompositeTransform([affine, displacement_transform(deformation)])
-    displacement = _dense(transform, grid, sitk.sitkVectorFloat32)
+    displacement = sitk.Cast(
+        displacement_on_grid(transform, grid.reference_image()), sitk.sitkVectorFloat32
+    )
     warped = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     inverse_deformation = inverse_field = None
     if inverse:
         inverse_deformation = _ripple_on_lattice(grid, -1.0)
         undo = [displacement_transform(inverse_deformation), affine.GetInverse()]
-        inverse_field = _dense(
-            sitk.CompositeTransform(undo), Grid.of(moving), sitk.sitkVectorFloat64
-        )
+        inverse_field = displacement_on_grid(sitk.CompositeTransform(undo), moving)  # float64
     return RegistrationResult(
         fixed_grid=grid,
         displacement=displacement,

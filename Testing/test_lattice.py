@@ -10,6 +10,7 @@ import SimpleITK as sitk
 from conftest import image_on, rotation_matrix
 
 from DeepRegisterLib.errors import InputError
+from DeepRegisterLib.evaluation.evaluate import displacement_on_grid
 from DeepRegisterLib.imaging.geometry import Grid
 from DeepRegisterLib.registration.lattice import displacement_on_lattice
 from DeepRegisterLib.registration.result import displacement_transform
@@ -37,10 +38,7 @@ def _deformation(grid: Grid, offset_voxels, size) -> sitk.Image:
 
 
 def _dense(transform: sitk.Transform, grid: Grid) -> np.ndarray:
-    field = sitk.TransformToDisplacementField(
-        transform, sitk.sitkVectorFloat64, grid.size, grid.origin, grid.spacing, grid.direction
-    )
-    return sitk.GetArrayFromImage(field)
+    return sitk.GetArrayFromImage(displacement_on_grid(transform, grid.reference_image()))
 
 
 def _as_composite_and_lattice(grid: Grid, deformation: sitk.Image):
