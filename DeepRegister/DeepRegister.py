@@ -1,39 +1,16 @@
-# Slicer self-tests are unittest.TestCase classes, written in unittest style:
-# ruff: noqa: PT009, PT027
-
-import importlib.metadata
+import importlib
 import importlib.util
-import json
 import logging
 import os
-import re
 import sys
-import time
-from typing import Annotated, Union
 
 import qt
 import slicer
 import vtk
-from slicer import (
-    vtkMRMLLabelMapVolumeNode,
-    vtkMRMLScalarVolumeNode,
-    vtkMRMLSegmentationNode,
-    vtkMRMLTransformNode,
-)
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (
-    ScriptedLoadableModule,
-    ScriptedLoadableModuleLogic,
-    ScriptedLoadableModuleTest,
-    ScriptedLoadableModuleWidget,
-)
+from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleWidget
 from slicer.util import VTKObservationMixin
-
-#: torch comes from the PyTorch extension. DeepRegisterLib catches torch.OutOfMemoryError (new in
-#: torch 2.5); everything else it calls is older.
-MINIMUM_TORCH_VERSION = "2.5"
 
 
 def _addLibraryToPath() -> None:
@@ -51,9 +28,13 @@ def _addLibraryToPath() -> None:
 
 _addLibraryToPath()
 
-# Torch-free parts of the library: the parameter node offers the library's own choices.
-from DeepRegisterLib.registration.presets import PRESETS  # noqa: E402
-from DeepRegisterLib.registration.settings import DEVICES, SIMILARITIES  # noqa: E402
+# The module's other parts live in DeepRegisterModuleLib, beside this file. DeepRegisterTest is
+# imported here because Slicer's "Reload and Test" and ctest look for it in this module.
+from DeepRegisterModuleLib.logic import DeepRegisterLogic  # noqa: E402
+from DeepRegisterModuleLib.parameters import DeepRegisterParameterNode  # noqa: E402
+from DeepRegisterModuleLib.pytorchSetup import MINIMUM_TORCH_VERSION  # noqa: E402
+from DeepRegisterModuleLib.resultViews import ResultViews, reportSummary  # noqa: E402
+from DeepRegisterModuleLib.selfTest import DeepRegisterTest  # noqa: E402, F401
 
 #
 # DeepRegister
@@ -124,51 +105,6 @@ def _onSceneLoaded(scene, event) -> None:
 
 
 #
-# DeepRegisterParameterNode
-#
-
-# parameterNodeWrapper recognises node unions written with typing.Union, None included.
-MaskNode = Union[vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, None]  # noqa: UP007
-LabelsNode = Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode, None]  # noqa: UP007
-
-
-@parameterNodeWrapper
-class DeepRegisterParameterNode:
-    """What to register and how; saved with the scene.
-
-    fixedVolume, movingVolume - the pair; the moving volume is aligned to the fixed one.
-    fixedMask, movingMask - optional regions (volume, non-zero inside, or segmentation).
-    movingLabels - optional label map or segmentation carried along with the moving volume.
-    initialTransform - optional linear transform that roughly aligns the moving volume.
-    outputTransform - receives the transform; None: a new transform node.
-    createOutputVolume, outputVolume - make the warped volume (None: a new node); unchecked, the
-        moving volume is placed under the output transform instead.
-    computeInverse, computeJacobian - also output the inverse transform / QA (Jacobian volume).
-    preset, affine, model, device, similarity - the engine's settings ("default": preset's).
-    regularization, iterations - 0 means the preset's value.
-    """
-
-    fixedVolume: vtkMRMLScalarVolumeNode
-    movingVolume: vtkMRMLScalarVolumeNode
-    fixedMask: MaskNode
-    movingMask: MaskNode
-    movingLabels: LabelsNode
-    initialTransform: vtkMRMLTransformNode
-    outputTransform: vtkMRMLTransformNode
-    outputVolume: vtkMRMLScalarVolumeNode
-    createOutputVolume: bool = True
-    computeInverse: bool = False
-    computeJacobian: bool = True
-    preset: Annotated[str, Choice(list(PRESETS))] = "balanced"
-    affine: bool = True
-    model: str = "default"
-    device: Annotated[str, Choice(list(DEVICES))] = "auto"
-    similarity: Annotated[str, Choice(["default", *SIMILARITIES])] = "default"
-    regularization: Annotated[float, WithinRange(0.0, 100.0)] = 0.0
-    iterations: Annotated[int, WithinRange(0, 2000)] = 0
-
-
-#
 # DeepRegisterWidget
 #
 
@@ -185,13 +121,9 @@ class DeepRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        # The running registration (mrml.RegistrationProcess) and the last one's nodes
-        # (mrml.RegistrationNodes).
-        self._task = None
-        self._results = None
+        self._task = None  # the running registration (mrml.RegistrationProcess)
+        self.resultViews = None  # the last one's nodes, and the views that show them
         self._lastMessage = ""
-        self._checkerboardNode = None
-        self._sliceCompositing = None  # mrml.SliceCompositing, once there are results
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(100)
 
@@ -205,6 +137,7 @@ class DeepRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = DeepRegisterLogic()
+        self.resultViews = ResultViews(self.logic)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -218,6 +151,12 @@ class DeepRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.visible = False
         self._showResults(None)
         self.initializeParameterNode()
+
+    def onReload(self) -> None:
+        """Developer mode's Reload: the module's other files first, each after those it imports."""
+        for name in ("pytorchSetup", "parameters", "logic", "resultViews", "selfTest"):
+            importlib.reload(sys.modules[f"DeepRegisterModuleLib.{name}"])
+        ScriptedLoadableModuleWidget.onReload(self)
 
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
@@ -372,17 +311,7 @@ class DeepRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     parameters.outputVolume = nodes.volumeNode
             self._showResults(nodes)
             self._log(reportSummary(nodes.report))
-            self._restoreCompositing()
-            slicer.util.setSliceViewerLayers(
-                background=nodes.transformNode.GetNodeReference(
-                    vtkMRMLTransformNode.GetFixedNodeReferenceRole()
-                ),
-                foreground=nodes.volumeNode
-                or nodes.transformNode.GetNodeReference(
-                    vtkMRMLTransformNode.GetMovingNodeReferenceRole()
-                ),
-                foregroundOpacity=0.5,
-            )
+            self.resultViews.showOutcome(nodes)
 
     def _abandonTask(self) -> None:
         """End a running registration's child process; its result is dropped."""
@@ -410,392 +339,23 @@ class DeepRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.logTextEdit.appendPlainText(text)
 
     def _showResults(self, nodes) -> None:
-        self._results = nodes
+        self.resultViews.nodes = nodes
         self.ui.resultsLabel.text = reportSummary(nodes.report) if nodes else _("No results yet.")
         hasWarped = bool(nodes and nodes.volumeNode)
         self.ui.showCheckerboardButton.enabled = hasWarped
         self.ui.showDifferenceButton.enabled = bool(nodes)
         self.ui.showJacobianButton.enabled = bool(nodes and nodes.jacobianVolumeNode)
 
-    def _resultNode(self, node):
-        """A result node if it is still in the scene (the user may have deleted it)."""
-        if node is None or not slicer.mrmlScene.IsNodePresent(node):
-            raise ValueError(_("The result node was removed from the scene; register again."))
-        return node
-
-    def _resultVolumes(self):
-        """(fixed, warped) of the last registration; warped is the moving volume under the
-        transform when no warped volume was made."""
-        transformNode = self._resultNode(self._results.transformNode)
-        fixed = transformNode.GetNodeReference(vtkMRMLTransformNode.GetFixedNodeReferenceRole())
-        warped = self._results.volumeNode or transformNode.GetNodeReference(
-            vtkMRMLTransformNode.GetMovingNodeReferenceRole()
-        )
-        return self._resultNode(fixed), self._resultNode(warped)
-
     def onShowCheckerboard(self) -> None:
-        """Alternate fixed and warped tiles: misaligned edges break at the tile borders."""
         with slicer.util.tryWithErrorDisplay(
             _("Failed to show the checkerboard."), waitCursor=True
         ):
-            fixed, warped = self._resultVolumes()
-            if self._checkerboardNode and not slicer.mrmlScene.IsNodePresent(
-                self._checkerboardNode
-            ):
-                self._checkerboardNode = None
-            self._checkerboardNode = self.logic.createCheckerboardVolume(
-                fixed, warped, self._checkerboardNode
-            )
-            self._restoreCompositing()
-            slicer.util.setSliceViewerLayers(
-                background=self._checkerboardNode, foreground=None, fit=True
-            )
+            self.resultViews.showCheckerboard()
 
     def onShowDifference(self) -> None:
-        """Fixed minus warped in the slice views: aligned structures cancel out."""
         with slicer.util.tryWithErrorDisplay(_("Failed to show the difference."), waitCursor=True):
-            fixed, warped = self._resultVolumes()
-            self._compositing().override(
-                _compositeNodes(), slicer.vtkMRMLSliceCompositeNode.Subtract
-            )
-            slicer.util.setSliceViewerLayers(
-                background=fixed, foreground=warped, foregroundOpacity=1.0, fit=True
-            )
+            self.resultViews.showDifference()
 
     def onShowJacobian(self) -> None:
-        """det J over the fixed volume: blue compresses, red expands, at or below 0 folds."""
         with slicer.util.tryWithErrorDisplay(_("Failed to show the Jacobian."), waitCursor=True):
-            fixed, _warped = self._resultVolumes()
-            self._restoreCompositing()
-            slicer.util.setSliceViewerLayers(
-                background=fixed,
-                foreground=self._resultNode(self._results.jacobianVolumeNode),
-                foregroundOpacity=0.5,
-                fit=True,
-            )
-
-    def _compositing(self):
-        """The difference view's Subtract compositing, and what each view had before it."""
-        if self._sliceCompositing is None:
-            from DeepRegisterLib.mrml import SliceCompositing
-
-            self._sliceCompositing = SliceCompositing()
-        return self._sliceCompositing
-
-    def _restoreCompositing(self) -> None:
-        if self._sliceCompositing is not None:
-            self._sliceCompositing.restore(_compositeNodes())
-
-
-def _compositeNodes() -> list:
-    return slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode")
-
-
-def reportSummary(report: dict) -> str:
-    """A few lines to judge the registration by (figures the report lacks are left out)."""
-    lines = [
-        _("Time: {seconds:.1f} s on {device}, preset {preset}.").format(
-            seconds=report.get("runtime_s", float("nan")),
-            device=report.get("device", "?"),
-            preset=report.get("preset", "?"),
-        )
-    ]
-    if "folding_percent" in report:
-        lines.append(
-            _("Folded voxels (det J <= 0): {folded:.3f} %; SD of log det J: {sdlogj:.3f}.").format(
-                folded=report["folding_percent"], sdlogj=report.get("sdlogj", float("nan"))
-            )
-        )
-    if "ncc_before" in report and "ncc_after" in report:
-        lines.append(
-            _(
-                "Similarity (global NCC): {before:.3f} before, {affine:.3f} after affine, "
-                "{after:.3f} after."
-            ).format(
-                before=report["ncc_before"],
-                affine=report.get("ncc_affine", float("nan")),
-                after=report["ncc_after"],
-            )
-        )
-    if report.get("mean_dice") is not None:
-        lines.append(_("Mean Dice: {dice:.3f}.").format(dice=report["mean_dice"]))
-    lines += [_("Note: {note}.").format(note=note) for note in report.get("notes", [])]
-    return "\n".join(lines)
-
-
-#
-# DeepRegisterLogic
-#
-
-
-class DeepRegisterLogic(ScriptedLoadableModuleLogic):
-    """Registration of volume nodes for the GUI, the Python console and tests (no GUI code here).
-
-    Thin on purpose: the work is DeepRegisterLib.mrml's; this class adds the parameter node, the
-    PyTorch set-up and the child process. DeepRegisterLib.mrml (and so torch) is imported only
-    when a method needs it.
-    """
-
-    def __init__(self) -> None:
-        """Called when the logic class is instantiated."""
-        ScriptedLoadableModuleLogic.__init__(self)
-
-    def getParameterNode(self):
-        return DeepRegisterParameterNode(super().getParameterNode())
-
-    def setupPythonRequirements(self) -> bool:
-        """Make a torch the library can use available, asking the user before installing or
-        upgrading it; False if they declined. Runs before any child starts, so that no run
-        fails half-way for an old torch."""
-        try:
-            import PyTorchUtils
-        except ModuleNotFoundError as error:
-            raise RuntimeError(
-                _(
-                    "This module needs the PyTorch extension. Install it in the Extensions Manager "
-                    "and restart Slicer."
-                )
-            ) from error
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        if torchLogic.torchInstalled() and torchVersionIsEnough(_installedTorchVersion()):
-            return True
-        torch = torchLogic.installTorch(
-            askConfirmation=True, torchVersionRequirement=f">={MINIMUM_TORCH_VERSION}"
-        )
-        if torch is None:
-            return False
-        if not torchVersionIsEnough(_installedTorchVersion()):
-            raise RuntimeError(
-                _("PyTorch {installed} is installed; {minimum} or newer is needed.").format(
-                    installed=_installedTorchVersion(), minimum=MINIMUM_TORCH_VERSION
-                )
-            )
-        return True
-
-    def startStandbyChild(self) -> None:
-        """Start the child process of the next run now, so that Apply does not wait for Python
-        and PyTorch to load (a second or more, several on some systems); it waits for its job,
-        using no CPU. Nothing happens until a PyTorch the library can use is installed."""
-        try:
-            if not torchVersionIsEnough(_installedTorchVersion()):
-                return
-        except importlib.metadata.PackageNotFoundError:
-            return
-        from DeepRegisterLib import mrml
-
-        mrml.startStandby(mrml.childPython())
-
-    def endStandbyChild(self) -> None:
-        """End the waiting child process, if any (it holds PyTorch's memory)."""
-        from DeepRegisterLib import mrml
-
-        mrml.endStandby()
-
-    def settingsFromParameterNode(self, parameterNode):
-        """The RegistrationSettings the parameter node describes; the GUI's placeholders
-        ("default" similarity, 0 regularization or iterations, empty model: the preset's or the
-        library's choice) are read here and nowhere else."""
-        from DeepRegisterLib.registration.settings import RegistrationSettings
-
-        optional = {}  # left out: the preset's (or the library's) value
-        if parameterNode.similarity != "default":
-            optional["similarity"] = parameterNode.similarity
-        if parameterNode.regularization > 0:
-            optional["regularization"] = parameterNode.regularization
-        if parameterNode.iterations > 0:
-            optional["iterations"] = parameterNode.iterations
-        return RegistrationSettings(
-            preset=parameterNode.preset,
-            model=parameterNode.model.strip() or "default",
-            affine=parameterNode.affine,
-            compute_inverse=parameterNode.computeInverse,
-            compute_jacobian=parameterNode.computeJacobian,
-            device=parameterNode.device,
-            **optional,
-        )
-
-    def registerVolumes(self, fixedVolumeNode, movingVolumeNode, settings=None, **keywords):
-        """Register in this process (blocking) and put the results into the scene; for the
-        console and tests. Arguments: DeepRegisterLib.mrml.registerVolumes'.
-
-        Returns the created nodes (DeepRegisterLib.mrml.RegistrationNodes); raises ValueError for
-        unusable inputs, and leaves the scene unchanged whenever it raises.
-        """
-        if not self.setupPythonRequirements():
-            raise RuntimeError(_("PyTorch is needed to register volumes."))
-        loaded = sys.modules.get("torch")
-        if loaded is not None and not torchVersionIsEnough(loaded.__version__):
-            raise RuntimeError(_("PyTorch was upgraded; restart Slicer to use it here."))
-        from DeepRegisterLib import mrml
-
-        return mrml.registerVolumes(fixedVolumeNode, movingVolumeNode, settings, **keywords)
-
-    def startRegistration(self, parameterNode):
-        """Read the inputs (here) and start the registration in a child process; poll the
-        returned DeepRegisterLib.mrml.RegistrationProcess and call finishRegistration once it is
-        no longer running, or cancel() it."""
-        from DeepRegisterLib import mrml
-
-        p = parameterNode
-        job = mrml.prepareRegistration(
-            p.fixedVolume,
-            p.movingVolume,
-            self.settingsFromParameterNode(p),
-            outputTransformNode=p.outputTransform,
-            outputVolumeNode=p.outputVolume if p.createOutputVolume else None,
-            createOutputVolume=p.createOutputVolume,
-            fixedMaskNode=p.fixedMask,
-            movingMaskNode=p.movingMask,
-            movingLabelNodes=[p.movingLabels] if p.movingLabels else [],
-            initialTransformNode=p.initialTransform,
-        )
-        return mrml.RegistrationProcess(job).start()
-
-    def finishRegistration(self, task):
-        """Push an ended task's result into the scene (main thread); raises if it failed."""
-        nodes = task.push()
-        logging.info("DeepRegister report: " + json.dumps(nodes.report))
-        return nodes
-
-    def createCheckerboardVolume(self, fixedVolumeNode, warpedVolumeNode, outputVolumeNode=None):
-        from DeepRegisterLib import mrml
-
-        return mrml.createCheckerboardVolume(fixedVolumeNode, warpedVolumeNode, outputVolumeNode)
-
-
-def _installedTorchVersion() -> str:
-    return importlib.metadata.version("torch")
-
-
-def torchVersionIsEnough(version: str) -> bool:
-    """Whether a torch version string ("2.13.0+cpu") is at least MINIMUM_TORCH_VERSION."""
-
-    def majorMinor(text: str) -> tuple[int, int]:
-        match = re.match(r"(\d+)\.(\d+)", text)
-        return (int(match[1]), int(match[2])) if match else (0, 0)
-
-    return majorMinor(version) >= majorMinor(MINIMUM_TORCH_VERSION)
-
-
-#
-# DeepRegisterTest
-#
-
-
-class DeepRegisterTest(ScriptedLoadableModuleTest):
-    """Registers SampleData's MRBrainTumor2 to MRBrainTumor1 (the pair Elastix and ANTs test on)
-    with the fast preset on the CPU through the GUI (Apply, Cancel, Apply), waiting the way Slicer
-    idles (the main thread in Qt's event loop, holding the GIL), so a starved run would show.
-    """
-
-    def setUp(self):
-        """Do whatever is needed to reset the state - typically a scene clear will be enough."""
-        slicer.mrmlScene.Clear()
-
-    def runTest(self):
-        """Run as few or as many tests as needed here."""
-        self.setUp()
-        self.test_badInputLeavesTheSceneUnchanged()
-        self.setUp()
-        self.test_applyCancelAndApplyInTheWidget()
-
-    def _loadPair(self):
-        import SampleData
-
-        fixed = SampleData.downloadSample("MRBrainTumor1")
-        moving = SampleData.downloadSample("MRBrainTumor2")
-        return fixed, moving
-
-    def test_badInputLeavesTheSceneUnchanged(self):
-        fixed, moving = self._loadPair()
-        nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
-        with self.assertRaises(ValueError):
-            DeepRegisterLogic().registerVolumes(fixed, fixed, "fast", device="cpu")
-        with self.assertRaises(ValueError):
-            DeepRegisterLogic().registerVolumes(fixed, moving, "no such preset", device="cpu")
-        with self.assertRaises(ValueError):
-            DeepRegisterLogic().registerVolumes(fixed, moving, "fast", outputVolumeNode=moving)
-        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
-        self.delayDisplay("Test passed")
-
-    def _waitWhileRunning(self, widget, timeoutSeconds=600) -> float:
-        """Wait in Qt's event loop (as Slicer idles) until the widget's run ended; seconds."""
-        started = time.monotonic()
-        while widget._task is not None:
-            elapsed = time.monotonic() - started
-            self.assertLess(elapsed, timeoutSeconds, "the registration did not finish in time")
-            slicer.app.processEvents(qt.QEventLoop.WaitForMoreEvents)
-        return time.monotonic() - started
-
-    def test_applyCancelAndApplyInTheWidget(self):
-        fixed, moving = self._loadPair()
-        slicer.util.selectModule("DeepRegister")
-        widget = slicer.modules.deepregister.widgetRepresentation().self()
-        parameters = widget.logic.getParameterNode()
-        parameters.fixedVolume = fixed
-        parameters.movingVolume = moving
-        parameters.createOutputVolume = True
-        parameters.preset = "fast"
-        parameters.device = "cpu"
-        self.assertTrue(widget.ui.applyButton.enabled)
-
-        self.delayDisplay("Apply, then Cancel: nothing may be added to the scene")
-        nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
-        widget.ui.applyButton.click()
-        self.assertIsNotNone(widget._task)
-        widget.ui.applyButton.click()
-        self._waitWhileRunning(widget)
-        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
-
-        self.delayDisplay("Apply and let it finish (fast preset, CPU)")
-        transformsBefore = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLTransformNode")
-        widget.ui.applyButton.click()
-        seconds = self._waitWhileRunning(widget)
-        nodes = widget._results
-        self.assertIsNotNone(nodes)
-        # The child's own time plus its start: a starved run takes many times longer.
-        self.assertLess(seconds, 2.0 * nodes.report["runtime_s"] + 30.0, "the run was starved")
-        self._checkResults(nodes, fixed, moving)
-        self.assertEqual(
-            slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLTransformNode"), transformsBefore + 1
-        )
-        self.assertEqual(parameters.outputTransform, nodes.transformNode)
-        self.assertTrue(widget.ui.showCheckerboardButton.enabled)
-        widget.onShowCheckerboard()
-        widget.onShowJacobian()
-        compositing = [n.GetCompositing() for n in _compositeNodes()]
-        widget.onShowDifference()
-        widget.onShowCheckerboard()
-        self.assertEqual([n.GetCompositing() for n in _compositeNodes()], compositing)
-        self.delayDisplay("Test passed")
-
-    def _checkResults(self, nodes, fixed, moving):
-        import numpy as np
-
-        displacement = slicer.util.arrayFromGridTransform(nodes.transformNode)
-        self.assertGreater(np.abs(displacement).max(), 1.0)  # mm: not the identity
-        fixedMatrix, warpedMatrix = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
-        fixed.GetIJKToRASMatrix(fixedMatrix)
-        nodes.volumeNode.GetIJKToRASMatrix(warpedMatrix)
-        self.assertTrue(
-            np.allclose(
-                slicer.util.arrayFromVTKMatrix(warpedMatrix),
-                slicer.util.arrayFromVTKMatrix(fixedMatrix),
-            )
-        )
-        self.assertEqual(
-            nodes.volumeNode.GetImageData().GetDimensions(), fixed.GetImageData().GetDimensions()
-        )
-        self.assertGreater(nodes.report["ncc_after"], nodes.report["ncc_before"])
-        self.assertLess(nodes.report["folding_percent"], 0.01)  # % of voxels with det J <= 0
-        self.assertIs(
-            nodes.transformNode.GetNodeReference(vtkMRMLTransformNode.GetFixedNodeReferenceRole()),
-            fixed,
-        )
-        self.assertIs(
-            nodes.transformNode.GetNodeReference(vtkMRMLTransformNode.GetMovingNodeReferenceRole()),
-            moving,
-        )
-        self.assertIsNone(moving.GetTransformNodeID())  # a warped volume was made instead
-        self.assertIsNotNone(nodes.jacobianVolumeNode)
-        self.assertIsNotNone(nodes.reportTableNode)
+            self.resultViews.showJacobian()

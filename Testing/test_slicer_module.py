@@ -2,7 +2,8 @@
 
 The module imports qt, ctk and slicer.ScriptedLoadableModule, which exist only inside Slicer, so it
 is read as source (ast) and its .ui as XML: the bindings between both, the metadata the generic
-Slicer test requires, the CMake file lists, and the contract with DeepRegisterLib.
+Slicer test requires, the CMake file lists, and the contract with DeepRegisterLib. Its functions
+that need none of Slicer's GUI run here, compiled from that source.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "DeepRegister"
 SOURCE = MODULE_DIR / "DeepRegister.py"
+PARTS = MODULE_DIR / "DeepRegisterModuleLib"  # the module's other files
+SOURCES = [SOURCE, *sorted(PARTS.glob("*.py"))]
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "DeepRegister.ui"
 
 # What parameterNodeWrapper's GUI connectors accept (Slicer's guiConnectors.py): widget class →
@@ -36,9 +39,15 @@ WIDGET_KINDS = {
 }
 
 
+def _parse(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+
+
 @pytest.fixture(scope="module")
 def module() -> ast.Module:
-    return ast.parse(SOURCE.read_text(encoding="utf-8"), filename=str(SOURCE))
+    """Every file of the module as one: the checks below ask where a name is used, not in which
+    file it is defined."""
+    return ast.Module([n for path in SOURCES for n in _parse(path).body], type_ignores=[])
 
 
 @pytest.fixture(scope="module")
@@ -156,8 +165,9 @@ def _string_property(widget: ET.Element, name: str) -> list[str]:
 # --- the module source --------------------------------------------------------------------
 
 
-def test_the_module_compiles():
-    compile(SOURCE.read_text(encoding="utf-8"), str(SOURCE), "exec")
+@pytest.mark.parametrize("path", SOURCES, ids=lambda path: path.name)
+def test_the_module_compiles(path):
+    compile(path.read_text(encoding="utf-8"), str(path), "exec")
 
 
 def test_the_module_has_the_scripted_module_anatomy(module):
@@ -171,6 +181,27 @@ def test_the_module_has_the_scripted_module_anatomy(module):
     assert classes["DeepRegisterLogic"] == ["ScriptedLoadableModuleLogic"]
     assert classes["DeepRegisterTest"] == ["ScriptedLoadableModuleTest"]
     assert "DeepRegisterParameterNode" in classes
+
+
+def test_the_module_file_holds_the_module_and_widget_and_names_its_test():
+    """Slicer loads each .py beside DeepRegister.py as a module, and finds <Module>Test (for
+    Reload and Test, and ctest) in DeepRegister.py's namespace."""
+    assert sorted(p.name for p in MODULE_DIR.glob("*.py")) == ["DeepRegister.py"]
+    main = _parse(SOURCE)
+    defined = {n.name for n in main.body if isinstance(n, ast.ClassDef)}
+    assert defined == {"DeepRegister", "DeepRegisterWidget"}
+    imported = {
+        alias.name: node.module
+        for node in main.body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
+    assert imported["DeepRegisterTest"] == "DeepRegisterModuleLib.selfTest"
+    assert imported["DeepRegisterLogic"] == "DeepRegisterModuleLib.logic"
+    for path in SOURCES[1:]:  # no second module for Slicer to find
+        bases = [ast.unparse(b) for n in ast.walk(_parse(path)) if isinstance(n, ast.ClassDef)
+                 for b in n.bases]  # fmt: skip
+        assert "ScriptedLoadableModule" not in bases, path.name
 
 
 def _parent_assignments(module) -> dict[str, ast.expr]:
@@ -235,6 +266,20 @@ def test_torch_and_the_library_are_imported_only_inside_functions(module):
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "False"
+
+
+def test_reload_reloads_every_other_file_after_those_it_imports(module):
+    reload = _function(module, "DeepRegisterWidget", "onReload")
+    (loop,) = [n for n in ast.walk(reload) if isinstance(n, ast.For)]
+    order = ast.literal_eval(loop.iter)
+    assert sorted(order) == sorted(p.stem for p in SOURCES[1:] if p.stem != "__init__")
+    for position, name in enumerate(order):
+        imported = {
+            n.module for n in ast.walk(_parse(PARTS / f"{name}.py"))
+            if isinstance(n, ast.ImportFrom) and n.level == 1
+        }  # fmt: skip
+        assert imported <= set(order[:position]), name
+    assert ast.unparse(reload.body[-1]) == "ScriptedLoadableModuleWidget.onReload(self)"
 
 
 def test_a_loaded_scene_gets_our_transforms_linear_interpolation_back(module, tmp_path):
@@ -431,7 +476,7 @@ def test_the_next_runs_child_waits_while_the_module_is_open_and_ends_when_it_is_
     for name in ("exit", "cleanup"):
         assert "self.logic.endStandbyChild()" in calls(name)
     start = ast.unparse(_function(module, "DeepRegisterLogic", "startStandbyChild"))
-    assert "torchVersionIsEnough" in start  # none before a usable PyTorch is installed
+    assert "if not torchIsUsable():" in start  # none before a usable PyTorch is installed
     assert "mrml.startStandby(mrml.childPython())" in start
 
 
@@ -445,6 +490,61 @@ def test_the_help_states_the_slicer_and_torch_versions(module):
     )
     assert minimum == "2.5"  # torch.OutOfMemoryError, which the engine catches
     assert f"PyTorch {minimum}" in help_text
+
+
+def _run_here(path: Path, names: set[str], **namespace) -> dict:
+    """The named top-level functions and constants of one of the module's files, compiled from
+    its source into ``namespace`` (the Slicer imports they would need left out)."""
+    chosen = [
+        n
+        for n in _parse(path).body
+        if (isinstance(n, ast.FunctionDef) and n.name in names)
+        or (isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) in names)
+    ]
+    assert len(chosen) == len(names)
+    exec(compile(ast.Module(chosen, type_ignores=[]), str(path), "exec"), namespace)
+    return namespace
+
+
+def test_torch_versions_are_compared_by_major_and_minor_number():
+    setup = _run_here(
+        PARTS / "pytorchSetup.py",
+        {"MINIMUM_TORCH_VERSION", "torchVersionIsEnough", "installedTorchVersion", "torchIsUsable"},
+        importlib=importlib,
+        re=re,
+    )
+    enough = setup["torchVersionIsEnough"]
+    assert [enough(v) for v in ("2.5.0", "2.13.0+cpu", "2.10", "3.0.1")] == [True] * 4
+    assert [enough(v) for v in ("2.4.1+cu121", "1.13.1", "nightly")] == [False] * 3
+    import torch  # the one this suite runs on
+
+    assert setup["installedTorchVersion"]() == torch.__version__
+    assert setup["torchIsUsable"]()
+
+
+def test_the_summary_reads_a_real_report_and_leaves_out_what_it_lacks():
+    from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
+    from DeepRegisterLib.registration.engine import register
+
+    pair = phantom_pair(demo_grid(2, 32), amplitude_mm=2.0)
+    report = register(
+        pair.fixed, pair.moving, preset="fast", iterations=5, device="cpu",
+        moving_labels={"labels": pair.moving_labels}, fixed_labels=pair.fixed_labels,
+    ).report  # fmt: skip
+    summary = _run_here(PARTS / "resultViews.py", {"reportSummary"}, _=str)["reportSummary"]
+    lines = summary(report).splitlines()
+    assert lines[0] == f"Time: {report['runtime_s']:.1f} s on cpu, preset fast."
+    assert f"{report['folding_percent']:.3f} %" in lines[1]
+    assert f"{report['sdlogj']:.3f}" in lines[1]
+    assert lines[2] == (
+        f"Similarity (global NCC): {report['ncc_before']:.3f} before, "
+        f"{report['ncc_affine']:.3f} after affine, {report['ncc_after']:.3f} after."
+    )
+    assert lines[3] == f"Mean Dice: {report['mean_dice']:.3f}."
+    assert summary({"runtime_s": 2.0, "notes": ["ran on the CPU"]}).splitlines() == [
+        "Time: 2.0 s on ?, preset ?.",
+        "Note: ran on the CPU.",
+    ]
 
 
 def test_the_moving_volume_is_refused_as_output_volume(module):
@@ -481,8 +581,9 @@ def test_the_module_cmake_lists_name_existing_files():
     variables = _set_variables(commands)
     module_name = variables["MODULE_NAME"][0]
     assert module_name == "DeepRegister"
-    listed = variables["MODULE_PYTHON_SCRIPTS"] + variables["MODULE_PYTHON_RESOURCES"]
-    for entry in listed:
+    scripts = [s.replace("${MODULE_NAME}", module_name) for s in variables["MODULE_PYTHON_SCRIPTS"]]
+    assert sorted(scripts) == sorted(str(p.relative_to(MODULE_DIR)) for p in SOURCES)
+    for entry in variables["MODULE_PYTHON_RESOURCES"]:
         assert (MODULE_DIR / entry.replace("${MODULE_NAME}", module_name)).is_file(), entry
     build = next(args for name, args in commands if name == "slicermacrobuildscriptedmodule")
     assert "WITH_GENERIC_TESTS" in build
