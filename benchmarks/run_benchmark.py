@@ -142,7 +142,7 @@ def machine_info(device: str) -> dict[str, Any]:
 # --- command line -------------------------------------------------------------------------------
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -210,6 +210,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         f"(fast-smooth keeps {SMOOTH_REGULARIZATION:g}): one point of the smoothness/overlap curve",
     )
     parser.add_argument("--note", default="", help="free text for the report's timing note")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The options, methods split on commas; errors name what is wrong."""
+    parser = _parser()
     args = parser.parse_args(argv)
     requested = args.methods or (SMOKE_METHODS if args.smoke else DEFAULT_METHODS)
     args.methods = [m for item in requested for m in item.split(",") if m]
