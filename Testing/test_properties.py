@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
 from DeepRegisterLib.imaging import fileio
-from DeepRegisterLib.imaging.geometry import Grid, flow_mm_to_voxels, flow_voxels_to_mm
+from DeepRegisterLib.imaging.geometry import Grid, flow_voxels_to_mm
 from DeepRegisterLib.registration.engine import register
 from DeepRegisterLib.registration.image_warping import warp_image
 
@@ -208,18 +208,16 @@ def test_a_zero_field_reproduces_the_image_where_the_grids_coincide(
 
 @settings(max_examples=25, deadline=None)
 @given(grid=geometries(), seed=st.integers(0, 2**31 - 1), scale=st.floats(1e-3, 1e3))
-def test_mm_to_voxels_and_back_is_the_identity(grid: Grid, seed: int, scale: float) -> None:
-    """Both orders (voxels → mm → voxels and mm → voxels → mm) in float64, at any scale."""
+def test_voxels_to_mm_keeps_float64_at_any_scale(grid: Grid, seed: int, scale: float) -> None:
+    """The mm vectors solved back through the grid's index-to-physical matrix are the voxel
+    flow again, in float64 at any scale (no single-precision step inside)."""
     rng = np.random.default_rng(seed)
     vectors = torch.as_tensor(scale * rng.normal(size=(2, grid.dim, *grid.shape)))
+    mm = flow_voxels_to_mm(vectors, grid).numpy()
+    ijk = np.linalg.solve(grid.index_to_physical, mm.reshape(2, grid.dim, -1))
     np.testing.assert_allclose(
-        flow_mm_to_voxels(flow_voxels_to_mm(vectors, grid), grid).numpy(), vectors.numpy(),
-        rtol=1e-10, atol=1e-12 * scale,
-    )  # fmt: skip
-    np.testing.assert_allclose(
-        flow_voxels_to_mm(flow_mm_to_voxels(vectors, grid), grid).numpy(), vectors.numpy(),
-        rtol=1e-10, atol=1e-12 * scale,
-    )  # fmt: skip
+        ijk[:, ::-1].reshape(vectors.shape), vectors.numpy(), rtol=1e-10, atol=1e-12 * scale
+    )
     # Lengths in mm are voxel steps times the spacing: the round trip is not trivially I.
     step = torch.zeros((1, grid.dim, *grid.shape), dtype=torch.float64)
     step[:, -1] = 1.0  # one voxel along the last array axis = ITK axis I

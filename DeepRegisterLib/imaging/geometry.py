@@ -173,14 +173,3 @@ def flow_voxels_to_mm(flow: torch.Tensor, grid: Grid) -> torch.Tensor:
     m = torch.as_tensor(grid.index_to_physical, dtype=flow.dtype, device=flow.device)
     flow_ijk = flow.flip(1)  # (K,J,I) channels → (I,J,K)
     return torch.einsum("pq,nq...->np...", m, flow_ijk).reshape(flow.shape[0], dim, *flow.shape[2:])
-
-
-def flow_mm_to_voxels(vectors: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """Inverse of :func:`flow_voxels_to_mm`."""
-    import torch
-
-    m_inv = torch.as_tensor(
-        np.linalg.inv(grid.index_to_physical), dtype=vectors.dtype, device=vectors.device
-    )
-    ijk = torch.einsum("pq,nq...->np...", m_inv, vectors)
-    return ijk.flip(1)
