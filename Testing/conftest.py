@@ -194,6 +194,19 @@ def make_phantom(dim: int, centre: np.ndarray, scale_mm: float = 15.0, seed: int
     return Phantom(dim, (*ellipsoids, *blobs))
 
 
+def bent_pair(dim: int, size: tuple[int, ...]) -> tuple[sitk.Image, sitk.Image]:
+    """A phantom and a shifted, bent copy: every stage has work to do."""
+    grid = oblique_grid(dim, size=size)
+    centre = grid_centre(grid)
+    phantom = make_phantom(dim, centre, scale_mm=0.3 * min(np.asarray(size) * grid.spacing))
+    shift = np.array([2.0, -1.5, 1.0][:dim])
+
+    def inverse_map(y: np.ndarray) -> np.ndarray:
+        return y - shift + 1.5 * np.sin((y - centre)[..., ::-1] / 7.0)
+
+    return phantom.image(grid), phantom.image(grid, through=inverse_map)
+
+
 @pytest.fixture(params=[2, 3], ids=["2d", "3d"])
 def a_dimension(request: pytest.FixtureRequest) -> int:
     return request.param
