@@ -154,20 +154,18 @@ def test_a_loaded_scene_gets_our_transforms_linear_interpolation_back(module, tm
 
     init = ast.unparse(method_node(module, "DeepRegister", "__init__"))
     assert "slicer.app.connect('startupCompleted()', _watchSceneLoads)" in init
-    hooks = [
-        n
-        for n in module.body
-        if isinstance(n, ast.FunctionDef) and n.name in ("_watchSceneLoads", "_onSceneLoaded")
-    ]
     saved = mrml_scenes._new_scene(tmp_path / "cache").scene
     fixed, moving = mrml_scenes._pair(saved)
     pushed = mrml.pushResult(mrml_scenes._hand_made_result(fixed, moving), fixed, moving)
     assert saved.WriteToMRB(str(tmp_path / "scene.mrb"))
     scene = mrml_scenes._new_scene(tmp_path / "cache2").scene
-    namespace = {"slicer": types.SimpleNamespace(mrmlScene=scene)}
-    exec(compile(ast.Module(hooks, type_ignores=[]), str(SOURCE), "exec"), namespace)
+    hooks = _run_here(
+        SOURCE,
+        {"_watchSceneLoads", "_onSceneLoaded"},
+        slicer=types.SimpleNamespace(mrmlScene=scene),
+    )
 
-    namespace["_watchSceneLoads"]()
+    hooks["_watchSceneLoads"]()
     assert scene.ReadFromMRB(str(tmp_path / "scene.mrb"))
 
     loaded = scene.GetFirstNodeByName(pushed.transformNode.GetName())
