@@ -41,6 +41,7 @@ def imported_after(*argv: str) -> dict:
         ["evaluate", "--help"],
         ["train", "--help"],
         ["demo", "--help"],
+        ["apply", "--help"],
     ],
 )
 def test_help_imports_no_heavy_library(argv):
@@ -56,6 +57,8 @@ def test_help_imports_no_heavy_library(argv):
         ["register", "--fixed", "f.nii.gz", "--moving", "m.nii.gz"],  # nothing to write
         ["register", "--fixed", "f.nii.gz", "--moving", "m.nii.gz", "--warped", "w.jpg"],
         ["register", "--fixed", "f.nii.gz", "--moving", "m.nii.gz", "--report", "r.txt"],
+        ["apply", "--transform", "t.h5", "--reference", "f.nii.gz"],  # nothing to warp
+        ["apply", "--transform", "t.h5", "--reference", "f.nii.gz", "--image", "m.nrrd", "w.jpg"],
     ],
 )
 def test_argument_errors_exit_2_without_a_heavy_library(argv):

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from .. import __version__
 from ..errors import DeepRegisterError, InputError, ModelError, RegistrationCancelled, ResourceError
 from ..process_memory import keep_freed_memory
+from .apply import add_apply_parser
 from .batch import add_batch_parser
 from .demo import add_demo_parser
 from .evaluate import add_evaluate_parser
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_register_parser(subparsers)
+    add_apply_parser(subparsers)
     add_batch_parser(subparsers)
     add_demo_parser(subparsers)
     add_evaluate_parser(subparsers)

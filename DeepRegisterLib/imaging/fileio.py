@@ -28,6 +28,7 @@ except ImportError:  # Python environments without it (Slicer's own) write the s
     _fast_deflate = zlib
 
 from ..errors import InputError
+from .geometry import Grid
 from .output_paths import IMAGE_2D_SUFFIXES, IMAGE_SUFFIXES, TRANSFORM_SUFFIXES, full_suffix
 
 #: ITK's bundled HDF5 is not thread-safe: two .h5 transforms written side by side failed
@@ -212,6 +213,18 @@ def read_transform(path: str | os.PathLike) -> sitk.Transform:
 
 def image_dimension(path: str | os.PathLike, what: str = "image") -> int:
     """An image file's dimension from its header alone (no voxels read)."""
+    return _header(path, what).GetDimension()
+
+
+def read_grid(path: str | os.PathLike, what: str = "image") -> Grid:
+    """An image file's grid from its header alone: a reference grid need not be read whole."""
+    header = _header(path, what)
+    return Grid(
+        tuple(header.GetSize()), header.GetSpacing(), header.GetOrigin(), header.GetDirection()
+    )
+
+
+def _header(path: str | os.PathLike, what: str) -> sitk.ImageFileReader:
     source = Path(path)
     if not source.is_file():
         raise InputError(f"{what} file not found: {source}")
@@ -221,7 +234,7 @@ def image_dimension(path: str | os.PathLike, what: str = "image") -> int:
         reader.ReadImageInformation()
     except RuntimeError as error:
         raise InputError(f"cannot read {what} {source}: {_itk_reason(error)}") from None
-    return reader.GetDimension()
+    return reader
 
 
 def _compresses(image: sitk.Image) -> bool:

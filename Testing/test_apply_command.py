@@ -1,0 +1,223 @@
+"""``deepregister apply``: a saved transform carried to more images exactly as ``register``
+warps its own, checked against register's files and against hand-computed values; bad input
+refused before any work, with nothing written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import image_on, oblique_grid
+
+from DeepRegisterLib.cli import main as cli
+from DeepRegisterLib.imaging.apply_transform import apply_transform
+from DeepRegisterLib.imaging.geometry import Grid
+from DeepRegisterLib.imaging.metrics import dice_per_label, mean_dice
+from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
+
+
+def array(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory) -> dict[str, Path]:
+    """A 3D phantom pair (the moving scan 16-bit, as scanners write) registered once, with the
+    warped image and labels, the transform as .h5 and as a dense field, and its inverse."""
+    folder = tmp_path_factory.mktemp("registered")
+    pair = phantom_pair(demo_grid(3, 24), amplitude_mm=3.0, rotation_deg=4.0)
+    files = {name: folder / f"{name}.nii.gz" for name in ("fixed", "fixed_labels", "labels")}
+    files["moving"] = folder / "moving.nrrd"
+    sitk.WriteImage(pair.fixed, str(files["fixed"]))
+    sitk.WriteImage(pair.fixed_labels, str(files["fixed_labels"]))
+    sitk.WriteImage(pair.moving_labels, str(files["labels"]))
+    top = float(sitk.GetArrayViewFromImage(pair.moving).max())
+    scan = sitk.Clamp(sitk.Round(pair.moving * (1000.0 / top)), sitk.sitkUInt16, 0, 1000)
+    sitk.WriteImage(scan, str(files["moving"]))
+    outputs = {
+        "warped": "--warped", "warped_labels": "--warped-labels",
+        "transform.h5": "--transform", "inverse.h5": "--inverse-transform",
+    }  # fmt: skip
+    run = ["register", "--fixed", str(files["fixed"]), "--moving", str(files["moving"])]
+    run += ["--labels", str(files["labels"]), "--preset", "fast", "--iterations", "4"]
+    run += ["--device", "cpu", "--quiet"]
+    argv = list(run)
+    for name, option in outputs.items():
+        files[name] = folder / (name if "." in name else f"{name}.nii.gz")
+        argv += [option, str(files[name])]
+    assert cli.main(argv) == cli.EXIT_OK
+    # The dense field of the same run (same seed), for the second form of --transform.
+    files["transform.mha"] = folder / "transform.mha"
+    assert cli.main([*run, "--transform", str(files["transform.mha"])]) == cli.EXIT_OK
+    return files
+
+
+def apply(*argv: str) -> int:
+    return cli.main(["apply", *map(str, argv)])
+
+
+@pytest.mark.parametrize("transform", ["transform.h5", "transform.mha"])
+def test_apply_warps_as_register_did(registered, tmp_path, transform):
+    """The moving scan and its labels through either saved form of the transform come out as
+    register wrote them: same grid and type, labels exact, and the 16-bit scan rounded alike
+    but where its value sits on .5 (register computes in float32, ITK in float64)."""
+    out_image, out_labels = tmp_path / "scan.nii.gz", tmp_path / "labels.nrrd"
+    scan_as_float = tmp_path / "scan_as_float.nrrd"
+    sitk.WriteImage(sitk.Cast(sitk.ReadImage(str(registered["moving"])), sitk.sitkFloat32),
+                    str(scan_as_float))  # fmt: skip
+    code = apply(
+        "--transform", registered[transform], "--reference", registered["fixed"],
+        "--image", registered["moving"], out_image, "--labels", registered["labels"], out_labels,
+        "--image", scan_as_float, tmp_path / "unrounded.mha",
+    )  # fmt: skip
+    assert code == cli.EXIT_OK
+    ours, theirs = array(out_image), array(registered["warped"])
+    assert ours.dtype == theirs.dtype == np.uint16
+    unrounded = array(tmp_path / "unrounded.mha")
+    np.testing.assert_array_equal(ours, np.rint(unrounded))
+    differing = ours != theirs
+    assert np.abs(ours[differing].astype(int) - theirs[differing]).max(initial=0) <= 1
+    assert np.all(np.abs(unrounded[differing] % 1 - 0.5) < 0.05)
+    labels, their_labels = array(out_labels), array(registered["warped_labels"])
+    assert labels.dtype == their_labels.dtype
+    np.testing.assert_array_equal(labels, their_labels)
+    fixed = sitk.ReadImage(str(registered["fixed"]))
+    for path in (out_image, out_labels):
+        assert sitk.ReadImage(str(path)).GetOrigin() == fixed.GetOrigin()
+
+
+def test_the_inverse_carries_warped_labels_back_onto_the_moving_grid(registered, tmp_path):
+    """register's warped labels through ``--inverse-transform``, with the moving image as the
+    reference, land back on the moving labels (two nearest-neighbour passes lose a little);
+    through the forward transform a second time they do not."""
+    moving_labels = sitk.ReadImage(str(registered["labels"]))
+
+    def round_trip(transform: str) -> float:
+        back = tmp_path / f"back_through_{transform}.nii.gz"
+        code = apply(
+            "--transform", registered[transform], "--reference", registered["moving"],
+            "--labels", registered["warped_labels"], back,
+        )  # fmt: skip
+        assert code == cli.EXIT_OK
+        return mean_dice(dice_per_label(moving_labels, sitk.ReadImage(str(back))))
+
+    back = round_trip("inverse.h5")
+    assert back > 0.85
+    assert back > round_trip("transform.h5") + 0.2
+
+
+def along_i(grid: Grid, voxels: float) -> sitk.TranslationTransform:
+    """Every point moved ``voxels`` along the grid's first axis."""
+    return sitk.TranslationTransform(grid.dim, (grid.index_to_physical[:, 0] * voxels).tolist())
+
+
+@pytest.fixture
+def a_ramp() -> tuple[sitk.Image, Grid]:
+    """Values 3·i along the first axis of an oblique, anisotropic grid."""
+    grid = oblique_grid(3, size=(12, 7, 5), spacing=(1.5, 1.0, 2.0))
+    i = np.arange(12, dtype=np.uint16)
+    return image_on(grid, np.broadcast_to(3 * i, (5, 7, 12)).astype(np.uint16)), grid
+
+
+def test_integer_images_are_rounded_where_itk_truncates(a_ramp):
+    """A quarter voxel along the ramp: ITK's linear sample is 3·i + 0.75, rounded to 3·i + 1."""
+    ramp, grid = a_ramp
+    warped = sitk.GetArrayFromImage(apply_transform(ramp, along_i(grid, 0.25), grid))
+    assert warped.dtype == np.uint16
+    i = np.arange(11)
+    np.testing.assert_array_equal(warped[..., :11], np.broadcast_to(3 * i + 1, (5, 7, 11)))
+    truncated = sitk.Resample(ramp, ramp, along_i(grid, 0.25), sitk.sitkLinear)
+    assert np.all(sitk.GetArrayFromImage(truncated)[..., :11] == 3 * i)  # ITK alone
+    assert np.all(warped[..., 11] == 33)  # ITK holds the edge value for half a voxel
+
+
+def test_label_maps_keep_type_and_values_and_floats_become_float32(a_ramp):
+    """Three quarters of a voxel along the ramp: a label map takes its next voxel's label
+    (a linear sample, 3·i + 2.25, would make labels that are not there)."""
+    ramp, grid = a_ramp
+    labels = sitk.Cast(ramp, sitk.sitkInt16)
+    # A reference image serves as well as its grid.
+    warped = sitk.GetArrayFromImage(apply_transform(labels, along_i(grid, 0.75), ramp, True))
+    assert warped.dtype == np.int16
+    np.testing.assert_array_equal(warped[..., :11], sitk.GetArrayFromImage(labels)[..., 1:])
+    as_double = apply_transform(sitk.Cast(ramp, sitk.sitkFloat64), along_i(grid, 0.25), grid)
+    assert as_double.GetPixelID() == sitk.sitkFloat32
+    expected = np.broadcast_to(3 * np.arange(11) + 0.75, (5, 7, 11))
+    np.testing.assert_allclose(sitk.GetArrayFromImage(as_double)[..., :11], expected)
+
+
+def test_2d_pictures_come_back_as_pictures(tmp_path):
+    grid = demo_grid(2, 32)
+    pair = phantom_pair(grid, amplitude_mm=2.0)
+    picture = sitk.Cast(sitk.Round(pair.moving * (200.0 / 1.0)), sitk.sitkUInt8)
+    paths = {name: tmp_path / f"{name}.png" for name in ("fixed", "moving", "labels")}
+    sitk.WriteImage(sitk.Cast(sitk.Round(pair.fixed * 200.0), sitk.sitkUInt8), str(paths["fixed"]))
+    sitk.WriteImage(picture, str(paths["moving"]))
+    sitk.WriteImage(sitk.Cast(pair.moving_labels, sitk.sitkUInt8), str(paths["labels"]))
+    transform = tmp_path / "t.tfm"
+    sitk.WriteTransform(sitk.Euler2DTransform((0.0, 0.0), 0.05, (1.0, -2.0)), str(transform))
+    out, out_labels = tmp_path / "warped.png", tmp_path / "warped_labels.png"
+    code = apply(
+        "--transform", transform, "--reference", paths["fixed"],
+        "--image", paths["moving"], out, "--labels", paths["labels"], out_labels,
+    )  # fmt: skip
+    assert code == cli.EXIT_OK
+    assert sitk.ReadImage(str(out)).GetPixelID() == sitk.sitkUInt8
+    assert set(np.unique(array(out_labels))) <= set(np.unique(array(paths["labels"])))
+    assert array(out).max() > 0
+
+
+def refused(capsys, tmp_path: Path, *argv) -> str:
+    """Run a command that must be refused: exit 2, nothing new in ``tmp_path``; its message."""
+    before = sorted(tmp_path.iterdir())
+    assert apply(*argv) == cli.EXIT_INPUT
+    assert sorted(tmp_path.iterdir()) == before
+    return capsys.readouterr().err
+
+
+def test_outputs_are_checked_before_any_input_is_read(registered, tmp_path, capsys):
+    absent = tmp_path / "absent.nii.gz"  # never read: the output is refused first
+    base = ("--transform", absent, "--reference", absent)
+    assert "nothing to warp" in refused(capsys, tmp_path, *base)
+    assert ".jpg" in refused(capsys, tmp_path, *base, "--image", absent, tmp_path / "w.jpg")
+    over_input = ("--image", registered["moving"], registered["moving"])
+    assert "is one of the inputs" in refused(capsys, tmp_path, *base, *over_input)
+    twice = ("--image", absent, tmp_path / "w.nii.gz")
+    assert "give each its own file" in refused(capsys, tmp_path, *base, *twice, *twice)
+
+
+def test_unusable_inputs_are_refused_with_nothing_written(registered, tmp_path, capsys):
+    fine = ("--image", registered["moving"], tmp_path / "fine.nii.gz")
+    base = ("--transform", registered["transform.h5"], "--reference", registered["fixed"])
+    flat = tmp_path / "flat.nii.gz"
+    sitk.WriteImage(sitk.Image([8, 8], sitk.sitkUInt8), str(flat))
+    message = refused(capsys, tmp_path, *base, *fine, "--image", flat, tmp_path / "o.nii.gz")
+    assert f"image {flat} is 2D and the reference 3D" in message
+    colour = tmp_path / "colour.nrrd"
+    sitk.WriteImage(sitk.Image([8, 8, 8], sitk.sitkVectorUInt8, 3), str(colour))
+    message = refused(capsys, tmp_path, *base, *fine, "--image", colour, tmp_path / "o.nii.gz")
+    assert "3 components" in message
+    flat_reference = ("--transform", registered["transform.h5"], "--reference", flat)
+    message = refused(capsys, tmp_path, *flat_reference, "--image", flat, tmp_path / "o.nii.gz")
+    assert "the transform is 3D and the reference 2D" in message
+    missing = ("--transform", tmp_path / "none.h5", "--reference", registered["fixed"])
+    assert "transform file not found" in refused(capsys, tmp_path, *missing, *fine)
+
+
+def test_apply_loads_no_torch(registered, tmp_path):
+    """ITK does the work: the command never pays for torch's second-long import."""
+    probe = (
+        "import sys; from DeepRegisterLib.cli.main import main; code = main(sys.argv[1:]); "
+        "print(code, 'torch' in sys.modules)"
+    )
+    argv = ["apply", "--transform", registered["transform.h5"], "--reference"]
+    argv += [registered["fixed"], "--image", registered["moving"], tmp_path / "w.nii.gz"]
+    completed = subprocess.run(
+        [sys.executable, "-c", probe, *map(str, argv)], capture_output=True, text=True, timeout=120
+    )
+    assert completed.stdout.split()[-2:] == ["0", "False"], completed.stderr
+    assert (tmp_path / "w.nii.gz").exists()
