@@ -1,0 +1,177 @@
+#!/usr/bin/env python
+"""More images through a saved transform: ``deepregister apply`` beside ANTs on the same file.
+
+    python benchmarks/warp_time.py --pairs 4
+    python benchmarks/warp_time.py --smoke --no-ants --out /tmp/warp-time
+
+Each pair is registered once (``fast``: the warped scan and labels, the ``.h5`` transform), then
+the moving scan and its labels are warped again through that ``.h5``, each way in a fresh
+process timed from outside, start to files: ``deepregister apply``, and antspyx's
+``apply_transforms`` (ANTs reads our composite transform as it reads its own). Both results are
+compared with what ``register`` wrote. A benchmark, never a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere, without installing
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.run_benchmark import DEFAULT_DATA, DEFAULT_OUT, machine_info, usable_cores  # noqa: E402
+from benchmarks.user_time import child_env, fsdev, phantoms, timed_child  # noqa: E402
+
+#: ANTs as a user scripts it: read, apply the transform to the scan and the labels, write.
+ANTS_SCRIPT = """
+import sys, ants
+fixed, moving, labels, transform, out = sys.argv[1:6]
+fixed = ants.image_read(fixed)
+for name, path, how in (("scan", moving, "linear"), ("labels", labels, "nearestNeighbor")):
+    warped = ants.apply_transforms(fixed, ants.image_read(path), [transform], interpolator=how)
+    ants.image_write(warped, out + "/" + name + ".nii.gz")
+"""
+
+
+def _checked(child: dict[str, Any], what: str) -> dict[str, Any]:
+    if child["returncode"] != 0:
+        raise RuntimeError(f"{what} failed: " + "\n".join(line for _, line in child["stderr"][-5:]))
+    return child
+
+
+def _agreement(folder: Path, registered: Path) -> dict[str, float]:
+    """How far ``folder``'s scan and labels are from what ``register`` wrote."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    def read(path: Path) -> np.ndarray:
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.float64)
+
+    scan = read(folder / "scan.nii.gz") - read(registered / "warped.nii.gz")
+    labels = read(folder / "labels.nii.gz") != read(registered / "labels.nii.gz")
+    return {"scan_max_abs": float(np.abs(scan).max()), "labels_differing": int(labels.sum())}
+
+
+def measure_pair(pair: dict[str, str], env: dict[str, str], work: Path, ants: bool) -> dict:
+    """Register once, then time each way of warping the scan and labels again."""
+    folders = {name: Path(tempfile.mkdtemp(prefix=name, dir=work)) for name in ("r", "d", "a")}
+    registered, ours, theirs = folders["r"], folders["d"], folders["a"]
+    transform = registered / "transform.h5"
+    deepregister = [sys.executable, "-m", "DeepRegisterLib"]
+    _checked(timed_child([
+        *deepregister, "register", "--fixed", pair["fixed"], "--moving", pair["moving"],
+        "--preset", "fast", "--device", "cpu", "--quiet", "--transform", str(transform),
+        "--warped", str(registered / "warped.nii.gz"), "--labels", pair["moving_labels"],
+        "--warped-labels", str(registered / "labels.nii.gz"),
+    ], env, REPO), "register")  # fmt: skip
+    child = _checked(timed_child([
+        *deepregister, "apply", "--transform", str(transform), "--reference", pair["fixed"],
+        "--image", pair["moving"], str(ours / "scan.nii.gz"),
+        "--labels", pair["moving_labels"], str(ours / "labels.nii.gz"),
+    ], env, REPO), "deepregister apply")  # fmt: skip
+    row = {
+        "pair": pair["name"],
+        "apply_s": child["wall_s"],
+        "apply_peak_mb": child["peak_rss_mb"],
+        "apply_vs_register": _agreement(ours, registered),
+    }
+    if ants:
+        command = [sys.executable, "-c", ANTS_SCRIPT, pair["fixed"], pair["moving"]]
+        command += [pair["moving_labels"], str(transform), str(theirs)]
+        child = _checked(timed_child(command, env, REPO), "ANTs")
+        row.update(
+            ants_s=child["wall_s"],
+            ants_peak_mb=child["peak_rss_mb"],
+            ants_vs_register=_agreement(theirs, registered),
+        )
+    return row
+
+
+def markdown(results: dict[str, Any]) -> str:
+    rows = results["runs"]
+    ants = all("ants_s" in row for row in rows)
+    lines = [
+        "# Warping more images through a saved transform",
+        "",
+        f"Command: `{results['command']}`; {results['machine'].get('cpu', '')}, "
+        f"{results['options']['threads']} threads.",
+        "",
+        "Each time is a fresh process, start to both files (the moving scan, linear; its labels, "
+        "nearest neighbour) on the fixed grid, through `register`'s `.h5`. "
+        "*Against register*: the largest intensity difference from `register`'s own warped "
+        "scan, and the label voxels that differ from its warped labels.",
+        "",
+        "| pair | apply s | against register | peak MB |"
+        + (" ANTs s | × ANTs | ANTs against register | ANTs peak MB |" if ants else ""),
+        "|---|---|---|---|" + ("---|---|---|---|" if ants else ""),
+    ]
+    for row in rows:
+        ours = row["apply_vs_register"]
+        line = (
+            f"| {row['pair']} | {row['apply_s']:.2f} | {ours['scan_max_abs']:g} / "
+            f"{ours['labels_differing']} | {row['apply_peak_mb']:.0f} |"
+        )
+        if ants:
+            theirs = row["ants_vs_register"]
+            line += (
+                f" {row['ants_s']:.2f} | {row['apply_s'] / row['ants_s']:.2f} | "
+                f"{theirs['scan_max_abs']:g} / {theirs['labels_differing']} | "
+                f"{row['ants_peak_mb']:.0f} |"
+            )
+        lines.append(line)
+    mean = statistics.mean(row["apply_s"] for row in rows)
+    summary = f"Mean: `apply` {mean:.2f} s a pair"
+    if ants:
+        ants_mean = statistics.mean(row["ants_s"] for row in rows)
+        summary += f", ANTs {ants_mean:.2f} s ({mean / ants_mean:.2f}×)"
+    return "\n".join([*lines, "", summary + ".", ""])
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", type=int, default=4, help="fs-dev pairs (default 4)")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the fs-dev folder")
+    parser.add_argument("--threads", type=int, default=usable_cores())
+    parser.add_argument("--no-ants", action="store_true", help="skip ANTs (antspyx)")
+    parser.add_argument("--smoke", action="store_true", help="one small phantom pair")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--tag", default="", help="suffix for the report's file names")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.smoke and not args.data.is_dir():
+        print(f"warp_time: no fs-dev data at {args.data} (use --data or --smoke)", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"{datetime.date.today().isoformat()}-warp-time{'-' + args.tag if args.tag else ''}"
+    env = child_env(REPO, args.threads)
+    results: dict[str, Any] = {
+        "command": " ".join(["python benchmarks/warp_time.py", *(argv or sys.argv[1:])]),
+        "machine": machine_info("cpu"),
+        "options": {key: str(value) for key, value in vars(args).items()},
+        "runs": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="deepregister-warp-time-") as work:
+        pairs = phantoms(1, Path(work)) if args.smoke else fsdev(args.data, args.pairs)
+        for pair in pairs:
+            results["runs"].append(measure_pair(pair, env, Path(work), not args.no_ants))
+            print(json.dumps(results["runs"][-1]), flush=True)
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(results))
+    print(markdown(results))
+    print(f"wrote {args.out / stem}.md and .json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
