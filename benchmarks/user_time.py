@@ -335,15 +335,21 @@ def measure(args: argparse.Namespace, work: Path, save: Callable[[dict], None]) 
     return results
 
 
+def report_stem(args: argparse.Namespace, kind: str) -> str:
+    """``DATE-KIND[-TAG]``, the reports' name, with ``--out`` made; exit 2 without the data."""
+    if not args.smoke and not args.data.is_dir():
+        script = kind.replace("-", "_")
+        print(f"{script}: no fs-dev data at {args.data} (use --data or --smoke)", file=sys.stderr)
+        raise SystemExit(2)
+    args.out.mkdir(parents=True, exist_ok=True)
+    return f"{datetime.date.today().isoformat()}-{kind}{'-' + args.tag if args.tag else ''}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from DeepRegisterLib.nn.devices import resolve_device
 
     args = parse_args(argv)
-    if not args.smoke and not args.data.is_dir():
-        print(f"user_time: no fs-dev data at {args.data} (use --data or --smoke)", file=sys.stderr)
-        return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{datetime.date.today().isoformat()}-user-time{'-' + args.tag if args.tag else ''}"
+    stem = report_stem(args, "user-time")
     context = {
         "machine": machine_info(str(resolve_device(args.device))),
         "options": {k: v for k, v in vars(args).items() if k not in ("repos", "repo")},

@@ -14,7 +14,6 @@ compared with what ``register`` wrote. A benchmark, never a test.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import sys
@@ -28,7 +27,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere, without installi
     sys.path.insert(0, str(REPO))
 
 from benchmarks.run_benchmark import DEFAULT_DATA, DEFAULT_OUT, machine_info, usable_cores  # noqa: E402
-from benchmarks.user_time import child_env, fsdev, phantoms, timed_child  # noqa: E402
+from benchmarks.user_time import child_env, fsdev, phantoms, report_stem, timed_child  # noqa: E402
 
 #: ANTs as a user scripts it: read, apply the transform to the scan and the labels, write.
 ANTS_SCRIPT = """
@@ -149,11 +148,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if not args.smoke and not args.data.is_dir():
-        print(f"warp_time: no fs-dev data at {args.data} (use --data or --smoke)", file=sys.stderr)
-        return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{datetime.date.today().isoformat()}-warp-time{'-' + args.tag if args.tag else ''}"
+    stem = report_stem(args, "warp-time")
     env = child_env(REPO, args.threads)
     results: dict[str, Any] = {
         "command": " ".join(["python benchmarks/warp_time.py", *(argv or sys.argv[1:])]),

@@ -40,22 +40,11 @@ def add_apply_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--reference", type=Path, required=True, help="image whose grid the outputs take"
     )
-    parser.add_argument(
-        "--image",
-        nargs=2,
-        action="append",
-        default=[],
-        metavar=("IN", "OUT"),
-        help="an intensity image and where to write it warped (repeat for more)",
-    )
-    parser.add_argument(
-        "--labels",
-        nargs=2,
-        action="append",
-        default=[],
-        metavar=("IN", "OUT"),
-        help="a label map and where to write it warped (repeat for more)",
-    )
+    for option, what in (("--image", "an intensity image"), ("--labels", "a label map")):
+        parser.add_argument(
+            option, nargs=2, action="append", default=[], metavar=("IN", "OUT"),
+            help=f"{what} and where to write it warped (repeat for more)",
+        )  # fmt: skip
     parser.add_argument(
         "--uncompressed", action="store_true", help="write the images without compression"
     )
