@@ -68,7 +68,9 @@ def a_deformed_pair(request: pytest.FixtureRequest) -> Case:
         device="cpu",
     )
     case.affine_only = register(fixed, moving, iterations=0, **common)
-    case.deformable = register(fixed, moving, compute_inverse=True, **common)
+    case.deformable = register(
+        fixed, moving, compute_inverse=True, compute_inverse_displacement=True, **common
+    )
     return case
 
 

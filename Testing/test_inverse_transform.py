@@ -72,7 +72,10 @@ def a_case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     files = {"fixed": folder / "fixed.mha", "moving": folder / "moving.nrrd"}
     sitk.WriteImage(fixed, str(files["fixed"]))
     sitk.WriteImage(moving, str(files["moving"]))
-    result = register(fixed, moving, compute_inverse=True, compute_jacobian=False, **SETTINGS)
+    result = register(
+        fixed, moving, compute_inverse=True, compute_inverse_displacement=True,
+        compute_jacobian=False, **SETTINGS,
+    )  # fmt: skip
     return Case(fixed_grid, moving_grid, inside[:: max(1, len(inside) // 300)], pull,
                 result, files)  # fmt: skip
 

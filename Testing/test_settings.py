@@ -140,7 +140,8 @@ def test_to_dict_and_from_dict_round_trip_through_json() -> None:
     chosen = RegistrationSettings(
         preset="fast", model=None, similarity="mind", regularization=2.5, iterations=40,
         affine=False, compute_inverse=True, compute_warped=False, compute_displacement=False,
-        compute_jacobian=False, keep_jacobian=False, device="cuda:1", seed=9, max_memory_gib=1.5,
+        compute_inverse_displacement=True, compute_jacobian=False, keep_jacobian=False,
+        device="cuda:1", seed=9, max_memory_gib=1.5,
     )  # fmt: skip
     assert all(chosen.to_dict()[f.name] != f.default for f in dataclasses.fields(chosen))
     assert RegistrationSettings.from_dict(json.loads(json.dumps(chosen.to_dict()))) == chosen

@@ -102,7 +102,7 @@ def _add_output_arguments(out: Any) -> None:
     out.add_argument(
         "--inverse-displacement",
         type=Path,
-        help="the inverse field on the moving grid exactly as computed (float64, e.g. .mha)",
+        help="the inverse field on the moving grid exactly as computed (float32, e.g. .mha)",
     )
     out.add_argument(
         "--warped-labels",
@@ -174,8 +174,8 @@ def _settings(args: argparse.Namespace):
         args,
         compute_inverse=bool(args.inverse_transform or args.inverse_displacement),
         compute_warped=bool(args.warped or args.qa_png),
-        compute_displacement=bool(args.displacement or args.inverse_displacement)
-        or _transform_is_dense(args.transform)
+        compute_displacement=bool(args.displacement) or _transform_is_dense(args.transform),
+        compute_inverse_displacement=bool(args.inverse_displacement)
         or _transform_is_dense(args.inverse_transform),
     )
     reported = args.report is not None or args.progress == "json"

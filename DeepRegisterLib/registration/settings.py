@@ -77,9 +77,15 @@ class RegistrationSettings:
     compute_warped: bool = _option(True, "warp the moving image onto the fixed grid", cli="derived")
     compute_displacement: bool = _option(
         True,
-        "keep the transform as a dense float32 field on the fixed grid (12 bytes a voxel), and "
-        "an inverse asked for as a float64 one on the moving grid (24); without it the "
-        "transforms are the affine and the network-grid deformations",
+        "keep the transform as a dense float32 field on the fixed grid (12 bytes a voxel); "
+        "without it the transform is the affine and the network-grid deformation",
+        cli="derived",
+    )
+    compute_inverse_displacement: bool = _option(
+        False,
+        "with compute_inverse, keep the inverse as a dense float32 field on the moving grid too "
+        "(12 bytes a voxel); without it the inverse is the network-grid deformation and the "
+        "affine's inverse",
         cli="derived",
     )
     compute_jacobian: bool = _option(
