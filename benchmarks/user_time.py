@@ -46,6 +46,7 @@ OUTPUTS = {
     "field": ("--transform", "transform.nii.gz"),
     "displacement": ("--displacement", "displacement.nii.gz"),
     "inverse": ("--inverse-transform", "inverse.h5"),
+    "inverse-field": ("--inverse-displacement", "inverse.mha"),
     "jacobian": ("--jacobian", "jacobian.nii.gz"),
     "qa": ("--qa-png", "qa.png"),
 }
@@ -270,7 +271,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--outputs", nargs="+", default=["warped", "transform"], choices=sorted(OUTPUTS),
         help="outputs to ask for (default: warped transform = .nii.gz warped image, .h5 "
-        "transform); field = the transform as a .nii.gz displacement-field image",
+        "transform); field = the transform as a .nii.gz displacement-field image; "
+        "inverse-field = the dense inverse (--inverse-displacement .mha)",
     )  # fmt: skip
     parser.add_argument("--no-ants", action="store_true", help="skip ANTs SyN")
     parser.add_argument("--ants-pairs", type=int, help="run SyN on this many pairs only")
