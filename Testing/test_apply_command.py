@@ -13,8 +13,8 @@ import pytest
 import SimpleITK as sitk
 from conftest import image_on, oblique_grid
 
+from DeepRegisterLib import apply_transform
 from DeepRegisterLib.cli import main as cli
-from DeepRegisterLib.imaging.apply_transform import apply_transform
 from DeepRegisterLib.imaging.geometry import Grid
 from DeepRegisterLib.imaging.metrics import dice_per_label, mean_dice
 from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair

@@ -49,8 +49,9 @@ ALLOWED: dict[str, set[str]] = {
     },
     # mrml runs the command line in a child process and reads its exit codes.
     "mrml": {"errors", "imaging", "nn", "registration", "evaluation", "cli.exit_codes"},
-    # The package itself: its facade (``register``, ``RegistrationSettings``); ``python -m``.
-    "": {"registration"},
+    # The package itself: its facade (``register``, ``RegistrationSettings``,
+    # ``apply_transform``); ``python -m``.
+    "": {"registration", "imaging"},
     "__main__": {"cli"},
 }
 #: What any module may take from the package's own ``__init__``: its version, nothing else.
