@@ -32,8 +32,9 @@ def check_applicable(image: sitk.Image, transform: sitk.Transform, grid: Grid, w
     components = image.GetNumberOfComponentsPerPixel()
     if components != 1:
         raise InputError(
-            f"{what} has {components} components per voxel; warp one grey-level image at a "
-            "time (convert a colour picture to grey levels, or pick one component first)"
+            f"{what} has {components} components per voxel; warp one grey-level image or label "
+            "map at a time (convert a colour picture to grey levels; export a segmentation with "
+            "overlapping layers from Slicer as label maps)"
         )
 
 
