@@ -208,6 +208,19 @@ def test_unusable_inputs_are_refused_with_nothing_written(registered, tmp_path, 
     assert "transform file not found" in refused(capsys, tmp_path, *missing, *fine)
 
 
+def test_an_image_the_transform_sends_elsewhere_is_refused(registered, tmp_path, capsys):
+    """Files from two spaces (a transform that sends the reference 10 m away): nothing would
+    land, so nothing is written, the other image included, and the message says why."""
+    far = tmp_path / "far.tfm"
+    sitk.WriteTransform(sitk.TranslationTransform(3, (10_000.0, 0.0, 0.0)), str(far))
+    message = refused(
+        capsys, tmp_path, "--transform", far, "--reference", registered["fixed"],
+        "--labels", registered["labels"], tmp_path / "l.nii.gz",
+        "--image", registered["moving"], tmp_path / "w.nii.gz",
+    )  # fmt: skip
+    assert f"nothing of {registered['moving']} lands on the reference grid" in message
+
+
 def test_apply_loads_no_torch(registered, tmp_path):
     """ITK does the work: the command never pays for torch's second-long import."""
     probe = (

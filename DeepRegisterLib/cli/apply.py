@@ -92,10 +92,11 @@ def _warped(args: argparse.Namespace, jobs: list[tuple[Path, Path, bool]]) -> di
         check_applicable(image, transform, grid, f"{what} {source}")
         picture = output_paths.full_suffix(target) in output_paths.IMAGE_2D_SUFFIXES
         label_type = label_picture_type(image, target) if labels and picture else None
-        images.append((image, target, labels, picture, label_type))
+        images.append((image, source, target, labels, picture, label_type))
     warped: dict[Path, Any] = {}
-    for image, target, labels, picture, label_type in images:
+    for image, source, target, labels, picture, label_type in images:
         result = apply_transform(image, transform, grid, labels)
+        _check_landed(image, result, source)
         if label_type is not None:
             result = sitk.Cast(result, label_type)
         elif picture:
@@ -104,6 +105,22 @@ def _warped(args: argparse.Namespace, jobs: list[tuple[Path, Path, bool]]) -> di
                 print(f"note: {note}")
         warped[target] = result
     return warped
+
+
+def _check_landed(image, warped, source: Path) -> None:
+    """Refuse an output that is all zero from an input that is not: the transform sent every
+    point of the reference outside the image, which comes of mixing files from two spaces."""
+    import SimpleITK as sitk
+
+    def empty(volume) -> bool:
+        return not sitk.GetArrayViewFromImage(volume).any()
+
+    if empty(warped) and not empty(image):
+        raise InputError(
+            f"nothing of {source} lands on the reference grid: the transform maps every point of "
+            "the reference outside it. Give the transform and the reference of one registration "
+            "(the fixed image for its --transform, the moving image for its --inverse-transform)"
+        )
 
 
 def run_apply(args: argparse.Namespace) -> int:
