@@ -93,6 +93,15 @@ def timed_child(command: list[str], env: dict[str, str], cwd: Path) -> dict[str,
     }
 
 
+def checked(child: dict[str, Any], what: str) -> dict[str, Any]:
+    """``child`` (a :func:`timed_child` result) if it exited 0; else an error with its last
+    lines of standard error."""
+    if child["returncode"] != 0:
+        errors = "\n".join(line for _, line in child["stderr"][-5:])
+        raise RuntimeError(f"{what} failed ({child['returncode']}): {errors}")
+    return child
+
+
 def startup_s(repo: Path, env: dict[str, str], runs: int = 3) -> float:
     """Median time of ``deepregister register --help`` from ``repo``: interpreter and imports."""
     command = [sys.executable, "-m", "DeepRegisterLib", "register", "--help"]
@@ -113,11 +122,7 @@ def _register(
         option, file_name = OUTPUTS[name]
         command += [option, str(folder / file_name)]
     time.sleep(pause_s)
-    child = timed_child(command, env, repo)
-    if child["returncode"] != 0:
-        errors = "\n".join(line for _, line in child["stderr"][-5:])
-        raise RuntimeError(f"register failed ({child['returncode']}): {errors}")
-    return child
+    return checked(timed_child(command, env, repo), "register")
 
 
 def run_register(
@@ -193,9 +198,7 @@ def run_ants(pair: dict[str, str], env: dict[str, str], folder: Path) -> dict[st
         sys.executable, "-c", ANTS_SCRIPT, pair["fixed"], pair["moving"], pair["moving_labels"],
         str(folder),
     ]  # fmt: skip
-    child = timed_child(command, env, folder)
-    if child["returncode"] != 0:
-        raise RuntimeError("ANTs failed: " + "\n".join(line for _, line in child["stderr"][-5:]))
+    child = checked(timed_child(command, env, folder), "ANTs")
     import SimpleITK as sitk
 
     from DeepRegisterLib.imaging import metrics

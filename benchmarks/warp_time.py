@@ -27,7 +27,14 @@ if str(REPO) not in sys.path:  # run as a script from anywhere, without installi
     sys.path.insert(0, str(REPO))
 
 from benchmarks.run_benchmark import DEFAULT_DATA, DEFAULT_OUT, machine_info, usable_cores  # noqa: E402
-from benchmarks.user_time import child_env, fsdev, phantoms, report_stem, timed_child  # noqa: E402
+from benchmarks.user_time import (  # noqa: E402
+    checked,
+    child_env,
+    fsdev,
+    phantoms,
+    report_stem,
+    timed_child,
+)
 
 #: ANTs as a user scripts it: read, apply the transform to the scan and the labels, write.
 ANTS_SCRIPT = """
@@ -38,12 +45,6 @@ for name, path, how in (("scan", moving, "linear"), ("labels", labels, "nearestN
     warped = ants.apply_transforms(fixed, ants.image_read(path), [transform], interpolator=how)
     ants.image_write(warped, out + "/" + name + ".nii.gz")
 """
-
-
-def _checked(child: dict[str, Any], what: str) -> dict[str, Any]:
-    if child["returncode"] != 0:
-        raise RuntimeError(f"{what} failed: " + "\n".join(line for _, line in child["stderr"][-5:]))
-    return child
 
 
 def _agreement(folder: Path, registered: Path) -> dict[str, float]:
@@ -65,13 +66,13 @@ def measure_pair(pair: dict[str, str], env: dict[str, str], work: Path, ants: bo
     registered, ours, theirs = folders["r"], folders["d"], folders["a"]
     transform = registered / "transform.h5"
     deepregister = [sys.executable, "-m", "DeepRegisterLib"]
-    _checked(timed_child([
+    checked(timed_child([
         *deepregister, "register", "--fixed", pair["fixed"], "--moving", pair["moving"],
         "--preset", "fast", "--device", "cpu", "--quiet", "--transform", str(transform),
         "--warped", str(registered / "warped.nii.gz"), "--labels", pair["moving_labels"],
         "--warped-labels", str(registered / "labels.nii.gz"),
     ], env, REPO), "register")  # fmt: skip
-    child = _checked(timed_child([
+    child = checked(timed_child([
         *deepregister, "apply", "--transform", str(transform), "--reference", pair["fixed"],
         "--image", pair["moving"], str(ours / "scan.nii.gz"),
         "--labels", pair["moving_labels"], str(ours / "labels.nii.gz"),
@@ -85,7 +86,7 @@ def measure_pair(pair: dict[str, str], env: dict[str, str], work: Path, ants: bo
     if ants:
         command = [sys.executable, "-c", ANTS_SCRIPT, pair["fixed"], pair["moving"]]
         command += [pair["moving_labels"], str(transform), str(theirs)]
-        child = _checked(timed_child(command, env, REPO), "ANTs")
+        child = checked(timed_child(command, env, REPO), "ANTs")
         row.update(
             ants_s=child["wall_s"],
             ants_peak_mb=child["peak_rss_mb"],

@@ -9,11 +9,14 @@ from __future__ import annotations
 import argparse
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
 from ..imaging import output_paths
 from .exit_codes import EXIT_OK
+
+if TYPE_CHECKING:  # geometry loads numpy and SimpleITK, which --help must not wait for
+    from ..imaging.geometry import Grid
 
 
 def add_apply_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -60,8 +63,9 @@ def _jobs(args: argparse.Namespace) -> list[tuple[Path, Path, bool]]:
     ]
 
 
-def _check_before_work(args: argparse.Namespace, jobs: list[tuple[Path, Path, bool]]) -> None:
-    """Refuse every unusable output before reading an input."""
+def _check_before_work(args: argparse.Namespace, jobs: list[tuple[Path, Path, bool]]) -> Grid:
+    """Refuse every unusable output before reading an input; the reference's grid (its
+    header alone)."""
     if not jobs:
         raise InputError(
             "nothing to warp: give --image IN OUT or --labels IN OUT (each may be repeated)"
@@ -70,11 +74,14 @@ def _check_before_work(args: argparse.Namespace, jobs: list[tuple[Path, Path, bo
     output_paths.check_outputs(outputs, [args.transform, args.reference, *(j[0] for j in jobs)])
     from ..imaging import fileio
 
-    dimension = fileio.image_dimension(args.reference, "reference image")
-    output_paths.check_dimension(outputs, dimension)
+    grid = fileio.read_grid(args.reference, "reference image")
+    output_paths.check_dimension(outputs, grid.dim)
+    return grid
 
 
-def _warped(args: argparse.Namespace, jobs: list[tuple[Path, Path, bool]]) -> dict[Path, Any]:
+def _warped(
+    args: argparse.Namespace, jobs: list[tuple[Path, Path, bool]], grid: Grid
+) -> dict[Path, Any]:
     """Each output image, ready to write: every input is read and checked before any warping,
     and 2D pictures are brought to 8 or 16 bits as ``register`` does."""
     import SimpleITK as sitk
@@ -83,7 +90,6 @@ def _warped(args: argparse.Namespace, jobs: list[tuple[Path, Path, bool]]) -> di
     from ..imaging.apply_transform import apply_transform, check_applicable
     from ..imaging.image_2d import as_picture, label_picture_type
 
-    grid = fileio.read_grid(args.reference, "reference image")
     transform = fileio.read_transform(args.transform)
     images = []
     for source, target, labels in jobs:
@@ -126,10 +132,10 @@ def _check_landed(image, warped, source: Path) -> None:
 def run_apply(args: argparse.Namespace) -> int:
     """Warp, then write every output (all or none); errors map to exit codes in cli.main."""
     jobs = _jobs(args)
-    _check_before_work(args, jobs)
+    grid = _check_before_work(args, jobs)
     from ..imaging import fileio
 
-    warped = _warped(args, jobs)
+    warped = _warped(args, jobs, grid)
     write = partial(fileio.write_image, compress=not args.uncompressed)
     plan = [(path, lambda p, image=image: write(image, p)) for path, image in warped.items()]
     for path in fileio.write_together(plan):

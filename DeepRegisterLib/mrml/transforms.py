@@ -91,7 +91,7 @@ def inverseTransformFromDeformation(
 ) -> vtk.vtkGeneralTransform:
     """The registration's inverse (moving → fixed, a resampling transform) as Slicer holds it
     exactly: ``A⁻¹`` then the grid transform of ``w = exp(−v)``, ITK's ``[w, A⁻¹]`` (a few
-    MB, where the dense field on a 1 mm moving grid takes 400)."""
+    MB, where the dense field on a 1 mm moving grid takes 200)."""
     matrix, translation = affine_parameters(affine.GetInverse(), 3)
     lps = np.eye(4)
     lps[:3, :3], lps[:3, 3] = matrix, translation
