@@ -197,13 +197,15 @@ def test_unusable_inputs_are_refused_with_nothing_written(registered, tmp_path, 
     sitk.WriteImage(sitk.Image([8, 8], sitk.sitkUInt8), str(flat))
     message = refused(capsys, tmp_path, *base, *fine, "--image", flat, tmp_path / "o.nii.gz")
     assert f"image {flat} is 2D and the reference 3D" in message
-    colour = tmp_path / "colour.nrrd"
-    sitk.WriteImage(sitk.Image([8, 8, 8], sitk.sitkVectorUInt8, 3), str(colour))
-    message = refused(capsys, tmp_path, *base, *fine, "--image", colour, tmp_path / "o.nii.gz")
-    assert "3 components" in message
     flat_reference = ("--transform", registered["transform.h5"], "--reference", flat)
     message = refused(capsys, tmp_path, *flat_reference, "--image", flat, tmp_path / "o.nii.gz")
     assert "the transform is 3D and the reference 2D" in message
+    volume = tmp_path / "volume.nrrd"  # a 3D image is not a series of 2D ones
+    sitk.WriteImage(sitk.Image([8, 8, 8], sitk.sitkUInt8), str(volume))
+    on_a_plane = (tmp_path / "plane.tfm", "--reference", flat, "--image", volume)
+    sitk.WriteTransform(sitk.TranslationTransform(2, (1.0, 0.0)), str(on_a_plane[0]))
+    message = refused(capsys, tmp_path, "--transform", *on_a_plane, tmp_path / "o.nii.gz")
+    assert f"image {volume} is 3D and the reference 2D: a transform carries 2D images " in message
     missing = ("--transform", tmp_path / "none.h5", "--reference", registered["fixed"])
     assert "transform file not found" in refused(capsys, tmp_path, *missing, *fine)
 

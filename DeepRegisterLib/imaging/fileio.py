@@ -29,7 +29,13 @@ except ImportError:  # Python environments without it (Slicer's own) write the s
 
 from ..errors import InputError
 from .geometry import Grid
-from .output_paths import IMAGE_2D_SUFFIXES, IMAGE_SUFFIXES, TRANSFORM_SUFFIXES, full_suffix
+from .output_paths import (
+    IMAGE_2D_SUFFIXES,
+    IMAGE_SUFFIXES,
+    SEGMENTATION_SUFFIX,
+    TRANSFORM_SUFFIXES,
+    full_suffix,
+)
 
 #: ITK's bundled HDF5 is not thread-safe: two .h5 transforms written side by side failed
 #: ("H5Dwrite failed") or crashed the process at exit about two runs in five.
@@ -253,7 +259,7 @@ def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = Tru
     """
     target = Path(path)
     suffix = full_suffix(target)
-    if suffix not in IMAGE_SUFFIXES + IMAGE_2D_SUFFIXES:
+    if suffix not in (*IMAGE_SUFFIXES, *IMAGE_2D_SUFFIXES, SEGMENTATION_SUFFIX):
         raise InputError(f"cannot write image {target}: use one of {', '.join(IMAGE_SUFFIXES)}")
     compress = compress and _compresses(image)
     with atomic_write_path(target) as tmp:

@@ -17,11 +17,15 @@ IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 #: 2D only, 8 or 16 bits per pixel: what photographs, fundus images and slices come in.
 IMAGE_2D_SUFFIXES = (".png", ".tif", ".tiff")
 TRANSFORM_SUFFIXES = (".h5", ".hdf5", ".tfm", ".txt", ".mat")
+#: A Slicer segmentation: an NRRD whose header names and colours its segments.
+SEGMENTATION_SUFFIX = ".seg.nrrd"
 
 #: Output kind → the suffixes it may be written with, and how to say so. An "image" may be a
-#: 2D picture; a "volume" (a field, a Jacobian: floating point) may not.
+#: 2D picture; a "volume" (a field, a Jacobian: floating point) may not; "labels" may also be a
+#: Slicer segmentation.
 SUFFIXES = {
     "image": IMAGE_SUFFIXES + IMAGE_2D_SUFFIXES,
+    "labels": IMAGE_SUFFIXES + IMAGE_2D_SUFFIXES + (SEGMENTATION_SUFFIX,),
     "volume": IMAGE_SUFFIXES,
     "transform": TRANSFORM_SUFFIXES + IMAGE_SUFFIXES,
     "png": (".png",),
@@ -29,6 +33,8 @@ SUFFIXES = {
 }
 _ADVICE = {
     "image": f"use one of {', '.join(IMAGE_SUFFIXES)} (or {', '.join(IMAGE_2D_SUFFIXES)} in 2D)",
+    "labels": f"use one of {', '.join(IMAGE_SUFFIXES)}, {SEGMENTATION_SUFFIX} (or "
+    f"{', '.join(IMAGE_2D_SUFFIXES)} in 2D)",
     "volume": f"use one of {', '.join(IMAGE_SUFFIXES)}",
     "transform": "use .h5 (recommended) or .tfm, or an image suffix "
     f"({', '.join(IMAGE_SUFFIXES)}) for a displacement-field image",
@@ -40,7 +46,7 @@ _ADVICE = {
 def full_suffix(path: Path) -> str:
     """``.nii.gz`` for ``a.nii.gz`` (ITK picks its writer from the whole suffix)."""
     name = path.name.lower()
-    for suffix in (".nii.gz", ".seg.nrrd"):
+    for suffix in (".nii.gz", SEGMENTATION_SUFFIX):
         if name.endswith(suffix):
             return suffix
     return path.suffix.lower()
@@ -90,7 +96,7 @@ def check_dimension(outputs: Sequence[tuple[str, str, Path]], dimension: int) ->
     if dimension == 2:
         return
     for option, kind, path in outputs:
-        if kind == "image" and full_suffix(path) in IMAGE_2D_SUFFIXES:
+        if kind in ("image", "labels") and full_suffix(path) in IMAGE_2D_SUFFIXES:
             raise InputError(
                 f"cannot write {option} {path}: {full_suffix(path)} holds 2D pictures and "
                 f"these images are {dimension}D; use {', '.join(IMAGE_SUFFIXES)}"

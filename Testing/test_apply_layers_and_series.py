@@ -1,0 +1,221 @@
+"""``deepregister apply`` beyond one grey-level image: a 4D series volume by volume, a colour
+picture channel by channel, a multi-layer Slicer segmentation read back by Slicer's own storage
+node with its segments, and outputs too large for the memory refused before any warping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import image_on, oblique_grid
+
+from DeepRegisterLib import apply_transform
+from DeepRegisterLib.cli import main as cli
+
+
+def apply(*argv: object) -> int:
+    return cli.main(["apply", *map(str, argv)])
+
+
+def array(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def rigid_3d(tmp_path: Path) -> Path:
+    """A small rotation and shift, as a transform file."""
+    transform = sitk.Euler3DTransform((0.0, 0.0, 0.0), 0.04, -0.03, 0.05, (0.8, -1.1, 0.6))
+    path = tmp_path / "rigid.tfm"
+    sitk.WriteTransform(transform, str(path))
+    return path
+
+
+def test_a_4d_series_is_warped_volume_by_volume(tmp_path):
+    """Each volume of a 16-bit series comes out as that volume alone would, on the reference
+    grid; the series keeps its type and its fourth axis (spacing: the repetition time)."""
+    grid = oblique_grid(3, size=(14, 12, 10), spacing=(2.0, 2.5, 3.0))
+    k, j, i = np.mgrid[:10, :12, :14]
+    volumes = [(40 * i + 25 * j + 10 * k) * (t + 1) % 3000 for t in range(5)]
+    series = sitk.GetImageFromArray(np.stack(volumes).astype(np.int16), isVector=False)
+    block = np.reshape(grid.direction, (3, 3))
+    direction = np.eye(4)
+    direction[:3, :3] = block
+    series.SetSpacing((*grid.spacing, 2.5))
+    series.SetOrigin((*grid.origin, 7.0))
+    series.SetDirection(direction.ravel().tolist())
+    paths = {name: tmp_path / f"{name}.nii.gz" for name in ("series", "reference", "warped")}
+    sitk.WriteImage(series, str(paths["series"]))
+    reference = oblique_grid(3, size=(16, 13, 9), spacing=(1.8, 2.2, 2.7), degrees=25.0)
+    sitk.WriteImage(reference.reference_image(), str(paths["reference"]))
+    transform = rigid_3d(tmp_path)
+
+    code = apply("--transform", transform, "--reference", paths["reference"],
+                 "--image", paths["series"], paths["warped"])  # fmt: skip
+
+    assert code == cli.EXIT_OK
+    warped = sitk.ReadImage(str(paths["warped"]))
+    assert warped.GetSize() == (*reference.size, 5)
+    assert warped.GetSpacing()[3] == 2.5  # the repetition time
+    assert warped.GetOrigin()[3] == 7.0
+    np.testing.assert_allclose(warped.GetOrigin()[:3], reference.origin, atol=1e-4)
+    out = sitk.GetArrayFromImage(warped)
+    assert out.dtype == np.int16
+    read_transform = sitk.ReadTransform(str(transform))
+    for t, volume in enumerate(volumes):
+        alone = apply_transform(image_on(grid, volume.astype(np.int16)), read_transform, reference)
+        np.testing.assert_array_equal(out[t], sitk.GetArrayFromImage(alone))
+    assert out[0].any()
+    assert not np.array_equal(out[0], out[1])
+
+
+def test_a_colour_picture_is_warped_channel_by_channel(tmp_path):
+    """An RGB photograph through a transform found on its grey version comes back an 8-bit RGB
+    PNG whose every channel is that channel warped alone."""
+    y, x = np.mgrid[:40, :48]
+    channels = [
+        (3 * x + 2 * y) % 256,
+        (5 * y) % 256,
+        np.where((x - 24) ** 2 + (y - 20) ** 2 < 150, 230, 15),
+    ]
+    rgb = sitk.GetImageFromArray(np.stack(channels, axis=-1).astype(np.uint8), isVector=True)
+    paths = {name: tmp_path / f"{name}.png" for name in ("photo", "grey", "warped")}
+    sitk.WriteImage(rgb, str(paths["photo"]))
+    sitk.WriteImage(sitk.Cast(sitk.VectorIndexSelectionCast(rgb, 1), sitk.sitkUInt8),
+                    str(paths["grey"]))  # fmt: skip
+    transform = sitk.Euler2DTransform((24.0, 20.0), 0.08, (1.5, -2.25))
+    sitk.WriteTransform(transform, str(tmp_path / "t.tfm"))
+
+    code = apply("--transform", tmp_path / "t.tfm", "--reference", paths["grey"],
+                 "--image", paths["photo"], paths["warped"])  # fmt: skip
+
+    assert code == cli.EXIT_OK
+    warped = sitk.ReadImage(str(paths["warped"]))
+    assert warped.GetNumberOfComponentsPerPixel() == 3
+    assert warped.GetPixelID() == sitk.sitkVectorUInt8
+    out = sitk.GetArrayFromImage(warped)
+    grey = sitk.ReadImage(str(paths["grey"]))
+    for c, channel in enumerate(channels):
+        alone = apply_transform(sitk.GetImageFromArray(channel.astype(np.uint8)), transform, grey)
+        np.testing.assert_array_equal(out[..., c], sitk.GetArrayFromImage(alone))
+    assert len({out[..., c].tobytes() for c in range(3)}) == 3
+
+
+def test_outputs_larger_than_the_memory_are_refused_before_warping(tmp_path, capsys):
+    """A reference of 1.5·10¹¹ voxels (a header; its data are never read): the warped image
+    would not fit, so the command stops with the memory exit code and writes nothing."""
+    header = tmp_path / "huge.mhd"
+    header.write_text(
+        "ObjectType = Image\nNDims = 3\nDimSize = 6000 5000 5000\nElementSpacing = 1 1 1\n"
+        "Offset = 0 0 0\nTransformMatrix = 1 0 0 0 1 0 0 0 1\nElementType = MET_UCHAR\n"
+        "ElementDataFile = huge.raw\n"
+    )
+    small = tmp_path / "small.nrrd"
+    sitk.WriteImage(sitk.Image([8, 8, 8], sitk.sitkUInt8) + 1, str(small))
+    transform = rigid_3d(tmp_path)
+    before = sorted(tmp_path.iterdir())
+
+    code = apply("--transform", transform, "--reference", header,
+                 "--labels", small, tmp_path / "out.nrrd")  # fmt: skip
+
+    assert code == cli.EXIT_MEMORY
+    message = capsys.readouterr()
+    assert "the warped images would take 150.0 GB, more than the" in message.err
+    assert "warping" not in message.out
+    assert sorted(tmp_path.iterdir()) == before
+
+
+# --- a Slicer segmentation ---------------------------------------------------------------------
+
+
+def _saved_segmentation(tmp_path: Path):
+    """Three segments on an oblique volume, two overlapping (two layers), written by Slicer's
+    storage node; the scene, the volume node and the masks."""
+    mrml_scenes = pytest.importorskip("mrml_scenes")  # skips without slicer-core
+    from mrml_scenes import OBLIQUE, _add_segmentation, _add_volume
+
+    scene = mrml_scenes._new_scene(tmp_path / "cache").scene
+    shape = (9, 10, 12)
+    masks = {name: np.zeros(shape, np.uint8) for name in ("liver", "tumour", "vessel")}
+    masks["liver"][1:6, 2:7, 2:9] = 1
+    masks["tumour"][3:8, 4:9, 5:11] = 1  # overlaps the liver
+    masks["vessel"][6:9, 0:3, 0:4] = 1
+    volume = _add_volume(scene, np.zeros(shape, np.float32), (5, 6, 7), OBLIQUE, (1, 1.5, 2))
+    colours = [(0.9, 0.1, 0.1), (0.1, 0.8, 0.2), (0.2, 0.3, 1.0)]
+    node = _add_segmentation(scene, volume, masks, colours)
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    storage.SetFileName(str(tmp_path / "segments.seg.nrrd"))
+    assert storage.WriteData(node)
+    return scene, node
+
+
+def _read_back(scene, path: Path):
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "read back")
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node)
+    return node.GetSegmentation()
+
+
+def test_a_slicer_segmentation_keeps_its_segments(tmp_path):
+    """Slicer reads the warped ``.seg.nrrd`` back with every segment's id, name, colour and
+    layer; each segment's voxels are its layer warped by nearest neighbour, on the reference
+    grid where Slicer places them."""
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    scene, node = _saved_segmentation(tmp_path)
+    source = tmp_path / "segments.seg.nrrd"
+    middle = sitk.ReadImage(str(source)).TransformContinuousIndexToPhysicalPoint((6.0, 5.0, 4.5))
+    reference = oblique_grid(
+        3, size=(15, 13, 10), spacing=(0.9, 1.3, 1.8), degrees=15.0, centre=np.asarray(middle)
+    )
+    sitk.WriteImage(reference.reference_image(), str(tmp_path / "reference.nrrd"))
+    warped_path, transform = tmp_path / "warped.seg.nrrd", rigid_3d(tmp_path)
+
+    code = apply("--transform", transform, "--reference", tmp_path / "reference.nrrd",
+                 "--labels", source, warped_path)  # fmt: skip
+
+    assert code == cli.EXIT_OK
+    before, after = node.GetSegmentation(), _read_back(scene, warped_path)
+    assert after.GetSegmentIDs() == before.GetSegmentIDs()
+    assert after.GetNumberOfLayers() == before.GetNumberOfLayers() == 2
+    layers = array(warped_path)  # (K, J, I, layer)
+    expected = apply_transform(
+        sitk.ReadImage(str(source)), sitk.ReadTransform(str(transform)), reference, labels=True
+    )
+    np.testing.assert_array_equal(layers, sitk.GetArrayFromImage(expected))
+    ras = np.diag([-1.0, -1.0, 1.0])
+    voxel_to_ras = np.eye(4)
+    voxel_to_ras[:3, :3] = (
+        ras @ np.reshape(reference.direction, (3, 3)) @ np.diag(reference.spacing)
+    )
+    voxel_to_ras[:3, 3] = ras @ np.asarray(reference.origin)
+    for segment_id in before.GetSegmentIDs():
+        old, new = before.GetSegment(segment_id), after.GetSegment(segment_id)
+        assert (new.GetName(), new.GetColor()) == (old.GetName(), old.GetColor())
+        layer = after.GetLayerIndex(segment_id)
+        assert layer == before.GetLayerIndex(segment_id)
+        mask = layers[..., layer] == new.GetLabelValue()
+        assert mask.any(), f"{new.GetName()} vanished"
+        labelmap = new.GetRepresentation("Binary labelmap")
+        voxels = vtk_to_numpy(labelmap.GetPointData().GetScalars())
+        assert np.count_nonzero(voxels == new.GetLabelValue()) == np.count_nonzero(mask)
+        np.testing.assert_allclose(_image_to_world(labelmap), voxel_to_ras, atol=1e-5)
+    # Surfaces drawn later are turned into voxels on the new grid, not the old one.
+    import slicer
+
+    geometry = slicer.vtkOrientedImageData()
+    serialised = after.GetConversionParameter("Reference image geometry")
+    assert slicer.vtkSegmentationConverter.DeserializeImageGeometry(serialised, geometry, False)
+    np.testing.assert_allclose(_image_to_world(geometry), voxel_to_ras, atol=1e-9)
+    assert geometry.GetDimensions() == reference.size
+
+
+def _image_to_world(labelmap) -> np.ndarray:
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(matrix)
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
