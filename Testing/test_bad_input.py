@@ -81,8 +81,14 @@ def with_bad_voxel(image: sitk.Image, value: float) -> sitk.Image:
 
 
 BAD_MOVING_IMAGES: dict[str, tuple[Callable[[sitk.Image], sitk.Image], str]] = {
-    "4d": (lambda im: sitk.Image([6, 6, 6, 6], sitk.sitkFloat32), "is 4D.*time series"),
-    "rgb": (lambda im: sitk.Image(im.GetSize(), sitk.sitkVectorUInt8, 3), "RGB.*scalar"),
+    "4d": (
+        lambda im: sitk.Image([6, 6, 6, 6], sitk.sitkFloat32),
+        "is 4D.*time series.*deepregister apply",
+    ),
+    "rgb": (
+        lambda im: sitk.Image(im.GetSize(), sitk.sitkVectorUInt8, 3),
+        "RGB.*scalar.*deepregister apply",
+    ),
     "vector": (
         lambda im: sitk.Image(im.GetSize(), sitk.sitkVectorFloat32, 5),
         "5-component vector",
@@ -288,6 +294,16 @@ def test_a_label_map_with_non_integer_values_is_refused(a_good_pair, an_output_f
         moving_labels={"seg": labels},
         model=None,
     )
+
+
+def test_a_multi_layer_label_map_is_refused_pointing_to_apply(a_good_pair, an_output_folder):
+    """Overlapping Slicer segments come as one layer per overlap: ``apply`` warps those."""
+    fixed, moving = a_good_pair
+    layers = sitk.Image(moving.GetSize(), sitk.sitkVectorUInt8, 2)
+    layers.CopyInformation(moving)
+    message = "not a vector image.*one layer per overlap.*deepregister apply --labels"
+    refused(an_output_folder, InputError, message, fixed, moving, moving_labels={"seg": layers},
+            model=None)  # fmt: skip
 
 
 def test_float_label_maps_holding_whole_numbers_are_accepted(a_good_pair, an_output_folder):

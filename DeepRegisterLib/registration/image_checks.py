@@ -21,7 +21,8 @@ def check_geometry(image: sitk.Image, what: str) -> None:
     if dim == 4 or (dim > 3):
         raise InputError(
             f"{what} is {dim}D; DeepRegister registers 2D or 3D images. For a time series, "
-            "extract one volume (e.g. with SimpleITK's Extract) and register that."
+            "extract one volume (e.g. with SimpleITK's Extract), register that, then warp the "
+            "whole series with 'deepregister apply'."
         )
     if dim not in (2, 3):
         raise InputError(f"{what} is {dim}D; only 2D and 3D images can be registered")
@@ -72,8 +73,9 @@ def check_intensity_image(image: sitk.Image, what: str) -> None:
     if components != 1:
         kind = "an RGB/colour" if components in (3, 4) else f"a {components}-component vector"
         raise InputError(
-            f"{what} is {kind} image; DeepRegister needs a scalar (grey-level) image. "
-            "Convert it to grey levels or pick one component first."
+            f"{what} is {kind} image; DeepRegister registers a scalar (grey-level) image. "
+            "Register a grey-level version or one component, then warp the image itself with "
+            "'deepregister apply', which warps every component."
         )
     check_geometry(image, what)
     array = sitk.GetArrayViewFromImage(image)
@@ -120,7 +122,11 @@ def check_label_map(labels: sitk.Image, what: str) -> sitk.Image:
     """Integer label map (float maps with integer values are accepted and cast)."""
     check_geometry(labels, what)
     if labels.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{what} must be a scalar label map, not a vector image")
+        raise InputError(
+            f"{what} must be a scalar label map, not a vector image (a Slicer segmentation "
+            "with overlapping segments holds one layer per overlap); register without it, "
+            "then warp it with 'deepregister apply --labels', which keeps layers and segments"
+        )
     if labels.GetPixelID() in INTEGER_PIXEL_TYPES:
         return labels
     array = sitk.GetArrayViewFromImage(labels)
