@@ -31,6 +31,23 @@ def test_timed_runs_keep_what_is_already_on_the_python_path(
     assert child_env(Path("/tmp/checkout"), threads=1)["PYTHONPATH"] == "/tmp/checkout"
 
 
+def test_a_timed_command_reports_its_own_peak_memory_not_the_benchmarks() -> None:
+    """After the benchmark itself held 800 MB, a command that holds 300 MB reports about 300
+    (started straight from it, Linux would report the benchmark's 800 for any command)."""
+    from benchmarks.user_time import timed_child
+
+    held = np.ones(100_000_000)  # 800 MB touched: the benchmark's high-water mark
+    del held
+    holds_300_mb = "import numpy as np, sys; a = np.ones(300 * 2**17); print('ok', file=sys.stderr)"
+    small = timed_child([sys.executable, "-c", holds_300_mb], dict(os.environ), REPO)
+    assert small["returncode"] == 0
+    assert 300 < small["peak_rss_mb"] < 500
+    assert small["stderr"][-1][1] == "ok"
+    assert 0 < small["stderr"][-1][0] <= small["wall_s"]
+    failed = timed_child([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ), REPO)
+    assert failed["returncode"] == 3
+
+
 def _smoke(script: str, folder: Path, *extra: str) -> Path:
     """Run ``benchmarks/<script>.py --smoke`` into ``folder``; the JSON results file it wrote."""
     completed = subprocess.run(

@@ -6,7 +6,7 @@
     python benchmarks/user_time.py --smoke --out /tmp/user-time
 
 Each pair runs the command a user types (fixed, moving, preset, the outputs) in a fresh
-process, timed from outside (wall time; peak RSS from ``os.wait4``); its progress lines split
+process, timed from outside (wall time and peak RSS, from a launcher); its progress lines split
 the time into start-up and reading, the engine, and writing. Then the same command with the
 labels and a report, in another fresh process: the engine's stages, Dice and folding, its own
 time, and whether it wrote the same files (the same seed gives the same result). ANTs SyN
@@ -65,12 +65,33 @@ ants.image_write(warped_labels, out + "/warped_labels.nii.gz")
 """
 
 
+#: Every timed command starts from this small launcher, which reports the command's wall time and
+#: peak memory through a pipe. Started straight from the benchmark, a command would report at
+#: least the benchmark's own peak: ``subprocess`` starts children by vfork, and Linux carries the
+#: high-water mark of the address space an ``exec`` leaves into the new program's peak, so every
+#: figure after the benchmark had compared two brains would read as its 0.5–2 GB. The launcher's
+#: own mark is about 10 MB.
+_LAUNCHER = """
+import os, resource, subprocess, sys, time
+started = time.perf_counter()
+code = subprocess.call(sys.argv[2:])
+wall = time.perf_counter() - started
+peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+os.write(int(sys.argv[1]), f"{wall} {peak_kb}".encode())
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
 def timed_child(command: list[str], env: dict[str, str], cwd: Path) -> dict[str, Any]:
     """Run ``command``; its wall time, peak RSS, exit code, and when each stderr line came."""
     started = time.perf_counter()
+    read_end, write_end = os.pipe()
     process = subprocess.Popen(
-        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+        [sys.executable, "-S", "-c", _LAUNCHER, str(write_end), *command],
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        pass_fds=(write_end,),
+    )  # fmt: skip
+    os.close(write_end)
     lines: list[tuple[float, str]] = []
 
     def drain_stderr() -> None:
@@ -80,15 +101,18 @@ def timed_child(command: list[str], env: dict[str, str], cwd: Path) -> dict[str,
     reader = threading.Thread(target=drain_stderr)
     reader.start()
     stdout = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - started
-    process.returncode = os.waitstatus_to_exitcode(status)
+    process.wait()
+    outside = time.perf_counter() - started
     reader.join()
+    with os.fdopen(read_end) as measured:
+        figures = measured.read().split()  # none if the command could not start
+    wall, peak_kb = (float(figures[0]), int(figures[1])) if figures else (outside, 0)
+    launch = outside - wall  # the launcher's own start, before the command's clock started
     return {
         "wall_s": wall,
-        "peak_rss_mb": usage.ru_maxrss / 1024,
+        "peak_rss_mb": peak_kb / 1024,
         "returncode": process.returncode,
-        "stderr": lines,
+        "stderr": [(max(0.0, at - launch), line) for at, line in lines],
         "stdout": stdout,
     }
 
