@@ -144,12 +144,15 @@ def test_apply_time_smoke_with_the_inverse_says_so(tmp_path: Path) -> None:
 
 
 def test_warp_time_smoke_times_apply_and_compares_it_with_register(tmp_path: Path) -> None:
-    results_file = _smoke("warp_time", tmp_path, "--no-ants")
+    results_file = _smoke("warp_time", tmp_path, "--no-ants", "--series", "3")
     (row,) = json.loads(results_file.read_text())["runs"]
     assert row["apply_s"] > 0
+    assert row["series_apply_s"] > 0
     assert row["apply_peak_mb"] > 0
     # The phantom is float: apply and register agree to float32 rounding, labels exactly.
     assert row["apply_vs_register"]["scan_max_abs"] < 1e-2
     assert row["apply_vs_register"]["labels_differing"] == 0
     assert "ants_s" not in row
-    assert "| phantom 0 |" in results_file.with_suffix(".md").read_text()
+    report = results_file.with_suffix(".md").read_text()
+    assert "| phantom 0 |" in report
+    assert "A 4D series of 3 volumes" in report
