@@ -13,6 +13,7 @@ from conftest import image_on, oblique_grid
 
 from DeepRegisterLib import apply_transform
 from DeepRegisterLib.cli import main as cli
+from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
 
 
 def apply(*argv: object) -> int:
@@ -163,8 +164,6 @@ def test_a_slicer_segmentation_keeps_its_segments(tmp_path):
     """Slicer reads the warped ``.seg.nrrd`` back with every segment's id, name, colour and
     layer; each segment's voxels are its layer warped by nearest neighbour, on the reference
     grid where Slicer places them."""
-    from vtk.util.numpy_support import vtk_to_numpy
-
     scene, node = _saved_segmentation(tmp_path)
     source = tmp_path / "segments.seg.nrrd"
     middle = sitk.ReadImage(str(source)).TransformContinuousIndexToPhysicalPoint((6.0, 5.0, 4.5))
@@ -200,8 +199,7 @@ def test_a_slicer_segmentation_keeps_its_segments(tmp_path):
         mask = layers[..., layer] == new.GetLabelValue()
         assert mask.any(), f"{new.GetName()} vanished"
         labelmap = new.GetRepresentation("Binary labelmap")
-        voxels = vtk_to_numpy(labelmap.GetPointData().GetScalars())
-        assert np.count_nonzero(voxels == new.GetLabelValue()) == np.count_nonzero(mask)
+        assert np.count_nonzero(_voxels(labelmap) == new.GetLabelValue()) == mask.sum()
         np.testing.assert_allclose(_image_to_world(labelmap), voxel_to_ras, atol=1e-5)
     # Surfaces drawn later are turned into voxels on the new grid, not the old one.
     import slicer
@@ -213,9 +211,56 @@ def test_a_slicer_segmentation_keeps_its_segments(tmp_path):
     assert geometry.GetDimensions() == reference.size
 
 
+def _voxels(labelmap) -> np.ndarray:
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    return vtk_to_numpy(labelmap.GetPointData().GetScalars())
+
+
 def _image_to_world(labelmap) -> np.ndarray:
     import vtk
 
     matrix = vtk.vtkMatrix4x4()
     labelmap.GetImageToWorldMatrix(matrix)
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def test_register_keeps_a_slicer_segmentations_segments_too(tmp_path):
+    """``register --labels in.seg.nrrd --warped-labels out.seg.nrrd``: Slicer opens the warped
+    labels with the segments' names and colours, each segment holding its label's voxels."""
+    mrml_scenes = pytest.importorskip("mrml_scenes")  # skips without slicer-core
+    pair = phantom_pair(demo_grid(3, 24), amplitude_mm=2.0)
+    labels = sitk.Cast(pair.moving_labels, sitk.sitkUInt8)
+    values = [int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels)) if v]
+    for index, value in enumerate(values):  # the header Slicer writes for one layer
+        for key, text in (("ID", f"S_{value}"), ("Name", f"structure {value}"),
+                          ("Color", f"0.{index + 1} 0.5 0.5"), ("LabelValue", str(value)),
+                          ("Layer", "0"), ("Extent", "0 23 0 23 0 23")):  # fmt: skip
+            labels.SetMetaData(f"Segment{index}_{key}", text)
+    labels.SetMetaData("Segmentation_MasterRepresentation", "Binary labelmap")
+    labels.SetMetaData("Segmentation_ContainedRepresentationNames", "Binary labelmap|")
+    labels.SetMetaData("Segmentation_ReferenceImageExtentOffset", "0 0 0")
+    paths = {name: tmp_path / f"{name}.nrrd" for name in ("fixed", "moving")}
+    for name, path in paths.items():
+        sitk.WriteImage(getattr(pair, name), str(path))
+    sitk.WriteImage(labels, str(tmp_path / "labels.seg.nrrd"))
+    warped_path = tmp_path / "warped.seg.nrrd"
+
+    code = cli.main([
+        "register", "--fixed", str(paths["fixed"]), "--moving", str(paths["moving"]),
+        "--labels", str(tmp_path / "labels.seg.nrrd"), "--warped-labels", str(warped_path),
+        "--preset", "fast", "--iterations", "4", "--device", "cpu", "--quiet",
+    ])  # fmt: skip
+
+    assert code == cli.EXIT_OK
+    scene = mrml_scenes._new_scene(tmp_path / "cache").scene
+    segmentation = _read_back(scene, warped_path)
+    warped = array(warped_path)
+    assert segmentation.GetNumberOfSegments() == len(values)
+    for index, value in enumerate(values):
+        segment = segmentation.GetSegment(f"S_{value}")
+        assert segment.GetName() == f"structure {value}"
+        assert segment.GetColor() == pytest.approx((0.1 * (index + 1), 0.5, 0.5))
+        labelmap = segment.GetRepresentation("Binary labelmap")
+        assert np.count_nonzero(_voxels(labelmap) == value) == np.count_nonzero(warped == value)
+        assert np.any(warped == value)

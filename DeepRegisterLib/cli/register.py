@@ -109,7 +109,8 @@ def _add_output_arguments(out: Any) -> None:
         nargs="+",
         type=Path,
         default=[],
-        help="one output per --labels input (in 2D also .png/.tif, 8 or 16 bits)",
+        help="one output per --labels input (in 2D also .png/.tif, 8 or 16 bits); a Slicer "
+        "segmentation written as .seg.nrrd keeps its segments' names and colours",
     )
     out.add_argument("--jacobian", type=Path, help="Jacobian determinant image")
     out.add_argument("--qa-png", type=Path, help="QA picture: slices of fixed/moving/warped/…")
@@ -134,7 +135,7 @@ def _outputs(args: argparse.Namespace) -> list[tuple[str, str, Path]]:
         ("--jacobian", "volume", args.jacobian),
         ("--qa-png", "png", args.qa_png),
         ("--report", "json", args.report),
-        *(("--warped-labels", "image", path) for path in args.warped_labels),
+        *(("--warped-labels", "labels", path) for path in args.warped_labels),
     ]
     return [(option, kind, path) for option, kind, path in outputs if path is not None]
 
@@ -223,6 +224,7 @@ def _write_outputs(result, args, fixed, moving, pictures) -> list[Path]:
     # Checked before the run: none (--labels for Dice only), or one per --labels input.
     for path, source in zip(args.warped_labels, args.labels, strict=False):
         image = pictures.get(path, result.warped_labels[str(source)])
+        _keep_segments(source, image)
         plan.append((path, lambda p, image=image: write_image(image, p)))
     if args.jacobian:
         plan.append((args.jacobian, lambda p: write_image(result.jacobian, p)))
@@ -236,6 +238,17 @@ def _write_outputs(result, args, fixed, moving, pictures) -> list[Path]:
         text = json.dumps(result.report, indent=2, default=str) + "\n"
         plan.append((args.report, lambda p: p.write_text(text)))
     return fileio.write_together(plan)
+
+
+def _keep_segments(source: Path, warped) -> None:
+    """A Slicer segmentation's segments (names, colours, terminology) onto its warped labels,
+    for a ``.seg.nrrd`` or ``.nrrd`` output to keep them (other formats drop them)."""
+    from ..imaging import fileio
+    from ..imaging.segmentation_file import carry_segments, is_slicer_segmentation
+
+    header = fileio.read_header(source, "label map")
+    if is_slicer_segmentation(header):
+        carry_segments(header, warped)
 
 
 def _transform_is_dense(path: Path | None) -> bool:

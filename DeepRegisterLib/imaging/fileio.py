@@ -219,18 +219,19 @@ def read_transform(path: str | os.PathLike) -> sitk.Transform:
 
 def image_dimension(path: str | os.PathLike, what: str = "image") -> int:
     """An image file's dimension from its header alone (no voxels read)."""
-    return _header(path, what).GetDimension()
+    return read_header(path, what).GetDimension()
 
 
 def read_grid(path: str | os.PathLike, what: str = "image") -> Grid:
     """An image file's grid from its header alone: a reference grid need not be read whole."""
-    header = _header(path, what)
+    header = read_header(path, what)
     return Grid(
         tuple(header.GetSize()), header.GetSpacing(), header.GetOrigin(), header.GetDirection()
     )
 
 
-def _header(path: str | os.PathLike, what: str) -> sitk.ImageFileReader:
+def read_header(path: str | os.PathLike, what: str = "image") -> sitk.ImageFileReader:
+    """An image file's header (grid and metadata), no voxels read."""
     source = Path(path)
     if not source.is_file():
         raise InputError(f"{what} file not found: {source}")

@@ -22,14 +22,14 @@ _GEOMETRY_PARAMETER = "Reference image geometry"
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
-def is_slicer_segmentation(image: sitk.Image) -> bool:
-    """Whether ``image`` was read from a Slicer segmentation file (its header says so)."""
+def is_slicer_segmentation(image: sitk.Image | sitk.ImageFileReader) -> bool:
+    """Whether ``image`` (or a file's header) is a Slicer segmentation's (its metadata says so)."""
     return image.GetDimension() == 3 and image.HasMetaDataKey("Segmentation_MasterRepresentation")
 
 
-def carry_segments(source: sitk.Image, warped: sitk.Image) -> None:
-    """Give ``warped`` (``source``'s layers on a new 3D grid) ``source``'s segments, with their
-    extents and reference geometry made those of the new grid."""
+def carry_segments(source: sitk.Image | sitk.ImageFileReader, warped: sitk.Image) -> None:
+    """Give ``warped`` (``source``'s layers on a new 3D grid) the segments of ``source`` (an
+    image, or a file's header), with their extents and reference geometry made the new grid's."""
     whole = " ".join(f"0 {size - 1}" for size in warped.GetSize())
     for key in source.GetMetaDataKeys():
         if _SEGMENT_KEY.match(key):
