@@ -205,12 +205,18 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{row['ants_peak_mb']:.0f} |"
             )
         lines.append(line)
-    mean = statistics.mean(row["apply_s"] for row in rows)
+    summary = _means(rows, "apply_s", "ants_s" if ants else None)
+    return "\n".join([*lines, "", summary, "", *_series_markdown(results), ""])
+
+
+def _means(rows: list[dict[str, Any]], ours: str, theirs: str | None) -> str:
+    """The mean time a pair, ``apply``'s and (given ``theirs``) ANTs', with their ratio."""
+    mean = statistics.mean(row[ours] for row in rows)
     summary = f"Mean: `apply` {mean:.2f} s a pair"
-    if ants:
-        ants_mean = statistics.mean(row["ants_s"] for row in rows)
+    if theirs is not None:
+        ants_mean = statistics.mean(row[theirs] for row in rows)
         summary += f", ANTs {ants_mean:.2f} s ({mean / ants_mean:.2f}×)"
-    return "\n".join([*lines, "", summary + ".", "", *_series_markdown(results), ""])
+    return summary + "."
 
 
 def _series_markdown(results: dict[str, Any]) -> list[str]:
@@ -238,7 +244,7 @@ def _series_markdown(results: dict[str, Any]) -> list[str]:
                 f"{row['series_ants_peak_mb']:.0f} |"
             )
         lines.append(line)
-    return lines
+    return [*lines, "", _means(rows, "series_apply_s", "series_ants_s" if ants else None)]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
