@@ -118,7 +118,7 @@ def _sampler(transform: sitk.Transform, grid: Grid, through_field: bool) -> Samp
     """ITK's Resample, or, ``through_field``, the transform evaluated once as a displacement
     field on the grid and each piece warped through it: ITK's Warp reads that field at each
     voxel where Resample evaluates the transform again (a composite ``.h5`` holds a field to
-    interpolate), half the time a volume, the same values."""
+    interpolate): half the time a volume, the same values (a float64 image's to float32)."""
     on_grid = grid.reference_image()
     if not through_field:
         return lambda image, interpolator, output_type: resample(
