@@ -33,7 +33,7 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
         "Testing/test_training_real_pairs.py",
         "Testing/test_training_cli.py",
     ),
-    "Dask batch": ("Testing/test_batch.py",),
+    "Dask batch": ("Testing/test_batch.py", "Testing/test_batch_more_images.py"),
     "distributed training": ("Testing/test_distributed_training.py",),
 }
 #: Required only where the data is: CI has ../shared/data, a clone elsewhere need not.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,7 +48,8 @@ def usable_cores() -> int:
 def job_peak_bytes(
     job: BatchJob, headers: Mapping[str, ImageHeader], settings: RegistrationSettings
 ) -> int:
-    """The engine's peak-memory estimate for a job, from the headers alone.
+    """The engine's peak-memory estimate for a job, from the headers alone, and its more
+    images' on top (each held read and warped, float32 at most, until all are written).
 
     The network grid is taken over the whole fixed image at the finest level's spacing; the
     engine crops it to the foreground (and coarsens very large ones), so this errs on the safe
@@ -60,7 +62,16 @@ def job_peak_bytes(
     voxels = 1.0
     for size, step in zip(fixed.size, fixed.spacing, strict=True):
         voxels *= max(1.0, size * step / spacing)
-    return estimate_peak_bytes(fixed, moving, int(voxels))  # type: ignore[arg-type]
+    engine = estimate_peak_bytes(fixed, moving, int(voxels))  # type: ignore[arg-type]
+    return engine + sum(_warped_bytes(headers[path], fixed) for _, path in job.more_images)
+
+
+def _warped_bytes(image: ImageHeader, fixed: ImageHeader) -> int:
+    """A more image read, and warped onto the fixed grid, at 4 bytes a value at most (plus, for
+    several volumes or components, the transform's field there: 24 bytes a voxel)."""
+    pieces = image.components * (image.size[3] if image.dimension == 4 else 1)
+    read = 4 * image.components * math.prod(image.size)
+    return read + (4 * pieces + (24 if pieces > 1 else 0)) * math.prod(fixed.size)
 
 
 def plan_workers(

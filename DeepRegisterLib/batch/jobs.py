@@ -24,6 +24,11 @@ from ..imaging.fileio import IMAGE_SUFFIXES, full_suffix
 REQUIRED_COLUMNS = ("fixed", "moving")
 OPTIONAL_COLUMNS = ("id", "fixed_labels", "labels", "fixed_mask", "moving_mask")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]*$")
+#: ``image:<name>`` and ``labels:<name>`` columns: more images of the moving subject (another
+#: sequence, a lesion mask, a series), warped onto the fixed grid with the job's transform as
+#: ``deepregister apply`` warps them, into ``<name>_warped.nii.gz`` (a name no other output
+#: ends with).
+_MORE_IMAGES = re.compile(r"^(image|labels):([A-Za-z0-9_][A-Za-z0-9._+-]*)$")
 
 
 @dataclass(frozen=True)
@@ -37,14 +42,22 @@ class BatchJob:
     labels: str | None = None  # the moving label map
     fixed_mask: str | None = None
     moving_mask: str | None = None
+    more_images: tuple[tuple[str, str], ...] = ()  # (column, path): ("image:flair", "/…")
 
     def inputs(self) -> dict[str, str]:
         """The input files given, by column name (the report records them)."""
-        return {
+        given = {
             f.name: getattr(self, f.name)
             for f in fields(self)
-            if f.name != "id" and getattr(self, f.name) is not None
+            if f.name not in ("id", "more_images") and getattr(self, f.name) is not None
         }
+        return {**given, **dict(self.more_images)}
+
+
+def more_image(column: str) -> tuple[str, bool]:
+    """An ``image:<name>``/``labels:<name>`` column's output file and whether it holds labels."""
+    kind, name = column.split(":", 1)
+    return f"{name}_warped.nii.gz", kind == "labels"
 
 
 @dataclass(frozen=True)
@@ -121,8 +134,30 @@ def jobs_from_csv(path: str | os.PathLike) -> list[BatchJob]:
             rows = list(reader)
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise InputError(f"cannot read the jobs file {source}: {error}") from None
+    _check_columns(source, columns)
+    if not rows:
+        raise InputError(f"the jobs file {source} has a header but no jobs")
+    folder = source.resolve().parent
+    values = [{c: _cell(row, c, folder) for c in columns} for row in rows]
+    # A row without a moving image is named after its number (and refused by check_jobs).
+    names = default_ids([Path(v["moving"] or folder / f"row{n}") for n, v in enumerate(values, 1)])
+    more = [c for c in columns if _MORE_IMAGES.match(c)]
+    return [
+        BatchJob(
+            **{c: v.get(c) for c in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)}
+            | {"id": v.get("id") or name},
+            more_images=tuple((c, v[c]) for c in more if v[c] is not None),
+        )
+        for v, name in zip(values, names, strict=True)
+    ]
+
+
+def _check_columns(source: Path, columns: list[str]) -> None:
+    """Refuse a header row without the required columns, with unknown ones, or with two
+    ``image:``/``labels:`` columns that would write one file."""
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-    unknown = [c for c in columns if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
+    known = (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)
+    unknown = [c for c in columns if c not in known and not _MORE_IMAGES.match(c)]
     if missing or unknown:
         raise InputError(
             f"the jobs file {source} "
@@ -130,18 +165,18 @@ def jobs_from_csv(path: str | os.PathLike) -> list[BatchJob]:
             + (" and " if missing and unknown else "")
             + (f"has unknown column(s) {', '.join(unknown)}" if unknown else "")
             + f"; its header row must name {', '.join(REQUIRED_COLUMNS)} and optionally "
-            f"{', '.join(OPTIONAL_COLUMNS)}"
+            f"{', '.join(OPTIONAL_COLUMNS)}, and image:<name> or labels:<name> for more images "
+            "to warp (a name of letters, digits, . _ + -)"
         )
-    if not rows:
-        raise InputError(f"the jobs file {source} has a header but no jobs")
-    folder = source.resolve().parent
-    values = [{c: _cell(row, c, folder) for c in columns} for row in rows]
-    # A row without a moving image is named after its number (and refused by check_jobs).
-    names = default_ids([Path(v["moving"] or folder / f"row{n}") for n, v in enumerate(values, 1)])
-    return [
-        BatchJob(**{**{c: v.get(c) for c in OPTIONAL_COLUMNS}, **v, "id": v.get("id") or name})
-        for v, name in zip(values, names, strict=True)
-    ]
+    files: dict[str, str] = {}
+    for column in filter(_MORE_IMAGES.match, columns):
+        file = more_image(column)[0]
+        if file in files:
+            raise InputError(
+                f"the jobs file {source} has columns {files[file]} and {column}, which would "
+                f"both write {file}: give them different names"
+            )
+        files[file] = column
 
 
 def jobs_from_template(
@@ -178,6 +213,11 @@ _ROLES = {
 }
 
 
+def _role(column: str) -> str:
+    """What a column's file is, for messages: "moving label map", "image flair"."""
+    return _ROLES.get(column, column.replace(":", " "))
+
+
 def _job_problems(job: BatchJob, headers: dict[str, ImageHeader | InputError]) -> list[str]:
     problems = []
     if not _SAFE_ID.match(job.id):
@@ -189,19 +229,21 @@ def _job_problems(job: BatchJob, headers: dict[str, ImageHeader | InputError]) -
     problems += [f"no {_ROLES[c]} given" for c in REQUIRED_COLUMNS if getattr(job, c) is None]
     dims = {}
     for column, path in job.inputs().items():
-        header = headers[path]
+        header, role, more = headers[path], _role(column), column not in _ROLES
         if isinstance(header, InputError):
-            problems.append(f"{_ROLES[column]}: {header}")
-            continue
-        if header.dimension not in (2, 3):
-            problems.append(f"{_ROLES[column]} is {header.dimension}D (2D or 3D only): {path}")
-        elif header.components != 1:
-            problems.append(f"{_ROLES[column]} has {header.components} components per voxel")
-        dims[column] = header.dimension
+            problems.append(f"{role}: {header}")
+        elif header.dimension not in ((2, 3, 4) if more else (2, 3)):
+            allowed = "2D, 3D or a 4D series only" if more else "2D or 3D only"
+            problems.append(f"{role} is {header.dimension}D ({allowed}): {path}")
+        elif header.components != 1 and not more:  # more images: colour, layers are warped
+            problems.append(f"{role} has {header.components} components per voxel")
+        else:
+            dims[column] = header.dimension
     reference = dims.get("fixed", dims.get("moving"))
     for column, dim in dims.items():
-        if dim != reference and dim in (2, 3):
-            problems.append(f"{_ROLES[column]} is {dim}D but the fixed image is {reference}D")
+        series = column not in _ROLES and (reference, dim) == (3, 4)
+        if dim != reference and not series:
+            problems.append(f"{_role(column)} is {dim}D but the fixed image is {reference}D")
     return problems
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .cluster import usable_cores
-from .jobs import BatchJob
+from .jobs import BatchJob, more_image
 from .summary import summary_row
 
 #: What a job can write: the choices of ``--outputs``, and the file each one becomes.
@@ -39,13 +39,15 @@ EVENT_TOPIC = "deepregister-batch"
 
 
 def expected_outputs(job: BatchJob, outputs: tuple[str, ...], settings: dict) -> dict[str, Path]:
-    """The files this job writes besides its report (labels only where the job has some)."""
-    return {
+    """The files this job writes besides its report (labels only where the job has some), by
+    ``--outputs`` name, and its more images by column (``image:flair``)."""
+    chosen = {
         name: Path(OUTPUT_FILES[name])
         for name in outputs
         if (name != "labels" or job.labels is not None)
         and (name != "jacobian" or settings.get("compute_jacobian", True))
     }
+    return chosen | {column: Path(more_image(column)[0]) for column, _ in job.more_images}
 
 
 def finished_report(
@@ -99,7 +101,7 @@ def _decile_messages(job_id: str) -> Callable[[float, str], None]:
     return progress
 
 
-def _write(result, fixed, moving, folder: Path, files: dict[str, Path]) -> None:
+def _write(job: BatchJob, result, fixed, moving, folder: Path, files: dict[str, Path]) -> None:
     """Every output of the job, all or none (:func:`fileio.write_together`)."""
     from ..imaging import fileio
 
@@ -109,12 +111,31 @@ def _write(result, fixed, moving, folder: Path, files: dict[str, Path]) -> None:
         "inverse": lambda p: fileio.write_transform(result.inverse_transform(), p),
         "labels": lambda p: fileio.write_image(result.warped_labels["labels"], p),
         "jacobian": lambda p: fileio.write_image(result.jacobian, p),
+        **_more_image_writers(job, result, fixed),
     }
     if "qa" in files:
         from ..evaluation.figures import qa_figure
 
         writers["qa"] = lambda p: qa_figure(fixed, moving, result.warped, result.jacobian, p)
     fileio.write_together([(folder / file, writers[name]) for name, file in files.items()])
+
+
+def _more_image_writers(job: BatchJob, result, fixed) -> dict[str, Callable[[Path], Any]]:
+    """Each more image read, warped onto the fixed grid through the job's transform as
+    ``deepregister apply`` does, and written; by column."""
+    from ..imaging import fileio
+    from ..imaging.apply_transform import apply_transform
+
+    transform = result.transform() if job.more_images else None
+
+    def writer(column: str, path: str) -> Callable[[Path], Any]:
+        labels = more_image(column)[1]
+        what = "label map" if labels else "image"
+        return lambda p: fileio.write_image(
+            apply_transform(fileio.read_image(path, what), transform, fixed, labels), p
+        )
+
+    return {column: writer(column, path) for column, path in job.more_images}
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
@@ -162,7 +183,7 @@ def run_job(
             fixed_labels=job.fixed_labels if job.labels is not None else None,
             progress=_decile_messages(job.id),
         )
-        _write(result, fixed, moving, folder, files)
+        _write(job, result, fixed, moving, folder, files)
         report = dict(result.report)
         report["batch"] = {
             "id": job.id,

@@ -1,0 +1,154 @@
+"""``deepregister batch`` with more images of each moving subject (``image:<name>`` and
+``labels:<name>`` columns) on a real Dask ``LocalCluster``: each is warped with its job's
+transform exactly as ``deepregister apply`` warps it, a finished job is one with them all, and
+bad columns or files are refused before any work."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from DeepRegisterLib import apply_transform
+from DeepRegisterLib.cli import main as cli
+from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
+
+QUICK = ["--model", "none", "--preset", "fast", "--iterations", "4", "--device", "cpu"]
+
+
+def _write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with path.open("w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """Two phantom pairs; the first with a 16-bit second sequence, its labels and a 4D series of
+    three volumes, the second with its labels only (empty cells)."""
+    folder = tmp_path_factory.mktemp("more-images")
+    for seed in (0, 1):
+        pair = phantom_pair(demo_grid(3, 24), amplitude_mm=3.0, rotation_deg=4.0, seed=seed)
+        for name, image in (("fixed", pair.fixed), ("moving", pair.moving),
+                            ("labels", pair.moving_labels)):  # fmt: skip
+            sitk.WriteImage(image, str(folder / f"{name}{seed}.nii.gz"))
+    moving = sitk.ReadImage(str(folder / "moving0.nii.gz"))
+    second = sitk.Cast(sitk.Round(sitk.InvertIntensity(moving, 1.0) * 900), sitk.sitkUInt16)
+    sitk.WriteImage(second, str(folder / "t2_0.nii.gz"))
+    volumes = [sitk.Cast(sitk.Round(moving * (300 + 100 * t)), sitk.sitkInt16) for t in range(3)]
+    sitk.WriteImage(sitk.JoinSeries(volumes), str(folder / "series0.nii.gz"))
+    rows = [
+        {"id": "pair0", "fixed": "fixed0.nii.gz", "moving": "moving0.nii.gz",
+         "image:t2": "t2_0.nii.gz", "labels:seg": "labels0.nii.gz",
+         "image:series": "series0.nii.gz"},
+        {"id": "pair1", "fixed": "fixed1.nii.gz", "moving": "moving1.nii.gz",
+         "image:t2": "", "labels:seg": "labels1.nii.gz", "image:series": ""},
+    ]  # fmt: skip
+    _write_csv(folder / "jobs.csv", rows)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _environment_kept():
+    """A LocalCluster writes its workers' variables into this process's environment."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_more_images_are_warped_as_apply_warps_them(data, tmp_path):
+    out = tmp_path / "out"
+    argv = ["batch", "--jobs", str(data / "jobs.csv"), "--out", str(out), "--workers", "1"]
+
+    assert cli.main([*argv, *QUICK, "--quiet"]) == cli.EXIT_OK
+
+    expected = {
+        "pair0": {"t2": ("t2_0", False), "seg": ("labels0", True), "series": ("series0", False)},
+        "pair1": {"seg": ("labels1", True)},
+    }
+    for job, images in expected.items():
+        folder = out / job
+        transform = sitk.ReadTransform(str(folder / "transform.h5"))
+        fixed = sitk.ReadImage(str(data / f"fixed{job[-1]}.nii.gz"))
+        written = {p.name for p in folder.iterdir() if p.name.endswith("_warped.nii.gz")}
+        assert written == {f"{name}_warped.nii.gz" for name in images}
+        for name, (source, labels) in images.items():
+            ours = sitk.ReadImage(str(folder / f"{name}_warped.nii.gz"))
+            alone = apply_transform(sitk.ReadImage(str(data / f"{source}.nii.gz")), transform,
+                                    fixed, labels)  # fmt: skip
+            assert ours.GetPixelID() == alone.GetPixelID()
+            np.testing.assert_array_equal(sitk.GetArrayFromImage(ours),
+                                          sitk.GetArrayFromImage(alone))  # fmt: skip
+        report = json.loads((folder / "report.json").read_text())
+        assert set(report["batch"]["inputs"]) >= {f"{'labels' if lab else 'image'}:{name}"
+                                                  for name, (_, lab) in images.items()}  # fmt: skip
+    series = sitk.ReadImage(str(out / "pair0" / "series_warped.nii.gz"))
+    assert series.GetSize()[3] == 3
+    # Finished means every output there, more images included: a rerun skips, a lost one reruns.
+    (out / "pair1" / "seg_warped.nii.gz").unlink()
+    assert cli.main([*argv, *QUICK, "--quiet"]) == cli.EXIT_OK
+    with (out / "summary.csv").open() as stream:
+        status = {row["id"]: row["status"] for row in csv.DictReader(stream)}
+    assert status == {"pair0": "skipped", "pair1": "ok"}
+    assert (out / "pair1" / "seg_warped.nii.gz").is_file()
+
+
+def refused(capsys, jobs: Path, out: Path) -> str:
+    assert cli.main(["batch", "--jobs", str(jobs), "--out", str(out)]) == cli.EXIT_INPUT
+    assert not out.exists()
+    return capsys.readouterr().err
+
+
+def test_bad_more_image_columns_and_files_are_refused_before_any_work(data, tmp_path, capsys):
+    base = {"fixed": str(data / "fixed0.nii.gz"), "moving": str(data / "moving0.nii.gz")}
+    out = tmp_path / "out"
+    for column, message in (
+        ("image:", "unknown column(s) image:"),
+        ("scan:t2", "unknown column(s) scan:t2"),
+        ("image:a b", "unknown column(s) image:a b"),
+    ):
+        jobs = _write_csv(tmp_path / "columns.csv", [{**base, column: "x.nii.gz"}])
+        assert message in refused(capsys, jobs, out)
+    twice = _write_csv(tmp_path / "twice.csv", [{**base, "image:a": "x", "labels:a": "y"}])
+    assert "image:a and labels:a, which would both write a_warped.nii.gz" in refused(
+        capsys, twice, out
+    )
+    sitk.WriteImage(sitk.Image([24, 24], sitk.sitkUInt8) + 1, str(tmp_path / "slice.nii.gz"))
+    rows = [
+        {**base, "id": "missing", "image:t2": "absent.nii.gz", "labels:seg": ""},
+        {**base, "id": "flat", "image:t2": "", "labels:seg": "slice.nii.gz"},
+        {**base, "id": "fine", "image:t2": str(data / "t2_0.nii.gz"), "labels:seg": ""},
+    ]
+    message = refused(capsys, _write_csv(tmp_path / "files.csv", rows), out)
+    assert "2 of 3 job(s) cannot be run, so nothing was started" in message
+    assert "row 1 (missing): image t2: not found" in message
+    assert "row 2 (flat): labels seg is 2D but the fixed image is 3D" in message
+
+
+def test_the_worker_plan_counts_the_more_images(data):
+    """A series of three volumes warped onto the fixed grid adds at least its three float32
+    volumes and the transform's field to the job's memory estimate."""
+    from dataclasses import replace
+
+    from DeepRegisterLib.batch import check_jobs, jobs_from_csv
+    from DeepRegisterLib.batch.cluster import job_peak_bytes
+    from DeepRegisterLib.registration.settings import RegistrationSettings
+
+    job = jobs_from_csv(data / "jobs.csv")[0]
+    headers = check_jobs([job])
+    settings = RegistrationSettings(model="none", preset="fast")
+    alone = job_peak_bytes(replace(job, more_images=()), headers, settings)
+    series = dict(job.more_images)["image:series"]
+    only_series = replace(job, more_images=(("image:series", series),))
+    voxels = 24**3
+    assert job_peak_bytes(only_series, headers, settings) - alone >= (3 * 4 + 24) * voxels
+    assert job_peak_bytes(job, headers, settings) > job_peak_bytes(only_series, headers, settings)
