@@ -18,8 +18,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import batch_jobs
 import pytest
 import SimpleITK as sitk
+from batch_jobs import write_csv
 from page_faults import PAGES, only_glibc, reallocation_faults
 
 from DeepRegisterLib.batch import jobs_from_csv, jobs_from_template, run_batch
@@ -32,6 +34,10 @@ from DeepRegisterLib.cli import main as cli
 from DeepRegisterLib.errors import InputError
 from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
 from DeepRegisterLib.registration.settings import RegistrationSettings
+
+# The shared fixture, bound here for pytest to find: each test keeps this process's
+# environment, which a LocalCluster changes.
+environment_kept = batch_jobs.environment_kept
 
 # As the jobs run them: they write .h5 transforms, so no job builds the dense float64 field.
 SETTINGS = RegistrationSettings(
@@ -54,7 +60,7 @@ def data(tmp_path_factory) -> Path:
             sitk.WriteImage(image, str(folder / f"{name}{seed}.nii.gz"))
     flat = sitk.Image([24, 24, 24], sitk.sitkFloat32)
     sitk.WriteImage(flat, str(folder / "flat.nii.gz"))
-    _write_csv(
+    write_csv(
         folder / "jobs.csv",
         [
             {"id": f"pair{seed}", "fixed": f"fixed{seed}.nii.gz", "moving": f"moving{seed}.nii.gz",
@@ -64,25 +70,6 @@ def data(tmp_path_factory) -> Path:
         + [{"id": "flat", "fixed": "fixed0.nii.gz", "moving": "flat.nii.gz"}],
     )  # fmt: skip
     return folder
-
-
-def _write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    with path.open("w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
-@pytest.fixture(autouse=True)
-def _environment_kept():
-    """A LocalCluster a test starts itself writes its workers' variables (OMP_NUM_THREADS=1...)
-    into this process's environment: later tests' child processes must not inherit them."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def _no_partial_files(folder: Path) -> bool:
@@ -228,7 +215,7 @@ def test_bad_rows_are_all_refused_before_any_work(data, tmp_path, capsys):
         {"fixed": "", "moving": "good.nii.gz", "id": "nofixed"},
     ]  # fmt: skip
     out = tmp_path / "out"
-    jobs = _write_csv(tmp_path / "j.csv", rows)
+    jobs = write_csv(tmp_path / "j.csv", rows)
     code = cli.main(["batch", "--jobs", str(jobs), "--out", str(out)])
     message = capsys.readouterr().err
     assert code == 2

@@ -7,27 +7,23 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
+import batch_jobs
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from batch_jobs import write_csv
 
 from DeepRegisterLib import apply_transform
 from DeepRegisterLib.cli import main as cli
 from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
 
+# The shared fixture, bound here for pytest to find: each test keeps this process's
+# environment, which a LocalCluster changes.
+environment_kept = batch_jobs.environment_kept
+
 QUICK = ["--model", "none", "--preset", "fast", "--iterations", "4", "--device", "cpu"]
-
-
-def _write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    with path.open("w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -52,17 +48,8 @@ def data(tmp_path_factory) -> Path:
         {"id": "pair1", "fixed": "fixed1.nii.gz", "moving": "moving1.nii.gz",
          "image:t2": "", "labels:seg": "labels1.nii.gz", "image:series": ""},
     ]  # fmt: skip
-    _write_csv(folder / "jobs.csv", rows)
+    write_csv(folder / "jobs.csv", rows)
     return folder
-
-
-@pytest.fixture(autouse=True)
-def _environment_kept():
-    """A LocalCluster writes its workers' variables into this process's environment."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def test_more_images_are_warped_as_apply_warps_them(data, tmp_path):
@@ -116,9 +103,9 @@ def test_bad_more_image_columns_and_files_are_refused_before_any_work(data, tmp_
         ("scan:t2", "unknown column(s) scan:t2"),
         ("image:a b", "unknown column(s) image:a b"),
     ):
-        jobs = _write_csv(tmp_path / "columns.csv", [{**base, column: "x.nii.gz"}])
+        jobs = write_csv(tmp_path / "columns.csv", [{**base, column: "x.nii.gz"}])
         assert message in refused(capsys, jobs, out)
-    twice = _write_csv(tmp_path / "twice.csv", [{**base, "image:a": "x", "labels:a": "y"}])
+    twice = write_csv(tmp_path / "twice.csv", [{**base, "image:a": "x", "labels:a": "y"}])
     assert "image:a and labels:a, which would both write a_warped.nii.gz" in refused(
         capsys, twice, out
     )
@@ -128,7 +115,7 @@ def test_bad_more_image_columns_and_files_are_refused_before_any_work(data, tmp_
         {**base, "id": "flat", "image:t2": "", "labels:seg": "slice.nii.gz"},
         {**base, "id": "fine", "image:t2": str(data / "t2_0.nii.gz"), "labels:seg": ""},
     ]
-    message = refused(capsys, _write_csv(tmp_path / "files.csv", rows), out)
+    message = refused(capsys, write_csv(tmp_path / "files.csv", rows), out)
     assert "2 of 3 job(s) cannot be run, so nothing was started" in message
     assert "row 1 (missing): image t2: not found" in message
     assert "row 2 (flat): labels seg is 2D but the fixed image is 3D" in message
