@@ -31,7 +31,8 @@ def add_apply_parser(subparsers: Any) -> argparse.ArgumentParser:
             "keeps its type, rounded; others become float32), label maps by nearest neighbour "
             "(type and values kept). For --transform the reference is the fixed image; for "
             "--inverse-transform, the moving one. A 4D series (fMRI, DWI, perfusion) is warped "
-            "volume by volume (gradient directions are not rotated); colour pictures and "
+            "volume by volume (gradient directions are not rotated, nor a DWI file's gradient "
+            "table carried); colour pictures and "
             "multi-layer Slicer segmentations (.seg.nrrd) channel by channel, a segmentation "
             "keeping its segments' names and colours."
         ),
@@ -144,6 +145,12 @@ def _warped(inputs: list[_Input], transform: Any, grid: Grid) -> dict[Path, Any]
     for image, source, target, labels, picture, label_type in inputs:
         volumes = f" ({image.GetSize()[3]} volumes)" if image.GetDimension() > grid.dim else ""
         print(f"warping {source}{volumes}", flush=True)
+        if any(key.startswith("DWMRI_gradient_") for key in image.GetMetaDataKeys()):
+            print(
+                f"note: {source} holds a diffusion gradient table, which {target.name} will not "
+                "carry: its directions would need rotating with the transform. Keep the "
+                "b-values and gradient directions (bvecs) beside it, rotated by the affine."
+            )
         result = apply_transform(image, transform, grid, labels)
         _check_landed(image, result, source)
         if label_type is not None:
