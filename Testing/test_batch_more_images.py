@@ -139,3 +139,28 @@ def test_the_worker_plan_counts_the_more_images(data):
     voxels = 24**3
     assert job_peak_bytes(only_series, headers, settings) - alone >= (3 * 4 + 24) * voxels
     assert job_peak_bytes(job, headers, settings) > job_peak_bytes(only_series, headers, settings)
+
+
+def test_more_images_are_read_before_the_job_writes_side_by_side(data, tmp_path, monkeypatch):
+    """ITK asks its HDF5 reader about every file it opens; beside the ``.h5`` transform being
+    written on another thread that failed ("H5Dclose failed", once in a full suite). So each
+    more image is read on the job's own thread, before its writers start side by side."""
+    import threading
+
+    from DeepRegisterLib.batch import jobs_from_csv, worker
+    from DeepRegisterLib.imaging import fileio
+    from DeepRegisterLib.registration.settings import RegistrationSettings
+
+    readers, read_image = [], fileio.read_image
+
+    def recorded(path, what="image"):
+        readers.append(threading.current_thread())
+        return read_image(path, what)
+
+    monkeypatch.setattr(fileio, "read_image", recorded)
+    job = jobs_from_csv(data / "jobs.csv")[0]
+    settings = RegistrationSettings(model="none", preset="fast", iterations=4, device="cpu")
+    row = worker.run_job(job, settings.to_dict(), ("transform",), str(tmp_path))
+    assert row["status"] == "ok", row
+    assert len(readers) == 2 + len(job.more_images)  # fixed, moving, then each more image
+    assert set(readers) == {threading.current_thread()}

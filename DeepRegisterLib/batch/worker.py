@@ -121,8 +121,10 @@ def _write(job: BatchJob, result, fixed, moving, folder: Path, files: dict[str, 
 
 
 def _more_image_writers(job: BatchJob, result, fixed) -> dict[str, Callable[[Path], Any]]:
-    """Each more image read, warped onto the fixed grid through the job's transform as
-    ``deepregister apply`` does, and written; by column."""
+    """Each more image warped onto the fixed grid through the job's transform as ``deepregister
+    apply`` does, and written; by column. They are read here, on the calling thread: ITK asks
+    its HDF5 reader about every file it opens, which beside the ``.h5`` transform being written
+    (the writers run side by side) failed or corrupted memory."""
     from ..imaging import fileio
     from ..imaging.apply_transform import apply_transform
 
@@ -130,10 +132,8 @@ def _more_image_writers(job: BatchJob, result, fixed) -> dict[str, Callable[[Pat
 
     def writer(column: str, path: str) -> Callable[[Path], Any]:
         labels = more_image(column)[1]
-        what = "label map" if labels else "image"
-        return lambda p: fileio.write_image(
-            apply_transform(fileio.read_image(path, what), transform, fixed, labels), p
-        )
+        image = fileio.read_image(path, "label map" if labels else "image")
+        return lambda p: fileio.write_image(apply_transform(image, transform, fixed, labels), p)
 
     return {column: writer(column, path) for column, path in job.more_images}
 
