@@ -70,6 +70,36 @@ def test_a_4d_series_is_warped_volume_by_volume(tmp_path):
     assert not np.array_equal(out[0], out[1])
 
 
+def test_spacing_keeps_the_references_field_of_view_on_a_coarser_grid(tmp_path, capsys):
+    """``--spacing 3`` with a 1 mm reference: the output covers the reference's field of view,
+    centred alike, in its orientation, at 3 mm (27 times fewer voxels for a series)."""
+    reference = oblique_grid(3, size=(30, 27, 24), spacing=(1.0, 1.0, 1.0))
+    sitk.WriteImage(reference.reference_image(), str(tmp_path / "reference.nrrd"))
+    image = image_on(oblique_grid(3, size=(12, 11, 10), spacing=(3.0, 3.0, 3.0)),
+                     np.arange(1320, dtype=np.int16).reshape(10, 11, 12))  # fmt: skip
+    sitk.WriteImage(image, str(tmp_path / "image.nrrd"))
+    argv = ("--transform", rigid_3d(tmp_path), "--reference", tmp_path / "reference.nrrd",
+            "--image", tmp_path / "image.nrrd", tmp_path / "out.nrrd")  # fmt: skip
+
+    assert apply(*argv, "--spacing", "3") == cli.EXIT_OK
+
+    out = sitk.ReadImage(str(tmp_path / "out.nrrd"))
+    assert out.GetSize() == (10, 9, 8)
+    assert out.GetSpacing() == pytest.approx((3.0, 3.0, 3.0), abs=1e-12)  # NRRD rounding
+    np.testing.assert_allclose(out.GetDirection(), reference.direction, atol=1e-12)
+
+    def centre(grid: sitk.Image) -> np.ndarray:
+        middle = [(size - 1) / 2 for size in grid.GetSize()]
+        return np.asarray(grid.TransformContinuousIndexToPhysicalPoint(middle))
+
+    np.testing.assert_allclose(centre(out), centre(reference.reference_image()), atol=1e-6)
+    alone = apply_transform(image, sitk.ReadTransform(str(tmp_path / "rigid.tfm")), out)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(out), sitk.GetArrayFromImage(alone))
+    assert apply(*argv[:-1], tmp_path / "zero.nrrd", "--spacing", "0") == cli.EXIT_INPUT
+    assert "--spacing must be a positive number of mm, not 0.0" in capsys.readouterr().err
+    assert not (tmp_path / "zero.nrrd").exists()
+
+
 def test_a_colour_picture_is_warped_channel_by_channel(tmp_path):
     """An RGB photograph through a transform found on its grey version comes back an 8-bit RGB
     PNG whose every channel is that channel warped alone."""

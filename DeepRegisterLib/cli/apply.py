@@ -53,6 +53,14 @@ def add_apply_parser(subparsers: Any) -> argparse.ArgumentParser:
             help=f"{what} and where to write it warped (repeat for more)",
         )  # fmt: skip
     parser.add_argument(
+        "--spacing",
+        type=float,
+        metavar="MM",
+        help="warp onto the reference's field of view at MM mm (isotropic, the reference's "
+        "orientation) instead of its own grid: a series onto a 1 mm scan's grid at its own "
+        "3 mm holds 27 times fewer voxels",
+    )
+    parser.add_argument(
         "--uncompressed", action="store_true", help="write the images without compression"
     )
     parser.set_defaults(run=run_apply)  # cli.main dispatches with args.run(args)
@@ -68,8 +76,8 @@ def _jobs(args: argparse.Namespace) -> list[tuple[Path, Path, bool]]:
 
 
 def _check_before_work(args: argparse.Namespace, jobs: list[tuple[Path, Path, bool]]) -> Grid:
-    """Refuse every unusable output before reading an input; the reference's grid (its
-    header alone)."""
+    """Refuse every unusable output before reading an input; the output grid: the reference's
+    (its header alone), or its field of view at ``--spacing``."""
     if not jobs:
         raise InputError(
             "nothing to warp: give --image IN OUT or --labels IN OUT (each may be repeated)"
@@ -83,7 +91,14 @@ def _check_before_work(args: argparse.Namespace, jobs: list[tuple[Path, Path, bo
 
     grid = fileio.read_grid(args.reference, "reference image")
     output_paths.check_dimension(outputs, grid.dim)
-    return grid
+    if args.spacing is None:
+        return grid
+    if not args.spacing > 0:
+        raise InputError(f"--spacing must be a positive number of mm, not {args.spacing}")
+    import numpy as np
+
+    last = np.asarray(grid.size) - 1
+    return grid.with_spacing_cropped_to(args.spacing, np.zeros(grid.dim), last, multiple=1)
 
 
 class _Input(NamedTuple):
@@ -128,7 +143,7 @@ def _check_memory(inputs: list[_Input], grid: Grid) -> None:
         raise ResourceError(
             f"the warped images would take {needed / gb:.1f} GB, more than the "
             f"{available / gb:.1f} GB of memory available: warp fewer images per command, or "
-            "give a --reference with a coarser grid (e.g. the fixed image resampled to the "
+            "give --spacing for a coarser grid over the reference's field of view (e.g. the "
             "series' own spacing)"
         )
 
