@@ -31,10 +31,10 @@ def add_apply_parser(subparsers: Any) -> argparse.ArgumentParser:
             "keeps its type, rounded; others become float32), label maps by nearest neighbour "
             "(type and values kept). For --transform the reference is the fixed image; for "
             "--inverse-transform, the moving one. A 4D series (fMRI, DWI, perfusion) is warped "
-            "volume by volume (gradient directions are not rotated, nor a DWI file's gradient "
-            "table carried); colour pictures and "
-            "multi-layer Slicer segmentations (.seg.nrrd) channel by channel, a segmentation "
-            "keeping its segments' names and colours."
+            "volume by volume: gradient directions are not rotated, nor a DWI file's gradient "
+            "table carried. Colour pictures and multi-layer Slicer segmentations (.seg.nrrd) "
+            "are warped channel by channel, a segmentation keeping its segments' names and "
+            "colours."
         ),
     )
     parser.add_argument(
@@ -82,6 +82,8 @@ def _check_before_work(args: argparse.Namespace, jobs: list[tuple[Path, Path, bo
         raise InputError(
             "nothing to warp: give --image IN OUT or --labels IN OUT (each may be repeated)"
         )
+    if args.spacing is not None and not args.spacing > 0:
+        raise InputError(f"--spacing must be a positive number of mm, not {args.spacing}")
     outputs = [
         ("--labels", "labels", out) if labels else ("--image", "image", out)
         for _, out, labels in jobs
@@ -93,8 +95,6 @@ def _check_before_work(args: argparse.Namespace, jobs: list[tuple[Path, Path, bo
     output_paths.check_dimension(outputs, grid.dim)
     if args.spacing is None:
         return grid
-    if not args.spacing > 0:
-        raise InputError(f"--spacing must be a positive number of mm, not {args.spacing}")
     import numpy as np
 
     last = np.asarray(grid.size) - 1
