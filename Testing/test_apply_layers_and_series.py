@@ -70,6 +70,32 @@ def test_a_4d_series_is_warped_volume_by_volume(tmp_path):
     assert not np.array_equal(out[0], out[1])
 
 
+def test_a_series_as_the_reference_gives_the_grid_of_its_volumes(tmp_path):
+    """Labels into an fMRI run's space (``--inverse-transform``, the run as the reference): the
+    output is 3D, on the grid of the run's volumes."""
+    grid = oblique_grid(3, size=(14, 12, 10), spacing=(2.0, 2.5, 3.0))
+    run = sitk.JoinSeries([grid.reference_image(sitk.sitkInt16)] * 3)
+    direction = np.eye(4)
+    direction[:3, :3] = np.reshape(grid.direction, (3, 3))
+    run.SetOrigin((*grid.origin, 0.0))
+    run.SetSpacing((*grid.spacing, 2.0))
+    run.SetDirection(direction.ravel().tolist())
+    sitk.WriteImage(run, str(tmp_path / "run.nii.gz"))
+    k, j, i = np.mgrid[:10, :12, :14]
+    labels = image_on(grid, ((i // 4) + 3 * (j // 4) + 9 * (k // 4) + 1).astype(np.uint8))
+    sitk.WriteImage(labels, str(tmp_path / "labels.nii.gz"))
+
+    code = apply("--transform", rigid_3d(tmp_path), "--reference", tmp_path / "run.nii.gz",
+                 "--labels", tmp_path / "labels.nii.gz", tmp_path / "out.nii.gz")  # fmt: skip
+
+    assert code == cli.EXIT_OK
+    out = sitk.ReadImage(str(tmp_path / "out.nii.gz"))
+    assert out.GetSize() == grid.size
+    np.testing.assert_allclose(out.GetOrigin(), grid.origin, atol=1e-4)
+    alone = apply_transform(labels, sitk.ReadTransform(str(tmp_path / "rigid.tfm")), grid, True)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(out), sitk.GetArrayFromImage(alone))
+
+
 def test_spacing_keeps_the_references_field_of_view_on_a_coarser_grid(tmp_path, capsys):
     """``--spacing 3`` with a 1 mm reference: the output covers the reference's field of view,
     centred alike, in its orientation, at 3 mm (27 times fewer voxels for a series)."""

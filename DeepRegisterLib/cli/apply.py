@@ -45,7 +45,10 @@ def add_apply_parser(subparsers: Any) -> argparse.ArgumentParser:
         "displacement-field image (.nii.gz, .nrrd, .mha) in LPS mm",
     )
     parser.add_argument(
-        "--reference", type=Path, required=True, help="image whose grid the outputs take"
+        "--reference",
+        type=Path,
+        required=True,
+        help="image whose grid the outputs take (a 4D series: the grid of its volumes)",
     )
     for option, what in (("--image", "an intensity image"), ("--labels", "a label map")):
         parser.add_argument(
@@ -92,6 +95,8 @@ def _check_before_work(args: argparse.Namespace, jobs: list[tuple[Path, Path, bo
     from ..imaging import fileio
 
     grid = fileio.read_grid(args.reference, "reference image")
+    if grid.dim == 4:  # a series (labels into an fMRI run's space): the grid of its volumes
+        grid = grid.volume_grid()
     output_paths.check_dimension(outputs, grid.dim)
     if args.spacing is None:
         return grid

@@ -47,6 +47,11 @@ class Grid:
     def dim(self) -> int:
         return len(self.size)
 
+    def volume_grid(self) -> Grid:
+        """The 3D grid of a 4D series' volumes: its first three axes."""
+        direction = self.direction_matrix[:3, :3]
+        return Grid(self.size[:3], self.spacing[:3], self.origin[:3], tuple(direction.ravel()))
+
     @property
     def shape(self) -> tuple[int, ...]:
         """Array shape, (K, J, I)."""
