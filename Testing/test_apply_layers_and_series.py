@@ -1,6 +1,8 @@
-"""``deepregister apply`` beyond one grey-level image: a 4D series volume by volume, a colour
-picture channel by channel, a multi-layer Slicer segmentation read back by Slicer's own storage
-node with its segments, and outputs too large for the memory refused before any warping."""
+"""``deepregister apply`` beyond one grey-level image on its reference's grid: a 4D series
+volume by volume (a DWI file's dropped gradient table named), a series as the reference,
+``--spacing``, a colour picture channel by channel, outputs too large for the memory refused
+before any warping, and multi-layer Slicer segmentations (from ``apply`` and ``register``) read
+back by Slicer's own storage node with their segments."""
 
 from __future__ import annotations
 
