@@ -49,8 +49,8 @@ class Grid:
 
     def volume_grid(self) -> Grid:
         """The 3D grid of a 4D series' volumes: its first three axes."""
-        direction = self.direction_matrix[:3, :3]
-        return Grid(self.size[:3], self.spacing[:3], self.origin[:3], tuple(direction.ravel()))
+        block = tuple(map(float, self.direction_matrix[:3, :3].ravel()))
+        return Grid(self.size[:3], self.spacing[:3], self.origin[:3], block)
 
     @property
     def shape(self) -> tuple[int, ...]:
