@@ -1,6 +1,7 @@
 """2D pictures (photographs, fundus images, slices) out of ``deepregister register``: PNG and
-TIFF in the input's 8 or 16 bits, labels as pictures, and the rescaling note when a float image
-must fit 16 bits; labels no picture holds are refused before the run."""
+TIFF in the input's 8 or 16 bits, labels as pictures, the rescaling note when a float image
+must fit 16 bits, colour pictures registered on their luminance and warped in colour; labels
+no picture holds are refused before the run."""
 
 from __future__ import annotations
 
@@ -78,3 +79,41 @@ def test_labels_that_no_picture_holds_are_refused_before_the_run(pair_2d, tmp_pa
     )
     assert "do not fit 0…65535" in message
     assert list(tmp_path.iterdir()) == []
+
+
+def test_colour_pictures_are_registered_on_luminance_and_warped_in_colour(pair_2d, tmp_path):
+    """RGB photographs: the transform is found on their luminance, and the warped picture is
+    the colour moving picture through it, every channel as ``apply_transform`` warps it."""
+    from DeepRegisterLib import apply_transform
+    from DeepRegisterLib.imaging.colour import luminance
+
+    colour = {}
+    for key in ("fixed", "moving"):
+        grey = sitk.ReadImage(str(pair_2d[key]))
+        channels = [
+            grey,
+            sitk.Cast(grey * 0.8, sitk.sitkUInt8),
+            sitk.Cast(grey / 2, sitk.sitkUInt8),
+        ]
+        colour[key] = tmp_path / f"{key}_rgb.png"
+        sitk.WriteImage(sitk.Compose(channels), str(colour[key]))
+    out = {"warped": tmp_path / "warped.png", "transform": tmp_path / "t.h5",
+           "report": tmp_path / "report.json"}  # fmt: skip
+
+    code = register(colour, "--warped", out["warped"], "--transform", out["transform"],
+                    "--report", out["report"])  # fmt: skip
+
+    assert code == cli.EXIT_OK
+    warped = sitk.ReadImage(str(out["warped"]))
+    assert warped.GetPixelID() == sitk.sitkVectorUInt8
+    moving = sitk.ReadImage(str(colour["moving"]))
+    fixed = sitk.ReadImage(str(colour["fixed"]))
+    alone = apply_transform(moving, sitk.ReadTransform(str(out["transform"])), fixed)
+    np.testing.assert_array_equal(array(warped), array(alone))
+    report = json.loads(out["report"].read_text())
+    assert any("registered on their luminance" in note for note in report["notes"])
+
+    def distance(image: sitk.Image) -> float:
+        return float(np.abs(array(luminance(image)) - array(luminance(fixed))).mean())
+
+    assert distance(warped) < 0.7 * distance(moving)

@@ -185,15 +185,24 @@ def _settings(args: argparse.Namespace):
     return settings.replace(compute_jacobian=jacobian, keep_jacobian=image)
 
 
-def _as_pictures(result, args, moving, label_types: dict[Path, int]):
-    """The 2D outputs written as PNG/TIFF, in 8 or 16 bits, and notes on what was rescaled."""
+def _coloured(result, colour_moving, fixed):
+    """The colour moving image itself through the transform found on its luminance."""
+    from ..imaging.apply_transform import apply_transform
+
+    return apply_transform(colour_moving, result.transform(), fixed)
+
+
+def _as_pictures(result, args, moving, label_types: dict[Path, int], warped=None):
+    """The 2D outputs written as PNG/TIFF, in 8 or 16 bits, and notes on what was rescaled;
+    ``warped`` stands for the engine's warped image where given (a colour one)."""
     import SimpleITK as sitk
 
     from ..imaging.image_2d import as_picture
 
     pictures, notes = {}, []
     if args.warped and output_paths.full_suffix(args.warped) in output_paths.IMAGE_2D_SUFFIXES:
-        pictures[args.warped], note = as_picture(result.warped, moving.GetPixelID(), args.warped)
+        image = result.warped if warped is None else warped
+        pictures[args.warped], note = as_picture(image, moving.GetPixelID(), args.warped)
         notes += [note] if note else []
     for source, path in zip(args.labels, args.warped_labels, strict=False):
         if path in label_types:
@@ -201,14 +210,15 @@ def _as_pictures(result, args, moving, label_types: dict[Path, int]):
     return pictures, notes
 
 
-def _write_outputs(result, args, fixed, moving, pictures) -> list[Path]:
-    """Every output asked for, all or none (:func:`fileio.write_together`)."""
+def _write_outputs(result, args, fixed, moving, pictures, coloured=None) -> list[Path]:
+    """Every output asked for, all or none (:func:`fileio.write_together`); ``coloured``, the
+    colour warped image, stands for the engine's grey one."""
     from ..imaging import fileio
 
     write_image = partial(fileio.write_image, compress=not args.uncompressed)
     plan: list[tuple[Path, Any]] = []
     if args.warped:
-        warped = pictures.get(args.warped, result.warped)
+        warped = pictures.get(args.warped, result.warped if coloured is None else coloured)
         plan.append((args.warped, lambda p: write_image(warped, p)))
     if args.transform:
         transform, field = result.transform, result.displacement
@@ -281,8 +291,13 @@ def run_register(args: argparse.Namespace) -> int:
     from ..registration.engine import load_torch_beside, register
 
     load_torch_beside()
+    from ..imaging.colour import LUMINANCE_NOTE, is_colour, luminance
+
     fixed = fileio.read_image(args.fixed, "fixed image")
     moving = fileio.read_image(args.moving, "moving image")
+    coloured = is_colour(fixed) or is_colour(moving)
+    colour_moving = moving if is_colour(moving) else None
+    fixed, moving = luminance(fixed), luminance(moving)
     initial = (
         None if args.initial_transform is None else fileio.read_transform(args.initial_transform)
     )
@@ -298,9 +313,11 @@ def run_register(args: argparse.Namespace) -> int:
         progress=_progress(args),
         cancel=threading.Event(),
     )
-    pictures, notes = _as_pictures(result, args, moving, label_types)
+    warped = _coloured(result, colour_moving, fixed) if colour_moving and args.warped else None
+    pictures, notes = _as_pictures(result, args, colour_moving or moving, label_types, warped)
+    notes = [LUMINANCE_NOTE, *notes] if coloured else notes
     result.report.setdefault("notes", []).extend(notes)
-    written = _write_outputs(result, args, fixed, moving, pictures)
+    written = _write_outputs(result, args, fixed, moving, pictures, warped)
     if args.progress == "json":
         JsonProgress().finished([str(path) for path in written], result.report)
         return EXIT_OK
