@@ -185,23 +185,23 @@ def _settings(args: argparse.Namespace):
     return settings.replace(compute_jacobian=jacobian, keep_jacobian=image)
 
 
-def _coloured(result, colour_moving, fixed):
+def _colour_warped(result, colour_moving, fixed):
     """The colour moving image itself through the transform found on its luminance."""
     from ..imaging.apply_transform import apply_transform
 
     return apply_transform(colour_moving, result.transform(), fixed)
 
 
-def _as_pictures(result, args, moving, label_types: dict[Path, int], warped=None):
+def _as_pictures(result, args, moving, label_types: dict[Path, int], colour_warped=None):
     """The 2D outputs written as PNG/TIFF, in 8 or 16 bits, and notes on what was rescaled;
-    ``warped`` stands for the engine's warped image where given (a colour one)."""
+    ``colour_warped`` stands for the engine's grey warped image where given."""
     import SimpleITK as sitk
 
     from ..imaging.image_2d import as_picture
 
     pictures, notes = {}, []
     if args.warped and output_paths.full_suffix(args.warped) in output_paths.IMAGE_2D_SUFFIXES:
-        image = result.warped if warped is None else warped
+        image = result.warped if colour_warped is None else colour_warped
         pictures[args.warped], note = as_picture(image, moving.GetPixelID(), args.warped)
         notes += [note] if note else []
     for source, path in zip(args.labels, args.warped_labels, strict=False):
@@ -210,15 +210,16 @@ def _as_pictures(result, args, moving, label_types: dict[Path, int], warped=None
     return pictures, notes
 
 
-def _write_outputs(result, args, fixed, moving, pictures, coloured=None) -> list[Path]:
-    """Every output asked for, all or none (:func:`fileio.write_together`); ``coloured``, the
-    colour warped image, stands for the engine's grey one."""
+def _write_outputs(result, args, fixed, moving, pictures, colour_warped=None) -> list[Path]:
+    """Every output asked for, all or none (:func:`fileio.write_together`); ``colour_warped``
+    stands for the engine's grey warped image where given."""
     from ..imaging import fileio
 
     write_image = partial(fileio.write_image, compress=not args.uncompressed)
     plan: list[tuple[Path, Any]] = []
     if args.warped:
-        warped = pictures.get(args.warped, result.warped if coloured is None else coloured)
+        grey_or_colour = result.warped if colour_warped is None else colour_warped
+        warped = pictures.get(args.warped, grey_or_colour)
         plan.append((args.warped, lambda p: write_image(warped, p)))
     if args.transform:
         transform, field = result.transform, result.displacement
@@ -295,7 +296,7 @@ def run_register(args: argparse.Namespace) -> int:
 
     fixed = fileio.read_image(args.fixed, "fixed image")
     moving = fileio.read_image(args.moving, "moving image")
-    coloured = is_colour(fixed) or is_colour(moving)
+    any_colour = is_colour(fixed) or is_colour(moving)
     colour_moving = moving if is_colour(moving) else None
     fixed, moving = luminance(fixed), luminance(moving)
     initial = (
@@ -313,11 +314,14 @@ def run_register(args: argparse.Namespace) -> int:
         progress=_progress(args),
         cancel=threading.Event(),
     )
-    warped = _coloured(result, colour_moving, fixed) if colour_moving and args.warped else None
-    pictures, notes = _as_pictures(result, args, colour_moving or moving, label_types, warped)
-    notes = [LUMINANCE_NOTE, *notes] if coloured else notes
+    colour_warped = None
+    if colour_moving is not None and args.warped:
+        colour_warped = _colour_warped(result, colour_moving, fixed)
+    input_type = moving if colour_moving is None else colour_moving
+    pictures, notes = _as_pictures(result, args, input_type, label_types, colour_warped)
+    notes = [LUMINANCE_NOTE, *notes] if any_colour else notes
     result.report.setdefault("notes", []).extend(notes)
-    written = _write_outputs(result, args, fixed, moving, pictures, warped)
+    written = _write_outputs(result, args, fixed, moving, pictures, colour_warped)
     if args.progress == "json":
         JsonProgress().finished([str(path) for path in written], result.report)
         return EXIT_OK
