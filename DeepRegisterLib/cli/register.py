@@ -185,13 +185,6 @@ def _settings(args: argparse.Namespace):
     return settings.replace(compute_jacobian=jacobian, keep_jacobian=image)
 
 
-def _colour_warped(result, colour_moving, fixed):
-    """The colour moving image itself through the transform found on its luminance."""
-    from ..imaging.apply_transform import apply_transform
-
-    return apply_transform(colour_moving, result.transform(), fixed)
-
-
 def _as_pictures(result, args, moving, label_types: dict[Path, int], colour_warped=None):
     """The 2D outputs written as PNG/TIFF, in 8 or 16 bits, and notes on what was rescaled;
     ``colour_warped`` stands for the engine's grey warped image where given."""
@@ -315,8 +308,10 @@ def run_register(args: argparse.Namespace) -> int:
         cancel=threading.Event(),
     )
     colour_warped = None
-    if colour_moving is not None and args.warped:
-        colour_warped = _colour_warped(result, colour_moving, fixed)
+    if colour_moving is not None and args.warped:  # the colours through the grey's transform
+        from ..imaging.apply_transform import apply_transform
+
+        colour_warped = apply_transform(colour_moving, result.transform(), fixed)
     input_type = moving if colour_moving is None else colour_moving
     pictures, notes = _as_pictures(result, args, input_type, label_types, colour_warped)
     notes = [LUMINANCE_NOTE, *notes] if any_colour else notes

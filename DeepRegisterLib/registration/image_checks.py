@@ -7,6 +7,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
+from ..imaging.colour import is_colour
 
 MIN_SIZE = 4
 INTEGER_PIXEL_TYPES = {
@@ -71,7 +72,7 @@ def check_intensity_image(image: sitk.Image, what: str) -> None:
         )
     components = image.GetNumberOfComponentsPerPixel()
     if components != 1:
-        kind = "an RGB/colour" if components in (3, 4) else f"a {components}-component vector"
+        kind = "an RGB/colour" if is_colour(image) else f"a {components}-component vector"
         raise InputError(
             f"{what} is {kind} image; DeepRegister registers a scalar (grey-level) image. "
             "Register a grey-level version or one component, then warp the image itself with "
