@@ -342,23 +342,22 @@ def test_the_engine_normalises_each_image_once(monkeypatch: pytest.MonkeyPatch) 
     """The affine stage and the network inputs share one normalised copy of each image (a
     second pass cost about a second per image on a 512² × 600 CT), with the same affine."""
     from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
-    from DeepRegisterLib.registration import engine
+    from DeepRegisterLib.registration import engine, preprocessing
 
     pair = phantom_pair(demo_grid(3, size=32), amplitude_mm=2.0)
-    normalised = [affine_search.normalised_for_registration(i) for i in (pair.fixed, pair.moving)]
+    normalised = [preprocessing.normalised_for_registration(i) for i in (pair.fixed, pair.moving)]
     separate = affine_search.register_affine(pair.fixed, pair.moving, iterations=20)
     shared = affine_search.register_normalised(*normalised, iterations=20)
     assert separate.GetParameters() == shared.GetParameters()
 
     calls: list[int] = []
-    original = affine_search.normalised_for_registration
+    original = preprocessing.normalised_for_registration
 
     def counted(image: sitk.Image, *args) -> sitk.Image:
         calls.append(image.GetNumberOfPixels())
         return original(image, *args)
 
-    monkeypatch.setattr(engine, "normalised_for_registration", counted)
-    monkeypatch.setattr(affine_search, "normalised_for_registration", counted)
+    monkeypatch.setattr(preprocessing, "normalised_for_registration", counted)
     engine.register(pair.fixed, pair.moving, preset="fast", iterations=0, model=None)
     assert len(calls) == 2
 

@@ -58,7 +58,7 @@ def test_full_resolution_working_images_end_before_the_deformable_stages(monkeyp
     """The normalised images and the smoothed moving image (64 MB each at 256³) serve the
     affine search and the network grid; none is alive once the network stage begins."""
     from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
-    from DeepRegisterLib.registration import deformable, engine
+    from DeepRegisterLib.registration import deformable, engine, preprocessing
 
     made: list[weakref.ref] = []
 
@@ -78,7 +78,9 @@ def test_full_resolution_working_images_end_before_the_deformable_stages(monkeyp
 
     original_network_stage = deformable.network_stage
     monkeypatch.setattr(
-        engine, "normalised_for_registration", tracked(engine.normalised_for_registration)
+        preprocessing,
+        "normalised_for_registration",
+        tracked(preprocessing.normalised_for_registration),
     )
     monkeypatch.setattr(deformable, "smoothed_for_grid", tracked(deformable.smoothed_for_grid))
     monkeypatch.setattr(deformable, "network_stage", network_stage)

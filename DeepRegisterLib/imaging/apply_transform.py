@@ -18,6 +18,7 @@ import SimpleITK as sitk
 
 from ..errors import InputError
 from .geometry import Grid
+from .intensity_window import IntensityWindow
 from .resampling import resample
 from .segmentation_file import carry_segments, is_slicer_segmentation
 
@@ -60,7 +61,9 @@ def warped_bytes(image: sitk.Image, grid: Grid, labels: bool = False) -> int:
 def apply_transform(
     image: sitk.Image, transform: sitk.Transform, reference: Grid | sitk.Image, labels: bool = False
 ) -> sitk.Image:
-    """``image(T(x))`` at each voxel ``x`` of the reference grid (zero outside the image).
+    """``image(T(x))`` at each voxel ``x`` of the reference grid; outside the image, zero, or
+    the image's background where that is bright (a photograph on white, see
+    :class:`IntensityWindow`), as ``register --warped`` pads.
 
     ``transform`` maps the reference's points to ``image``'s (ITK's convention, and that of
     ``register --transform``; its ``--inverse-transform`` goes the other way, onto the moving
@@ -74,23 +77,41 @@ def apply_transform(
     grid = reference if isinstance(reference, Grid) else Grid.of(reference)
     check_applicable(image, transform, grid, "the label map" if labels else "the image")
     sample = _sampler(transform, grid, _field_pays(image, grid, labels))
+    paddings = _paddings(image, grid, labels)
     if not is_series(image, grid):
-        warped = _warp_components(image, sample, labels)
+        warped = _warp_components(image, sample, labels, paddings)
         if labels and is_slicer_segmentation(image):
             carry_segments(image, warped)
         return warped
     size = list(image.GetSize())
     volumes = [
-        _warp_components(
-            sitk.Extract(image, [*size[:3], 0], [0, 0, 0, t], _SUBMATRIX), sample, labels
-        )
-        for t in range(size[3])
+        _warp_components(_volume(image, t), sample, labels, paddings) for t in range(size[3])
     ]
     return sitk.JoinSeries(volumes, image.GetOrigin()[3], image.GetSpacing()[3])
 
 
-#: ``sample(image, interpolator, output pixel type)``: one scalar image onto the grid.
-Sampler = Callable[[sitk.Image, int, int], sitk.Image]
+#: ``sample(image, interpolator, output pixel type, padding)``: one scalar image onto the grid.
+Sampler = Callable[[sitk.Image, int, int, float], sitk.Image]
+
+
+def _volume(series: sitk.Image, t: int) -> sitk.Image:
+    size = series.GetSize()
+    return sitk.Extract(series, [*size[:3], 0], [0, 0, 0, t], _SUBMATRIX)
+
+
+def _paddings(image: sitk.Image, grid: Grid, labels: bool) -> list[float]:
+    """The value outside each component: 0 for labels, else that of the component's
+    background (a series' first volume speaks for all: a hundred windows would cost 0.5 s)."""
+    components = image.GetNumberOfComponentsPerPixel()
+    if labels:
+        return [0.0] * components
+    first = _volume(image, 0) if is_series(image, grid) else image
+    if components == 1:
+        return [IntensityWindow.of(first).padding]
+    return [
+        IntensityWindow.of(sitk.VectorIndexSelectionCast(first, c)).padding
+        for c in range(components)
+    ]
 
 
 def _pieces(image: sitk.Image, grid: Grid) -> int:
@@ -121,15 +142,16 @@ def _sampler(transform: sitk.Transform, grid: Grid, through_field: bool) -> Samp
     interpolate): half the time a volume, the same values (a float64 image's to float32)."""
     on_grid = grid.reference_image()
     if not through_field:
-        return lambda image, interpolator, output_type: resample(
-            image, on_grid, transform, interpolator, output_type
+        return lambda image, interpolator, output_type, padding: resample(
+            image, on_grid, transform, interpolator, output_type, padding=padding
         )
     field = sitk.TransformToDisplacementField(
         transform, sitk.sitkVectorFloat64, *_geometry(on_grid)
     )
 
-    def warp(image: sitk.Image, interpolator: int, output_type: int) -> sitk.Image:
-        return sitk.Warp(sitk.Cast(image, output_type), field, interpolator, *_geometry(on_grid))
+    def warp(image: sitk.Image, interpolator: int, output_type: int, padding: float) -> sitk.Image:
+        cast = sitk.Cast(image, output_type)
+        return sitk.Warp(cast, field, interpolator, *_geometry(on_grid), padding)
 
     return warp
 
@@ -138,25 +160,34 @@ def _geometry(image: sitk.Image) -> tuple:
     return image.GetSize(), image.GetOrigin(), image.GetSpacing(), image.GetDirection()
 
 
-def _warp_components(image: sitk.Image, sample: Sampler, labels: bool) -> sitk.Image:
-    components = image.GetNumberOfComponentsPerPixel()
-    if components == 1:
-        return _warp(image, sample, labels)
+def _warp_components(
+    image: sitk.Image, sample: Sampler, labels: bool, paddings: list[float]
+) -> sitk.Image:
+    if len(paddings) == 1:
+        return _warp(image, sample, labels, paddings[0])
     return sitk.Compose(
-        [_warp(sitk.VectorIndexSelectionCast(image, c), sample, labels) for c in range(components)]
+        [
+            _warp(sitk.VectorIndexSelectionCast(image, c), sample, labels, padding)
+            for c, padding in enumerate(paddings)
+        ]
     )
 
 
-def _warp(image: sitk.Image, sample: Sampler, labels: bool) -> sitk.Image:
+def _warp(image: sitk.Image, sample: Sampler, labels: bool, padding: float) -> sitk.Image:
     """One scalar image onto the grid."""
     if labels:
-        return sample(image, sitk.sitkNearestNeighbor, image.GetPixelID())
-    warped = sample(image, sitk.sitkLinear, sitk.sitkFloat32)
+        return sample(image, sitk.sitkNearestNeighbor, image.GetPixelID(), 0.0)
+    return in_type_of(sample(image, sitk.sitkLinear, sitk.sitkFloat32, padding), image)
+
+
+def in_type_of(warped: sitk.Image, image: sitk.Image) -> sitk.Image:
+    """``image`` warped linearly (``warped``, float32) in the type DeepRegister gives it: its
+    own for integers, rounded to the nearest (ties to even) where ITK's cast truncates; float32
+    otherwise. Linear interpolation stays between the image's values and the padding (0 or one
+    of them), which the type holds: rounding is all the cast needs."""
     kept = sitk.GetArrayViewFromImage(image).dtype
     if not np.issubdtype(kept, np.integer):
         return warped
-    # Linear interpolation stays between the image's values and the zero outside it, which the
-    # type holds: rounding is all the cast needs.
     rounded = sitk.GetImageFromArray(np.rint(sitk.GetArrayViewFromImage(warped)).astype(kept))
     rounded.CopyInformation(warped)
     return rounded

@@ -55,13 +55,14 @@ def resample(
     interpolator: int = sitk.sitkLinear,
     output_type: int = sitk.sitkFloat32,
     is_cancelled: IsCancelled = _never,
+    padding: float = 0.0,
 ) -> sitk.Image:
-    """``sitk.Resample`` (zero outside) that a cancel request interrupts."""
+    """``sitk.Resample`` (``padding`` outside) that a cancel request interrupts."""
     resampler = sitk.ResampleImageFilter()
     resampler.SetReferenceImage(reference)
     resampler.SetTransform(transform)
     resampler.SetInterpolator(interpolator)
-    resampler.SetDefaultPixelValue(0.0)
+    resampler.SetDefaultPixelValue(padding)
     resampler.SetOutputPixelType(output_type)
     return run_filter(resampler, image, is_cancelled=is_cancelled)
 

@@ -24,11 +24,12 @@ import torch
 
 from ..errors import stop_if_cancelled
 from ..imaging.geometry import Grid
+from ..imaging.intensity_window import IntensityWindow
 from ..nn.devices import resolve_device
 from ..nn.filters import grid_sample
 from ..nn.mutual_information import SampledMutualInformation
 from .affine import level_spacings, moments_transform, recentred, to_affine, working_copy
-from .preprocessing import normalised_for_registration
+from .preprocessing import normalised_pair
 
 ProgressCallback = Callable[[float, str], None]
 MIN_METRIC_SAMPLES = 20_000
@@ -175,14 +176,14 @@ def register_affine(
 ) -> sitk.AffineTransform:
     """Affine transform mapping fixed → moving points (ITK resampling convention).
 
-    Normalises both images, then :func:`register_normalised` with the same ``options``.
+    Normalises both images as the engine does (mutual information is blind to the inversion
+    of a bright background), then :func:`register_normalised` with the same ``options``.
     """
-    return register_normalised(
-        normalised_for_registration(fixed, is_cancelled),
-        normalised_for_registration(moving, is_cancelled),
-        is_cancelled=is_cancelled,
-        **options,
+    windows = (IntensityWindow.of(fixed), IntensityWindow.of(moving))
+    fixed_norm, moving_norm, _ = normalised_pair(
+        fixed, moving, windows, one_contrast=False, is_cancelled=is_cancelled
     )
+    return register_normalised(fixed_norm, moving_norm, is_cancelled=is_cancelled, **options)
 
 
 def register_normalised(

@@ -26,7 +26,7 @@ from ..errors import RegistrationCancelled
 from .affine import to_affine
 from .beside import Beside
 from .inputs import ImageLike, Inputs, check_inputs
-from .preprocessing import normalised_for_registration
+from .preprocessing import normalised_pair
 from .progress import CancelToken, ProgressCallback, Stages, Stopwatch
 from .result import RegistrationResult
 from .settings import RegistrationSettings
@@ -114,8 +114,12 @@ def _affine_and_plan(
     full-resolution working images (normalised, smoothed: 64 MB each at 256³) end with this
     call, so the deformable stages reuse their memory instead of taking fresh pages."""
     # Normalised once: the affine stage's input, the foreground box and the network's input.
-    fixed_norm = normalised_for_registration(inputs.fixed_image, stages.cancelled)
-    moving_norm = normalised_for_registration(inputs.moving_image, stages.cancelled)
+    fixed_norm, moving_norm, inverted = normalised_pair(
+        inputs.fixed_image, inputs.moving_image, inputs.windows,
+        one_contrast=inputs.settings.similarity != "mind", is_cancelled=stages.cancelled,
+    )  # fmt: skip
+    if inverted is not None:
+        stages.report("affine", 0.0, inverted)
     with Beside(stages.cancelled, "while preparing the images") as beside:
         preparing = beside.submit(_prepare, inputs, fixed_norm, moving_norm, started)
         try:
@@ -131,7 +135,7 @@ def _affine_and_plan(
         stages.report("affine", 1.0, choice)
     from .deformable import on_network_grid
 
-    noted = () if note is None else (note,)  # reported when it happened
+    noted = tuple(said for said in (inverted, note) if said is not None)  # reported already
     return on_network_grid(stages, planned, affine, noted), affine
 
 

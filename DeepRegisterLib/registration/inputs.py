@@ -16,6 +16,7 @@ import SimpleITK as sitk
 from ..errors import InputError
 from ..imaging.fileio import read_image
 from ..imaging.geometry import is_linear
+from ..imaging.intensity_window import IntensityWindow
 from .image_checks import check_intensity_image, check_label_map, check_same_dimension, mask_on_grid
 from .presets import Preset
 from .progress import Stages
@@ -37,6 +38,7 @@ class Inputs:
     initial_transform: sitk.Transform | None
     settings: RegistrationSettings
     preset: Preset  # the settings' preset, iterations applied
+    windows: tuple[IntensityWindow, IntensityWindow]  # the fixed image's and the moving's
 
 
 class _MasksAndLabels(NamedTuple):
@@ -80,7 +82,7 @@ def check_inputs(
     return Inputs(
         fixed_image=fixed_image, moving_image=moving_image,
         **extras._asdict(), initial_transform=initial_transform, settings=settings,
-        preset=preset,
+        preset=preset, windows=(IntensityWindow.of(fixed_image), IntensityWindow.of(moving_image)),
     )  # fmt: skip
 
 

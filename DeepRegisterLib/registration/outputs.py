@@ -11,6 +11,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from ..imaging.apply_transform import in_type_of
 from ..imaging.geometry import Grid, affine_parameters, flow_voxels_to_mm
 from ..nn.networks import integrate_velocity
 from .beside import Beside
@@ -97,15 +98,23 @@ def _warped(
     device: torch.device,
     stop: Callable[[], bool],
 ) -> tuple[sitk.Image | None, dict[str, sitk.Image]]:
-    """The moving image (if asked for) and every label map, warped in one pass."""
+    """The moving image (if asked for) and every label map, warped in one pass. The image is
+    padded with its background's value where that is bright (a photograph on white): warping
+    ``moving − padding`` pads with 0, and the padding is added back."""
     movings = [(labels, True) for labels in job.label_maps.values()]
+    padding = job.windows[1].padding
     if job.settings.compute_warped:
-        movings.insert(0, (job.moving_image, False))
+        moving = job.moving_image
+        movings.insert(
+            0, (moving if not padding else sitk.Cast(moving, sitk.sitkFloat32) - padding, False)
+        )
     if not movings:
         return None, {}
     grid = Grid.of(job.fixed_image)
     warped = warp_images(movings, field, grid, device, stop, reach)
     image = warped.pop(0) if job.settings.compute_warped else None
+    if image is not None and padding:
+        image = in_type_of(image + padding, job.moving_image)
     return image, dict(zip(job.label_maps, warped, strict=True))
 
 
