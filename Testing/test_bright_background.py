@@ -8,6 +8,7 @@ import pytest
 import SimpleITK as sitk
 
 from DeepRegisterLib import register
+from DeepRegisterLib.cli import main as cli
 from DeepRegisterLib.imaging.apply_transform import apply_transform
 from DeepRegisterLib.imaging.intensity_window import IntensityWindow
 from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
@@ -143,3 +144,19 @@ def test_one_bright_image_is_inverted_only_where_the_metric_allows(
     assert (NOTE in notes) is inverted
     if inverted:
         assert "the moving image's" in notes
+
+
+def test_a_picture_sent_off_the_grid_is_refused_though_its_padding_is_white(pairs, tmp_path):
+    """``apply`` refuses an output that is nothing but padding (files from two spaces): for a
+    picture on white that padding is white, not the zero it used to look for."""
+    paths = {name: tmp_path / f"{name}.nrrd" for name in ("moving", "reference", "warped")}
+    sitk.WriteImage(pairs["bright"]["moving"], str(paths["moving"]))
+    sitk.WriteImage(pairs["bright"]["fixed"], str(paths["reference"]))
+    far = tmp_path / "far.tfm"
+    sitk.WriteTransform(sitk.TranslationTransform(3, (500.0, 0.0, 0.0)), str(far))
+
+    code = cli.main(["apply", "--transform", str(far), "--reference", str(paths["reference"]),
+                     "--image", str(paths["moving"]), str(paths["warped"])])  # fmt: skip
+
+    assert code == cli.EXIT_INPUT
+    assert not paths["warped"].exists()

@@ -184,14 +184,17 @@ def _warped(inputs: list[_Input], transform: Any, grid: Grid) -> dict[Path, Any]
 
 
 def _check_landed(image, warped, source: Path) -> None:
-    """Refuse an output that is all zero from an input that is not: the transform sent every
-    point of the reference outside the image, which comes of mixing files from two spaces."""
+    """Refuse an output that is one value (the padding: zero, or a bright background's) from
+    an input that is not: the transform sent every point of the reference outside the image,
+    which comes of mixing files from two spaces."""
     import SimpleITK as sitk
 
-    def empty(volume) -> bool:
-        return not sitk.GetArrayViewFromImage(volume).any()
+    def constant(volume) -> bool:  # each component alike
+        values = sitk.GetArrayViewFromImage(volume)
+        values = values.reshape(-1, volume.GetNumberOfComponentsPerPixel())
+        return bool((values.min(axis=0) == values.max(axis=0)).all())
 
-    if empty(warped) and not empty(image):
+    if constant(warped) and not constant(image):
         raise InputError(
             f"nothing of {source} lands on the reference grid: the transform maps every point of "
             "the reference outside it. Give the transform and the reference of one registration "
