@@ -1,5 +1,5 @@
 """``deepregister apply`` beyond one grey-level image on its reference's grid: a 4D series
-volume by volume (a DWI file's dropped gradient table named), a series as the reference,
+volume by volume, a series as the reference (a DWI's gradient table: test_diffusion_gradients),
 ``--spacing``, a colour picture channel by channel, outputs too large for the memory refused
 before any warping, and multi-layer Slicer segmentations (from ``apply`` and ``register``) read
 back by Slicer's own storage node with their segments."""
@@ -158,31 +158,6 @@ def test_a_colour_picture_is_warped_channel_by_channel(tmp_path):
         alone = apply_transform(sitk.GetImageFromArray(channel.astype(np.uint8)), transform, grey)
         np.testing.assert_array_equal(out[..., c], sitk.GetArrayFromImage(alone))
     assert len({out[..., c].tobytes() for c in range(3)}) == 3
-
-
-def test_a_diffusion_series_is_warped_and_the_gradient_table_it_drops_is_named(tmp_path, capsys):
-    """A DWI volume as Slicer writes it (gradients in the NRRD header): every direction is
-    warped, and the user is told the table is not carried, since it would need rotating."""
-    grid = oblique_grid(3, size=(10, 9, 8), spacing=(2.0, 2.0, 2.0))
-    _, j, i = np.mgrid[:8, :9, :10]
-    directions = np.stack([(100 + 10 * i + d * j) % 400 for d in range(4)], axis=-1)
-    dwi = image_on(grid, directions.astype(np.int16), vector=True)
-    dwi.SetMetaData("modality", "DWMRI")
-    dwi.SetMetaData("DWMRI_b-value", "1000")
-    for d, vector in enumerate(("0 0 0", "1 0 0", "0 1 0", "0 0 1")):
-        dwi.SetMetaData(f"DWMRI_gradient_{d:04d}", vector)
-    source, target = tmp_path / "dwi.nrrd", tmp_path / "warped.nrrd"
-    sitk.WriteImage(dwi, str(source))
-    sitk.WriteImage(grid.reference_image(), str(tmp_path / "reference.nrrd"))
-
-    code = apply("--transform", rigid_3d(tmp_path), "--reference", tmp_path / "reference.nrrd",
-                 "--image", source, target)  # fmt: skip
-
-    assert code == cli.EXIT_OK
-    assert f"note: {source} holds a diffusion gradient table" in capsys.readouterr().out
-    warped = sitk.ReadImage(str(target))
-    assert warped.GetNumberOfComponentsPerPixel() == 4
-    assert not any(key.startswith("DWMRI") for key in warped.GetMetaDataKeys())
 
 
 def test_outputs_larger_than_the_memory_are_refused_before_warping(tmp_path, capsys):

@@ -16,7 +16,7 @@ import struct
 import tempfile
 import threading
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -251,17 +251,25 @@ def _compresses(image: sitk.Image) -> bool:
     return not floating
 
 
-def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
+def write_image(
+    image: sitk.Image,
+    path: str | os.PathLike,
+    compress: bool = True,
+    nrrd_fields: Mapping[str, str] | None = None,
+) -> Path:
     """Write ``image`` atomically; compressed when it pays (see :func:`_compresses`).
 
     A ``.nii.gz`` is always a gzip file, as its name promises: ITK's NIfTI writer ignores a
     compression level, so the uncompressed ``.nii`` is gzipped here, at level 1 when the image
-    compresses and stored (level 0: no time spent) when it does not.
+    compresses and stored (level 0: no time spent) when it does not. ``nrrd_fields`` go into
+    an NRRD header beside ITK's (a DWI's measurement frame, which SimpleITK cannot set).
     """
     target = Path(path)
     suffix = full_suffix(target)
     if suffix not in (*IMAGE_SUFFIXES, *IMAGE_2D_SUFFIXES, SEGMENTATION_SUFFIX):
         raise InputError(f"cannot write image {target}: use one of {', '.join(IMAGE_SUFFIXES)}")
+    if nrrd_fields and suffix not in (".nrrd", ".nhdr"):
+        raise ValueError(f"header fields {list(nrrd_fields)} need an NRRD file, not {target}")
     compress = compress and _compresses(image)
     with atomic_write_path(target) as tmp:
         if suffix == ".nii.gz":
@@ -270,7 +278,25 @@ def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = Tru
             _gzip(plain, tmp, FAST_GZIP if compress else 0)
         else:
             sitk.WriteImage(image, str(tmp), compress, FAST_GZIP if compress else -1)
+        if nrrd_fields:
+            _add_nrrd_fields(tmp, nrrd_fields)
     return target
+
+
+def _add_nrrd_fields(path: Path, fields: Mapping[str, str]) -> None:
+    """Insert ``name: value`` lines at the end of an NRRD header, data (if attached) kept."""
+    lines = "".join(f"{name}: {value}\n" for name, value in fields.items()).encode("latin-1")
+    rewritten = path.with_name(path.name + ".fields")
+    with path.open("rb") as source, rewritten.open("wb") as target:
+        for line in iter(source.readline, b""):
+            if line in (b"\n", b"\r\n"):  # the blank line before attached data
+                target.write(lines + line)
+                shutil.copyfileobj(source, target, 1 << 24)
+                break
+            target.write(line)
+        else:  # a detached header (.nhdr) ends without one
+            target.write(lines)
+    os.replace(rewritten, path)
 
 
 def _gzip(source: Path, target: Path, level: int) -> None:
