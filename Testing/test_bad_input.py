@@ -82,9 +82,13 @@ BAD_MOVING_IMAGES: dict[str, tuple[Callable[[sitk.Image], sitk.Image], str]] = {
         lambda im: sitk.Image([6, 6, 6, 6], sitk.sitkFloat32),
         "is 4D.*time series.*deepregister apply",
     ),
-    "rgb": (
+    "rgb-black": (  # a colour picture is registered on its luminance: here, nothing
         lambda im: sitk.Image(im.GetSize(), sitk.sitkVectorUInt8, 3),
-        "RGB.*scalar.*deepregister apply",
+        "constant",
+    ),
+    "three-floats": (  # not a picture: a field, or directions
+        lambda im: sitk.Image(im.GetSize(), sitk.sitkVectorFloat32, 3),
+        "3-component vector.*colour.*deepregister apply",
     ),
     "vector": (
         lambda im: sitk.Image(im.GetSize(), sitk.sitkVectorFloat32, 5),

@@ -18,6 +18,7 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from ..errors import InputError
+from ..imaging.colour import is_colour
 from ..imaging.fileio import IMAGE_SUFFIXES, full_suffix
 
 #: The CSV's columns: the two images, then the optional ones.
@@ -64,20 +65,28 @@ def more_image(column: str) -> tuple[str, bool]:
 class ImageHeader:
     """What a file's header says, read without its voxels.
 
-    ``GetDimension``/``GetSize`` let the engine's memory estimate
-    (``registration.memory_plan.estimate_peak_bytes``) read a header as it reads an image.
+    Its ``Get…`` methods let the engine's memory estimate
+    (``registration.memory_plan.estimate_peak_bytes``) and ``imaging.colour`` read a header as
+    they read an image.
     """
 
     dimension: int
     size: tuple[int, ...]
     spacing: tuple[float, ...]
     components: int
+    pixel_id: int
 
     def GetDimension(self) -> int:  # noqa: N802 — SimpleITK's name, see the class docstring
         return self.dimension
 
     def GetSize(self) -> tuple[int, ...]:  # noqa: N802
         return self.size
+
+    def GetNumberOfComponentsPerPixel(self) -> int:  # noqa: N802 — for imaging.colour
+        return self.components
+
+    def GetPixelID(self) -> int:  # noqa: N802
+        return self.pixel_id
 
 
 def read_header(path: str | os.PathLike) -> ImageHeader:
@@ -96,6 +105,7 @@ def read_header(path: str | os.PathLike) -> ImageHeader:
         tuple(reader.GetSize()),
         tuple(reader.GetSpacing()),
         reader.GetNumberOfComponents(),
+        reader.GetPixelID(),
     )
 
 
@@ -235,7 +245,7 @@ def _job_problems(job: BatchJob, headers: dict[str, ImageHeader | InputError]) -
         elif header.dimension not in ((2, 3, 4) if more else (2, 3)):
             allowed = "2D, 3D or a 4D series only" if more else "2D or 3D only"
             problems.append(f"{role} is {header.dimension}D ({allowed}): {path}")
-        elif header.components != 1 and not more:  # more images: colour, layers are warped
+        elif header.components != 1 and not more and not _picture(column, header):
             problems.append(f"{role} has {header.components} components per voxel")
         else:
             dims[column] = header.dimension
@@ -245,6 +255,11 @@ def _job_problems(job: BatchJob, headers: dict[str, ImageHeader | InputError]) -
         if dim != reference and not series:
             problems.append(f"{_role(column)} is {dim}D but the fixed image is {reference}D")
     return problems
+
+
+def _picture(column: str, header: ImageHeader) -> bool:
+    """A colour fixed or moving picture, which the engine registers on its luminance."""
+    return column in ("fixed", "moving") and is_colour(header)
 
 
 def check_jobs(jobs: Iterable[BatchJob]) -> dict[str, ImageHeader]:

@@ -185,17 +185,15 @@ def _settings(args: argparse.Namespace):
     return settings.replace(compute_jacobian=jacobian, keep_jacobian=image)
 
 
-def _as_pictures(result, args, moving, label_types: dict[Path, int], colour_warped=None):
-    """The 2D outputs written as PNG/TIFF, in 8 or 16 bits, and notes on what was rescaled;
-    ``colour_warped`` stands for the engine's grey warped image where given."""
+def _as_pictures(result, args, moving, label_types: dict[Path, int]):
+    """The 2D outputs written as PNG/TIFF, in 8 or 16 bits, and notes on what was rescaled."""
     import SimpleITK as sitk
 
     from ..imaging.image_2d import as_picture
 
     pictures, notes = {}, []
     if args.warped and output_paths.full_suffix(args.warped) in output_paths.IMAGE_2D_SUFFIXES:
-        image = result.warped if colour_warped is None else colour_warped
-        pictures[args.warped], note = as_picture(image, moving.GetPixelID(), args.warped)
+        pictures[args.warped], note = as_picture(result.warped, moving.GetPixelID(), args.warped)
         notes += [note] if note else []
     for source, path in zip(args.labels, args.warped_labels, strict=False):
         if path in label_types:
@@ -203,16 +201,14 @@ def _as_pictures(result, args, moving, label_types: dict[Path, int], colour_warp
     return pictures, notes
 
 
-def _write_outputs(result, args, fixed, moving, pictures, colour_warped=None) -> list[Path]:
-    """Every output asked for, all or none (:func:`fileio.write_together`); ``colour_warped``
-    stands for the engine's grey warped image where given."""
+def _write_outputs(result, args, fixed, moving, pictures) -> list[Path]:
+    """Every output asked for, all or none (:func:`fileio.write_together`)."""
     from ..imaging import fileio
 
     write_image = partial(fileio.write_image, compress=not args.uncompressed)
     plan: list[tuple[Path, Any]] = []
     if args.warped:
-        grey_or_colour = result.warped if colour_warped is None else colour_warped
-        warped = pictures.get(args.warped, grey_or_colour)
+        warped = pictures.get(args.warped, result.warped)
         plan.append((args.warped, lambda p: write_image(warped, p)))
     if args.transform:
         transform, field = result.transform, result.displacement
@@ -285,13 +281,8 @@ def run_register(args: argparse.Namespace) -> int:
     from ..registration.engine import load_torch_beside, register
 
     load_torch_beside()
-    from ..imaging.colour import LUMINANCE_NOTE, is_colour, luminance
-
     fixed = fileio.read_image(args.fixed, "fixed image")
     moving = fileio.read_image(args.moving, "moving image")
-    any_colour = is_colour(fixed) or is_colour(moving)
-    colour_moving = moving if is_colour(moving) else None
-    fixed, moving = luminance(fixed), luminance(moving)
     initial = (
         None if args.initial_transform is None else fileio.read_transform(args.initial_transform)
     )
@@ -307,16 +298,9 @@ def run_register(args: argparse.Namespace) -> int:
         progress=_progress(args),
         cancel=threading.Event(),
     )
-    colour_warped = None
-    if colour_moving is not None and args.warped:  # the colours through the grey's transform
-        from ..imaging.apply_transform import apply_transform
-
-        colour_warped = apply_transform(colour_moving, result.transform(), fixed)
-    input_type = moving if colour_moving is None else colour_moving
-    pictures, notes = _as_pictures(result, args, input_type, label_types, colour_warped)
-    notes = [LUMINANCE_NOTE, *notes] if any_colour else notes
+    pictures, notes = _as_pictures(result, args, moving, label_types)
     result.report.setdefault("notes", []).extend(notes)
-    written = _write_outputs(result, args, fixed, moving, pictures, colour_warped)
+    written = _write_outputs(result, args, fixed, moving, pictures)
     if args.progress == "json":
         JsonProgress().finished([str(path) for path in written], result.report)
         return EXIT_OK

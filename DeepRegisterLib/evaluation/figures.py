@@ -22,6 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..errors import InputError
+from ..imaging.colour import luminance
 from ..imaging.fileio import atomic_write_path
 from ..imaging.metrics import same_grid
 from . import report_text
@@ -187,8 +188,9 @@ def qa_figure(
     Columns: fixed, moving, warped, checkerboard of fixed and warped, their difference, and
     det J (left out when ``jacobian`` is None). ``moving`` may be on its own grid: it is
     resampled onto the fixed grid in physical space (identity), which shows the misalignment the
-    registration had to fix.
+    registration had to fix. Colour pictures are shown by their luminance, what was registered.
     """
+    fixed, moving, warped = (luminance(image) for image in (fixed, moving, warped))
     if not same_grid(moving, fixed):
         identity = sitk.Transform(fixed.GetDimension(), sitk.sitkIdentity)
         moving = sitk.Resample(

@@ -18,8 +18,11 @@ LUMINANCE_NOTE = (
 
 
 def is_colour(image: sitk.Image) -> bool:
-    """RGB or RGBA: three or four components a voxel."""
-    return image.GetNumberOfComponentsPerPixel() in (3, 4)
+    """RGB or RGBA: three or four components a voxel, of 8 or 16 unsigned bits as pictures
+    hold them (a displacement field's floats or a DWI's directions are not colours)."""
+    return image.GetNumberOfComponentsPerPixel() in (3, 4) and image.GetPixelID() in (
+        sitk.sitkVectorUInt8, sitk.sitkVectorUInt16,
+    )  # fmt: skip
 
 
 def luminance(image: sitk.Image) -> sitk.Image:

@@ -135,7 +135,8 @@ def _affine_and_plan(
         stages.report("affine", 1.0, choice)
     from .deformable import on_network_grid
 
-    noted = tuple(said for said in (inverted, note) if said is not None)  # reported already
+    said = (*inputs.notes, inverted, note)
+    noted = tuple(line for line in said if line is not None)  # each reported when made
     return on_network_grid(stages, planned, affine, noted), affine
 
 

@@ -7,7 +7,6 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
-from ..imaging.colour import is_colour
 
 MIN_SIZE = 4
 INTEGER_PIXEL_TYPES = {
@@ -72,11 +71,10 @@ def check_intensity_image(image: sitk.Image, what: str) -> None:
         )
     components = image.GetNumberOfComponentsPerPixel()
     if components != 1:
-        kind = "an RGB/colour" if is_colour(image) else f"a {components}-component vector"
         raise InputError(
-            f"{what} is {kind} image; DeepRegister registers a scalar (grey-level) image. "
-            "Register a grey-level version or one component, then warp the image itself with "
-            "'deepregister apply', which warps every component."
+            f"{what} is a {components}-component vector image; DeepRegister registers a "
+            "grey-level or colour (RGB) image. Register a grey-level version or one component, "
+            "then warp the image itself with 'deepregister apply', which warps every component."
         )
     check_geometry(image, what)
     array = sitk.GetArrayViewFromImage(image)

@@ -14,6 +14,7 @@ from typing import NamedTuple
 import SimpleITK as sitk
 
 from ..errors import InputError
+from ..imaging.colour import LUMINANCE_NOTE, is_colour, luminance
 from ..imaging.fileio import read_image
 from ..imaging.geometry import is_linear
 from ..imaging.intensity_window import IntensityWindow
@@ -39,6 +40,8 @@ class Inputs:
     settings: RegistrationSettings
     preset: Preset  # the settings' preset, iterations applied
     windows: tuple[IntensityWindow, IntensityWindow]  # the fixed image's and the moving's
+    moving_colour: sitk.Image | None  # a colour moving picture; moving_image is its luminance
+    notes: tuple[str, ...]  # what the checks decided, for the report
 
 
 class _MasksAndLabels(NamedTuple):
@@ -61,8 +64,9 @@ def check_inputs(
     initial_transform: sitk.Transform | None,
 ) -> Inputs:
     stages.report("checks", 0.0, "checking inputs")
-    fixed_image = _as_image(fixed, "fixed image")
-    moving_image = _as_image(moving, "moving image")
+    fixed_read = _as_image(fixed, "fixed image")
+    moving_read = _as_image(moving, "moving image")
+    fixed_image, moving_image = luminance(fixed_read), luminance(moving_read)
     check_intensity_image(fixed_image, "the fixed image")
     check_intensity_image(moving_image, "the moving image")
     stages.check("during the input checks")
@@ -78,11 +82,16 @@ def check_inputs(
         fixed_image, moving_image, fixed_mask, moving_mask, moving_labels, fixed_labels
     )
     stages.check("during the input checks")
+    colour = is_colour(fixed_read) or is_colour(moving_read)
+    if colour:
+        stages.report("checks", 1.0, LUMINANCE_NOTE)
     stages.report("checks", 1.0, "inputs checked")
     return Inputs(
         fixed_image=fixed_image, moving_image=moving_image,
         **extras._asdict(), initial_transform=initial_transform, settings=settings,
         preset=preset, windows=(IntensityWindow.of(fixed_image), IntensityWindow.of(moving_image)),
+        moving_colour=moving_read if is_colour(moving_read) else None,
+        notes=(LUMINANCE_NOTE,) if colour else (),
     )  # fmt: skip
 
 

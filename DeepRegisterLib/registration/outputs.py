@@ -13,6 +13,7 @@ import torch
 
 from ..imaging.apply_transform import in_type_of
 from ..imaging.geometry import Grid, affine_parameters, flow_voxels_to_mm
+from ..imaging.intensity_window import IntensityWindow
 from ..nn.networks import integrate_velocity
 from .beside import Beside
 from .image_warping import Reach, warp_images
@@ -98,24 +99,44 @@ def _warped(
     device: torch.device,
     stop: Callable[[], bool],
 ) -> tuple[sitk.Image | None, dict[str, sitk.Image]]:
-    """The moving image (if asked for) and every label map, warped in one pass. The image is
-    padded with its background's value where that is bright (a photograph on white): warping
-    ``moving − padding`` pads with 0, and the padding is added back."""
-    movings = [(labels, True) for labels in job.label_maps.values()]
-    padding = job.windows[1].padding
-    if job.settings.compute_warped:
-        moving = job.moving_image
-        movings.insert(
-            0, (moving if not padding else sitk.Cast(moving, sitk.sitkFloat32) - padding, False)
-        )
+    """The moving image (if asked for; in colour, channel by channel, where it came so) and
+    every label map, warped in one pass: they share their sampling coordinates."""
+    channels = _channels(job) if job.settings.compute_warped else []
+    movings = [(to_warp, False) for to_warp, _, _ in channels]
+    movings += [(labels, True) for labels in job.label_maps.values()]
     if not movings:
         return None, {}
     grid = Grid.of(job.fixed_image)
     warped = warp_images(movings, field, grid, device, stop, reach)
-    image = warped.pop(0) if job.settings.compute_warped else None
-    if image is not None and padding:
-        image = in_type_of(image + padding, job.moving_image)
-    return image, dict(zip(job.label_maps, warped, strict=True))
+    images = [
+        in_type_of(image + padding, channel) if padding else image
+        for image, (_, padding, channel) in zip(warped, channels, strict=False)
+    ]
+    labels = dict(zip(job.label_maps, warped[len(channels) :], strict=True))
+    if not images:
+        return None, labels
+    return (images[0] if len(images) == 1 else sitk.Compose(images)), labels
+
+
+def _channels(job: Job) -> list[tuple[sitk.Image, float, sitk.Image]]:
+    """(what to warp, its padding, the channel) for the grey moving image or each colour
+    channel. Where a background is bright (a photograph on white) it pads outside the image:
+    ``channel − padding`` is warped (padding with 0) and the padding added back."""
+    if job.moving_colour is None:
+        pairs = [(job.moving_image, job.windows[1].padding)]
+    else:
+        colour = job.moving_colour
+        pairs = [
+            (channel, IntensityWindow.of(channel).padding)
+            for channel in (
+                sitk.VectorIndexSelectionCast(colour, c)
+                for c in range(colour.GetNumberOfComponentsPerPixel())
+            )
+        ]
+    return [
+        (sitk.Cast(channel, sitk.sitkFloat32) - padding if padding else channel, padding, channel)
+        for channel, padding in pairs
+    ]
 
 
 def _inverse(
