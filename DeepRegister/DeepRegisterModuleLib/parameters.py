@@ -7,6 +7,7 @@ from slicer import (
     vtkMRMLScalarVolumeNode,
     vtkMRMLSegmentationNode,
     vtkMRMLTransformNode,
+    vtkMRMLVectorVolumeNode,
 )
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 
@@ -17,6 +18,8 @@ from DeepRegisterLib.registration.settings import DEVICES, SIMILARITIES
 # parameterNodeWrapper recognises node unions written with typing.Union, None included.
 MaskNode = Union[vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, None]  # noqa: UP007
 LabelsNode = Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode, None]  # noqa: UP007
+# Grey-level volumes, or colour ones (photographs, stained slides: registered on luminance).
+VolumeNode = Union[vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode, None]  # noqa: UP007
 
 
 @parameterNodeWrapper
@@ -35,14 +38,14 @@ class DeepRegisterParameterNode:
     regularization, iterations - 0 means the preset's value.
     """
 
-    fixedVolume: vtkMRMLScalarVolumeNode
-    movingVolume: vtkMRMLScalarVolumeNode
+    fixedVolume: VolumeNode
+    movingVolume: VolumeNode
     fixedMask: MaskNode
     movingMask: MaskNode
     movingLabels: LabelsNode
     initialTransform: vtkMRMLTransformNode
     outputTransform: vtkMRMLTransformNode
-    outputVolume: vtkMRMLScalarVolumeNode
+    outputVolume: VolumeNode
     createOutputVolume: bool = True
     computeInverse: bool = False
     computeJacobian: bool = True

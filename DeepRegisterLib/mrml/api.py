@@ -114,8 +114,8 @@ def prepareRegistration(
         settings=settings.replace(
             compute_warped=targets.wantsWarpedVolume, compute_displacement=False
         ),
-        fixed=imageFromVolumeNode(fixedNode),
-        moving=imageFromVolumeNode(movingNode),
+        fixed=imageFromVolumeNode(fixedNode, allowColour=True),
+        moving=imageFromVolumeNode(movingNode, allowColour=True),
         fixedMask=fixedMask,
         movingMask=movingMask,
         initialTransform=initialTransform(fixedNode, initialTransformNode),

@@ -14,6 +14,7 @@ import vtk
 from vtk.util import numpy_support
 
 from ..errors import InputError
+from ..imaging.colour import is_colour
 from ..imaging.geometry import LPS_TO_RAS, Grid
 
 
@@ -99,8 +100,10 @@ def onGrid(image: sitk.Image, reference: sitk.Image, transform: sitk.Transform |
     )
 
 
-def imageFromVolumeNode(volumeNode: slicer.vtkMRMLVolumeNode) -> sitk.Image:
-    """The voxels (copied) and exact geometry (LPS) of a scalar or label map volume node.
+def imageFromVolumeNode(volumeNode: slicer.vtkMRMLVolumeNode, allowColour: bool = False):
+    """The voxels (copied) and exact geometry (LPS) of a scalar or label map volume node, or
+    with ``allowColour`` of a colour (RGB/RGBA) vector volume: a photograph or a stained slide,
+    which registration takes on its luminance.
 
     The volume's parent transform is not applied: the image is in the node's local coordinates.
     """
@@ -108,18 +111,22 @@ def imageFromVolumeNode(volumeNode: slicer.vtkMRMLVolumeNode) -> sitk.Image:
         raise InputError("no volume was given")
     name = f"volume '{volumeNode.GetName()}'"
     array = arrayFromImageData(volumeNode.GetImageData(), name)
-    if array.ndim != 3:
-        raise InputError(f"{name} has {array.shape[-1]} components; only scalar volumes are used")
-    image = sitk.GetImageFromArray(array)
+    image = sitk.GetImageFromArray(array, isVector=array.ndim == 4)
+    if array.ndim != 3 and not (allowColour and is_colour(image)):
+        wanted = "scalar and colour (RGB) volumes" if allowColour else "scalar volumes"
+        raise InputError(f"{name} has {array.shape[-1]} components; only {wanted} are used")
     return setLPSGeometry(
         image, volumeNode.GetOrigin(), _directionsOf(volumeNode), volumeNode.GetSpacing()
     )
 
 
 def updateVolumeNodeFromImage(volumeNode: slicer.vtkMRMLVolumeNode, image: sitk.Image) -> None:
-    """Replace a volume node's voxels and geometry with a 3D scalar image's (copied)."""
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError("only scalar images can be put into a volume node")
+    """Replace a volume node's voxels and geometry with a 3D image's (copied): scalar, or any
+    number of components for a vector volume node."""
+    vectors = volumeNode.IsA("vtkMRMLVectorVolumeNode")
+    if (image.GetNumberOfComponentsPerPixel() != 1) != vectors:
+        kind = "a vector" if vectors else "a scalar"
+        raise InputError(f"'{volumeNode.GetName()}' is {kind} volume: it cannot hold this image")
     origin, directions, spacing = rasGeometry(image)
     imageData = imageDataFromArray(sitk.GetArrayViewFromImage(image))
     wasModifying = volumeNode.StartModify()

@@ -103,12 +103,7 @@ def checkOutputs(fixedNode, movingNode, outputTransformNode, outputVolumeNode) -
                 "the output volume must not be the moving volume: the warped copy would "
                 "overwrite it; choose another volume or create a new one"
             )
-        if outputVolumeNode.IsA("vtkMRMLLabelMapVolumeNode") or not outputVolumeNode.IsA(
-            "vtkMRMLScalarVolumeNode"
-        ):
-            raise InputError(
-                f"output volume '{outputVolumeNode.GetName()}' must be a scalar volume"
-            )
+        _checkOutputVolumeKind(movingNode, outputVolumeNode)
     ancestor = None if outputTransformNode is None else fixedNode.GetParentTransformNode()
     while ancestor is not None:
         if ancestor is outputTransformNode:
@@ -117,6 +112,25 @@ def checkOutputs(fixedNode, movingNode, outputTransformNode, outputVolumeNode) -
                 "transform of the fixed volume; choose another output transform"
             )
         ancestor = ancestor.GetParentTransformNode()
+
+
+def _checkOutputVolumeKind(movingNode, outputVolumeNode) -> None:
+    """The warped copy of a colour volume is a colour (vector) volume; of any other, a scalar
+    one."""
+    name = outputVolumeNode.GetName()
+    if movingNode.IsA("vtkMRMLVectorVolumeNode"):
+        if not outputVolumeNode.IsA("vtkMRMLVectorVolumeNode"):
+            raise InputError(
+                f"the moving volume is in colour, so its warped copy is too: output volume "
+                f"'{name}' must be a vector volume; choose one, or none for a new one (the "
+                "module's 'Create new volume')"
+            )
+    elif (
+        outputVolumeNode.IsA("vtkMRMLLabelMapVolumeNode")
+        or not outputVolumeNode.IsA("vtkMRMLScalarVolumeNode")
+        or outputVolumeNode.IsA("vtkMRMLVectorVolumeNode")
+    ):
+        raise InputError(f"output volume '{name}' must be a scalar volume")
 
 
 def pushResult(
@@ -213,7 +227,9 @@ def _pushWarpedVolume(edit: SceneEdit, targets: PushTargets, result: PushableRes
         raise InputError("this result has no warped volume: register with compute_warped=True")
     if outputVolumeNode is None and targets.createOutputVolume:
         name = f"{targets.movingNode.GetName()} warped"
-        outputVolumeNode = edit.newNode("vtkMRMLScalarVolumeNode", name)
+        colour = result.warped.GetNumberOfComponentsPerPixel() > 1
+        kind = "vtkMRMLVectorVolumeNode" if colour else "vtkMRMLScalarVolumeNode"
+        outputVolumeNode = edit.newNode(kind, name)
         updateVolumeNodeFromImage(outputVolumeNode, result.warped)
         _copyVolumeDisplay(targets.movingNode, outputVolumeNode)
     elif outputVolumeNode is not None:

@@ -10,6 +10,7 @@ import SimpleITK as sitk
 import slicer
 
 from ..errors import InputError
+from ..imaging.colour import luminance
 from .nodes import imageFromVolumeNode, sameGrid, showScalars, updateVolumeNodeFromImage
 from .scene_edit import SceneEdit
 
@@ -38,9 +39,10 @@ def createCheckerboardVolume(
     tiles: int = 8,
 ) -> slicer.vtkMRMLScalarVolumeNode:
     """A volume alternating fixed and warped tiles, for judging the alignment at a glance."""
-    image = checkerboardImage(
-        imageFromVolumeNode(fixedNode), imageFromVolumeNode(warpedNode), tiles
-    )
+    fixed, warped = (
+        luminance(imageFromVolumeNode(node, allowColour=True)) for node in (fixedNode, warpedNode)
+    )  # pictures by their luminance, as they were registered
+    image = checkerboardImage(fixed, warped, tiles)
     with SceneEdit(fixedNode.GetScene()) as edit:
         if outputNode is None:
             outputNode = edit.newNode(
