@@ -14,6 +14,8 @@ from batch_jobs import write_csv
 
 from DeepRegisterLib import apply_transform, register
 from DeepRegisterLib.cli import main as cli
+from DeepRegisterLib.errors import InputError
+from DeepRegisterLib.evaluation.evaluate import evaluate
 from DeepRegisterLib.imaging.colour import LUMINANCE_NOTE, luminance
 from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
 
@@ -93,3 +95,17 @@ def test_batch_registers_colour_pictures(pictures, tmp_path) -> None:
     alone = apply_transform(sitk.ReadImage(str(pictures["moving"])), transform, fixed)
     assert warped.GetNumberOfComponentsPerPixel() == 3
     assert np.abs(array(warped).astype(int) - array(alone)).max() <= 1
+
+
+def test_evaluate_judges_colour_pictures_by_their_luminance(pictures) -> None:
+    fixed, moving = (sitk.ReadImage(str(pictures[key])) for key in ("fixed", "moving"))
+    shift = sitk.TranslationTransform(2, (0.5, -0.3))
+
+    colour = evaluate(fixed, moving, shift)
+
+    assert (
+        colour["similarity"] == evaluate(luminance(fixed), luminance(moving), shift)["similarity"]
+    )
+    field = sitk.Image(fixed.GetSize(), sitk.sitkVectorFloat32, 2)
+    with pytest.raises(InputError, match="grey-level or colour image, not a vector"):
+        evaluate(fixed, field, shift)

@@ -157,7 +157,7 @@ def test_evaluate_rejects_unpaired_or_mismatched_inputs() -> None:
         evaluate(fixed, moving, sitk.TranslationTransform(2))
     with pytest.raises(InputError, match="inverse transform is 2D"):
         evaluate(fixed, moving, transform, inverse_transform=sitk.TranslationTransform(2))
-    with pytest.raises(InputError, match="scalar"):
+    with pytest.raises(InputError, match="not a vector image"):  # floats: not a picture
         evaluate(fixed, sitk.Compose(moving, moving, moving), transform)
     with pytest.raises(InputError, match="lacks"):
         evaluate(fixed, moving, transform, images={"fixed": fixed})

@@ -17,6 +17,7 @@ import SimpleITK as sitk
 
 from ..errors import InputError
 from ..imaging import distances, metrics
+from ..imaging.colour import luminance
 from ..imaging.geometry import Grid
 from .landmarks import Landmarks, pair_landmarks
 
@@ -27,6 +28,14 @@ IMAGE_KEYS = ("fixed", "moving", "warped", "jacobian")
 def _check_scalar(image: sitk.Image, what: str) -> None:
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"The {what} must be a scalar image, not a vector image.")
+
+
+def _grey(image: sitk.Image, what: str) -> sitk.Image:
+    """The image judged: a colour picture by its luminance, as it is registered."""
+    grey = luminance(image)
+    if grey.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"The {what} must be a grey-level or colour image, not a vector image.")
+    return grey
 
 
 def _check_dimensions(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform) -> None:
@@ -55,8 +64,7 @@ def evaluation_images(
     Computing these once and passing them to :func:`evaluate` and :func:`write_report`
     (``images=``) avoids resampling the volumes twice.
     """
-    _check_scalar(fixed, "fixed image")
-    _check_scalar(moving, "moving image")
+    fixed, moving = _grey(fixed, "fixed image"), _grey(moving, "moving image")
     _check_dimensions(fixed, moving, transform)
     identity = sitk.Transform(fixed.GetDimension(), sitk.sitkIdentity)
     moving_float = sitk.Cast(moving, sitk.sitkFloat32)
@@ -225,8 +233,9 @@ def evaluate(
     moving labels with nearest neighbour; "before" values use the identity transform, i.e. the
     images as they lie in physical space. Undefined or infinite values (a label missing from
     both maps, an empty structure's HD95) are ``None``. ``images`` takes a precomputed
-    :func:`evaluation_images` result.
+    :func:`evaluation_images` result. Colour pictures are judged by their luminance.
     """
+    fixed, moving = _grey(fixed, "fixed image"), _grey(moving, "moving image")
     _check_dimensions(fixed, moving, transform)
     if (fixed_labels is None) != (moving_labels is None):
         raise InputError("Give both the fixed and the moving label maps, or neither.")
