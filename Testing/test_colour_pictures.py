@@ -28,7 +28,8 @@ def array(image: sitk.Image) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def pictures(tmp_path_factory) -> dict[str, Path]:
-    """A 2D pair as photographs on white paper: RGB PNGs, the object tinted (R, 0.8 R, 0.5 R)."""
+    """A 2D pair as photographs on white paper: RGB PNGs, the ink taking 1, 0.8 and 0.5 of
+    red, green and blue."""
     folder = tmp_path_factory.mktemp("colour")
     pair = phantom_pair(demo_grid(2, 48), amplitude_mm=2.0)
     top = float(array(pair.fixed).max())

@@ -100,7 +100,9 @@ def onGrid(image: sitk.Image, reference: sitk.Image, transform: sitk.Transform |
     )
 
 
-def imageFromVolumeNode(volumeNode: slicer.vtkMRMLVolumeNode, allowColour: bool = False):
+def imageFromVolumeNode(
+    volumeNode: slicer.vtkMRMLVolumeNode, allowColour: bool = False
+) -> sitk.Image:
     """The voxels (copied) and exact geometry (LPS) of a scalar or label map volume node, or
     with ``allowColour`` of a colour (RGB/RGBA) vector volume: a photograph or a stained slide,
     which registration takes on its luminance.

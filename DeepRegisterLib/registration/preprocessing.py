@@ -2,8 +2,8 @@
 
 Robust intensity scaling (so CT and MR behave alike, with the background dark even where it
 is bright in the image) and the fixed foreground's box (so the deformable stages spend their
-voxels on anatomy, not air). Training uses the same functions, so
-a network sees at training time what the engine feeds it.
+voxels on anatomy, not air). Training uses the same functions, so a network sees at training
+time what the engine feeds it.
 """
 
 from __future__ import annotations
