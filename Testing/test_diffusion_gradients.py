@@ -152,3 +152,96 @@ def test_header_fields_go_into_attached_and_detached_nrrds(tmp_path, suffix, com
     np.testing.assert_array_equal(
         sitk.GetArrayFromImage(sitk.ReadImage(str(path))), sitk.GetArrayFromImage(image)
     )
+
+
+# --- FSL's bvec/bval beside a NIfTI series ----------------------------------------------------
+
+
+def write_nifti_dwi(folder: Path, direction: np.ndarray) -> tuple[Path, np.ndarray]:
+    """A 4D NIfTI series with bvec and bval files, as dcm2niix writes them; its directions in
+    RAS by the FSL rule (along the voxel axes, the first negated for a positive determinant)."""
+    n = len(DIRECTIONS)
+    k, j, i = np.mgrid[:8, :9, :10]
+    volumes = [sitk.GetImageFromArray(((90 + 7 * i + 5 * j * d + 3 * k) % 400).astype(np.int16))
+               for d in range(n)]  # fmt: skip
+    series = sitk.JoinSeries(volumes)
+    block = np.eye(4)
+    block[:3, :3] = direction
+    series.SetDirection(block.ravel().tolist())
+    series.SetSpacing((2.0, 2.0, 2.5, 1.0))
+    series.SetOrigin((-9.0, 8.0, -10.0, 0.0))
+    path = folder / "dwi.nii.gz"
+    sitk.WriteImage(series, str(path))
+    bvecs = DIRECTIONS / np.maximum(np.linalg.norm(DIRECTIONS, axis=1, keepdims=True), 1e-12)
+    np.savetxt(folder / "dwi.bvec", bvecs.T, fmt="%.6f")
+    (folder / "dwi.bval").write_text(" ".join("0" if d == 0 else "1000" for d in range(n)) + "\n")
+    return path, (RAS_TO_LPS @ direction @ _fsl_flip(direction) @ bvecs.T).T
+
+
+def _fsl_flip(direction: np.ndarray) -> np.ndarray:
+    return np.diag([-1.0, 1.0, 1.0]) if np.linalg.det(direction) > 0 else np.eye(3)
+
+
+@pytest.mark.parametrize("handedness", ["neurological", "radiological"])
+def test_bvecs_beside_a_nifti_series_are_turned_and_written_beside_its_output(
+    turned, tmp_path, handedness
+):
+    """The output's bvec, read by the same rule on the output grid, holds the source's RAS
+    directions turned by the transform; the bval is copied."""
+    direction = np.reshape(turned["grid"].direction, (3, 3))
+    if handedness == "radiological":
+        direction = direction @ np.diag([-1.0, 1.0, 1.0])
+    source, world = write_nifti_dwi(tmp_path, direction)
+    target = tmp_path / "out" / "warped.nii.gz"
+    target.parent.mkdir()
+
+    code = apply("--transform", turned["transform"], "--reference", turned["reference"],
+                 "--image", source, target)  # fmt: skip
+
+    assert code == cli.EXIT_OK
+    out_direction = np.reshape(turned["grid"].direction, (3, 3))
+    written = np.loadtxt(tmp_path / "out" / "warped.bvec")
+    got = (RAS_TO_LPS @ out_direction @ _fsl_flip(out_direction) @ written).T
+    ras_turn = RAS_TO_LPS @ turned["rotation"].T @ RAS_TO_LPS
+    np.testing.assert_allclose(got, (ras_turn @ world.T).T, atol=2e-6)
+    assert (tmp_path / "out" / "warped.bval").read_text() == (tmp_path / "dwi.bval").read_text()
+
+
+def test_a_nifti_and_an_nrrd_of_one_dwi_come_out_with_the_same_directions(turned, tmp_path):
+    """The bvec path against the NRRD one, which Slicer's reader checks: the same directions
+    in the world, given and read back each its own way."""
+    source, world = write_nifti_dwi(tmp_path, np.reshape(turned["grid"].direction, (3, 3)))
+    nrrd_dir = tmp_path / "nrrd"
+    nrrd_dir.mkdir()
+    ras_in_frame = np.linalg.solve(FRAME_COLUMNS, world.T).T  # NRRD keys in the quarter frame
+    write_dwi(turned["dwi"])
+    text = turned["dwi"].read_bytes()
+    head, data = text.split(b"\n\n", 1)
+    lines = [line for line in head.decode().split("\n") if not line.startswith("DWMRI_gradient")]
+    lines += [f"DWMRI_gradient_{d:04d}:={' '.join(f'{v:.9g}' for v in g)}"
+              for d, g in enumerate(ras_in_frame)]  # fmt: skip
+    turned["dwi"].write_bytes("\n".join(lines).encode() + b"\n\n" + data)
+    outputs = {"nifti": tmp_path / "w.nii.gz", "nrrd": nrrd_dir / "w.nrrd"}
+
+    for given, out in ((source, outputs["nifti"]), (turned["dwi"], outputs["nrrd"])):
+        code = apply("--transform", turned["transform"], "--reference", turned["reference"],
+                     "--image", given, out)  # fmt: skip
+        assert code == cli.EXIT_OK
+
+    from_nrrd, _ = slicer_gradients(outputs["nrrd"])
+    out_direction = np.reshape(turned["grid"].direction, (3, 3))
+    bvec = np.loadtxt(tmp_path / "w.bvec")
+    from_bvec = (RAS_TO_LPS @ out_direction @ _fsl_flip(out_direction) @ bvec).T
+    np.testing.assert_allclose(from_bvec, from_nrrd, atol=2e-6)
+
+
+def test_bvecs_that_do_not_fit_the_series_are_named(turned, tmp_path, capsys):
+    source, _ = write_nifti_dwi(tmp_path, np.eye(3))
+    (tmp_path / "dwi.bvec").write_text("1 0\n0 1\n0 0\n")  # two directions, five volumes
+
+    code = apply("--transform", turned["transform"], "--reference", turned["reference"],
+                 "--image", source, tmp_path / "w.nii.gz")  # fmt: skip
+
+    assert code == cli.EXIT_OK
+    assert "does not hold one direction for each of its 5 volumes" in capsys.readouterr().out
+    assert not (tmp_path / "w.bvec").exists()

@@ -31,11 +31,11 @@ def add_apply_parser(subparsers: Any) -> argparse.ArgumentParser:
             "keeps its type, rounded; others become float32), label maps by nearest neighbour "
             "(type and values kept). For --transform the reference is the fixed image; for "
             "--inverse-transform, the moving one. A 4D series (fMRI, DWI, perfusion) is warped "
-            "volume by volume; a DWI NRRD's gradient table is carried into an NRRD output, "
-            "turned by the rotation of the transform's affine (bvecs beside a NIfTI series "
-            "are not). Colour pictures and multi-layer Slicer segmentations (.seg.nrrd) "
-            "are warped channel by channel, a segmentation keeping its segments' names and "
-            "colours."
+            "volume by volume; a DWI's gradient directions (a DWI NRRD's header table, or the "
+            ".bvec/.bval beside a NIfTI series) are turned by the rotation of the transform's "
+            "affine and carried in the same form. Colour pictures and multi-layer Slicer "
+            "segmentations (.seg.nrrd) are warped channel by channel, a segmentation keeping "
+            "its segments' names and colours."
         ),
     )
     parser.add_argument(
@@ -154,23 +154,25 @@ def _check_memory(inputs: list[_Input], grid: Grid) -> None:
         )
 
 
-def _warped(inputs: list[_Input], transform: Any, grid: Grid) -> dict[Path, Any]:
-    """Each output image, ready to write; 2D pictures are brought to 8 or 16 bits as
-    ``register`` does."""
+def _warped(
+    inputs: list[_Input], transform: Any, grid: Grid
+) -> tuple[dict[Path, Any], dict[Path, str]]:
+    """Each output image, ready to write (2D pictures brought to 8 or 16 bits as ``register``
+    does), and the text files that go beside them (a diffusion series' turned bvecs)."""
     import SimpleITK as sitk
 
     from ..imaging.apply_transform import apply_transform
-    from ..imaging.diffusion import is_diffusion
     from ..imaging.image_2d import as_picture
+    from .gradient_tables import carry_gradients
 
     warped: dict[Path, Any] = {}
+    beside: dict[Path, str] = {}
     for image, source, target, labels, picture, label_type in inputs:
         volumes = f" ({image.GetSize()[3]} volumes)" if image.GetDimension() > grid.dim else ""
         print(f"warping {source}{volumes}", flush=True)
         result = apply_transform(image, transform, grid, labels)
         _check_landed(image, result, source)
-        if is_diffusion(image):
-            _carry_gradient_table(result, image, source, target, transform, grid)
+        beside |= carry_gradients(image, result, source, target, transform, grid)
         if label_type is not None:
             result = sitk.Cast(result, label_type)
         elif picture:
@@ -178,31 +180,7 @@ def _warped(inputs: list[_Input], transform: Any, grid: Grid) -> dict[Path, Any]
             if note:
                 print(f"note: {note}")
         warped[target] = result
-    return warped
-
-
-def _carry_gradient_table(
-    warped: Any, image: Any, source: Path, target: Path, transform: Any, grid: Grid
-) -> None:
-    """A DWI's gradient table into its warped NRRD, turned with the transform; a note where it
-    cannot go (another format, a frame the header does not give)."""
-    from ..imaging import diffusion
-
-    table = diffusion.read_gradient_table(source, image)
-    if table is None or output_paths.full_suffix(target) not in (".nrrd", ".nhdr"):
-        reason = (
-            "its header gives no anatomical frame for them" if table is None
-            else f"only an NRRD holds one: write {target.stem.split('.')[0]}.nrrd to keep it"
-        )  # fmt: skip
-        print(f"note: {target.name} does not carry {source.name}'s gradient table: {reason}")
-        return
-    rotation = diffusion.transform_rotation(transform, grid)
-    diffusion.carry_gradients(warped, table, rotation)
-    print(
-        f"note: {target.name} carries {len(table.directions)} gradient directions, turned "
-        f"{diffusion.degrees(rotation):.1f}° with the transform's affine (not by the "
-        "deformation's local turns)"
-    )
+    return warped, beside
 
 
 def _header_fields(warped: Any) -> dict[str, str] | None:
@@ -240,12 +218,13 @@ def run_apply(args: argparse.Namespace) -> int:
     transform = fileio.read_transform(args.transform)
     inputs = _read_inputs(jobs, transform, grid)
     _check_memory(inputs, grid)
-    warped = _warped(inputs, transform, grid)
+    warped, beside = _warped(inputs, transform, grid)
     write = partial(fileio.write_image, compress=not args.uncompressed)
     plan = [
         (path, lambda p, image=image: write(image, p, nrrd_fields=_header_fields(image)))
         for path, image in warped.items()
     ]
+    plan += [(path, lambda p, text=text: p.write_text(text)) for path, text in beside.items()]
     for path in fileio.write_together(plan):
         print(f"wrote {path}")
     return EXIT_OK

@@ -72,8 +72,8 @@ def apply_transform(
     ``labels``, nearest neighbour, type and values kept. Each component of a multi-component
     image (a colour picture, the layers of a Slicer segmentation) and each volume of a 4D
     series is warped alike; a Slicer segmentation keeps its segments (names, colours, layers);
-    a DWI's gradient table is the command line's to turn and carry
-    (:mod:`.diffusion`).
+    a DWI's gradient directions are the command line's to turn and carry
+    (:mod:`.diffusion`, :mod:`.fsl_gradients`).
     """
     grid = reference if isinstance(reference, Grid) else Grid.of(reference)
     check_applicable(image, transform, grid, "the label map" if labels else "the image")
