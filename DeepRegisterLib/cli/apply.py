@@ -162,8 +162,8 @@ def _warped(
     import SimpleITK as sitk
 
     from ..imaging.apply_transform import apply_transform
+    from ..imaging.gradient_tables import carried_gradients
     from ..imaging.image_2d import as_picture
-    from .gradient_tables import carry_gradients
 
     warped: dict[Path, Any] = {}
     beside: dict[Path, str] = {}
@@ -172,7 +172,12 @@ def _warped(
         print(f"warping {source}{volumes}", flush=True)
         result = apply_transform(image, transform, grid, labels)
         _check_landed(image, result, source)
-        beside |= carry_gradients(image, result, source, target, transform, grid)
+        carried = carried_gradients(image, source, target, transform, grid)
+        for key, value in carried.keys.items():
+            result.SetMetaData(key, value)
+        beside |= carried.files
+        for note in carried.notes:
+            print(f"note: {note}")
         if label_type is not None:
             result = sitk.Cast(result, label_type)
         elif picture:

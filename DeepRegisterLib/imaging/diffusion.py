@@ -85,14 +85,16 @@ def degrees(rotation: np.ndarray) -> float:
     return float(np.degrees(np.arccos(np.clip((np.trace(rotation) - 1) / 2, -1.0, 1.0))))
 
 
-def carry_gradients(warped: sitk.Image, table: GradientTable, rotation: np.ndarray) -> None:
-    """Write ``table``'s keys into ``warped``'s metadata, each direction turned from the image's
+def gradient_keys(table: GradientTable, rotation: np.ndarray) -> dict[str, str]:
+    """``table``'s header keys for the warped image, each direction turned from the image's
     space into the reference's (the inverse of ``rotation``); the file also needs
     :data:`LPS_FRAME` in its header."""
-    for key, value in table.keys.items():
-        warped.SetMetaData(key, value)
-    for n, direction in enumerate(table.directions @ rotation):  # Rᵀ g for each row g
-        warped.SetMetaData(f"{GRADIENT_KEY}{n:04d}", " ".join(f"{v:.9g}" for v in direction))
+    turned = table.directions @ rotation  # Rᵀ g for each row g
+    directions = {
+        f"{GRADIENT_KEY}{n:04d}": " ".join(f"{v:.9g}" for v in direction)
+        for n, direction in enumerate(turned)
+    }
+    return {**table.keys, **directions}
 
 
 def _nrrd_fields(path: Path) -> dict[str, str]:
