@@ -164,3 +164,41 @@ def test_more_images_are_read_before_the_job_writes_side_by_side(data, tmp_path,
     assert row["status"] == "ok", row
     assert len(readers) == 2 + len(job.more_images)  # fixed, moving, then each more image
     assert set(readers) == {threading.current_thread()}
+
+
+def test_a_diffusion_series_brings_its_bvecs_turned_as_apply_turns_them(data, tmp_path, capsys):
+    """A NIfTI series with dcm2niix's bvec/bval: the job writes ``dwi_warped.bvec``/``.bval``
+    beside ``dwi_warped.nii.gz``, equal to what ``apply`` writes through the job's transform;
+    a job counts as finished only with them; a bvec that does not fit is refused up front."""
+    series = sitk.ReadImage(str(data / "series0.nii.gz"))
+    sitk.WriteImage(series, str(tmp_path / "dwi.nii.gz"))
+    (tmp_path / "dwi.bvec").write_text("0 1 0.6\n0 0 0\n0 0 0.8\n")
+    (tmp_path / "dwi.bval").write_text("0 1000 1000\n")
+    base = {"id": "pair0", "fixed": str(data / "fixed0.nii.gz"),
+            "moving": str(data / "moving0.nii.gz")}  # fmt: skip
+    jobs = write_csv(tmp_path / "jobs.csv", [{**base, "image:dwi": str(tmp_path / "dwi.nii.gz")}])
+    out = tmp_path / "out"
+    argv = ["batch", "--jobs", str(jobs), "--out", str(out), "--workers", "1", *QUICK]
+
+    assert cli.main([*argv, "--quiet"]) == cli.EXIT_OK
+
+    folder = out / "pair0"
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    assert cli.main(["apply", "--transform", str(folder / "transform.h5"),
+                     "--reference", str(data / "fixed0.nii.gz"),
+                     "--image", str(tmp_path / "dwi.nii.gz"),
+                     str(alone / "dwi_warped.nii.gz")]) == cli.EXIT_OK  # fmt: skip
+    for suffix in (".bvec", ".bval"):
+        written = (folder / f"dwi_warped{suffix}").read_text()
+        assert written == (alone / f"dwi_warped{suffix}").read_text()
+    report = json.loads((folder / "report.json").read_text())
+    assert any(note.startswith("image:dwi: dwi_warped.bvec") for note in report["notes"])
+    (folder / "dwi_warped.bvec").unlink()
+    capsys.readouterr()
+    assert cli.main([*argv]) == cli.EXIT_OK
+    assert (folder / "dwi_warped.bvec").is_file()  # the job ran again for it
+
+    (tmp_path / "dwi.bvec").write_text("0 1\n0 0\n0 0\n")  # two directions, three volumes
+    message = refused(capsys, jobs, tmp_path / "out2")
+    assert "dwi.bvec does not hold one direction for each of its 3 volumes" in message

@@ -15,11 +15,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
 from ..imaging.colour import is_colour
 from ..imaging.fileio import IMAGE_SUFFIXES, full_suffix
+from ..imaging.fsl_gradients import NIFTI_SUFFIXES, companion, read_bvecs
 
 #: The CSV's columns: the two images, then the optional ones.
 REQUIRED_COLUMNS = ("fixed", "moving")
@@ -59,6 +61,20 @@ def more_image(column: str) -> tuple[str, bool]:
     """An ``image:<name>``/``labels:<name>`` column's output file and whether it holds labels."""
     kind, name = column.split(":", 1)
     return f"{name}_warped.nii.gz", kind == "labels"
+
+
+def gradient_files(column: str, path: str) -> dict[str, str]:
+    """The ``.bvec``/``.bval`` files a more image's NIfTI diffusion series brings (FSL's, as
+    dcm2niix writes them beside it), turned with it into ``<name>_warped.bvec``/``.bval``;
+    by key (``image:dwi.bvec``)."""
+    if more_image(column)[1] or full_suffix(Path(path)) not in NIFTI_SUFFIXES:
+        return {}
+    stem = more_image(column)[0][: -len(".nii.gz")]
+    return {
+        f"{column}{suffix}": f"{stem}{suffix}"
+        for suffix in (".bvec", ".bval")
+        if companion(path, ".bvec").is_file() and companion(path, suffix).is_file()
+    }
 
 
 @dataclass(frozen=True)
@@ -247,6 +263,8 @@ def _job_problems(job: BatchJob, headers: dict[str, ImageHeader | InputError]) -
             problems.append(f"{role} is {header.dimension}D ({allowed}): {path}")
         elif header.components != 1 and not more and not _picture(column, header):
             problems.append(f"{role} has {header.components} components per voxel")
+        elif more and (bvecs := _bvec_problem(column, path, header)):
+            problems.append(f"{role}: {bvecs}")
         else:
             dims[column] = header.dimension
     reference = dims.get("fixed", dims.get("moving"))
@@ -255,6 +273,17 @@ def _job_problems(job: BatchJob, headers: dict[str, ImageHeader | InputError]) -
         if dim != reference and not series:
             problems.append(f"{_role(column)} is {dim}D but the fixed image is {reference}D")
     return problems
+
+
+def _bvec_problem(column: str, path: str, header: ImageHeader) -> str | None:
+    """What is wrong with the bvec file beside a more image, if it has one."""
+    if not gradient_files(column, path):
+        return None
+    bvec = companion(path, ".bvec")
+    volumes = header.size[3] if header.dimension == 4 else 1
+    if header.dimension != 4 or read_bvecs(bvec, np.eye(3), volumes) is None:
+        return f"{bvec.name} does not hold one direction for each of its {volumes} volumes"
+    return None
 
 
 def _picture(column: str, header: ImageHeader) -> bool:

@@ -16,11 +16,12 @@ import resource
 import time
 import traceback
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from .cluster import usable_cores
-from .jobs import BatchJob, more_image
+from .jobs import BatchJob, gradient_files, more_image
 from .summary import summary_row
 
 #: What a job can write: the choices of ``--outputs``, and the file each one becomes.
@@ -47,7 +48,13 @@ def expected_outputs(job: BatchJob, outputs: tuple[str, ...], settings: dict) ->
         if (name != "labels" or job.labels is not None)
         and (name != "jacobian" or settings.get("compute_jacobian", True))
     }
-    return chosen | {column: Path(more_image(column)[0]) for column, _ in job.more_images}
+    more = {column: Path(more_image(column)[0]) for column, _ in job.more_images}
+    gradients = {
+        key: Path(file)
+        for column, path in job.more_images
+        for key, file in gradient_files(column, path).items()
+    }
+    return chosen | more | gradients
 
 
 def finished_report(
@@ -101,41 +108,63 @@ def _decile_messages(job_id: str) -> Callable[[float, str], None]:
     return progress
 
 
-def _write(job: BatchJob, result, fixed, moving, folder: Path, files: dict[str, Path]) -> None:
-    """Every output of the job, all or none (:func:`fileio.write_together`)."""
+def _write(
+    job: BatchJob, result, fixed, moving, folder: Path, files: dict[str, Path]
+) -> tuple[str, ...]:
+    """Every output of the job, all or none (:func:`fileio.write_together`); the notes on
+    what went with its more images."""
     from ..imaging import fileio
 
+    more_writers, notes = _more_image_writers(job, result, fixed)
     writers: dict[str, Callable[[Path], Any]] = {
         "warped": lambda p: fileio.write_image(result.warped, p),
         "transform": lambda p: fileio.write_transform(result.transform(), p),
         "inverse": lambda p: fileio.write_transform(result.inverse_transform(), p),
         "labels": lambda p: fileio.write_image(result.warped_labels["labels"], p),
         "jacobian": lambda p: fileio.write_image(result.jacobian, p),
-        **_more_image_writers(job, result, fixed),
+        **more_writers,
     }
     if "qa" in files:
         from ..evaluation.figures import qa_figure
 
         writers["qa"] = lambda p: qa_figure(fixed, moving, result.warped, result.jacobian, p)
     fileio.write_together([(folder / file, writers[name]) for name, file in files.items()])
+    return notes
 
 
-def _more_image_writers(job: BatchJob, result, fixed) -> dict[str, Callable[[Path], Any]]:
+def _more_image_writers(
+    job: BatchJob, result, fixed
+) -> tuple[dict[str, Callable[[Path], Any]], tuple[str, ...]]:
     """Each more image warped onto the fixed grid through the job's transform as ``deepregister
-    apply`` does, and written; by column. They are read here, on the calling thread: ITK asks
-    its HDF5 reader about every file it opens, which beside the ``.h5`` transform being written
-    (the writers run side by side) failed or corrupted memory."""
+    apply`` does, and written, by column; a diffusion series' bvec and bval with it, turned
+    (by ``image:dwi.bvec``), and the notes on them. The images are read here, on the calling
+    thread: ITK asks its HDF5 reader about every file it opens, which beside the ``.h5``
+    transform being written (the writers run side by side) failed or corrupted memory."""
+    from ..imaging import fileio
+    from ..imaging.geometry import Grid
+    from ..imaging.gradient_tables import carried_gradients
+
+    transform = result.transform() if job.more_images else None
+    writers: dict[str, Callable[[Path], Any]] = {}
+    notes: list[str] = []
+    for column, path in job.more_images:
+        file, labels = more_image(column)
+        image = fileio.read_image(path, "label map" if labels else "image")
+        writers[column] = partial(_write_warped, image, transform, fixed, labels)
+        if not labels:
+            carried = carried_gradients(image, Path(path), Path(file), transform, Grid.of(fixed))
+            by_name = {name: key for key, name in gradient_files(column, path).items()}
+            for target, text in carried.files.items():
+                writers[by_name[target.name]] = partial(Path.write_text, data=text)
+            notes += [f"{column}: {note}" for note in carried.notes]
+    return writers, tuple(notes)
+
+
+def _write_warped(image, transform, fixed, labels: bool, path: Path) -> None:
     from ..imaging import fileio
     from ..imaging.apply_transform import apply_transform
 
-    transform = result.transform() if job.more_images else None
-
-    def writer(column: str, path: str) -> Callable[[Path], Any]:
-        labels = more_image(column)[1]
-        image = fileio.read_image(path, "label map" if labels else "image")
-        return lambda p: fileio.write_image(apply_transform(image, transform, fixed, labels), p)
-
-    return {column: writer(column, path) for column, path in job.more_images}
+    fileio.write_image(apply_transform(image, transform, fixed, labels), path)
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
@@ -183,8 +212,9 @@ def run_job(
             fixed_labels=job.fixed_labels if job.labels is not None else None,
             progress=_decile_messages(job.id),
         )
-        _write(job, result, fixed, moving, folder, files)
+        notes = _write(job, result, fixed, moving, folder, files)
         report = dict(result.report)
+        report["notes"] = [*report.get("notes", []), *notes]
         report["batch"] = {
             "id": job.id,
             "inputs": job.inputs(),
