@@ -221,6 +221,14 @@ class DeepRegisterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return _("The warped volume must not overwrite the fixed volume.")
         if parameters.createOutputVolume and parameters.outputVolume == parameters.movingVolume:
             return _("The warped volume must not overwrite the moving volume.")
+        if parameters.createOutputVolume and parameters.outputVolume:
+            # A colour moving volume warps into a colour output: the library's own rule.
+            from DeepRegisterLib.mrml import checkOutputVolumeKind
+
+            try:
+                checkOutputVolumeKind(parameters.movingVolume, parameters.outputVolume)
+            except ValueError as error:  # InputError: says which kind to choose
+                return str(error)
         return ""
 
     def _checkCanApply(self, caller=None, event=None) -> None:

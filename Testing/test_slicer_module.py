@@ -327,6 +327,18 @@ def test_the_moving_volume_is_refused_as_output_volume(module):
     assert "parameters.outputVolume == parameters.movingVolume" in reasons
 
 
+def test_apply_waits_for_an_output_volume_of_the_moving_volumes_kind(module):
+    """A colour moving volume warps into a colour (vector) output: Apply stays disabled with
+    the library's reason while the output selector holds a scalar volume (test_mrml_colour
+    tests the rule itself)."""
+    reasons = ast.unparse(method_node(module, "DeepRegisterWidget", "_whyCannotApply"))
+    assert "checkOutputVolumeKind(parameters.movingVolume, parameters.outputVolume)" in reasons
+    pytest.importorskip("mrml_scenes")  # the library's MRML half needs slicer-core
+    from DeepRegisterLib import mrml
+
+    assert callable(mrml.checkOutputVolumeKind)
+
+
 # --- the package -----------------------------------------------------------------------------
 
 

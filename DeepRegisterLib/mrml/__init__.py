@@ -28,6 +28,7 @@ from .push import (
     REPORT_TABLE_ROLE,
     PushTargets,
     RegistrationNodes,
+    checkOutputVolumeKind,
     pushResult,
 )
 from .runner import ProcessOutputs, RegistrationProcess, childPython
@@ -56,6 +57,7 @@ __all__ = [
     "SegmentInfo",
     "SegmentLabels",
     "SliceCompositing",
+    "checkOutputVolumeKind",
     "checkerboardImage",
     "childPython",
     "createCheckerboardVolume",

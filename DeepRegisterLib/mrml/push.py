@@ -103,7 +103,7 @@ def checkOutputs(fixedNode, movingNode, outputTransformNode, outputVolumeNode) -
                 "the output volume must not be the moving volume: the warped copy would "
                 "overwrite it; choose another volume or create a new one"
             )
-        _checkOutputVolumeKind(movingNode, outputVolumeNode)
+        checkOutputVolumeKind(movingNode, outputVolumeNode)
     ancestor = None if outputTransformNode is None else fixedNode.GetParentTransformNode()
     while ancestor is not None:
         if ancestor is outputTransformNode:
@@ -114,9 +114,9 @@ def checkOutputs(fixedNode, movingNode, outputTransformNode, outputVolumeNode) -
         ancestor = ancestor.GetParentTransformNode()
 
 
-def _checkOutputVolumeKind(movingNode, outputVolumeNode) -> None:
+def checkOutputVolumeKind(movingNode, outputVolumeNode) -> None:
     """The warped copy of a colour volume is a colour (vector) volume; of any other, a scalar
-    one."""
+    one. (The module asks this too, to keep Apply disabled with the reason shown.)"""
     name = outputVolumeNode.GetName()
     if movingNode.IsA("vtkMRMLVectorVolumeNode"):
         if not outputVolumeNode.IsA("vtkMRMLVectorVolumeNode"):
