@@ -208,3 +208,22 @@ def test_the_estimate_counts_a_gradient_copy_of_the_flow_per_further_thread(
     assert counts[4] - counts[1] == 3 * flow_bytes
     assert counts[MAX_GRADIENT_CHUNKS] - counts[1] == (MAX_GRADIENT_CHUNKS - 1) * flow_bytes
     assert counts[MAX_GRADIENT_CHUNKS + 8] == counts[MAX_GRADIENT_CHUNKS]
+
+
+def test_a_colour_moving_picture_is_counted_with_its_channels(pair) -> None:
+    """The estimate the engine plans with holds each colour channel after the first, as
+    float32 to warp and warped (5 bytes a fixed and a moving voxel each); grey is as it was."""
+    fixed, moving = pair
+    grey = sitk.Cast(sitk.RescaleIntensity(moving, 0, 255), sitk.sitkUInt8)
+    colour = sitk.Compose([grey] * 3)
+    voxels_each = fixed.GetNumberOfPixels() + moving.GetNumberOfPixels()
+    assert (
+        estimate_peak_bytes(fixed, colour, 1000) - estimate_peak_bytes(fixed, grey, 1000)
+        == 2 * 5 * voxels_each
+    )
+    reports = [
+        engine.register(fixed, image, preset="fast", model=None, iterations=0).report
+        for image in (grey, colour)
+    ]
+    planned = [report["estimated_peak_bytes"] for report in reports]
+    assert planned[1] - planned[0] == 2 * 5 * voxels_each

@@ -94,8 +94,9 @@ def _plan_grid(
     def network_grid_at(spacing_mm: float) -> Grid:
         return _network_grid(fixed_grid, spacing_mm, lower, upper)
 
+    moving_picture = moving_image if inputs.moving_colour is None else inputs.moving_colour
     plan = plan_memory(
-        fixed_image, moving_image, lambda mm: int(np.prod(network_grid_at(mm).size)), spacing,
+        fixed_image, moving_picture, lambda mm: int(np.prod(network_grid_at(mm).size)), spacing,
         model_name=None if model_info is None else model_info.name, device=device.type,
         budget_bytes=memory_budget(settings.max_memory_bytes),
         gpu_free_bytes=_gpu_free_bytes(device),

@@ -39,16 +39,20 @@ def estimate_peak_bytes(fixed: sitk.Image, moving: sitk.Image, network_voxels: i
     16 per moving voxel (float copies), 160 per network voxel (images, fields, optimiser
     state, autograd) and 512 MiB for the libraries themselves. Each CPU thread after the first
     adds 12 per network voxel, up to ``MAX_GRADIENT_CHUNKS``: the threaded grid sampler's
-    gradient copy of a float32 flow.
+    gradient copy of a float32 flow. A colour moving picture (``moving`` with its channels)
+    adds, for each channel after the first, 5 bytes a fixed voxel and 5 a moving one: the
+    channel as float32 to warp and its warped copy, then composed.
     """
     scale = fixed.GetDimension() / 3.0
     fixed_voxels = int(np.prod(fixed.GetSize()))
     moving_voxels = int(np.prod(moving.GetSize()))
     chunks = min(torch.get_num_threads(), MAX_GRADIENT_CHUNKS)
     per_network_voxel = 160 + 12 * (chunks - 1)
+    channels = 5 * (moving.GetNumberOfComponentsPerPixel() - 1) * (fixed_voxels + moving_voxels)
     return int(
-        fixed_voxels * 48 * scale + moving_voxels * 16 + network_voxels * per_network_voxel + 2**29
-    )
+        fixed_voxels * 48 * scale + moving_voxels * 16 + network_voxels * per_network_voxel
+        + channels + 2**29
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
