@@ -235,9 +235,10 @@ def test_a_nifti_and_an_nrrd_of_one_dwi_come_out_with_the_same_directions(turned
     np.testing.assert_allclose(from_bvec, from_nrrd, atol=2e-6)
 
 
-def test_bvecs_that_do_not_fit_the_series_are_named(turned, tmp_path, capsys):
+@pytest.mark.parametrize("bvec", ["1 0\n0 1\n0 0\n", "x y z\n"], ids=["two", "not-numbers"])
+def test_bvecs_that_do_not_fit_the_series_are_named(turned, tmp_path, capsys, bvec):
     source, _ = write_nifti_dwi(tmp_path, np.eye(3))
-    (tmp_path / "dwi.bvec").write_text("1 0\n0 1\n0 0\n")  # two directions, five volumes
+    (tmp_path / "dwi.bvec").write_text(bvec)  # five volumes
 
     code = apply("--transform", turned["transform"], "--reference", turned["reference"],
                  "--image", source, tmp_path / "w.nii.gz")  # fmt: skip

@@ -36,8 +36,11 @@ def fsl_axes(direction: np.ndarray) -> np.ndarray:
 
 def read_bvecs(path: str | os.PathLike, direction: np.ndarray, count: int) -> np.ndarray | None:
     """The ``count`` directions of a bvec file in LPS, (count, 3); None when the file does not
-    hold that many (three rows, FSL's layout, or three columns, the HCP's)."""
-    table = np.loadtxt(path, ndmin=2)
+    hold that many (three rows, FSL's layout, or three columns, the HCP's) or is not numbers."""
+    try:
+        table = np.loadtxt(path, ndmin=2)
+    except ValueError:
+        return None
     if table.shape == (count, 3) and count != 3:
         table = table.T
     if table.shape != (3, count):
