@@ -66,6 +66,24 @@ def t2_like(brain: sitk.Image) -> sitk.Image:
     return out
 
 
+def negative(spec: PairSpec, folder: Path) -> PairSpec:
+    """The pair as negatives (``max − v`` of each image): dark brains on a bright background,
+    as photographs and slides on white come. Labels and the scored region are the pair's."""
+    stem = spec.name.replace("→", "_to_").replace(" ", "_")
+    paths = {}
+    for key in ("fixed", "moving"):
+        image = sitk.ReadImage(getattr(spec, key))
+        top = float(sitk.GetArrayViewFromImage(image).max())
+        flipped = sitk.Cast(top - sitk.Cast(image, sitk.sitkFloat32), image.GetPixelID())
+        paths[key] = str(folder / f"{stem}-{key}-negative.nii.gz")
+        sitk.WriteImage(flipped, paths[key])
+    return PairSpec(
+        name=spec.name, fixed_labels=spec.fixed_labels, moving_labels=spec.moving_labels,
+        region=spec.region or _region_file(sitk.ReadImage(spec.fixed), folder, stem),
+        labels=spec.labels, **paths,
+    )  # fmt: skip
+
+
 def axial_axis(image: sitk.Image) -> int:
     """The index axis (ITK order) closest to the S–I (LPS z) direction."""
     direction = np.asarray(image.GetDirection()).reshape(3, 3)

@@ -46,6 +46,7 @@ from benchmarks.methods import (  # noqa: E402
 )
 from benchmarks.pairs import (  # noqa: E402
     fsdev_pairs,
+    negative,
     prepare_2d,
     smoke_pairs,
     subjects_in,
@@ -173,6 +174,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--cross-contrast", action="store_true", help="T2-like moving images")
     parser.add_argument("--2d", dest="two_d", action="store_true", help="matched axial slices")
+    parser.add_argument(
+        "--negative",
+        action="store_true",
+        help="every image as its negative (max − v): a bright background, as photographs have",
+    )
     parser.add_argument("--gpu", action="store_true", help="DeepRegister on CUDA")
     parser.add_argument("--smoke", action="store_true", help="tiny phantom pairs, < 60 s")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="folder for the report")
@@ -257,6 +263,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     methods = available_methods(args.methods, notes)
     similarity = "mind" if args.cross_contrast else "lncc"
+    if args.negative:
+        notes.append(
+            "Every image ran as its negative (max − v): dark anatomy on a bright background."
+        )
     methods = model_note(2 if args.two_d else 3, args.model, similarity, methods, notes)
     settings = _settings(args, device, similarity)
     if args.regularization is not None:
@@ -340,6 +350,8 @@ def _pairs(args: argparse.Namespace, folder: Path) -> list[PairSpec]:
     if args.two_d:
         print(f"preparing {len(pairs)} matched axial slice pair(s) (3D affine first)…")
         pairs = [prepare_2d(p, folder) for p in pairs]
+    if args.negative:
+        pairs = [negative(p, folder) for p in pairs]
     return pairs
 
 
