@@ -155,3 +155,25 @@ def test_the_network_only_row_runs_the_model_as_it_was_trained(
     assert affine["preset"] == row["preset"]
     settings = deepregister_settings("network-only", Settings())
     assert (settings.preset, settings.iterations, settings.model) == (row["preset"], 0, "default")
+
+
+def test_negative_pairs_are_the_images_turned_over_and_nothing_else(tmp_path: Path) -> None:
+    """``--negative`` (the bright-background runs) writes max − v of each image and keeps the
+    labels, the scored labels and a region on the fixed grid."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from benchmarks.pairs import negative, smoke_pairs
+
+    (spec,) = smoke_pairs(1, tmp_path, cross_contrast=False)
+    turned = negative(spec, tmp_path)
+
+    for key in ("fixed", "moving"):
+        before = sitk.GetArrayFromImage(sitk.ReadImage(getattr(spec, key)))
+        after = sitk.ReadImage(getattr(turned, key))
+        np.testing.assert_allclose(sitk.GetArrayFromImage(after), before.max() - before, atol=1e-4)
+        assert after.GetOrigin() == sitk.ReadImage(getattr(spec, key)).GetOrigin()
+    assert (turned.fixed_labels, turned.moving_labels) == (spec.fixed_labels, spec.moving_labels)
+    assert turned.labels == spec.labels
+    region = sitk.ReadImage(turned.region)
+    assert region.GetSize() == sitk.ReadImage(spec.fixed).GetSize()
