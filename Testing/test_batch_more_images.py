@@ -122,22 +122,32 @@ def test_bad_more_image_columns_and_files_are_refused_before_any_work(data, tmp_
 
 
 def test_the_worker_plan_counts_the_more_images(data):
-    """A series of three volumes warped onto the fixed grid adds at least its three float32
-    volumes and the transform's field to the job's memory estimate."""
+    """Each more image adds what reading it takes (4 bytes a value at most) and what
+    ``apply`` needs to warp it, by apply's own rule: a series of three 16-bit volumes its
+    three volumes on the fixed grid (no field: it would outweigh them), labels their type."""
     from dataclasses import replace
 
     from DeepRegisterLib.batch import check_jobs, jobs_from_csv
     from DeepRegisterLib.batch.cluster import job_peak_bytes
+    from DeepRegisterLib.imaging.apply_transform import warped_bytes
+    from DeepRegisterLib.imaging.geometry import Grid
     from DeepRegisterLib.registration.settings import RegistrationSettings
 
     job = jobs_from_csv(data / "jobs.csv")[0]
     headers = check_jobs([job])
     settings = RegistrationSettings(model="none", preset="fast")
     alone = job_peak_bytes(replace(job, more_images=()), headers, settings)
+    fixed = Grid.of(sitk.ReadImage(job.fixed))
+    for column, path in job.more_images:
+        image = sitk.ReadImage(path)
+        one = replace(job, more_images=((column, path),))
+        read = 4 * image.GetNumberOfComponentsPerPixel() * image.GetNumberOfPixels()
+        labels = column.startswith("labels:")
+        added = job_peak_bytes(one, headers, settings) - alone
+        assert added == read + warped_bytes(image, fixed, labels), column
     series = dict(job.more_images)["image:series"]
     only_series = replace(job, more_images=(("image:series", series),))
-    voxels = 24**3
-    assert job_peak_bytes(only_series, headers, settings) - alone >= (3 * 4 + 24) * voxels
+    assert job_peak_bytes(only_series, headers, settings) - alone >= 3 * 2 * 24**3
     assert job_peak_bytes(job, headers, settings) > job_peak_bytes(only_series, headers, settings)
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ..process_memory import KEPT_MEMORY_ENVIRONMENT
 from ..registration.settings import RegistrationSettings
-from .jobs import BatchJob, ImageHeader
+from .jobs import BatchJob, ImageHeader, more_image
 
 
 @dataclass(frozen=True)
@@ -63,15 +63,24 @@ def job_peak_bytes(
     for size, step in zip(fixed.size, fixed.spacing, strict=True):
         voxels *= max(1.0, size * step / spacing)
     engine = estimate_peak_bytes(fixed, moving, int(voxels))  # type: ignore[arg-type]
-    return engine + sum(_warped_bytes(headers[path], fixed) for _, path in job.more_images)
+    more = (
+        _warped_bytes(headers[path], fixed, more_image(column)[1])
+        for column, path in job.more_images
+    )
+    return engine + sum(more)
 
 
-def _warped_bytes(image: ImageHeader, fixed: ImageHeader) -> int:
-    """A more image read, and warped onto the fixed grid, at 4 bytes a value at most (plus, for
-    several volumes or components, the transform's field there: 24 bytes a voxel)."""
-    pieces = image.components * (image.size[3] if image.dimension == 4 else 1)
+def _warped_bytes(image: ImageHeader, fixed: ImageHeader, labels: bool) -> int:
+    """A more image read (4 bytes a value at most) and warped onto the fixed grid, by
+    ``deepregister apply``'s own rule (``apply_transform.warped_bytes``)."""
+    from ..imaging.apply_transform import warped_bytes
+    from ..imaging.geometry import Grid
+
+    dim = fixed.dimension
+    identity = tuple(float(row == column) for row in range(dim) for column in range(dim))
+    grid = Grid(fixed.size, fixed.spacing, (0.0,) * dim, identity)
     read = 4 * image.components * math.prod(image.size)
-    return read + (4 * pieces + (24 if pieces > 1 else 0)) * math.prod(fixed.size)
+    return read + warped_bytes(image, grid, labels)  # type: ignore[arg-type]
 
 
 def plan_workers(

@@ -51,7 +51,8 @@ def is_series(image: sitk.Image, grid: Grid) -> bool:
 def warped_bytes(image: sitk.Image, grid: Grid, labels: bool = False) -> int:
     """The memory ``apply_transform`` needs beyond ``image``: its result on ``grid`` (the
     image's type for labels and integers, float32 otherwise, each component and volume) and
-    the transform's field there when one is sampled (see :func:`_sampler`)."""
+    the transform's field there when one is sampled (see :func:`_sampler`). ``image`` may be
+    a header that answers SimpleITK's ``Get…`` questions (batch plans with headers)."""
     per_voxel = _pieces(image, grid) * _value_bytes(image, labels)
     if _field_pays(image, grid, labels):
         per_voxel += _FIELD_VALUE_BYTES * grid.dim
@@ -122,9 +123,11 @@ def _pieces(image: sitk.Image, grid: Grid) -> int:
 
 
 def _value_bytes(image: sitk.Image, labels: bool) -> int:
-    """Bytes of one warped value: the image's own type for labels and integers, else float32."""
-    if labels or np.issubdtype(sitk.GetArrayViewFromImage(image).dtype, np.integer):
-        return image.GetSizeOfPixelComponent()
+    """Bytes of one warped value: the image's own type for labels and integers, else float32.
+    A one-voxel image of its pixel type answers for it, header or image."""
+    probe = sitk.Image([1, 1], image.GetPixelID(), image.GetNumberOfComponentsPerPixel())
+    if labels or np.issubdtype(sitk.GetArrayViewFromImage(probe).dtype, np.integer):
+        return probe.GetSizeOfPixelComponent()
     return 4
 
 
