@@ -22,7 +22,7 @@ import json
 import statistics
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -173,9 +173,25 @@ def measure_pair(
     return row
 
 
+#: A table column: its heading, and its cell for a row.
+Column = tuple[str, Callable[[dict[str, Any]], str]]
+
+
 def markdown(results: dict[str, Any]) -> str:
     rows = results["runs"]
     ants = all("ants_s" in row for row in rows)
+    columns: list[Column] = [
+        ("pair", lambda row: row["pair"]),
+        ("apply s", lambda row: f"{row['apply_s']:.2f}"),
+        ("against register", lambda row: _against(row["apply_vs_register"])),
+        ("peak MB", lambda row: f"{row['apply_peak_mb']:.0f}"),
+    ]
+    ants_columns: list[Column] = [
+        ("ANTs s", lambda row: f"{row['ants_s']:.2f}"),
+        ("× ANTs", lambda row: f"{row['apply_s'] / row['ants_s']:.2f}"),
+        ("ANTs against register", lambda row: _against(row["ants_vs_register"])),
+        ("ANTs peak MB", lambda row: f"{row['ants_peak_mb']:.0f}"),
+    ]
     lines = [
         "# Warping more images through a saved transform",
         "",
@@ -187,26 +203,23 @@ def markdown(results: dict[str, Any]) -> str:
         "*Against register*: the largest intensity difference from `register`'s own warped "
         "scan, and the label voxels that differ from its warped labels.",
         "",
-        "| pair | apply s | against register | peak MB |"
-        + (" ANTs s | × ANTs | ANTs against register | ANTs peak MB |" if ants else ""),
-        "|---|---|---|---|" + ("---|---|---|---|" if ants else ""),
+        *_table(rows, columns + (ants_columns if ants else [])),
     ]
-    for row in rows:
-        ours = row["apply_vs_register"]
-        line = (
-            f"| {row['pair']} | {row['apply_s']:.2f} | {ours['scan_max_abs']:g} / "
-            f"{ours['labels_differing']} | {row['apply_peak_mb']:.0f} |"
-        )
-        if ants:
-            theirs = row["ants_vs_register"]
-            line += (
-                f" {row['ants_s']:.2f} | {row['apply_s'] / row['ants_s']:.2f} | "
-                f"{theirs['scan_max_abs']:g} / {theirs['labels_differing']} | "
-                f"{row['ants_peak_mb']:.0f} |"
-            )
-        lines.append(line)
     summary = _means(rows, "apply_s", "ants_s" if ants else None)
     return "\n".join([*lines, "", summary, "", *_series_markdown(results), ""])
+
+
+def _against(comparison: dict[str, Any]) -> str:
+    return f"{comparison['scan_max_abs']:g} / {comparison['labels_differing']}"
+
+
+def _table(rows: list[dict[str, Any]], columns: list[Column]) -> list[str]:
+    """A Markdown table: a heading row, its rule, and a line per row."""
+    return [
+        "| " + " | ".join(heading for heading, _ in columns) + " |",
+        "|" + "---|" * len(columns),
+        *("| " + " | ".join(cell(row) for _, cell in columns) + " |" for row in rows),
+    ]
 
 
 def _means(rows: list[dict[str, Any]], ours: str, theirs: str | None) -> str:
@@ -224,26 +237,24 @@ def _series_markdown(results: dict[str, Any]) -> list[str]:
     if not rows:
         return []
     ants = all("series_ants_s" in row for row in rows)
+    columns: list[Column] = [
+        ("pair", lambda row: row["pair"]),
+        ("series: apply s", lambda row: f"{row['series_apply_s']:.2f}"),
+        ("peak MB", lambda row: f"{row['series_apply_peak_mb']:.0f}"),
+    ]
+    ants_columns: list[Column] = [
+        ("ANTs s", lambda row: f"{row['series_ants_s']:.2f}"),
+        ("× ANTs", lambda row: f"{row['series_apply_s'] / row['series_ants_s']:.2f}"),
+        ("apart", lambda row: f"{row['series_max_abs']:g}"),
+        ("ANTs peak MB", lambda row: f"{row['series_ants_peak_mb']:.0f}"),
+    ]
     lines = [
         f"A 4D series of {results['options']['series']} volumes (the moving scan at 3 mm, "
         "16-bit) onto the fixed grid at 3 mm; *apart*: the largest difference between the two "
         "results (ANTs writes floats, `apply` rounds to the series' integers).",
         "",
-        "| pair | series: apply s | peak MB |"
-        + (" ANTs s | × ANTs | apart | ANTs peak MB |" if ants else ""),
-        "|---|---|---|" + ("---|---|---|---|" if ants else ""),
+        *_table(rows, columns + (ants_columns if ants else [])),
     ]
-    for row in rows:
-        line = (
-            f"| {row['pair']} | {row['series_apply_s']:.2f} | {row['series_apply_peak_mb']:.0f} |"
-        )
-        if ants:
-            ratio = row["series_apply_s"] / row["series_ants_s"]
-            line += (
-                f" {row['series_ants_s']:.2f} | {ratio:.2f} | {row['series_max_abs']:g} | "
-                f"{row['series_ants_peak_mb']:.0f} |"
-            )
-        lines.append(line)
     return [*lines, "", _means(rows, "series_apply_s", "series_ants_s" if ants else None)]
 
 
