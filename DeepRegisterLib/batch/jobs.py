@@ -21,7 +21,8 @@ import SimpleITK as sitk
 from ..errors import InputError
 from ..imaging.colour import is_colour
 from ..imaging.fileio import IMAGE_SUFFIXES, full_suffix
-from ..imaging.fsl_gradients import NIFTI_SUFFIXES, companion, read_bvecs
+from ..imaging.fsl_gradients import files_beside, read_bvecs
+from ..imaging.output_paths import stem
 
 #: The CSV's columns: the two images, then the optional ones.
 REQUIRED_COLUMNS = ("fixed", "moving")
@@ -67,14 +68,10 @@ def gradient_files(column: str, path: str) -> dict[str, str]:
     """The ``.bvec``/``.bval`` files a more image's NIfTI diffusion series brings (FSL's, as
     dcm2niix writes them beside it), turned with it into ``<name>_warped.bvec``/``.bval``;
     by key (``image:dwi.bvec``)."""
-    if more_image(column)[1] or full_suffix(Path(path)) not in NIFTI_SUFFIXES:
+    file, labels = more_image(column)
+    if labels:
         return {}
-    stem = more_image(column)[0][: -len(".nii.gz")]
-    return {
-        f"{column}{suffix}": f"{stem}{suffix}"
-        for suffix in (".bvec", ".bval")
-        if companion(path, ".bvec").is_file() and companion(path, suffix).is_file()
-    }
+    return {f"{column}{suffix}": f"{stem(Path(file))}{suffix}" for suffix in files_beside(path)}
 
 
 @dataclass(frozen=True)
@@ -125,11 +122,6 @@ def read_header(path: str | os.PathLike) -> ImageHeader:
     )
 
 
-def _stem(path: Path) -> str:
-    suffix = full_suffix(path)
-    return path.name[: -len(suffix)] if suffix else path.name
-
-
 def default_ids(movings: Sequence[Path]) -> list[str]:
     """Output names from the moving images' paths below their common folder:
     ``sub-01/brainmask.nii.gz`` → ``sub-01_brainmask``; a flat folder gives the file stems."""
@@ -137,7 +129,7 @@ def default_ids(movings: Sequence[Path]) -> list[str]:
         return []
     common = Path(os.path.commonpath([str(p.parent) for p in movings]))
     return [
-        "_".join((*p.parent.relative_to(common).parts, _stem(p))).replace(" ", "_") for p in movings
+        "_".join((*p.parent.relative_to(common).parts, stem(p))).replace(" ", "_") for p in movings
     ]
 
 
@@ -279,7 +271,7 @@ def _bvec_problem(column: str, path: str, header: ImageHeader) -> str | None:
     """What is wrong with the bvec file beside a more image, if it has one."""
     if not gradient_files(column, path):
         return None
-    bvec = companion(path, ".bvec")
+    bvec = files_beside(path)[".bvec"]
     volumes = header.size[3] if header.dimension == 4 else 1
     if header.dimension != 4 or read_bvecs(bvec, np.eye(3), volumes) is None:
         return f"{bvec.name} does not hold one direction for each of its {volumes} volumes"

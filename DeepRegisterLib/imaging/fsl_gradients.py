@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .output_paths import full_suffix
+from .output_paths import full_suffix, stem
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -23,7 +23,18 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 def companion(image_path: str | os.PathLike, suffix: str) -> Path:
     """``series.bvec`` (or ``.bval``) beside ``series.nii.gz``."""
     path = Path(image_path)
-    return path.with_name(path.name[: -len(full_suffix(path))] + suffix)
+    return path.with_name(stem(path) + suffix)
+
+
+def files_beside(image_path: str | os.PathLike) -> dict[str, Path]:
+    """The FSL files that come with a NIfTI image, by suffix: its ``.bvec`` and, where there is
+    one, its ``.bval``; none without a bvec."""
+    if full_suffix(Path(image_path)) not in NIFTI_SUFFIXES:
+        return {}
+    found = {suffix: companion(image_path, suffix) for suffix in (".bvec", ".bval")}
+    if not found[".bvec"].is_file():
+        return {}
+    return {suffix: path for suffix, path in found.items() if path.is_file()}
 
 
 def fsl_axes(direction: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ import SimpleITK as sitk
 
 from . import diffusion, fsl_gradients
 from .geometry import Grid
-from .output_paths import full_suffix
+from .output_paths import full_suffix, stem
 
 _NRRD = (".nrrd", ".nhdr")
 
@@ -38,8 +38,7 @@ def carried_gradients(
 
 def has_bvecs(source: str | Path, dimension: int) -> bool:
     """A 4D NIfTI series with ``.bvec`` beside it."""
-    nifti = full_suffix(Path(source)) in fsl_gradients.NIFTI_SUFFIXES
-    return nifti and dimension == 4 and fsl_gradients.companion(source, ".bvec").is_file()
+    return dimension == 4 and bool(fsl_gradients.files_beside(source))
 
 
 def _nrrd_table(image, source: Path, target: Path, transform, grid: Grid) -> CarriedGradients:
@@ -47,7 +46,7 @@ def _nrrd_table(image, source: Path, target: Path, transform, grid: Grid) -> Car
     if table is None or full_suffix(target) not in _NRRD:
         reason = (
             "its header gives no anatomical frame for them" if table is None
-            else f"only an NRRD holds one: write {_stem(target)}.nrrd to keep it"
+            else f"only an NRRD holds one: write {stem(target)}.nrrd to keep it"
         )  # fmt: skip
         return _noted(f"{target.name} does not carry {source.name}'s gradient table: {reason}")
     rotation = diffusion.transform_rotation(transform, grid)
@@ -56,22 +55,21 @@ def _nrrd_table(image, source: Path, target: Path, transform, grid: Grid) -> Car
 
 
 def _fsl_files(image, source: Path, target: Path, transform, grid: Grid) -> CarriedGradients:
-    bvec = fsl_gradients.companion(source, ".bvec")
-    volumes = image.GetSize()[3]
+    beside = fsl_gradients.files_beside(source)
+    bvec, volumes = beside[".bvec"], image.GetSize()[3]
     directions = fsl_gradients.read_bvecs(bvec, _block(image.GetDirection(), 4), volumes)
     if directions is None or full_suffix(target) not in fsl_gradients.NIFTI_SUFFIXES:
         reason = (
             f"{bvec.name} does not hold one direction for each of its {volumes} volumes"
             if directions is None
-            else f"bvecs go beside a NIfTI: write {_stem(target)}.nii.gz to keep them"
+            else f"bvecs go beside a NIfTI: write {stem(target)}.nii.gz to keep them"
         )
         return _noted(f"{target.name} gets no bvec file: {reason}")
     rotation = diffusion.transform_rotation(transform, grid)
     text = fsl_gradients.bvec_text(directions @ rotation, _block(grid.direction, 3))
     files = {fsl_gradients.companion(target, ".bvec"): text}
-    bval = fsl_gradients.companion(source, ".bval")
-    if bval.is_file():
-        files[fsl_gradients.companion(target, ".bval")] = bval.read_text()
+    if ".bval" in beside:
+        files[fsl_gradients.companion(target, ".bval")] = beside[".bval"].read_text()
     what = ", ".join(path.name for path in files)
     return CarriedGradients(files=files, notes=(_turned(what, directions, rotation),))
 
@@ -90,7 +88,3 @@ def _noted(note: str) -> CarriedGradients:
 
 def _block(direction, dim: int) -> np.ndarray:
     return np.reshape(direction, (dim, dim))[:3, :3]
-
-
-def _stem(path: Path) -> str:
-    return path.name[: -len(full_suffix(path))]

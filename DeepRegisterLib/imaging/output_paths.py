@@ -52,6 +52,12 @@ def full_suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
+def stem(path: Path) -> str:
+    """The file's name without its :func:`full_suffix`: ``a`` for ``a.nii.gz``."""
+    suffix = full_suffix(path)
+    return path.name[: -len(suffix)] if suffix else path.name
+
+
 def check_suffix(path: Path, kind: str, option: str = "output") -> None:
     if full_suffix(path) not in SUFFIXES[kind]:
         suffix = full_suffix(path) or "no suffix"

@@ -20,6 +20,7 @@ import torch
 from ..errors import InputError
 from ..imaging.fileio import IMAGE_SUFFIXES, full_suffix, read_image
 from ..imaging.geometry import Grid
+from ..imaging.output_paths import stem
 from ..imaging.resampling import network_inputs
 from ..registration.affine_search import register_normalised
 from ..registration.preprocessing import foreground_box, normalised_for_registration
@@ -53,8 +54,7 @@ class PairFiles:
 
 
 def _short(path: Path) -> str:
-    stem = path.name[: -len(full_suffix(path))] if full_suffix(path) else path.name
-    return f"{path.parent.name}/{stem}"
+    return f"{path.parent.name}/{stem(path)}"
 
 
 def read_pairs_csv(path: str | Path) -> list[PairFiles]:
