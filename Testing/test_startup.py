@@ -122,6 +122,55 @@ def test_register_ends_without_finalisation_once_everything_is_written(tmp_path)
     assert not kept.exists()
 
 
+TORCH_FIRST = """
+import importlib.abc, sys, threading
+torch_asked = threading.Event()
+
+class SimpleItkWaitsForTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        thread = threading.current_thread().name
+        if name in ("torch", "SimpleITK"):
+            print(f"import {name} on {thread}", file=sys.stderr, flush=True)
+        if name == "torch":
+            torch_asked.set()
+        elif name == "SimpleITK" and thread == "MainThread":
+            torch_asked.wait(30)
+        return None
+
+sys.meta_path.insert(0, SimpleItkWaitsForTorch())
+from DeepRegisterLib.cli.main import run
+run()
+"""
+
+
+def test_register_starts_torch_before_simpleitk(tmp_path):
+    """torch's import (about a second of one core) is the command line's longest wait before
+    the affine search: it begins as soon as the output paths and settings pass, before the
+    main thread imports SimpleITK to read headers and images. Here the main thread's SimpleITK
+    import waits (up to 30 s) for torch's to be asked for; argument errors still import neither
+    (test_argument_errors_exit_2_without_a_heavy_library)."""
+    from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
+
+    pair = phantom_pair(demo_grid(3, 16), amplitude_mm=2.0)
+    inputs = {key: tmp_path / f"{key}.mha" for key in ("fixed", "moving")}
+    for key, path in inputs.items():
+        sitk_write(getattr(pair, key), path)
+    argv = [
+        "register", "--fixed", inputs["fixed"], "--moving", inputs["moving"],
+        "--transform", tmp_path / "t.h5", "--preset", "fast", "--iterations", "0",
+        "--model", "none", "--device", "cpu", "--quiet",
+    ]  # fmt: skip
+    completed = subprocess.run(
+        [sys.executable, "-c", TORCH_FIRST, *map(str, argv)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    asked = [line for line in completed.stderr.splitlines() if line.startswith("import ")]
+    assert asked[0] == "import torch on deepregister-load-torch"
+    assert "import SimpleITK on MainThread" in asked
+    assert (tmp_path / "t.h5").exists()
+
+
 def sitk_write(image, path) -> None:
     import SimpleITK as sitk
 

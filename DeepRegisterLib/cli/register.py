@@ -147,13 +147,21 @@ def _inputs(args: argparse.Namespace) -> list[Path | None]:
     ]  # fmt: skip
 
 
-def _check_before_work(args: argparse.Namespace) -> dict[Path, int]:
-    """Refuse every unusable output before reading the inputs; the 8/16-bit type of each 2D
-    label picture to write (labels are never rescaled, so an unfit label map is refused now)."""
+def _check_outputs(args: argparse.Namespace) -> list[tuple[str, str, Path]]:
+    """Refuse every unusable output path at once, before any heavy import; the outputs."""
     if len(args.warped_labels) not in (0, len(args.labels)):
         raise InputError("give one --warped-labels output per --labels input, in the same order")
     outputs = _outputs(args)
     output_paths.check_outputs(outputs, _inputs(args))
+    return outputs
+
+
+def _check_against_headers(
+    args: argparse.Namespace, outputs: list[tuple[str, str, Path]]
+) -> dict[Path, int]:
+    """Refuse outputs of the wrong dimension before reading the images; the 8/16-bit type of
+    each 2D label picture to write (labels are never rescaled, so an unfit label map is
+    refused now)."""
     from ..imaging import fileio
 
     dimension = fileio.image_dimension(args.fixed, "fixed image")
@@ -275,12 +283,17 @@ def _write_transform(transform, displacement, path: Path) -> None:
 
 
 def run_register(args: argparse.Namespace) -> int:
-    label_types = _check_before_work(args)
+    outputs = _check_outputs(args)
     settings = _settings(args)
-    from ..imaging import fileio
-    from ..registration.engine import load_torch_beside, register
+    from ..registration.torch_loading import load_torch_beside
 
+    # The run goes ahead: torch's import, its longest wait, overlaps SimpleITK's, the header
+    # checks and the reads.
     load_torch_beside()
+    label_types = _check_against_headers(args, outputs)
+    from ..imaging import fileio
+    from ..registration.engine import register
+
     fixed = fileio.read_image(args.fixed, "fixed image")
     moving = fileio.read_image(args.moving, "moving image")
     initial = (

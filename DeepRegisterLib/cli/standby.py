@@ -27,7 +27,7 @@ def arguments_from(line: str) -> list[str] | None:
 
 
 def main() -> None:
-    from ..registration.engine import load_torch_beside
+    from ..registration.torch_loading import load_torch_beside
 
     load_torch_beside()
     line = sys.stdin.readline()

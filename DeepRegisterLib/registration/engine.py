@@ -6,15 +6,14 @@ the fixed image's own grid, in LPS millimetres: ``T(x) = A(x + v(x))``, ``u(x) =
 
 This module holds the sequence and imports no torch itself. Every stage needs torch, and in a
 fresh process (the command line, Slicer's child process) loading it takes about a second:
-:func:`load_torch_beside` starts that on a daemon thread while the inputs are read and checked.
+:func:`load_torch_beside` (torch_loading.py) starts that on a daemon thread while the inputs are
+read and checked.
 Then the affine search runs on the main thread while a worker plans the run and smooths the
 network's inputs (deformable.py).
 """
 
 from __future__ import annotations
 
-import importlib
-import threading
 import time
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -30,32 +29,12 @@ from .preprocessing import normalised_pair
 from .progress import CancelToken, ProgressCallback, Stages, Stopwatch
 from .result import RegistrationResult
 from .settings import RegistrationSettings
+from .torch_loading import load_torch_beside
 
 if TYPE_CHECKING:  # the torch half, imported where it runs
     from .deformable import Prepared
 
-__all__ = ["CancelToken", "ImageLike", "ProgressCallback", "load_torch_beside", "register"]
-_loading_torch = threading.Event()
-
-
-def load_torch_beside() -> None:
-    """Start importing the engine's torch half (once a process) on a daemon thread, for a
-    caller about to read images: the reads release the interpreter lock for much of their
-    time, so a fresh process waits about 0.2 s less. Nothing waits for the thread: the first
-    stage that needs a module imports it as usual, which waits for this import to end, or
-    raises its error."""
-    if _loading_torch.is_set():
-        return
-    _loading_torch.set()
-
-    def load() -> None:
-        for name in (".affine_search", ".deformable"):  # in the order the stages need them
-            try:
-                importlib.import_module(name, __package__)
-            except Exception:  # the stage's own import raises it, where it can be handled
-                return
-
-    threading.Thread(target=load, name="deepregister-load-torch", daemon=True).start()
+__all__ = ["CancelToken", "ImageLike", "ProgressCallback", "register"]
 
 
 def register(

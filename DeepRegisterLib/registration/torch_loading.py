@@ -1,0 +1,35 @@
+"""Torch's import begun on a thread as soon as a process knows it will register.
+
+Every stage needs torch, and in a fresh process (the command line, Slicer's child) its import
+is about a second of one core: the longest wait before the affine search can start. Nothing
+here imports more than the standard library, so a command line can start that import before it
+imports SimpleITK and numpy or reads its images; those overlap it, as they release the
+interpreter lock for most of their time.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+
+_loading_torch = threading.Event()
+
+
+def load_torch_beside() -> None:
+    """Start importing torch and the engine's torch half (once a process) on a daemon thread.
+    Nothing waits for the thread: the first stage that needs a module imports it as usual,
+    which waits for this import to end, or raises its error."""
+    if _loading_torch.is_set():
+        return
+    _loading_torch.set()
+
+    def load() -> None:
+        # torch first: the engine's modules would import numpy and SimpleITK before it, which
+        # the main thread is importing anyway.
+        for name in ("torch", f"{__package__}.affine_search", f"{__package__}.deformable"):
+            try:
+                importlib.import_module(name)
+            except Exception:  # the stage's own import raises it, where it can be handled
+                return
+
+    threading.Thread(target=load, name="deepregister-load-torch", daemon=True).start()
