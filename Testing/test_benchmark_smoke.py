@@ -177,3 +177,41 @@ def test_negative_pairs_are_the_images_turned_over_and_nothing_else(tmp_path: Pa
     assert turned.labels == spec.labels
     region = sitk.ReadImage(turned.region)
     assert region.GetSize() == sitk.ReadImage(spec.fixed).GetSize()
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_turned_pairs_move_only_the_moving_header(tmp_path: Path, dim: int) -> None:
+    """``--turn`` (how far the affine stage reaches) turns the moving image and its labels
+    about their centre in their headers: the same voxels, each now where the turn takes it
+    (here a voxel on the first axis, turned 90° about z or in the plane); the fixed side is
+    the pair's."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from benchmarks.pairs import smoke_pairs, turned
+    from benchmarks.tasks import PairSpec
+    from DeepRegisterLib.imaging.geometry import Grid
+    from DeepRegisterLib.imaging.phantoms import phantom
+
+    grid = Grid((12, 10, 8)[:dim], (1.0, 2.0, 3.0)[:dim], (5.0,) * dim, tuple(np.eye(dim).ravel()))
+    spec = smoke_pairs(1, tmp_path, cross_contrast=False)[0]
+    paths = {}
+    for key, image in zip(("moving", "moving_labels"), phantom(grid), strict=True):
+        paths[key] = str(tmp_path / f"{key}.nii.gz")
+        sitk.WriteImage(image, paths[key])
+    spec = PairSpec(
+        name=spec.name, fixed=spec.fixed, fixed_labels=spec.fixed_labels, region=spec.region,
+        labels=spec.labels, **paths,
+    )  # fmt: skip
+    out = turned(spec, tmp_path, 90.0, axis=2)
+
+    for key in ("moving", "moving_labels"):
+        before, after = sitk.ReadImage(paths[key]), sitk.ReadImage(getattr(out, key))
+        assert np.array_equal(sitk.GetArrayFromImage(after), sitk.GetArrayFromImage(before))
+        centre = np.asarray(before.TransformContinuousIndexToPhysicalPoint(
+            [(n - 1) / 2 for n in before.GetSize()]))  # fmt: skip
+        index = (before.GetSize()[0] - 1, *[0] * (dim - 1))
+        offset = np.subtract(before.TransformIndexToPhysicalPoint(index), centre)
+        expected = centre + np.array([-offset[1], offset[0], *offset[2:]])  # x → y
+        np.testing.assert_allclose(after.TransformIndexToPhysicalPoint(index), expected, atol=1e-6)
+    assert (out.fixed, out.fixed_labels, out.region) == (spec.fixed, spec.fixed_labels, spec.region)

@@ -84,6 +84,33 @@ def negative(spec: PairSpec, folder: Path) -> PairSpec:
     )  # fmt: skip
 
 
+def turned(spec: PairSpec, folder: Path, degrees: float, axis: int) -> PairSpec:
+    """The pair with its moving image and labels turned by ``degrees`` about their centre, in
+    their headers (no resampling, nothing cut off): about the LPS ``axis`` (0, 1, 2) in 3D, in
+    the plane in 2D. The affine stage has to find the turn; the scores are the pair's own."""
+    stem = spec.name.replace("→", "_to_").replace(" ", "_")
+    paths = {}
+    for key in ("moving", "moving_labels"):
+        image = sitk.ReadImage(getattr(spec, key))
+        dim = image.GetDimension()
+        centre = np.asarray(
+            image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()])
+        )
+        cos, sin = np.cos(np.deg2rad(degrees)), np.sin(np.deg2rad(degrees))
+        turn = np.eye(dim)
+        plane = [0, 1] if dim == 2 else [a for a in range(3) if a != axis]
+        turn[np.ix_(plane, plane)] = [[cos, -sin], [sin, cos]]
+        direction = np.asarray(image.GetDirection()).reshape(dim, dim)
+        image.SetDirection(tuple((turn @ direction).ravel()))
+        image.SetOrigin(tuple(centre + turn @ (np.asarray(image.GetOrigin()) - centre)))
+        paths[key] = str(folder / f"{stem}-{key}-turned.nii.gz")
+        sitk.WriteImage(image, paths[key])
+    return PairSpec(
+        name=spec.name, fixed=spec.fixed, fixed_labels=spec.fixed_labels, region=spec.region,
+        labels=spec.labels, **paths,
+    )  # fmt: skip
+
+
 def axial_axis(image: sitk.Image) -> int:
     """The index axis (ITK order) closest to the S–I (LPS z) direction."""
     direction = np.asarray(image.GetDirection()).reshape(3, 3)
