@@ -6,10 +6,9 @@ the fixed image's own grid, in LPS millimetres: ``T(x) = A(x + v(x))``, ``u(x) =
 
 This module holds the sequence and imports no torch itself. Every stage needs torch, and in a
 fresh process (the command line, Slicer's child process) loading it takes about a second:
-:func:`load_torch_beside` (torch_loading.py) starts that on a daemon thread while the inputs are
-read and checked.
-Then the affine search runs on the main thread while a worker plans the run and smooths the
-network's inputs (deformable.py).
+:func:`load_torch_beside` (torch_loading.py) starts that on a daemon thread while the inputs
+are read and checked. Then the affine search runs on the main thread while a worker plans the
+run and smooths the network's inputs (deformable.py).
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Every stage needs torch, and in a fresh process (the command line, Slicer's child) its import
 is about a second of one core: the longest wait before the affine search can start. Nothing
 here imports more than the standard library, so a command line can start that import before it
-imports SimpleITK and numpy or reads its images; those overlap it, as they release the
-interpreter lock for most of their time.
+imports SimpleITK and numpy; its header checks and reads overlap it, as ITK releases the
+interpreter lock while it works.
 """
 
 from __future__ import annotations
