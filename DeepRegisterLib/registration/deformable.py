@@ -27,6 +27,9 @@ from .progress import Stages, Stopwatch
 from .report import build_report
 from .result import RegistrationResult
 
+# Below this fraction of the fixed foreground covered by the moving image, a note says so.
+PARTIAL_VIEW = 0.98
+
 
 @dataclass(frozen=True)
 class Planned:
@@ -70,7 +73,17 @@ def on_network_grid(
     ``notes`` (said during the affine stage) come before the plan's."""
     job = planned.job
     images = grid_images(stages, job, affine, planned.fixed_net, planned.moving_smooth)
-    return Prepared(job, planned.device, (*notes, *planned.notes), images)
+    notes = (*notes, *planned.notes)
+    if images.covered < PARTIAL_VIEW:
+        note = (
+            f"field of view: after the affine stage the moving image covers "
+            f"{100 * images.covered:.0f}% of the fixed image's foreground; the NCC reported "
+            "is measured where it has data, and beyond it the deformation is the smooth "
+            "continuation of the one inside, which no image supports"
+        )
+        stages.report("network", 0.0, note)
+        notes = (*notes, note)
+    return Prepared(job, planned.device, notes, images)
 
 
 def run(

@@ -1,5 +1,12 @@
 """The images the deformable stages work on: fixed and moving on the network grid, the moving
-image through the affine."""
+image through the affine, and where the moving image has data to compare.
+
+A moving image may cover only part of the fixed one (a slab, a scan cut off at the neck).
+Outside its field of view it is padding, not tissue, so the report's similarity looks only
+where it has data. The loss needs no such mask: local NCC scores a flat window as a match, so
+the padding pulls on nothing (on a slab covering a third of a brain, masking the loss left
+the field no closer to the whole brain's).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ import torch
 from ..errors import InputError
 from ..imaging.resampling import moving_on_grid, resample
 from .job import Job
+from .preprocessing import FOREGROUND
 from .progress import Stages
 
 
@@ -22,12 +30,19 @@ class GridImages:
     fixed: torch.Tensor
     moving: torch.Tensor
     mask: torch.Tensor | None  # the fixed mask, if any
+    # Where the report's similarity looks: the fixed mask or foreground, where the moving
+    # image has data.
+    region: torch.Tensor
+    covered: float  # the fraction of the fixed foreground the moving image covers
     moving_before: sitk.Image  # the moving image on the grid without the affine (for the report)
 
     def to(self, device: torch.device) -> GridImages:
         """The same images on ``device`` (themselves where they already are)."""
         mask = None if self.mask is None else self.mask.to(device)
-        return GridImages(self.fixed.to(device), self.moving.to(device), mask, self.moving_before)
+        return GridImages(
+            self.fixed.to(device), self.moving.to(device), mask, self.region.to(device),
+            self.covered, self.moving_before,
+        )  # fmt: skip
 
 
 def grid_images(
@@ -44,13 +59,16 @@ def grid_images(
     dim = job.fixed_image.GetDimension()
     identity = sitk.Transform(dim, sitk.sitkIdentity)
     moving_net, moving_before = moving_on_grid(moving_smooth, reference, affine, stop)
-    moving_domain = resample(
-        _domain_image(job.moving_image), reference, affine, sitk.sitkNearestNeighbor,
-        sitk.sitkUInt8, stop,
-    )  # fmt: skip
-    _check_overlap(fixed_net, moving_domain)
     cpu = torch.device("cpu")
-    mask_t = (
+    domain = to_tensor(
+        resample(
+            _domain_image(job.moving_image), reference, affine, sitk.sitkNearestNeighbor,
+            sitk.sitkUInt8, stop,
+        ),
+        cpu,
+    )  # fmt: skip
+    fixed = to_tensor(fixed_net, cpu)
+    mask = (
         None if job.fixed_mask is None
         else to_tensor(
             resample(
@@ -60,7 +78,10 @@ def grid_images(
             cpu,
         )
     )  # fmt: skip
-    return GridImages(to_tensor(fixed_net, cpu), to_tensor(moving_net, cpu), mask_t, moving_before)
+    foreground = (fixed > FOREGROUND).to(fixed.dtype) if mask is None else mask
+    covered = _covered(foreground, domain)
+    region = foreground if covered == 1.0 else foreground * domain
+    return GridImages(fixed, to_tensor(moving_net, cpu), mask, region, covered, moving_before)
 
 
 def to_tensor(image: sitk.Image, device: torch.device, dtype=torch.float32) -> torch.Tensor:
@@ -77,16 +98,18 @@ def _domain_image(image: sitk.Image) -> sitk.Image:
     return ones
 
 
-def _check_overlap(fixed_net: sitk.Image, moving_domain: sitk.Image) -> None:
-    """After the affine stage the moving image must cover a useful part of the fixed one."""
-    fg = sitk.GetArrayViewFromImage(fixed_net) > 0.05
-    covered = sitk.GetArrayViewFromImage(moving_domain) > 0
-    if fg.sum() == 0:
-        return
-    fraction = float((fg & covered).sum() / fg.sum())
+def _covered(foreground: torch.Tensor, domain: torch.Tensor) -> float:
+    """The fraction of the fixed foreground where the moving image has data, refused when it
+    is too small to register: after the affine stage the moving image must cover a useful
+    part of the fixed one."""
+    total = float(foreground.sum())
+    if total == 0:
+        return 1.0
+    fraction = float((foreground * domain).sum()) / total
     if fraction < 0.1:
         raise InputError(
             f"after the affine stage the moving image covers only {100 * fraction:.0f}% of the "
             "fixed image's foreground: the fields of view do not overlap. Check that both "
             "images show the same anatomy, or give an initial transform that brings them close."
         )
+    return fraction

@@ -19,7 +19,7 @@ from ..nn.models import ModelInfo
 from .inputs import Inputs
 from .memory_plan import memory_budget, plan_memory
 from .model_choice import default_models, resolve_model, suited_default_model
-from .preprocessing import foreground_box
+from .preprocessing import FOREGROUND, foreground_box
 
 MIN_LEVEL_VOXELS = 16
 MAX_NETWORK_VOXELS = 160**3
@@ -75,7 +75,7 @@ def _plan_grid(
     settings, preset = inputs.settings, inputs.preset
     fixed_image, moving_image = inputs.fixed_image, inputs.moving_image
     fixed_grid = Grid.of(fixed_image)
-    foreground = inputs.fixed_mask if inputs.fixed_mask is not None else fixed_norm > 0.05
+    foreground = inputs.fixed_mask if inputs.fixed_mask is not None else fixed_norm > FOREGROUND
     lower, upper = foreground_box(fixed_image, foreground, preset.foreground_margin_mm)
     notes: tuple[str, ...] = ()
     extent_mm = float(np.max((upper - lower + 1) * np.asarray(fixed_grid.spacing)))

@@ -16,6 +16,9 @@ import SimpleITK as sitk
 from ..imaging.intensity_window import IntensityWindow
 from ..imaging.resampling import nonzero_box, run_filter
 
+# The fixed image's foreground: above this on the [0, 1] of ``normalised_for_registration``.
+FOREGROUND = 0.05
+
 
 def normalised_for_registration(
     image: sitk.Image,

@@ -71,10 +71,9 @@ def versions() -> dict[str, str]:
 def _similarity_report(
     job: Job, images: GridImages, deformation: Deformation, device: torch.device
 ) -> dict[str, Any]:
-    """Global NCC on the network grid before, after the affine and after the deformation, and
-    the optimisation's loss trace."""
-    fixed, trace = images.fixed, deformation.trace
-    mask = images.mask if images.mask is not None else (fixed > 0.05).to(fixed.dtype)
+    """Global NCC on the network grid before, after the affine and after the deformation, over
+    the fixed foreground where the moving image has data, and the optimisation's loss trace."""
+    fixed, trace, mask = images.fixed, deformation.trace, images.region
     return {
         "similarity": job.settings.similarity,
         "ncc_before": _global_ncc(fixed, to_tensor(images.moving_before, device), mask),
