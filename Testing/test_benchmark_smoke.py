@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -215,3 +216,42 @@ def test_turned_pairs_move_only_the_moving_header(tmp_path: Path, dim: int) -> N
         expected = centre + np.array([-offset[1], offset[0], *offset[2:]])  # x → y
         np.testing.assert_allclose(after.TransformIndexToPhysicalPoint(index), expected, atol=1e-6)
     assert (out.fixed, out.fixed_labels, out.region) == (spec.fixed, spec.fixed_labels, spec.region)
+
+
+@pytest.mark.parametrize("dim", [2, 3], ids=["2d", "3d"])
+def test_slab_pairs_cut_only_the_moving_image_through_its_middle(tmp_path: Path, dim: int) -> None:
+    """``--slab`` (a field of view that ends inside the anatomy) keeps a slab of the moving
+    image's voxels, as they were and where they were, centred on its non-zero voxels; the
+    labels and the fixed side are the pair's."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from benchmarks.pairs import axial_axis, slab, smoke_pairs
+
+    spec = smoke_pairs(1, tmp_path, cross_contrast=False)[0]
+    if dim == 2:
+        volume = sitk.ReadImage(spec.moving)
+        path = tmp_path / "moving-2d.nii.gz"
+        sitk.WriteImage(volume[:, :, volume.GetSize()[2] // 2], str(path))
+        spec = dataclasses.replace(spec, moving=str(path))
+    before = sitk.ReadImage(spec.moving)
+    axis = axial_axis(before) if dim == 3 else 1
+    out = slab(spec, tmp_path, mm=4 * before.GetSpacing()[axis])
+
+    after = sitk.ReadImage(out.moving)
+    assert after.GetSize()[axis] == 4
+    assert [n for a, n in enumerate(after.GetSize()) if a != axis] == [
+        n for a, n in enumerate(before.GetSize()) if a != axis
+    ]
+    first = before.TransformPhysicalPointToIndex(after.GetOrigin())
+    resampled = sitk.RegionOfInterest(before, after.GetSize(), first)
+    assert np.array_equal(sitk.GetArrayFromImage(after), sitk.GetArrayFromImage(resampled))
+    occupied = np.flatnonzero(
+        (sitk.GetArrayViewFromImage(before) > 0).any(
+            axis=tuple(a for a in range(dim) if a != dim - 1 - axis)
+        )
+    )
+    assert abs(first[axis] + 2 - (occupied[0] + occupied[-1]) / 2) <= 1
+    assert (out.fixed, out.fixed_labels, out.moving_labels, out.region) == (
+        spec.fixed, spec.fixed_labels, spec.moving_labels, spec.region,
+    )  # fmt: skip

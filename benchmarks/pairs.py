@@ -4,6 +4,7 @@ variants, and phantom pairs for ``--smoke``. Each pair is a :class:`PairSpec` of
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +110,27 @@ def turned(spec: PairSpec, folder: Path, degrees: float, axis: int) -> PairSpec:
         name=spec.name, fixed=spec.fixed, fixed_labels=spec.fixed_labels, region=spec.region,
         labels=spec.labels, **paths,
     )  # fmt: skip
+
+
+def slab(spec: PairSpec, folder: Path, mm: float) -> PairSpec:
+    """The pair with its moving image cut to a slab ``mm`` thick through the middle of its
+    non-zero voxels, across the S–I axis (3D) or the second axis (2D): a field of view that
+    ends inside the anatomy. The labels stay whole, so Dice also scores the field beyond it."""
+    stem = spec.name.replace("→", "_to_").replace(" ", "_")
+    image = sitk.ReadImage(spec.moving)
+    dim = image.GetDimension()
+    axis = axial_axis(image) if dim == 3 else 1
+    others = tuple(a for a in range(dim) if a != dim - 1 - axis)  # numpy axes, reversed
+    occupied = np.flatnonzero((sitk.GetArrayViewFromImage(image) > 0).any(axis=others))
+    middle = (occupied[0] + occupied[-1]) / 2 if occupied.size else image.GetSize()[axis] / 2
+    thickness = min(image.GetSize()[axis], max(1, round(mm / image.GetSpacing()[axis])))
+    index = [0] * dim
+    index[axis] = int(np.clip(round(middle - thickness / 2), 0, image.GetSize()[axis] - thickness))
+    size = list(image.GetSize())
+    size[axis] = thickness
+    path = folder / f"{stem}-moving-slab.nii.gz"
+    sitk.WriteImage(sitk.RegionOfInterest(image, size, index), str(path))
+    return replace(spec, moving=str(path))
 
 
 def axial_axis(image: sitk.Image) -> int:
