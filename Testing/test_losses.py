@@ -44,6 +44,39 @@ def test_prepared_similarity_equals_the_plain_measure(
     assert expected[1].abs().sum() > 0
 
 
+@pytest.mark.parametrize("name", SIMILARITIES)
+def test_where_the_moving_image_has_no_data_nothing_is_compared(name: str) -> None:
+    """Beyond a moving image's field of view (``data`` 0) the warped image is padding: what
+    lies there, beyond the reach of every local window, changes neither the loss nor its
+    gradient; and the loss is a mean over the whole grid, so that its balance with the
+    regularizer stays a whole image's."""
+    generator = torch.Generator().manual_seed(1)
+    shape = (1, 1, 20, 18, 14)
+    fixed, moving, other = (torch.rand(shape, generator=generator) for _ in range(3))
+    data = torch.zeros(shape)
+    data[:, :, :8] = 1.0
+    far = torch.zeros(shape)
+    far[:, :, 8 + 3 :] = 1.0  # MIND reaches 3 voxels: a 3-voxel patch 2 voxels away
+    window = 3 if name == "mind" else 5
+    loss = similarity_to(name, fixed, None, window, data)
+
+    def value_and_gradient(warped: torch.Tensor) -> tuple[float, torch.Tensor]:
+        warped = warped.clone().requires_grad_(True)
+        value = loss(warped)
+        value.backward()
+        return float(value.detach()), warped.grad
+
+    value, gradient = value_and_gradient(moving)
+    changed_value, changed_gradient = value_and_gradient(moving * (1 - far) + other * far)
+    assert changed_value == pytest.approx(value, rel=1e-6)
+    torch.testing.assert_close(changed_gradient, gradient, rtol=1e-5, atol=1e-8)
+    assert float((gradient * far).abs().sum()) == 0.0
+    assert float((gradient * data).abs().sum()) > 0.0
+    if name == "mse":
+        expected = float((((fixed - moving) ** 2) * data).sum() / data.numel())
+        assert value == pytest.approx(expected, rel=1e-6)
+
+
 def test_local_ncc_of_an_image_with_itself_is_minus_one_even_where_flat() -> None:
     image = torch.zeros((1, 1, 16, 16))
     image[..., 4:12, 4:12] = torch.rand((8, 8), generator=torch.Generator().manual_seed(1))

@@ -49,3 +49,23 @@ def test_a_moving_image_covering_half_the_fixed_one_is_scored_where_it_has_data(
     assert half.report["ncc_affine"] > 0.95
     assert half.report["ncc_after"] > 0.95
     assert _ncc_over_foreground(fixed, half.warped) < half.report["ncc_after"] - 0.2
+
+
+@pytest.mark.parametrize("similarity", ["lncc", "mse", "mind"])
+def test_an_image_registered_to_its_own_half_stays_where_it_is(similarity: str) -> None:
+    """The truth is the identity. Beyond the half's field of view is padding: compared with
+    the fixed anatomy there, every similarity pulled the half's content over the rest (local
+    NCC 1.8 mm on average over the body, MSE 2.2, MIND 3.9; at most 4 to 11 mm)."""
+    grid = oblique_grid(3, size=(40, 40, 40), spacing=(1.2, 1.0, 1.1))
+    phantom = make_phantom(3, grid_centre(grid))
+    fixed = phantom.image(grid)
+    result = register(
+        fixed, _half_of(fixed, axis=0), preset="fast", model=None, device="cpu",
+        similarity=similarity, affine=False, compute_jacobian=False,
+    )  # fmt: skip
+    moved = np.linalg.norm(sitk.GetArrayViewFromImage(result.displacement), axis=-1)
+    body = sitk.GetArrayViewFromImage(phantom.label_map(grid)) > 0
+    print(f"\n{similarity}: displacement over the body mean {moved[body].mean():.2f} mm, "
+          f"max {moved[body].max():.2f} mm")  # fmt: skip
+    assert moved[body].mean() < 0.3
+    assert moved[body].max() < 1.5

@@ -17,6 +17,13 @@ from .filters import box_filter
 SIMILARITIES = ("lncc", "mse", "mind")
 
 
+def _where_data(values: torch.Tensor, data: torch.Tensor | None) -> torch.Tensor:
+    """Each voxel's dissimilarity where the moving image has ``data``, 0 elsewhere: padding
+    beyond a moving image's field of view counts as matched, pulling on nothing, and the mean
+    over the grid keeps the balance with the regularizer that a whole image has."""
+    return values if data is None else values * data
+
+
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is None:
         return values.mean()
@@ -42,6 +49,7 @@ def _lncc_to(
     warped: torch.Tensor,
     mask: torch.Tensor | None,
     window: int,
+    data: torch.Tensor | None = None,
 ) -> torch.Tensor:
     mu_f, var_f = fixed_statistics
     mu_w, var_w = _local_statistics(warped, window)
@@ -51,7 +59,7 @@ def _lncc_to(
     # than the identity, and an image registered to itself would move.
     eps = 1e-5
     cc = (cross * cross + eps) / (var_f * var_w + eps)
-    return -_masked_mean(cc, mask)
+    return -_masked_mean(_where_data(cc, data), mask)
 
 
 def mse(
@@ -98,10 +106,14 @@ def mind(
 
 
 def _mind_to(
-    fixed_descriptor: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None, window: int
+    fixed_descriptor: torch.Tensor,
+    warped: torch.Tensor,
+    mask: torch.Tensor | None,
+    window: int,
+    data: torch.Tensor | None = None,
 ) -> torch.Tensor:
     diff = (fixed_descriptor - mind_descriptor(warped, window)) ** 2
-    return _masked_mean(diff.mean(dim=1, keepdim=True), mask)
+    return _masked_mean(_where_data(diff.mean(dim=1, keepdim=True), data), mask)
 
 
 def similarity_function(name: str) -> Callable[..., torch.Tensor]:
@@ -113,19 +125,24 @@ def similarity_function(name: str) -> Callable[..., torch.Tensor]:
 
 
 def similarity_to(
-    name: str, fixed: torch.Tensor, mask: torch.Tensor | None, window: int
+    name: str,
+    fixed: torch.Tensor,
+    mask: torch.Tensor | None,
+    window: int,
+    data: torch.Tensor | None = None,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """``warped ↦ similarity(fixed, warped, mask, window)``, with what depends on ``fixed``
     alone computed once: instance optimisation compares one fixed image with a new warped
-    image at every step (for MIND, the fixed descriptor is about half of each evaluation)."""
+    image at every step (for MIND, the fixed descriptor is about half of each evaluation).
+    ``data``, when given, is where the moving image has data (see ``_where_data``)."""
     similarity_function(name)  # refuses unknown names
     if name == "lncc":
         statistics = _local_statistics(fixed, window)
-        return lambda warped: _lncc_to(fixed, statistics, warped, mask, window)
+        return lambda warped: _lncc_to(fixed, statistics, warped, mask, window, data)
     if name == "mind":
         descriptor = mind_descriptor(fixed, window)
-        return lambda warped: _mind_to(descriptor, warped, mask, window)
-    return lambda warped: mse(fixed, warped, mask, window)
+        return lambda warped: _mind_to(descriptor, warped, mask, window, data)
+    return lambda warped: _masked_mean(_where_data((fixed - warped) ** 2, data), mask)
 
 
 def soft_dice(fixed_onehot: torch.Tensor, warped_onehot: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from ..nn.networks import integrate_velocity, resize_flow, warp
 from .contrast import in_contrast_of
 from .grid_images import GridImages
 from .job import Job
-from .optimisation import downsample_image, level_shape
+from .optimisation import downsample_image, level_mask, level_shape
 from .progress import Stages
 
 # The default model's check runs on a grid this many times coarser (never under 8 voxels).
@@ -109,10 +109,10 @@ def _similarity_change(
     the network helps at all, and the full grid took 0.5 s of a brain's run to answer it."""
     shape = level_shape(tuple(images.fixed.shape[2:]), GUARD_REDUCTION)
     fixed, moving = downsample_image(images.fixed, shape), downsample_image(images.moving, shape)
-    mask = None if images.mask is None else (downsample_image(images.mask, shape) > 0.5)
+    mask, data = (level_mask(image, shape, fixed.dtype) for image in (images.mask, images.data))
     similarity = job.settings.similarity
     window = job.preset.window_for(similarity)
-    loss = similarity_to(similarity, fixed, None if mask is None else mask.to(fixed.dtype), window)
+    loss = similarity_to(similarity, fixed, mask, window, data)
     with torch.inference_mode():
         before = float(loss(moving))
         stop_if_cancelled(is_cancelled, "after the network")

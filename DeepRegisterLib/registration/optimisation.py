@@ -54,6 +54,7 @@ class LevelImages:
     fixed: torch.Tensor
     moving: torch.Tensor
     mask: torch.Tensor | None
+    data: torch.Tensor | None
 
 
 def _smooth(field: torch.Tensor, passes: int = 2, window: int = 3) -> torch.Tensor:
@@ -103,6 +104,7 @@ def optimise_velocity(
     folding_weight: float = 0.0,
     folding_margin: float = 0.05,
     initial_velocity: torch.Tensor | None = None,
+    data: torch.Tensor | None = None,
     progress: Callable[[float, str], None] | None = None,
     is_cancelled: Callable[[], bool] = lambda: False,
 ) -> tuple[torch.Tensor, list[float]]:
@@ -112,7 +114,8 @@ def optimise_velocity(
 
     ``levels`` pairs each level's grid shape with its settings, coarse first.
     ``folding_weight`` adds ``folding_penalty`` (det J kept above ``folding_margin``) to the
-    loss, for fine control grids.
+    loss, for fine control grids. ``data``, when given, is where the moving image has data:
+    the similarity counts nothing elsewhere (``similarity_to``).
     """
     similarity_function(similarity)  # refuses unknown names before any work
     fine_shape = tuple(fixed.shape[2:])
@@ -133,10 +136,11 @@ def optimise_velocity(
         images = LevelImages(
             downsample_image(fixed, shape),
             downsample_image(moving, shape),
-            None if mask is None else (downsample_image(mask, shape) > 0.5).to(fixed.dtype),
+            level_mask(mask, shape, fixed.dtype),
+            level_mask(data, shape, fixed.dtype),
         )
         objective = Objective(
-            similarity_to(similarity, images.fixed, images.mask, window),
+            similarity_to(similarity, images.fixed, images.mask, window, images.data),
             regularization,
             folding_weight,
             folding_margin,
@@ -146,6 +150,13 @@ def optimise_velocity(
             is_cancelled,
         )  # fmt: skip
     return velocity, trace
+
+
+def level_mask(
+    mask: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor | None:
+    """A 0/1 mask on a level's grid: where most of each coarse voxel was inside."""
+    return None if mask is None else (downsample_image(mask, shape) > 0.5).to(dtype)
 
 
 @dataclass(frozen=True)

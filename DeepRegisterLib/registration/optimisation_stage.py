@@ -47,7 +47,7 @@ def optimisation_stage(
             learning_rate=job.preset.learning_rate,
             window=job.preset.window_for(job.settings.similarity),
             folding_weight=job.preset.folding_weight, folding_margin=job.preset.folding_margin,
-            initial_velocity=velocity, progress=stages.reporter("optimisation"),
+            initial_velocity=velocity, data=images.data, progress=stages.reporter("optimisation"),
             is_cancelled=stages.cancelled,
         )  # fmt: skip
     if velocity is None:
