@@ -255,3 +255,40 @@ def test_slab_pairs_cut_only_the_moving_image_through_its_middle(tmp_path: Path,
     assert (out.fixed, out.fixed_labels, out.moving_labels, out.region) == (
         spec.fixed, spec.fixed_labels, spec.moving_labels, spec.region,
     )  # fmt: skip
+
+
+def test_head_pairs_take_the_whole_heads_of_the_subjects_that_have_one(tmp_path: Path) -> None:
+    """``--heads`` registers ``T1.nii.gz`` (the whole head) of each subject that has one; the
+    labels and the scored region stay the subject's brain."""
+    import SimpleITK as sitk
+
+    from benchmarks.pairs import fsdev_pairs, subjects_in
+
+    data = tmp_path / "fs-dev"
+    for subject, has_head in (
+        ("sub-01", True),
+        ("sub-02", False),
+        ("sub-03", True),
+        ("sub-04", True),
+    ):
+        folder = data / subject
+        folder.mkdir(parents=True)
+        names = ["brainmask", "aseg"] + (["T1"] if has_head else [])
+        for name in names:
+            sitk.WriteImage(
+                sitk.Image([4, 4, 4], sitk.sitkUInt8) + 1, str(folder / f"{name}.nii.gz")
+            )
+    assert subjects_in(data) == ["sub-01", "sub-02", "sub-03", "sub-04"]
+    assert subjects_in(data, "T1") == ["sub-01", "sub-03", "sub-04"]
+
+    work = tmp_path / "work"
+    work.mkdir()
+    pairs = fsdev_pairs(data, None, work, cross_contrast=False, image="T1")
+    assert len(pairs) == 6
+    for pair in pairs:
+        moving, fixed = pair.name.split("→")
+        assert (pair.moving, pair.fixed) == (
+            str(data / moving / "T1.nii.gz"), str(data / fixed / "T1.nii.gz"),
+        )  # fmt: skip
+        assert pair.moving_labels == str(data / moving / "aseg.nii.gz")
+        assert pair.region == str(work / f"{fixed}-region.nii.gz")

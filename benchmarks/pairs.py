@@ -15,11 +15,11 @@ from DeepRegisterLib import RegistrationSettings
 from .tasks import PairSpec
 
 
-def subjects_in(data: Path) -> list[str]:
+def subjects_in(data: Path, image: str = "brainmask") -> list[str]:
+    """The subjects with a brain mask, labels and ``image`` (``T1``: the whole head)."""
+    names = {"brainmask.nii.gz", "aseg.nii.gz", f"{image}.nii.gz"}
     return sorted(
-        d.name
-        for d in data.iterdir()
-        if d.is_dir() and (d / "brainmask.nii.gz").exists() and (d / "aseg.nii.gz").exists()
+        d.name for d in data.iterdir() if d.is_dir() and all((d / n).exists() for n in names)
     )
 
 
@@ -186,15 +186,21 @@ def prepare_2d(spec: PairSpec, folder: Path) -> PairSpec:
 
 
 def fsdev_pairs(
-    data: Path, count: int | None, folder: Path, cross_contrast: bool, skip: int = 0
+    data: Path,
+    count: int | None,
+    folder: Path,
+    cross_contrast: bool,
+    skip: int = 0,
+    image: str = "brainmask",
 ) -> list[PairSpec]:
-    """``count`` pairs (all if None) of the documented order, after its first ``skip``."""
+    """``count`` pairs (all if None) of the documented order, after its first ``skip``, of
+    each subject's ``image`` (``brainmask``: the skull-stripped brain; ``T1``: the head)."""
     from DeepRegisterLib.imaging.metrics import FREESURFER_EVAL_LABELS
 
-    pairs = ordered_pairs(subjects_in(data))[skip:]
+    pairs = ordered_pairs(subjects_in(data, image))[skip:]
     specs = []
     for moving, fixed in pairs[:count] if count else pairs:
-        moving_image = str(data / moving / "brainmask.nii.gz")
+        moving_image = str(data / moving / f"{image}.nii.gz")
         name = f"{moving}→{fixed}"
         if cross_contrast:
             path = folder / f"{moving}-t2like.nii.gz"
@@ -204,7 +210,7 @@ def fsdev_pairs(
         specs.append(
             PairSpec(
                 name=name,
-                fixed=str(data / fixed / "brainmask.nii.gz"),
+                fixed=str(data / fixed / f"{image}.nii.gz"),
                 moving=moving_image,
                 fixed_labels=str(data / fixed / "aseg.nii.gz"),
                 moving_labels=str(data / moving / "aseg.nii.gz"),

@@ -44,17 +44,10 @@ from benchmarks.methods import (  # noqa: E402
     model_note,
     run_tasks,
 )
-from benchmarks.pairs import (  # noqa: E402
-    fsdev_pairs,
-    negative,
-    prepare_2d,
-    slab,
-    smoke_pairs,
-    subjects_in,
-    turned,
-)
+from benchmarks.pairs import subjects_in  # noqa: E402
 from benchmarks.run_report import write_report  # noqa: E402
-from benchmarks.tasks import PairSpec, Settings, Task  # noqa: E402
+from benchmarks.tasks import Settings, Task  # noqa: E402
+from benchmarks.variants import variant_notes, variant_pairs  # noqa: E402
 from DeepRegisterLib import RegistrationSettings  # noqa: E402
 from DeepRegisterLib.batch.cluster import usable_cores  # noqa: E402
 
@@ -177,6 +170,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--cross-contrast", action="store_true", help="T2-like moving images")
     parser.add_argument("--2d", dest="two_d", action="store_true", help="matched axial slices")
     parser.add_argument(
+        "--heads", action="store_true",
+        help="whole-head T1 images (T1.nii.gz: skull, scalp, neck) instead of the skull-stripped "
+        "brains, for the subjects that have one",
+    )  # fmt: skip
+    parser.add_argument(
         "--negative",
         action="store_true",
         help="every image as its negative (max − v): a bright background, as photographs have",
@@ -275,17 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     methods = available_methods(args.methods, notes)
     similarity = "mind" if args.cross_contrast else "lncc"
-    if args.negative:
-        notes.append(
-            "Every image ran as its negative (max − v): dark anatomy on a bright background."
-        )
-    if args.turn:
-        notes.append(f"Every moving image and its labels were turned {args.turn:g}° (--turn).")
-    if args.slab:
-        notes.append(
-            f"Every moving image was cut to a {args.slab:g} mm slab through its middle (--slab); "
-            "its labels stayed whole, so Dice also scores the field beyond the slab."
-        )
+    notes += variant_notes(args)
     methods = model_note(2 if args.two_d else 3, args.model, similarity, methods, notes)
     settings = _settings(args, device, similarity)
     if args.regularization is not None:
@@ -295,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="deepregister-bench-") as scratch:
-        pairs = _pairs(args, Path(scratch))
+        pairs = variant_pairs(args, Path(scratch))
         print(
             f"{len(methods)} method(s) × {len(pairs)} pair(s), one fresh process each, "
             f"{args.threads} thread(s): {', '.join(methods)}",
@@ -359,23 +347,6 @@ def _settings(args: argparse.Namespace, device: str, similarity: str) -> Setting
         elastix_iterations=args.elastix_iterations,
         demons_iterations=args.demons_iterations,
     )
-
-
-def _pairs(args: argparse.Namespace, folder: Path) -> list[PairSpec]:
-    if args.smoke:
-        pairs = smoke_pairs(args.pairs or 2, folder, args.cross_contrast)
-    else:
-        pairs = fsdev_pairs(Path(args.data), args.pairs, folder, args.cross_contrast, args.skip)
-    if args.two_d:
-        print(f"preparing {len(pairs)} matched axial slice pair(s) (3D affine first)…")
-        pairs = [prepare_2d(p, folder) for p in pairs]
-    if args.negative:
-        pairs = [negative(p, folder) for p in pairs]
-    if args.turn:
-        pairs = [turned(p, folder, args.turn, i % 3) for i, p in enumerate(pairs)]
-    if args.slab:
-        pairs = [slab(p, folder, args.slab) for p in pairs]
-    return pairs
 
 
 def _run_all(
