@@ -253,13 +253,15 @@ def dice_27(report: dict[str, Any]) -> float | None:
     return metrics.mean_dice(chosen)
 
 
-def fsdev(data: Path, count: int) -> list[dict[str, str]]:
+def fsdev(data: Path, count: int, image: str = "brainmask") -> list[dict[str, str]]:
+    """The first ``count`` pairs of the documented order, each subject's ``image``
+    (``brainmask``: the skull-stripped brain; ``T1``: the whole head)."""
     pairs = []
-    for moving, fixed in ordered_pairs(subjects_in(data))[:count]:
+    for moving, fixed in ordered_pairs(subjects_in(data, image))[:count]:
         pairs.append({
             "name": f"{moving}→{fixed}",
-            "fixed": str(data / fixed / "brainmask.nii.gz"),
-            "moving": str(data / moving / "brainmask.nii.gz"),
+            "fixed": str(data / fixed / f"{image}.nii.gz"),
+            "moving": str(data / moving / f"{image}.nii.gz"),
             "fixed_labels": str(data / fixed / "aseg.nii.gz"),
             "moving_labels": str(data / moving / "aseg.nii.gz"),
         })  # fmt: skip
@@ -322,6 +324,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--tag", default="", help="suffix for the result files' names")
     parser.add_argument("--smoke", action="store_true", help="one tiny phantom pair, no ANTs")
+    parser.add_argument(
+        "--heads", action="store_true",
+        help="whole-head T1 images (T1.nii.gz) instead of the skull-stripped brains",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.smoke:
         args.pairs, args.presets, args.no_ants = 1, ["fast"], True
@@ -333,7 +339,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def measure(args: argparse.Namespace, work: Path, save: Callable[[dict], None]) -> dict:
     """Every version's runs pair by pair, then SyN (the longest) on ``--ants-pairs`` pairs;
     ``save`` gets the results after each run, so a stopped run keeps what it measured."""
-    pairs = phantoms(args.pairs, work) if args.smoke else fsdev(args.data, args.pairs)
+    pairs = (
+        phantoms(args.pairs, work) if args.smoke
+        else fsdev(args.data, args.pairs, "T1" if args.heads else "brainmask")
+    )  # fmt: skip
     envs = {label: child_env(repo, args.threads) for label, repo in args.repos.items()}
     results: dict[str, Any] = {
         "startup_s": {label: startup_s(repo, envs[label]) for label, repo in args.repos.items()},

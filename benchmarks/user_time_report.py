@@ -117,7 +117,8 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
         f"{', '.join(args.presets)}. Then the same command with --labels/--fixed-labels and "
         "--report, in a fresh process, for the engine's stages, Dice and folding; 'same files' "
         "says whether both runs wrote the same transform and images."
-        + (f" Each command after {args.pause:g} s idle." if args.pause else ""),
+        + (f" Each command after {args.pause:g} s idle." if args.pause else "")
+        + (" Whole-head T1 images (`--heads`)." if args.heads else ""),
         "Start-up is `register --help` alone (median of 3). In the command alone, 'before "
         "engine' is the time to the first progress line (start-up, imports, reading), 'engine' "
         "from there to the 100 % line, 'after engine' writing and exit. Ratios are × ANTs SyN's "
