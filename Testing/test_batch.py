@@ -123,6 +123,7 @@ def test_the_summary_holds_the_reports_numbers(first_run):
             assert float(rows[job][key]) == pytest.approx(report[key], rel=1e-12)
         assert float(rows[job]["time_s"]) == pytest.approx(report["batch"]["job_s"], rel=1e-12)
         assert float(rows[job]["peak_rss_mib"]) == pytest.approx(expected["peak_rss_mib"])
+        assert rows[job]["notes"] == "; ".join(report["notes"])
     assert rows["flat"]["status"] == "failed"
     assert "constant" in rows["flat"]["error"]
     page = (out / "summary.md").read_text()
@@ -226,6 +227,16 @@ def test_bad_rows_are_all_refused_before_any_work(data, tmp_path, capsys):
     assert "row 4 (notes): fixed_labels needs labels" in message
     assert "row 5 (nofixed): no fixed image given" in message
     assert not out.exists()
+
+
+def test_a_jobs_notes_reach_its_summary_row():
+    """A study's user scans the summary, not thousands of reports: what a report notes
+    (a moving image that covers part of the fixed one, say) is in its job's row."""
+    notes = ["field of view: the moving image covers 35% …", "model: left out …"]
+    row = summary_row("scan7", {"mean_dice": 0.8, "notes": notes}, "ok")
+    assert row["notes"] == "field of view: the moving image covers 35% …; model: left out …"
+    assert summary_row("scan8", {"notes": []}, "ok")["notes"] is None
+    assert list(row) == list(COLUMNS)
 
 
 def test_csv_and_template_jobs_are_named_and_checked(data, tmp_path):

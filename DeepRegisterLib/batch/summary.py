@@ -15,10 +15,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-#: The summary's columns, in order; the numbers come from each job's ``report.json``.
+#: The summary's columns, in order; the numbers and notes come from each job's ``report.json``
+#: (the notes say what a study's user should know of a job: a moving image that covers part of
+#: the fixed one, a model left out, a coarser grid for memory).
 COLUMNS = (
     "id", "status", "mean_dice", "folding_percent", "sdlogj", "ncc_before", "ncc_affine",
-    "ncc_after", "time_s", "runtime_s", "peak_rss_mib", "error",
+    "ncc_after", "time_s", "runtime_s", "peak_rss_mib", "notes", "error",
 )  # fmt: skip
 _FROM_REPORT = ("mean_dice", "folding_percent", "sdlogj", "ncc_before", "ncc_affine", "ncc_after")
 
@@ -41,6 +43,7 @@ def summary_row(
         "time_s": batch.get("job_s", seconds),
         "runtime_s": report.get("runtime_s"),
         "peak_rss_mib": None if peak is None else peak / 2**20,
+        "notes": "; ".join(report.get("notes", [])) or None,
         "error": error,
     }
 
