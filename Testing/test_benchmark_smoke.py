@@ -116,6 +116,8 @@ def test_skip_starts_later_in_the_documented_order(tmp_path: Path) -> None:
     assert len(fsdev_pairs(data, None, tmp_path, False, 10)) == 2  # 12 pairs, after 10
     with pytest.raises(SystemExit):
         parse_args(["--smoke", "--skip", "1"])
+    with pytest.raises(SystemExit):  # the T2-like contrast is made from skull-stripped brains
+        parse_args(["--heads", "--cross-contrast"])
 
 
 @pytest.mark.parametrize(

@@ -244,6 +244,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--pairs must be ≥ 1")
     if args.skip < 0 or (args.skip and args.smoke):
         parser.error("--skip must be ≥ 0 and applies to the fs-dev pairs, not --smoke")
+    if args.heads and (args.cross_contrast or args.smoke):
+        parser.error("--heads takes the fs-dev T1s as they are: not with --cross-contrast, --smoke")
     if args.regularization is not None and args.regularization < 0:
         parser.error("--regularization must be ≥ 0")
     if args.timeout is None:
