@@ -73,35 +73,22 @@ def grid_images(
     identity = sitk.Transform(dim, sitk.sitkIdentity)
     moving_net, moving_before = moving_on_grid(moving_smooth, reference, affine, stop)
     cpu = torch.device("cpu")
-    domain = to_tensor(
-        resample(
-            _domain_image(job.moving_image), reference, affine, sitk.sitkNearestNeighbor,
-            sitk.sitkUInt8, stop,
-        ),
-        cpu,
-    )  # fmt: skip
-    fixed = to_tensor(fixed_net, cpu)
-    mask = (
-        None if job.fixed_mask is None
-        else to_tensor(
-            resample(
-                job.fixed_mask, reference, identity, sitk.sitkNearestNeighbor, sitk.sitkUInt8,
-                stop,
-            ),
-            cpu,
+
+    def region_on_grid(image: sitk.Image, transform: sitk.Transform) -> torch.Tensor:
+        """A 0/1 region (non-zero inside) on the grid through ``transform``."""
+        nearest = resample(
+            image, reference, transform, sitk.sitkNearestNeighbor, sitk.sitkUInt8, stop
         )
-    )  # fmt: skip
+        return to_tensor(nearest, cpu)
+
+    domain = region_on_grid(_domain_image(job.moving_image), affine)
+    fixed = to_tensor(fixed_net, cpu)
+    mask = None if job.fixed_mask is None else region_on_grid(job.fixed_mask, identity)
     foreground = (fixed > FOREGROUND).to(fixed.dtype) if mask is None else mask
     covered = _covered(foreground, domain)
     data = domain if bool(domain.all()) else _eroded(domain, LOSS_REACH)
     if job.moving_mask is not None:
-        data = data * to_tensor(
-            resample(
-                job.moving_mask, reference, affine, sitk.sitkNearestNeighbor, sitk.sitkUInt8,
-                stop,
-            ),
-            cpu,
-        )  # fmt: skip
+        data = data * region_on_grid(job.moving_mask, affine)
     if not bool((foreground > data).any()):
         data = None
     region = foreground if covered == 1.0 else foreground * domain
