@@ -45,6 +45,11 @@ def ordered_pairs(subjects: Sequence[str]) -> list[tuple[str, str]]:
     return order + rest
 
 
+def _stem(spec: PairSpec) -> str:
+    """The pair's name as a file name's stem: ``sub-02_to_sub-01``, ``phantom_0``."""
+    return spec.name.replace("→", "_to_").replace(" ", "_")
+
+
 def _region_file(image: sitk.Image, folder: Path, name: str) -> str:
     path = folder / f"{name}-region.nii.gz"
     sitk.WriteImage(sitk.Cast(image > 0, sitk.sitkUInt8), str(path))
@@ -70,7 +75,7 @@ def t2_like(brain: sitk.Image) -> sitk.Image:
 def negative(spec: PairSpec, folder: Path) -> PairSpec:
     """The pair as negatives (``max − v`` of each image): dark brains on a bright background,
     as photographs and slides on white come. Labels and the scored region are the pair's."""
-    stem = spec.name.replace("→", "_to_").replace(" ", "_")
+    stem = _stem(spec)
     paths = {}
     for key in ("fixed", "moving"):
         image = sitk.ReadImage(getattr(spec, key))
@@ -89,7 +94,7 @@ def turned(spec: PairSpec, folder: Path, degrees: float, axis: int) -> PairSpec:
     """The pair with its moving image and labels turned by ``degrees`` about their centre, in
     their headers (no resampling, nothing cut off): about the LPS ``axis`` (0, 1, 2) in 3D, in
     the plane in 2D. The affine stage has to find the turn; the scores are the pair's own."""
-    stem = spec.name.replace("→", "_to_").replace(" ", "_")
+    stem = _stem(spec)
     paths = {}
     for key in ("moving", "moving_labels"):
         image = sitk.ReadImage(getattr(spec, key))
@@ -116,7 +121,7 @@ def slab(spec: PairSpec, folder: Path, mm: float) -> PairSpec:
     """The pair with its moving image cut to a slab ``mm`` thick through the middle of its
     non-zero voxels, across the S–I axis (3D) or the second axis (2D): a field of view that
     ends inside the anatomy. The labels stay whole, so Dice also scores the field beyond it."""
-    stem = spec.name.replace("→", "_to_").replace(" ", "_")
+    stem = _stem(spec)
     image = sitk.ReadImage(spec.moving)
     dim = image.GetDimension()
     axis = axial_axis(image) if dim == 3 else 1
