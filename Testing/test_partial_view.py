@@ -11,9 +11,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from conftest import grid_centre, grid_points, make_phantom, oblique_grid
 
 from DeepRegisterLib.registration.engine import register
+from DeepRegisterLib.registration.grid_images import LOSS_REACH, _eroded
 
 
 def _half_of(image: sitk.Image, axis: int) -> sitk.Image:
@@ -94,3 +96,20 @@ def test_what_the_moving_mask_leaves_out_pulls_on_nothing() -> None:
 
     assert moved().max() > 3.0
     assert moved(moving_mask=mask).max() < 0.05
+
+
+@pytest.mark.parametrize("dim", [2, 3], ids=["2d", "3d"])
+def test_the_data_region_is_the_domain_less_its_edge(dim: int) -> None:
+    """A voxel counts as data where no voxel outside the moving image's domain lies within
+    LOSS_REACH of it along any axis (a cube's window); the grid's own border is no edge."""
+    rng = np.random.default_rng(dim)
+    shape = (9, 23, 17)[-dim:]
+    domain = torch.from_numpy((rng.random(shape) > 0.02).astype(np.float32))[None, None]
+    domain[(0, 0, *[slice(None)] * (dim - 1), slice(0, 5))] = 0  # a field of view's edge
+    eroded = _eroded(domain, LOSS_REACH)
+    outside = np.argwhere(domain[0, 0].numpy() == 0)
+    for index in np.ndindex(*shape):
+        near = np.abs(outside - np.asarray(index)).max(axis=1).min() <= LOSS_REACH
+        assert eroded[(0, 0, *index)] == (0.0 if near else 1.0), index
+    assert eroded.dtype == domain.dtype
+    assert 0 < float(eroded.sum()) < float(domain.sum())

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 import torch
-import torch.nn.functional as F
 
 from ..errors import InputError
 from ..imaging.resampling import moving_on_grid, resample
+from ..nn.filters import box_filter
 from .job import Job
 from .preprocessing import FOREGROUND
 from .progress import Stages
@@ -128,6 +128,8 @@ def _covered(foreground: torch.Tensor, domain: torch.Tensor) -> float:
 
 
 def _eroded(domain: torch.Tensor, voxels: int) -> torch.Tensor:
-    """``domain`` less ``voxels`` at its edges within the grid (the grid's border is no edge)."""
-    pool = F.max_pool3d if domain.dim() == 5 else F.max_pool2d
-    return 1 - pool(1 - domain, 2 * voxels + 1, stride=1, padding=voxels)
+    """``domain`` less ``voxels`` at its edges within the grid (the grid's border is no edge):
+    the voxels whose window holds no voxel outside it. A box filter sums one axis at a time
+    on every thread; ``max_pool3d``'s 7³ window on one thread took 0.26 s on a brain's grid,
+    about 5 % of `fast`, on every pair whose field of view ends inside the grid."""
+    return (box_filter(1 - domain, 2 * voxels + 1) == 0).to(domain.dtype)
