@@ -75,8 +75,11 @@ def _plan_grid(
     settings, preset = inputs.settings, inputs.preset
     fixed_image, moving_image = inputs.fixed_image, inputs.moving_image
     fixed_grid = Grid.of(fixed_image)
-    foreground = inputs.fixed_mask if inputs.fixed_mask is not None else fixed_norm > FOREGROUND
-    lower, upper = foreground_box(fixed_image, foreground, preset.foreground_margin_mm)
+    margin_mm = preset.foreground_margin_mm
+    if inputs.fixed_mask is not None:
+        lower, upper = foreground_box(fixed_image, inputs.fixed_mask, margin_mm)
+    else:
+        lower, upper = foreground_box(fixed_image, fixed_norm, margin_mm, above=FOREGROUND)
     notes: tuple[str, ...] = ()
     extent_mm = float(np.max((upper - lower + 1) * np.asarray(fixed_grid.spacing)))
     if settings.model == "default":

@@ -83,11 +83,12 @@ def normalised_pair(
 
 
 def foreground_box(
-    image: sitk.Image, foreground: sitk.Image, margin_mm: float
+    image: sitk.Image, foreground: sitk.Image, margin_mm: float, above: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Index box (I, J, K order) of ``foreground``'s non-zero voxels on ``image``'s grid,
-    ``margin_mm`` wider on every side, clipped to the image."""
-    fg = sitk.GetArrayViewFromImage(foreground) > 0
+    """Index box (I, J, K order) of ``foreground``'s voxels above ``above`` on ``image``'s
+    grid, ``margin_mm`` wider on every side, clipped to the image. The threshold is taken here,
+    on a view of the voxels: as a SimpleITK image filter on a 1 mm brain it took 0.15 s."""
+    fg = sitk.GetArrayViewFromImage(foreground) > above
     size = np.asarray(image.GetSize())
     box = nonzero_box(fg)
     if box is None:

@@ -23,7 +23,11 @@ from ..imaging.geometry import Grid
 from ..imaging.output_paths import stem
 from ..imaging.resampling import network_inputs
 from ..registration.affine_search import register_normalised
-from ..registration.preprocessing import foreground_box, normalised_for_registration
+from ..registration.preprocessing import (
+    FOREGROUND,
+    foreground_box,
+    normalised_for_registration,
+)
 from ..registration.presets import get_preset
 from ..registration.settings import RegistrationSettings
 
@@ -147,9 +151,8 @@ def prepare_pair(files: PairFiles, spacing_mm: float, seed: int = 0) -> Prepared
     fixed_norm = normalised_for_registration(fixed)
     moving_norm = normalised_for_registration(moving)
     affine = register_normalised(fixed_norm, moving_norm, seed=seed)
-    grid = Grid.of(fixed).with_spacing_cropped_to(
-        spacing_mm, *foreground_box(fixed, fixed_norm > 0.05, _DEFAULT_MARGIN_MM), multiple=1
-    )
+    box = foreground_box(fixed, fixed_norm, _DEFAULT_MARGIN_MM, above=FOREGROUND)
+    grid = Grid.of(fixed).with_spacing_cropped_to(spacing_mm, *box, multiple=1)
     reference = grid.reference_image()
     identity = sitk.Transform(dim, sitk.sitkIdentity)
     fixed_net, moving_net, _ = network_inputs(fixed_norm, moving_norm, reference, affine)
