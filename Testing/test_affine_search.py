@@ -213,3 +213,41 @@ def test_a_cancel_stops_the_search_at_its_next_step() -> None:
             is_cancelled=cancel_after_five,
         )  # fmt: skip
     assert len(steps) == 5
+
+
+@pytest.mark.parametrize(
+    ("axis", "degrees"), [((0.0, 0.0, 1.0), 90.0), ((0.0, 1.0, 0.0), -75.0)], ids=["z90", "y-75"]
+)
+def test_a_turn_beyond_the_searchs_reach_is_found_from_a_turned_start(axis, degrees) -> None:
+    """A search turns about 30° at most; the trials turn the start by 45° about the right
+    axis, twice for 90°, and bring these within reach."""
+    fixed = _brain_sized()
+    moving, truth = _turned(fixed, axis, degrees)
+    found = affine_search.register_affine(fixed, moving, iterations=30)
+    assert _largest_error_mm(found, truth, BRAIN_POINTS) < 1.5
+
+
+def test_a_2d_image_turned_far_is_found() -> None:
+    fixed = _brain_sized(1.0, size=128, dim=2)
+    truth = sitk.Euler2DTransform((-0.5, -0.5), np.deg2rad(-80.0))
+    found = affine_search.register_affine(fixed, _moved(fixed, truth), iterations=30)
+    corners = [(20.0, 0.0), (0.0, 20.0), (-30.0, -20.0), (-10.0, 25.0)]
+    assert _largest_error_mm(found, truth, corners) < 1.5
+
+
+def test_unturned_the_trials_leave_the_search_as_it_was(monkeypatch) -> None:
+    """Where the start is kept, the transform is the one found without trials, to the bit:
+    the trials draw their sample with a generator of their own. Progress counts the searches'
+    steps alone, as before."""
+    fixed = _brain_sized()
+    moving = _moved(fixed, _oblique_affine())
+    reports: list[float] = []
+    with_trials = affine_search.register_affine(
+        fixed, moving, iterations=10, progress=lambda fraction, _: reports.append(fraction)
+    )
+    assert len(reports) == 4 * 10
+    assert reports[-1] == 1.0
+    monkeypatch.setattr(affine_search, "_turned_start", lambda *_: None)
+    without = affine_search.register_affine(fixed, moving, iterations=10)
+    assert with_trials.GetParameters() == without.GetParameters()
+    assert with_trials.GetFixedParameters() == without.GetFixedParameters()

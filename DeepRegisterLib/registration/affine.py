@@ -67,6 +67,14 @@ def moments_transform(fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
     )
 
 
+def is_small(image: sitk.Image) -> bool:
+    """Under SMALL_IMAGE_VOXELS working voxels across: its levels are finer, and too few
+    voxels for the turned starts to judge between distant poses (on a 44 mm phantom a pose
+    turned 40° and shifted 26 mm scored a higher mutual information than the right one)."""
+    extent_mm = np.asarray(image.GetSize()) * np.asarray(image.GetSpacing())
+    return bool(min(extent_mm) / working_spacing(image) < SMALL_IMAGE_VOXELS)
+
+
 def level_spacings(fixed: sitk.Image, finest_mm: float) -> tuple[list[float], list[float]]:
     """The rigid and the affine search's level spacings, coarse to fine, in mm.
 
@@ -75,8 +83,7 @@ def level_spacings(fixed: sitk.Image, finest_mm: float) -> tuple[list[float], li
     across) gets 2 and 1 working spacings for both, keeping enough voxels to sample.
     """
     working = working_spacing(fixed)
-    extent_mm = np.asarray(fixed.GetSize()) * np.asarray(fixed.GetSpacing())
-    if min(extent_mm) / working < SMALL_IMAGE_VOXELS:
+    if is_small(fixed):
         return [2 * working, working], [2 * working, working]
     finest = max(1, round(finest_mm / working)) * working
     return [4 * working, 2 * working], [2 * finest, finest]
