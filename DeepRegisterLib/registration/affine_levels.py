@@ -112,10 +112,13 @@ class Levels:
         self._seed, self.device, self._is_cancelled = seed, device, is_cancelled
         self._generator = torch.Generator().manual_seed(seed)  # on the CPU: the same sample
         self._copies: dict[float, tuple[sitk.Image, sitk.Image]] = {}
+        self._mask_copies: dict[float, tuple[sitk.Image | None, sitk.Image | None]] = {}
         self._levels: dict[tuple[float, int | None], Level] = {}
 
     def copies(self, spacing_mm: float) -> tuple[sitk.Image, sitk.Image]:
-        """The fixed and moving images block-averaged to about ``spacing_mm``."""
+        """The fixed and moving images block-averaged to about ``spacing_mm``; the turned
+        starts' level and the search's at the same spacing share them, as they share the
+        masks' (``_masks_at``)."""
         if spacing_mm not in self._copies:
             stop_if_cancelled(self._is_cancelled, "during the affine stage")
             self._copies[spacing_mm] = tuple(
@@ -124,15 +127,21 @@ class Levels:
             )
         return self._copies[spacing_mm]
 
-    def at(self, spacing_mm: float, samples: int | None = None) -> Level:
-        """The level at ``spacing_mm``: a search's, or one of ``samples`` voxels."""
-        if (spacing_mm, samples) not in self._levels:
-            masks = tuple(
+    def _masks_at(self, spacing_mm: float) -> tuple[sitk.Image | None, sitk.Image | None]:
+        """The fixed and moving masks (None where not given) at about ``spacing_mm``."""
+        if spacing_mm not in self._mask_copies:
+            self._mask_copies[spacing_mm] = tuple(
                 None
                 if mask is None
                 else working_copy(mask, spacing_mm, mask=True, is_cancelled=self._is_cancelled)
                 for mask in self._masks
             )
+        return self._mask_copies[spacing_mm]
+
+    def at(self, spacing_mm: float, samples: int | None = None) -> Level:
+        """The level at ``spacing_mm``: a search's, or one of ``samples`` voxels."""
+        if (spacing_mm, samples) not in self._levels:
+            masks = self._masks_at(spacing_mm)
             draw = self._generator if samples is None else torch.Generator().manual_seed(self._seed)
             self._levels[spacing_mm, samples] = Level(
                 *self.copies(spacing_mm), masks, spacing_mm, self._centre, draw, self.device,

@@ -267,15 +267,8 @@ def register_normalised(
             rigid_levels = [levels.at(mm) for mm in rigid_mm]
             trial = None if is_small(fixed) else levels.at(rigid_mm[0], TURN_TRIAL_SAMPLES)
             start = _rigid_search(rigid_levels, trial, start, iterations, radius_mm, tick, check)
-        start = _search(
-            [levels.at(mm) for mm in affine_mm],
-            start,
-            False,
-            iterations,
-            radius_mm,
-            tick,
-            given_start,
-        )
+        affine_levels = [levels.at(mm) for mm in affine_mm]
+        start = _search(affine_levels, start, False, iterations, radius_mm, tick, given_start)
     return to_affine(_transform(start, centre), dim)
 
 
