@@ -119,7 +119,7 @@ def test_the_smoothing_beside_the_affine_stage_stops_with_a_cancel(
         affine_done.set()
         return transform
 
-    def slow_smoothing(image, target_mm, is_cancelled):
+    def slow_smoothing(image, target_mm, is_cancelled, voxels):
         seen["thread"] = threading.current_thread().name
         affine_done.wait(30)
         seen["set_at"] = time.perf_counter()
@@ -146,7 +146,7 @@ def test_a_failed_affine_stage_stops_the_smoothing_beside_it(
 ) -> None:
     smoothing_stopped = threading.Event()
 
-    def smoothing_until_stopped(fixed_norm, reference, is_cancelled):
+    def smoothing_until_stopped(fixed_norm, reference, is_cancelled, voxels):
         deadline = time.perf_counter() + 30
         while not is_cancelled() and time.perf_counter() < deadline:
             time.sleep(0.01)

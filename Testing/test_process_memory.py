@@ -88,3 +88,44 @@ def test_full_resolution_working_images_end_before_the_deformable_stages(monkeyp
     result = engine.register(pair.fixed, pair.moving, preset="fast", iterations=0, model=None)
     assert result.warped.GetSize() == pair.fixed.GetSize()
     assert alive_at_network == [[False, False, False]]
+
+
+def test_the_worker_beside_the_affine_stage_copies_no_normalised_image(monkeypatch):
+    """While the affine stage's filters read the normalised images, the worker planning the run
+    reads them too. A view SimpleITK gives while another reference holds an image's buffer is of
+    a fresh copy of the whole image (0.6 GB for a 512² × 600 CT): here the affine stage holds
+    such references (as a filter running does) until the worker is done, and both images must
+    keep the buffers they were made with."""
+    import threading
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
+    from DeepRegisterLib.registration import affine_search, deformable, engine
+
+    prepared = threading.Event()
+    kept: list[bool] = []
+
+    def prepare_then_flag(*args, **kwargs):
+        try:
+            return original_prepare(*args, **kwargs)
+        finally:
+            prepared.set()
+
+    def affine_holding_the_images(fixed, moving, **kwargs):
+        views = [sitk.GetArrayViewFromImage(image) for image in (fixed, moving)]
+        held = [sitk.Image(fixed), sitk.Image(moving)]  # share the buffers, as a filter's input
+        assert prepared.wait(60)
+        del held
+        after = [sitk.GetArrayViewFromImage(image) for image in (fixed, moving)]
+        kept.extend(np.shares_memory(a, b) for a, b in zip(views, after, strict=True))
+        return original_affine(fixed, moving, **kwargs)
+
+    original_prepare, original_affine = deformable.prepare, affine_search.register_normalised
+    monkeypatch.setattr(deformable, "prepare", prepare_then_flag)
+    monkeypatch.setattr(affine_search, "register_normalised", affine_holding_the_images)
+    pair = phantom_pair(demo_grid(3, size=32), amplitude_mm=2.0)
+    mask = sitk.Cast(pair.fixed > 0, sitk.sitkUInt8)
+    engine.register(pair.fixed, pair.moving, fixed_mask=mask, iterations=0, model=None)
+    assert kept == [True, True]

@@ -134,19 +134,23 @@ def antialiased(
     image: sitk.Image, target_mm: float, is_cancelled: IsCancelled = _never
 ) -> sitk.Image:
     """Gaussian-smoothed along each axis finer than ``target_mm``, before resampling onto it."""
-    spacing = image.GetSpacing()
-    sigmas = _antialiasing_sigmas(spacing, target_mm)
-    axes = [axis for axis, sigma in enumerate(sigmas) if sigma > 0]
-    if not axes:
-        return sitk.Cast(image, sitk.sitkFloat32)
-    volume = sitk.GetArrayViewFromImage(image)
-    for axis in axes:
-        volume = _gaussian_along(
-            volume.astype(np.float32, copy=False), spacing, sigmas[axis], axis, is_cancelled
-        )
+    volume = _antialiased_voxels(
+        sitk.GetArrayViewFromImage(image), image.GetSpacing(), target_mm, is_cancelled
+    )
     smoothed = sitk.GetImageFromArray(volume)
     smoothed.CopyInformation(image)
     return smoothed
+
+
+def _antialiased_voxels(
+    volume: np.ndarray, spacing: tuple[float, ...], target_mm: float, is_cancelled: IsCancelled
+) -> np.ndarray:
+    """:func:`antialiased` of a (K, J, I) array on a grid of ``spacing``, as float32."""
+    sigmas = _antialiasing_sigmas(spacing, target_mm)
+    volume = volume.astype(np.float32, copy=False)
+    for axis in (axis for axis, sigma in enumerate(sigmas) if sigma > 0):
+        volume = _gaussian_along(volume, spacing, sigmas[axis], axis, is_cancelled)
+    return volume
 
 
 def smoothed_for_grid(
@@ -154,6 +158,7 @@ def smoothed_for_grid(
     target_mm: float,
     is_cancelled: IsCancelled = _never,
     reference: sitk.Image | None = None,
+    voxels: np.ndarray | None = None,
 ) -> sitk.Image:
     """:func:`antialiased` where a resampling onto a ``target_mm`` grid can read it, and no more.
 
@@ -162,6 +167,10 @@ def smoothed_for_grid(
     the interpolation. Outside the box the smoothed image is zero, which is also what
     :func:`resample` reads outside an image, so resampling the result onto any grid gives what
     resampling the whole smoothed volume would give.
+
+    ``voxels``: ``image``'s array, where the caller took the view (see
+    :class:`~DeepRegisterLib.registration.preprocessing.Voxels`); taken here otherwise. The box
+    is cut from it as a view, not copied.
     """
     spacing, dim = image.GetSpacing(), image.GetDimension()
     # The kernel's radius (its length less the centre tap), plus one voxel for the interpolation.
@@ -170,7 +179,8 @@ def smoothed_for_grid(
         for sigma, s in zip(_antialiasing_sigmas(spacing, target_mm), spacing, strict=True)
     ]
     stop_if_cancelled(is_cancelled, "while smoothing the images")
-    box = nonzero_box(sitk.GetArrayViewFromImage(image) != 0)
+    volume = sitk.GetArrayViewFromImage(image) if voxels is None else voxels
+    box = nonzero_box(volume != 0)
     lower, upper = box if box is not None else (np.zeros(dim), -np.ones(dim))
     if reference is not None:
         read_lower, read_upper = _box_read_by(reference, image)
@@ -178,9 +188,16 @@ def smoothed_for_grid(
     last = np.asarray(image.GetSize()) - 1
     if np.any(upper < lower):  # nothing nonzero is read: smooth a single voxel
         upper = lower = np.clip(lower, 0, last)
-    lower, upper = np.maximum(lower - reach, 0), np.minimum(upper + reach, last)
-    crop = image[tuple(slice(int(a), int(b) + 1) for a, b in zip(lower, upper, strict=True))]
-    return antialiased(crop, target_mm, is_cancelled)
+    lower = np.maximum(lower - reach, 0).astype(int)
+    upper = np.minimum(upper + reach, last).astype(int)
+    crop = tuple(slice(a, b + 1) for a, b in zip(lower[::-1], upper[::-1], strict=True))
+    smoothed = sitk.GetImageFromArray(
+        _antialiased_voxels(volume[crop], spacing, target_mm, is_cancelled)
+    )
+    smoothed.SetSpacing(spacing)
+    smoothed.SetDirection(image.GetDirection())
+    smoothed.SetOrigin(image.TransformIndexToPhysicalPoint([int(i) for i in lower]))
+    return smoothed
 
 
 def nonzero_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -230,10 +247,14 @@ def network_inputs(
 
 
 def fixed_on_grid(
-    fixed_norm: sitk.Image, reference: sitk.Image, is_cancelled: IsCancelled = _never
+    fixed_norm: sitk.Image,
+    reference: sitk.Image,
+    is_cancelled: IsCancelled = _never,
+    voxels: np.ndarray | None = None,
 ) -> sitk.Image:
-    """The fixed part of :func:`network_inputs`."""
-    smoothed = smoothed_for_grid(fixed_norm, reference.GetSpacing()[0], is_cancelled, reference)
+    """The fixed part of :func:`network_inputs` (``voxels`` as for :func:`smoothed_for_grid`)."""
+    spacing = reference.GetSpacing()[0]
+    smoothed = smoothed_for_grid(fixed_norm, spacing, is_cancelled, reference, voxels)
     return resample_linear(smoothed, reference, _identity(reference), is_cancelled)
 
 

@@ -23,6 +23,7 @@ from .job import Job, plan_job
 from .network_stage import network_stage
 from .optimisation_stage import optimisation_stage
 from .outputs import output_stage
+from .preprocessing import Voxels
 from .progress import Stages, Stopwatch
 from .report import build_report
 from .result import RegistrationResult
@@ -54,15 +55,19 @@ class Prepared:
 
 def prepare(
     inputs: Inputs,
-    fixed_norm: sitk.Image,
-    moving_norm: sitk.Image,
+    normalised: tuple[sitk.Image, sitk.Image],
+    voxels: Voxels,
     started: float,
     is_cancelled: Callable[[], bool],
 ) -> Planned:
-    job, device, notes = plan_job(inputs, fixed_norm, started)
+    """The plan and the smoothed network inputs of the ``normalised`` pair, reading their
+    voxels only through ``voxels``."""
+    fixed_norm, moving_norm = normalised
+    job, device, notes = plan_job(inputs, voxels, started)
     reference = job.network_grid.reference_image()
-    fixed_net = fixed_on_grid(fixed_norm, reference, is_cancelled)
-    moving_smooth = smoothed_for_grid(moving_norm, reference.GetSpacing()[0], is_cancelled)
+    fixed_net = fixed_on_grid(fixed_norm, reference, is_cancelled, voxels.fixed)
+    spacing = reference.GetSpacing()[0]
+    moving_smooth = smoothed_for_grid(moving_norm, spacing, is_cancelled, voxels=voxels.moving)
     return Planned(job, device, notes, fixed_net, moving_smooth)
 
 

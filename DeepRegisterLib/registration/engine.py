@@ -24,7 +24,7 @@ from ..errors import RegistrationCancelled
 from .affine import to_affine
 from .beside import Beside
 from .inputs import ImageLike, Inputs, check_inputs
-from .preprocessing import normalised_pair
+from .preprocessing import Voxels, normalised_pair
 from .progress import CancelToken, ProgressCallback, Stages, Stopwatch
 from .result import RegistrationResult
 from .settings import RegistrationSettings
@@ -98,8 +98,10 @@ def _affine_and_plan(
     )  # fmt: skip
     if inverted is not None:
         stages.report("affine", 0.0, inverted)
+    voxels = Voxels.of(fixed_norm, moving_norm, inputs.fixed_mask)  # before the affine's filters
     with Beside(stages.cancelled, "while preparing the images") as beside:
-        preparing = beside.submit(_prepare, inputs, fixed_norm, moving_norm, started)
+        normalised = fixed_norm, moving_norm
+        preparing = beside.submit(_prepare, inputs, normalised, voxels, started)
         try:
             affine, note = _affine(
                 stages, inputs, fixed_norm, moving_norm, lambda: beside.failed(preparing)
@@ -119,12 +121,16 @@ def _affine_and_plan(
 
 
 def _prepare(
-    inputs: Inputs, fixed_norm: sitk.Image, moving_norm: sitk.Image, started: float, is_cancelled
+    inputs: Inputs,
+    normalised: tuple[sitk.Image, sitk.Image],
+    voxels: Voxels,
+    started: float,
+    is_cancelled,
 ):
     """On the worker, beside the affine search: plan the run, smooth the network's inputs."""
     from .deformable import prepare
 
-    return prepare(inputs, fixed_norm, moving_norm, started, is_cancelled)
+    return prepare(inputs, normalised, voxels, started, is_cancelled)
 
 
 def _affine(

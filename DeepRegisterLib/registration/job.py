@@ -10,7 +10,6 @@ from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 from ..imaging.geometry import Grid
@@ -19,7 +18,7 @@ from ..nn.models import ModelInfo
 from .inputs import Inputs
 from .memory_plan import memory_budget, plan_memory
 from .model_choice import default_models, resolve_model, suited_default_model
-from .preprocessing import FOREGROUND, foreground_box
+from .preprocessing import FOREGROUND, Voxels, foreground_box
 
 MIN_LEVEL_VOXELS = 16
 MAX_NETWORK_VOXELS = 160**3
@@ -45,17 +44,17 @@ class _GridPlan(NamedTuple):
 
 
 def plan_job(
-    inputs: Inputs, fixed_norm: sitk.Image, started: float
+    inputs: Inputs, voxels: Voxels, started: float
 ) -> tuple[Job, torch.device, tuple[str, ...]]:
     """The job, the device it runs on and the notes on choices made for it (for the caller to
-    report: this runs on a worker thread). ``fixed_norm`` (the normalised fixed image) gives
-    the foreground when there is no fixed mask."""
+    report: this runs on a worker thread). The fixed mask's ``voxels``, or the normalised fixed
+    image's where there is no mask, give the foreground."""
     settings = inputs.settings
     device = resolve_device(settings.device)
     default_model = settings.model == "default"
     dim = inputs.fixed_image.GetDimension()
     model_info = None if default_model else resolve_model(settings.model, dim)
-    plan = _plan_grid(inputs, fixed_norm, model_info, device)
+    plan = _plan_grid(inputs, voxels, model_info, device)
     job = Job(
         **{field.name: getattr(inputs, field.name) for field in fields(Inputs)},
         model_info=plan.model_info,
@@ -68,7 +67,7 @@ def plan_job(
 
 
 def _plan_grid(
-    inputs: Inputs, fixed_norm: sitk.Image, model_info: ModelInfo | None, device: torch.device
+    inputs: Inputs, voxels: Voxels, model_info: ModelInfo | None, device: torch.device
 ) -> _GridPlan:
     """The network grid over the fixed foreground, the model for it (a default one chosen
     here) and the device, on a plan that fits in memory."""
@@ -76,10 +75,10 @@ def _plan_grid(
     fixed_image, moving_image = inputs.fixed_image, inputs.moving_image
     fixed_grid = Grid.of(fixed_image)
     margin_mm = preset.foreground_margin_mm
-    if inputs.fixed_mask is not None:
-        lower, upper = foreground_box(fixed_image, inputs.fixed_mask, margin_mm)
+    if voxels.fixed_mask is not None:
+        lower, upper = foreground_box(fixed_image, voxels.fixed_mask, margin_mm)
     else:
-        lower, upper = foreground_box(fixed_image, fixed_norm, margin_mm, above=FOREGROUND)
+        lower, upper = foreground_box(fixed_image, voxels.fixed, margin_mm, above=FOREGROUND)
     notes: tuple[str, ...] = ()
     extent_mm = float(np.max((upper - lower + 1) * np.asarray(fixed_grid.spacing)))
     if settings.model == "default":

@@ -141,7 +141,7 @@ def _read_label_map(path: str | os.PathLike, background_from: int | None) -> sit
 
 
 def _cropped_grid(labels: sitk.Image, spacing_mm: float) -> Grid:
-    lower, upper = foreground_box(labels, labels, LABEL_MAP_MARGIN_MM)
+    lower, upper = foreground_box(labels, sitk.GetArrayViewFromImage(labels), LABEL_MAP_MARGIN_MM)
     return Grid.of(labels).with_spacing_cropped_to(spacing_mm, lower, upper, multiple=1)
 
 
