@@ -288,6 +288,32 @@ def test_the_transform_files_composite_is_the_dense_field_everywhere(dim: int) -
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("dim", [2, 3])
+def test_where_each_voxel_lands_is_built_in_one_pass_as_from_the_displacement(dim: int) -> None:
+    """``Displacement.mapped(L, c)`` (how the engine's warp finds its sampling points) is
+    ``L (x + u(x)) + c`` at every voxel, to float32's rounding, and the same bits whichever
+    block of rows holds a voxel."""
+    fixed = oblique_grid(dim)
+    network = fixed.with_spacing_cropped_to(2.0, np.full(dim, 4), np.asarray(fixed.size) - 5, 2)
+    generator = torch.Generator().manual_seed(dim)
+    v = 3.0 * torch.randn((1, dim, *network.shape), generator=generator)
+    affine = sitk.AffineTransform(dim)
+    affine.SetMatrix(tuple((np.eye(dim) + 0.05 * np.arange(dim * dim).reshape(dim, -1)).ravel()))
+    affine.SetTranslation(tuple(np.linspace(-4.0, 6.0, dim)))
+    field = Displacement(affine, v, network, fixed)
+    rng = np.random.default_rng(dim)
+    linear, constant = rng.normal(size=(dim, dim)) / 50.0, rng.normal(size=dim)
+    whole = tuple(slice(0, n) for n in fixed.shape)
+    mapped = field.mapped(linear, constant, whole).numpy()
+
+    u = sitk.GetArrayFromImage(field.image()).astype(np.float64)
+    expected = (grid_points(fixed) + u) @ linear.T + constant
+    assert np.abs(u).max() > 5.0
+    np.testing.assert_allclose(mapped, expected, rtol=0, atol=1e-5)
+    rows = (slice(3, 7), *whole[1:])
+    np.testing.assert_array_equal(field.mapped(linear, constant, rows).numpy(), mapped[rows])
+
+
 @pytest.mark.parametrize(
     ("pixel_id", "low", "high", "warped_id"),
     [

@@ -90,9 +90,10 @@ def test_the_box_follows_the_reach() -> None:
     assert not np.array_equal(sitk.GetArrayFromImage(understated), everything)
 
 
-def test_the_engine_warps_exactly_what_its_displacement_gives() -> None:
-    """The engine warps through a box bounded by ‖A‖ · max |v|; its warped image and labels
-    equal sampling every voxel through the displacement it returns."""
+def test_the_engine_warps_what_its_displacement_gives() -> None:
+    """The engine warps through a box bounded by ‖A‖ · max |v|, building each voxel's sampling
+    point in one pass (not from ``u``); its warped labels equal sampling every voxel through the
+    displacement it returns, and its warped image does up to float32's rounding of the points."""
     pair = phantom_pair(demo_grid(3, 40), seed=2)
     result = register(
         pair.fixed, pair.moving, moving_labels={"labels": pair.moving_labels},
@@ -104,7 +105,8 @@ def test_the_engine_warps_exactly_what_its_displacement_gives() -> None:
     )
     warped = sitk.GetArrayFromImage(result.warped)
     assert np.count_nonzero(warped) > 1000
-    np.testing.assert_array_equal(warped, sitk.GetArrayFromImage(image))
+    scale = float(np.abs(sitk.GetArrayViewFromImage(pair.moving)).max())
+    np.testing.assert_allclose(warped, sitk.GetArrayFromImage(image), rtol=0, atol=1e-5 * scale)
     np.testing.assert_array_equal(
         sitk.GetArrayFromImage(result.warped_labels["labels"]), sitk.GetArrayFromImage(labels)
     )

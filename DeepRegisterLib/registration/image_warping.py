@@ -78,7 +78,7 @@ def warp_images(
     ``reach``, voxels that cannot land near a non-zero moving voxel are left at zero unread
     (and a :class:`Displacement` is not evaluated there)."""
     device = torch.device(device)
-    grid, u_at = _reader(displacement, grid, device)
+    grid, landing = _reader(displacement, grid, device)
     groups: dict[Grid, list[int]] = {}
     for index, (image, _) in enumerate(movings):
         groups.setdefault(Grid.of(image), []).append(index)
@@ -107,7 +107,7 @@ def warp_images(
         for start in range(box[0].start, box[0].stop, rows):
             stop_if(is_cancelled)
             block = (slice(start, min(start + rows, box[0].stop)), *box[1:])
-            coordinates, inside = mapping.at(u_at(block), block)
+            coordinates, inside = landing(mapping, block)
             for source in sources:
                 at = coordinates.to(source.volume.dtype)  # float64 for labels above 2**24
                 values = grid_sample(source.volume, at, source.mode, "border")[0, 0]
@@ -145,17 +145,22 @@ def _itk_region(block: Block) -> tuple[slice, ...]:
 
 def _reader(
     displacement: sitk.Image | np.ndarray | Displacement, grid: Grid | None, device: torch.device
-) -> tuple[Grid, Callable[[Block], torch.Tensor]]:
-    """The displacement's grid, and ``u`` over a block as float32 on ``device``."""
+) -> tuple[Grid, Callable[[_ItkCoordinates, Block], tuple[torch.Tensor, torch.Tensor | None]]]:
+    """The displacement's grid, and where the voxels of a block land (``_ItkCoordinates``):
+    for a :class:`Displacement` in one pass, otherwise from ``u`` as float32 on ``device``."""
     if isinstance(displacement, Displacement):
-        return displacement.grid, lambda block: displacement.tensor(block).to(device)
+        return displacement.grid, lambda mapping, block: mapping.through(displacement, block)
     if isinstance(displacement, sitk.Image):
         grid, array = Grid.of(displacement), sitk.GetArrayViewFromImage(displacement)
     elif grid is None:
         raise ValueError("an array displacement needs its grid")
     else:
         array = displacement
-    return grid, lambda block: torch.tensor(array[block], device=device, dtype=torch.float32)
+
+    def landing(mapping: _ItkCoordinates, block: Block):
+        return mapping.at(torch.tensor(array[block], device=device, dtype=torch.float32), block)
+
+    return grid, landing
 
 
 def sampled_box(grid: Grid, moving: Grid, reach: Reach | None, union: Block | None) -> Block:
@@ -225,7 +230,9 @@ class _ItkCoordinates:
         scale = moving.index_to_sampler_scale
         self._device, self._zero_faces = device, zero_faces
         self._linear, self._constant = scale[:, None] * linear, scale * constant - 1.0
-        to_index = moving.physical_to_index_affine()[0]
+        to_index, index_offset = moving.physical_to_index_affine()
+        # Physical points to the same coordinates, for Displacement.mapped.
+        self._point_map = scale[:, None] * to_index, scale * index_offset - 1.0
 
         def on_device(values: np.ndarray) -> torch.Tensor:
             return torch.as_tensor(values, dtype=torch.float32, device=device)
@@ -240,7 +247,15 @@ class _ItkCoordinates:
         coordinates = block_field(self._linear, self._constant, block, self._device, torch.float32)
         dim = coordinates.shape[-1]
         coordinates = torch.addmm(coordinates.view(-1, dim), u.reshape(-1, dim), self._from_mm)
-        coordinates = coordinates.view(u.shape)
+        return self._inside(coordinates.view(u.shape))
+
+    def through(
+        self, displacement: Displacement, block: Block
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`at` for the ``u`` of ``displacement``, built with the coordinates."""
+        return self._inside(displacement.mapped(*self._point_map, block).to(self._device))
+
+    def _inside(self, coordinates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self._zero_faces:
             return coordinates[None], None
         inside = (coordinates >= self._low) & (coordinates < self._high)
