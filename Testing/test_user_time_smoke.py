@@ -156,3 +156,27 @@ def test_warp_time_smoke_times_apply_and_compares_it_with_register(tmp_path: Pat
     report = results_file.with_suffix(".md").read_text()
     assert "| phantom 0 |" in report
     assert "A 4D series of 3 volumes" in report
+
+
+def test_the_ct_pair_is_written_as_nrrd_with_its_tissues_labelled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--ct`` writes the CT-like pair and label maps by HU (here at a small size): every
+    tissue is labelled in both images, on each image's grid, and the labels follow the HU."""
+    import SimpleITK as sitk
+
+    from benchmarks import user_time
+
+    monkeypatch.setattr(user_time, "CT_SHAPE", (48, 40, 36))
+    monkeypatch.setattr(user_time, "CT_SPACING", (6.0, 6.0, 8.0))
+    (pair,) = user_time.ct_pairs(tmp_path)
+    for key in ("fixed", "moving"):
+        assert pair[key].endswith(".nrrd")
+        image, labels = sitk.ReadImage(pair[key]), sitk.ReadImage(pair[f"{key}_labels"])
+        assert image.GetPixelID() == sitk.sitkInt16
+        assert labels.GetSize() == image.GetSize() == (48, 40, 36)
+        assert labels.GetOrigin() == image.GetOrigin()
+        hu, label = sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(labels)
+        assert set(np.unique(label)) == {0, 1, 2, 3}
+        assert hu[label == 1].max() < -500 and hu[label == 3].min() > 250
+        assert np.all(np.abs(hu[label == 2]) < 200)

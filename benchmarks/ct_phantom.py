@@ -72,3 +72,20 @@ def ct_pair(shape_ijk: tuple[int, int, int], spacing: tuple[float, float, float]
         image.SetOrigin(tuple(float(o) for o in origin))
         images.append(image)
     return images[0], images[1], extent
+
+
+#: Label values of :func:`hu_labels`: what a CT pair's overlap is scored on.
+CT_LABELS = {1: "lungs", 2: "soft tissue", 3: "bone"}
+
+
+def hu_labels(image: sitk.Image) -> sitk.Image:
+    """Lungs (−1000 to −500 HU), soft tissue (−200 to 200 HU) and bone (above 250 HU) of a
+    phantom image, as 1, 2 and 3 (the phantom's noise is 12 HU: the classes stay apart)."""
+    hu = sitk.GetArrayViewFromImage(image)
+    labels = np.zeros(hu.shape, dtype=np.uint8)
+    labels[(hu > -1000) & (hu < -500)] = 1
+    labels[(hu > -200) & (hu < 200)] = 2
+    labels[hu > 250] = 3
+    out = sitk.GetImageFromArray(labels)
+    out.CopyInformation(image)
+    return out

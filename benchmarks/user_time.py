@@ -4,6 +4,7 @@
     python benchmarks/user_time.py --pairs 2 --presets fast balanced
     python benchmarks/user_time.py --repo before=/tmp/old-checkout --repo after=.
     python benchmarks/user_time.py --smoke --out /tmp/user-time
+    python benchmarks/user_time.py --ct --presets fast
 
 Each pair runs the command a user types (fixed, moving, preset, the outputs) in a fresh
 process, timed from outside (wall time and peak RSS, from a launcher); its progress lines split
@@ -284,6 +285,27 @@ def phantoms(count: int, folder: Path) -> list[dict[str, str]]:
     return pairs
 
 
+#: The CT-like pair of ``--ct``: memory.py's big pair, a torso CT's usual size and spacing.
+CT_SHAPE, CT_SPACING = (512, 512, 600), (0.78, 0.78, 1.0)
+
+
+def ct_pairs(folder: Path) -> list[dict[str, str]]:
+    """The CT-like pair (int16 HU, the moving one through a known smooth deformation) as NRRD
+    files, as Slicer saves a scan, with label maps by HU (lungs, soft tissue, bone)."""
+    import SimpleITK as sitk
+
+    from benchmarks.ct_phantom import ct_pair, hu_labels
+
+    fixed, moving, _ = ct_pair(CT_SHAPE, CT_SPACING)
+    paths = {"name": "CT " + "×".join(map(str, CT_SHAPE))}
+    for key, image in (("fixed", fixed), ("moving", moving)):
+        paths[key] = str(folder / f"ct-{key}.nrrd")
+        sitk.WriteImage(image, paths[key])
+        paths[f"{key}_labels"] = str(folder / f"ct-{key}-labels.nrrd")
+        sitk.WriteImage(hu_labels(image), paths[f"{key}_labels"])
+    return [paths]
+
+
 def child_env(repo: Path, threads: int) -> dict[str, str]:
     """The environment of a timed run: ``repo`` first on the path (what is already on it, such
     as packages unpacked beside an interpreter, stays after it), ``threads`` threads."""
@@ -328,7 +350,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--heads", action="store_true",
         help="whole-head T1 images (T1.nii.gz) instead of the skull-stripped brains",
     )  # fmt: skip
+    parser.add_argument(
+        "--ct", action="store_true",
+        help="one CT-like pair (512² × 600 at 0.78 × 0.78 × 1 mm, int16, NRRD; labels by HU: "
+        "lungs, soft tissue, bone) instead of the brains; no ANTs",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.ct:
+        args.pairs, args.no_ants = 1, True
     if args.smoke:
         args.pairs, args.presets, args.no_ants = 1, ["fast"], True
     repos = args.repo or [f"this={REPO}"]
@@ -339,10 +368,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def measure(args: argparse.Namespace, work: Path, save: Callable[[dict], None]) -> dict:
     """Every version's runs pair by pair, then SyN (the longest) on ``--ants-pairs`` pairs;
     ``save`` gets the results after each run, so a stopped run keeps what it measured."""
-    pairs = (
-        phantoms(args.pairs, work) if args.smoke
-        else fsdev(args.data, args.pairs, "T1" if args.heads else "brainmask")
-    )  # fmt: skip
+    if args.smoke or args.ct:
+        pairs = phantoms(args.pairs, work) if args.smoke else ct_pairs(work)
+    else:
+        pairs = fsdev(args.data, args.pairs, "T1" if args.heads else "brainmask")
     envs = {label: child_env(repo, args.threads) for label, repo in args.repos.items()}
     results: dict[str, Any] = {
         "startup_s": {label: startup_s(repo, envs[label]) for label, repo in args.repos.items()},
@@ -375,7 +404,7 @@ def measure(args: argparse.Namespace, work: Path, save: Callable[[dict], None]) 
 
 def report_stem(args: argparse.Namespace, kind: str) -> str:
     """``DATE-KIND[-TAG]``, the reports' name, with ``--out`` made; exit 2 without the data."""
-    if not args.smoke and not args.data.is_dir():
+    if not (args.smoke or args.ct) and not args.data.is_dir():
         script = kind.replace("-", "_")
         print(f"{script}: no fs-dev data at {args.data} (use --data or --smoke)", file=sys.stderr)
         raise SystemExit(2)

@@ -118,7 +118,14 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
         "--report, in a fresh process, for the engine's stages, Dice and folding; 'same files' "
         "says whether both runs wrote the same transform and images."
         + (f" Each command after {args.pause:g} s idle." if args.pause else "")
-        + (" Whole-head T1 images (`--heads`)." if args.heads else ""),
+        + (" Whole-head T1 images (`--heads`)." if args.heads else "")
+        + (
+            " A CT-like pair (`--ct`: 512² × 600 at 0.78 × 0.78 × 1 mm, int16, NRRD): no "
+            "FreeSurfer structures, so Dice (27) is empty; the JSON's `mean_dice` is over its "
+            "lungs, soft tissue and bone."
+            if getattr(args, "ct", False)
+            else ""
+        ),
         "Start-up is `register --help` alone (median of 3). In the command alone, 'before "
         "engine' is the time to the first progress line (start-up, imports, reading), 'engine' "
         "from there to the 100 % line, 'after engine' writing and exit. Ratios are × ANTs SyN's "
