@@ -170,6 +170,7 @@ def test_the_ct_pair_is_written_as_nrrd_with_its_tissues_labelled(
     monkeypatch.setattr(user_time, "CT_SHAPE", (48, 40, 36))
     monkeypatch.setattr(user_time, "CT_SPACING", (6.0, 6.0, 8.0))
     (pair,) = user_time.ct_pairs(tmp_path)
+    assert pair["structures"] == "tissues"  # not scored as FreeSurfer's 27 structures
     for key in ("fixed", "moving"):
         assert pair[key].endswith(".nrrd")
         image, labels = sitk.ReadImage(pair[key]), sitk.ReadImage(pair[f"{key}_labels"])
