@@ -55,12 +55,14 @@ def test_register_with_a_saved_model_reports_its_name_and_checksum(
     smallest_extent = min(n * s for n, s in zip(fixed.GetSize(), fixed.GetSpacing(), strict=True))
     expected_spacing = min(3.0, smallest_extent / 16)
     assert result.report["network_grid"]["spacing_mm"] == pytest.approx(expected_spacing)
+    normalised = normalised_for_registration(fixed)  # alive while viewed
     box = Grid.of(fixed).with_spacing_cropped_to(
         result.report["network_grid"]["spacing_mm"],
         *foreground_box(
             fixed,
-            normalised_for_registration(fixed) > 0.05,
+            sitk.GetArrayViewFromImage(normalised),
             get_preset("fast").foreground_margin_mm,
+            above=0.05,
         ),
         multiple=1,
     )

@@ -135,9 +135,10 @@ def test_the_deformable_grid_reaches_the_presets_margin_past_the_fixed_foregroun
         )
         sizes[name] = tuple(result.report["network_grid"]["size"])
         margin = presets.get_preset(name).foreground_margin_mm
+        normalised = normalised_for_registration(image)
         box = Grid.of(image).with_spacing_cropped_to(
             2.0,
-            *foreground_box(image, normalised_for_registration(image) > 0.05, margin),
+            *foreground_box(image, sitk.GetArrayViewFromImage(normalised), margin, above=0.05),
             multiple=1,
         )
         assert sizes[name] == box.size

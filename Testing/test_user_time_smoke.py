@@ -179,5 +179,6 @@ def test_the_ct_pair_is_written_as_nrrd_with_its_tissues_labelled(
         assert labels.GetOrigin() == image.GetOrigin()
         hu, label = sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(labels)
         assert set(np.unique(label)) == {0, 1, 2, 3}
-        assert hu[label == 1].max() < -500 and hu[label == 3].min() > 250
+        assert hu[label == 1].max() < -500
+        assert hu[label == 3].min() > 250
         assert np.all(np.abs(hu[label == 2]) < 200)
