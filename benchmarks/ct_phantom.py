@@ -3,6 +3,8 @@ time so that even a 512² × 600 pair fits beside the registration it is made fo
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import SimpleITK as sitk
 
@@ -89,3 +91,19 @@ def hu_labels(image: sitk.Image) -> sitk.Image:
     out = sitk.GetImageFromArray(labels)
     out.CopyInformation(image)
     return out
+
+
+def ct_pair_files(
+    folder: Path, shape_ijk: tuple[int, int, int], spacing: tuple[float, float, float]
+) -> dict[str, str]:
+    """:func:`ct_pair` written to ``folder`` as NRRD, as Slicer saves a scan, with its
+    :func:`hu_labels`: the paths under ``fixed``, ``moving``, ``fixed_labels`` and
+    ``moving_labels``."""
+    fixed, moving, _ = ct_pair(shape_ijk, spacing)
+    paths = {}
+    for key, image in (("fixed", fixed), ("moving", moving)):
+        paths[key] = str(folder / f"ct-{key}.nrrd")
+        sitk.WriteImage(image, paths[key])
+        paths[f"{key}_labels"] = str(folder / f"ct-{key}-labels.nrrd")
+        sitk.WriteImage(hu_labels(image), paths[f"{key}_labels"])
+    return paths

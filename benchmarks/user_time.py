@@ -290,21 +290,11 @@ CT_SHAPE, CT_SPACING = (512, 512, 600), (0.78, 0.78, 1.0)
 
 
 def ct_pairs(folder: Path) -> list[dict[str, str]]:
-    """The CT-like pair (int16 HU, the moving one through a known smooth deformation) as NRRD
-    files, as Slicer saves a scan, with label maps by HU (lungs, soft tissue, bone)."""
-    import SimpleITK as sitk
+    from benchmarks.ct_phantom import ct_pair_files
 
-    from benchmarks.ct_phantom import ct_pair, hu_labels
-
-    fixed, moving, _ = ct_pair(CT_SHAPE, CT_SPACING)
     # Tissues, not FreeSurfer's structures: Dice (27) would score labels 2 and 3 as theirs.
-    paths = {"name": "CT " + "×".join(map(str, CT_SHAPE)), "structures": "tissues"}
-    for key, image in (("fixed", fixed), ("moving", moving)):
-        paths[key] = str(folder / f"ct-{key}.nrrd")
-        sitk.WriteImage(image, paths[key])
-        paths[f"{key}_labels"] = str(folder / f"ct-{key}-labels.nrrd")
-        sitk.WriteImage(hu_labels(image), paths[f"{key}_labels"])
-    return [paths]
+    paths = ct_pair_files(folder, CT_SHAPE, CT_SPACING)
+    return [{"name": "CT " + "×".join(map(str, CT_SHAPE)), "structures": "tissues", **paths}]
 
 
 def child_env(repo: Path, threads: int) -> dict[str, str]:
