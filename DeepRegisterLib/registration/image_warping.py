@@ -237,7 +237,7 @@ class _ItkCoordinates:
         def on_device(values: np.ndarray) -> torch.Tensor:
             return torch.as_tensor(values, dtype=torch.float32, device=device)
 
-        self._from_mm = on_device((scale[:, None] * to_index).T)
+        self._from_mm = on_device(self._point_map[0].T)
         self._low = on_device(-0.5 * scale - 1.0)
         self._high = on_device((sizes - 0.5) * scale - 1.0)
 
