@@ -11,7 +11,7 @@ import torch
 from DeepRegisterLib.errors import InputError, RegistrationCancelled
 from DeepRegisterLib.imaging.geometry import Grid
 from DeepRegisterLib.imaging.phantoms import phantom
-from DeepRegisterLib.registration import affine, affine_search
+from DeepRegisterLib.registration import affine, affine_levels, affine_search
 
 
 def _brain_sized(spacing_mm: float = 2.0, size: int = 80, dim: int = 3) -> sitk.Image:
@@ -216,11 +216,13 @@ def test_a_cancel_stops_the_search_at_its_next_step() -> None:
 
 
 @pytest.mark.parametrize(
-    ("axis", "degrees"), [((0.0, 0.0, 1.0), 90.0), ((0.0, 1.0, 0.0), -75.0)], ids=["z90", "y-75"]
+    ("axis", "degrees"),
+    [((0.0, 0.0, 1.0), 90.0), ((1.0, 0.0, 0.0), -90.0), ((0.0, 1.0, 0.0), -75.0)],
+    ids=["z90", "x-90", "y-75"],
 )
 def test_a_turn_beyond_the_searchs_reach_is_found_from_a_turned_start(axis, degrees) -> None:
-    """A search turns about 30° at most; the trials turn the start by 45° about the right
-    axis, twice for 90°, and bring these within reach."""
+    """A search turns about 30° at most; the trials turn the start by 45° or 90° about the
+    right axis and bring these within reach."""
     fixed = _brain_sized()
     moving, truth = _turned(fixed, axis, degrees)
     found = affine_search.register_affine(fixed, moving, iterations=30)
@@ -247,7 +249,80 @@ def test_unturned_the_trials_leave_the_search_as_it_was(monkeypatch) -> None:
     )
     assert len(reports) == 4 * 10
     assert reports[-1] == 1.0
-    monkeypatch.setattr(affine_search, "_turned_start", lambda *_: None)
+    monkeypatch.setattr(affine_search, "_turned_starts", lambda *_: None)
     without = affine_search.register_affine(fixed, moving, iterations=10)
     assert with_trials.GetParameters() == without.GetParameters()
     assert with_trials.GetFixedParameters() == without.GetFixedParameters()
+
+
+def _centre(image: sitk.Image) -> np.ndarray:
+    """The affine stage's centre: the fixed image's middle, about which poses turn."""
+    middle = [(size - 1) / 2 for size in image.GetSize()]
+    return np.asarray(image.TransformContinuousIndexToPhysicalPoint(middle))
+
+
+def _as_pose(transform: sitk.Transform, centre: np.ndarray) -> affine_levels.Pose:
+    return affine_search._pose(affine.recentred(affine.to_affine(transform, 3), centre), "cpu")
+
+
+def _level_and_start(fixed: sitk.Image, moving: sitk.Image):
+    """The affine stage's 8 mm level of the pair, its moments start and its search radius."""
+    centre = _centre(fixed)
+    levels = affine_levels.Levels(
+        (fixed, moving), (None, None), centre, 0, torch.device("cpu"), lambda: False
+    )
+    start = _as_pose(affine.moments_transform(*levels.copies(8.0)), centre)
+    radius_mm = float(np.linalg.norm(Grid.of(fixed).extent_mm)) / 4.0
+    return levels.at(8.0), start, radius_mm
+
+
+def _one(poses: affine_levels.Pose, number: int) -> affine_levels.Pose:
+    return affine_levels.Pose(poses.matrix[number : number + 1], poses.shift[number : number + 1])
+
+
+def test_poses_searched_together_end_where_each_ends_alone() -> None:
+    """The turned starts are tried in one batch: each pose's histogram and steps are its own,
+    so each ends where it would alone."""
+    fixed = _brain_sized()
+    level, start, radius_mm = _level_and_start(fixed, _moved(fixed, _oblique_affine()))
+    starts = affine_search._turned(start)
+    together = affine_search._search([level], starts, True, 8, radius_mm, lambda: None, False)
+    for number in (0, 5, len(starts.shift) - 1):
+        alone = affine_search._search(
+            [level], _one(starts, number), True, 8, radius_mm, lambda: None, False
+        )
+        torch.testing.assert_close(alone.matrix[0], together.matrix[number], rtol=0, atol=1e-12)
+        torch.testing.assert_close(alone.shift[0], together.shift[number], rtol=0, atol=1e-9)
+
+
+def test_each_axis_is_tried_turned_both_ways_by_each_angle() -> None:
+    fixed = _brain_sized()
+    _, start, _ = _level_and_start(fixed, fixed)
+    turns = (affine_search._turned(start).matrix @ start.matrix[0].T).numpy()  # the turns alone
+    assert len(turns) == 2 * len(affine_search.TURN_DEGREES) * 3
+    found = set()
+    for turn in turns:
+        cosine = (np.trace(turn) - 1) / 2
+        axis = int(np.argmax(np.isclose(np.diag(turn), 1.0)))  # the axis a turn keeps
+        sign = np.sign(turn[(axis + 2) % 3, (axis + 1) % 3])
+        found.add((axis, round(float(sign * np.degrees(np.arccos(cosine))), 6)))
+    signed = [sign * degrees for degrees in affine_search.TURN_DEGREES for sign in (-1, 1)]
+    assert found == {(axis, degrees) for axis in range(3) for degrees in signed}
+
+
+def test_the_full_search_judges_between_the_trials_turned_starts(monkeypatch) -> None:
+    """The trials' few steps can prefer a half-turn from the truth (a brain turned 90° about x,
+    turned back the wrong way): the rigid search runs from each turned start and from the
+    start, and keeps the one that ends highest."""
+    fixed = _brain_sized()
+    moving, truth = _turned(fixed, (1.0, 0.0, 0.0), 90.0)
+    centre = _centre(fixed)
+    half_turned = _as_pose(_turned(fixed, (1.0, 0.0, 0.0), -90.0)[1], centre)
+    right = _as_pose(truth, centre)
+    for first, second in ((half_turned, right), (right, half_turned)):
+        candidates = affine_levels.Pose(
+            torch.cat([first.matrix, second.matrix]), torch.cat([first.shift, second.shift])
+        )
+        monkeypatch.setattr(affine_search, "_turned_starts", lambda *_, c=candidates: c)
+        found = affine_search.register_affine(fixed, moving, iterations=30)
+        assert _largest_error_mm(found, truth, BRAIN_POINTS) < 1.5

@@ -56,3 +56,17 @@ def test_the_gradient_is_the_derivative_of_the_information(values) -> None:
         behind = metric(moving - step * direction, everywhere)
     numeric = float(ahead - behind) / (2 * step)
     assert float((moving.grad * direction).sum()) == pytest.approx(numeric, rel=1e-3)
+
+
+def test_poses_measured_together_each_get_their_own_histogram(values) -> None:
+    """The affine stage's turned starts are measured at once, (poses, samples): each row's MI
+    is the one it has alone, to the bit (each histogram is summed in sample order)."""
+    metric = SampledMutualInformation(values)
+    generator = torch.Generator().manual_seed(2)
+    rows = torch.stack([values, values**2, torch.rand(values.shape, generator=generator)])
+    weights = (torch.rand(rows.shape, generator=generator) > 0.3).float()
+    together = metric(rows, weights)
+    assert together.shape == (3,)
+    alone = torch.stack([metric(row, weight) for row, weight in zip(rows, weights, strict=True)])
+    assert torch.equal(together, alone)
+    assert together[0] > together[1] > together[2]

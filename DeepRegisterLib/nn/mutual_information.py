@@ -10,6 +10,8 @@ millisecond, and the sum is in sample order, so the result does not depend on th
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 BINS = 32
@@ -41,18 +43,25 @@ class SampledMutualInformation:
 
     def __call__(self, moving_values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """MI in nats of the samples, each counted with its weight (0 for a sample that falls
-        outside the moving image); 0 when no sample counts."""
+        outside the moving image); 0 when no sample counts. Values and weights of shape
+        (samples,) give one MI; (poses, samples), one per pose, each in its own histogram (the
+        affine stage's turned starts, tried at once)."""
         bins = self.bins
+        batch = moving_values.shape[:-1]
         # Bin centres 1 … bins − 2 keep every tap of a value in [0, 1] inside the histogram.
         position = moving_values.clamp(0, 1) * (bins - 3) + 1.0
         base = torch.floor(position.detach())
         taps = _cubic_bspline_taps(position - base) * weights
-        columns = (base.long() + self._taps).clamp(0, bins - 1)
-        joint = torch.zeros(bins * bins, dtype=taps.dtype, device=taps.device)
-        joint = joint.index_add(0, (self._rows + columns).reshape(-1), taps.reshape(-1))
-        joint = joint.view(bins, bins) / joint.sum().clamp_min(torch.finfo(taps.dtype).tiny)
-        fixed = joint.sum(dim=1, keepdim=True)
-        moving = joint.sum(dim=0, keepdim=True)
-        return (
-            joint * (torch.log(joint + LOG_FLOOR) - torch.log(fixed * moving + LOG_FLOOR))
-        ).sum()
+        columns = (base.long() + self._taps.view(4, *[1] * len(batch), 1)).clamp(0, bins - 1)
+        entries = self._rows + columns
+        if batch:  # each pose's histogram after the one before
+            first = torch.arange(math.prod(batch), device=entries.device) * (bins * bins)
+            entries = entries + first.view(*batch, 1)
+        joint = torch.zeros(math.prod(batch) * bins * bins, dtype=taps.dtype, device=taps.device)
+        joint = joint.index_add(0, entries.reshape(-1), taps.reshape(-1)).view(*batch, bins, bins)
+        total = joint.sum(dim=(-2, -1), keepdim=True)
+        joint = joint / total.clamp_min(torch.finfo(taps.dtype).tiny)
+        fixed = joint.sum(dim=-1, keepdim=True)
+        moving = joint.sum(dim=-2, keepdim=True)
+        information = torch.log(joint + LOG_FLOOR) - torch.log(fixed * moving + LOG_FLOOR)
+        return (joint * information).sum(dim=(-2, -1))

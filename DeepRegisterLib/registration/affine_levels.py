@@ -25,10 +25,11 @@ SAMPLED_FRACTION = 0.05
 
 @dataclass(frozen=True)
 class Pose:
-    """Fixed → moving points: ``y = matrix (x − centre) + centre + shift``."""
+    """Fixed → moving points: ``y = matrix (x − centre) + centre + shift``; ``poses`` of them
+    at once, for the searches that try several starts together."""
 
-    matrix: torch.Tensor  # (dim, dim) float64
-    shift: torch.Tensor  # (dim,) float64
+    matrix: torch.Tensor  # (poses, dim, dim) float64
+    shift: torch.Tensor  # (poses, dim) float64
 
 
 class Level:
@@ -73,16 +74,20 @@ class Level:
         self._centre = torch.from_numpy(centre).to(device)
 
     def similarity(self, pose: Pose) -> torch.Tensor:
+        """The mutual information under each of the poses, (poses,)."""
         linear = self._to_sampler @ pose.matrix
-        constant = self._to_sampler @ (self._centre + pose.shift) + self._sampler_offset
-        coordinates = torch.addmm(constant.float(), self.offsets, linear.float().T)
+        constant = (self._centre + pose.shift) @ self._to_sampler.T + self._sampler_offset
+        coordinates = torch.baddbmm(
+            constant.float()[:, None], self.offsets.expand(len(linear), -1, -1),
+            linear.float().transpose(1, 2),
+        )  # fmt: skip
         dim = coordinates.shape[-1]
         where = coordinates.view(1, *[1] * (dim - 1), -1, dim)
         inside = (coordinates.abs().amax(dim=-1) <= 1.0).float()
         if self.moving_mask is not None:
-            within = grid_sample(self.moving_mask, where.detach(), "nearest").reshape(-1)
-            inside = inside * (within > 0).float()
-        values = grid_sample(self.moving, where, "bilinear", "border").reshape(-1)
+            within = grid_sample(self.moving_mask, where.detach(), "nearest")
+            inside = inside * (within.view(inside.shape) > 0).float()
+        values = grid_sample(self.moving, where, "bilinear", "border").view(inside.shape)
         return self.metric(values, inside)
 
 

@@ -56,18 +56,22 @@ RELAXATION = 0.6
 MIN_STEP = 1e-4
 # Turned starts. Within its 30 steps a search turns a brain by about 30° at most: turned 45° in
 # its header, a moving brain ended `fast` below 0.22 mean Dice on 3 of 12 fs-dev pairs. So the
-# start is tried against itself turned ±TURN_DEG about each axis: TURN_TRIAL_STEPS rigid steps
-# from each at the coarsest level, on TURN_TRIAL_SAMPLES voxels (a step costs a third of one on
-# 20 000). The best turn is taken when it reaches a mutual information TURN_MARGIN higher, and
-# is tried again from there, MAX_TURNS times at most. A turned start is kept only when the rigid
-# search from it ends higher at the finest rigid level than the search from the start: the
-# trials' few steps are a weak judge (on a 60 mm slab an unturned start's turn came within
-# 0.0015 of replacing it). Half-turns are not tried: at 8 mm a skull-stripped brain and its
-# half-turn are too alike (an unturned pair's half-turn scored higher).
-TURN_DEG = 45.0
+# start is tried against itself turned by ±TURN_DEGREES about each axis: TURN_TRIAL_STEPS rigid
+# steps from each at the coarsest level, all at once, on TURN_TRIAL_SAMPLES voxels (a step costs
+# a third of one on 20 000). The TURN_CANDIDATES turns that reach the highest mutual information,
+# when TURN_MARGIN above the start's, are each turned on while that gains TURN_MARGIN more
+# (MAX_TURNS turns in all); the full rigid search then runs from them and from the start at
+# once, and the pose highest at the finest rigid level is kept. The trials' few steps are a weak
+# judge: on a 60 mm slab an unturned start's turn came within 0.0015 of replacing it, and a
+# brain turned 90° about x was judged turned back the wrong way (a half-turn from the truth) by
+# 0.017 on one fs-dev pair, which the full search set right. Half-turns are not tried: at 8 mm
+# a skull-stripped brain and its half-turn are too alike (an unturned pair's half-turn scored
+# higher). With 45° turns alone, 90° needed two to chain, and 8 of 20 fs-dev pairs failed.
+TURN_DEGREES = (45.0, 90.0)
 TURN_TRIAL_STEPS = 8
 TURN_TRIAL_SAMPLES = 5000
 TURN_MARGIN = 0.01
+TURN_CANDIDATES = 2
 MAX_TURNS = 2
 
 
@@ -77,16 +81,17 @@ def _angles(dim: int) -> int:
 
 
 def _rotation(angles: torch.Tensor) -> torch.Tensor:
-    """A 2D rotation by one angle, or a 3D one by three (about x, then y, then z)."""
-    cos, sin = torch.cos(angles), torch.sin(angles)
-    one, zero = torch.ones_like(angles[0]), torch.zeros_like(angles[0])
-    if angles.numel() == 1:
-        return torch.stack([cos[0], -sin[0], sin[0], cos[0]]).view(2, 2)
+    """Rotations by (poses, 1) angles in 2D or (poses, 3) in 3D (about x, then y, then z)."""
+    cos, sin = torch.cos(angles).unbind(-1), torch.sin(angles).unbind(-1)
+    poses = len(angles)
+    if len(cos) == 1:
+        return torch.stack([cos[0], -sin[0], sin[0], cos[0]], dim=-1).view(poses, 2, 2)
     (cx, cy, cz), (sx, sy, sz) = cos, sin
-    about_x = torch.stack([one, zero, zero, zero, cx, -sx, zero, sx, cx]).view(3, 3)
-    about_y = torch.stack([cy, zero, sy, zero, one, zero, -sy, zero, cy]).view(3, 3)
-    about_z = torch.stack([cz, -sz, zero, sz, cz, zero, zero, zero, one]).view(3, 3)
-    return about_z @ about_y @ about_x
+    one, zero = torch.ones_like(cx), torch.zeros_like(cx)
+    about_x = torch.stack([one, zero, zero, zero, cx, -sx, zero, sx, cx], dim=-1)
+    about_y = torch.stack([cy, zero, sy, zero, one, zero, -sy, zero, cy], dim=-1)
+    about_z = torch.stack([cz, -sz, zero, sz, cz, zero, zero, zero, one], dim=-1)
+    return about_z.view(poses, 3, 3) @ about_y.view(poses, 3, 3) @ about_x.view(poses, 3, 3)
 
 
 def _search(
@@ -98,43 +103,46 @@ def _search(
     tick: Callable[[], None],
     given_start: bool,
 ) -> Pose:
-    """Regular-step gradient descent over parameters that each move points by about a
-    millimetre per unit (angles and matrix entries are scaled by ``radius_mm``, shifts are in
-    millimetres), restarted at each level: from FIRST_STEP_VOXELS of the level's voxels (at
-    most MAX_FIRST_TURN), or from GIVEN_START_STEP for a caller's start."""
-    dim, device = start.shift.numel(), start.shift.device
+    """Regular-step gradient descent from each of ``start``'s poses at once, each with its own
+    step, over parameters that each move points by about a millimetre per unit (angles and
+    matrix entries are scaled by ``radius_mm``, shifts are in millimetres), restarted at each
+    level: from FIRST_STEP_VOXELS of the level's voxels (at most MAX_FIRST_TURN), or from
+    GIVEN_START_STEP for a caller's start."""
+    poses, dim = start.shift.shape
+    device = start.shift.device
     linear_count = _angles(dim) if rigid else dim * dim
     parameters = torch.zeros(
-        linear_count + dim, dtype=torch.float64, device=device, requires_grad=True
+        poses, linear_count + dim, dtype=torch.float64, device=device, requires_grad=True
     )
     identity = torch.eye(dim, dtype=torch.float64, device=device)
 
     def pose() -> Pose:
-        linear = parameters[:linear_count] / radius_mm
-        change = _rotation(linear) if rigid else identity + linear.view(dim, dim)
-        return Pose(change @ start.matrix, start.shift + parameters[linear_count:])
+        linear = parameters[:, :linear_count] / radius_mm
+        change = _rotation(linear) if rigid else identity + linear.view(poses, dim, dim)
+        return Pose(change @ start.matrix, start.shift + parameters[:, linear_count:])
 
     for level in levels:
-        step = (
+        first = (
             GIVEN_START_STEP
             if given_start
             else min(FIRST_STEP_VOXELS * level.spacing_mm, MAX_FIRST_TURN * radius_mm)
         )
+        step = torch.full((poses,), first, dtype=torch.float64, device=device)
         previous = None
         for _ in range(iterations):
             tick()
-            if step < MIN_STEP:
+            if not bool((step >= MIN_STEP).any()):
                 continue  # converged: the remaining iterations only count for progress
             parameters.grad = None
-            (-level.similarity(pose())).backward()
+            (-level.similarity(pose()).sum()).backward()
             gradient = parameters.grad.detach().clone()
-            if previous is not None and float(gradient @ previous) < 0:
-                step *= RELAXATION  # it turned back: the optimum is within the last step
+            if previous is not None:  # where it turned back, the optimum is within the step
+                step = torch.where((gradient * previous).sum(-1) < 0, step * RELAXATION, step)
             previous = gradient
-            length = float(gradient.norm())
-            if step >= MIN_STEP and length > 0:
-                with torch.no_grad():
-                    parameters -= step * gradient / length
+            length = gradient.norm(dim=-1, keepdim=True)
+            moves = (step[:, None] >= MIN_STEP) & (length > 0)
+            with torch.no_grad():
+                parameters -= torch.where(moves, step[:, None] * gradient / length, 0.0)
     with torch.no_grad():
         return pose()
 
@@ -148,51 +156,73 @@ def _rigid_search(
     tick: Callable[[], None],
     check: Callable[[], None],
 ) -> Pose:
-    """The rigid search from ``start``, or from a turned start where the trials on ``trial``
-    (if any) choose one and the search from it ends at a higher similarity on the finest
-    level. Only the search that would run anyway reports progress (``tick``); the rest asks
-    ``check``."""
-    turned = None if trial is None else _turned_start(trial, start, radius_mm, check)
-    found = _search(levels, turned or start, True, iterations, radius_mm, tick, False)
+    """The rigid search from ``start`` and, where the trials on ``trial`` (if any) find turned
+    starts, from those at once: the pose highest on the finest level (the start's on a tie).
+    The trials ask ``check``; the search reports its steps (``tick``)."""
+    turned = None if trial is None else _turned_starts(trial, start, radius_mm, check)
     if turned is None:
-        return found
-    unturned = _search(levels, start, True, iterations, radius_mm, check, False)
+        return _search(levels, start, True, iterations, radius_mm, tick, False)
+    starts = Pose(torch.cat([start.matrix, turned.matrix]), torch.cat([start.shift, turned.shift]))
+    found = _search(levels, starts, True, iterations, radius_mm, tick, False)
     with torch.no_grad():
-        better = levels[-1].similarity(found) > levels[-1].similarity(unturned)
-    return found if better else unturned
+        best = int(levels[-1].similarity(found).argmax())
+    return Pose(found.matrix[best : best + 1], found.shift[best : best + 1])
 
 
-def _turned_start(
+def _turned_starts(
     level: Level, start: Pose, radius_mm: float, check: Callable[[], None]
 ) -> Pose | None:
-    """``start`` turned by TURN_DEG about one axis at a time (MAX_TURNS at most), while a few
-    rigid steps from the turn reach a similarity TURN_MARGIN above those from where it began;
-    None when no turn does."""
+    """The TURN_CANDIDATES turns of ``start`` (one pose) whose few rigid steps reach the
+    highest similarity, TURN_MARGIN above those from ``start`` itself, each turned on while that
+    gains TURN_MARGIN more (MAX_TURNS turns in all); None when no turn gains it."""
 
-    def reached(pose: Pose) -> float:
-        found = _search([level], pose, True, TURN_TRIAL_STEPS, radius_mm, check, False)
+    def reached(poses: Pose) -> torch.Tensor:
+        found = _search([level], poses, True, TURN_TRIAL_STEPS, radius_mm, check, False)
         with torch.no_grad():
-            return float(level.similarity(found))
+            return level.similarity(found)
 
-    best, best_value = start, reached(start)
-    for _ in range(MAX_TURNS):
-        value, turned = max(((reached(t), t) for t in _turned(best)), key=lambda vt: vt[0])
-        if value <= best_value + TURN_MARGIN:
+    turns = _turned(start)
+    values = reached(turns)
+    above = reached(start)[0] + TURN_MARGIN
+    order = [int(i) for i in values.argsort(descending=True)[:TURN_CANDIDATES] if values[i] > above]
+    if not order:
+        return None
+    best = Pose(turns.matrix[order], turns.shift[order])
+    best_values = values[order]
+    for _ in range(MAX_TURNS - 1):
+        turns = _turned(best)
+        values = reached(turns).view(len(order), -1)
+        gains = values.max(dim=1)
+        turn_on = gains.values > best_values + TURN_MARGIN
+        if not bool(turn_on.any()):
             break
-        best, best_value = turned, value
-    return None if best is start else best
+        chosen = torch.arange(len(order)) * values.shape[1] + gains.indices
+        chosen = torch.where(turn_on, chosen, -1)
+        best = Pose(
+            torch.where(turn_on[:, None, None], turns.matrix[chosen], best.matrix),
+            torch.where(turn_on[:, None], turns.shift[chosen], best.shift),
+        )
+        best_values = torch.where(turn_on, gains.values, best_values)
+    return best
 
 
-def _turned(start: Pose) -> list[Pose]:
-    """``start`` turned by ±TURN_DEG about each axis (about the fixed image's centre)."""
-    axes = _angles(start.shift.numel())
-    poses = []
-    for axis in range(axes):
-        for sign in (-1.0, 1.0):
-            angles = torch.zeros(axes, dtype=torch.float64, device=start.matrix.device)
-            angles[axis] = sign * math.radians(TURN_DEG)
-            poses.append(Pose(_rotation(angles) @ start.matrix, start.shift))
-    return poses
+def _turned(start: Pose) -> Pose:
+    """Each of ``start``'s poses turned by ±TURN_DEGREES about each axis (about the fixed
+    image's centre), the turns of one pose together."""
+    poses, dim = start.shift.shape
+    axes = _angles(dim)
+    angles = torch.zeros(
+        2 * len(TURN_DEGREES), axes, axes, dtype=torch.float64, device=start.matrix.device
+    )
+    for number, degrees in enumerate(TURN_DEGREES):
+        for sign in range(2):
+            angles[2 * number + sign].diagonal()[:] = math.radians(degrees if sign else -degrees)
+    turns = _rotation(angles.transpose(0, 1).reshape(-1, axes))  # about each axis in turn
+    matrices = turns[None] @ start.matrix[:, None]
+    return Pose(
+        matrices.reshape(-1, dim, dim),
+        start.shift[:, None].expand(poses, len(turns), dim).reshape(-1, dim),
+    )
 
 
 def register_affine(
@@ -276,12 +306,12 @@ def _pose(transform: sitk.AffineTransform, device: torch.device) -> Pose:
     dim = transform.GetDimension()
     matrix = np.asarray(transform.GetMatrix(), dtype=np.float64).reshape(dim, dim)
     shift = torch.tensor(transform.GetTranslation(), dtype=torch.float64)
-    return Pose(torch.from_numpy(matrix).to(device), shift.to(device))
+    return Pose(torch.from_numpy(matrix)[None].to(device), shift[None].to(device))
 
 
 def _transform(pose: Pose, centre: np.ndarray) -> sitk.AffineTransform:
     transform = sitk.AffineTransform(len(centre))
     transform.SetCenter(tuple(float(c) for c in centre))
-    transform.SetMatrix(tuple(pose.matrix.cpu().numpy().ravel()))
-    transform.SetTranslation(tuple(pose.shift.cpu().numpy()))
+    transform.SetMatrix(tuple(pose.matrix[0].cpu().numpy().ravel()))
+    transform.SetTranslation(tuple(pose.shift[0].cpu().numpy()))
     return transform
