@@ -276,10 +276,6 @@ def _level_and_start(fixed: sitk.Image, moving: sitk.Image):
     return levels.at(8.0), start, radius_mm
 
 
-def _one(poses: affine_levels.Pose, number: int) -> affine_levels.Pose:
-    return affine_levels.Pose(poses.matrix[number : number + 1], poses.shift[number : number + 1])
-
-
 def test_poses_searched_together_end_where_each_ends_alone() -> None:
     """The turned starts are tried in one batch: each pose's histogram and steps are its own,
     so each ends where it would alone."""
@@ -289,7 +285,7 @@ def test_poses_searched_together_end_where_each_ends_alone() -> None:
     together = affine_search._search([level], starts, True, 8, radius_mm, lambda: None, False)
     for number in (0, 5, len(starts.shift) - 1):
         alone = affine_search._search(
-            [level], _one(starts, number), True, 8, radius_mm, lambda: None, False
+            [level], starts.picked([number]), True, 8, radius_mm, lambda: None, False
         )
         torch.testing.assert_close(alone.matrix[0], together.matrix[number], rtol=0, atol=1e-12)
         torch.testing.assert_close(alone.shift[0], together.shift[number], rtol=0, atol=1e-9)
@@ -320,9 +316,7 @@ def test_the_full_search_judges_between_the_trials_turned_starts(monkeypatch) ->
     half_turned = _as_pose(_turned(fixed, (1.0, 0.0, 0.0), -90.0)[1], centre)
     right = _as_pose(truth, centre)
     for first, second in ((half_turned, right), (right, half_turned)):
-        candidates = affine_levels.Pose(
-            torch.cat([first.matrix, second.matrix]), torch.cat([first.shift, second.shift])
-        )
+        candidates = affine_levels.Pose.joined(first, second)
         monkeypatch.setattr(affine_search, "_turned_starts", lambda *_, c=candidates: c)
         found = affine_search.register_affine(fixed, moving, iterations=30)
         assert _largest_error_mm(found, truth, BRAIN_POINTS) < 1.5

@@ -54,7 +54,7 @@ class SampledMutualInformation:
         taps = _cubic_bspline_taps(position - base) * weights
         columns = (base.long() + self._taps.view(4, *[1] * len(batch), 1)).clamp(0, bins - 1)
         entries = self._rows + columns
-        if batch:  # each pose's histogram after the one before
+        if math.prod(batch) > 1:  # each pose's histogram after the one before
             first = torch.arange(math.prod(batch), device=entries.device) * (bins * bins)
             entries = entries + first.view(*batch, 1)
         joint = torch.zeros(math.prod(batch) * bins * bins, dtype=taps.dtype, device=taps.device)

@@ -31,6 +31,13 @@ class Pose:
     matrix: torch.Tensor  # (poses, dim, dim) float64
     shift: torch.Tensor  # (poses, dim) float64
 
+    @classmethod
+    def joined(cls, *poses: Pose) -> Pose:
+        return cls(torch.cat([p.matrix for p in poses]), torch.cat([p.shift for p in poses]))
+
+    def picked(self, numbers: torch.Tensor | list[int]) -> Pose:
+        return Pose(self.matrix[numbers], self.shift[numbers])
+
 
 class Level:
     """One resolution: fixed voxels sampled once (as offsets from the centre), the moving copy,

@@ -162,11 +162,10 @@ def _rigid_search(
     turned = None if trial is None else _turned_starts(trial, start, radius_mm, check)
     if turned is None:
         return _search(levels, start, True, iterations, radius_mm, tick, False)
-    starts = Pose(torch.cat([start.matrix, turned.matrix]), torch.cat([start.shift, turned.shift]))
-    found = _search(levels, starts, True, iterations, radius_mm, tick, False)
+    found = _search(levels, Pose.joined(start, turned), True, iterations, radius_mm, tick, False)
     with torch.no_grad():
         best = int(levels[-1].similarity(found).argmax())
-    return Pose(found.matrix[best : best + 1], found.shift[best : best + 1])
+    return found.picked([best])
 
 
 def _turned_starts(
@@ -182,27 +181,25 @@ def _turned_starts(
             return level.similarity(found)
 
     turns = _turned(start)
-    values = reached(turns)
-    above = reached(start)[0] + TURN_MARGIN
-    order = [int(i) for i in values.argsort(descending=True)[:TURN_CANDIDATES] if values[i] > above]
-    if not order:
+    values = reached(Pose.joined(start, turns))
+    above, values = values[0] + TURN_MARGIN, values[1:]
+    order = values.argsort(descending=True)[:TURN_CANDIDATES]
+    order = order[values[order] > above]
+    if len(order) == 0:
         return None
-    best = Pose(turns.matrix[order], turns.shift[order])
-    best_values = values[order]
+    best, best_values = turns.picked(order), values[order]
     for _ in range(MAX_TURNS - 1):
         turns = _turned(best)
         values = reached(turns).view(len(order), -1)
-        gains = values.max(dim=1)
-        turn_on = gains.values > best_values + TURN_MARGIN
+        gains, chosen = values.max(dim=1)
+        turn_on = gains > best_values + TURN_MARGIN
         if not bool(turn_on.any()):
             break
-        chosen = torch.arange(len(order)) * values.shape[1] + gains.indices
-        chosen = torch.where(turn_on, chosen, -1)
-        best = Pose(
-            torch.where(turn_on[:, None, None], turns.matrix[chosen], best.matrix),
-            torch.where(turn_on[:, None], turns.shift[chosen], best.shift),
-        )
-        best_values = torch.where(turn_on, gains.values, best_values)
+        # Indices into (turns, best): each candidate's best turn, or the candidate itself.
+        turned_row = torch.arange(len(order)) * values.shape[1] + chosen
+        kept_row = len(turns.shift) + torch.arange(len(order))
+        best = Pose.joined(turns, best).picked(torch.where(turn_on, turned_row, kept_row))
+        best_values = torch.where(turn_on, gains, best_values)
     return best
 
 
