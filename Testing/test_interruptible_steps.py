@@ -62,9 +62,14 @@ def test_slab_by_slab_smoothing_equals_the_whole_volume(monkeypatch, shape, spac
         sitk.GetArrayViewFromImage(ours), sitk.GetArrayViewFromImage(whole)
     )
     assert ours.GetPixelID() == sitk.sitkFloat32
-    assert (ours.GetOrigin(), ours.GetSpacing(), ours.GetDirection()) == (
-        image.GetOrigin(), image.GetSpacing(), image.GetDirection(),
-    )  # fmt: skip
+    assert (ours.GetOrigin(), ours.GetSpacing()) == (whole.GetOrigin(), whole.GetSpacing())
+    # On the grid of its blocks: whole voxels each, with each block's mean at its centre.
+    blocks = np.divide(ours.GetSpacing(), image.GetSpacing())
+    np.testing.assert_allclose(blocks, np.round(blocks), rtol=1e-12)
+    centre = image.TransformContinuousIndexToPhysicalPoint(((np.round(blocks) - 1) / 2).tolist())
+    np.testing.assert_allclose(ours.GetOrigin(), centre, atol=1e-12)
+    assert ours.GetDirection() == image.GetDirection()
+    assert np.array_equal(ours.GetSize(), -(-np.array(image.GetSize()) // np.round(blocks)))
 
 
 def test_smoothing_is_the_gaussian_itk_would_apply() -> None:
@@ -378,3 +383,43 @@ def test_a_big_output_image_is_allocated_while_cancel_requests_are_answered(monk
     small = CancelOnCall(None)
     volumes.allocate(Grid.of(sitk.Image([8, 8], sitk.sitkUInt8)), sitk.sitkFloat32, 1, small)
     assert small.calls == 1
+
+
+@pytest.mark.parametrize(
+    ("spacing", "target_mm"), [((0.78, 0.78, 1.0), 2.86), ((0.5, 0.5), 2.0), ((0.7, 1.0, 1.3), 2.5)]
+)
+def test_blocks_then_the_gaussian_resample_as_the_gaussian_alone(
+    monkeypatch, spacing, target_mm
+) -> None:
+    """Averaging fine axes over blocks first (on a CT, pairs of voxels in-plane) and blurring
+    the rest on them gives the network grid nearly what the Gaussian alone on every voxel gave
+    (on structure at the grid's own scale, the hardest case), from a quarter of the voxels or
+    fewer."""
+    dim = len(spacing)
+    rng = np.random.default_rng(3)
+    shape = tuple(round(60 / s) for s in reversed(spacing))  # 60 mm across
+    noise = sitk.GetImageFromArray(rng.normal(size=shape).astype(np.float32))
+    noise.SetSpacing(spacing)
+    image = sitk.SmoothingRecursiveGaussian(noise, 2.0)  # structure at the grid's scale
+    reference = a_grid_over(image, target_mm, tuple(n / 5 for n in reversed(shape)), size=16)
+    identity = sitk.Transform(dim, sitk.sitkIdentity)
+    blocked = resampling.antialiased(image, target_mm)
+    assert np.prod(blocked.GetSize()) <= np.prod(image.GetSize()) / 2
+    ours = sitk.GetArrayFromImage(resampling.resample_linear(blocked, reference, identity))
+    monkeypatch.setattr(resampling, "BLOCK_RATIO", np.inf)
+    alone = resampling.antialiased(image, target_mm)
+    assert alone.GetSpacing() == image.GetSpacing()
+    gaussian = sitk.GetArrayFromImage(resampling.resample_linear(alone, reference, identity))
+    # Measured: at most 1.5–2.7 % of the range, 0.25–0.56 % on average (the interpolation
+    # between blocks blurs a little more than between voxels).
+    spread = float(np.ptp(gaussian))
+    assert float(np.abs(ours - gaussian).max()) < 0.04 * spread
+    assert float(np.abs(ours - gaussian).mean()) < 0.008 * spread
+
+
+def test_a_brain_onto_its_2_mm_grid_is_smoothed_on_its_own_voxels() -> None:
+    image = an_image((20, 22, 18), (1.0, 1.0, 1.0))
+    smoothed = resampling.antialiased(image, 2.0)
+    assert (smoothed.GetSize(), smoothed.GetSpacing(), smoothed.GetOrigin()) == (
+        image.GetSize(), image.GetSpacing(), image.GetOrigin(),
+    )  # fmt: skip
