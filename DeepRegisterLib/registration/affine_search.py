@@ -196,8 +196,9 @@ def _turned_starts(
         if not bool(turn_on.any()):
             break
         # Indices into (turns, best): each candidate's best turn, or the candidate itself.
-        turned_row = torch.arange(len(order)) * values.shape[1] + chosen
-        kept_row = len(turns.shift) + torch.arange(len(order))
+        candidate = torch.arange(len(order), device=values.device)
+        turned_row = candidate * values.shape[1] + chosen
+        kept_row = len(turns.shift) + candidate
         best = Pose.joined(turns, best).picked(torch.where(turn_on, turned_row, kept_row))
         best_values = torch.where(turn_on, gains, best_values)
     return best
@@ -208,13 +209,11 @@ def _turned(start: Pose) -> Pose:
     image's centre), the turns of one pose together."""
     poses, dim = start.shift.shape
     axes = _angles(dim)
-    angles = torch.zeros(
-        2 * len(TURN_DEGREES), axes, axes, dtype=torch.float64, device=start.matrix.device
-    )
-    for number, degrees in enumerate(TURN_DEGREES):
-        for sign in range(2):
-            angles[2 * number + sign].diagonal()[:] = math.radians(degrees if sign else -degrees)
-    turns = _rotation(angles.transpose(0, 1).reshape(-1, axes))  # about each axis in turn
+    signed = [sign * math.radians(degrees) for degrees in TURN_DEGREES for sign in (-1.0, 1.0)]
+    angles = torch.zeros(axes, len(signed), axes, dtype=torch.float64, device=start.matrix.device)
+    for axis in range(axes):
+        angles[axis, :, axis] = torch.tensor(signed, dtype=torch.float64)
+    turns = _rotation(angles.reshape(-1, axes))  # about each axis in turn
     matrices = turns[None] @ start.matrix[:, None]
     return Pose(
         matrices.reshape(-1, dim, dim),
