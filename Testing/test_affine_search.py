@@ -8,8 +8,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from DeepRegisterLib import register
 from DeepRegisterLib.errors import InputError, RegistrationCancelled
-from DeepRegisterLib.imaging.geometry import Grid
+from DeepRegisterLib.imaging.geometry import Grid, rotation_degrees
 from DeepRegisterLib.imaging.phantoms import phantom
 from DeepRegisterLib.registration import affine, affine_levels, affine_search
 
@@ -320,3 +321,33 @@ def test_the_full_search_judges_between_the_trials_turned_starts(monkeypatch) ->
         monkeypatch.setattr(affine_search, "_turned_starts", lambda *_, c=candidates: c)
         found = affine_search.register_affine(fixed, moving, iterations=30)
         assert _largest_error_mm(found, truth, BRAIN_POINTS) < 1.5
+
+
+def test_a_far_turn_is_noted_as_a_possible_header_error() -> None:
+    """Scans of one body part lying alike turn by 5–16° between fs-dev subjects; 60° more
+    likely means a wrong orientation in a header, which the user hears of. A turn they gave
+    themselves (an initial transform) is not news."""
+    fixed = _brain_sized()
+    turned, truth = _turned(fixed, (0.0, 0.0, 1.0), 60.0)
+    oblique = _moved(fixed, _oblique_affine())  # 12°, scaled and shifted
+
+    def notes(moving: sitk.Image, **options) -> str:
+        result = register(fixed, moving, preset="fast", iterations=0, model=None, **options)
+        return " ".join(result.report["notes"])
+
+    assert "orientation: the affine stage turned the moving image 60° onto the fixed" in notes(
+        turned
+    )
+    assert "orientation" not in notes(oblique)
+    assert "orientation" not in notes(turned, initial_transform=truth)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_a_turn_is_read_off_a_matrix_without_its_stretch(dim: int) -> None:
+    angle = np.deg2rad(70.0)
+    turn = np.eye(dim)
+    turn[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    stretch = np.diag([1.3, 0.8, 1.1][:dim])
+    assert rotation_degrees(turn @ stretch) == pytest.approx(70.0)
+    assert rotation_degrees(turn.T) == pytest.approx(70.0)
+    assert rotation_degrees(stretch) == pytest.approx(0.0, abs=1e-9)

@@ -80,11 +80,6 @@ def transform_rotation(transform: sitk.Transform, grid: Grid) -> np.ndarray:
     return u @ np.diag([1.0, 1.0, np.linalg.det(u @ vt)]) @ vt
 
 
-def degrees(rotation: np.ndarray) -> float:
-    """How far ``rotation`` turns, about its axis."""
-    return float(np.degrees(np.arccos(np.clip((np.trace(rotation) - 1) / 2, -1.0, 1.0))))
-
-
 def gradient_keys(table: GradientTable, rotation: np.ndarray) -> dict[str, str]:
     """``table``'s header keys for the warped image, each direction turned from the image's
     space into the reference's (the inverse of ``rotation``); the file also needs

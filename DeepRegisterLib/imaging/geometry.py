@@ -154,6 +154,16 @@ def affine_parameters(transform: sitk.Transform, dim: int) -> tuple[np.ndarray, 
     return matrix, t
 
 
+def rotation_degrees(matrix: np.ndarray) -> float:
+    """How far the rotation nearest ``matrix`` (its polar factor) turns, in degrees: about its
+    axis in 3D, in the plane in 2D."""
+    u, _, vt = np.linalg.svd(matrix)
+    rotation = u @ vt
+    if len(rotation) == 2:
+        return abs(float(np.degrees(np.arctan2(rotation[1, 0], rotation[0, 0]))))
+    return float(np.degrees(np.arccos(np.clip((np.trace(rotation) - 1) / 2, -1.0, 1.0))))
+
+
 def is_linear(transform: sitk.Transform, dim: int) -> bool:
     """Whether the transform is affine: ITK's own category first (a displacement field or
     B-spline whose domain the probe points below all miss would otherwise look like the

@@ -12,7 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import diffusion, fsl_gradients
-from .geometry import Grid
+from .geometry import Grid, rotation_degrees
 from .output_paths import full_suffix, stem
 
 _NRRD = (".nrrd", ".nhdr")
@@ -77,7 +77,7 @@ def _fsl_files(image, source: Path, target: Path, transform, grid: Grid) -> Carr
 def _turned(what: str, directions: np.ndarray, rotation: np.ndarray) -> str:
     return (
         f"{what}: {len(directions)} gradient directions, turned "
-        f"{diffusion.degrees(rotation):.1f}° with the transform's affine (not by the "
+        f"{rotation_degrees(rotation):.1f}° with the transform's affine (not by the "
         "deformation's local turns)"
     )
 

@@ -11,13 +11,32 @@ from collections.abc import Callable
 import numpy as np
 import SimpleITK as sitk
 
-from ..imaging.geometry import affine_parameters
+from ..imaging.geometry import affine_parameters, rotation_degrees
 from ..imaging.resampling import run_filter
 
 WORKING_SPACING_MM = 2.0
 MAX_WORKING_VOXELS = 2**22
 # Fewer working voxels than this across the fixed image: its levels are 2 and 1 working voxels.
 SMALL_IMAGE_VOXELS = 48
+# Between the fs-dev subjects' brains (and whole heads, slabs, T2-like images) as their headers
+# place them, the affine stage turns 5–16°; a turn beyond this is noted (turned_note).
+TURNED_NOTE_DEGREES = 30.0
+
+
+def turned_note(affine: sitk.AffineTransform) -> str | None:
+    """A note when the affine turns the moving image further than scans of one body part lying
+    alike are turned (``TURNED_NOTE_DEGREES``), which more likely means a header's
+    orientation is wrong; None otherwise."""
+    matrix, _ = affine_parameters(affine, affine.GetDimension())
+    degrees = rotation_degrees(matrix)
+    if degrees <= TURNED_NOTE_DEGREES:
+        return None
+    return (
+        f"orientation: the affine stage turned the moving image {degrees:.0f}° onto the fixed "
+        "one, as their headers place them; if both were scanned lying the same way, one "
+        "header's orientation may be wrong: check the warped image, or give an initial "
+        "transform"
+    )
 
 
 def to_affine(transform: sitk.Transform, dim: int) -> sitk.AffineTransform:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import SimpleITK as sitk
 
 from ..errors import RegistrationCancelled
-from .affine import to_affine
+from .affine import to_affine, turned_note
 from .beside import Beside
 from .inputs import ImageLike, Inputs, check_inputs
 from .preprocessing import Voxels, normalised_pair
@@ -111,11 +111,13 @@ def _affine_and_plan(
                 beside.result(preparing)  # raises the plan's own error: that is what stopped it
             raise
         planned = beside.result(preparing)
-    for choice in planned.notes:
-        stages.report("affine", 1.0, choice)
+    turned = None if inputs.initial_transform is not None else turned_note(affine)
+    for line in (turned, *planned.notes):
+        if line is not None:
+            stages.report("affine", 1.0, line)
     from .deformable import on_network_grid
 
-    said = (*inputs.notes, inverted, note)
+    said = (*inputs.notes, inverted, note, turned)
     noted = tuple(line for line in said if line is not None)  # each reported when made
     return on_network_grid(stages, planned, affine, noted), affine
 
