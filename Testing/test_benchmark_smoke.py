@@ -264,7 +264,7 @@ def test_head_pairs_take_the_whole_heads_of_the_subjects_that_have_one(tmp_path:
     labels and the scored region stay the subject's brain."""
     import SimpleITK as sitk
 
-    from benchmarks import user_time
+    from benchmarks import command_pairs
     from benchmarks.pairs import fsdev_pairs, subjects_in
 
     data = tmp_path / "fs-dev"
@@ -295,7 +295,7 @@ def test_head_pairs_take_the_whole_heads_of_the_subjects_that_have_one(tmp_path:
         )  # fmt: skip
         assert pair.moving_labels == str(data / moving / "aseg.nii.gz")
         assert pair.region == str(work / f"{fixed}-region.nii.gz")
-    timed = user_time.fsdev(data, 20, "T1")
+    timed = command_pairs.fsdev(data, 20, "T1")
     assert [(p["name"], p["fixed"], p["moving"]) for p in timed] == [
         (p.name, p.fixed, p.moving) for p in pairs
     ]

@@ -165,11 +165,11 @@ def test_the_ct_pair_is_written_as_nrrd_with_its_tissues_labelled(
     tissue is labelled in both images, on each image's grid, and the labels follow the HU."""
     import SimpleITK as sitk
 
-    from benchmarks import user_time
+    from benchmarks import command_pairs
 
-    monkeypatch.setattr(user_time, "CT_SHAPE", (48, 40, 36))
-    monkeypatch.setattr(user_time, "CT_SPACING", (6.0, 6.0, 8.0))
-    (pair,) = user_time.ct_pairs(tmp_path)
+    monkeypatch.setattr(command_pairs, "CT_SHAPE", (48, 40, 36))
+    monkeypatch.setattr(command_pairs, "CT_SPACING", (6.0, 6.0, 8.0))
+    (pair,) = command_pairs.ct_pairs(tmp_path)
     assert pair["structures"] == "tissues"  # not scored as FreeSurfer's 27 structures
     for key in ("fixed", "moving"):
         assert pair[key].endswith(".nrrd")

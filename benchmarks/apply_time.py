@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere, without installing
     sys.path.insert(0, str(REPO))
 
+from benchmarks.command_pairs import fsdev, phantoms  # noqa: E402
 from benchmarks.run_benchmark import DEFAULT_DATA, DEFAULT_OUT, machine_info, usable_cores  # noqa: E402
-from benchmarks.user_time import fsdev, phantoms  # noqa: E402
 
 PHASES = ("read_nodes_s", "write_inputs_s", "child_s", "read_outputs_s", "push_s")
 VERSIONS = ("new child", "waiting child")

@@ -30,15 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere, without installing
     sys.path.insert(0, str(REPO))
 
+from benchmarks.command_pairs import fsdev, phantoms  # noqa: E402
 from benchmarks.run_benchmark import DEFAULT_DATA, DEFAULT_OUT, machine_info, usable_cores  # noqa: E402
-from benchmarks.user_time import (  # noqa: E402
-    checked,
-    child_env,
-    fsdev,
-    phantoms,
-    report_stem,
-    timed_child,
-)
+from benchmarks.user_time import checked, child_env, report_stem, timed_child  # noqa: E402
 
 #: ANTs as a user scripts it: read, apply the transform to the scan and the labels, write.
 ANTS_SCRIPT = """
