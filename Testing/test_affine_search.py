@@ -10,7 +10,7 @@ import torch
 
 from DeepRegisterLib import register
 from DeepRegisterLib.errors import InputError, RegistrationCancelled
-from DeepRegisterLib.imaging.geometry import Grid, rotation_degrees
+from DeepRegisterLib.imaging.geometry import Grid, affine_parameters, rotation_degrees
 from DeepRegisterLib.imaging.phantoms import phantom
 from DeepRegisterLib.registration import affine, affine_levels, affine_search
 
@@ -340,6 +340,15 @@ def test_a_far_turn_is_noted_as_a_possible_header_error() -> None:
     )
     assert "orientation" not in notes(oblique)
     assert "orientation" not in notes(turned, initial_transform=truth)
+
+
+def test_a_picture_turned_far_is_no_news() -> None:
+    """A slide or a photograph turned on its scanner has no header to blame."""
+    fixed = _brain_sized(1.0, size=128, dim=2)
+    moving = _moved(fixed, sitk.Euler2DTransform((-0.5, -0.5), np.deg2rad(-80.0)))
+    result = register(fixed, moving, preset="fast", iterations=0, model=None)
+    assert rotation_degrees(affine_parameters(result.affine, 2)[0]) > 75.0
+    assert "orientation" not in " ".join(result.report["notes"])
 
 
 @pytest.mark.parametrize("dim", [2, 3])

@@ -24,10 +24,13 @@ TURNED_NOTE_DEGREES = 30.0
 
 
 def turned_note(affine: sitk.AffineTransform) -> str | None:
-    """A note when the affine turns the moving image further than scans of one body part lying
+    """A note when the affine turns a moving volume further than scans of one body part lying
     alike are turned (``TURNED_NOTE_DEGREES``), which more likely means a header's
-    orientation is wrong; None otherwise."""
-    matrix, _ = affine_parameters(affine, affine.GetDimension())
+    orientation is wrong; None otherwise, and always in 2D, where a slide or a photograph
+    turned on its scanner is no error."""
+    if affine.GetDimension() != 3:
+        return None
+    matrix, _ = affine_parameters(affine, 3)
     degrees = rotation_degrees(matrix)
     if degrees <= TURNED_NOTE_DEGREES:
         return None
