@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .geometry import Grid
+from .geometry import Grid, nearest_rotation
 
 GRADIENT_KEY = "DWMRI_gradient_"
 #: NRRD's name for each space whose axes are anatomical, and the signs that bring its
@@ -75,9 +75,7 @@ def transform_rotation(transform: sitk.Transform, grid: Grid) -> np.ndarray:
     points = np.array([reference.TransformContinuousIndexToPhysicalPoint(i) for i in indices])
     mapped = np.array([transform.TransformPoint(p) for p in points])
     design = np.hstack([points, np.ones((len(points), 1))])
-    matrix = np.linalg.lstsq(design, mapped, rcond=None)[0][:3].T
-    u, _, vt = np.linalg.svd(matrix)
-    return u @ np.diag([1.0, 1.0, np.linalg.det(u @ vt)]) @ vt
+    return nearest_rotation(np.linalg.lstsq(design, mapped, rcond=None)[0][:3].T)
 
 
 def gradient_keys(table: GradientTable, rotation: np.ndarray) -> dict[str, str]:

@@ -154,11 +154,19 @@ def affine_parameters(transform: sitk.Transform, dim: int) -> tuple[np.ndarray, 
     return matrix, t
 
 
-def rotation_degrees(matrix: np.ndarray) -> float:
-    """How far the rotation nearest ``matrix`` (its polar factor) turns, in degrees: about its
-    axis in 3D, in the plane in 2D."""
+def nearest_rotation(matrix: np.ndarray) -> np.ndarray:
+    """The proper rotation nearest ``matrix``: the rotation factor of its polar decomposition,
+    without its stretch (and without a reflection, should it hold one)."""
     u, _, vt = np.linalg.svd(matrix)
-    rotation = u @ vt
+    sign = np.ones(len(matrix))
+    sign[-1] = np.linalg.det(u @ vt)
+    return u @ np.diag(sign) @ vt
+
+
+def rotation_degrees(matrix: np.ndarray) -> float:
+    """How far :func:`nearest_rotation` turns, in degrees: about its axis in 3D, in the plane
+    in 2D."""
+    rotation = nearest_rotation(matrix)
     if len(rotation) == 2:
         return abs(float(np.degrees(np.arctan2(rotation[1, 0], rotation[0, 0]))))
     return float(np.degrees(np.arccos(np.clip((np.trace(rotation) - 1) / 2, -1.0, 1.0))))
