@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import SimpleITK as sitk
 
@@ -11,8 +12,8 @@ from DeepRegisterLib.imaging.geometry import Grid
 from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
 from DeepRegisterLib.nn import models
 from DeepRegisterLib.nn.networks import VxmDense, integrate_velocity
-from DeepRegisterLib.registration import engine, optimisation, optimisation_stage, presets
-from DeepRegisterLib.registration.optimisation import optimise_velocity
+from DeepRegisterLib.registration import engine, job, optimisation, optimisation_stage, presets
+from DeepRegisterLib.registration.optimisation import level_shape, optimise_velocity
 from DeepRegisterLib.registration.preprocessing import foreground_box, normalised_for_registration
 
 
@@ -143,3 +144,39 @@ def test_the_deformable_grid_reaches_the_presets_margin_past_the_fixed_foregroun
         )
         assert sizes[name] == box.size
     assert set(sizes.values()) == {(15, 15, 15)}
+
+
+def test_a_grid_coarser_than_the_finest_level_scales_every_level_with_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A field of view held to fewer network voxels (a torso CT's 2.86 mm grid) keeps `fast`'s
+    coarse level twice as coarse as its finest, and the progress says where each level ran;
+    a grid at the finest level's spacing keeps the preset's levels as they are."""
+    monkeypatch.setattr(job, "MAX_NETWORK_VOXELS", 64 * 64)  # 256² mm → a 4 mm grid
+    axes = np.meshgrid(*(np.linspace(-1.0, 1.0, 256),) * 2, indexing="ij")
+    image = sitk.GetImageFromArray((2.0 + np.sin(5 * axes[0]) * np.cos(3 * axes[1])).astype("f4"))
+    recorded: list[tuple[tuple[int, ...], list]] = []
+
+    def optimise(fixed, *args, **kwargs):
+        recorded.append((tuple(fixed.shape[2:]), args[2]))
+        return optimise_velocity(fixed, *args, **kwargs)
+
+    monkeypatch.setattr(optimisation_stage, "optimise_velocity", optimise)
+    messages: list[str] = []
+    engine.register(
+        image, image, model=None, device="cpu", preset="fast", affine=False,
+        progress=lambda fraction, message: messages.append(message),
+    )  # fmt: skip
+    [(shape, levels)] = recorded
+    (coarse_shape, coarse), (fine_shape, fine) = levels
+    assert shape == fine_shape == (64, 64)
+    assert coarse_shape == level_shape(shape, 2.0) == (33, 33)
+    assert (coarse.spacing_mm, fine.spacing_mm) == pytest.approx((8.0, 4.0))
+    assert (coarse.control_mm, fine.control_mm) == pytest.approx((8.0, 4.0))
+    assert {"optimising at 8 mm", "optimising at 4 mm"} <= set(messages)
+
+    fast = presets.get_preset("fast")
+    brain = Grid((128, 128), (2.0, 2.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))
+    at_finest = optimisation_stage._network_levels(fast, brain, (128, 128))
+    assert [level for _, level in at_finest] == list(fast.levels)
+    assert [shape for shape, _ in at_finest] == [level_shape((128, 128), 2.0), (128, 128)]

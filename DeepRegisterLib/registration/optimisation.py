@@ -130,7 +130,7 @@ def optimise_velocity(
     def step_done(value: float, level: Level) -> None:
         trace.append(value)
         if progress is not None:
-            progress(len(trace) / total_steps, f"optimising at {level.spacing_mm:g} mm")
+            progress(len(trace) / total_steps, f"optimising at {level.spacing_mm:.3g} mm")
 
     for shape, level in levels:
         images = LevelImages(
