@@ -62,25 +62,22 @@ def optimisation_stage(
 
 
 def _network_levels(preset: Preset, grid: Grid, shape: tuple[int, ...]):
-    """Each level's grid shape and the level at the spacing it runs at, coarse first; never
-    fewer than 16 voxels across the box.
+    """Each level's grid shape and the level at the spacing it runs at (the grid's where that
+    is coarser), coarse first; never fewer than 16 voxels across the box.
 
-    A network grid coarser than the finest level (a large field of view held to
-    MAX_NETWORK_VOXELS, or a memory plan) scales every level with it, so that the coarse level
-    stays as many times coarser: on a torso CT's 2.86 mm grid a 4 mm level cost almost what
-    a 2.86 mm step does, for little that the finest level does not do."""
+    The levels keep their spacing on a coarser grid (a large field of view held to
+    MAX_NETWORK_VOXELS, or a memory plan): scaled with a 3 mm grid, `fast` lost 0.0049 Dice on
+    the 20 fs-dev pairs (better on 2) to save 0.2 s."""
     extent = float(min(np.asarray(grid.size) * np.asarray(grid.spacing)))
-    finest = min(level.spacing_mm for level in preset.levels)
-    scale = max(grid.spacing[0] / finest, 1.0)
     levels = []
     for level in preset.levels:
         if level.iterations <= 0:
             continue
-        spacing = min(level.spacing_mm * scale, extent / MIN_LEVEL_VOXELS)
+        spacing = min(level.spacing_mm, extent / MIN_LEVEL_VOXELS)
         factor = max(spacing / grid.spacing[0], 1.0)
-        actual = factor * grid.spacing[0]  # and its control grid as many times coarser
-        control = level.control_mm * actual / level.spacing_mm
-        levels.append(
-            (level_shape(shape, factor), replace(level, spacing_mm=actual, control_mm=control))
-        )
+        actual = factor * grid.spacing[0]
+        if actual != level.spacing_mm:  # its control grid as many times coarser
+            control = actual * (level.control_mm / level.spacing_mm)
+            level = replace(level, spacing_mm=actual, control_mm=control)
+        levels.append((level_shape(shape, factor), level))
     return levels
