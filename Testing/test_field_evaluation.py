@@ -1,0 +1,54 @@
+"""The displacement evaluated where it is read (warping, det J): a voxel's value does not depend
+on the block, the rows evaluated together or the row order that hold it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import oblique_grid
+
+from DeepRegisterLib.registration import warping
+from DeepRegisterLib.registration.warping import Displacement
+
+
+def _displacement(dim: int) -> Displacement:
+    """``T(x) = A(x + v(x))`` with a random ``v`` on a 2 mm grid inside an oblique fixed grid."""
+    fixed = oblique_grid(dim, size=(23, 19, 17)[:dim])
+    network = fixed.with_spacing_cropped_to(
+        2.0, np.full(dim, 3), np.asarray(fixed.size) - 4, multiple=1
+    )
+    flow = torch.randn((1, dim, *network.shape), generator=torch.Generator().manual_seed(dim))
+    affine = sitk.AffineTransform(dim)
+    affine.SetMatrix((np.eye(dim) + 0.03 * np.arange(dim * dim).reshape(dim, dim)).ravel())
+    affine.SetTranslation((1.5, -2.0, 0.7)[:dim])
+    return Displacement(affine, flow, network, fixed)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_each_voxel_has_one_value_whatever_block_holds_it(
+    dim: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    field = _displacement(dim)
+    shape = field.grid.shape
+    whole = tuple(slice(0, n) for n in shape)
+    linear = np.linspace(0.5, 1.5, dim * dim).reshape(dim, dim)
+    constant = np.linspace(-1.0, 1.0, dim)
+
+    def evaluated(block):
+        return field.tensor(block), field.mapped(linear, constant, block), field.deformation(block)
+
+    expected = evaluated(whole)
+    monkeypatch.setattr(warping, "CACHE_VOXELS", 7)  # a row at a time
+    rng = np.random.default_rng(dim)
+    for _ in range(6):
+        starts = [int(rng.integers(0, n - 2)) for n in shape]
+        block = tuple(
+            slice(start, int(rng.integers(start + 1, n + 1)))
+            for start, n in zip(starts, shape, strict=True)
+        )
+        got = evaluated(block)
+        assert torch.equal(got[0], expected[0][block])
+        assert torch.equal(got[1], expected[1][block])
+        assert torch.equal(got[2], expected[2][(slice(None), *block)])
