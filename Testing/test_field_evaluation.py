@@ -1,5 +1,6 @@
 """The displacement evaluated where it is read (warping, det J): a voxel's value does not depend
-on the block, the rows evaluated together or the row order that hold it."""
+on the block, the rows evaluated together or the row order that hold it; and where a point
+lands outside the moving image the warp gives ITK's zero, even beside a NaN."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import oblique_grid
+from conftest import image_on, oblique_grid
 
 from DeepRegisterLib.registration import warping
+from DeepRegisterLib.registration.image_warping import warp_image
 from DeepRegisterLib.registration.warping import Displacement
 
 
@@ -52,3 +54,25 @@ def test_each_voxel_has_one_value_whatever_block_holds_it(
         assert torch.equal(got[0], expected[0][block])
         assert torch.equal(got[1], expected[1][block])
         assert torch.equal(got[2], expected[2][(slice(None), *block)])
+
+
+def test_a_point_beyond_a_nan_on_the_border_is_zero_as_in_itk() -> None:
+    """Linear sampling clamps a point beyond the border to the border's voxel; ITK gives zero
+    there. A NaN on the border must not leak out to it (NaN × 0 is NaN)."""
+    grid = oblique_grid(2, size=(12, 10))
+    scan = np.linspace(1.0, 2.0, 120, dtype=np.float32).reshape(grid.shape)
+    scan[:, -1] = np.nan  # the last column
+    moving = image_on(grid, scan)
+    shift = np.asarray(grid.index_to_physical)[:, 0] * 2.5  # 2.5 voxels along I
+    field = np.broadcast_to(shift, (*grid.shape, 2)).astype(np.float32)
+
+    ours = sitk.GetArrayFromImage(warp_image(moving, field, grid))
+
+    transform = sitk.DisplacementFieldTransform(image_on(grid, field.astype(np.float64), True))
+    itk = sitk.GetArrayFromImage(sitk.Resample(moving, moving, transform, sitk.sitkLinear, 0.0))
+    assert np.array_equal(np.isnan(ours), np.isnan(itk))
+    assert np.isnan(ours).any()  # the points that read the NaN column
+    outside = ours[:, -2:]  # 2.5 voxels past the last column: beyond half a voxel
+    assert np.array_equal(outside, np.zeros_like(outside))
+    finite = ~np.isnan(itk)
+    np.testing.assert_allclose(ours[finite], itk[finite], rtol=0, atol=1e-5)

@@ -107,11 +107,13 @@ def warp_images(
         for start in range(box[0].start, box[0].stop, rows):
             stop_if(is_cancelled)
             block = (slice(start, min(start + rows, box[0].stop)), *box[1:])
-            coordinates, inside = landing(mapping, block)
+            coordinates, outside = landing(mapping, block)
             for source in sources:
                 at = coordinates.to(source.volume.dtype)  # float64 for labels above 2**24
                 values = grid_sample(source.volume, at, source.mode, "border")[0, 0]
-                source.paste((values if inside is None else values * inside).cpu().numpy(), block)
+                if outside is not None:
+                    values.masked_fill_(outside, 0.0)
+                source.paste(values.cpu().numpy(), block)
         warped.update((i, source.image) for i, source in zip(indices, sources, strict=True))
     return [warped[i] for i in range(len(movings))]
 
@@ -216,7 +218,7 @@ class _Source:
 
 class _ItkCoordinates:
     """Where the voxels of ``grid`` displaced by ``u`` fall in ``moving``, in grid_sample's
-    normalised coordinates, and which of them ITK's resampling counts as inside.
+    normalised coordinates, and which of them ITK's resampling counts as outside.
 
     The index map and the normalisation are one affine map, applied once: ITK's half-voxel
     bounds ``[−0.5, n − 0.5)`` become bounds on the normalised coordinates. When the images'
@@ -238,28 +240,35 @@ class _ItkCoordinates:
             return torch.as_tensor(values, dtype=torch.float32, device=device)
 
         self._from_mm = on_device(self._point_map[0].T)
-        self._low = on_device(-0.5 * scale - 1.0)
-        self._high = on_device((sizes - 0.5) * scale - 1.0)
+        # ITK's bounds in the same coordinates, as float32 numbers (what they are compared in).
+        bounds = (-0.5 * scale - 1.0, (sizes - 0.5) * scale - 1.0)
+        self._bounds = [on_device(limits).tolist() for limits in bounds]
 
     def at(self, u: torch.Tensor, block: Block) -> tuple[torch.Tensor, torch.Tensor | None]:
         """For the voxels of ``block`` displaced by ``u`` (…, dim) in mm: the coordinates
-        (1, …, dim) and the inside mask (…), None where it would change no value."""
+        (1, …, dim) and the outside mask (…), None where it would change no value."""
         coordinates = block_field(self._linear, self._constant, block, self._device, torch.float32)
         dim = coordinates.shape[-1]
         coordinates = torch.addmm(coordinates.view(-1, dim), u.reshape(-1, dim), self._from_mm)
-        return self._inside(coordinates.view(u.shape))
+        return self._outside(coordinates.view(u.shape))
 
     def through(
         self, displacement: Displacement, block: Block
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """:meth:`at` for the ``u`` of ``displacement``, built with the coordinates."""
-        return self._inside(displacement.mapped(*self._point_map, block).to(self._device))
+        return self._outside(displacement.mapped(*self._point_map, block).to(self._device))
 
-    def _inside(self, coordinates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _outside(self, coordinates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Component by component: comparing the interleaved (…, dim) coordinates and reducing
+        over their last axis took 2.5 times as long (1.2 s over a 512² × 600 CT)."""
         if self._zero_faces:
             return coordinates[None], None
-        inside = (coordinates >= self._low) & (coordinates < self._high)
-        return coordinates[None], inside.all(dim=-1).to(coordinates.dtype)
+        inside = None
+        for axis, (low, high) in enumerate(zip(*self._bounds, strict=True)):
+            component = coordinates[..., axis]
+            within = (component >= low).logical_and_(component < high)
+            inside = within if inside is None else inside.logical_and_(within)
+        return coordinates[None], inside.logical_not_()
 
 
 def _nonzero_box(volume: np.ndarray) -> Block | None:
