@@ -1,6 +1,7 @@
 """The displacement evaluated where it is read (warping, det J): a voxel's value does not depend
 on the block, the rows evaluated together or the row order that hold it; and where a point
-lands outside the moving image the warp gives ITK's zero, even beside a NaN."""
+lands outside the moving image the warp gives ITK's zero, even beside a NaN. The moving voxels
+become the sampler's tensor with NumPy's values."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import SimpleITK as sitk
 import torch
 from conftest import image_on, oblique_grid
 
-from DeepRegisterLib.registration import warping
+from DeepRegisterLib.errors import RegistrationCancelled
+from DeepRegisterLib.registration import image_warping, warping
 from DeepRegisterLib.registration.image_warping import warp_image
 from DeepRegisterLib.registration.warping import Displacement
 
@@ -76,3 +78,19 @@ def test_a_point_beyond_a_nan_on_the_border_is_zero_as_in_itk() -> None:
     assert np.array_equal(outside, np.zeros_like(outside))
     finite = ~np.isnan(itk)
     np.testing.assert_allclose(ours[finite], itk[finite], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.uint16, np.int32, np.uint64, np.float64])
+def test_an_image_becomes_a_float_tensor_as_numpy_converts_it(dtype) -> None:
+    """The moving voxels reach the sampler through torch's threads, the values NumPy gives
+    (labels up to 2**40 in float64); a cancel request stops the conversion."""
+    rng = np.random.default_rng(0)
+    top = {np.uint64: 2**40, np.float64: 1e9}.get(dtype) or np.iinfo(dtype).max
+    array = rng.uniform(0, top, size=(9, 8, 7)).astype(dtype)
+    image = sitk.GetImageFromArray(array)
+    for target, numpy_type in ((torch.float32, np.float32), (torch.float64, np.float64)):
+        tensor = image_warping._as_tensor(image, target, lambda: False)
+        assert tensor.dtype == target
+        assert np.array_equal(tensor.numpy(), array.astype(numpy_type))
+    with pytest.raises(RegistrationCancelled):
+        image_warping._as_tensor(image, torch.float32, lambda: True)

@@ -8,11 +8,11 @@ import math
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from conftest import grid_points, image_on, oblique_grid, rotation_matrix
 
 from DeepRegisterLib.imaging.geometry import Grid
 from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
-from DeepRegisterLib.imaging.volumes import as_array
 from DeepRegisterLib.registration import image_warping
 from DeepRegisterLib.registration.engine import register
 from DeepRegisterLib.registration.image_warping import Reach, sampled_box, warp_images
@@ -136,12 +136,14 @@ def test_only_the_non_zero_box_becomes_a_tensor_and_itk_agrees(
     field, _ = _near_affine(fixed, moving, stray_mm=1.5)
     converted: list[tuple[int, ...]] = []
 
-    def recording(image: sitk.Image, *args, **kwargs) -> np.ndarray:
-        array = as_array(image, *args, **kwargs)
-        converted.append(array.shape)
-        return array
+    converting = image_warping._as_tensor
 
-    monkeypatch.setattr(image_warping, "as_array", recording)
+    def recording(image: sitk.Image, *args, **kwargs) -> torch.Tensor:
+        tensor = converting(image, *args, **kwargs)
+        converted.append(tuple(tensor.shape))
+        return tensor
+
+    monkeypatch.setattr(image_warping, "_as_tensor", recording)
     warped = warp_images(movings, field, fixed)
 
     block = [n // 4 for n in moving.shape]  # the non-zero block of _padded_pair

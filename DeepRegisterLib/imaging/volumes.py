@@ -75,15 +75,3 @@ def paste_block(image: sitk.Image, values: np.ndarray, block: tuple[slice, ...])
     """Write ``values`` into the array-order slices ``block`` of ``image``, in place."""
     vector = image.GetNumberOfComponentsPerPixel() > 1
     image[tuple(reversed(block))] = sitk.GetImageFromArray(values, isVector=vector)
-
-
-def as_array(image: sitk.Image, dtype: type, is_cancelled: IsCancelled = None) -> np.ndarray:
-    """The image's voxels as a new ``dtype`` array, converted slab by slab (a 512² × 600 CT
-    takes about a second)."""
-    source = sitk.GetArrayViewFromImage(image)
-    out = np.empty(source.shape, dtype=dtype)
-    rows = rows_per_slab(Grid.of(image))
-    for start in range(0, len(source), rows):
-        stop_if(is_cancelled)
-        out[start : start + rows] = source[start : start + rows]
-    return out

