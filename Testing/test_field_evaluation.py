@@ -1,9 +1,11 @@
 """The displacement evaluated where it is read (warping, det J): a voxel's value does not depend
-on the block, the rows evaluated together or the row order that hold it; and where a point
+on the block, the rows evaluated together, the row order or the thread that read it; where a point
 lands outside the moving image the warp gives ITK's zero, even beside a NaN. The moving voxels
 become the sampler's tensor with NumPy's values."""
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import pytest
@@ -56,6 +58,34 @@ def test_each_voxel_has_one_value_whatever_block_holds_it(
         assert torch.equal(got[0], expected[0][block])
         assert torch.equal(got[1], expected[1][block])
         assert torch.equal(got[2], expected[2][(slice(None), *block)])
+
+
+def test_two_threads_reading_the_field_at_once_get_its_values(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Warping and det J read the field on two threads, each keeping its own last slices: one
+    reading rows forwards and one backwards (every slice made again) get the same values."""
+    field = _displacement(3)
+    rows = field.grid.shape[0]
+    across = tuple(slice(0, n) for n in field.grid.shape[1:])
+    expected = field.deformation((slice(0, rows), *across))
+    monkeypatch.setattr(warping, "KEPT_SLICES", 2)
+    results: dict[str, torch.Tensor] = {}
+
+    def read(name: str, order: range) -> None:
+        parts = {row: field.deformation((slice(row, row + 1), *across)) for row in order}
+        results[name] = torch.cat([parts[row] for row in range(rows)], dim=1)
+
+    threads = [
+        threading.Thread(target=read, args=("forwards", range(rows))),
+        threading.Thread(target=read, args=("backwards", range(rows - 1, -1, -1))),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert torch.equal(results["forwards"], expected)
+    assert torch.equal(results["backwards"], expected)
 
 
 def test_a_point_beyond_a_nan_on_the_border_is_zero_as_in_itk() -> None:
