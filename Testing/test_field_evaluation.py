@@ -32,10 +32,13 @@ def _displacement(dim: int) -> Displacement:
     return Displacement(affine, flow, network, fixed)
 
 
+@pytest.mark.parametrize("shared", [True, False])  # a brain's slices, a CT's
 @pytest.mark.parametrize("dim", [2, 3])
 def test_each_voxel_has_one_value_whatever_block_holds_it(
-    dim: int, monkeypatch: pytest.MonkeyPatch
+    dim: int, shared: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if not shared:
+        monkeypatch.setattr(warping, "SHARED_SLICES_BYTES", 0)
     field = _displacement(dim)
     shape = field.grid.shape
     whole = tuple(slice(0, n) for n in shape)
@@ -63,13 +66,16 @@ def test_each_voxel_has_one_value_whatever_block_holds_it(
 def test_two_threads_reading_the_field_at_once_get_its_values(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Warping and det J read the field on two threads, each keeping its own last slices: one
-    reading rows forwards and one backwards (every slice made again) get the same values."""
-    field = _displacement(3)
-    rows = field.grid.shape[0]
-    across = tuple(slice(0, n) for n in field.grid.shape[1:])
-    expected = field.deformation((slice(0, rows), *across))
+    """Warping and det J read a CT's field on two threads, each keeping its own last slices:
+    one reading rows forwards and one backwards (every slice made again) get the values that
+    slices made once for both give."""
+    shared = _displacement(3)
+    rows = shared.grid.shape[0]
+    across = tuple(slice(0, n) for n in shared.grid.shape[1:])
+    expected = shared.deformation((slice(0, rows), *across))
+    monkeypatch.setattr(warping, "SHARED_SLICES_BYTES", 0)
     monkeypatch.setattr(warping, "KEPT_SLICES", 2)
+    field = _displacement(3)
     results: dict[str, torch.Tensor] = {}
 
     def read(name: str, order: range) -> None:

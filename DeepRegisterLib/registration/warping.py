@@ -26,6 +26,8 @@ from ..nn.filters import grid_sample
 CACHE_VOXELS = 2**18
 #: Slices of a field interpolated along its fast axes that each thread keeps (a row reads two).
 KEPT_SLICES = 4
+#: Up to this size all of them are made once, shared by the threads that read the field.
+SHARED_SLICES_BYTES = 256 * 2**20
 
 
 def index_map(
@@ -124,10 +126,11 @@ class FieldOnGrid:
     grid is built that way). Along the fast axes it is matrix products with their interpolation
     matrices, one slice of the field's slowest axis at a time: a BLAS call is far faster than
     gathering along a middle axis of a large tensor. Each output row is then a weighted sum of
-    two such slices. Slices are made when a row first reads them, and each thread keeps its
-    last few (rows are read in increasing order): all of them at once took 660 MB and 0.4–0.7 s
-    for a 512² × 600 CT before its first row. Each voxel's value depends on that voxel alone,
-    whichever block holds it.
+    two such slices. A brain's slices (70 MB) are made once, for every thread; a 512² × 600
+    CT's would take 660 MB and 0.4–0.7 s before its first row, so there a slice is made when a
+    row first reads it, and each thread (the warp's, det J's beside it) keeps its last few: rows
+    are read in increasing order. Each voxel's value depends on that voxel alone, whichever
+    block holds it.
     """
 
     def __init__(self, field: torch.Tensor, field_grid: Grid, grid: Grid):
@@ -153,6 +156,11 @@ class FieldOnGrid:
         )
         self._rows = list(zip(low, w_low, high, w_high, strict=True))
         self._kept = threading.local()  # each thread's last slices: {index: (C, fast axes)}
+        count = field_grid.shape[0]
+        size = field.element_size() * field.shape[1] * count * int(np.prod(grid.shape[1:]))
+        self._shared = (
+            [self._made(k) for k in range(count)] if size <= SHARED_SLICES_BYTES else None
+        )
 
     def block(self, block: Block) -> torch.Tensor:
         """The resampled field over the array slices ``block``: (C, …).
@@ -172,17 +180,22 @@ class FieldOnGrid:
 
     def _slice(self, index: int) -> torch.Tensor:
         """Slice ``index`` of the field's slowest axis on the grid's fast axes: (C, …)."""
+        if self._shared is not None:
+            return self._shared[index]
         kept = self._kept.__dict__.setdefault("slices", {})
         if index not in kept:
             if len(kept) >= KEPT_SLICES:
                 del kept[next(iter(kept))]  # the oldest
-            volume = self._field[:, index]  # (C, fast axes of the field)
-            dim = volume.dim()
-            for axis, matrix in enumerate(self._matrices):
-                moved = torch.movedim(volume, dim - 1 - axis, -1) @ matrix.T
-                volume = torch.movedim(moved, -1, dim - 1 - axis)
-            kept[index] = volume.contiguous()
+            kept[index] = self._made(index)
         return kept[index]
+
+    def _made(self, index: int) -> torch.Tensor:
+        volume = self._field[:, index]  # (C, fast axes of the field)
+        dim = volume.dim()
+        for axis, matrix in enumerate(self._matrices):
+            moved = torch.movedim(volume, dim - 1 - axis, -1) @ matrix.T
+            volume = torch.movedim(moved, -1, dim - 1 - axis)
+        return volume.contiguous()
 
 
 class _Terms(NamedTuple):
