@@ -237,13 +237,10 @@ class _ItkCoordinates:
         # Physical points to the same coordinates, for Displacement.mapped.
         self._point_map = scale[:, None] * to_index, scale * index_offset - 1.0
 
-        def on_device(values: np.ndarray) -> torch.Tensor:
-            return torch.as_tensor(values, dtype=torch.float32, device=device)
-
-        self._from_mm = on_device(self._point_map[0].T)
+        self._from_mm = torch.as_tensor(self._point_map[0].T, dtype=torch.float32, device=device)
         # ITK's bounds in the same coordinates, as float32 numbers (what they are compared in).
         bounds = (-0.5 * scale - 1.0, (sizes - 0.5) * scale - 1.0)
-        self._bounds = [on_device(limits).tolist() for limits in bounds]
+        self._bounds = [limits.astype(np.float32).tolist() for limits in bounds]
 
     def at(self, u: torch.Tensor, block: Block) -> tuple[torch.Tensor, torch.Tensor | None]:
         """For the voxels of ``block`` displaced by ``u`` (…, dim) in mm: the coordinates
