@@ -269,10 +269,9 @@ def _as_pose(transform: sitk.Transform, centre: np.ndarray) -> affine_levels.Pos
 def _level_and_start(fixed: sitk.Image, moving: sitk.Image):
     """The affine stage's 8 mm level of the pair, its moments start and its search radius."""
     centre = _centre(fixed)
-    levels = affine_levels.Levels(
-        (fixed, moving), (None, None), centre, 0, torch.device("cpu"), lambda: False
-    )
-    start = _as_pose(affine.moments_transform(*levels.copies(8.0)), centre)
+    copies = affine.WorkingCopies((fixed, moving), (None, None), finest_mm=4.0)
+    levels = affine_levels.Levels(copies, centre, 0, torch.device("cpu"))
+    start = _as_pose(affine.moments_transform(*copies.at(8.0)), centre)
     radius_mm = float(np.linalg.norm(Grid.of(fixed).extent_mm)) / 4.0
     return levels.at(8.0), start, radius_mm
 

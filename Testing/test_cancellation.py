@@ -18,7 +18,7 @@ import SimpleITK as sitk
 from conftest import bent_pair
 
 from DeepRegisterLib.errors import ModelError, RegistrationCancelled
-from DeepRegisterLib.registration import affine_search, deformable, engine
+from DeepRegisterLib.registration import affine_search, engine, job, network_grid
 
 LATENCY_LIMIT_S = 1.0
 REPO = Path(__file__).resolve().parents[1]
@@ -106,13 +106,13 @@ def _worker_threads() -> list[str]:
 def test_the_smoothing_beside_the_affine_stage_stops_with_a_cancel(
     a_3d_pair, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The network inputs are smoothed on a worker thread (after torch is loaded and the run
-    planned) while the affine stage runs. On a large CT that can outlast the affine stage: the
-    wait for it still answers a cancel within a second, the worker is told to stop, and no
-    thread is left running."""
+    """The network inputs are smoothed on a worker thread (once the run is planned, in a
+    process where torch has loaded) while the affine stage runs. On a large CT that can
+    outlast the affine stage: the wait for it still answers a cancel within a second, the
+    worker is told to stop, and no thread is left running."""
     affine_done, event = threading.Event(), threading.Event()
     seen: dict[str, object] = {}
-    real_affine = affine_search.register_normalised
+    real_affine = affine_search.search_copies
 
     def affine_then_flag(*args, **kwargs):
         transform = real_affine(*args, **kwargs)
@@ -130,8 +130,8 @@ def test_the_smoothing_beside_the_affine_stage_stops_with_a_cancel(
         seen["told_to_stop"] = is_cancelled()
         raise RegistrationCancelled("smoothing stopped")
 
-    monkeypatch.setattr(affine_search, "register_normalised", affine_then_flag)
-    monkeypatch.setattr(deformable, "smoothed_for_grid", slow_smoothing)
+    monkeypatch.setattr(affine_search, "search_copies", affine_then_flag)
+    monkeypatch.setattr(network_grid, "smoothed_for_grid", slow_smoothing)
     with pytest.raises(RegistrationCancelled, match="while preparing the images"):
         engine.register(*a_3d_pair, preset="fast", model=None, device="cpu", cancel=event)
     latency = time.perf_counter() - seen["set_at"]
@@ -156,8 +156,8 @@ def test_a_failed_affine_stage_stops_the_smoothing_beside_it(
     def failing_affine(*args, **kwargs):
         raise RuntimeError("the affine stage failed")
 
-    monkeypatch.setattr(deformable, "fixed_on_grid", smoothing_until_stopped)
-    monkeypatch.setattr(affine_search, "register_normalised", failing_affine)
+    monkeypatch.setattr(network_grid, "fixed_on_grid", smoothing_until_stopped)
+    monkeypatch.setattr(affine_search, "search_copies", failing_affine)
     started = time.perf_counter()
     with pytest.raises(RuntimeError, match="the affine stage failed"):
         engine.register(*a_3d_pair, preset="fast", model=None, device="cpu")
@@ -171,17 +171,24 @@ def test_a_plan_refused_beside_the_affine_stage_stops_it_with_the_plans_error(
 ) -> None:
     """The run is planned (device, model, memory) on the worker while the affine stage runs:
     a refusal there stops the affine stage at its next iteration, and the user gets the
-    refusal, not a cancel."""
-    stopped = threading.Event()
+    refusal, not a cancel. Here the plan refuses once the search has begun."""
+    searching, stopped = threading.Event(), threading.Event()
 
     def affine_until_stopped(*args, is_cancelled, **kwargs):
+        searching.set()
         deadline = time.perf_counter() + 30
         while not is_cancelled() and time.perf_counter() < deadline:
             time.sleep(0.01)
         stopped.set()
         raise RegistrationCancelled("during the affine stage")
 
-    monkeypatch.setattr(affine_search, "register_normalised", affine_until_stopped)
+    def plan_once_searching(*args, **kwargs):
+        searching.wait(30)
+        return plan_job(*args, **kwargs)
+
+    plan_job = job.plan_job
+    monkeypatch.setattr(affine_search, "search_copies", affine_until_stopped)
+    monkeypatch.setattr(job, "plan_job", plan_once_searching)
     started = time.perf_counter()
     with pytest.raises(ModelError, match="no-such-model"):
         engine.register(*a_3d_pair, preset="fast", model="no-such-model", device="cpu")

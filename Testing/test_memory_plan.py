@@ -157,14 +157,14 @@ def test_a_gpu_out_of_memory_error_in_the_affine_search_reruns_it_on_the_cpu(
     CPU's own, and the report says why it ran there."""
     options = dict(preset="fast", model=None, iterations=2)
     on_cpu = engine.register(*pair, device="cpu", **options)
-    real_search = affine_search.register_normalised
+    real_search = affine_search.search_copies
 
     def search(*args, device, **kwargs):
         if device != "cpu":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
         return real_search(*args, device=device, **kwargs)
 
-    monkeypatch.setattr(affine_search, "register_normalised", search)
+    monkeypatch.setattr(affine_search, "search_copies", search)
     messages: list[str] = []
     fell_back = engine.register(
         *pair, device="auto", progress=lambda f, m: messages.append(m), **options
@@ -177,7 +177,7 @@ def test_a_gpu_out_of_memory_error_in_the_affine_search_reruns_it_on_the_cpu(
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("out of memory")
 
-    monkeypatch.setattr(affine_search, "register_normalised", out_of_memory)
+    monkeypatch.setattr(affine_search, "search_copies", out_of_memory)
     with pytest.raises(torch.OutOfMemoryError):  # on the CPU there is nowhere else to go
         engine.register(*pair, device="cpu", **options)
 

@@ -12,7 +12,13 @@ from DeepRegisterLib.imaging.geometry import Grid
 from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
 from DeepRegisterLib.nn import models
 from DeepRegisterLib.nn.networks import VxmDense, integrate_velocity
-from DeepRegisterLib.registration import engine, job, optimisation, optimisation_stage, presets
+from DeepRegisterLib.registration import (
+    engine,
+    network_grid,
+    optimisation,
+    optimisation_stage,
+    presets,
+)
 from DeepRegisterLib.registration.optimisation import level_shape, optimise_velocity
 from DeepRegisterLib.registration.preprocessing import foreground_box, normalised_for_registration
 
@@ -153,7 +159,7 @@ def test_on_a_coarser_grid_each_level_keeps_its_spacing_and_says_where_it_ran(
     level stays at 4 mm, its 2 mm level runs on the grid, and the progress says so (it said
     "at 2 mm" on a CT's 2.86 mm grid); on a 2 mm grid the preset's levels are used as they
     are. (Scaling the levels with a 3 mm grid lost Dice on the fs-dev brains.)"""
-    monkeypatch.setattr(job, "MAX_NETWORK_VOXELS", 64 * 64)  # over 192² mm: a 3 mm grid
+    monkeypatch.setattr(network_grid, "MAX_NETWORK_VOXELS", 64 * 64)  # over 192² mm: a 3 mm grid
     axes = np.meshgrid(*(np.linspace(-1.0, 1.0, 256),) * 2, indexing="ij")
     image = sitk.GetImageFromArray((2.0 + np.sin(5 * axes[0]) * np.cos(3 * axes[1])).astype("f4"))
     image.SetSpacing((0.75, 0.75))

@@ -58,7 +58,7 @@ def test_full_resolution_working_images_end_before_the_deformable_stages(monkeyp
     """The normalised images and the smoothed moving image (64 MB each at 256³) serve the
     affine search and the network grid; none is alive once the network stage begins."""
     from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
-    from DeepRegisterLib.registration import deformable, engine, preprocessing
+    from DeepRegisterLib.registration import deformable, engine, network_grid, preprocessing
 
     made: list[weakref.ref] = []
 
@@ -82,7 +82,7 @@ def test_full_resolution_working_images_end_before_the_deformable_stages(monkeyp
         "normalised_for_registration",
         tracked(preprocessing.normalised_for_registration),
     )
-    monkeypatch.setattr(deformable, "smoothed_for_grid", tracked(deformable.smoothed_for_grid))
+    monkeypatch.setattr(network_grid, "smoothed_for_grid", tracked(network_grid.smoothed_for_grid))
     monkeypatch.setattr(deformable, "network_stage", network_stage)
     pair = phantom_pair(demo_grid(3, size=32), amplitude_mm=2.0)
     result = engine.register(pair.fixed, pair.moving, preset="fast", iterations=0, model=None)
@@ -102,7 +102,7 @@ def test_the_worker_beside_the_affine_stage_copies_no_normalised_image(monkeypat
     import SimpleITK as sitk
 
     from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
-    from DeepRegisterLib.registration import affine_search, deformable, engine
+    from DeepRegisterLib.registration import affine, engine
 
     prepared = threading.Event()
     kept: list[bool] = []
@@ -113,18 +113,19 @@ def test_the_worker_beside_the_affine_stage_copies_no_normalised_image(monkeypat
         finally:
             prepared.set()
 
-    def affine_holding_the_images(fixed, moving, **kwargs):
-        views = [sitk.GetArrayViewFromImage(image) for image in (fixed, moving)]
-        held = [sitk.Image(fixed), sitk.Image(moving)]  # share the buffers, as a filter's input
-        assert prepared.wait(60)
-        del held
-        after = [sitk.GetArrayViewFromImage(image) for image in (fixed, moving)]
-        kept.extend(np.shares_memory(a, b) for a, b in zip(views, after, strict=True))
-        return original_affine(fixed, moving, **kwargs)
+    class CopiesHoldingTheImages(affine.WorkingCopies):
+        def make_ahead(self, given_start: bool) -> None:
+            views = [sitk.GetArrayViewFromImage(image) for image in self.images]
+            held = [sitk.Image(image) for image in self.images]  # as a filter's input holds it
+            assert prepared.wait(60)
+            del held
+            after = [sitk.GetArrayViewFromImage(image) for image in self.images]
+            kept.extend(np.shares_memory(a, b) for a, b in zip(views, after, strict=True))
+            super().make_ahead(given_start)
 
-    original_prepare, original_affine = deformable.prepare, affine_search.register_normalised
-    monkeypatch.setattr(deformable, "prepare", prepare_then_flag)
-    monkeypatch.setattr(affine_search, "register_normalised", affine_holding_the_images)
+    original_prepare = engine._prepare
+    monkeypatch.setattr(engine, "_prepare", prepare_then_flag)
+    monkeypatch.setattr(engine, "WorkingCopies", CopiesHoldingTheImages)
     pair = phantom_pair(demo_grid(3, size=32), amplitude_mm=2.0)
     mask = sitk.Cast(pair.fixed > 0, sitk.sitkUInt8)
     engine.register(pair.fixed, pair.moving, fixed_mask=mask, iterations=0, model=None)

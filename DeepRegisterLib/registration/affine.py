@@ -1,7 +1,9 @@
 """The affine stage's geometry, without torch: working copies, levels, the moments start.
 
-The search itself (affine_search.py) needs torch; these parts run before it has loaded.
-Subjects in different native spaces (like fs-dev) start aligned only after this stage.
+The search itself (affine_search.py) needs torch; these parts run before it has loaded: in a
+fresh process the engine makes a run's :class:`WorkingCopies` while torch's import (about a
+second of one core) still holds the other. Subjects in different native spaces (like fs-dev)
+start aligned only after this stage.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Callable
 import numpy as np
 import SimpleITK as sitk
 
+from ..errors import stop_if_cancelled
 from ..imaging.geometry import affine_parameters, rotation_degrees
 from ..imaging.resampling import run_filter
 
@@ -78,6 +81,62 @@ def working_copy(
             run_filter(shrink, sitk.Cast(image > 0, sitk.sitkUInt8), is_cancelled=is_cancelled) > 0
         )
     return run_filter(shrink, image, is_cancelled=is_cancelled)
+
+
+class WorkingCopies:
+    """A pair (and its masks) block-averaged to each of the search's level spacings, made when
+    first asked for or all at once (``make_ahead``), and the moments start from the finest
+    affine level's copies."""
+
+    def __init__(
+        self,
+        images: tuple[sitk.Image, sitk.Image],
+        masks: tuple[sitk.Image | None, sitk.Image | None],
+        finest_mm: float,
+        is_cancelled: Callable[[], bool] = lambda: False,
+    ):
+        self.images, self.rigid_mm, self.affine_mm = images, *level_spacings(images[0], finest_mm)
+        self._masks, self._is_cancelled = masks, is_cancelled
+        self._copies: dict[float, tuple[sitk.Image, sitk.Image]] = {}
+        self._mask_copies: dict[float, tuple[sitk.Image | None, sitk.Image | None]] = {}
+        self._moments: sitk.Transform | None = None
+
+    def at(self, spacing_mm: float) -> tuple[sitk.Image, sitk.Image]:
+        """The fixed and moving images at about ``spacing_mm``."""
+        if spacing_mm not in self._copies:
+            stop_if_cancelled(self._is_cancelled, "during the affine stage")
+            self._copies[spacing_mm] = tuple(
+                working_copy(image, spacing_mm, is_cancelled=self._is_cancelled)
+                for image in self.images
+            )
+        return self._copies[spacing_mm]
+
+    def masks_at(self, spacing_mm: float) -> tuple[sitk.Image | None, sitk.Image | None]:
+        """The fixed and moving masks (None where not given) at about ``spacing_mm``."""
+        if spacing_mm not in self._mask_copies:
+            self._mask_copies[spacing_mm] = tuple(
+                None
+                if mask is None
+                else working_copy(mask, spacing_mm, mask=True, is_cancelled=self._is_cancelled)
+                for mask in self._masks
+            )
+        return self._mask_copies[spacing_mm]
+
+    def moments(self) -> sitk.Transform:
+        """The rigid start (:func:`moments_transform`) at the finest affine level."""
+        if self._moments is None:
+            self._moments = moments_transform(*self.at(self.affine_mm[-1]))
+        return self._moments
+
+    def make_ahead(self, given_start: bool) -> None:
+        """Every copy the search will read, and the moments start unless it is ``given_start``
+        (which also skips the rigid levels)."""
+        spacings = self.affine_mm if given_start else self.rigid_mm + self.affine_mm
+        for spacing_mm in dict.fromkeys(spacings):
+            self.at(spacing_mm)
+            self.masks_at(spacing_mm)
+        if not given_start:
+            self.moments()
 
 
 def moments_transform(fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:

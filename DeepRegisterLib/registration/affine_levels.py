@@ -1,23 +1,22 @@
 """The affine search's levels: at each resolution, fixed voxels sampled once with the seed, the
 moving image's copy, and the mutual information of the two under a pose.
 
-Working copies and levels are made once per spacing and kept for the run (``Levels``).
+Levels are made once per spacing from the run's working copies (affine.py) and kept for the
+run (``Levels``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
-from ..errors import stop_if_cancelled
 from ..imaging.geometry import Grid
 from ..nn.filters import grid_sample
 from ..nn.mutual_information import SampledMutualInformation
-from .affine import working_copy
+from .affine import WorkingCopies
 
 MIN_METRIC_SAMPLES = 20_000
 SAMPLED_FRACTION = 0.05
@@ -104,59 +103,25 @@ def _as_volume(image: sitk.Image, device: torch.device) -> torch.Tensor:
 
 
 class Levels:
-    """Each spacing's working copies and levels, made when first asked for.
+    """Each spacing's level, made when first asked for from the run's working copies.
 
     A search's levels share one generator, drawn in the order they are asked for; a level with
     its own ``samples`` (the turned starts') is drawn by a generator of its own, so the
     searches' samples are the same with or without it.
     """
 
-    def __init__(
-        self,
-        images: tuple[sitk.Image, sitk.Image],
-        masks: tuple[sitk.Image | None, sitk.Image | None],
-        centre: np.ndarray,
-        seed: int,
-        device: torch.device,
-        is_cancelled: Callable[[], bool],
-    ):
-        self._images, self._masks, self._centre = images, masks, centre
-        self._seed, self.device, self._is_cancelled = seed, device, is_cancelled
+    def __init__(self, copies: WorkingCopies, centre: np.ndarray, seed: int, device: torch.device):
+        self._copies, self._centre, self._seed, self.device = copies, centre, seed, device
         self._generator = torch.Generator().manual_seed(seed)  # on the CPU: the same sample
-        self._copies: dict[float, tuple[sitk.Image, sitk.Image]] = {}
-        self._mask_copies: dict[float, tuple[sitk.Image | None, sitk.Image | None]] = {}
         self._levels: dict[tuple[float, int | None], Level] = {}
-
-    def copies(self, spacing_mm: float) -> tuple[sitk.Image, sitk.Image]:
-        """The fixed and moving images block-averaged to about ``spacing_mm``; the turned
-        starts' level and the search's at the same spacing share them, as they share the
-        masks' (``_masks_at``)."""
-        if spacing_mm not in self._copies:
-            stop_if_cancelled(self._is_cancelled, "during the affine stage")
-            self._copies[spacing_mm] = tuple(
-                working_copy(image, spacing_mm, is_cancelled=self._is_cancelled)
-                for image in self._images
-            )
-        return self._copies[spacing_mm]
-
-    def _masks_at(self, spacing_mm: float) -> tuple[sitk.Image | None, sitk.Image | None]:
-        """The fixed and moving masks (None where not given) at about ``spacing_mm``."""
-        if spacing_mm not in self._mask_copies:
-            self._mask_copies[spacing_mm] = tuple(
-                None
-                if mask is None
-                else working_copy(mask, spacing_mm, mask=True, is_cancelled=self._is_cancelled)
-                for mask in self._masks
-            )
-        return self._mask_copies[spacing_mm]
 
     def at(self, spacing_mm: float, samples: int | None = None) -> Level:
         """The level at ``spacing_mm``: a search's, or one of ``samples`` voxels."""
         if (spacing_mm, samples) not in self._levels:
-            masks = self._masks_at(spacing_mm)
+            masks = self._copies.masks_at(spacing_mm)
             draw = self._generator if samples is None else torch.Generator().manual_seed(self._seed)
             self._levels[spacing_mm, samples] = Level(
-                *self.copies(spacing_mm), masks, spacing_mm, self._centre, draw, self.device,
+                *self._copies.at(spacing_mm), masks, spacing_mm, self._centre, draw, self.device,
                 samples,
             )  # fmt: skip
         return self._levels[spacing_mm, samples]

@@ -27,7 +27,7 @@ from ..errors import stop_if_cancelled
 from ..imaging.geometry import Grid
 from ..imaging.intensity_window import IntensityWindow
 from ..nn.devices import resolve_device
-from .affine import is_small, level_spacings, moments_transform, recentred, to_affine
+from .affine import WorkingCopies, is_small, recentred, to_affine
 from .affine_levels import Level, Levels, Pose
 from .preprocessing import normalised_pair
 
@@ -246,33 +246,43 @@ def register_normalised(
     *,
     fixed_mask: sitk.Image | None = None,
     moving_mask: sitk.Image | None = None,
+    finest_mm: float = 4.0,
+    is_cancelled: Callable[[], bool] = lambda: False,
+    **options,
+) -> sitk.AffineTransform:
+    """:func:`register_affine` of images already through :func:`normalised_for_registration`,
+    which callers that need them normalised anyway (the engine, training) do only once:
+    :func:`search_copies` of their working copies, ``finest_mm`` the last level's spacing (the
+    working spacing or coarser), with the same ``options``."""
+    copies = WorkingCopies((fixed, moving), (fixed_mask, moving_mask), finest_mm, is_cancelled)
+    return search_copies(copies, is_cancelled=is_cancelled, **options)
+
+
+def search_copies(
+    copies: WorkingCopies,
+    *,
     initial_transform: sitk.Transform | None = None,
     iterations: int = 50,
-    finest_mm: float = 4.0,
     seed: int = 0,
     device: str = "cpu",
     progress: ProgressCallback | None = None,
     is_cancelled: Callable[[], bool] = lambda: False,
 ) -> sitk.AffineTransform:
-    """:func:`register_affine` of images already through :func:`normalised_for_registration`,
-    which callers that need them normalised anyway (the engine, training) do only once.
+    """The affine search over a pair's working copies, fixed → moving points.
 
-    ``iterations`` steps at each level at most; ``finest_mm`` is the last level's spacing (the
-    working spacing or coarser). ``initial_transform`` (linear) replaces the moments
-    initialisation, the turned starts and the rigid search when given. ``device`` is a run's
-    setting ("auto", "cpu", "cuda"…).
+    ``iterations`` steps at each level at most. ``initial_transform`` (linear) replaces the
+    moments initialisation, the turned starts and the rigid search when given. ``device`` is a
+    run's setting ("auto", "cpu", "cuda"…).
     """
+    fixed = copies.images[0]
     dim = fixed.GetDimension()
-    rigid_mm, affine_mm = level_spacings(fixed, finest_mm)
+    rigid_mm, affine_mm = copies.rigid_mm, copies.affine_mm
     centre = np.asarray(
         fixed.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2.0 for s in fixed.GetSize()])
     )
-    levels = Levels(
-        (fixed, moving), (fixed_mask, moving_mask), centre, seed, resolve_device(device),
-        is_cancelled,
-    )  # fmt: skip
+    levels = Levels(copies, centre, seed, resolve_device(device))
     given_start = initial_transform is not None
-    first = initial_transform if given_start else moments_transform(*levels.copies(affine_mm[-1]))
+    first = initial_transform if given_start else copies.moments()
     total = iterations * (len(affine_mm) + (0 if given_start else len(rigid_mm)))
     done = 0
 

@@ -1,29 +1,26 @@
 """The torch half of a registration: planned beside the affine stage, then run after it.
 
-:func:`prepare` runs on a worker thread while the affine stage runs on the main one (see
-engine.py): the run is planned (device, model, memory) and the network's inputs are smoothed
-for its grid, none of which needs the affine. :func:`on_network_grid` then puts the moving
-image through the affine onto the network grid, and :func:`run` is the rest in order,
-network → optimisation → outputs, each timed.
+A worker thread plans the run (device, model, memory: job.py) and smooths the network's inputs
+for its grid (network_grid.py) while the affine stage runs on the main one (engine.py): none
+of that needs the affine. :func:`on_network_grid` then puts the moving image through the
+affine onto the network grid, and :func:`run` is the rest in order, network → optimisation →
+outputs, each timed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import SimpleITK as sitk
 import torch
 
 from ..imaging.geometry import Grid
-from ..imaging.resampling import fixed_on_grid, smoothed_for_grid
 from .grid_images import GridImages, grid_images
-from .inputs import Inputs
-from .job import Job, plan_job
+from .job import Job
+from .network_grid import SmoothedInputs
 from .network_stage import network_stage
 from .optimisation_stage import optimisation_stage
 from .outputs import output_stage
-from .preprocessing import Voxels
 from .progress import Stages, Stopwatch
 from .report import build_report
 from .result import RegistrationResult
@@ -39,8 +36,7 @@ class Planned:
     job: Job
     device: torch.device
     notes: tuple[str, ...]  # choices made for the run, for the caller to report
-    fixed_net: sitk.Image  # the fixed image on the network grid
-    moving_smooth: sitk.Image  # the moving image smoothed for the grid's spacing, where nonzero
+    inputs: SmoothedInputs  # for the job's network grid
 
 
 @dataclass(frozen=True)
@@ -53,31 +49,14 @@ class Prepared:
     images: GridImages
 
 
-def prepare(
-    inputs: Inputs,
-    normalised: tuple[sitk.Image, sitk.Image],
-    voxels: Voxels,
-    started: float,
-    is_cancelled: Callable[[], bool],
-) -> Planned:
-    """The plan and the smoothed network inputs of the ``normalised`` pair, reading their
-    voxels only through ``voxels``."""
-    fixed_norm, moving_norm = normalised
-    job, device, notes = plan_job(inputs, voxels, started)
-    reference = job.network_grid.reference_image()
-    fixed_net = fixed_on_grid(fixed_norm, reference, is_cancelled, voxels.fixed)
-    spacing = reference.GetSpacing()[0]
-    moving_smooth = smoothed_for_grid(moving_norm, spacing, is_cancelled, voxels=voxels.moving)
-    return Planned(job, device, notes, fixed_net, moving_smooth)
-
-
 def on_network_grid(
     stages: Stages, planned: Planned, affine: sitk.AffineTransform, notes: tuple[str, ...]
 ) -> Prepared:
     """The planned run with its images on the network grid, the moving one through the affine;
     ``notes`` (said during the affine stage) come before the plan's."""
     job = planned.job
-    images = grid_images(stages, job, affine, planned.fixed_net, planned.moving_smooth)
+    smoothed = planned.inputs
+    images = grid_images(stages, job, affine, smoothed.fixed, smoothed.moving)
     notes = (*notes, *planned.notes)
     if images.covered < PARTIAL_VIEW:
         note = (

@@ -7,8 +7,9 @@ the fixed image's own grid, in LPS millimetres: ``T(x) = A(x + v(x))``, ``u(x) =
 This module holds the sequence and imports no torch itself. Every stage needs torch, and in a
 fresh process (the command line, Slicer's child process) loading it takes about a second:
 :func:`load_torch_beside` (torch_loading.py) starts that on a daemon thread while the inputs
-are read and checked. Then the affine search runs on the main thread while a worker plans the
-run and smooths the network's inputs (deformable.py).
+are read and checked. Meanwhile ITK makes what needs no torch: the affine stage's working
+copies on the main thread, the network's inputs on a worker (network_grid.py). Then the affine
+search runs on the main thread while the worker plans the run (job.py).
 """
 
 from __future__ import annotations
@@ -21,17 +22,18 @@ from typing import TYPE_CHECKING, Any
 import SimpleITK as sitk
 
 from ..errors import RegistrationCancelled
-from .affine import to_affine, turned_note
+from .affine import WorkingCopies, to_affine, turned_note
 from .beside import Beside
 from .inputs import ImageLike, Inputs, check_inputs
+from .network_grid import expected_grid, smoothed_inputs
 from .preprocessing import Voxels, normalised_pair
 from .progress import CancelToken, ProgressCallback, Stages, Stopwatch
 from .result import RegistrationResult
 from .settings import RegistrationSettings
-from .torch_loading import load_torch_beside
+from .torch_loading import load_torch_beside, torch_is_loading
 
 if TYPE_CHECKING:  # the torch half, imported where it runs
-    from .deformable import Prepared
+    from .deformable import Planned, Prepared
 
 __all__ = ["CancelToken", "ImageLike", "ProgressCallback", "register"]
 
@@ -127,12 +129,23 @@ def _prepare(
     normalised: tuple[sitk.Image, sitk.Image],
     voxels: Voxels,
     started: float,
-    is_cancelled,
-):
-    """On the worker, beside the affine search: plan the run, smooth the network's inputs."""
-    from .deformable import prepare
+    is_cancelled: Callable[[], bool],
+) -> Planned:
+    """On the worker, beside the affine search: the run's plan, and the network's inputs
+    smoothed for its grid. While torch still loads the inputs come first, for the grid a plan
+    most likely chooses (network_grid.py), and are made again only if it chose another."""
+    smoothed = None
+    if torch_is_loading():
+        grid = expected_grid(inputs, voxels)
+        smoothed = smoothed_inputs(grid, normalised, voxels, is_cancelled)
+    from .deformable import Planned
+    from .job import plan_job
 
-    return prepare(inputs, normalised, voxels, started, is_cancelled)
+    job, device, notes = plan_job(inputs, voxels, started)
+    if smoothed is None or smoothed.grid != job.network_grid:
+        del smoothed  # its memory free before the plan's grid takes its own
+        smoothed = smoothed_inputs(job.network_grid, normalised, voxels, is_cancelled)
+    return Planned(job, device, notes, smoothed)
 
 
 def _affine(
@@ -148,17 +161,24 @@ def _affine(
         if inputs.initial_transform is not None:
             return to_affine(inputs.initial_transform, dim), None
         return sitk.AffineTransform(dim), None
+
+    def is_cancelled() -> bool:
+        return stages.cancelled() or also_stop()
+
+    copies = WorkingCopies(
+        (fixed_norm, moving_norm), (inputs.fixed_mask, inputs.moving_mask),
+        inputs.preset.affine_finest_mm, is_cancelled,
+    )  # fmt: skip
+    # Before torch, whose import may not have ended: ITK makes these on the core it leaves.
+    copies.make_ahead(given_start=inputs.initial_transform is not None)
     import torch  # loaded with the search
 
-    from .affine_search import register_normalised  # loading since the run began
+    from .affine_search import search_copies  # loading since the run began
 
     search = partial(
-        register_normalised, fixed_norm, moving_norm,
-        fixed_mask=inputs.fixed_mask, moving_mask=inputs.moving_mask,
-        initial_transform=inputs.initial_transform,
-        iterations=inputs.preset.affine_iterations, finest_mm=inputs.preset.affine_finest_mm,
-        seed=inputs.settings.seed, progress=stages.reporter("affine"),
-        is_cancelled=lambda: stages.cancelled() or also_stop(),
+        search_copies, copies, initial_transform=inputs.initial_transform,
+        iterations=inputs.preset.affine_iterations, seed=inputs.settings.seed,
+        progress=stages.reporter("affine"), is_cancelled=is_cancelled,
     )  # fmt: skip
     try:
         return search(device=inputs.settings.device), None

@@ -18,10 +18,8 @@ from ..nn.models import ModelInfo
 from .inputs import Inputs
 from .memory_plan import memory_budget, plan_memory
 from .model_choice import default_models, resolve_model, suited_default_model
-from .preprocessing import FOREGROUND, Voxels, foreground_box
-
-MIN_LEVEL_VOXELS = 16
-MAX_NETWORK_VOXELS = 160**3
+from .network_grid import foreground_limits, network_grid
+from .preprocessing import Voxels
 
 
 @dataclass(frozen=True)
@@ -74,11 +72,7 @@ def _plan_grid(
     settings, preset = inputs.settings, inputs.preset
     fixed_image, moving_image = inputs.fixed_image, inputs.moving_image
     fixed_grid = Grid.of(fixed_image)
-    margin_mm = preset.foreground_margin_mm
-    if voxels.fixed_mask is not None:
-        lower, upper = foreground_box(fixed_image, voxels.fixed_mask, margin_mm)
-    else:
-        lower, upper = foreground_box(fixed_image, voxels.fixed, margin_mm, above=FOREGROUND)
+    lower, upper = foreground_limits(inputs, voxels)
     notes: tuple[str, ...] = ()
     extent_mm = float(np.max((upper - lower + 1) * np.asarray(fixed_grid.spacing)))
     if settings.model == "default":
@@ -94,7 +88,7 @@ def _plan_grid(
     )  # fmt: skip
 
     def network_grid_at(spacing_mm: float) -> Grid:
-        return _network_grid(fixed_grid, spacing_mm, lower, upper)
+        return network_grid(fixed_grid, spacing_mm, lower, upper)
 
     moving_picture = moving_image if inputs.moving_colour is None else inputs.moving_colour
     plan = plan_memory(
@@ -107,22 +101,8 @@ def _plan_grid(
         model_info = None
     if plan.device == "cpu":
         device = torch.device("cpu")
-    network_grid = network_grid_at(plan.spacing_mm)
-    return _GridPlan(model_info, network_grid, device, plan.estimated_bytes, (*notes, *plan.notes))
-
-
-def _network_grid(
-    fixed_grid: Grid, spacing_mm: float, lower: np.ndarray, upper: np.ndarray
-) -> Grid:
-    """The isotropic grid of the deformable stages, over the fixed foreground box and no more:
-    the network pads its input to the size it needs (``VxmDense.velocity``), and every voxel
-    added here would be optimised, composed and sampled again at each step."""
-    extent = float(min(fixed_grid.extent_mm))
-    spacing = max(min(spacing_mm, extent / MIN_LEVEL_VOXELS), min(fixed_grid.spacing))
-    # Very anisotropic images (e.g. 0.2 × 5 × 5 mm) would otherwise get a huge isotropic grid.
-    volume = float(np.prod(fixed_grid.extent_mm))
-    spacing = max(spacing, (volume / MAX_NETWORK_VOXELS) ** (1.0 / fixed_grid.dim))
-    return fixed_grid.with_spacing_cropped_to(spacing, lower, upper, multiple=1)
+    grid = network_grid_at(plan.spacing_mm)
+    return _GridPlan(model_info, grid, device, plan.estimated_bytes, (*notes, *plan.notes))
 
 
 def _gpu_free_bytes(device: torch.device) -> int | None:

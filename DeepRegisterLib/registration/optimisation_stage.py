@@ -11,7 +11,8 @@ import torch
 from ..imaging.geometry import Grid, flow_voxels_to_mm
 from ..nn.networks import integrate_velocity, warp
 from .grid_images import GridImages
-from .job import MIN_LEVEL_VOXELS, Job
+from .job import Job
+from .network_grid import MIN_LEVEL_VOXELS
 from .optimisation import level_shape, optimise_velocity
 from .presets import Preset
 from .progress import Stages

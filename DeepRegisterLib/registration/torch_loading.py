@@ -13,6 +13,7 @@ import importlib
 import threading
 
 _loading_torch = threading.Event()
+_loader: threading.Thread | None = None
 
 
 def load_torch_beside() -> None:
@@ -32,4 +33,12 @@ def load_torch_beside() -> None:
             except Exception:  # the stage's own import raises it, where it can be handled
                 return
 
-    threading.Thread(target=load, name="deepregister-load-torch", daemon=True).start()
+    global _loader
+    _loader = threading.Thread(target=load, name="deepregister-load-torch", daemon=True)
+    _loader.start()
+
+
+def torch_is_loading() -> bool:
+    """Whether :func:`load_torch_beside`'s import is still running: until it ends, work that
+    needs no torch has a core to itself (a warm process has none of this to wait for)."""
+    return _loader is not None and _loader.is_alive()

@@ -1,0 +1,160 @@
+"""In a fresh process torch's import holds one core for about a second; the work that needs no
+torch (the affine stage's working copies, the network's inputs smoothed for their grid) is
+done meanwhile, and gives what it gives once torch has loaded."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from DeepRegisterLib.imaging.geometry import Grid
+from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
+from DeepRegisterLib.registration import affine, affine_search, engine, network_grid
+from DeepRegisterLib.registration.preprocessing import normalised_for_registration
+
+WHILE_TORCH_LOADS = """
+import importlib.abc, importlib.machinery, json, sys, threading
+import numpy as np, SimpleITK as sitk
+torch_free_work_done, order = threading.Event(), []
+
+class Waiting(importlib.abc.Loader):  # holds torch's own lock only, not the import system's
+    def __init__(self, loader):
+        self.loader = loader
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+    def exec_module(self, module):
+        order.append(["torch waited", torch_free_work_done.wait(30)])
+        self.loader.exec_module(module)
+
+class TorchWaitsForTheTorchFreeWork(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "torch":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        spec.loader = Waiting(spec.loader)
+        return spec
+
+sys.meta_path.insert(0, TorchWaitsForTheTorchFreeWork())
+from DeepRegisterLib.registration import affine, engine, torch_loading
+smoothed_inputs, make_ahead, done = engine.smoothed_inputs, affine.WorkingCopies.make_ahead, []
+
+def tell(what):
+    done.append(what)
+    if len(done) == 2:
+        torch_free_work_done.set()
+
+def smoothing(*args, **kwargs):
+    order.append(["smoothed", torch_loading.torch_is_loading()])
+    smoothed = smoothed_inputs(*args, **kwargs)
+    tell("smoothed")
+    return smoothed
+
+def copies(self, given_start):
+    order.append(["copies", torch_loading.torch_is_loading()])
+    make_ahead(self, given_start)
+    tell("copies")
+
+engine.smoothed_inputs, affine.WorkingCopies.make_ahead = smoothing, copies
+pair = [sitk.ReadImage(path) for path in sys.argv[1:]]
+runs = [engine.register(*pair, preset="fast", iterations=2, model=None) for _ in range(2)]
+warped = [sitk.GetArrayFromImage(run.warped) for run in runs]
+print(json.dumps({
+    "order": order,
+    "same_warped": bool(np.array_equal(*warped)),
+    "same_affine": runs[0].affine.GetParameters() == runs[1].affine.GetParameters(),
+}))
+"""
+
+
+def test_a_fresh_process_makes_the_torch_free_work_while_torch_loads(tmp_path) -> None:
+    """Here torch's import cannot end before the working copies and the smoothed inputs are
+    made: the first run completes only if both are made while it waits. A second run in the
+    same process, torch loaded, plans first and makes the same images and affine."""
+    pair = phantom_pair(demo_grid(3, 24), amplitude_mm=2.0)
+    paths = [str(tmp_path / "fixed.mha"), str(tmp_path / "moving.mha")]
+    for image, path in zip((pair.fixed, pair.moving), paths, strict=True):
+        sitk.WriteImage(image, path)
+    completed = subprocess.run(
+        [sys.executable, "-c", WHILE_TORCH_LOADS, *paths], capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    outcome = json.loads(completed.stdout.strip().splitlines()[-1])
+    first, torch_waited, second = outcome["order"][:2], outcome["order"][2], outcome["order"][3:]
+    assert sorted(first) == [["copies", True], ["smoothed", True]]
+    assert torch_waited == ["torch waited", True]  # not its 30 s out
+    assert sorted(second) == [["copies", False], ["smoothed", False]]
+    assert outcome["same_warped"]
+    assert outcome["same_affine"]
+
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[sitk.Image, sitk.Image]:
+    made = phantom_pair(demo_grid(3, 24), amplitude_mm=2.0)
+    return made.fixed, made.moving
+
+
+def _run(pair) -> engine.RegistrationResult:
+    return engine.register(*pair, preset="fast", iterations=2, model=None, device="cpu")
+
+
+@pytest.mark.parametrize("guess", ["the plan's grid", "another grid"])
+def test_inputs_made_while_torch_loads_serve_only_the_grid_they_were_made_for(
+    pair, guess: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While torch loads, the inputs are smoothed for the grid a plan most likely chooses;
+    when the plan chose another (a model of another spacing, a memory limit), they are made
+    again for the plan's. Either way the run is the one made without the guess."""
+    plain = _run(pair)
+    made_for: list[Grid] = []
+
+    def counted(grid, *args, **kwargs):
+        made_for.append(grid)
+        return network_grid.smoothed_inputs(grid, *args, **kwargs)
+
+    def guessed(inputs, voxels):
+        grid = network_grid.expected_grid(inputs, voxels)
+        if guess == "the plan's grid":
+            return grid
+        return replace(grid, size=tuple(n - 2 for n in grid.size))
+
+    monkeypatch.setattr(engine, "torch_is_loading", lambda: True)
+    monkeypatch.setattr(engine, "expected_grid", guessed)
+    monkeypatch.setattr(engine, "smoothed_inputs", counted)
+    with_guess = _run(pair)
+    planned = with_guess.report["network_grid"]
+    assert list(made_for[-1].size) == planned["size"]
+    assert made_for[-1].spacing[0] == planned["spacing_mm"]
+    assert len(made_for) == (1 if guess == "the plan's grid" else 2)
+    assert (made_for[0] == made_for[-1]) == (guess == "the plan's grid")
+    warped = [sitk.GetArrayFromImage(run.warped) for run in (plain, with_guess)]
+    assert np.array_equal(*warped)
+    assert plain.affine.GetParameters() == with_guess.affine.GetParameters()
+
+
+@pytest.mark.parametrize("given_start", [False, True])
+def test_working_copies_made_ahead_are_all_the_affine_search_reads(
+    pair, given_start: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``make_ahead`` runs before torch has loaded: after it the search makes no copy and no
+    moments start of its own, and finds the affine it finds from copies made as it goes."""
+    normalised = tuple(normalised_for_registration(image) for image in pair)
+    initial = sitk.TranslationTransform(3, (1.0, 0.0, 0.0)) if given_start else None
+    options = dict(initial_transform=initial, iterations=5)
+    as_it_goes = affine_search.register_normalised(*normalised, **options)
+    copies = affine.WorkingCopies(normalised, (None, None), finest_mm=4.0)
+    copies.make_ahead(given_start=given_start)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("made after make_ahead")
+
+    monkeypatch.setattr(affine, "working_copy", refused)
+    monkeypatch.setattr(affine, "moments_transform", refused)
+    ahead = affine_search.search_copies(copies, **options)
+    assert ahead.GetParameters() == as_it_goes.GetParameters()
