@@ -129,25 +129,30 @@ def test_all_zero_images_sample_nothing_and_stay_zero() -> None:
 def test_only_the_non_zero_box_becomes_a_tensor_and_itk_agrees(
     dim: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A scan and its labels become float tensors only around their non-zero block (plus a
-    voxel); points landing beyond it, or across its edge, get what SimpleITK's resampling
-    gives from the whole image."""
+    """A scan becomes a float tensor only around its non-zero block (plus a voxel), and its
+    labels are read from their own integers over the same crop; points landing beyond it, or
+    across its edge, get what SimpleITK's resampling gives from the whole image."""
     fixed, movings, moving = _padded_pair(dim)
     field, _ = _near_affine(fixed, moving, stray_mm=1.5)
-    converted: list[tuple[int, ...]] = []
+    converted: dict[str, list[tuple[tuple[int, ...], torch.dtype]]] = {}
 
-    converting = image_warping._as_tensor
+    def recording(name: str):
+        real = getattr(image_warping, name)
 
-    def recording(image: sitk.Image, *args, **kwargs) -> torch.Tensor:
-        tensor = converting(image, *args, **kwargs)
-        converted.append(tuple(tensor.shape))
-        return tensor
+        def record(image: sitk.Image, *args, **kwargs) -> torch.Tensor:
+            tensor = real(image, *args, **kwargs)
+            converted.setdefault(name, []).append((tuple(tensor.shape), tensor.dtype))
+            return tensor
 
-    monkeypatch.setattr(image_warping, "_as_tensor", recording)
+        return record
+
+    for name in ("_as_tensor", "_raw_bits"):
+        monkeypatch.setattr(image_warping, name, recording(name))
     warped = warp_images(movings, field, fixed)
 
-    block = [n // 4 for n in moving.shape]  # the non-zero block of _padded_pair
-    assert converted == [tuple(n + 2 for n in block)] * 2
+    crop = tuple(n // 4 + 2 for n in moving.shape)  # the non-zero block of _padded_pair
+    labels_type = torch.from_numpy(sitk.GetArrayFromImage(movings[1][0])).dtype
+    assert converted == {"_as_tensor": [(crop, torch.float32)], "_raw_bits": [(crop, labels_type)]}
     transform = sitk.DisplacementFieldTransform(
         image_on(fixed, field.astype(np.float64), vector=True)
     )
