@@ -118,8 +118,8 @@ def test_inputs_made_while_torch_loads_serve_only_the_grid_they_were_made_for(
         made_for.append(grid)
         return network_grid.smoothed_inputs(grid, *args, **kwargs)
 
-    def guessed(inputs, voxels):
-        grid = network_grid.expected_grid(inputs, voxels)
+    def guessed(inputs, limits):
+        grid = network_grid.expected_grid(inputs, limits)
         if guess == "the plan's grid":
             return grid
         return replace(grid, size=tuple(n - 2 for n in grid.size))

@@ -25,7 +25,7 @@ from ..errors import RegistrationCancelled
 from .affine import WorkingCopies, to_affine, turned_note
 from .beside import Beside
 from .inputs import ImageLike, Inputs, check_inputs
-from .network_grid import expected_grid, smoothed_inputs
+from .network_grid import expected_grid, foreground_limits, smoothed_inputs
 from .preprocessing import Voxels, normalised_pair
 from .progress import CancelToken, ProgressCallback, Stages, Stopwatch
 from .result import RegistrationResult
@@ -134,14 +134,14 @@ def _prepare(
     """On the worker, beside the affine search: the run's plan, and the network's inputs
     smoothed for its grid. While torch still loads the inputs come first, for the grid a plan
     most likely chooses (network_grid.py), and are made again only if it chose another."""
-    smoothed = None
+    limits, smoothed = foreground_limits(inputs, voxels), None
     if torch_is_loading():
-        grid = expected_grid(inputs, voxels)
+        grid = expected_grid(inputs, limits)
         smoothed = smoothed_inputs(grid, normalised, voxels, is_cancelled)
     from .deformable import Planned
     from .job import plan_job
 
-    job, device, notes = plan_job(inputs, voxels, started)
+    job, device, notes = plan_job(inputs, limits, started)
     if smoothed is None or smoothed.grid != job.network_grid:
         del smoothed  # its memory free before the plan's grid takes its own
         smoothed = smoothed_inputs(job.network_grid, normalised, voxels, is_cancelled)

@@ -18,8 +18,7 @@ from ..nn.models import ModelInfo
 from .inputs import Inputs
 from .memory_plan import memory_budget, plan_memory
 from .model_choice import default_models, resolve_model, suited_default_model
-from .network_grid import foreground_limits, network_grid
-from .preprocessing import Voxels
+from .network_grid import network_grid
 
 
 @dataclass(frozen=True)
@@ -42,17 +41,17 @@ class _GridPlan(NamedTuple):
 
 
 def plan_job(
-    inputs: Inputs, voxels: Voxels, started: float
+    inputs: Inputs, limits: tuple[np.ndarray, np.ndarray], started: float
 ) -> tuple[Job, torch.device, tuple[str, ...]]:
     """The job, the device it runs on and the notes on choices made for it (for the caller to
-    report: this runs on a worker thread). The fixed mask's ``voxels``, or the normalised fixed
-    image's where there is no mask, give the foreground."""
+    report: this runs on a worker thread), over the fixed foreground's ``limits``
+    (``network_grid.foreground_limits``)."""
     settings = inputs.settings
     device = resolve_device(settings.device)
     default_model = settings.model == "default"
     dim = inputs.fixed_image.GetDimension()
     model_info = None if default_model else resolve_model(settings.model, dim)
-    plan = _plan_grid(inputs, voxels, model_info, device)
+    plan = _plan_grid(inputs, limits, model_info, device)
     job = Job(
         **{field.name: getattr(inputs, field.name) for field in fields(Inputs)},
         model_info=plan.model_info,
@@ -65,14 +64,17 @@ def plan_job(
 
 
 def _plan_grid(
-    inputs: Inputs, voxels: Voxels, model_info: ModelInfo | None, device: torch.device
+    inputs: Inputs,
+    limits: tuple[np.ndarray, np.ndarray],
+    model_info: ModelInfo | None,
+    device: torch.device,
 ) -> _GridPlan:
     """The network grid over the fixed foreground, the model for it (a default one chosen
     here) and the device, on a plan that fits in memory."""
     settings, preset = inputs.settings, inputs.preset
     fixed_image, moving_image = inputs.fixed_image, inputs.moving_image
     fixed_grid = Grid.of(fixed_image)
-    lower, upper = foreground_limits(inputs, voxels)
+    lower, upper = limits
     notes: tuple[str, ...] = ()
     extent_mm = float(np.max((upper - lower + 1) * np.asarray(fixed_grid.spacing)))
     if settings.model == "default":

@@ -58,12 +58,12 @@ def foreground_limits(inputs: Inputs, voxels: Voxels) -> tuple[np.ndarray, np.nd
     return foreground_box(inputs.fixed_image, voxels.fixed, margin_mm, above=FOREGROUND)
 
 
-def expected_grid(inputs: Inputs, voxels: Voxels) -> Grid:
+def expected_grid(inputs: Inputs, limits: tuple[np.ndarray, np.ndarray]) -> Grid:
     """The grid a plan chooses when neither a model of another spacing nor memory decides: the
-    preset's finest level spacing (the shipped models' own 2 mm) over the fixed foreground."""
+    preset's finest level spacing (the shipped models' own 2 mm) over the fixed foreground's
+    ``limits``."""
     spacing_mm = min(level.spacing_mm for level in inputs.preset.levels)
-    fixed_grid = Grid.of(inputs.fixed_image)
-    return network_grid(fixed_grid, spacing_mm, *foreground_limits(inputs, voxels))
+    return network_grid(Grid.of(inputs.fixed_image), spacing_mm, *limits)
 
 
 def network_grid(fixed_grid: Grid, spacing_mm: float, lower: np.ndarray, upper: np.ndarray) -> Grid:
