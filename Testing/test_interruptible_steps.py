@@ -262,14 +262,16 @@ def test_the_jacobian_stops_between_slabs(monkeypatch) -> None:
 
 def test_an_optimisation_step_is_asked_five_times_and_stops_inside_backward() -> None:
     """Before the step, after integrating, after the forward pass, and twice during backward
-    (after the similarity's gradient, after the warp's): a CT-sized step takes seconds."""
+    (after the similarity's gradient, after the warp's): a CT-sized step takes seconds. The
+    level's last step is only evaluated (asked twice): no step follows to use its gradient."""
     generator = torch.Generator().manual_seed(0)
     fixed, moving = torch.rand((2, 1, 1, 16, 18, 20), generator=generator)
-    levels = [((16, 18, 20), Level(spacing_mm=2.0, iterations=1, integration_steps=4))]
+    levels = [((16, 18, 20), Level(spacing_mm=2.0, iterations=2, integration_steps=4))]
     options = dict(similarity="lncc", regularization=1.0, learning_rate=0.1, window=5)
     count = CancelOnCall(None)
-    optimise_velocity(fixed, moving, None, levels, is_cancelled=count, **options)
-    assert count.calls == 5
+    _, trace = optimise_velocity(fixed, moving, None, levels, is_cancelled=count, **options)
+    assert len(trace) == 2
+    assert count.calls == 5 + 2
     for n in (2, 3, 4, 5):
         with pytest.raises(RegistrationCancelled, match="optimisation"):
             optimise_velocity(fixed, moving, None, levels, is_cancelled=CancelOnCall(n), **options)

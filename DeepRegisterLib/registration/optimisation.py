@@ -208,7 +208,7 @@ def _optimise_level(
     # Adam's first steps have a fixed size whatever the gradient, so a step can make things
     # worse (e.g. on an already aligned pair): keep the best parameter seen, not the last.
     best_value, best_parameter = float("inf"), parameter.detach().clone()
-    for _ in range(level.iterations):
+    for index in range(level.iterations):
         cancel_point()
         parameter.grad = None
         control_flow = integrate_velocity(
@@ -217,24 +217,27 @@ def _optimise_level(
         cancel_point()
         warped = warp(images.moving, resize_flow(control_flow, shape))
         loss = objective(warped, control_flow)
+        value = float(loss.detach())
+        if value < best_value:  # the loss of the parameter before this step
+            best_value, best_parameter = value, parameter.detach().clone()
+        # Early stop: no relative improvement of 1e-4 over the last 10 steps.
+        if best == float("inf") or value < best - 1e-4 * abs(best):
+            best, stale = value, 0
+        else:
+            stale += 1
+        if index == level.iterations - 1 or stale >= 10:
+            # No step follows to take this gradient: the backward pass (two thirds of a step)
+            # would only move the parameter past the last loss evaluated.
+            step_done(value, level)
+            break
         cancel_point()
         # A step on a CT-sized grid takes seconds: asked after integrating, after the forward
         # pass, and (these hooks) twice during backward.
         warped.register_hook(cancel_point)
         control_flow.register_hook(cancel_point)
         loss.backward()
-        value = float(loss.detach())
-        if value < best_value:  # the loss of the parameter before this step
-            best_value, best_parameter = value, parameter.detach().clone()
         optimiser.step()
         step_done(value, level)
-        # Early stop: no relative improvement of 1e-4 over the last 10 steps.
-        if best == float("inf") or value < best - 1e-4 * abs(best):
-            best, stale = value, 0
-        else:
-            stale += 1
-            if stale >= 10:
-                break
     with torch.no_grad():
         if level.adds_change and control != fine_shape:
             # The detail of ``velocity`` finer than this grid survives for finer levels.
