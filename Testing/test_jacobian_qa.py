@@ -86,3 +86,48 @@ def test_a_constant_merges_as_its_voxels_would() -> None:
     assert statistics.count == reference.count == 11
     assert statistics.folding_percent == reference.folding_percent == 100 * 3 / 11
     assert statistics.sdlogj == pytest.approx(reference.sdlogj, rel=1e-12)
+
+
+def _reference_determinant(components: list[np.ndarray], to_index: np.ndarray) -> np.ndarray:
+    """det(I + ∂u/∂x) written plainly, with NumPy's gradient and fresh arrays."""
+    dim = len(components)
+    jacobian = [[np.float32(p == r) + np.zeros_like(components[0]) for r in range(dim)]
+                for p in range(dim)]  # fmt: skip
+    for p, component in enumerate(components):
+        for q in range(dim):
+            if component.shape[dim - 1 - q] < 2:
+                continue
+            du_dq = np.gradient(component, axis=dim - 1 - q, edge_order=1)
+            for r in range(dim):
+                if to_index[q, r] != 0:
+                    jacobian[p][r] = jacobian[p][r] + du_dq * np.float32(to_index[q, r])
+    if dim == 2:
+        return jacobian[0][0] * jacobian[1][1] - jacobian[0][1] * jacobian[1][0]
+    (a, b, c), (d, e, f), (g, h, i) = jacobian
+    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+
+
+@pytest.mark.parametrize(
+    ("shape", "aligned"),
+    [((7, 9, 11), True), ((7, 9, 11), False), ((2, 5, 6), False), ((1, 5, 6), True),
+     ((9, 11), False), ((9, 11), True)],
+)  # fmt: skip
+def test_det_j_blocks_made_in_place_equal_numpys_gradient_to_the_bit(
+    shape: tuple[int, ...], aligned: bool
+) -> None:
+    """The in-place differences and products give the bits of the plain computation, on
+    axis-aligned and oblique grids, with an axis of two voxels and one of one."""
+    rng = np.random.default_rng(len(shape) + shape[0])
+    dim = len(shape)
+    components = [rng.normal(0.0, 0.7, shape).astype(np.float32) for _ in range(dim)]
+    spacing = np.diag(rng.uniform(0.5, 2.0, dim))
+    rotation = np.linalg.qr(rng.normal(size=(dim, dim)))[0]
+    to_index = np.linalg.inv((np.eye(dim) if aligned else rotation) @ spacing)
+    kept = [component.copy() for component in components]
+    ours = metrics.determinant_block(components, to_index)
+    expected = _reference_determinant(components, to_index)
+    assert ours.dtype == np.float32
+    assert ours.shape == shape
+    np.testing.assert_array_equal(ours.view(np.uint32), expected.view(np.uint32))
+    for before, after in zip(kept, components, strict=True):
+        np.testing.assert_array_equal(before, after)  # the caller's arrays are left as given
