@@ -76,6 +76,12 @@ def test_labels_of_every_integer_type_are_warped_as_itk_does(
         raise AssertionError("labels converted to a float tensor")
 
     monkeypatch.setattr(image_warping, "_as_tensor", no_float_copy)
+    if np.dtype(dtype).itemsize <= 2:  # float32 holds every such label: no pass to find out
+
+        def no_scan(*args, **kwargs):
+            raise AssertionError("an 8- or 16-bit label map's range measured")
+
+        monkeypatch.setattr(sitk, "MinimumMaximumImageFilter", no_scan)
     ours = warp_image(moving, field, grid, nearest=True)
     transform = sitk.DisplacementFieldTransform(image_on(grid, field.astype(np.float64), True))
     itk = sitk.Resample(moving, moving, transform, sitk.sitkNearestNeighbor, 0)

@@ -42,10 +42,18 @@ class Reach:
     mm: float
 
 
-def _max_abs(image: sitk.Image) -> float:
+# Pixel types whose every value float32 holds exactly: no pass over their voxels to find out.
+_SMALL_INTEGERS = (sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16)
+
+
+def _beyond_float32(image: sitk.Image) -> bool:
+    """Whether a value of ``image`` is 2**24 or more in magnitude: labels that were sampled as
+    float64, with float64 coordinates, whose results nearest_values keeps."""
+    if image.GetPixelID() in _SMALL_INTEGERS:
+        return False
     statistics = sitk.MinimumMaximumImageFilter()
     statistics.Execute(image)
-    return max(abs(statistics.GetMinimum()), abs(statistics.GetMaximum()))
+    return max(abs(statistics.GetMinimum()), abs(statistics.GetMaximum())) >= 2**24
 
 
 def warp_image(
@@ -203,7 +211,7 @@ class _Source:
             # Coordinates in float64 for labels above 2**24, as when they were sampled as floats.
             self._moving = moving  # the tensor is a view of its buffer
             self.volume = _raw_bits(moving).to(device)
-            self._precision = torch.float32 if _max_abs(moving) < 2**24 else torch.float64
+            self._precision = torch.float64 if _beyond_float32(moving) else torch.float32
         else:
             self.volume = _as_tensor(moving, is_cancelled)[None, None].to(device)
         self.nearest = nearest
