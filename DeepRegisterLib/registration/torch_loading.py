@@ -12,17 +12,16 @@ from __future__ import annotations
 import importlib
 import threading
 
-_loading_torch = threading.Event()
-_loader: threading.Thread | None = None
+_loader: threading.Thread | None = None  # once a process
 
 
 def load_torch_beside() -> None:
     """Start importing torch and the engine's torch half (once a process) on a daemon thread.
     Nothing waits for the thread: the first stage that needs a module imports it as usual,
     which waits for this import to end, or raises its error."""
-    if _loading_torch.is_set():
+    global _loader
+    if _loader is not None:
         return
-    _loading_torch.set()
 
     def load() -> None:
         # torch first: the engine's modules would import numpy and SimpleITK before it, which
@@ -33,7 +32,6 @@ def load_torch_beside() -> None:
             except Exception:  # the stage's own import raises it, where it can be handled
                 return
 
-    global _loader
     _loader = threading.Thread(target=load, name="deepregister-load-torch", daemon=True)
     _loader.start()
 
