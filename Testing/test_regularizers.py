@@ -13,7 +13,10 @@ import torch.nn.functional as F
 from DeepRegisterLib.imaging import metrics
 from DeepRegisterLib.nn.networks import integrate_velocity
 from DeepRegisterLib.nn.regularizers import (
+    _add_gradient_adjoint,
+    _cofactors,
     _gradient,
+    _jacobian,
     diffusion,
     flow_jacobian_determinant,
     folding_penalty,
@@ -169,3 +172,40 @@ def test_the_jacobians_differences_are_torch_gradients_bit_for_bit(shape: tuple[
     axes = tuple(range(2, flow.dim()))
     for axis, expected in zip(axes, torch.gradient(flow, dim=axes), strict=True):
         assert torch.equal(_gradient(flow, axis), expected)
+
+
+def whole_grid_folding_gradient(flow: torch.Tensor, margin: float) -> torch.Tensor:
+    """The penalty's backward computed on every voxel of the grid, as before it kept to the
+    folds' box."""
+    folded = margin - flow_jacobian_determinant(flow) > 0
+    weight = folded.to(flow.dtype).mul_(-1.0 / folded.numel())
+    cofactors = _cofactors(_jacobian(flow))
+    out = torch.zeros_like(flow)
+    for r in range(flow.shape[1]):
+        for c in range(flow.shape[1]):
+            _add_gradient_adjoint(out.select(1, r), cofactors[r][c] * weight, 1 + c)
+    return out
+
+
+@pytest.mark.parametrize(
+    "where",
+    [(slice(5, 8), slice(9, 12), slice(4, 6)), (slice(0, 3), slice(14, 16), slice(8, 10))],
+    ids=["inside", "at-the-edges"],
+)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_the_folding_gradient_kept_to_the_folds_box_is_the_whole_grids_to_the_bit(
+    where: tuple[slice, ...], batch: int
+) -> None:
+    """Folds in a small box (one touching the grid's first and last voxels along some axes):
+    the backward pass on that box alone gives the same bits, and nothing outside it."""
+    generator = torch.Generator().manual_seed(7)
+    flow = 0.02 * torch.randn((batch, 3, 12, 16, 14), generator=generator)
+    size = tuple(axis.stop - axis.start for axis in where)
+    flow[(-1, slice(None), *where)] += torch.randn((3, *size), generator=generator)
+    leaf = flow.clone().requires_grad_(True)
+    folding_penalty(leaf, 0.05).backward()
+    expected = whole_grid_folding_gradient(flow, 0.05)
+    folded = flow_jacobian_determinant(flow) < 0.05
+    assert 0 < int(folded.sum()) < folded.numel() // 20, "a few folds, or the box is the grid"
+    assert torch.equal(leaf.grad, expected)
+    assert int((expected != 0).sum()) > int(folded.sum())
