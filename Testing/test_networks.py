@@ -7,12 +7,19 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
 from conftest import image_on
 from small_networks import SMALL, random_pair
 
 from DeepRegisterLib.imaging import metrics
 from DeepRegisterLib.imaging.geometry import Grid, flow_voxels_to_mm
-from DeepRegisterLib.nn.networks import NetworkConfig, VxmDense, integrate_velocity
+from DeepRegisterLib.nn.networks import (
+    NetworkConfig,
+    VxmDense,
+    _normalised_identity,
+    integrate_velocity,
+    warp,
+)
 
 
 @pytest.mark.parametrize(
@@ -152,3 +159,39 @@ def test_following_only_the_last_squarings_keeps_the_flow_and_approximates_the_g
     assert errors == sorted(errors, reverse=True)
     assert errors[-1] == 0.0
     assert errors[2] < 0.2  # two squarings followed, as the optimisation does
+
+
+def plain_warp(image: torch.Tensor, flow: torch.Tensor, padding_mode: str) -> torch.Tensor:
+    """``warp`` as plain tensor operations: the flow normalised for grid_sample, reordered to
+    x first, plus the identity's coordinates."""
+    shape = tuple(flow.shape[2:])
+    scale = torch.tensor([2.0 / (n - 1) for n in shape], dtype=flow.dtype)
+    moved = (flow * scale.view(1, len(shape), *[1] * len(shape))).flip(1).movedim(1, -1)
+    grid = moved + _normalised_identity(shape, flow.device, flow.dtype)
+    return F.grid_sample(image, grid, padding_mode=padding_mode, align_corners=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 2, 9, 11), (2, 3, 7, 8, 9)], ids=["2d", "3d"])
+def test_warping_samples_at_identity_plus_flow_with_the_same_bits_and_gradients(
+    shape: tuple[int, ...], dtype: torch.dtype
+) -> None:
+    """The sampling grid is written channel by channel (``_SamplingGrid``): its samples, and
+    the gradients with respect to both the image and the flow, are the plain definition's."""
+    generator = torch.Generator().manual_seed(8)
+    image = torch.randn(shape, generator=generator, dtype=dtype)
+    flow = 2 * torch.randn((shape[0], len(shape) - 2, *shape[2:]), generator=generator, dtype=dtype)
+    upstream = torch.randn(shape, generator=generator, dtype=dtype)
+
+    def warped_and_gradients(function, padding_mode: str) -> tuple[torch.Tensor, ...]:
+        leaves = image.clone().requires_grad_(True), flow.clone().requires_grad_(True)
+        warped = function(*leaves, padding_mode=padding_mode)
+        (warped * upstream).sum().backward()
+        return warped.detach(), leaves[0].grad, leaves[1].grad
+
+    for padding_mode in ("zeros", "border"):
+        ours = warped_and_gradients(warp, padding_mode)
+        plain = warped_and_gradients(plain_warp, padding_mode)
+        for a, b in zip(ours, plain, strict=True):
+            assert torch.equal(a, b)
+        assert bool(ours[2].abs().sum() > 0)

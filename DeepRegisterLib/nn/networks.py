@@ -30,14 +30,38 @@ def warp(
 ) -> torch.Tensor:
     """Sample ``image`` at ``x + flow(x)`` (voxel units); image and flow share the spatial grid."""
     shape = tuple(flow.shape[2:])
-    spatial = len(shape)
-    # The flow scaled and reordered for grid_sample, plus a cached normalised identity: building
-    # identity + flow and normalising it took five passes over the field (and five in backward),
-    # three times the cost, in an optimisation step that warps five times.
     scale = torch.tensor([2.0 / max(s - 1, 1) for s in shape], dtype=flow.dtype, device=flow.device)
-    moved = (flow * scale.view(1, spatial, *[1] * spatial)).flip(1).movedim(1, -1)
-    grid = moved + _normalised_identity(shape, flow.device, flow.dtype)
-    return grid_sample(image, grid, mode=mode, padding_mode=padding_mode)
+    identity = _normalised_identity(shape, flow.device, flow.dtype)
+    return grid_sample(image, _SamplingGrid.apply(flow, scale, identity), mode, padding_mode)
+
+
+class _SamplingGrid(torch.autograd.Function):
+    """grid_sample's coordinates of ``x + flow(x)``: each flow channel scaled to [-1, 1] and
+    written into its place in one contiguous (N, *shape, dim) grid (x = last axis first), then
+    the cached identity added; the backward pass reads each channel back out.
+
+    As ``mul``, ``flip``, ``movedim`` and ``add`` it took two more passes each way and left a
+    strided grid that grid_sample copied again, in an optimisation step that warps four times.
+    The same operations round the same values, so the grid and the gradient are the same bits.
+    """
+
+    @staticmethod
+    def forward(ctx, flow: torch.Tensor, scale: torch.Tensor, identity: torch.Tensor):
+        ctx.save_for_backward(scale)
+        dim = flow.shape[1]
+        grid = flow.new_empty((flow.shape[0], *flow.shape[2:], dim))
+        for c in range(dim):
+            torch.mul(flow[:, c], scale[c], out=grid[..., dim - 1 - c])
+        return grid.add_(identity)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (scale,) = ctx.saved_tensors
+        dim = grad.shape[-1]
+        out = grad.new_empty((grad.shape[0], dim, *grad.shape[1:-1]))
+        for c in range(dim):
+            torch.mul(grad[..., dim - 1 - c], scale[c], out=out[:, c])
+        return out, None, None
 
 
 @functools.lru_cache(maxsize=8)
