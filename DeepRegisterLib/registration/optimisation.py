@@ -44,9 +44,10 @@ class Adam:
         grad = self.parameter.grad
         self.first.mul_(beta1).add_(grad, alpha=1 - beta1)
         self.second.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        first_hat = self.first / (1 - beta1**self.steps)
-        second_hat = self.second / (1 - beta2**self.steps)
-        self.parameter.sub_(self.lr * first_hat / (second_hat.sqrt() + self.eps))
+        # lr · first / (1 − β1^t) / (√(second / (1 − β2^t)) + ε), in two temporaries.
+        update = torch.div(self.first, 1 - beta1**self.steps).mul_(self.lr)
+        denominator = torch.div(self.second, 1 - beta2**self.steps).sqrt_().add_(self.eps)
+        self.parameter.sub_(update.div_(denominator))
 
 
 @dataclass
