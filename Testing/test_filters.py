@@ -129,17 +129,33 @@ def test_grid_sample_splits_one_image_into_a_batch_per_thread(
     image = torch.rand((1, 1, 40, 40, 41))
     grid = torch.zeros((1, 40, 40, 41, 3))
     torch.set_num_threads(2)
-    grid_sample(image, grid)  # 65 600 points: two chunks of at least PARALLEL_MIN_POINTS
-    grid_sample(image[:, :, :20], grid[:, :20])  # too few points to be worth splitting
+    grid_sample(image, grid)  # 65 600 points: two chunks of at least PARALLEL_MIN_POINTS_3D
+    grid_sample(image[:, :, :2], grid[:, :2, :40, :40])  # too few points to be worth splitting
     torch.set_num_threads(1)
     grid_sample(image, grid)
     assert batches == [2, 1, 1]
+
+
+def test_grid_sample_splits_3d_points_sooner_when_the_image_needs_no_gradient(
+    threads: None, batches: list[int]
+) -> None:
+    """The affine search samples 20 000 voxels of a moving image that needs no gradient: split.
+    Not when each chunk would need a gradient buffer the image's size, nor in 2D."""
+    torch.set_num_threads(2)
+    image = torch.rand((1, 1, 30, 30, 30))
+    points = 2 * filters.PARALLEL_MIN_POINTS_3D
+    grid_sample(image, torch.zeros((1, 1, 1, points, 3)))
+    grid_sample(image, torch.zeros((1, 1, 1, points - 1, 3)))
+    grid_sample(image.clone().requires_grad_(True), torch.zeros((1, 1, 1, points, 3)))
+    grid_sample(image[:, :, 0], torch.zeros((1, 1, points, 2)))
+    assert batches == [2, 1, 1, 1]
 
 
 def test_grid_sample_bounds_the_gradient_copies_of_an_image(
     threads: None, batches: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(filters, "PARALLEL_MIN_POINTS", 1)
+    monkeypatch.setattr(filters, "PARALLEL_MIN_POINTS_3D", 1)
     image = torch.rand((1, 3, 6, 6, 6))
     grid = torch.zeros((1, 6, 6, 6, 3))
     torch.set_num_threads(filters.MAX_GRADIENT_CHUNKS + 4)
