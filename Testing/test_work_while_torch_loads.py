@@ -158,3 +158,56 @@ def test_working_copies_made_ahead_are_all_the_affine_search_reads(
     monkeypatch.setattr(affine, "moments_transform", refused)
     ahead = affine_search.search_copies(copies, **options)
     assert ahead.GetParameters() == as_it_goes.GetParameters()
+
+
+COLLECTOR_WHILE_TORCH_LOADS = """
+import gc, importlib.abc, importlib.machinery, json, sys
+seen = []
+
+class Watching(importlib.abc.Loader):
+    def __init__(self, loader):
+        self.loader = loader
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+    def exec_module(self, module):
+        seen.append(gc.isenabled())
+        if sys.argv[2] == "fails":
+            raise ImportError("no torch here")
+        self.loader.exec_module(module)
+
+class WatchTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "torch":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        spec.loader = Watching(spec.loader)
+        return spec
+
+sys.meta_path.insert(0, WatchTorch())
+if sys.argv[1] == "off":
+    gc.disable()
+from DeepRegisterLib.registration import torch_loading
+torch_loading.load_torch_beside()
+torch_loading._loader.join(120)
+print(json.dumps({"during": seen, "after": gc.isenabled(), "torch": "torch" in sys.modules}))
+"""
+
+
+@pytest.mark.parametrize(
+    ("collector", "torch_import"), [("on", "works"), ("off", "works"), ("on", "fails")]
+)
+def test_the_collector_pauses_while_torch_loads_and_is_left_as_it_was(
+    collector: str, torch_import: str
+) -> None:
+    """A fresh process imports torch with the cyclic collector paused (its full collections
+    walk every object the import makes), and afterwards collects as before: on again, or still
+    off where the process had turned it off, also when the import fails."""
+    completed = subprocess.run(
+        [sys.executable, "-c", COLLECTOR_WHILE_TORCH_LOADS, collector, torch_import],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    outcome = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert outcome["during"] == [False]
+    assert outcome["after"] == (collector == "on")
+    assert outcome["torch"] == (torch_import == "works")

@@ -9,6 +9,8 @@ interpreter lock while it works.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import importlib
 import threading
 
@@ -24,13 +26,22 @@ def load_torch_beside() -> None:
         return
 
     def load() -> None:
-        # torch first: the engine's modules would import numpy and SimpleITK before it, which
-        # the main thread is importing anyway.
-        for name in ("torch", f"{__package__}.affine_search", f"{__package__}.deformable"):
-            try:
-                importlib.import_module(name)
-            except Exception:  # the stage's own import raises it, where it can be handled
-                return
+        # The cyclic garbage collector paused meanwhile: the import makes some 220 000 objects
+        # and little garbage, and each full collection walks them all (and SimpleITK's),
+        # holding the interpreter lock. Three full and thirty partial ones took 0.19 s of a
+        # `fast` command's critical path.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            # The stage's own import raises an error, where it can be handled.
+            with contextlib.suppress(Exception):
+                # torch first: the engine's modules would import numpy and SimpleITK before
+                # it, which the main thread is importing anyway.
+                for name in ("torch", f"{__package__}.affine_search", f"{__package__}.deformable"):
+                    importlib.import_module(name)
+        finally:
+            if collecting:
+                gc.enable()
 
     _loader = threading.Thread(target=load, name="deepregister-load-torch", daemon=True)
     _loader.start()
