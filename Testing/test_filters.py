@@ -4,6 +4,7 @@ whatever the number of threads; the sampler really splits a single image across 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator
 
 import pytest
@@ -79,6 +80,35 @@ def test_box_filter_gradient_is_itself_differentiable(window: int) -> None:
     x = torch.rand((2, 2, 3, 6, 5), generator=generator, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: box_filter(t, window), (x,))
     assert torch.autograd.gradgradcheck(lambda t: box_filter(t, window), (x,))
+
+
+@pytest.mark.parametrize(
+    ("shape", "least"),
+    [((2, 3, 4, 13, 10), 1), ((1, 3, 82, 80, 80), None), ((3, 2, 11, 9), 1)],
+    ids=["3d-batch", "3d-brain-grid-size", "2d"],
+)
+def test_box_filter_plane_by_plane_gives_the_bits_of_all_planes_at_once(
+    shape: tuple[int, ...], least: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large planes (a 2 mm brain grid's velocity channels) are filtered one after the other,
+    for the cache; each voxel's sum is the same sequence of additions, so values and
+    gradients are the same bits as with every plane at once."""
+    generator = torch.Generator().manual_seed(len(shape))
+    x = torch.rand(shape, generator=generator)
+    upstream = torch.rand(shape, generator=generator)
+
+    def value_and_gradient(planes_from: int) -> tuple[torch.Tensor, torch.Tensor]:
+        monkeypatch.setattr(filters, "PLANE_MIN_POINTS", planes_from)
+        leaf = x.clone().requires_grad_(True)
+        out = box_filter(leaf, 5)
+        (out * upstream).sum().backward()
+        return out.detach(), leaf.grad
+
+    by_plane = value_and_gradient(least or filters.PLANE_MIN_POINTS)
+    assert math.prod(shape[2:]) >= (least or filters.PLANE_MIN_POINTS)
+    at_once = value_and_gradient(math.prod(shape) + 1)
+    assert torch.equal(by_plane[0], at_once[0])
+    assert torch.equal(by_plane[1], at_once[1])
 
 
 def test_box_filter_refuses_an_even_window() -> None:

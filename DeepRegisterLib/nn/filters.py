@@ -20,6 +20,10 @@ import torch.nn.functional as F
 # kernel is vectorised, and an image that needs a gradient gets a buffer its size per chunk.
 PARALLEL_MIN_POINTS = 2**15
 PARALLEL_MIN_POINTS_3D = 2**11  # an image without a gradient
+# A batch entry's channel (a plane) at least this large is filtered on its own, so that its
+# passes along the three axes read it from the cache: a 2 mm brain grid's three velocity
+# channels took 5.1 ms together and 3.4 ms one after the other; a 4 mm grid's 0.29 and 0.43 ms.
+PLANE_MIN_POINTS = 2**19
 # Each chunk of an image that needs a gradient gets its own gradient buffer, the image's size.
 MAX_GRADIENT_CHUNKS = 8
 
@@ -58,21 +62,41 @@ class _BoxSum(torch.autograd.Function):
 
 
 def _window_sums(x: torch.Tensor, half: int) -> torch.Tensor:
-    out = x
+    planes = x.shape[0] * x.shape[1]
+    if x.device.type != "cpu" or planes == 1 or x[0, 0].numel() < PLANE_MIN_POINTS:
+        return _plane_sums(x, half)
+    # One plane after the other: its three passes stay within the CPU's cache.
+    flat = x.reshape(planes, 1, *x.shape[2:])
+    sums = torch.empty_like(flat, memory_format=torch.contiguous_format)
+    for plane in range(planes):
+        _plane_sums(flat[plane : plane + 1], half, sums[plane : plane + 1])
+    return sums.view(x.shape)
+
+
+def _plane_sums(x: torch.Tensor, half: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The window sums along each axis in turn, the last axis's written into ``out`` if given."""
+    summed = x
     for axis in range(2, x.dim()):
         n = x.shape[axis]
-        total = out.clone(memory_format=torch.contiguous_format)
+        if out is not None and axis == x.dim() - 1:
+            total = out.copy_(summed)
+        else:
+            total = summed.clone(memory_format=torch.contiguous_format)
         for shift in range(1, min(half, n - 1) + 1):
-            total.narrow(axis, shift, n - shift).add_(out.narrow(axis, 0, n - shift))
-            total.narrow(axis, 0, n - shift).add_(out.narrow(axis, shift, n - shift))
-        out = total
-    return out
+            total.narrow(axis, shift, n - shift).add_(summed.narrow(axis, 0, n - shift))
+            total.narrow(axis, 0, n - shift).add_(summed.narrow(axis, shift, n - shift))
+        summed = total
+    return summed
 
 
 def _inverse_counts(
     shape: tuple[int, ...], window: int, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:
-    """1 / (voxels of each window that lie inside the grid): a product over the axes."""
+    """1 / (voxels of each window that lie inside the grid): a product over the axes.
+
+    Made at each call: cached, it saved 0.1 ms a call, but its grid-sized tensor, taken in the
+    middle of a run and kept, raised a `fast` command's peak memory by 80 MB.
+    """
     half = window // 2
     inverse = torch.ones((), device=device, dtype=dtype)
     for axis, n in enumerate(shape):
