@@ -18,29 +18,41 @@ from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
 from DeepRegisterLib.registration import affine, affine_search, engine, network_grid
 from DeepRegisterLib.registration.preprocessing import normalised_for_registration
 
-WHILE_TORCH_LOADS = """
-import importlib.abc, importlib.machinery, json, sys, threading
-import numpy as np, SimpleITK as sitk
-torch_free_work_done, order = threading.Event(), []
+# A child's script starts with this: ``before_torch()``, which the script defines, runs just
+# before torch's module code, holding torch's own import lock only, not the import system's.
+HOOK_BEFORE_TORCH = """
+import importlib.abc, importlib.machinery, sys
 
-class Waiting(importlib.abc.Loader):  # holds torch's own lock only, not the import system's
+class BeforeTorch(importlib.abc.Loader):
     def __init__(self, loader):
         self.loader = loader
     def create_module(self, spec):
         return self.loader.create_module(spec)
     def exec_module(self, module):
-        order.append(["torch waited", torch_free_work_done.wait(30)])
+        before_torch()
         self.loader.exec_module(module)
 
-class TorchWaitsForTheTorchFreeWork(importlib.abc.MetaPathFinder):
+class HookTorch(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name != "torch":
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
-        spec.loader = Waiting(spec.loader)
+        spec.loader = BeforeTorch(spec.loader)
         return spec
 
-sys.meta_path.insert(0, TorchWaitsForTheTorchFreeWork())
+sys.meta_path.insert(0, HookTorch())
+"""
+
+WHILE_TORCH_LOADS = (
+    HOOK_BEFORE_TORCH
+    + """
+import json, threading
+import numpy as np, SimpleITK as sitk
+torch_free_work_done, order = threading.Event(), []
+
+def before_torch():
+    order.append(["torch waited", torch_free_work_done.wait(30)])
+
 from DeepRegisterLib.registration import affine, engine, torch_loading
 smoothed_inputs, make_ahead, done = engine.smoothed_inputs, affine.WorkingCopies.make_ahead, []
 
@@ -70,6 +82,7 @@ print(json.dumps({
     "same_affine": runs[0].affine.GetParameters() == runs[1].affine.GetParameters(),
 }))
 """
+)
 
 
 def test_a_fresh_process_makes_the_torch_free_work_while_torch_loads(tmp_path) -> None:
@@ -160,30 +173,17 @@ def test_working_copies_made_ahead_are_all_the_affine_search_reads(
     assert ahead.GetParameters() == as_it_goes.GetParameters()
 
 
-COLLECTOR_WHILE_TORCH_LOADS = """
-import gc, importlib.abc, importlib.machinery, json, sys
+COLLECTOR_WHILE_TORCH_LOADS = (
+    HOOK_BEFORE_TORCH
+    + """
+import gc, json
 seen = []
 
-class Watching(importlib.abc.Loader):
-    def __init__(self, loader):
-        self.loader = loader
-    def create_module(self, spec):
-        return self.loader.create_module(spec)
-    def exec_module(self, module):
-        seen.append(gc.isenabled())
-        if sys.argv[2] == "fails":
-            raise ImportError("no torch here")
-        self.loader.exec_module(module)
+def before_torch():
+    seen.append(gc.isenabled())
+    if sys.argv[2] == "fails":
+        raise ImportError("no torch here")
 
-class WatchTorch(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name != "torch":
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        spec.loader = Watching(spec.loader)
-        return spec
-
-sys.meta_path.insert(0, WatchTorch())
 if sys.argv[1] == "off":
     gc.disable()
 from DeepRegisterLib.registration import torch_loading
@@ -191,6 +191,7 @@ torch_loading.load_torch_beside()
 torch_loading._loader.join(120)
 print(json.dumps({"during": seen, "after": gc.isenabled(), "torch": "torch" in sys.modules}))
 """
+)
 
 
 @pytest.mark.parametrize(
