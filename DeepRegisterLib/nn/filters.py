@@ -63,7 +63,7 @@ class _BoxSum(torch.autograd.Function):
 
 def _window_sums(x: torch.Tensor, half: int) -> torch.Tensor:
     planes = x.shape[0] * x.shape[1]
-    if x.device.type != "cpu" or planes == 1 or x[0, 0].numel() < PLANE_MIN_POINTS:
+    if x.device.type != "cpu" or planes == 1 or math.prod(x.shape[2:]) < PLANE_MIN_POINTS:
         return _plane_sums(x, half)
     # One plane after the other: its three passes stay within the CPU's cache.
     flat = x.reshape(planes, 1, *x.shape[2:])

@@ -9,7 +9,6 @@ interpreter lock while it works.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import importlib
 import threading
@@ -33,12 +32,12 @@ def load_torch_beside() -> None:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            # The stage's own import raises an error, where it can be handled.
-            with contextlib.suppress(Exception):
-                # torch first: the engine's modules would import numpy and SimpleITK before
-                # it, which the main thread is importing anyway.
-                for name in ("torch", f"{__package__}.affine_search", f"{__package__}.deformable"):
-                    importlib.import_module(name)
+            # torch first: the engine's modules would import numpy and SimpleITK before it,
+            # which the main thread is importing anyway.
+            for name in ("torch", f"{__package__}.affine_search", f"{__package__}.deformable"):
+                importlib.import_module(name)
+        except Exception:  # the stage's own import raises it, where it can be handled
+            pass
         finally:
             if collecting:
                 gc.enable()
