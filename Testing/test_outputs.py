@@ -9,7 +9,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ import SimpleITK as sitk
 from DeepRegisterLib.cli import main as cli
 from DeepRegisterLib.errors import InputError
 from DeepRegisterLib.imaging import fileio, metrics
-from DeepRegisterLib.imaging.phantoms import demo_grid, phantom, phantom_pair
+from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
 
 FAST = ["--preset", "fast", "--iterations", "0", "--device", "cpu", "--quiet"]
 
@@ -315,28 +314,3 @@ def test_an_unwritable_output_folder_is_refused(pair_3d, tmp_path, capsys):
     folder = tmp_path / "locked"
     folder.mkdir(mode=0o555)
     assert "not writable" in refused(pair_3d, capsys, "--warped", folder / "w.nii.gz")
-
-
-@pytest.mark.parametrize("deflate", ["isal", "zlib"])
-def test_nii_gz_holds_itks_nifti_gzipped_the_same_each_time(deflate, monkeypatch, tmp_path):
-    """ISA-L packs .nii.gz images where installed (pip installs it); zlib, in Pythons without
-    it (Slicer's own), writes the same format. A float field is stored, not packed."""
-    if deflate == "zlib":
-        monkeypatch.setattr(fileio, "_fast_deflate", zlib)
-    else:
-        assert fileio._fast_deflate.__name__ == "isal.isal_zlib"  # a declared dependency
-    brain, labels = phantom(demo_grid(3, 32))
-    field = sitk.Compose([brain] * 3)  # a float32 vector image, as displacement fields are
-    for name, image, most in (
-        ("brain", brain, 1),
-        ("labels", labels, 0.1),
-        ("field", field, 1.001),
-    ):
-        plain = tmp_path / f"{name}.nii"
-        sitk.WriteImage(image, str(plain))
-        packed = fileio.write_image(image, tmp_path / f"{name}.nii.gz")
-        assert gzip.decompress(packed.read_bytes()) == plain.read_bytes()
-        assert packed.stat().st_size < most * plain.stat().st_size + 1024
-        again = fileio.write_image(image, tmp_path / f"{name}-again.nii.gz")
-        assert again.read_bytes() == packed.read_bytes()
-        np.testing.assert_array_equal(array(sitk.ReadImage(str(packed))), array(image))

@@ -22,13 +22,9 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-try:  # ISA-L's deflate: level 1 packs a 1 mm brain about 8 times as fast as zlib's, as small
-    from isal import isal_zlib as _fast_deflate
-except ImportError:  # Python environments without it (Slicer's own) write the same format slower
-    _fast_deflate = zlib
-
 from ..errors import InputError
 from .geometry import Grid
+from .nifti_writing import write_nii_gz
 from .output_paths import (
     IMAGE_2D_SUFFIXES,
     IMAGE_SUFFIXES,
@@ -260,9 +256,10 @@ def write_image(
     """Write ``image`` atomically; compressed when it pays (see :func:`_compresses`).
 
     A ``.nii.gz`` is always a gzip file, as its name promises: ITK's NIfTI writer ignores a
-    compression level, so the uncompressed ``.nii`` is gzipped here, at level 1 when the image
-    compresses and stored (level 0: no time spent) when it does not. ``nrrd_fields`` go into
-    an NRRD header beside ITK's (a DWI's measurement frame, which SimpleITK cannot set).
+    compression level, so ITK's bytes are gzipped here (:mod:`.nifti_writing`), at level 1
+    when the image compresses and stored (level 0: no time spent) when it does not.
+    ``nrrd_fields`` go into an NRRD header beside ITK's (a DWI's measurement frame, which
+    SimpleITK cannot set).
     """
     target = Path(path)
     suffix = full_suffix(target)
@@ -273,9 +270,7 @@ def write_image(
     compress = compress and _compresses(image)
     with atomic_write_path(target) as tmp:
         if suffix == ".nii.gz":
-            plain = tmp.with_name(tmp.name[: -len(".gz")])
-            sitk.WriteImage(image, str(plain), False)
-            _gzip(plain, tmp, FAST_GZIP if compress else 0)
+            write_nii_gz(image, tmp, FAST_GZIP if compress else 0)
         else:
             sitk.WriteImage(image, str(tmp), compress, FAST_GZIP if compress else -1)
         if nrrd_fields:
@@ -297,19 +292,6 @@ def _add_nrrd_fields(path: Path, fields: Mapping[str, str]) -> None:
         else:  # a detached header (.nhdr) ends without one
             target.write(lines)
     os.replace(rewritten, path)
-
-
-def _gzip(source: Path, target: Path, level: int) -> None:
-    """``source`` → ``target`` as one gzip member; ``source`` removed. Level 0 stores (zlib's:
-    ISA-L's level 0 still searches, and grows a float field by a fifth). Both release the GIL,
-    so outputs written in threads compress side by side."""
-    deflate = _fast_deflate if level > 0 else zlib
-    packer = deflate.compressobj(level, deflate.DEFLATED, 16 + deflate.MAX_WBITS)
-    with source.open("rb") as reading, target.open("wb") as writing:
-        while chunk := reading.read(1 << 24):
-            writing.write(packer.compress(chunk))
-        writing.write(packer.flush())
-    source.unlink()
 
 
 def write_transform(transform: sitk.Transform, path: str | os.PathLike) -> Path:
