@@ -175,3 +175,20 @@ def test_nii_gz_holds_itks_nifti_gzipped_the_same_each_time(deflate, monkeypatch
                 sitk.GetArrayFromImage(sitk.ReadImage(str(read_back))),
                 sitk.GetArrayFromImage(image),
             )
+
+
+@pytest.mark.parametrize("sizes", [[], [0], [3], [0xFFFF], [0xFFFF + 1, 5], [200_000, 0, 70_001]])
+def test_stored_blocks_are_one_gzip_member_of_the_data(sizes, tmp_path):
+    """A field's stored blocks, however its chunks fall across deflate's 65 535-byte limit."""
+    chunks = [RNG.integers(0, 256, size, dtype=np.uint8).tobytes() for size in sizes]
+    path = tmp_path / "stored.gz"
+    with path.open("wb") as out:
+        gzip_writing._store(iter(chunks), out)
+    raw = path.read_bytes()
+    reader = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    assert reader.decompress(raw) == b"".join(chunks)
+    assert reader.eof
+    assert reader.unused_data == b""
+    assert gzip.decompress(raw) == b"".join(chunks)
+    blocks = sum(-(-size // 0xFFFF) for size in sizes)
+    assert len(raw) == 10 + 5 * blocks + sum(sizes) + 5 + 8  # header, blocks, the last, trailer
