@@ -30,11 +30,16 @@ def _coordinates(sizes: tuple[int, ...], dtype: torch.dtype, nan: bool) -> torch
     return torch.cat([spread, ties, edges])
 
 
+@pytest.mark.parametrize("int32_below", [image_warping.INT32_INDEX_VOXELS, 0])
 @pytest.mark.parametrize("dim", [2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_nearest_values_are_the_nearest_grid_samples(dim: int, dtype: torch.dtype) -> None:
+def test_nearest_values_are_the_nearest_grid_samples(
+    dim: int, dtype: torch.dtype, int32_below: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """NaN only in 3D: the 2D sampler's vectorised kernel leaves it elsewhere than its scalar
-    3D one. The warp never reads a NaN point's value: it counts as outside (ITK's 0)."""
+    3D one. The warp never reads a NaN point's value: it counts as outside (ITK's 0). Flat
+    indices in int32, and in int64 as volumes of 2**31 voxels or more take them."""
+    monkeypatch.setattr(image_warping, "INT32_INDEX_VOXELS", int32_below)
     shape = (7, 5, 6)[:dim] if dim == 3 else (9, 4)
     volume = torch.randint(-1000, 1000, shape, dtype=torch.int32)
     points = _coordinates(shape[::-1], dtype, nan=dim == 3)
