@@ -56,6 +56,9 @@ CASES = {
     "3D field": lambda: image_of(RNG.random((7, 6, 5, 3), dtype=np.float32), vector=True),
     "2D field, float64": lambda: image_of(RNG.random((9, 8, 2)), vector=True),
     "RGB picture": lambda: image_of(RNG.integers(0, 255, (6, 9, 3), dtype=np.uint8), True),
+    "4D series": lambda: sitk.JoinSeries(
+        [image_of(RNG.integers(0, 500, (5, 6, 7), dtype=np.int16)) for _ in range(3)]
+    ),
 }
 WRITERS = {".nii.gz": gzip_writing.write_nii_gz, ".nrrd": gzip_writing.write_nrrd_gz}
 ITKS = {".nii.gz": ".nii", ".nrrd": ".nrrd"}  # the file of ITK's to compare with
