@@ -240,6 +240,42 @@ def test_an_image_the_transform_sends_elsewhere_is_refused(registered, tmp_path,
     assert f"nothing of {registered['moving']} lands on the reference grid" in message
 
 
+def test_each_output_is_written_before_the_next_is_warped(registered, tmp_path, monkeypatch):
+    """One warped image is held at a time: when the second is warped, the first lies staged
+    beside its name (not yet in place); at the end both are in place, and none if a warp
+    fails."""
+    staged_at_each_warp = []
+    real = warping.apply_transform
+
+    def watched(*args, **kwargs):
+        staged_at_each_warp.append(sorted(p.name for p in tmp_path.glob(".*.partial-*/*")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(warping, "apply_transform", watched)
+    outputs = ("--transform", registered["transform.h5"], "--reference", registered["fixed"])
+    outputs += ("--labels", registered["labels"], tmp_path / "l.nii.gz")
+    outputs += ("--image", registered["moving"], tmp_path / "w.nrrd")
+    assert apply(*outputs) == cli.EXIT_OK
+    assert staged_at_each_warp == [[], ["w.nrrd"]]  # images first, then label maps
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.nii.gz", "w.nrrd"]
+
+    calls = []
+
+    def failing(*args, **kwargs):  # the second warp, once the first output is staged
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("no space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(warping, "apply_transform", failing)
+    again = [tmp_path / "again" / name for name in ("l.nii.gz", "w.nrrd")]
+    again[0].parent.mkdir()
+    with pytest.raises(OSError, match="no space left"):
+        apply(*outputs[:4], "--labels", registered["labels"], again[0],
+              "--image", registered["moving"], again[1])  # fmt: skip
+    assert list(again[0].parent.iterdir()) == []
+
+
 def test_apply_loads_no_torch(registered, tmp_path):
     """ITK does the work: the command never pays for torch's second-long import."""
     probe = (

@@ -7,6 +7,7 @@ No torch: ITK resamples, so a 256³ image is on disk about a second after the co
 from __future__ import annotations
 
 import argparse
+import contextlib
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -135,57 +136,51 @@ def _read_inputs(jobs: list[tuple[Path, Path, bool]], transform: Any, grid: Grid
 
 
 def _check_memory(inputs: list[_Input], grid: Grid) -> None:
-    """Refuse outputs that would not fit in the memory available (all are held until all are
-    written): a 4D series onto a fine grid is the usual way there (200 16-bit volumes onto a
-    1 mm brain's grid: 6.7 GB)."""
+    """Refuse an output that would not fit in the memory available (each is written before
+    the next is warped): a 4D series onto a fine grid is the usual way there (200 16-bit
+    volumes onto a 1 mm brain's grid: 6.7 GB)."""
     import psutil
 
     from ..imaging.apply_transform import warped_bytes
 
-    needed = sum(warped_bytes(item.image, grid, item.labels) for item in inputs)
+    needed = max(warped_bytes(item.image, grid, item.labels) for item in inputs)
     available = psutil.virtual_memory().available
     if needed > 0.9 * available:
         gb = 1e9
         raise ResourceError(
-            f"the warped images would take {needed / gb:.1f} GB, more than the "
-            f"{available / gb:.1f} GB of memory available: warp fewer images per command, or "
-            "give --spacing for a coarser grid over the reference's field of view (e.g. the "
-            "series' own spacing)"
+            f"a warped image would take {needed / gb:.1f} GB, more than the "
+            f"{available / gb:.1f} GB of memory available: give --spacing for a coarser grid "
+            "over the reference's field of view (e.g. the series' own spacing), or warp a long "
+            "series in parts"
         )
 
 
-def _warped(
-    inputs: list[_Input], transform: Any, grid: Grid
-) -> tuple[dict[Path, Any], dict[Path, str]]:
-    """Each output image, ready to write (2D pictures brought to 8 or 16 bits as ``register``
-    does), and the text files that go beside them (a diffusion series' turned bvecs)."""
+def _warped(item: _Input, transform: Any, grid: Grid) -> tuple[Any, dict[Path, str]]:
+    """The output image, ready to write (a 2D picture brought to 8 or 16 bits as ``register``
+    does), and the text files that go beside it (a diffusion series' turned bvecs)."""
     import SimpleITK as sitk
 
     from ..imaging.apply_transform import apply_transform
     from ..imaging.gradient_tables import carried_gradients
     from ..imaging.image_2d import as_picture
 
-    warped: dict[Path, Any] = {}
-    beside: dict[Path, str] = {}
-    for image, source, target, labels, picture, label_type in inputs:
-        volumes = f" ({image.GetSize()[3]} volumes)" if image.GetDimension() > grid.dim else ""
-        print(f"warping {source}{volumes}", flush=True)
-        result = apply_transform(image, transform, grid, labels)
-        _check_landed(image, result, source)
-        carried = carried_gradients(image, source, target, transform, grid)
-        for key, value in carried.keys.items():
-            result.SetMetaData(key, value)
-        beside |= carried.files
-        for note in carried.notes:
+    image, source, target, labels, picture, label_type = item
+    volumes = f" ({image.GetSize()[3]} volumes)" if image.GetDimension() > grid.dim else ""
+    print(f"warping {source}{volumes}", flush=True)
+    result = apply_transform(image, transform, grid, labels)
+    _check_landed(image, result, source)
+    carried = carried_gradients(image, source, target, transform, grid)
+    for key, value in carried.keys.items():
+        result.SetMetaData(key, value)
+    for note in carried.notes:
+        print(f"note: {note}")
+    if label_type is not None:
+        result = sitk.Cast(result, label_type)
+    elif picture:
+        result, note = as_picture(result, image.GetPixelID(), target)
+        if note:
             print(f"note: {note}")
-        if label_type is not None:
-            result = sitk.Cast(result, label_type)
-        elif picture:
-            result, note = as_picture(result, image.GetPixelID(), target)
-            if note:
-                print(f"note: {note}")
-        warped[target] = result
-    return warped, beside
+    return result, carried.files
 
 
 def _header_fields(warped: Any) -> dict[str, str] | None:
@@ -215,7 +210,8 @@ def _check_landed(image, warped, source: Path) -> None:
 
 
 def run_apply(args: argparse.Namespace) -> int:
-    """Warp, then write every output (all or none); errors map to exit codes in cli.main."""
+    """Warp and write each output in turn, all moved into place at the end or none (errors map
+    to exit codes in cli.main): one warped image is held at a time, not all of them."""
     jobs = _jobs(args)
     grid = _check_before_work(args, jobs)
     from ..imaging import fileio
@@ -223,13 +219,17 @@ def run_apply(args: argparse.Namespace) -> int:
     transform = fileio.read_transform(args.transform)
     inputs = _read_inputs(jobs, transform, grid)
     _check_memory(inputs, grid)
-    warped, beside = _warped(inputs, transform, grid)
     write = partial(fileio.write_image, compress=not args.uncompressed)
-    plan = [
-        (path, lambda p, image=image: write(image, p, nrrd_fields=_header_fields(image)))
-        for path, image in warped.items()
-    ]
-    plan += [(path, lambda p, text=text: p.write_text(text)) for path, text in beside.items()]
-    for path in fileio.write_together(plan):
+    written: list[Path] = []
+    with contextlib.ExitStack() as staging:  # an error unwinds every staged file unmoved
+        for item in inputs:
+            warped, beside = _warped(item, transform, grid)
+            staged = staging.enter_context(fileio.atomic_write_path(item.target))
+            write(warped, staged, nrrd_fields=_header_fields(warped))
+            del warped  # before the next is warped
+            for path, text in beside.items():
+                staging.enter_context(fileio.atomic_write_path(path)).write_text(text)
+            written += [item.target, *beside]
+    for path in written:
         print(f"wrote {path}")
     return EXIT_OK
