@@ -14,6 +14,7 @@ twins cannot vouch for that, ITK writes the image as before.
 from __future__ import annotations
 
 import gzip
+import itertools
 import re
 import struct
 import zlib
@@ -67,7 +68,8 @@ def write_nii_gz(image: sitk.Image, path: Path, level: int) -> None:
         if found is not None:
             header, layout = found
             view = sitk.GetArrayViewFromImage(image)
-            _pack(_chunks(header, view, layout), out, level, len(header) + view.nbytes)
+            chunks = itertools.chain([memoryview(header)], _voxels(view, layout))
+            _pack(chunks, out, level, len(header) + view.nbytes)
             return
         plain = path.with_name(path.name[: -len(".gz")])
         _write_plain(image, plain, False)
@@ -87,7 +89,7 @@ def write_nrrd_gz(image: sitk.Image, path: Path, level: int) -> None:
     view = sitk.GetArrayViewFromImage(image)
     with path.open("wb") as out:
         out.write(header)
-        _pack(_chunks(b"", view, layout), out, level, view.nbytes)
+        _pack(_voxels(view, layout), out, level, view.nbytes)
 
 
 def _pack(chunks: Iterator, out: BinaryIO, level: int, size: int) -> None:
@@ -126,10 +128,8 @@ def _store(chunks: Iterator, out: BinaryIO) -> None:
     out.write(struct.pack("<II", crc, size % 2**32))
 
 
-def _chunks(header: bytes, view: np.ndarray, layout: str) -> Iterator[memoryview]:
-    """``header``, then the voxels as ITK lays them out."""
-    if header:
-        yield memoryview(header)
+def _voxels(view: np.ndarray, layout: str) -> Iterator[memoryview]:
+    """The voxels as ITK lays them out, a chunk at a time."""
     if layout == "buffer":
         data = _bytes_of(view)  # the image's own buffer, not a copy
         for start in range(0, len(data), CHUNK_BYTES):
