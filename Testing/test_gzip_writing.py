@@ -1,10 +1,12 @@
-"""``.nii.gz`` and compressed ``.nrrd`` outputs hold ITK's own bytes, written as one stream: a
-``.nii.gz`` what SimpleITK's plain ``.nii`` of the same image holds, an ``.nrrd`` its header
-and voxels, byte for byte, for every layout ITK uses."""
+"""``.nii.gz`` and compressed ``.nrrd`` and ``.mha`` outputs hold ITK's own bytes, written as one
+stream: a ``.nii.gz`` what SimpleITK's plain ``.nii`` of the same image holds, an ``.nrrd`` or
+``.mha`` its header (but the packed size an ``.mha`` states) and voxels, byte for byte, for
+every layout ITK uses."""
 
 from __future__ import annotations
 
 import gzip
+import re
 import struct
 import zlib
 
@@ -29,9 +31,9 @@ def image_of(values: np.ndarray, vector: bool = False) -> sitk.Image:
 
 
 def itk_file(image: sitk.Image, folder, suffix: str) -> bytes:
-    """SimpleITK's own file: a plain ``.nii``, or an ``.nrrd`` with gzip encoding."""
+    """SimpleITK's own file: a plain ``.nii``, or a compressed ``.nrrd`` or ``.mha``."""
     path = folder / f"itk{suffix}"
-    sitk.WriteImage(image, str(path), suffix == ".nrrd")
+    sitk.WriteImage(image, str(path), suffix != ".nii")
     return path.read_bytes()
 
 
@@ -41,9 +43,20 @@ def nrrd_parts(raw: bytes) -> tuple[bytes, bytes]:
     return raw[:end], gzip.decompress(raw[end:])
 
 
+def mha_parts(raw: bytes) -> tuple[bytes, bytes, int]:
+    """A compressed MetaImage's header but its packed size, its data unpacked, and whether
+    that size is the packed data's."""
+    end = raw.index(b"ElementDataFile = LOCAL\n") + len(b"ElementDataFile = LOCAL\n")
+    stated = re.search(rb"\nCompressedDataSize = (\d+)\n", raw[:end])
+    header = raw[: stated.start(1)] + raw[stated.end(1) : end]
+    return header, zlib.decompress(raw[end:]), int(stated.group(1)) == len(raw) - end
+
+
 def same_as_itks(written: bytes, itks: bytes, suffix: str) -> bool:
     if suffix == ".nii.gz":
         return gzip.decompress(written) == itks
+    if suffix == ".mha":
+        return mha_parts(written) == mha_parts(itks)
     return nrrd_parts(written) == nrrd_parts(itks)
 
 
@@ -60,8 +73,12 @@ CASES = {
         [image_of(RNG.integers(0, 500, (5, 6, 7), dtype=np.int16)) for _ in range(3)]
     ),
 }
-WRITERS = {".nii.gz": gzip_writing.write_nii_gz, ".nrrd": gzip_writing.write_nrrd_gz}
-ITKS = {".nii.gz": ".nii", ".nrrd": ".nrrd"}  # the file of ITK's to compare with
+WRITERS = {
+    ".nii.gz": gzip_writing.write_nii_gz,
+    ".nrrd": gzip_writing.write_nrrd_gz,
+    ".mha": gzip_writing.write_mha_compressed,
+}
+ITKS = {".nii.gz": ".nii", ".nrrd": ".nrrd", ".mha": ".mha"}  # the file of ITK's to compare with
 
 
 def watch_itk(monkeypatch) -> list[int]:
@@ -99,7 +116,7 @@ def test_the_stream_holds_itks_bytes(case, suffix, chunk, monkeypatch, tmp_path)
 @pytest.mark.parametrize("suffix", WRITERS)
 def test_images_with_metadata_are_written_by_itk_whole(suffix, monkeypatch, tmp_path):
     """A twin could not carry what ITK writes from metadata (a NIfTI's notes become its
-    description; an NRRD keeps every string): ITK writes the image itself."""
+    description; an NRRD or a MetaImage keeps every string): ITK writes the image itself."""
     image = CASES["int16 CT"]()
     image.SetMetaData("ITK_FileNotes", "a scan with a description")
     expected = itk_file(image, tmp_path, ITKS[suffix])
@@ -150,7 +167,7 @@ def test_a_large_image_packs_on_threads_into_one_member_the_same_each_time(
 
 @pytest.mark.parametrize("deflate", ["isal", "zlib"])
 def test_nii_gz_holds_itks_nifti_gzipped_the_same_each_time(deflate, monkeypatch, tmp_path):
-    """ISA-L packs .nii.gz and .nrrd images where installed (pip installs it); zlib, in
+    """ISA-L packs .nii.gz, .nrrd and .mha images where installed (pip installs it); zlib, in
     Pythons without it (Slicer's own), writes the same format. A float field is stored in a
     .nii.gz, not packed (and written by ITK uncompressed as an .nrrd)."""
     if deflate == "zlib":
@@ -173,7 +190,8 @@ def test_nii_gz_holds_itks_nifti_gzipped_the_same_each_time(deflate, monkeypatch
         again = fileio.write_image(image, tmp_path / f"{name}-again.nii.gz")
         assert again.read_bytes() == packed.read_bytes()
         nrrd = fileio.write_image(image, tmp_path / f"{name}.nrrd")
-        for read_back in (packed, nrrd):
+        mha = fileio.write_image(image, tmp_path / f"{name}.mha")
+        for read_back in (packed, nrrd, mha):
             np.testing.assert_array_equal(
                 sitk.GetArrayFromImage(sitk.ReadImage(str(read_back))),
                 sitk.GetArrayFromImage(image),

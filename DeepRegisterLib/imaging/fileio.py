@@ -24,7 +24,7 @@ import SimpleITK as sitk
 
 from ..errors import InputError
 from .geometry import Grid
-from .gzip_writing import write_nii_gz, write_nrrd_gz
+from .gzip_writing import write_mha_compressed, write_nii_gz, write_nrrd_gz
 from .output_paths import (
     IMAGE_2D_SUFFIXES,
     IMAGE_SUFFIXES,
@@ -258,8 +258,9 @@ def write_image(
     A ``.nii.gz`` is always a gzip file, as its name promises: ITK's NIfTI writer ignores a
     compression level, so ITK's bytes are gzipped here (:mod:`.gzip_writing`), at level 1
     when the image compresses and stored (level 0: no time spent) when it does not; a
-    compressed ``.nrrd`` holds ITK's header and data packed the same way. ``nrrd_fields`` go
-    into an NRRD header beside ITK's (a DWI's measurement frame, which SimpleITK cannot set).
+    compressed ``.nrrd`` or ``.mha`` holds ITK's header and data packed the same way.
+    ``nrrd_fields`` go into an NRRD header beside ITK's (a DWI's measurement frame, which
+    SimpleITK cannot set).
     """
     target = Path(path)
     suffix = full_suffix(target)
@@ -273,6 +274,8 @@ def write_image(
             write_nii_gz(image, tmp, FAST_GZIP if compress else 0)
         elif suffix == ".nrrd" and compress:
             write_nrrd_gz(image, tmp, FAST_GZIP)
+        elif suffix == ".mha" and compress:
+            write_mha_compressed(image, tmp, FAST_GZIP)
         else:
             sitk.WriteImage(image, str(tmp), compress, FAST_GZIP if compress else -1)
         if nrrd_fields:
