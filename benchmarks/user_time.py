@@ -43,6 +43,7 @@ from benchmarks.user_time_report import markdown  # noqa: E402
 #: Output name → (register option, file name); ``--outputs`` picks among them.
 OUTPUTS = {
     "warped": ("--warped", "warped.nii.gz"),
+    "warped-mha": ("--warped", "warped.mha"),
     "transform": ("--transform", "transform.h5"),
     "field": ("--transform", "transform.nii.gz"),
     "displacement": ("--displacement", "displacement.nii.gz"),
@@ -270,7 +271,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--outputs", nargs="+", default=["warped", "transform"], choices=sorted(OUTPUTS),
         help="outputs to ask for (default: warped transform = .nii.gz warped image, .h5 "
-        "transform); field = the transform as a .nii.gz displacement-field image; "
+        "transform); warped-mha = the warped image as a compressed .mha; field = the "
+        "transform as a .nii.gz displacement-field image; "
         "inverse-field = the dense inverse (--inverse-displacement .mha)",
     )  # fmt: skip
     parser.add_argument("--no-ants", action="store_true", help="skip ANTs SyN")

@@ -38,7 +38,7 @@ def add_register_parser(subparsers: Any) -> None:
             "Every output path is checked before any work. Writing the transform of a 256³ "
             "brain (2 cores): .h5 ~0.02 s (20 MB: the affine and the 2 mm deformation); as a "
             "dense field image (200 MB) .nii.gz, .mha or .nrrd 0.2–0.6 s, uncompressed (gzip "
-            "would save about 11 % for 0.4 s more). Images that compress are gzipped fast.",
+            "would save about 11 % for 0.4 s more). Images that compress are compressed fast.",
         )
     )
     add_settings_arguments(p.add_argument_group("settings"))
