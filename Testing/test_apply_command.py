@@ -16,9 +16,11 @@ from conftest import image_on, oblique_grid
 from DeepRegisterLib import apply_transform
 from DeepRegisterLib.cli import main as cli
 from DeepRegisterLib.imaging import apply_transform as warping
+from DeepRegisterLib.imaging import fileio as cli_fileio
 from DeepRegisterLib.imaging.geometry import Grid
 from DeepRegisterLib.imaging.metrics import dice_per_label, mean_dice
 from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
+from DeepRegisterLib.registration import saved_transforms
 
 
 def array(path: Path) -> np.ndarray:
@@ -251,7 +253,7 @@ def test_each_output_is_written_before_the_next_is_warped(registered, tmp_path, 
         staged_at_each_warp.append(sorted(p.name for p in tmp_path.glob(".*.partial-*/*")))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(warping, "apply_transform", watched)
+    monkeypatch.setattr(saved_transforms, "apply_transform", watched)
     outputs = ("--transform", registered["transform.h5"], "--reference", registered["fixed"])
     outputs += ("--labels", registered["labels"], tmp_path / "l.nii.gz")
     outputs += ("--image", registered["moving"], tmp_path / "w.nrrd")
@@ -267,7 +269,7 @@ def test_each_output_is_written_before_the_next_is_warped(registered, tmp_path, 
             raise OSError("no space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(warping, "apply_transform", failing)
+    monkeypatch.setattr(saved_transforms, "apply_transform", failing)
     again = [tmp_path / "again" / name for name in ("l.nii.gz", "w.nrrd")]
     again[0].parent.mkdir()
     with pytest.raises(OSError, match="no space left"):
@@ -289,3 +291,108 @@ def test_apply_loads_no_torch(registered, tmp_path):
     )
     assert completed.stdout.split()[-2:] == ["0", "False"], completed.stderr
     assert (tmp_path / "w.nii.gz").exists()
+
+
+# --- a large image through the engine's warp ----------------------------------------------------
+
+
+@pytest.fixture
+def engine_at_any_size(monkeypatch):
+    """The engine takes images of every size here: a CT's 157 million voxels make a slow test."""
+    monkeypatch.setattr(saved_transforms, "ENGINE_MIN_VOXELS", 1)
+
+
+def one_layer_segmentation(labels: sitk.Image) -> sitk.Image:
+    """``labels`` with the header Slicer writes for a one-layer ``.seg.nrrd``."""
+    segmentation = sitk.Cast(labels, sitk.sitkUInt8)
+    values = [int(v) for v in np.unique(sitk.GetArrayViewFromImage(segmentation)) if v]
+    for index, value in enumerate(values):
+        for key, text in (("ID", f"S_{value}"), ("Name", f"structure {value}"),
+                          ("LabelValue", str(value)), ("Layer", "0")):  # fmt: skip
+            segmentation.SetMetaData(f"Segment{index}_{key}", text)
+    segmentation.SetMetaData("Segmentation_MasterRepresentation", "Binary labelmap")
+    return segmentation
+
+
+def test_a_large_image_goes_through_the_engine_to_registers_own_bits(
+    registered, tmp_path, engine_at_any_size, monkeypatch
+):
+    """Through register's ``.h5`` the engine's warp writes register's own warped scan and
+    labels, to the bit (ITK's float64 rounds a few voxels otherwise: the first test); a Slicer
+    segmentation keeps its segments. ITK resamples none of them."""
+    monkeypatch.setattr(saved_transforms, "apply_transform", lambda *_: pytest.fail("ITK"))
+    segmentation = tmp_path / "labels.seg.nrrd"
+    sitk.WriteImage(one_layer_segmentation(sitk.ReadImage(str(registered["labels"]))),
+                    str(segmentation))  # fmt: skip
+    outputs = {name: tmp_path / name for name in ("scan.nii.gz", "labels.nrrd", "w.seg.nrrd")}
+    code = apply(
+        "--transform", registered["transform.h5"], "--reference", registered["fixed"],
+        "--image", registered["moving"], outputs["scan.nii.gz"],
+        "--labels", registered["labels"], outputs["labels.nrrd"],
+        "--labels", segmentation, outputs["w.seg.nrrd"],
+    )  # fmt: skip
+    assert code == cli.EXIT_OK
+    scan, labels = array(outputs["scan.nii.gz"]), array(outputs["labels.nrrd"])
+    assert scan.dtype == np.uint16
+    np.testing.assert_array_equal(scan, array(registered["warped"]))
+    np.testing.assert_array_equal(labels, array(registered["warped_labels"]))
+    warped_segmentation = sitk.ReadImage(str(outputs["w.seg.nrrd"]))
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(warped_segmentation), labels)
+    assert warped_segmentation.GetMetaData("Segment0_Name").startswith("structure ")
+
+
+def test_what_the_engine_cannot_take_itk_resamples(registered, tmp_path, engine_at_any_size):
+    """The dense field (it holds the affine, so it is not zero on its faces), a series and a
+    picture on a bright background go to ITK, whatever their size, as before."""
+    grid = Grid.of(sitk.ReadImage(str(registered["fixed"])))
+    dense = cli_fileio.read_transform(registered["transform.mha"])
+    assert saved_transforms.engine_form(dense, grid) is None
+    warp = saved_transforms.SavedTransformWarp(
+        cli_fileio.read_transform(registered["transform.h5"]), grid
+    )
+    assert warp.may_use_engine
+    scan = sitk.ReadImage(str(registered["moving"]))
+    bright = sitk.Cast(1000 - scan, sitk.sitkUInt16)  # a white background around a dark body
+    series = sitk.JoinSeries([scan, scan])
+    assert not warp.engine_takes(bright, labels=False)
+    assert not warp.engine_takes(series, labels=False)
+    assert warp.engine_takes(scan, labels=False)
+    assert warp.engine_takes(bright, labels=True)
+    itk = apply_transform(bright, warp.transform, grid)
+    ours = warp(bright, False)
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(ours), sitk.GetArrayViewFromImage(itk))
+
+
+def field_transform(values: np.ndarray, grid: Grid) -> sitk.DisplacementFieldTransform:
+    field = grid.apply_to(sitk.GetImageFromArray(values, isVector=True))
+    return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+
+
+def test_the_engines_form_is_recognised_and_nothing_else():
+    """``[linear, field]`` (ITK applies the field first) or a field alone, on axes the
+    reference shares, zero on its faces: the engine's form. The other order, a field that is
+    not zero on a face or is turned against the reference, and a B-spline are not."""
+    reference = Grid((20, 18, 16), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+    coarse = Grid((8, 7, 6), (3.0, 3.0, 3.0), (-2.0, -1.0, 0.5), tuple(np.eye(3).ravel()))
+    values = np.zeros((6, 7, 8, 3))
+    values[2:4, 2:5, 3:6] = (0.4, -0.7, 1.1)
+    rigid = sitk.Euler3DTransform((9.0, 8.0, 7.0), 0.05, -0.02, 0.03, (1.0, -2.0, 0.5))
+    field = field_transform(values, coarse)
+    form = saved_transforms.engine_form(sitk.CompositeTransform([rigid, field]), reference)
+    assert form is not None
+    point = (9.5, 8.2, 7.9)
+    total = sitk.CompositeTransform([rigid, field]).TransformPoint(point)
+    assert np.allclose(form.affine.TransformPoint(field.TransformPoint(point)), total)
+    assert saved_transforms.engine_form(field_transform(values, coarse), reference) is not None
+    edge = values.copy()
+    edge[0, 3, 3] = (0.1, 0.0, 0.0)
+    turned = Grid(coarse.size, coarse.spacing, coarse.origin, oblique_grid(3).direction)
+    refused = {
+        "the other order": sitk.CompositeTransform([field_transform(values, coarse), rigid]),
+        "a face not zero": sitk.CompositeTransform([rigid, field_transform(edge, coarse)]),
+        "turned axes": sitk.CompositeTransform([rigid, field_transform(values, turned)]),
+        "a B-spline": sitk.BSplineTransformInitializer(reference.reference_image(), (3, 3, 3)),
+        "an affine alone": rigid,
+    }
+    for what, transform in refused.items():
+        assert saved_transforms.engine_form(transform, reference) is None, what
