@@ -212,3 +212,32 @@ def test_a_diffusion_series_brings_its_bvecs_turned_as_apply_turns_them(data, tm
     (tmp_path / "dwi.bvec").write_text("0 1\n0 0\n0 0\n")  # two directions, three volumes
     message = refused(capsys, jobs, tmp_path / "out2")
     assert "dwi.bvec does not hold one direction for each of its 3 volumes" in message
+
+
+def test_a_large_more_image_goes_through_the_engine_as_the_jobs_own_warp(data, tmp_path,
+                                                                         monkeypatch):  # fmt: skip
+    """Onto a grid large enough for the engine (here any), a more image is warped by the job's
+    own warp, as ``apply`` warps it: the moving scan and its labels given again come out as the
+    job's warped image and labels, to the bit, and ITK resamples neither."""
+    from DeepRegisterLib import register
+    from DeepRegisterLib.batch import worker
+    from DeepRegisterLib.batch.jobs import BatchJob
+    from DeepRegisterLib.registration import saved_transforms
+
+    monkeypatch.setattr(saved_transforms, "ENGINE_MIN_VOXELS", 1)
+    monkeypatch.setattr(saved_transforms, "apply_transform", lambda *_: pytest.fail("ITK"))
+    paths = {name: str(data / f"{name}0.nii.gz") for name in ("fixed", "moving", "labels")}
+    fixed = sitk.ReadImage(paths["fixed"])
+    result = register(
+        fixed, sitk.ReadImage(paths["moving"]), moving_labels={"labels": paths["labels"]},
+        model="none", preset="fast", iterations=4, device="cpu",
+    )  # fmt: skip
+    more = (("image:again", paths["moving"]), ("labels:again_seg", paths["labels"]))
+    job = BatchJob("pair0", paths["fixed"], paths["moving"], more_images=more)
+    writers, _ = worker._more_image_writers(job, result, fixed)
+    for column, expected in (("image:again", result.warped),
+                             ("labels:again_seg", result.warped_labels["labels"])):  # fmt: skip
+        path = tmp_path / f"{column.split(':')[1]}.nii.gz"
+        writers[column](path)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(path))),
+                                      sitk.GetArrayViewFromImage(expected))  # fmt: skip

@@ -143,14 +143,16 @@ def _more_image_writers(
     from ..imaging import fileio
     from ..imaging.geometry import Grid
     from ..imaging.gradient_tables import carried_gradients
+    from ..registration.saved_transforms import SavedTransformWarp
 
     transform = result.transform() if job.more_images else None
+    warp = SavedTransformWarp(transform, Grid.of(fixed)) if job.more_images else None
     writers: dict[str, Callable[[Path], Any]] = {}
     notes: list[str] = []
     for column, path in job.more_images:
         file, labels = more_image(column)
         image = fileio.read_image(path, "label map" if labels else "image")
-        writers[column] = partial(_write_warped, image, transform, fixed, labels)
+        writers[column] = partial(_write_warped, image, warp, labels)
         if not labels:
             carried = carried_gradients(image, Path(path), Path(file), transform, Grid.of(fixed))
             by_name = {name: key for key, name in gradient_files(column, path).items()}
@@ -160,11 +162,10 @@ def _more_image_writers(
     return writers, tuple(notes)
 
 
-def _write_warped(image, transform, fixed, labels: bool, path: Path) -> None:
+def _write_warped(image, warp, labels: bool, path: Path) -> None:
     from ..imaging import fileio
-    from ..imaging.apply_transform import apply_transform
 
-    fileio.write_image(apply_transform(image, transform, fixed, labels), path)
+    fileio.write_image(warp(image, labels), path)
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:

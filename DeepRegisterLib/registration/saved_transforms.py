@@ -18,6 +18,7 @@ applies it, without the engine's float32 copy of its gigabytes.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +54,7 @@ class SavedTransformWarp:
         large = int(np.prod(grid.size)) >= ENGINE_MIN_VOXELS
         self._form = engine_form(transform, grid) if large else None
         self._engine: _EngineWarp | None = None
+        self._making = threading.Lock()  # a batch job's writers warp side by side
 
     @property
     def may_use_engine(self) -> bool:
@@ -62,8 +64,9 @@ class SavedTransformWarp:
     def __call__(self, image: sitk.Image, labels: bool) -> sitk.Image:
         if self._form is None or not self.engine_takes(image, labels):
             return apply_transform(image, self.transform, self._grid, labels)
-        if self._engine is None:
-            self._engine = _EngineWarp(self._form, self._grid)
+        with self._making:
+            if self._engine is None:
+                self._engine = _EngineWarp(self._form, self._grid)
         warped = self._engine(image, labels)
         if labels and is_slicer_segmentation(image):
             carry_segments(image, warped)
