@@ -317,8 +317,9 @@ def one_layer_segmentation(labels: sitk.Image) -> sitk.Image:
 def test_a_large_image_goes_through_the_engine_to_registers_own_bits(
     registered, tmp_path, engine_at_any_size, monkeypatch
 ):
-    """Through register's ``.h5`` the engine's warp writes register's own warped scan and
-    labels, to the bit (ITK's float64 rounds a few voxels otherwise: the first test); a Slicer
+    """Through register's ``.h5`` the engine's warp writes register's own warped scan, to the
+    bit (ITK's float64 rounds a few voxels otherwise: the first test), and here its labels too
+    (warped alone, without the scan, a nearest-neighbour tie may round the other way); a Slicer
     segmentation keeps its segments. ITK resamples none of them."""
     monkeypatch.setattr(saved_transforms, "apply_transform", lambda *_: pytest.fail("ITK"))
     segmentation = tmp_path / "labels.seg.nrrd"

@@ -4,6 +4,7 @@
     python benchmarks/warp_time.py --pairs 4
     python benchmarks/warp_time.py --pairs 4 --series 100
     python benchmarks/warp_time.py --smoke --no-ants --series 5 --out /tmp/warp-time
+    python benchmarks/warp_time.py --ct --no-ants --rounds 2 --repo before=/tmp/old --repo after=.
 
 Each pair is registered once (``fast``: the warped scan and labels, the ``.h5`` transform), then
 the moving scan and its labels are warped again through that ``.h5``, each way in a fresh
@@ -30,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere, without installing
     sys.path.insert(0, str(REPO))
 
-from benchmarks.command_pairs import fsdev, phantoms  # noqa: E402
+from benchmarks.command_pairs import ct_pairs, fsdev, phantoms  # noqa: E402
 from benchmarks.run_benchmark import DEFAULT_DATA, DEFAULT_OUT, machine_info, usable_cores  # noqa: E402
 from benchmarks.user_time import checked, child_env, report_stem, timed_child  # noqa: E402
 
@@ -86,9 +87,12 @@ def _series_files(pair: dict[str, str], volumes: int, folder: Path) -> tuple[Pat
 
 
 def _series_row(
-    pair: dict[str, str], transform: Path, volumes: int, env: dict[str, str], work: Path, ants: bool
-) -> dict[str, Any]:
-    """The series through ``transform`` by ``apply`` and by ANTs, timed; how far apart."""
+    pair: dict[str, str], transform: Path, volumes: int, repo: Path, threads: int, work: Path,
+    ants: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """The series through ``transform`` by ``apply`` (from ``repo``) and by ANTs, timed; how
+    far apart."""
+    env = child_env(repo, threads)
     import numpy as np
     import SimpleITK as sitk
 
@@ -98,7 +102,7 @@ def _series_row(
     child = checked(timed_child([
         sys.executable, "-m", "DeepRegisterLib", "apply", "--transform", str(transform),
         "--reference", str(reference), "--image", str(series), str(ours),
-    ], env, REPO), "deepregister apply (series)")  # fmt: skip
+    ], env, repo), "deepregister apply (series)")  # fmt: skip
     row = {"series_apply_s": child["wall_s"], "series_apply_peak_mb": child["peak_rss_mb"]}
     if ants:
         command = [sys.executable, "-c", ANTS_SERIES_SCRIPT, str(reference), str(series)]
@@ -129,11 +133,14 @@ def _agreement(folder: Path, registered: Path) -> dict[str, float]:
 
 
 def measure_pair(
-    pair: dict[str, str], env: dict[str, str], work: Path, ants: bool, series: int
-) -> dict:
-    """Register once, then time each way of warping the scan and labels (and a series) again."""
-    folders = {name: Path(tempfile.mkdtemp(prefix=name, dir=work)) for name in ("r", "d", "a")}
-    registered, ours, theirs = folders["r"], folders["d"], folders["a"]
+    pair: dict[str, str], repos: dict[str, Path], threads: int, work: Path, ants: bool,
+    series: int, rounds: int,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Register once (this checkout), then time each way of warping the scan and labels (and a
+    series) again: each version's ``apply`` ``rounds`` times, alternated, run from its own
+    checkout, and ANTs once."""
+    this = child_env(REPO, threads)
+    registered = Path(tempfile.mkdtemp(prefix="r", dir=work))
     transform = registered / "transform.h5"
     deepregister = [sys.executable, "-m", "DeepRegisterLib"]
     checked(timed_child([
@@ -141,30 +148,39 @@ def measure_pair(
         "--preset", "fast", "--device", "cpu", "--quiet", "--transform", str(transform),
         "--warped", str(registered / "warped.nii.gz"), "--labels", pair["moving_labels"],
         "--warped-labels", str(registered / "labels.nii.gz"),
-    ], env, REPO), "register")  # fmt: skip
-    child = checked(timed_child([
-        *deepregister, "apply", "--transform", str(transform), "--reference", pair["fixed"],
-        "--image", pair["moving"], str(ours / "scan.nii.gz"),
-        "--labels", pair["moving_labels"], str(ours / "labels.nii.gz"),
-    ], env, REPO), "deepregister apply")  # fmt: skip
-    row = {
-        "pair": pair["name"],
-        "apply_s": child["wall_s"],
-        "apply_peak_mb": child["peak_rss_mb"],
-        "apply_vs_register": _agreement(ours, registered),
-    }
+    ], this, REPO), "register")  # fmt: skip
+    rows = []
+    for _ in range(rounds):
+        for version, repo in repos.items():
+            env = child_env(repo, threads)
+            ours = Path(tempfile.mkdtemp(prefix="d", dir=work))
+            child = checked(timed_child([
+                *deepregister, "apply", "--transform", str(transform), "--reference",
+                pair["fixed"], "--image", pair["moving"], str(ours / "scan.nii.gz"),
+                "--labels", pair["moving_labels"], str(ours / "labels.nii.gz"),
+            ], env, repo), "deepregister apply")  # fmt: skip
+            row = {
+                "pair": pair["name"],
+                "version": version,
+                "apply_s": child["wall_s"],
+                "apply_peak_mb": child["peak_rss_mb"],
+                "apply_vs_register": _agreement(ours, registered),
+            }
+            if series:
+                row.update(_series_row(pair, transform, series, repo, threads, work, ants))
+            rows.append(row)
     if ants:
+        theirs = Path(tempfile.mkdtemp(prefix="a", dir=work))
         command = [sys.executable, "-c", ANTS_SCRIPT, pair["fixed"], pair["moving"]]
         command += [pair["moving_labels"], str(transform), str(theirs)]
-        child = checked(timed_child(command, env, REPO), "ANTs")
-        row.update(
-            ants_s=child["wall_s"],
-            ants_peak_mb=child["peak_rss_mb"],
-            ants_vs_register=_agreement(theirs, registered),
-        )
-    if series:
-        row.update(_series_row(pair, transform, series, env, work, ants))
-    return row
+        child = checked(timed_child(command, this, REPO), "ANTs")
+        for row in rows:
+            row.update(
+                ants_s=child["wall_s"],
+                ants_peak_mb=child["peak_rss_mb"],
+                ants_vs_register=_agreement(theirs, registered),
+            )
+    return rows
 
 
 #: A table column: its heading, and its cell for a row.
@@ -176,6 +192,7 @@ def markdown(results: dict[str, Any]) -> str:
     ants = all("ants_s" in row for row in rows)
     columns: list[Column] = [
         ("pair", lambda row: row["pair"]),
+        ("version", lambda row: row["version"]),
         ("apply s", lambda row: f"{row['apply_s']:.2f}"),
         ("against register", lambda row: _against(row["apply_vs_register"])),
         ("peak MB", lambda row: f"{row['apply_peak_mb']:.0f}"),
@@ -199,8 +216,12 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         *_table(rows, columns + (ants_columns if ants else [])),
     ]
-    summary = _means(rows, "apply_s", "ants_s" if ants else None)
-    return "\n".join([*lines, "", summary, "", *_series_markdown(results), ""])
+    summaries = [
+        _means([row for row in rows if row["version"] == version], "apply_s",
+               "ants_s" if ants else None, version)
+        for version in dict.fromkeys(row["version"] for row in rows)
+    ]  # fmt: skip
+    return "\n".join([*lines, "", *summaries, "", *_series_markdown(results), ""])
 
 
 def _against(comparison: dict[str, Any]) -> str:
@@ -216,10 +237,10 @@ def _table(rows: list[dict[str, Any]], columns: list[Column]) -> list[str]:
     ]
 
 
-def _means(rows: list[dict[str, Any]], ours: str, theirs: str | None) -> str:
+def _means(rows: list[dict[str, Any]], ours: str, theirs: str | None, version: str) -> str:
     """The mean time a pair, ``apply``'s and (given ``theirs``) ANTs', with their ratio."""
     mean = statistics.mean(row[ours] for row in rows)
-    summary = f"Mean: `apply` {mean:.2f} s a pair"
+    summary = f"Mean ({version}): `apply` {mean:.2f} s a pair"
     if theirs is not None:
         ants_mean = statistics.mean(row[theirs] for row in rows)
         summary += f", ANTs {ants_mean:.2f} s ({mean / ants_mean:.2f}×)"
@@ -233,6 +254,7 @@ def _series_markdown(results: dict[str, Any]) -> list[str]:
     ants = all("series_ants_s" in row for row in rows)
     columns: list[Column] = [
         ("pair", lambda row: row["pair"]),
+        ("version", lambda row: row["version"]),
         ("series: apply s", lambda row: f"{row['series_apply_s']:.2f}"),
         ("peak MB", lambda row: f"{row['series_apply_peak_mb']:.0f}"),
     ]
@@ -249,7 +271,12 @@ def _series_markdown(results: dict[str, Any]) -> list[str]:
         "",
         *_table(rows, columns + (ants_columns if ants else [])),
     ]
-    return [*lines, "", _means(rows, "series_apply_s", "series_ants_s" if ants else None)]
+    summaries = [
+        _means([row for row in rows if row["version"] == version], "series_apply_s",
+               "series_ants_s" if ants else None, version)
+        for version in dict.fromkeys(row["version"] for row in rows)
+    ]  # fmt: skip
+    return [*lines, "", *summaries]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -261,27 +288,42 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--series", type=int, default=0, metavar="N",
                         help="also warp a 4D series of N volumes (default: none)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="one small phantom pair")
+    parser.add_argument("--ct", action="store_true", help="the CT-like pair (512² × 600)")
+    parser.add_argument(
+        "--repo", action="append", metavar="LABEL=PATH",
+        help="time apply from this checkout (repeatable, e.g. before=/tmp/old); default: this one",
+    )  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=1, help="apply runs per version, alternated")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--tag", default="", help="suffix for the report's file names")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    repos = args.repo or [f"this={REPO}"]
+    args.repos = {item.split("=", 1)[0]: Path(item.split("=", 1)[1]).resolve() for item in repos}
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     stem = report_stem(args, "warp-time")
-    env = child_env(REPO, args.threads)
     results: dict[str, Any] = {
         "command": " ".join(["python benchmarks/warp_time.py", *(argv or sys.argv[1:])]),
         "machine": machine_info("cpu"),
-        "options": {key: str(value) for key, value in vars(args).items()},
+        "options": {key: str(value) for key, value in vars(args).items() if key != "repos"},
+        "repos": {label: str(path) for label, path in args.repos.items()},
         "runs": [],
     }
     with tempfile.TemporaryDirectory(prefix="deepregister-warp-time-") as work:
-        pairs = phantoms(1, Path(work)) if args.smoke else fsdev(args.data, args.pairs)
+        if args.smoke or args.ct:
+            pairs = phantoms(1, Path(work)) if args.smoke else ct_pairs(Path(work))
+        else:
+            pairs = fsdev(args.data, args.pairs)
         for pair in pairs:
-            row = measure_pair(pair, env, Path(work), not args.no_ants, args.series)
-            results["runs"].append(row)
-            print(json.dumps(results["runs"][-1]), flush=True)
+            rows = measure_pair(
+                pair, args.repos, args.threads, Path(work), not args.no_ants, args.series,
+                args.rounds,
+            )  # fmt: skip
+            results["runs"] += rows
+            print(json.dumps(rows), flush=True)
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(markdown(results))
     print(markdown(results))
