@@ -3,7 +3,7 @@ otherwise (:func:`~DeepRegisterLib.imaging.apply_transform.apply_transform`).
 
 ``deepregister apply`` resamples with ITK, which needs no torch: for a 256³ image that is faster
 than loading the engine. On a 512² × 600 CT, though, ITK evaluated the composite transform at
-every voxel in 9.1–9.3 s for the scan and 5.4–6.3 s for its labels, where the engine's warp took
+every voxel in 8.1–9.3 s for the scan and 5.4–6.3 s for its labels, where the engine's warp took
 4.9–5.4 s for the scan. And the engine's warp is ``register --warped``'s: the CT's scan
 through its own ``.h5`` came out the same to the bit, where ITK's float64 placed 47 124 points
 of its border on the other side of it (0 against −1024). Its labels, warped alone, differ from
