@@ -227,6 +227,15 @@ def test_unusable_inputs_are_refused_with_nothing_written(registered, tmp_path, 
     assert f"image {volume} is 3D and the reference 2D: a transform carries 2D images " in message
     missing = ("--transform", tmp_path / "none.h5", "--reference", registered["fixed"])
     assert "transform file not found" in refused(capsys, tmp_path, *missing, *fine)
+    cut = tmp_path / "cut.nii.gz"  # refused from its header, before the fine one is warped
+    whole = Path(registered["labels"]).read_bytes()
+    cut.write_bytes(whole[: len(whole) // 2])
+    before = sorted(tmp_path.iterdir())
+    assert apply(*base, *fine, "--labels", cut, tmp_path / "c.nii.gz") == cli.EXIT_INPUT
+    captured = capsys.readouterr()
+    assert f"cannot read label map {cut}: the file is truncated" in captured.err
+    assert "warping" not in captured.out
+    assert sorted(tmp_path.iterdir()) == before
 
 
 def test_an_image_the_transform_sends_elsewhere_is_refused(registered, tmp_path, capsys):
@@ -276,6 +285,26 @@ def test_each_output_is_written_before_the_next_is_warped(registered, tmp_path, 
         apply(*outputs[:4], "--labels", registered["labels"], again[0],
               "--image", registered["moving"], again[1])  # fmt: skip
     assert list(again[0].parent.iterdir()) == []
+
+
+def test_each_input_is_read_when_it_is_warped(registered, tmp_path, monkeypatch):
+    """Checked from their headers first, the inputs are read one at a time: the second when
+    the first output lies staged, so that one input is held at a time, not all of them."""
+    staged_at_each_read = []
+    real = cli_fileio.read_image
+
+    def watched(*args, **kwargs):
+        staged_at_each_read.append(sorted(p.name for p in tmp_path.glob(".*.partial-*/*")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli_fileio, "read_image", watched)
+    code = apply(
+        "--transform", registered["transform.h5"], "--reference", registered["fixed"],
+        "--image", registered["moving"], tmp_path / "w.nrrd",
+        "--labels", registered["labels"], tmp_path / "l.nii.gz",
+    )  # fmt: skip
+    assert code == cli.EXIT_OK
+    assert staged_at_each_read == [[], ["w.nrrd"]]
 
 
 def test_apply_loads_no_torch(registered, tmp_path):

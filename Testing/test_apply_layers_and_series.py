@@ -179,7 +179,7 @@ def test_outputs_larger_than_the_memory_are_refused_before_warping(tmp_path, cap
 
     assert code == cli.EXIT_MEMORY
     message = capsys.readouterr()
-    assert "a warped image would take 150.0 GB, more than the" in message.err
+    assert "an image and its warped copy would take 150.0 GB, more than the" in message.err
     assert "warping" not in message.out
     assert sorted(tmp_path.iterdir()) == before
 

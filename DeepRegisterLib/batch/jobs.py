@@ -22,6 +22,7 @@ from ..errors import InputError
 from ..imaging.colour import is_colour
 from ..imaging.fileio import IMAGE_SUFFIXES, full_suffix
 from ..imaging.fsl_gradients import files_beside, read_bvecs
+from ..imaging.geometry import ImageHeader
 from ..imaging.output_paths import stem
 
 #: The CSV's columns: the two images, then the optional ones.
@@ -74,34 +75,6 @@ def gradient_files(column: str, path: str) -> dict[str, str]:
     return {f"{column}{suffix}": f"{stem(Path(file))}{suffix}" for suffix in files_beside(path)}
 
 
-@dataclass(frozen=True)
-class ImageHeader:
-    """What a file's header says, read without its voxels.
-
-    Its ``Get…`` methods let the engine's memory estimate
-    (``registration.memory_plan.estimate_peak_bytes``) and ``imaging.colour`` read a header as
-    they read an image.
-    """
-
-    dimension: int
-    size: tuple[int, ...]
-    spacing: tuple[float, ...]
-    components: int
-    pixel_id: int
-
-    def GetDimension(self) -> int:  # noqa: N802 — SimpleITK's name, see the class docstring
-        return self.dimension
-
-    def GetSize(self) -> tuple[int, ...]:  # noqa: N802
-        return self.size
-
-    def GetNumberOfComponentsPerPixel(self) -> int:  # noqa: N802 — for imaging.colour
-        return self.components
-
-    def GetPixelID(self) -> int:  # noqa: N802
-        return self.pixel_id
-
-
 def read_header(path: str | os.PathLike) -> ImageHeader:
     """The header of an image file; InputError if it is missing or not an image."""
     source = Path(path)
@@ -113,13 +86,7 @@ def read_header(path: str | os.PathLike) -> ImageHeader:
         reader.ReadImageInformation()
     except RuntimeError:
         raise InputError(f"not an image SimpleITK reads: {source}") from None
-    return ImageHeader(
-        reader.GetDimension(),
-        tuple(reader.GetSize()),
-        tuple(reader.GetSpacing()),
-        reader.GetNumberOfComponents(),
-        reader.GetPixelID(),
-    )
+    return ImageHeader.of(reader)
 
 
 def default_ids(movings: Sequence[Path]) -> list[str]:

@@ -1,6 +1,7 @@
 """``deepregister apply``: a saved transform carried to more images, as ``register`` warps.
 
-Every output is checked before any input is read, and all are written or none, each atomically.
+Every output is checked before any input is read, every input from its header before any is
+warped; each is read when it is warped, and all are written or none, each atomically.
 ITK resamples, without torch, so a 256³ image is on disk about a second after the command
 starts; a scalar image onto 2²⁶ voxels or more (a CT) goes through the engine's own warp, about
 twice as fast there and ``register --warped``'s to the bit (:mod:`..registration.saved_transforms`).
@@ -19,7 +20,7 @@ from ..imaging import output_paths
 from .exit_codes import EXIT_OK
 
 if TYPE_CHECKING:  # geometry loads numpy and SimpleITK, which --help must not wait for
-    from ..imaging.geometry import Grid
+    from ..imaging.geometry import Grid, ImageHeader
     from ..registration.saved_transforms import SavedTransformWarp
 
 
@@ -114,17 +115,25 @@ def _check_before_work(args: argparse.Namespace, jobs: list[tuple[Path, Path, bo
 
 
 class _Input(NamedTuple):
-    image: Any  # SimpleITK.Image, read
+    header: ImageHeader  # what its file's header says: enough for every check
     source: Path
     target: Path
     labels: bool
     picture: bool  # written as PNG/TIFF
     label_type: int | None  # the 8- or 16-bit type of a label picture
+    image: Any = None  # SimpleITK.Image, where a check needed the voxels (a label picture)
+
+    @property
+    def what(self) -> str:
+        return "label map" if self.labels else "image"
 
 
-def _read_inputs(jobs: list[tuple[Path, Path, bool]], transform: Any, grid: Grid) -> list[_Input]:
-    """Every input read and checked against the transform and the reference, before any
-    warping."""
+def _checked_inputs(
+    jobs: list[tuple[Path, Path, bool]], transform: Any, grid: Grid
+) -> list[_Input]:
+    """Every input checked against the transform and the reference before any warping, from
+    its header: its voxels are read when it is warped, so that one input is held at a time
+    (a label picture, whose labels choose its 8 or 16 bits, is read here)."""
     from ..imaging import fileio
     from ..imaging.apply_transform import check_applicable
     from ..imaging.image_2d import label_picture_type
@@ -132,28 +141,37 @@ def _read_inputs(jobs: list[tuple[Path, Path, bool]], transform: Any, grid: Grid
     inputs = []
     for source, target, labels in jobs:
         what = "label map" if labels else "image"
-        image = fileio.read_image(source, what)
-        check_applicable(image, transform, grid, f"{what} {source}")
+        header = fileio.image_header(source, what)
+        check_applicable(header, transform, grid, f"{what} {source}")
         picture = output_paths.full_suffix(target) in output_paths.IMAGE_2D_SUFFIXES
-        label_type = label_picture_type(image, target) if labels and picture else None
-        inputs.append(_Input(image, source, target, labels, picture, label_type))
+        image = fileio.read_image(source, what) if labels and picture else None
+        label_type = label_picture_type(image, target) if image is not None else None
+        inputs.append(_Input(header, source, target, labels, picture, label_type, image))
     return inputs
 
 
 def _check_memory(inputs: list[_Input], grid: Grid) -> None:
-    """Refuse an output that would not fit in the memory available (each is written before
-    the next is warped): a 4D series onto a fine grid is the usual way there (200 16-bit
-    volumes onto a 1 mm brain's grid: 6.7 GB)."""
+    """Refuse an input that would not fit in the memory available with its warped copy (each
+    is read when it is warped, and written before the next): a 4D series onto a fine grid is
+    the usual way there (200 16-bit volumes onto a 1 mm brain's grid: 6.7 GB)."""
+    import numpy as np
     import psutil
+    import SimpleITK as sitk
 
     from ..imaging.apply_transform import warped_bytes
 
-    needed = max(warped_bytes(item.image, grid, item.labels) for item in inputs)
+    def read_bytes(header: ImageHeader) -> int:
+        probe = sitk.Image([1, 1], header.pixel_id, header.components)
+        return int(np.prod(header.size)) * header.components * probe.GetSizeOfPixelComponent()
+
+    needed = max(
+        read_bytes(item.header) + warped_bytes(item.header, grid, item.labels) for item in inputs
+    )
     available = psutil.virtual_memory().available
     if needed > 0.9 * available:
         gb = 1e9
         raise ResourceError(
-            f"a warped image would take {needed / gb:.1f} GB, more than the "
+            f"an image and its warped copy would take {needed / gb:.1f} GB, more than the "
             f"{available / gb:.1f} GB of memory available: give --spacing for a coarser grid "
             "over the reference's field of view (e.g. the series' own spacing), or warp a long "
             "series in parts"
@@ -168,9 +186,13 @@ def _warped(item: _Input, warp: SavedTransformWarp, grid: Grid) -> tuple[Any, di
     from ..imaging.gradient_tables import carried_gradients
     from ..imaging.image_2d import as_picture
 
-    image, source, target, labels, picture, label_type = item
-    volumes = f" ({image.GetSize()[3]} volumes)" if image.GetDimension() > grid.dim else ""
+    _, source, target, labels, picture, label_type, image = item
+    volumes = f" ({item.header.size[3]} volumes)" if item.header.dimension > grid.dim else ""
     print(f"warping {source}{volumes}", flush=True)
+    if image is None:
+        from ..imaging import fileio
+
+        image = fileio.read_image(source, item.what)
     result = warp(image, labels)
     _check_landed(image, result, source)
     carried = carried_gradients(image, source, target, warp.transform, grid)
@@ -226,7 +248,7 @@ def run_apply(args: argparse.Namespace) -> int:
     warp = SavedTransformWarp(transform, grid)
     if warp.may_use_engine:  # torch loads while the inputs are read
         load_torch_beside()
-    inputs = _read_inputs(jobs, transform, grid)
+    inputs = _checked_inputs(jobs, transform, grid)
     _check_memory(inputs, grid)
     write = partial(fileio.write_image, compress=not args.uncompressed)
     written: list[Path] = []

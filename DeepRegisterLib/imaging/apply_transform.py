@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
-from .geometry import Grid
+from .geometry import Grid, ImageHeader
 from .intensity_window import IntensityWindow
 from .resampling import resample
 from .segmentation_file import carry_segments, is_slicer_segmentation
@@ -28,8 +28,11 @@ _SUBMATRIX = sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOSUBMATRIX
 _FIELD_VALUE_BYTES = 8
 
 
-def check_applicable(image: sitk.Image, transform: sitk.Transform, grid: Grid, what: str) -> None:
-    """Refuse, before any work, an image that ``transform`` cannot carry onto ``grid``."""
+def check_applicable(
+    image: sitk.Image | ImageHeader, transform: sitk.Transform, grid: Grid, what: str
+) -> None:
+    """Refuse, before any work, an image (or its header) that ``transform`` cannot carry onto
+    ``grid``."""
     if transform.GetDimension() != grid.dim:
         raise InputError(
             f"the transform is {transform.GetDimension()}D and the reference {grid.dim}D: give "
@@ -43,7 +46,7 @@ def check_applicable(image: sitk.Image, transform: sitk.Transform, grid: Grid, w
         )
 
 
-def is_series(image: sitk.Image, grid: Grid) -> bool:
+def is_series(image: sitk.Image | ImageHeader, grid: Grid) -> bool:
     """A 4D image (fMRI, DWI, perfusion, 4D CT) to warp volume by volume onto a 3D grid."""
     return grid.dim == 3 and image.GetDimension() == 4
 

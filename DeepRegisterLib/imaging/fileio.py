@@ -23,7 +23,7 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from ..errors import InputError
-from .geometry import Grid
+from .geometry import Grid, ImageHeader
 from .gzip_writing import write_mha_compressed, write_nii_gz, write_nrrd_gz
 from .output_paths import (
     IMAGE_2D_SUFFIXES,
@@ -105,10 +105,7 @@ def read_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
         raise InputError(f"{what} path is a folder, not an image file: {source}")
     problem = _nifti_truncation(source) if full_suffix(source) in (".nii", ".nii.gz") else None
     if problem is not None:
-        raise InputError(
-            f"cannot read {what} {source}: the file is truncated ({problem}); it was probably "
-            "cut short while copying or writing. Copy or export it again."
-        )
+        raise InputError(_truncated(source, what, problem))
     try:
         return sitk.ReadImage(str(source))
     except RuntimeError as error:
@@ -116,6 +113,13 @@ def read_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
             f"cannot read {what} {source}: the file is truncated, corrupt or not an image "
             f"format SimpleITK reads ({', '.join(IMAGE_SUFFIXES)}). ITK said: {_itk_reason(error)}"
         ) from None
+
+
+def _truncated(source: Path, what: str, problem: str) -> str:
+    return (
+        f"cannot read {what} {source}: the file is truncated ({problem}); it was probably cut "
+        "short while copying or writing. Copy or export it again."
+    )
 
 
 def _nifti_expected_bytes(header: bytes) -> int | None:
@@ -238,6 +242,16 @@ def read_header(path: str | os.PathLike, what: str = "image") -> sitk.ImageFileR
     except RuntimeError as error:
         raise InputError(f"cannot read {what} {source}: {_itk_reason(error)}") from None
     return reader
+
+
+def image_header(path: str | os.PathLike, what: str = "image") -> ImageHeader:
+    """An image file's :class:`ImageHeader` (no voxels read), or why it cannot be read; a
+    NIfTI file cut short is refused here, as :func:`read_image` refuses it."""
+    header, source = ImageHeader.of(read_header(path, what)), Path(path)
+    problem = _nifti_truncation(source) if full_suffix(source) in (".nii", ".nii.gz") else None
+    if problem is not None:
+        raise InputError(_truncated(source, what, problem))
+    return header
 
 
 def _compresses(image: sitk.Image) -> bool:

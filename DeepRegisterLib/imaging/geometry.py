@@ -196,3 +196,42 @@ def flow_voxels_to_mm(flow: torch.Tensor, grid: Grid) -> torch.Tensor:
     m = torch.as_tensor(grid.index_to_physical, dtype=flow.dtype, device=flow.device)
     flow_ijk = flow.flip(1)  # (K,J,I) channels → (I,J,K)
     return torch.einsum("pq,nq...->np...", m, flow_ijk).reshape(flow.shape[0], dim, *flow.shape[2:])
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What a file's header says, read without its voxels.
+
+    Its ``Get…`` methods let the engine's memory estimate
+    (``registration.memory_plan.estimate_peak_bytes``), ``imaging.colour`` and
+    ``imaging.apply_transform``'s checks read a header as they read an image.
+    """
+
+    dimension: int
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    components: int
+    pixel_id: int
+
+    def GetDimension(self) -> int:  # noqa: N802 — SimpleITK's name, see the class docstring
+        return self.dimension
+
+    def GetSize(self) -> tuple[int, ...]:  # noqa: N802
+        return self.size
+
+    def GetNumberOfComponentsPerPixel(self) -> int:  # noqa: N802 — for imaging.colour
+        return self.components
+
+    def GetPixelID(self) -> int:  # noqa: N802
+        return self.pixel_id
+
+    @classmethod
+    def of(cls, reader: sitk.ImageFileReader) -> ImageHeader:
+        """The header a reader has read (``ReadImageInformation``)."""
+        return cls(
+            reader.GetDimension(),
+            tuple(reader.GetSize()),
+            tuple(reader.GetSpacing()),
+            reader.GetNumberOfComponents(),
+            reader.GetPixelID(),
+        )
