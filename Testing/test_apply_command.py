@@ -371,6 +371,36 @@ def test_a_large_image_goes_through_the_engine_to_registers_own_bits(
     assert warped_segmentation.GetMetaData("Segment0_Name").startswith("structure ")
 
 
+def test_a_large_picture_goes_through_the_engine_as_register_warped_it(
+    tmp_path, engine_at_any_size, monkeypatch
+):
+    """In 2D too: an 8-bit picture and its labels through register's ``.h5`` come out as
+    register wrote them, as pictures."""
+    monkeypatch.setattr(saved_transforms, "apply_transform", lambda *_: pytest.fail("ITK"))
+    pair = phantom_pair(demo_grid(2, 32), amplitude_mm=2.0)
+    paths = {name: tmp_path / f"{name}.png" for name in ("fixed", "moving", "labels")}
+    for name, image in (("fixed", pair.fixed), ("moving", pair.moving)):  # 0 to about 190
+        picture = sitk.Cast(sitk.Round(sitk.Clamp(image, lowerBound=0.0)), sitk.sitkUInt8)
+        sitk.WriteImage(picture, str(paths[name]))
+    sitk.WriteImage(sitk.Cast(pair.moving_labels, sitk.sitkUInt8), str(paths["labels"]))
+    code = cli.main([
+        "register", "--fixed", str(paths["fixed"]), "--moving", str(paths["moving"]),
+        "--labels", str(paths["labels"]), "--preset", "fast", "--iterations", "4",
+        "--device", "cpu", "--quiet", "--transform", str(tmp_path / "t.h5"),
+        "--warped", str(tmp_path / "rw.png"), "--warped-labels", str(tmp_path / "rl.png"),
+    ])  # fmt: skip
+    assert code == cli.EXIT_OK
+    code = apply(
+        "--transform", tmp_path / "t.h5", "--reference", paths["fixed"],
+        "--image", paths["moving"], tmp_path / "w.png", "--labels", paths["labels"],
+        tmp_path / "l.png",
+    )  # fmt: skip
+    assert code == cli.EXIT_OK
+    for ours, theirs in (("w.png", "rw.png"), ("l.png", "rl.png")):
+        np.testing.assert_array_equal(array(tmp_path / ours), array(tmp_path / theirs))
+    assert array(tmp_path / "w.png").max() > 0
+
+
 def test_what_the_engine_cannot_take_itk_resamples(registered, tmp_path, engine_at_any_size):
     """The dense field (it holds the affine, so it is not zero on its faces), a series and a
     picture on a bright background go to ITK, whatever their size, as before."""
