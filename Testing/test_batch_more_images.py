@@ -214,8 +214,9 @@ def test_a_diffusion_series_brings_its_bvecs_turned_as_apply_turns_them(data, tm
     assert "dwi.bvec does not hold one direction for each of its 3 volumes" in message
 
 
-def test_a_large_more_image_goes_through_the_engine_as_the_jobs_own_warp(data, tmp_path,
-                                                                         monkeypatch):  # fmt: skip
+def test_a_large_more_image_goes_through_the_engine_as_the_jobs_own_warp(
+    data, tmp_path, monkeypatch
+):
     """Onto a grid large enough for the engine (here any), a more image is warped by the job's
     own warp, as ``apply`` warps it: the moving scan and its labels given again come out as the
     job's warped image and labels, to the bit, and ITK resamples neither."""

@@ -43,7 +43,7 @@ def nrrd_parts(raw: bytes) -> tuple[bytes, bytes]:
     return raw[:end], gzip.decompress(raw[end:])
 
 
-def mha_parts(raw: bytes) -> tuple[bytes, bytes, int]:
+def mha_parts(raw: bytes) -> tuple[bytes, bytes, bool]:
     """A compressed MetaImage's header but its packed size, its data unpacked, and whether
     that size is the packed data's."""
     end = raw.index(b"ElementDataFile = LOCAL\n") + len(b"ElementDataFile = LOCAL\n")

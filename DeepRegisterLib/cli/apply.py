@@ -246,7 +246,7 @@ def run_apply(args: argparse.Namespace) -> int:
 
     transform = fileio.read_transform(args.transform)
     warp = SavedTransformWarp(transform, grid)
-    if warp.may_use_engine:  # torch loads while the inputs are read
+    if warp.may_use_engine:  # torch loads while the inputs are checked and the first is read
         load_torch_beside()
     inputs = _checked_inputs(jobs, transform, grid)
     _check_memory(inputs, grid)
