@@ -251,17 +251,23 @@ def test_an_image_the_transform_sends_elsewhere_is_refused(registered, tmp_path,
     assert f"nothing of {registered['moving']} lands on the reference grid" in message
 
 
+def noting_staged(real, folder: Path, notes: list[list[str]]):
+    """``real``, noting at each call the outputs staged in ``folder`` (not yet in place)."""
+
+    def watched(*args, **kwargs):
+        notes.append(sorted(p.name for p in folder.glob(".*.partial-*/*")))
+        return real(*args, **kwargs)
+
+    return watched
+
+
 def test_each_output_is_written_before_the_next_is_warped(registered, tmp_path, monkeypatch):
     """One warped image is held at a time: when the second is warped, the first lies staged
     beside its name (not yet in place); at the end both are in place, and none if a warp
     fails."""
-    staged_at_each_warp = []
+    staged_at_each_warp: list[list[str]] = []
     real = warping.apply_transform
-
-    def watched(*args, **kwargs):
-        staged_at_each_warp.append(sorted(p.name for p in tmp_path.glob(".*.partial-*/*")))
-        return real(*args, **kwargs)
-
+    watched = noting_staged(real, tmp_path, staged_at_each_warp)
     monkeypatch.setattr(saved_transforms, "apply_transform", watched)
     outputs = ("--transform", registered["transform.h5"], "--reference", registered["fixed"])
     outputs += ("--labels", registered["labels"], tmp_path / "l.nii.gz")
@@ -290,13 +296,8 @@ def test_each_output_is_written_before_the_next_is_warped(registered, tmp_path, 
 def test_each_input_is_read_when_it_is_warped(registered, tmp_path, monkeypatch):
     """Checked from their headers first, the inputs are read one at a time: the second when
     the first output lies staged, so that one input is held at a time, not all of them."""
-    staged_at_each_read = []
-    real = cli_fileio.read_image
-
-    def watched(*args, **kwargs):
-        staged_at_each_read.append(sorted(p.name for p in tmp_path.glob(".*.partial-*/*")))
-        return real(*args, **kwargs)
-
+    staged_at_each_read: list[list[str]] = []
+    watched = noting_staged(cli_fileio.read_image, tmp_path, staged_at_each_read)
     monkeypatch.setattr(cli_fileio, "read_image", watched)
     code = apply(
         "--transform", registered["transform.h5"], "--reference", registered["fixed"],
