@@ -404,14 +404,17 @@ def test_a_large_picture_goes_through_the_engine_as_register_warped_it(
 
 def test_what_the_engine_cannot_take_itk_resamples(registered, tmp_path, engine_at_any_size):
     """The dense field (it holds the affine, so it is not zero on its faces), a series and a
-    picture on a bright background go to ITK, whatever their size, as before."""
+    picture on a bright background go to ITK, whatever their size, as before; and everything
+    where torch is not installed."""
     grid = Grid.of(sitk.ReadImage(str(registered["fixed"])))
     dense = cli_fileio.read_transform(registered["transform.mha"])
     assert saved_transforms.engine_form(dense, grid) is None
-    warp = saved_transforms.SavedTransformWarp(
-        cli_fileio.read_transform(registered["transform.h5"]), grid
-    )
+    h5 = cli_fileio.read_transform(registered["transform.h5"])
+    warp = saved_transforms.SavedTransformWarp(h5, grid)
     assert warp.may_use_engine
+    with pytest.MonkeyPatch.context() as without_torch:  # a Python without torch: ITK
+        without_torch.setattr(saved_transforms.importlib.util, "find_spec", lambda _: None)
+        assert not saved_transforms.SavedTransformWarp(h5, grid).may_use_engine
     scan = sitk.ReadImage(str(registered["moving"]))
     bright = sitk.Cast(1000 - scan, sitk.sitkUInt16)  # a white background around a dark body
     series = sitk.JoinSeries([scan, scan])

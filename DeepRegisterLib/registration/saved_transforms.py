@@ -20,6 +20,7 @@ applies it, without the engine's float32 copy of its gigabytes.
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 from dataclasses import dataclass
 
@@ -49,12 +50,14 @@ class SavedTransformWarp:
     """Each image onto ``grid`` through ``transform`` as ``register`` warps: intensities
     linearly into their own type, rounded (float32 for others), labels by nearest neighbour;
     by the engine for a scalar image onto :data:`ENGINE_MIN_VOXELS` or more, zero outside it,
-    when ``transform`` has the engine's form, by ITK otherwise."""
+    when ``transform`` has the engine's form and torch is installed, by ITK otherwise."""
 
     def __init__(self, transform: sitk.Transform, grid: Grid):
         self.transform, self._grid = transform, grid
         large = int(np.prod(grid.size)) >= ENGINE_MIN_VOXELS
-        self._form = engine_form(transform, grid) if large else None
+        # A Python without torch (Slicer's, before its PyTorch extension) still has ITK.
+        usable = large and importlib.util.find_spec("torch") is not None
+        self._form = engine_form(transform, grid) if usable else None
         self._engine: _EngineWarp | None = None
         self._making = threading.Lock()  # a batch job's writers warp side by side
 
