@@ -158,6 +158,18 @@ def test_warp_time_smoke_times_apply_and_compares_it_with_register(tmp_path: Pat
     assert "A 4D series of 3 volumes" in report
 
 
+def test_warp_in_process_smoke_times_both_warps_and_compares_with_the_job(
+    tmp_path: Path,
+) -> None:
+    results_file = _smoke("warp_in_process", tmp_path, "--rounds", "1")
+    (row,) = json.loads(results_file.read_text())["runs"]
+    for name in ("scan", "labels"):
+        assert row[name]["engine_s"] > 0
+        assert row[name]["itk_s"] > 0
+        assert row[name]["differing_from_job"] == 0  # the job's own warp, to the bit
+    assert "| phantom 0 |" in results_file.with_suffix(".md").read_text()
+
+
 def test_the_ct_pair_is_written_as_nrrd_with_its_tissues_labelled(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -135,8 +135,9 @@ def _write(
 def _more_image_writers(
     job: BatchJob, result, fixed
 ) -> tuple[dict[str, Callable[[Path], Any]], tuple[str, ...]]:
-    """Each more image warped onto the fixed grid through the job's transform as ``deepregister
-    apply`` does, and written, by column; a diffusion series' bvec and bval with it, turned
+    """Each more image warped onto the fixed grid through the job's transform as the job warped
+    its moving image (the engine's warp; ITK where ``deepregister apply`` would use it whatever
+    the size), and written, by column; a diffusion series' bvec and bval with it, turned
     (by ``image:dwi.bvec``), and the notes on them. The images are read here, on the calling
     thread: ITK asks its HDF5 reader about every file it opens, which beside the ``.h5``
     transform being written (the writers run side by side) failed or corrupted memory."""
@@ -146,7 +147,8 @@ def _more_image_writers(
     from ..registration.saved_transforms import SavedTransformWarp
 
     transform = result.transform() if job.more_images else None
-    warp = SavedTransformWarp(transform, Grid.of(fixed)) if job.more_images else None
+    # The job has loaded torch: the engine's warp pays at any size (SavedTransformWarp).
+    warp = SavedTransformWarp(transform, Grid.of(fixed), 0) if job.more_images else None
     writers: dict[str, Callable[[Path], Any]] = {}
     notes: list[str] = []
     for column, path in job.more_images:

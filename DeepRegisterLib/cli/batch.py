@@ -32,8 +32,9 @@ CSV columns: fixed, moving (required); id, labels (moving label map), fixed_labe
 moving_mask (optional; relative paths are relative to the CSV). Without an id column, jobs are
 named after the moving images' paths. More images of each moving subject (another sequence, a
 lesion mask, a 4D series) go in columns image:<name> and labels:<name>: each is warped onto the
-fixed grid with its job's transform, as 'deepregister apply' warps, into <id>/<name>_warped.nii.gz
-(an empty cell: none for that job).
+fixed grid with its job's transform, as the job warped its moving image (a series, colour or a
+bright background as 'deepregister apply' warps them), into <id>/<name>_warped.nii.gz (an
+empty cell: none for that job).
 
 Clusters: without --scheduler a local Dask cluster of worker processes runs the jobs, sized to
 the cores and memory. With --scheduler ADDRESS the jobs go to an existing Dask cluster whose
