@@ -352,6 +352,15 @@ def measure(args: argparse.Namespace, work: Path, save: Callable[[dict], None]) 
     return results
 
 
+def save_report(out: Path, stem: str, results: dict[str, Any], text: str) -> None:
+    """A run's JSON and Markdown (``text``) as ``out/stem.json`` and ``.md``; the Markdown
+    printed too."""
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(text)
+    print(text)
+    print(f"wrote {out / stem}.md and .json")
+
+
 def report_stem(args: argparse.Namespace, kind: str) -> str:
     """``DATE-KIND[-TAG]``, the reports' name, with ``--out`` made; exit 2 without the data."""
     if not (args.smoke or args.ct) and not args.data.is_dir():

@@ -31,7 +31,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere, without installi
 
 from benchmarks.command_pairs import fsdev, phantoms  # noqa: E402
 from benchmarks.run_benchmark import DEFAULT_DATA, DEFAULT_OUT, machine_info, usable_cores  # noqa: E402
-from benchmarks.user_time import report_stem  # noqa: E402
+from benchmarks.user_time import report_stem, save_report  # noqa: E402
 
 
 def _seconds(work: Callable[[], Any]) -> float:
@@ -137,11 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for pair in pairs:
             results["runs"].append(measure_pair(pair, args.rounds))
             print(json.dumps(results["runs"][-1]), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(results))
-    print(markdown(results))
-    print(f"wrote {args.out / stem}.md and .json")
+    save_report(args.out, stem, results, markdown(results))
     return 0
 
 

@@ -33,7 +33,13 @@ if str(REPO) not in sys.path:  # run as a script from anywhere, without installi
 
 from benchmarks.command_pairs import ct_pairs, fsdev, phantoms  # noqa: E402
 from benchmarks.run_benchmark import DEFAULT_DATA, DEFAULT_OUT, machine_info, usable_cores  # noqa: E402
-from benchmarks.user_time import checked, child_env, report_stem, timed_child  # noqa: E402
+from benchmarks.user_time import (  # noqa: E402
+    checked,
+    child_env,
+    report_stem,
+    save_report,
+    timed_child,
+)
 
 #: ANTs as a user scripts it: read, apply the transform to the scan and the labels, write.
 ANTS_SCRIPT = """
@@ -324,10 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )  # fmt: skip
             results["runs"] += rows
             print(json.dumps(rows), flush=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(results))
-    print(markdown(results))
-    print(f"wrote {args.out / stem}.md and .json")
+    save_report(args.out, stem, results, markdown(results))
     return 0
 
 
