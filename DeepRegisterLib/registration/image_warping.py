@@ -21,7 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from ..imaging.geometry import Grid
+from ..imaging.geometry import Grid, affine_parameters
 from ..imaging.resampling import nonzero_box
 from ..imaging.volumes import allocate, paste_block, rows_per_slab, stop_if
 from ..nn.filters import grid_sample
@@ -43,6 +43,15 @@ class Reach:
     matrix: np.ndarray
     translation: np.ndarray
     mm: float
+
+    @classmethod
+    def of(cls, affine: sitk.Transform, flow_mm: torch.Tensor) -> Reach:
+        """``T(x) = A(x + v(x))`` strays from ``A x`` by at most ‖A‖ · max |v| (``v``:
+        ``flow_mm``, (1, dim, …) in LPS mm): where a warp can skip what cannot land on the
+        moving image."""
+        matrix, translation = affine_parameters(affine, flow_mm.shape[1])
+        largest = float(flow_mm.square().sum(dim=1).sqrt().max()) if flow_mm.numel() else 0.0
+        return cls(matrix, translation, float(np.linalg.norm(matrix, 2)) * largest)
 
 
 # Pixel types whose every value float32 holds exactly: no pass over their voxels to find out.

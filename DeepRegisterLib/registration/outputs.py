@@ -7,12 +7,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import SimpleITK as sitk
 import torch
 
 from ..imaging.apply_transform import in_type_of
-from ..imaging.geometry import Grid, affine_parameters, flow_voxels_to_mm
+from ..imaging.geometry import Grid, flow_voxels_to_mm
 from ..imaging.intensity_window import IntensityWindow
 from ..nn.networks import integrate_velocity
 from .beside import Beside
@@ -47,7 +46,7 @@ def output_stage(
     stages.report("outputs", 0.0, "composing the transform")
     stop = stages.cancelled
     displacement, field = _displacement(job, affine, deformation, stop)
-    reach = _reach(affine, deformation)
+    reach = Reach.of(affine, deformation.flow_mm)
     # det J is numpy on one core: it runs beside the warps, which keep torch's threads busy.
     with Beside(stop, "while writing outputs") as beside:
         qa = None
@@ -81,15 +80,6 @@ def _displacement(
     with torch.inference_mode():
         field = Displacement(affine, deformation.flow_mm, job.network_grid, grid, stop)
         return (field.image() if job.settings.compute_displacement else None), field
-
-
-def _reach(affine: sitk.AffineTransform, deformation: Deformation) -> Reach:
-    """``T(x) = A(x + v(x))`` strays from ``A x`` by at most ‖A‖ · max |v|: where the warp
-    can skip what cannot land on the moving image."""
-    flow = deformation.flow_mm
-    matrix, translation = affine_parameters(affine, flow.shape[1])
-    largest = float(flow.square().sum(dim=1).sqrt().max()) if flow.numel() else 0.0
-    return Reach(matrix, translation, float(np.linalg.norm(matrix, 2)) * largest)
 
 
 def _warped(

@@ -163,9 +163,7 @@ class _EngineWarp:
         flow = flow[None]
         self._grid = grid
         self._field = Displacement(form.affine, flow, Grid.of(form.field), grid)
-        matrix, translation = affine_parameters(form.affine, grid.dim)
-        largest = float(flow.square().sum(dim=1).sqrt().max()) if flow.numel() else 0.0
-        self._reach = Reach(matrix, translation, float(np.linalg.norm(matrix, 2)) * largest)
+        self._reach = Reach.of(form.affine, flow)
 
     def __call__(self, image: sitk.Image, labels: bool) -> sitk.Image:
         from .image_warping import warp_images
