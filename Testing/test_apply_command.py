@@ -17,6 +17,7 @@ from DeepRegisterLib import apply_transform
 from DeepRegisterLib.cli import main as cli
 from DeepRegisterLib.imaging import apply_transform as warping
 from DeepRegisterLib.imaging import fileio as cli_fileio
+from DeepRegisterLib.imaging import volumes
 from DeepRegisterLib.imaging.geometry import Grid
 from DeepRegisterLib.imaging.metrics import dice_per_label, mean_dice
 from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
@@ -152,6 +153,22 @@ def test_integer_images_are_rounded_where_itk_truncates(a_ramp):
     truncated = sitk.Resample(ramp, ramp, along_i(grid, 0.25), sitk.sitkLinear)
     assert np.all(sitk.GetArrayFromImage(truncated)[..., :11] == 3 * i)  # ITK alone
     assert np.all(warped[..., 11] == 33)  # ITK holds the edge value for half a voxel
+
+
+def test_rounding_into_the_type_goes_slab_by_slab_to_the_same_bits(monkeypatch):
+    """A warped integer image is rounded into its type a slab at a time, not as a float copy
+    of the whole (a CT's scan in ITK's warp: 2.4 → 1.8 GB at peak), with the bits and the
+    geometry of rounding it whole: ties to even, negative values too."""
+    monkeypatch.setattr(volumes, "SLAB_VOXELS", 2 * 7 * 12)  # rows of 2, 2 and 1
+    grid = oblique_grid(3, size=(12, 7, 5), spacing=(1.5, 1.0, 2.0))
+    halves = np.random.default_rng(5).integers(-2000, 2000, (5, 7, 12)) / 2  # ties among them
+    warped = image_on(grid, halves.astype(np.float32))
+    for pixel_id in (sitk.sitkInt16, sitk.sitkInt32):
+        rounded = warping.in_type_of(warped, sitk.Image([1, 1, 1], pixel_id))
+        assert rounded.GetPixelID() == pixel_id
+        assert Grid.of(rounded) == grid
+        whole = np.rint(halves).astype(sitk.GetArrayViewFromImage(rounded).dtype)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(rounded), whole)
 
 
 def test_label_maps_keep_type_and_values_and_floats_become_float32(a_ramp):

@@ -21,6 +21,7 @@ from .geometry import Grid, ImageHeader
 from .intensity_window import IntensityWindow
 from .resampling import resample
 from .segmentation_file import carry_segments, is_slicer_segmentation
+from .volumes import allocate, paste_rows, rows_per_slab
 
 #: A 4D series' volumes keep the 3D block of its direction matrix.
 _SUBMATRIX = sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOSUBMATRIX
@@ -195,6 +196,11 @@ def in_type_of(warped: sitk.Image, image: sitk.Image) -> sitk.Image:
     kept = sitk.GetArrayViewFromImage(image).dtype
     if not np.issubdtype(kept, np.integer):
         return warped
-    rounded = sitk.GetImageFromArray(np.rint(sitk.GetArrayViewFromImage(warped)).astype(kept))
-    rounded.CopyInformation(warped)
+    grid = Grid.of(warped)
+    rounded = allocate(grid, image.GetPixelID())
+    rounded.CopyInformation(warped)  # to the bit, as the warp set it
+    values = sitk.GetArrayViewFromImage(warped)
+    rows = rows_per_slab(grid)
+    for start in range(0, values.shape[0], rows):
+        paste_rows(rounded, np.rint(values[start : start + rows]).astype(kept), start)
     return rounded
