@@ -148,24 +148,18 @@ def _sampler(transform: sitk.Transform, grid: Grid, through_field: bool) -> Samp
     field on the grid and each piece warped through it: ITK's Warp reads that field at each
     voxel where Resample evaluates the transform again (a composite ``.h5`` holds a field to
     interpolate): half the time a volume, the same values (a float64 image's to float32)."""
-    on_grid = grid.reference_image()
     if not through_field:
         return lambda image, interpolator, output_type, padding: resample(
-            image, on_grid, transform, interpolator, output_type, padding=padding
+            image, grid, transform, interpolator, output_type, padding=padding
         )
-    field = sitk.TransformToDisplacementField(
-        transform, sitk.sitkVectorFloat64, *_geometry(on_grid)
-    )
+    geometry = (list(grid.size), grid.origin, grid.spacing, grid.direction)
+    field = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, *geometry)
 
     def warp(image: sitk.Image, interpolator: int, output_type: int, padding: float) -> sitk.Image:
         cast = sitk.Cast(image, output_type)
-        return sitk.Warp(cast, field, interpolator, *_geometry(on_grid), padding)
+        return sitk.Warp(cast, field, interpolator, *geometry, padding)
 
     return warp
-
-
-def _geometry(image: sitk.Image) -> tuple:
-    return image.GetSize(), image.GetOrigin(), image.GetSpacing(), image.GetDirection()
 
 
 def _warp_components(

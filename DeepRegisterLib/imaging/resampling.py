@@ -20,6 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import stop_if_cancelled
+from .geometry import Grid
 
 IsCancelled = Callable[[], bool]
 SLAB_VOXELS = 2**17  # per Gaussian slab: its passes stay in a core's cache (2.2x faster than 4 M)
@@ -56,16 +57,23 @@ def run_filter(
 
 def resample(
     image: sitk.Image,
-    reference: sitk.Image,
+    reference: sitk.Image | Grid,
     transform: sitk.Transform,
     interpolator: int = sitk.sitkLinear,
     output_type: int = sitk.sitkFloat32,
     is_cancelled: IsCancelled = _never,
     padding: float = 0.0,
 ) -> sitk.Image:
-    """``sitk.Resample`` (``padding`` outside) that a cancel request interrupts."""
+    """``sitk.Resample`` (``padding`` outside) that a cancel request interrupts. A
+    :class:`Grid` serves as reference without an image of its size (a CT's: 157 MB to zero)."""
     resampler = sitk.ResampleImageFilter()
-    resampler.SetReferenceImage(reference)
+    if isinstance(reference, Grid):
+        resampler.SetSize(list(reference.size))
+        resampler.SetOutputSpacing(reference.spacing)
+        resampler.SetOutputOrigin(reference.origin)
+        resampler.SetOutputDirection(reference.direction)
+    else:
+        resampler.SetReferenceImage(reference)
     resampler.SetTransform(transform)
     resampler.SetInterpolator(interpolator)
     resampler.SetDefaultPixelValue(padding)
