@@ -184,6 +184,38 @@ def test_outputs_larger_than_the_memory_are_refused_before_warping(tmp_path, cap
     assert sorted(tmp_path.iterdir()) == before
 
 
+@pytest.mark.parametrize(
+    ("size", "pixel_id", "components", "labels", "itk", "engine"),
+    [
+        # a result of N values; the engine also copies the box (≤ the image) and a scan's as
+        # float32; ITK holds an integer scan's float32 warp before rounding it
+        ((10, 10, 10), sitk.sitkInt16, 1, False, 2 + 4, 2 + 2 + 4),
+        ((10, 10, 10), sitk.sitkUInt8, 1, True, 1, 1 + 1),
+        ((10, 10, 10), sitk.sitkFloat64, 1, False, 4, 4 + 8 + 4),
+        ((20, 20, 20), sitk.sitkInt16, 1, False, 2 + 4, 2 + 8 * (2 + 4)),  # 8 times N voxels
+        # ITK alone: pieces joined into a copy of their result
+        ((10, 10, 10), sitk.sitkVectorUInt8, 3, False, 2 * 3 * 1 + 4, None),
+        # a series through a float64 field (3 × 8 bytes a voxel) and a float32 cast volume
+        ((10, 10, 10, 30), sitk.sitkInt16, 1, False, 2 * 30 * 2 + 4 + 24 + 4, None),
+    ],
+)
+def test_the_memory_a_warp_needs_is_counted_for_either_warp(
+    size, pixel_id, components, labels, itk, engine
+):
+    """What ``apply`` and a batch's plan count to warp an image onto N voxels: ITK's need,
+    or the engine's where it is larger and may take the image (one component, the grid's
+    dimension), per voxel of the grid as measured on a CT (benchmarks/warp_memory.py)."""
+    from DeepRegisterLib.imaging.apply_transform import warped_bytes
+    from DeepRegisterLib.imaging.geometry import ImageHeader
+    from DeepRegisterLib.registration.saved_transforms import warp_bytes
+
+    grid = oblique_grid(3, size=(10, 10, 10), spacing=(1.0, 1.0, 1.0))
+    header = ImageHeader(len(size), size, (1.0,) * len(size), components, pixel_id)
+    voxels = 1000
+    assert warped_bytes(header, grid, labels) == itk * voxels
+    assert warp_bytes(header, grid, labels) == max(itk, engine or 0) * voxels
+
+
 # --- a Slicer segmentation ---------------------------------------------------------------------
 
 

@@ -140,8 +140,8 @@ def test_the_worker_plan_counts_the_more_images(data):
 
     from DeepRegisterLib.batch import check_jobs, jobs_from_csv
     from DeepRegisterLib.batch.cluster import job_peak_bytes
-    from DeepRegisterLib.imaging.apply_transform import warped_bytes
     from DeepRegisterLib.imaging.geometry import Grid
+    from DeepRegisterLib.registration.saved_transforms import warp_bytes
     from DeepRegisterLib.registration.settings import RegistrationSettings
 
     job = jobs_from_csv(data / "jobs.csv")[0]
@@ -155,7 +155,7 @@ def test_the_worker_plan_counts_the_more_images(data):
         read = 4 * image.GetNumberOfComponentsPerPixel() * image.GetNumberOfPixels()
         labels = column.startswith("labels:")
         added = job_peak_bytes(one, headers, settings) - alone
-        assert added == read + warped_bytes(image, fixed, labels), column
+        assert added == read + warp_bytes(image, fixed, labels), column
     series = dict(job.more_images)["image:series"]
     only_series = replace(job, more_images=(("image:series", series),))
     assert job_peak_bytes(only_series, headers, settings) - alone >= 3 * 2 * 24**3

@@ -72,15 +72,15 @@ def job_peak_bytes(
 
 def _warped_bytes(image: ImageHeader, fixed: ImageHeader, labels: bool) -> int:
     """A more image read (4 bytes a value at most) and warped onto the fixed grid, by
-    ``deepregister apply``'s own rule (``apply_transform.warped_bytes``)."""
-    from ..imaging.apply_transform import warped_bytes
+    ``deepregister apply``'s own rule (``saved_transforms.warp_bytes``)."""
     from ..imaging.geometry import Grid
+    from ..registration.saved_transforms import warp_bytes
 
     dim = fixed.dimension
     identity = tuple(float(row == column) for row in range(dim) for column in range(dim))
     grid = Grid(fixed.size, fixed.spacing, (0.0,) * dim, identity)
     read = 4 * image.components * math.prod(image.size)
-    return read + warped_bytes(image, grid, labels)  # type: ignore[arg-type]
+    return read + warp_bytes(image, grid, labels)
 
 
 def plan_workers(

@@ -151,21 +151,22 @@ def _checked_inputs(
 
 
 def _check_memory(inputs: list[_Input], grid: Grid) -> None:
-    """Refuse an input that would not fit in the memory available with its warped copy (each
-    is read when it is warped, and written before the next): a 4D series onto a fine grid is
-    the usual way there (200 16-bit volumes onto a 1 mm brain's grid: 6.7 GB)."""
+    """Refuse an input that would not fit in the memory available with its warped copy and
+    the warp's working memory (each is read when it is warped, and written before the next):
+    a 4D series onto a fine grid is the usual way there (200 16-bit volumes onto a 1 mm
+    brain's grid: 13.4 GB, its volumes and the series joined from them)."""
     import numpy as np
     import psutil
     import SimpleITK as sitk
 
-    from ..imaging.apply_transform import warped_bytes
+    from ..registration.saved_transforms import warp_bytes
 
     def read_bytes(header: ImageHeader) -> int:
         probe = sitk.Image([1, 1], header.pixel_id, header.components)
         return int(np.prod(header.size)) * header.components * probe.GetSizeOfPixelComponent()
 
     needed = max(
-        read_bytes(item.header) + warped_bytes(item.header, grid, item.labels) for item in inputs
+        read_bytes(item.header) + warp_bytes(item.header, grid, item.labels) for item in inputs
     )
     available = psutil.virtual_memory().available
     if needed > 0.9 * available:

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from ..imaging.apply_transform import apply_transform
-from ..imaging.geometry import Grid, affine_parameters
+from ..imaging.apply_transform import apply_transform, result_bytes, warped_bytes
+from ..imaging.geometry import Grid, ImageHeader, affine_parameters
 from ..imaging.intensity_window import IntensityWindow
 from ..imaging.segmentation_file import carry_segments, is_slicer_segmentation
 
@@ -89,6 +89,21 @@ class SavedTransformWarp:
             and image.GetNumberOfComponentsPerPixel() == 1
             and (labels or IntensityWindow.of(image).padding == 0.0)
         )
+
+
+def warp_bytes(image: sitk.Image | ImageHeader, grid: Grid, labels: bool) -> int:
+    """The memory to warp ``image`` (or its header) onto ``grid`` beyond the image itself, by
+    whichever warp takes it: ITK's (:func:`warped_bytes`), or the engine's, which copies the
+    box around the non-zero voxels (at most the image) and a scan's box as float32 beside
+    the result. The CT's scan took 1.08 GB above the read image by the engine (1.26 counted)
+    and 0.96 by ITK (0.94); its labels 0.33 (0.31) and 0.16 (0.16)."""
+    itk = warped_bytes(image, grid, labels)
+    if image.GetNumberOfComponentsPerPixel() > 1 or image.GetDimension() != grid.dim:
+        return itk  # ITK's alone
+    voxels = int(np.prod(image.GetSize()))
+    probe = sitk.Image([1] * grid.dim, image.GetPixelID())
+    crop = voxels * probe.GetSizeOfPixelComponent() + (0 if labels else 4 * voxels)
+    return max(itk, result_bytes(image, grid, labels) + crop)
 
 
 def engine_form(transform: sitk.Transform, grid: Grid) -> EngineForm | None:
