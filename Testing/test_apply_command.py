@@ -477,3 +477,25 @@ def test_the_engines_form_is_recognised_and_nothing_else():
     }
     for what, transform in refused.items():
         assert saved_transforms.engine_form(transform, reference) is None, what
+
+
+def test_the_field_the_engine_keeps_is_counted_as_made(monkeypatch):
+    """``field_bytes``, which ``apply``'s memory check adds once for all its images, is what
+    the engine's warp holds of the field: its slices interpolated onto the reference's fast
+    axes, made once up to SHARED_SLICES_BYTES, and nothing kept whole beyond it or for ITK."""
+    reference = Grid((20, 18, 16), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+    coarse = Grid((8, 7, 6), (3.0, 3.0, 3.0), (-2.0, -1.0, 0.5), tuple(np.eye(3).ravel()))
+    values = np.zeros((6, 7, 8, 3))
+    values[2:4, 2:5, 3:6] = (0.4, -0.7, 1.1)
+    rigid = sitk.Euler3DTransform((9.0, 8.0, 7.0), 0.05, -0.02, 0.03, (1.0, -2.0, 0.5))
+    transform = sitk.CompositeTransform([rigid, field_transform(values, coarse)])
+    image = reference.apply_to(sitk.GetImageFromArray(np.ones((16, 18, 20), np.float32)))
+
+    warp = saved_transforms.SavedTransformWarp(transform, reference, min_voxels=0)
+    warp(image, False)
+    made = warp._engine._field._v._shared  # the engine's own slices, built by the warp
+    assert warp.field_bytes == sum(piece.numel() * piece.element_size() for piece in made)
+    assert warp.field_bytes == 6 * 3 * 20 * 18 * 4  # K slices × components × I × J, float32
+    monkeypatch.setattr(saved_transforms, "SHARED_SLICES_BYTES", warp.field_bytes - 1)
+    assert saved_transforms.SavedTransformWarp(transform, reference, 0).field_bytes == 0
+    assert saved_transforms.SavedTransformWarp(rigid, reference, 0).field_bytes == 0  # ITK

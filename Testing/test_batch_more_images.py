@@ -134,13 +134,15 @@ def test_bad_more_image_columns_and_files_are_refused_before_any_work(data, tmp_
 
 def test_the_worker_plan_counts_the_more_images(data):
     """Each more image adds what reading it takes (4 bytes a value at most) and what
-    ``apply`` needs to warp it, by apply's own rule: a series of three 16-bit volumes its
-    three volumes on the fixed grid (no field: it would outweigh them), labels their type."""
+    ``apply`` needs to warp it, by apply's own rule, with the field the engine's warp keeps
+    for them: a series of three 16-bit volumes its three volumes on the fixed grid, and the
+    series joined from them (no field: it would outweigh them), labels their type."""
     from dataclasses import replace
 
     from DeepRegisterLib.batch import check_jobs, jobs_from_csv
     from DeepRegisterLib.batch.cluster import job_peak_bytes
     from DeepRegisterLib.imaging.geometry import Grid
+    from DeepRegisterLib.imaging.volumes import SHARED_SLICES_BYTES
     from DeepRegisterLib.registration.saved_transforms import warp_bytes
     from DeepRegisterLib.registration.settings import RegistrationSettings
 
@@ -155,7 +157,8 @@ def test_the_worker_plan_counts_the_more_images(data):
         read = 4 * image.GetNumberOfComponentsPerPixel() * image.GetNumberOfPixels()
         labels = column.startswith("labels:")
         added = job_peak_bytes(one, headers, settings) - alone
-        assert added == read + warp_bytes(image, fixed, labels), column
+        field = SHARED_SLICES_BYTES  # the engine's field, once for a job's more images
+        assert added == read + warp_bytes(image, fixed, labels) + field, column
     series = dict(job.more_images)["image:series"]
     only_series = replace(job, more_images=(("image:series", series),))
     assert job_peak_bytes(only_series, headers, settings) - alone >= 3 * 2 * 24**3

@@ -49,12 +49,14 @@ def job_peak_bytes(
     job: BatchJob, headers: Mapping[str, ImageHeader], settings: RegistrationSettings
 ) -> int:
     """The engine's peak-memory estimate for a job, from the headers alone, and its more
-    images' on top (each held read and warped, float32 at most, until all are written).
+    images' on top (each held read and warped until all are written, and the field the
+    engine's warp keeps for them).
 
     The network grid is taken over the whole fixed image at the finest level's spacing; the
     engine crops it to the foreground (and coarsens very large ones), so this errs on the safe
     side.
     """
+    from ..imaging.volumes import SHARED_SLICES_BYTES
     from ..registration.memory_plan import estimate_peak_bytes
 
     fixed, moving = headers[job.fixed], headers[job.moving]
@@ -63,11 +65,12 @@ def job_peak_bytes(
     for size, step in zip(fixed.size, fixed.spacing, strict=True):
         voxels *= max(1.0, size * step / spacing)
     engine = estimate_peak_bytes(fixed, moving, int(voxels))  # type: ignore[arg-type]
-    more = (
+    more = [
         _warped_bytes(headers[path], fixed, more_image(column)[1])
         for column, path in job.more_images
-    )
-    return engine + sum(more)
+    ]
+    # The engine's warp keeps at most SHARED_SLICES_BYTES of the job's field for them all.
+    return engine + sum(more) + (SHARED_SLICES_BYTES if more else 0)
 
 
 def _warped_bytes(image: ImageHeader, fixed: ImageHeader, labels: bool) -> int:

@@ -150,11 +150,12 @@ def _checked_inputs(
     return inputs
 
 
-def _check_memory(inputs: list[_Input], grid: Grid) -> None:
+def _check_memory(inputs: list[_Input], grid: Grid, warp: SavedTransformWarp) -> None:
     """Refuse an input that would not fit in the memory available with its warped copy and
-    the warp's working memory (each is read when it is warped, and written before the next):
-    a 4D series onto a fine grid is the usual way there (200 16-bit volumes onto a 1 mm
-    brain's grid: 13.4 GB, its volumes and the series joined from them)."""
+    the warp's working memory (each is read when it is warped, and written before the next;
+    the engine's field is kept for all): a 4D series onto a fine grid is the usual way there
+    (200 16-bit volumes onto a 1 mm brain's grid: 13.4 GB, its volumes and the series joined
+    from them)."""
     import numpy as np
     import psutil
     import SimpleITK as sitk
@@ -165,7 +166,7 @@ def _check_memory(inputs: list[_Input], grid: Grid) -> None:
         probe = sitk.Image([1, 1], header.pixel_id, header.components)
         return int(np.prod(header.size)) * header.components * probe.GetSizeOfPixelComponent()
 
-    needed = max(
+    needed = warp.field_bytes + max(
         read_bytes(item.header) + warp_bytes(item.header, grid, item.labels) for item in inputs
     )
     available = psutil.virtual_memory().available
@@ -250,7 +251,7 @@ def run_apply(args: argparse.Namespace) -> int:
     if warp.may_use_engine:  # torch loads while the inputs are checked and the first is read
         load_torch_beside()
     inputs = _checked_inputs(jobs, transform, grid)
-    _check_memory(inputs, grid)
+    _check_memory(inputs, grid, warp)
     write = partial(fileio.write_image, compress=not args.uncompressed)
     written: list[Path] = []
     with contextlib.ExitStack() as staging:  # an error unwinds every staged file unmoved

@@ -21,6 +21,9 @@ from .geometry import Grid
 IsCancelled = Callable[[], bool] | None
 SLAB_VOXELS = 2_000_000  # per slab: bounds working memory, and the wait for a cancel
 THREADED_ALLOCATION_VALUES = 2**25  # 256 MiB of float64: about a tenth of a second to zero
+#: A field's slices interpolated onto an output grid's fast axes (``registration.warping``) are
+#: made once, shared by the threads that read them, up to this size (a brain's: 77 MB).
+SHARED_SLICES_BYTES = 256 * 2**20
 
 
 def stop_if(is_cancelled: IsCancelled) -> None:

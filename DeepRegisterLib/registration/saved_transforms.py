@@ -31,6 +31,7 @@ from ..imaging.apply_transform import apply_transform, result_bytes, warped_byte
 from ..imaging.geometry import Grid, ImageHeader, affine_parameters
 from ..imaging.intensity_window import IntensityWindow
 from ..imaging.segmentation_file import carry_segments, is_slicer_segmentation
+from ..imaging.volumes import SHARED_SLICES_BYTES
 
 #: Output voxels from which the engine warps a scalar image: ITK took 51–59 ns a voxel for a
 #: CT's scan and 35–40 for its labels, the engine 31–34 and 7–18, after torch's import (about
@@ -69,6 +70,17 @@ class SavedTransformWarp:
     def may_use_engine(self) -> bool:
         """Whether an image may go to the engine (the caller can start torch's import)."""
         return self._form is not None
+
+    @property
+    def field_bytes(self) -> int:
+        """What the engine's warp keeps of the field beside the images it warps: the field's
+        slices interpolated onto the grid's fast axes, made once where they take
+        :data:`SHARED_SLICES_BYTES` or less (a brain's: 77 MB), a few at a time otherwise."""
+        if self._form is None:
+            return 0
+        slices = self._form.field.GetSize()[-1] * self._grid.dim * 4  # float32 components
+        size = slices * int(np.prod(self._grid.size[:-1]))
+        return size if size <= SHARED_SLICES_BYTES else 0
 
     def __call__(self, image: sitk.Image, labels: bool) -> sitk.Image:
         if self._form is None or not self.engine_takes(image, labels):

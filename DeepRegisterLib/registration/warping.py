@@ -19,15 +19,13 @@ import SimpleITK as sitk
 import torch
 
 from ..imaging.geometry import Grid, affine_parameters
-from ..imaging.volumes import allocate, paste_rows, rows_per_slab, stop_if
+from ..imaging.volumes import SHARED_SLICES_BYTES, allocate, paste_rows, rows_per_slab, stop_if
 from ..nn.filters import grid_sample
 
 #: Voxels of a field evaluated at a time: its few arrays (1 MB each) stay in the CPU's cache.
 CACHE_VOXELS = 2**18
 #: Slices of a field interpolated along its fast axes that each thread keeps (a row reads two).
 KEPT_SLICES = 4
-#: Up to this size all of them are made once, shared by the threads that read the field.
-SHARED_SLICES_BYTES = 256 * 2**20
 
 
 def index_map(
