@@ -179,7 +179,7 @@ def test_outputs_larger_than_the_memory_are_refused_before_warping(tmp_path, cap
 
     assert code == cli.EXIT_MEMORY
     message = capsys.readouterr()
-    assert "an image and its warped copy would take 150.0 GB, more than the" in message.err
+    assert "warping an image would take 150.0 GB (the image, its warped copy" in message.err
     assert "warping" not in message.out
     assert sorted(tmp_path.iterdir()) == before
 
@@ -188,11 +188,12 @@ def test_outputs_larger_than_the_memory_are_refused_before_warping(tmp_path, cap
     ("size", "pixel_id", "components", "labels", "itk", "engine"),
     [
         # a result of N values; the engine also copies the box (≤ the image) and a scan's as
-        # float32; ITK holds an integer scan's float32 warp before rounding it
-        ((10, 10, 10), sitk.sitkInt16, 1, False, 2 + 4, 2 + 2 + 4),
-        ((10, 10, 10), sitk.sitkUInt8, 1, True, 1, 1 + 1),
-        ((10, 10, 10), sitk.sitkFloat64, 1, False, 4, 4 + 8 + 4),
-        ((20, 20, 20), sitk.sitkInt16, 1, False, 2 + 4, 2 + 8 * (2 + 4)),  # 8 times N voxels
+        # float32, and works on a slab (here the whole grid, 32 bytes a voxel); ITK holds an
+        # integer scan's float32 warp before rounding it
+        ((10, 10, 10), sitk.sitkInt16, 1, False, 2 + 4, 2 + 2 + 4 + 32),
+        ((10, 10, 10), sitk.sitkUInt8, 1, True, 1, 1 + 1 + 32),
+        ((10, 10, 10), sitk.sitkFloat64, 1, False, 4, 4 + 8 + 4 + 32),
+        ((20, 20, 20), sitk.sitkInt16, 1, False, 2 + 4, 2 + 8 * (2 + 4) + 32),  # 8 N voxels
         # ITK alone: pieces joined into a copy of their result
         ((10, 10, 10), sitk.sitkVectorUInt8, 3, False, 2 * 3 * 1 + 4, None),
         # a series through a float64 field (3 × 8 bytes a voxel) and a float32 cast volume

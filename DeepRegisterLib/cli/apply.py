@@ -166,15 +166,18 @@ def _check_memory(inputs: list[_Input], grid: Grid, warp: SavedTransformWarp) ->
         probe = sitk.Image([1, 1], header.pixel_id, header.components)
         return int(np.prod(header.size)) * header.components * probe.GetSizeOfPixelComponent()
 
+    engine = warp.may_use_engine
     needed = warp.field_bytes + max(
-        read_bytes(item.header) + warp_bytes(item.header, grid, item.labels) for item in inputs
+        read_bytes(item.header) + warp_bytes(item.header, grid, item.labels, engine)
+        for item in inputs
     )
     available = psutil.virtual_memory().available
     if needed > 0.9 * available:
         gb = 1e9
         raise ResourceError(
-            f"an image and its warped copy would take {needed / gb:.1f} GB, more than the "
-            f"{available / gb:.1f} GB of memory available: give --spacing for a coarser grid "
+            f"warping an image would take {needed / gb:.1f} GB (the image, its warped copy "
+            f"and the warp's working memory), more than the {available / gb:.1f} GB of "
+            "memory available: give --spacing for a coarser grid "
             "over the reference's field of view (e.g. the series' own spacing), or warp a long "
             "series in parts"
         )

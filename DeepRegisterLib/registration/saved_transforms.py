@@ -31,8 +31,11 @@ from ..imaging.apply_transform import apply_transform, result_bytes, warped_byte
 from ..imaging.geometry import Grid, ImageHeader, affine_parameters
 from ..imaging.intensity_window import IntensityWindow
 from ..imaging.segmentation_file import carry_segments, is_slicer_segmentation
-from ..imaging.volumes import SHARED_SLICES_BYTES
+from ..imaging.volumes import SHARED_SLICES_BYTES, rows_per_slab
 
+#: Bytes a voxel of the slab the engine's warp works on at a time: where its voxels land,
+#: whether inside, their values (measured: 25–33).
+SLAB_WORKING_BYTES = 32
 #: Output voxels from which the engine warps a scalar image: ITK took 51–59 ns a voxel for a
 #: CT's scan and 35–40 for its labels, the engine 31–34 and 7–18, after torch's import (about
 #: 1.2 s): a 256³ brain's 17 million stay with ITK.
@@ -103,19 +106,27 @@ class SavedTransformWarp:
         )
 
 
-def warp_bytes(image: sitk.Image | ImageHeader, grid: Grid, labels: bool) -> int:
+def warp_bytes(
+    image: sitk.Image | ImageHeader, grid: Grid, labels: bool, engine: bool = True
+) -> int:
     """The memory to warp ``image`` (or its header) onto ``grid`` beyond the image itself, by
-    whichever warp takes it: ITK's (:func:`warped_bytes`), or the engine's, which copies the
-    box around the non-zero voxels (at most the image) and a scan's box as float32 beside
-    the result. The CT's scan took 1.08 GB above the read image by the engine (1.26 counted)
-    and 0.96 by ITK (0.94); its labels 0.33 (0.31) and 0.16 (0.16)."""
+    whichever warp takes it: ITK's (:func:`warped_bytes`), or, where ``engine`` may take it
+    (:attr:`SavedTransformWarp.may_use_engine`; unknown, it may), the engine's, which copies the
+    box around the non-zero voxels (at most the image), and a scan's box as float32, beside
+    the result, and works a slab of the grid at a time (:data:`SLAB_WORKING_BYTES` a voxel).
+    The field the engine keeps is :attr:`SavedTransformWarp.field_bytes`, once for all
+    images. Measured (``benchmarks/warp_memory.py``), the CT's scan took 1.16 GB above the
+    read image by the engine and 0.96 by ITK, 1.32 counted; its labels 0.36 and 0.16, 0.37
+    counted."""
     itk = warped_bytes(image, grid, labels)
-    if image.GetNumberOfComponentsPerPixel() > 1 or image.GetDimension() != grid.dim:
+    if not engine or image.GetNumberOfComponentsPerPixel() > 1 or image.GetDimension() != grid.dim:
         return itk  # ITK's alone
     voxels = int(np.prod(image.GetSize()))
     probe = sitk.Image([1] * grid.dim, image.GetPixelID())
     crop = voxels * probe.GetSizeOfPixelComponent() + (0 if labels else 4 * voxels)
-    return max(itk, result_bytes(image, grid, labels) + crop)
+    rows = min(rows_per_slab(grid), grid.size[-1])
+    slab = rows * int(np.prod(grid.size[:-1])) * SLAB_WORKING_BYTES
+    return max(itk, result_bytes(image, grid, labels) + crop + slab)
 
 
 def engine_form(transform: sitk.Transform, grid: Grid) -> EngineForm | None:
