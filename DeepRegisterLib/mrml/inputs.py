@@ -12,7 +12,7 @@ import SimpleITK as sitk
 import slicer
 
 from ..errors import InputError
-from .nodes import imageFromVolumeNode, onGrid, referenceImage
+from .nodes import imageFromVolumeNode, onGrid, referenceGrid
 from .segmentations import (
     SegmentInfo,
     labelmapSegmentation,
@@ -27,15 +27,13 @@ MaskNode = slicer.vtkMRMLScalarVolumeNode | slicer.vtkMRMLSegmentationNode
 
 def maskImage(maskNode, referenceVolumeNode: slicer.vtkMRMLVolumeNode) -> sitk.Image:
     """A 0/1 uint8 mask on the reference grid from a volume (non-zero) or a segmentation (union)."""
-    reference = referenceImage(referenceVolumeNode)
+    reference = referenceGrid(referenceVolumeNode)
     if maskNode.IsA("vtkMRMLSegmentationNode"):
         labels = segmentLabelsFromSegmentationNode(maskNode, referenceVolumeNode)
-        union = np.zeros(tuple(reversed(reference.GetSize())), dtype=bool)
+        union = np.zeros(reference.shape, dtype=bool)
         for layer in labels.layers:
             union |= sitk.GetArrayViewFromImage(layer) != 0
-        mask = sitk.GetImageFromArray(union.astype(np.uint8))
-        mask.CopyInformation(reference)
-        return mask
+        return reference.apply_to(sitk.GetImageFromArray(union.astype(np.uint8)))
     if not maskNode.IsA("vtkMRMLScalarVolumeNode"):
         raise InputError(f"mask '{maskNode.GetName()}' must be a volume or a segmentation")
     image = sitk.Cast(sitk.NotEqual(imageFromVolumeNode(maskNode), 0), sitk.sitkUInt8)
@@ -73,7 +71,7 @@ def labelSources(
 ) -> tuple[list[LabelSource], dict[str, sitk.Image]]:
     """The label images for the engine, on the moving grid, and where each came from."""
     sources, images = [], {}
-    moving = referenceImage(movingNode)
+    moving = referenceGrid(movingNode)
     for node in labelNodes:
         checkLabelNode(node)
         if node.IsA("vtkMRMLSegmentationNode"):

@@ -16,6 +16,7 @@ from vtk.util import numpy_support
 from ..errors import InputError
 from ..imaging.colour import is_colour
 from ..imaging.geometry import LPS_TO_RAS, Grid
+from ..imaging.resampling import resample
 
 
 def arrayFromImageData(imageData: vtk.vtkImageData, what: str) -> np.ndarray:
@@ -48,10 +49,17 @@ def rasGeometry(image: sitk.Image) -> tuple[np.ndarray, np.ndarray, tuple[float,
 
 def setLPSGeometry(image: sitk.Image, origin, directions, spacing) -> sitk.Image:
     """Set an image's geometry from RAS origin and direction (columns = I, J, K axes)."""
-    image.SetOrigin(tuple(float(v) for v in LPS_TO_RAS @ np.asarray(origin, dtype=float)))
-    image.SetDirection(tuple(float(v) for v in (LPS_TO_RAS @ np.asarray(directions)).ravel()))
-    image.SetSpacing(tuple(float(s) for s in spacing))
-    return image
+    return _lpsGrid(image.GetSize(), origin, directions, spacing).apply_to(image)
+
+
+def _lpsGrid(size, origin, directions, spacing) -> Grid:
+    """The LPS grid of a RAS origin and direction (columns = I, J, K axes)."""
+    return Grid(
+        tuple(int(n) for n in size),
+        tuple(float(s) for s in spacing),
+        tuple(float(v) for v in LPS_TO_RAS @ np.asarray(origin, dtype=float)),
+        tuple(float(v) for v in (LPS_TO_RAS @ np.asarray(directions)).ravel()),
+    )
 
 
 def embed3x3(matrix: np.ndarray) -> np.ndarray:
@@ -66,38 +74,33 @@ def _directionsOf(volumeNode: slicer.vtkMRMLVolumeNode) -> np.ndarray:
     return slicer.util.arrayFromVTKMatrix(matrix)[:3, :3]
 
 
-def sameGrid(a: sitk.Image, b: sitk.Image) -> bool:
+def sameGrid(a: sitk.Image | Grid, b: sitk.Image | Grid) -> bool:
+    a, b = (grid if isinstance(grid, Grid) else Grid.of(grid) for grid in (a, b))
     return (
-        a.GetSize() == b.GetSize()
-        and np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=1e-6, atol=0)
-        and np.allclose(a.GetOrigin(), b.GetOrigin(), rtol=0, atol=1e-4)
-        and np.allclose(a.GetDirection(), b.GetDirection(), rtol=0, atol=1e-6)
+        a.size == b.size
+        and np.allclose(a.spacing, b.spacing, rtol=1e-6, atol=0)
+        and np.allclose(a.origin, b.origin, rtol=0, atol=1e-4)
+        and np.allclose(a.direction, b.direction, rtol=0, atol=1e-6)
     )
 
 
-def referenceImage(volumeNode: slicer.vtkMRMLVolumeNode) -> sitk.Image:
-    """An empty image with the volume's geometry (no voxels copied), to resample onto."""
+def referenceGrid(volumeNode: slicer.vtkMRMLVolumeNode) -> Grid:
+    """The volume's grid (LPS), to resample onto: its geometry alone, where an image of its
+    size would take a CT's 157 MB and 0.08 s to zero."""
     if volumeNode.GetImageData() is None:
         raise InputError(f"volume '{volumeNode.GetName()}' has no image data")
     dimensions = volumeNode.GetImageData().GetDimensions()
-    image = sitk.Image([int(d) for d in dimensions], sitk.sitkUInt8)
-    return setLPSGeometry(
-        image, volumeNode.GetOrigin(), _directionsOf(volumeNode), volumeNode.GetSpacing()
+    return _lpsGrid(
+        dimensions, volumeNode.GetOrigin(), _directionsOf(volumeNode), volumeNode.GetSpacing()
     )
 
 
-def onGrid(image: sitk.Image, reference: sitk.Image, transform: sitk.Transform | None):
+def onGrid(image: sitk.Image, reference: Grid, transform: sitk.Transform | None):
     """Labels (nearest neighbour) on the reference grid; returned as is if already there."""
     if transform is None and sameGrid(image, reference):
         return image
-    return sitk.Resample(
-        image,
-        reference,
-        transform if transform is not None else sitk.Transform(),
-        sitk.sitkNearestNeighbor,
-        0,
-        image.GetPixelID(),
-    )
+    through = transform if transform is not None else sitk.Transform()
+    return resample(image, reference, through, sitk.sitkNearestNeighbor, image.GetPixelID())
 
 
 def imageFromVolumeNode(

@@ -18,7 +18,7 @@ from ..errors import InputError
 from ..imaging.geometry import Grid
 from ..registration.lattice import displacement_on_lattice
 from .inputs import LabelNode, LabelSource, labelSourceLayout
-from .nodes import referenceImage, sameGrid, showScalars, updateVolumeNodeFromImage
+from .nodes import referenceGrid, sameGrid, showScalars, updateVolumeNodeFromImage
 from .scene_edit import SceneEdit
 from .segmentations import SegmentLabels, updateSegmentationNodeFromSegmentLabels
 from .transforms import (
@@ -289,11 +289,11 @@ def _pushLabels(edit: SceneEdit, source: LabelSource, result, fixedNode) -> Labe
 
 
 def _checkResultFits(result: PushableResult, fixedNode) -> None:
-    fixed = referenceImage(fixedNode)
-    if not sameGrid(result.fixed_grid.reference_image(), fixed):
+    fixed = referenceGrid(fixedNode)
+    if not sameGrid(result.fixed_grid, fixed):
         raise InputError(
             f"the result was computed on another grid than the fixed volume "
-            f"'{fixedNode.GetName()}' (size {result.fixed_grid.size} vs {fixed.GetSize()}); push "
+            f"'{fixedNode.GetName()}' (size {result.fixed_grid.size} vs {fixed.size}); push "
             "it with the fixed volume it was registered to"
         )
     if result.deformation is None:

@@ -19,7 +19,7 @@ from .nodes import (
     imageDataFromArray,
     onGrid,
     rasGeometry,
-    referenceImage,
+    referenceGrid,
     setLPSGeometry,
 )
 from .transforms import frameTransform
@@ -128,7 +128,7 @@ def segmentLabelsFromSegmentationNode(
     parent transforms if these differ.
     """
     segmentation = labelmapSegmentation(segmentationNode)
-    reference = referenceImage(referenceVolumeNode)
+    reference = referenceGrid(referenceVolumeNode)
     toSegmentation = frameTransform(referenceVolumeNode, segmentationNode)
     segments, layerIndices = segmentLayout(segmentation)
     layers = []
@@ -138,8 +138,7 @@ def segmentLabelsFromSegmentationNode(
             what = f"segmentation '{segmentationNode.GetName()}'"
             image = onGrid(_imageFromOrientedImageData(imageData, what), reference, toSegmentation)
         else:
-            image = sitk.Image(reference.GetSize(), sitk.sitkUInt8)
-            image.CopyInformation(reference)
+            image = reference.reference_image()  # an empty layer: zeros on the grid
         layers.append(image)
     return SegmentLabels(layers, segments)
 
