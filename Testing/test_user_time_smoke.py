@@ -170,6 +170,18 @@ def test_warp_in_process_smoke_times_both_warps_and_compares_with_the_job(
     assert "| phantom 0 |" in results_file.with_suffix(".md").read_text()
 
 
+def test_warp_memory_smoke_measures_each_warp_beside_what_apply_counts(tmp_path: Path) -> None:
+    results_file = _smoke("warp_memory", tmp_path, "--series", "2")
+    rows = json.loads(results_file.read_text())["runs"]
+    ways = [(row["image"], row["way"]) for row in rows]
+    assert ways == [("scan", "engine"), ("scan", "ITK"), ("labels", "engine"),
+                    ("labels", "ITK"), ("series of 2", "ITK")]  # fmt: skip
+    for row in rows:
+        assert row["rise_mb"] > 0  # a warp that allocated nothing was not measured
+        assert row["counted_mb"] > 0
+    assert "| phantom 0 | series of 2 | this | ITK |" in results_file.with_suffix(".md").read_text()
+
+
 def test_the_ct_pair_is_written_as_nrrd_with_its_tissues_labelled(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
