@@ -29,9 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere, without installing
     sys.path.insert(0, str(REPO))
 
-from benchmarks.command_pairs import fsdev, phantoms  # noqa: E402
-from benchmarks.run_benchmark import DEFAULT_DATA, DEFAULT_OUT, machine_info, usable_cores  # noqa: E402
+from benchmarks.run_benchmark import DEFAULT_DATA, DEFAULT_OUT, usable_cores  # noqa: E402
 from benchmarks.user_time import report_stem, save_report  # noqa: E402
+from benchmarks.warp_time import chosen_pairs, new_results, report_head  # noqa: E402
 
 
 def _seconds(work: Callable[[], Any]) -> float:
@@ -74,11 +74,10 @@ def measure_pair(pair: dict[str, str], rounds: int) -> dict[str, Any]:
 
 def markdown(results: dict[str, Any]) -> str:
     lines = [
-        "# More images in a process that has loaded torch: the engine's warp beside ITK's",
-        "",
-        f"Command: `{results['command']}`; {results['machine'].get('cpu', '')}, "
-        f"{results['options']['threads']} threads.",
-        "",
+        *report_head(
+            "More images in a process that has loaded torch: the engine's warp beside ITK's",
+            results,
+        ),
         "Medians of the rounds, each from the image in memory to its warp in memory, through "
         "the pair's own `fast` transform; *differing*: voxels unlike the job's own warped "
         "scan or labels.",
@@ -126,15 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     stem = report_stem(args, "warp-in-process")
-    results: dict[str, Any] = {
-        "command": " ".join(["python benchmarks/warp_in_process.py", *(argv or sys.argv[1:])]),
-        "machine": machine_info("cpu"),
-        "options": {key: str(value) for key, value in vars(args).items()},
-        "runs": [],
-    }
+    results = new_results("warp_in_process.py", args, argv)
     with tempfile.TemporaryDirectory(prefix="deepregister-warp-in-process-") as work:
-        pairs = phantoms(1, Path(work)) if args.smoke else fsdev(args.data, args.pairs)
-        for pair in pairs:
+        for pair in chosen_pairs(args, Path(work)):
             results["runs"].append(measure_pair(pair, args.rounds))
             print(json.dumps(results["runs"][-1]), flush=True)
     save_report(args.out, stem, results, markdown(results))

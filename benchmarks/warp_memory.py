@@ -29,10 +29,16 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere, without installing
     sys.path.insert(0, str(REPO))
 
-from benchmarks.command_pairs import ct_pairs, fsdev, phantoms  # noqa: E402
-from benchmarks.run_benchmark import DEFAULT_DATA, DEFAULT_OUT, machine_info, usable_cores  # noqa: E402
+from benchmarks.run_benchmark import DEFAULT_DATA, DEFAULT_OUT, usable_cores  # noqa: E402
 from benchmarks.user_time import checked, child_env, report_stem, save_report, timed_child  # noqa: E402
-from benchmarks.warp_time import _series_files  # noqa: E402
+from benchmarks.warp_time import (  # noqa: E402
+    _series_files,
+    add_repo_option,
+    chosen_pairs,
+    new_results,
+    parsed,
+    report_head,
+)
 
 #: One warp in a fresh process: the rise of its peak resident set (VmHWM) from the moment the
 #: image and the transform are in memory (and torch, for the engine), in bytes.
@@ -111,11 +117,9 @@ def measure_pair(
 
 def markdown(results: dict[str, Any]) -> str:
     lines = [
-        "# The memory a saved transform's warp takes, beside what `apply` counts",
-        "",
-        f"Command: `{results['command']}`; {results['machine'].get('cpu', '')}, "
-        f"{results['options']['threads']} threads.",
-        "",
+        *report_head(
+            "The memory a saved transform's warp takes, beside what `apply` counts", results
+        ),
         "*Rise*: how far a fresh process's peak resident set rose while it warped the image "
         "(the image, the transform and the engine's modules already in memory). *Counted*: "
         "what `apply` checks against the memory available beside the image read, from the "
@@ -146,34 +150,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="also a 4D series of N volumes at 3 mm (default: none)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="one small phantom pair")
     parser.add_argument("--ct", action="store_true", help="the CT-like pair (512² × 600)")
-    parser.add_argument(
-        "--repo", action="append", metavar="LABEL=PATH",
-        help="measure the warps from this checkout (repeatable); default: this one",
-    )  # fmt: skip
+    add_repo_option(parser, "measure the warps")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--tag", default="", help="suffix for the report's file names")
-    args = parser.parse_args(argv)
-    repos = args.repo or [f"this={REPO}"]
-    args.repos = {item.split("=", 1)[0]: Path(item.split("=", 1)[1]).resolve() for item in repos}
-    return args
+    return parsed(parser, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     stem = report_stem(args, "warp-memory")
-    results: dict[str, Any] = {
-        "command": " ".join(["python benchmarks/warp_memory.py", *(argv or sys.argv[1:])]),
-        "machine": machine_info("cpu"),
-        "options": {key: str(value) for key, value in vars(args).items() if key != "repos"},
-        "repos": {label: str(path) for label, path in args.repos.items()},
-        "runs": [],
-    }
+    results = new_results("warp_memory.py", args, argv)
     with tempfile.TemporaryDirectory(prefix="deepregister-warp-memory-") as work:
-        if args.smoke or args.ct:
-            pairs = phantoms(1, Path(work)) if args.smoke else ct_pairs(Path(work))
-        else:
-            pairs = fsdev(args.data, args.pairs)
-        for pair in pairs:
+        for pair in chosen_pairs(args, Path(work)):
             rows = measure_pair(pair, args.repos, args.threads, Path(work), args.series)
             results["runs"] += rows
             print(json.dumps(rows), flush=True)

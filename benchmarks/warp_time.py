@@ -193,6 +193,51 @@ def measure_pair(
 Column = tuple[str, Callable[[dict[str, Any]], str]]
 
 
+def report_head(title: str, results: dict[str, Any]) -> list[str]:
+    """A report's title and the line saying how it was run."""
+    return [
+        f"# {title}",
+        "",
+        f"Command: `{results['command']}`; {results['machine'].get('cpu', '')}, "
+        f"{results['options']['threads']} threads.",
+        "",
+    ]
+
+
+def add_repo_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--repo LABEL=PATH`` (repeatable): the checkouts that run ``what``."""
+    parser.add_argument(
+        "--repo", action="append", metavar="LABEL=PATH",
+        help=f"{what} from this checkout (repeatable, e.g. before=/tmp/old); default: this one",
+    )  # fmt: skip
+
+
+def parsed(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """The arguments, with ``repos``: label → checkout, each resolved."""
+    args = parser.parse_args(argv)
+    repos = args.repo or [f"this={REPO}"]
+    args.repos = {item.split("=", 1)[0]: Path(item.split("=", 1)[1]).resolve() for item in repos}
+    return args
+
+
+def new_results(script: str, args: argparse.Namespace, argv: Sequence[str] | None) -> dict:
+    """A run's record before its rows: how it was run, where, from which checkouts."""
+    return {
+        "command": " ".join([f"python benchmarks/{script}", *(argv or sys.argv[1:])]),
+        "machine": machine_info("cpu"),
+        "options": {key: str(value) for key, value in vars(args).items() if key != "repos"},
+        "repos": {label: str(path) for label, path in getattr(args, "repos", {}).items()},
+        "runs": [],
+    }
+
+
+def chosen_pairs(args: argparse.Namespace, work: Path) -> list[dict[str, str]]:
+    """The phantom (``--smoke``), the CT-like pair (``--ct``) or ``--pairs`` fs-dev pairs."""
+    if args.smoke or args.ct:
+        return phantoms(1, work) if args.smoke else ct_pairs(work)
+    return fsdev(args.data, args.pairs)
+
+
 def markdown(results: dict[str, Any]) -> str:
     rows = results["runs"]
     ants = all("ants_s" in row for row in rows)
@@ -210,11 +255,7 @@ def markdown(results: dict[str, Any]) -> str:
         ("ANTs peak MB", lambda row: f"{row['ants_peak_mb']:.0f}"),
     ]
     lines = [
-        "# Warping more images through a saved transform",
-        "",
-        f"Command: `{results['command']}`; {results['machine'].get('cpu', '')}, "
-        f"{results['options']['threads']} threads.",
-        "",
+        *report_head("Warping more images through a saved transform", results),
         "Each time is a fresh process, start to both files (the moving scan, linear; its labels, "
         "nearest neighbour) on the fixed grid, through `register`'s `.h5`. "
         "*Against register*: the largest intensity difference from `register`'s own warped "
@@ -295,35 +336,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="also warp a 4D series of N volumes (default: none)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="one small phantom pair")
     parser.add_argument("--ct", action="store_true", help="the CT-like pair (512² × 600)")
-    parser.add_argument(
-        "--repo", action="append", metavar="LABEL=PATH",
-        help="time apply from this checkout (repeatable, e.g. before=/tmp/old); default: this one",
-    )  # fmt: skip
+    add_repo_option(parser, "time apply")
     parser.add_argument("--rounds", type=int, default=1, help="apply runs per version, alternated")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--tag", default="", help="suffix for the report's file names")
-    args = parser.parse_args(argv)
-    repos = args.repo or [f"this={REPO}"]
-    args.repos = {item.split("=", 1)[0]: Path(item.split("=", 1)[1]).resolve() for item in repos}
-    return args
+    return parsed(parser, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     stem = report_stem(args, "warp-time")
-    results: dict[str, Any] = {
-        "command": " ".join(["python benchmarks/warp_time.py", *(argv or sys.argv[1:])]),
-        "machine": machine_info("cpu"),
-        "options": {key: str(value) for key, value in vars(args).items() if key != "repos"},
-        "repos": {label: str(path) for label, path in args.repos.items()},
-        "runs": [],
-    }
+    results = new_results("warp_time.py", args, argv)
     with tempfile.TemporaryDirectory(prefix="deepregister-warp-time-") as work:
-        if args.smoke or args.ct:
-            pairs = phantoms(1, Path(work)) if args.smoke else ct_pairs(Path(work))
-        else:
-            pairs = fsdev(args.data, args.pairs)
-        for pair in pairs:
+        for pair in chosen_pairs(args, Path(work)):
             rows = measure_pair(
                 pair, args.repos, args.threads, Path(work), not args.no_ants, args.series,
                 args.rounds,
