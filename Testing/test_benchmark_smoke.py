@@ -299,3 +299,24 @@ def test_head_pairs_take_the_whole_heads_of_the_subjects_that_have_one(tmp_path:
     assert [(p["name"], p["fixed"], p["moving"]) for p in timed] == [
         (p.name, p.fixed, p.moving) for p in pairs
     ]
+
+
+def test_the_memory_sweep_bins_each_image_and_measures_each_run(tmp_path: Path) -> None:
+    """``memory.py --sweep`` registers the CT-like pair with each image binned 1× or 2×, each
+    in its own process, beside the engine's estimate (small here: a smoke run)."""
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "memory.py"), "--big-only", "--sweep",
+         "--big-shape", "40", "40", "48", "--big-spacing", "4", "4", "4", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    runs = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("*-memory-*.json"))]
+    assert sorted(tuple(run["shrink"]) for run in runs) == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    for run in runs:
+        fixed, moving = run["sizes"]
+        assert fixed == [40 // run["shrink"][0], 40 // run["shrink"][0], 48 // run["shrink"][0]]
+        assert moving[2] == 48 // run["shrink"][1]
+        assert run["peak"] > run["rss_before"]
+        assert run["report_estimate"] > 0
+    report = next(tmp_path.glob("*-memory.md")).read_text()
+    assert "fixed binned 2×, moving 1×" in report

@@ -4,6 +4,7 @@
     python benchmarks/memory.py                       # both parts (the big one takes minutes)
     python benchmarks/memory.py --repeat-only --runs 50 --size 48
     python benchmarks/memory.py --big-only --big-shape 512 512 600
+    python benchmarks/memory.py --big-only --sweep --out /tmp/memory
 
 (a) ``--runs`` registrations of one small phantom pair in a row in this process, printing the
     resident set (VmRSS) after each; the verdict is the growth between run 10 and the last.
@@ -148,8 +149,11 @@ class CheckClock:
         return False
 
 
-def big_run(shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> dict:
-    """In a spawned child: build, register, measure; returns a JSON-able dict."""
+def big_run(
+    shape: tuple[int, int, int], spacing: tuple[float, float, float], shrink: tuple[int, int]
+) -> dict:
+    """In a spawned child: build (each image binned ``shrink`` times along every axis: fixed,
+    moving), register, measure; returns a JSON-able dict."""
     import torch
 
     from DeepRegisterLib import register
@@ -159,6 +163,11 @@ def big_run(shape: tuple[int, int, int], spacing: tuple[float, float, float]) ->
     out["settings"] = SETTINGS.to_dict()
     started = time.perf_counter()
     fixed, moving, extent = ct_pair(shape, spacing)
+    fixed, moving = (
+        sitk.BinShrink(image, [factor] * 3) if factor > 1 else image
+        for image, factor in zip((fixed, moving), shrink, strict=True)
+    )
+    out["sizes"] = [list(fixed.GetSize()), list(moving.GetSize())]
     out["build_s"] = time.perf_counter() - started
     out["build_peak"] = proc_status("VmHWM")
     out["rss_before"] = proc_status("VmRSS")
@@ -205,21 +214,26 @@ def big_run(shape: tuple[int, int, int], spacing: tuple[float, float, float]) ->
     return out
 
 
-def _child(queue, shape, spacing) -> None:
+def _child(queue, shape, spacing, shrink) -> None:
     try:
-        queue.put(("ok", big_run(shape, spacing)))
+        queue.put(("ok", big_run(shape, spacing, shrink)))
     except BaseException as error:  # reported to the parent, with where it happened
         import traceback
 
         queue.put(("error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
 
 
-def big(shape: tuple[int, int, int], spacing: tuple[float, float, float], reserve: int) -> dict:
+def big(
+    shape: tuple[int, int, int],
+    spacing: tuple[float, float, float],
+    reserve: int,
+    shrink: tuple[int, int] = (1, 1),
+) -> dict:
     """Run :func:`big_run` in a spawned child, sampling its RSS; kill it if the machine would
     drop below ``reserve`` bytes available."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    child = context.Process(target=_child, args=(queue, shape, spacing))
+    child = context.Process(target=_child, args=(queue, shape, spacing, shrink))
     started = time.perf_counter()
     child.start()
     sampled = {"max_rss": 0, "min_available": mem_available(), "killed": None}
@@ -252,6 +266,7 @@ def big(shape: tuple[int, int, int], spacing: tuple[float, float, float], reserv
     result = {
         "shape": list(shape),
         "spacing": list(spacing),
+        "shrink": list(shrink),
         **sampled,
         "exitcode": child.exitcode,
         "elapsed_s": time.perf_counter() - started,
@@ -267,6 +282,8 @@ def big(shape: tuple[int, int, int], spacing: tuple[float, float, float], reserv
 
 def describe_big(r: dict) -> list[str]:
     name = "×".join(map(str, r["shape"])) + " (" + "×".join(f"{s:g}" for s in r["spacing"]) + " mm)"
+    if r.get("shrink", [1, 1]) != [1, 1]:
+        name += ", fixed binned {}×, moving {}×".format(*r["shrink"])
     if "error" in r:
         return [
             f"- **{name}: FAILED** after {r['elapsed_s']:.0f} s; sampled peak RSS "
@@ -333,6 +350,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--repeat-only", action="store_true")
     parser.add_argument("--big-only", action="store_true")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="(b) the big pair four times, the fixed and the moving image each binned 1× or 2× "
+        "along every axis (what each image's size costs), instead of the medium and big pairs",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
 
@@ -370,16 +393,20 @@ def main(argv: list[str] | None = None) -> int:
         lines.append("")
     if not args.repeat_only:
         lines += ["## (b) Big CT-like volumes (int16), preset fast, CPU", ""]
-        for shape, spacing in (
-            (tuple(args.medium_shape), (1.0, 1.0, 1.0)),
-            (tuple(args.big_shape), tuple(args.big_spacing)),
-        ):
-            print(f"(b) {shape} at {spacing} mm …", flush=True)
-            r = big(shape, spacing, int(args.reserve_gib * GIB))
+        big_pair = (tuple(args.big_shape), tuple(args.big_spacing))
+        runs = (
+            [(*big_pair, (f, m)) for f in (1, 2) for m in (1, 2)]
+            if args.sweep
+            else [(tuple(args.medium_shape), (1.0, 1.0, 1.0), (1, 1)), (*big_pair, (1, 1))]
+        )
+        for shape, spacing, shrink in runs:
+            print(f"(b) {shape} at {spacing} mm, binned {shrink} …", flush=True)
+            r = big(shape, spacing, int(args.reserve_gib * GIB), shrink)
             for line in describe_big(r):
                 print("  " + line, flush=True)
             lines += describe_big(r)
-            (stem.parent / f"{stem.name}-{'x'.join(map(str, shape))}.json").write_text(
+            binned = "" if shrink == (1, 1) else "-binned{}{}".format(*shrink)
+            (stem.parent / f"{stem.name}-{'x'.join(map(str, shape))}{binned}.json").write_text(
                 json.dumps(r, indent=2, default=str) + "\n"
             )
         lines.append("")

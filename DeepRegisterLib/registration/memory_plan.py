@@ -30,18 +30,21 @@ def available_memory_bytes() -> int | None:
 
 
 def estimate_peak_bytes(fixed: sitk.Image, moving: sitk.Image, network_voxels: int) -> int:
-    """A deliberately generous estimate of the engine's peak memory.
+    """A deliberately generous estimate of the engine's peak memory above the images, with
+    the Python API's default outputs (the dense displacement, det J, the warped image).
 
-    Calibrated on measured peaks (256³ brain pair: 1.3 GiB; 512² × 600 CT pair: 6.9 GiB, of
-    which 6.0 GiB above the two images: 0.6 × this estimate) as ≈ 48 bytes per fixed voxel
-    (the displacement built in place, plus the normalised copy, warped image, det J; measured
-    when the displacement was float64, 12 bytes a voxel more than its float32 now),
-    16 per moving voxel (float copies), 160 per network voxel (images, fields, optimiser
-    state, autograd) and 512 MiB for the libraries themselves. Each CPU thread after the first
+    Measured on two threads (``benchmarks/memory.py --sweep``: the 512² × 600 CT pair, each
+    image binned 1× or 2× along every axis; and a 256³ pair with the model): the run's own
+    increase was 0.79–0.88 × this estimate on the CT sweep (4.20 GiB at full size) and 0.66 ×
+    on the 256³ pair. That is ≈ 20 bytes per fixed voxel (the outputs, built slab by slab),
+    8 per moving voxel (the affine stage's working copies), 160 per network voxel (images,
+    fields, optimiser state, autograd) and 640 MiB besides. Each CPU thread after the first
     adds 12 per network voxel, up to ``MAX_GRADIENT_CHUNKS``: the threaded grid sampler's
     gradient copy of a float32 flow. A colour moving picture (``moving`` with its channels)
     adds, for each channel after the first, 5 bytes a fixed voxel and 5 a moving one: the
-    channel as float32 to warp and its warped copy, then composed.
+    channel as float32 to warp and its warped copy, then composed. (Calibrated in November at
+    48 and 16 bytes and 512 MiB, when a CT took 6.0 GiB: 2.4 × what it takes now, which sent
+    a CT on a machine with 10 GiB free to a coarser grid.)
     """
     scale = fixed.GetDimension() / 3.0
     fixed_voxels = int(np.prod(fixed.GetSize()))
@@ -50,8 +53,8 @@ def estimate_peak_bytes(fixed: sitk.Image, moving: sitk.Image, network_voxels: i
     per_network_voxel = 160 + 12 * (chunks - 1)
     channels = 5 * (moving.GetNumberOfComponentsPerPixel() - 1) * (fixed_voxels + moving_voxels)
     return int(
-        fixed_voxels * 48 * scale + moving_voxels * 16 + network_voxels * per_network_voxel
-        + channels + 2**29
+        fixed_voxels * 20 * scale + moving_voxels * 8 + network_voxels * per_network_voxel
+        + channels + 640 * 2**20
     )  # fmt: skip
 
 
