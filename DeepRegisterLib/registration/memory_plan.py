@@ -43,8 +43,8 @@ def estimate_peak_bytes(fixed: sitk.Image, moving: sitk.Image, network_voxels: i
     gradient copy of a float32 flow. A colour moving picture (``moving`` with its channels)
     adds, for each channel after the first, 5 bytes a fixed voxel and 5 a moving one: the
     channel as float32 to warp and its warped copy, then composed. (Calibrated in November at
-    48 and 16 bytes and 512 MiB, when a CT took 6.0 GiB: 2.4 × what it takes now, which sent
-    a CT on a machine with 10 GiB free to a coarser grid.)
+    48 and 16 bytes and 512 MiB, when a CT took 6.0 GiB: 2.4 × what it takes now, which
+    refused a CT with 6 GiB to spend and sent it to a coarser grid with 10.)
     """
     scale = fixed.GetDimension() / 3.0
     fixed_voxels = int(np.prod(fixed.GetSize()))
