@@ -111,7 +111,9 @@ def test_the_command_line_takes_a_memory_limit_and_prints_the_choice(
     arguments = ["register", "--fixed", str(fixed), "--moving", str(moving), "--quiet",
                  "--preset", "balanced", "--iterations", "3", "--model", "none",
                  "--warped", str(tmp_path / "warped.nii.gz")]  # fmt: skip
-    free = engine.register(*pair, preset="balanced", model=None, device="cpu", iterations=3)
+    # The command line keeps neither the dense displacement nor det J for --warped alone.
+    free = engine.register(*pair, preset="balanced", model=None, device="cpu", iterations=3,
+                           compute_displacement=False, compute_jacobian=False)  # fmt: skip
     limit_gib = (free.report["estimated_peak_bytes"] - 1) / GIB
     assert cli.main([*arguments, "--max-memory", f"{limit_gib:.12f}"]) == 0
     assert "note: memory: the 2 mm grid needs about" in capsys.readouterr().out
@@ -232,10 +234,10 @@ def test_a_colour_moving_picture_is_counted_with_its_channels(pair) -> None:
 def test_a_ct_keeps_its_grid_where_the_memory_covers_what_it_was_measured_to_take(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The 512² × 600 CT pair's `fast` run took 4.2 GiB above its images (the Python API's
-    default outputs, two threads: benchmarks/memory.py --sweep). With 6 GiB to spend it keeps
-    its 2.86 mm grid; the estimate calibrated in November (10.2 GiB) refused it outright
-    there, and with 10 GiB sent it to a 4.29 mm grid."""
+    """The 512² × 600 CT pair's `fast` run took 4.2–4.3 GiB above its images with the Python
+    API's default outputs (two threads: benchmarks/memory.py --sweep). With 6 GiB to spend it
+    keeps its 2.86 mm grid; the estimate calibrated in November (10.2 GiB) refused it outright
+    there, and with 10 GiB sent it to a 4.29 mm grid. The command line's run, with 3 GiB."""
     from DeepRegisterLib.imaging.geometry import ImageHeader
 
     ct = ImageHeader(3, (512, 512, 600), (0.78, 0.78, 1.0), 1, sitk.sitkInt16)
@@ -244,4 +246,35 @@ def test_a_ct_keeps_its_grid_where_the_memory_covers_what_it_was_measured_to_tak
     plan = plan_memory(ct, ct, lambda mm: int(network * (2.86 / mm) ** 3), 2.86,
                        budget_bytes=6 * GIB)  # fmt: skip
     assert (plan.spacing_mm, plan.notes) == (2.86, ())
-    assert 4.2 * GIB < plan.estimated_bytes < 6 * GIB
+    assert 4.3 * GIB < plan.estimated_bytes < 6 * GIB
+    # The command line's outputs (no dense displacement, no det J): it took 1.77–1.89 GiB.
+    from DeepRegisterLib.registration.settings import RegistrationSettings
+
+    command = RegistrationSettings(compute_displacement=False, compute_jacobian=False)
+    lean = plan_memory(ct, ct, lambda mm: int(network * (2.86 / mm) ** 3), 2.86,
+                       budget_bytes=3 * GIB, settings=command)  # fmt: skip
+    assert (lean.spacing_mm, lean.notes) == (2.86, ())
+    assert 1.9 * GIB < lean.estimated_bytes < 3 * GIB
+
+
+def test_the_estimate_counts_the_dense_outputs_only_where_they_are_kept(pair) -> None:
+    """The dense displacement (4 bytes a component), det J (4) and the dense inverse (4 a
+    component, on the moving grid) are counted where the settings keep them: the command
+    line, a batch and Slicer keep none of them, and the CT pair's run took 1.89 GiB there
+    against 4.20 with the Python API's defaults (benchmarks/memory.py --outputs)."""
+    from DeepRegisterLib.registration.settings import RegistrationSettings
+
+    fixed, moving = pair
+    fixed_voxels, moving_voxels = fixed.GetNumberOfPixels(), moving.GetNumberOfPixels()
+    api = RegistrationSettings()
+    lean = api.replace(compute_displacement=False, keep_jacobian=False)
+    inverse = api.replace(compute_inverse=True, compute_inverse_displacement=True)
+    assert estimate_peak_bytes(fixed, moving, 1000) == estimate_peak_bytes(fixed, moving, 1000, api)
+    saved = estimate_peak_bytes(*pair, 1000, api) - estimate_peak_bytes(*pair, 1000, lean)
+    assert saved == fixed_voxels * (3 * 4 + 4)
+    added = estimate_peak_bytes(*pair, 1000, inverse) - estimate_peak_bytes(*pair, 1000, api)
+    assert added == moving_voxels * 3 * 4
+    no_jacobian = api.replace(compute_jacobian=False)  # nothing to keep
+    assert estimate_peak_bytes(*pair, 1000, no_jacobian) == estimate_peak_bytes(
+        *pair, 1000, api.replace(keep_jacobian=False)
+    )

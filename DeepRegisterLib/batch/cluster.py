@@ -64,7 +64,7 @@ def job_peak_bytes(
     voxels = 1.0
     for size, step in zip(fixed.size, fixed.spacing, strict=True):
         voxels *= max(1.0, size * step / spacing)
-    engine = estimate_peak_bytes(fixed, moving, int(voxels))  # type: ignore[arg-type]
+    engine = estimate_peak_bytes(fixed, moving, int(voxels), settings)  # type: ignore[arg-type]
     more = [
         _warped_bytes(headers[path], fixed, more_image(column)[1])
         for column, path in job.more_images

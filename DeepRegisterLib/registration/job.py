@@ -97,7 +97,7 @@ def _plan_grid(
         fixed_image, moving_picture, lambda mm: int(np.prod(network_grid_at(mm).size)), spacing,
         model_name=None if model_info is None else model_info.name, device=device.type,
         budget_bytes=memory_budget(settings.max_memory_bytes),
-        gpu_free_bytes=_gpu_free_bytes(device),
+        gpu_free_bytes=_gpu_free_bytes(device), settings=settings,
     )  # fmt: skip
     if not plan.use_model:
         model_info = None

@@ -13,6 +13,7 @@ import torch
 
 from ..errors import ResourceError
 from ..nn.filters import MAX_GRADIENT_CHUNKS
+from .settings import RegistrationSettings
 
 
 def available_memory_bytes() -> int | None:
@@ -29,32 +30,45 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def estimate_peak_bytes(fixed: sitk.Image, moving: sitk.Image, network_voxels: int) -> int:
-    """A deliberately generous estimate of the engine's peak memory above the images, with
-    the Python API's default outputs (the dense displacement, det J, the warped image).
+def estimate_peak_bytes(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    network_voxels: int,
+    settings: RegistrationSettings | None = None,
+) -> int:
+    """A deliberately generous estimate of the engine's peak memory above the images, with the
+    outputs ``settings`` keep (without them, the Python API's defaults).
 
-    Measured on two threads (``benchmarks/memory.py --sweep``: the 512² × 600 CT pair, each
-    image binned 1× or 2× along every axis; and a 256³ pair with the model): the run's own
-    increase was 0.79–0.88 × this estimate on the CT sweep (4.20 GiB at full size) and 0.66 ×
-    on the 256³ pair. That is ≈ 20 bytes per fixed voxel (the outputs, built slab by slab),
-    8 per moving voxel (the affine stage's working copies), 160 per network voxel (images,
-    fields, optimiser state, autograd) and 640 MiB besides. Each CPU thread after the first
-    adds 12 per network voxel, up to ``MAX_GRADIENT_CHUNKS``: the threaded grid sampler's
-    gradient copy of a float32 flow. A colour moving picture (``moving`` with its channels)
-    adds, for each channel after the first, 5 bytes a fixed voxel and 5 a moving one: the
-    channel as float32 to warp and its warped copy, then composed. (Calibrated in November at
-    48 and 16 bytes and 512 MiB, when a CT took 6.0 GiB: 2.4 × what it takes now, which
-    refused a CT with 6 GiB to spend and sent it to a coarser grid with 10.)
+    Measured on two threads, twice each (``benchmarks/memory.py --sweep``: the 512² × 600 CT
+    pair, each image binned 1× or 2× along every axis), the run's own increase was 0.67–0.89 ×
+    this estimate with the API's default outputs (the dense displacement and det J kept;
+    4.20–4.30 GiB at full size) and 0.65–0.92 × with the command line's (the warped image and
+    the transform; 1.77–1.89 GiB); a 256³ pair with the model 0.62–0.71 ×. That is ≈ 5 bytes
+    per fixed voxel (the normalised copy, the warped image, the slabs the outputs are built
+    in), 4 per component of the dense displacement and 4 for det J where kept; 5 per moving
+    voxel (the affine stage's working copies) and 4 per component of a dense inverse; 160 per
+    network voxel (images, fields, optimiser state, autograd) and 768 MiB besides. Each CPU thread
+    after the first adds 12 per network voxel, up to ``MAX_GRADIENT_CHUNKS``: the threaded
+    grid sampler's gradient copy of a float32 flow. A colour moving picture (``moving`` with
+    its channels) adds, for each channel after the first, 5 bytes a fixed voxel and 5 a moving
+    one: the channel as float32 to warp and its warped copy, then composed. (Calibrated in
+    November at 48 and 16 bytes and 512 MiB whatever the outputs, when a CT took 6.0 GiB: a CT
+    with 6 GiB to spend was refused, and sent to a coarser grid with 10.)
     """
-    scale = fixed.GetDimension() / 3.0
+    settings = settings if settings is not None else RegistrationSettings()
+    dim = fixed.GetDimension()
+    per_fixed = 5 * dim / 3.0
+    per_fixed += 4 * dim * settings.compute_displacement
+    per_fixed += 4 * (settings.compute_jacobian and settings.keep_jacobian)
+    per_moving = 5 + 4 * dim * (settings.compute_inverse and settings.compute_inverse_displacement)
     fixed_voxels = int(np.prod(fixed.GetSize()))
     moving_voxels = int(np.prod(moving.GetSize()))
     chunks = min(torch.get_num_threads(), MAX_GRADIENT_CHUNKS)
     per_network_voxel = 160 + 12 * (chunks - 1)
     channels = 5 * (moving.GetNumberOfComponentsPerPixel() - 1) * (fixed_voxels + moving_voxels)
     return int(
-        fixed_voxels * 20 * scale + moving_voxels * 8 + network_voxels * per_network_voxel
-        + channels + 640 * 2**20
+        fixed_voxels * per_fixed + moving_voxels * per_moving
+        + network_voxels * per_network_voxel + channels + 768 * 2**20
     )  # fmt: skip
 
 
@@ -94,6 +108,7 @@ def plan_memory(
     device: str = "cpu",
     budget_bytes: int | None = None,
     gpu_free_bytes: int | None = None,
+    settings: RegistrationSettings | None = None,
 ) -> MemoryPlan:
     """The requested plan if it fits, else the first safe one, with notes saying what changed.
 
@@ -103,7 +118,7 @@ def plan_memory(
     grid does not fit in the free GPU memory, the deformable stages run on the CPU instead.
     """
     gib = 2**30
-    needed = estimate_peak_bytes(fixed, moving, network_voxels(spacing_mm))
+    needed = estimate_peak_bytes(fixed, moving, network_voxels(spacing_mm), settings)
     plan = MemoryPlan(spacing_mm, model_name is not None, device, needed)
     if budget_bytes is not None and needed > budget_bytes:
         plan = None
@@ -112,7 +127,7 @@ def plan_memory(
             if spacing_mm * factor > max(MAX_COARSE_SPACING_MM, spacing_mm):
                 break
             coarse = spacing_mm * factor
-            coarse_needed = estimate_peak_bytes(fixed, moving, network_voxels(coarse))
+            coarse_needed = estimate_peak_bytes(fixed, moving, network_voxels(coarse), settings)
             if coarse_needed <= budget_bytes:
                 without = (
                     f" without model {model_name!r} (it needs {spacing_mm:g} mm)"
