@@ -301,12 +301,17 @@ def test_head_pairs_take_the_whole_heads_of_the_subjects_that_have_one(tmp_path:
     ]
 
 
-def test_the_memory_sweep_bins_each_image_and_measures_each_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("outputs", ["api", "command"])
+def test_the_memory_sweep_bins_each_image_and_measures_each_run(
+    tmp_path: Path, outputs: str
+) -> None:
     """``memory.py --sweep`` registers the CT-like pair with each image binned 1× or 2×, each
-    in its own process, beside the engine's estimate (small here: a smoke run)."""
+    in its own process, beside the engine's estimate for the outputs kept (small here: a
+    smoke run); with the command line's outputs no dense field or det J is kept."""
     completed = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "memory.py"), "--big-only", "--sweep",
-         "--big-shape", "40", "40", "48", "--big-spacing", "4", "4", "4", "--out", str(tmp_path)],
+         "--big-shape", "40", "40", "48", "--big-spacing", "4", "4", "4", "--out", str(tmp_path),
+         "--outputs", outputs],
         capture_output=True, text=True, timeout=300, cwd=REPO,
     )  # fmt: skip
     assert completed.returncode == 0, completed.stdout + completed.stderr
@@ -318,5 +323,8 @@ def test_the_memory_sweep_bins_each_image_and_measures_each_run(tmp_path: Path) 
         assert moving[2] == 48 // run["shrink"][1]
         assert run["peak"] > run["rss_before"]
         assert run["report_estimate"] > 0
+        assert run["settings"]["compute_displacement"] == (outputs == "api")
+        assert 0 < run["error_mm"] < 50  # measured through the transform where none was kept
     report = next(tmp_path.glob("*-memory.md")).read_text()
     assert "fixed binned 2×, moving 1×" in report
+    assert f"{outputs} outputs" in report
