@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -232,3 +233,12 @@ def an_oblique_3d_grid() -> Grid:
 @pytest.fixture
 def a_3d_phantom(an_oblique_3d_grid: Grid) -> Phantom:
     return make_phantom(3, grid_centre(an_oblique_3d_grid))
+
+
+@pytest.fixture(scope="session")
+def registered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A phantom pair registered once by the command line, with the files ``register`` wrote
+    (``registered_phantom``): what ``deepregister apply``'s tests compare against."""
+    from registered_phantom import registered_files
+
+    return registered_files(tmp_path_factory.mktemp("registered"))
