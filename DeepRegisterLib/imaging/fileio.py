@@ -103,9 +103,7 @@ def read_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
         raise InputError(f"{what} file not found: {source}")
     if source.is_dir():
         raise InputError(f"{what} path is a folder, not an image file: {source}")
-    problem = _nifti_truncation(source) if full_suffix(source) in (".nii", ".nii.gz") else None
-    if problem is not None:
-        raise InputError(_truncated(source, what, problem))
+    _refuse_truncated(source, what)
     try:
         return sitk.ReadImage(str(source))
     except RuntimeError as error:
@@ -115,11 +113,14 @@ def read_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
         ) from None
 
 
-def _truncated(source: Path, what: str, problem: str) -> str:
-    return (
-        f"cannot read {what} {source}: the file is truncated ({problem}); it was probably cut "
-        "short while copying or writing. Copy or export it again."
-    )
+def _refuse_truncated(source: Path, what: str) -> None:
+    """InputError for a NIfTI file shorter than its header says."""
+    problem = _nifti_truncation(source) if full_suffix(source) in (".nii", ".nii.gz") else None
+    if problem is not None:
+        raise InputError(
+            f"cannot read {what} {source}: the file is truncated ({problem}); it was probably "
+            "cut short while copying or writing. Copy or export it again."
+        )
 
 
 def _nifti_expected_bytes(header: bytes) -> int | None:
@@ -247,10 +248,8 @@ def read_header(path: str | os.PathLike, what: str = "image") -> sitk.ImageFileR
 def image_header(path: str | os.PathLike, what: str = "image") -> ImageHeader:
     """An image file's :class:`ImageHeader` (no voxels read), or why it cannot be read; a
     NIfTI file cut short is refused here, as :func:`read_image` refuses it."""
-    header, source = ImageHeader.of(read_header(path, what)), Path(path)
-    problem = _nifti_truncation(source) if full_suffix(source) in (".nii", ".nii.gz") else None
-    if problem is not None:
-        raise InputError(_truncated(source, what, problem))
+    header = ImageHeader.of(read_header(path, what))
+    _refuse_truncated(Path(path), what)
     return header
 
 
