@@ -156,19 +156,14 @@ def _check_memory(inputs: list[_Input], grid: Grid, warp: SavedTransformWarp) ->
     the engine's field is kept for all): a 4D series onto a fine grid is the usual way there
     (200 16-bit volumes onto a 1 mm brain's grid: 13.4 GB, its volumes and the series joined
     from them)."""
-    import numpy as np
     import psutil
-    import SimpleITK as sitk
 
+    from ..imaging.apply_transform import stored_bytes
     from ..registration.saved_transforms import warp_bytes
-
-    def read_bytes(header: ImageHeader) -> int:
-        probe = sitk.Image([1, 1], header.pixel_id, header.components)
-        return int(np.prod(header.size)) * header.components * probe.GetSizeOfPixelComponent()
 
     engine = warp.may_use_engine
     needed = warp.field_bytes + max(
-        read_bytes(item.header) + warp_bytes(item.header, grid, item.labels, engine)
+        stored_bytes(item.header) + warp_bytes(item.header, grid, item.labels, engine)
         for item in inputs
     )
     available = psutil.virtual_memory().available

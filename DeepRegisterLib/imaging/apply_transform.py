@@ -76,6 +76,12 @@ def result_bytes(image: sitk.Image | ImageHeader, grid: Grid, labels: bool = Fal
     return int(np.prod(grid.size)) * _pieces(image, grid) * _value_bytes(image, labels)
 
 
+def stored_bytes(image: sitk.Image | ImageHeader) -> int:
+    """The bytes ``image``'s voxels take in memory, read from a header or an image."""
+    per_voxel = image.GetNumberOfComponentsPerPixel() * _probe(image).GetSizeOfPixelComponent()
+    return int(np.prod(image.GetSize())) * per_voxel
+
+
 def apply_transform(
     image: sitk.Image, transform: sitk.Transform, reference: Grid | sitk.Image, labels: bool = False
 ) -> sitk.Image:
