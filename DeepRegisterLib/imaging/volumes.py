@@ -26,6 +26,16 @@ THREADED_ALLOCATION_VALUES = 2**25  # 256 MiB of float64: about a tenth of a sec
 SHARED_SLICES_BYTES = 256 * 2**20
 
 
+def shared_slices_bytes(
+    grid: Grid, slices: int, channels: int, value_bytes: int, bound: int
+) -> int | None:
+    """The bytes of a field's ``slices`` interpolated onto ``grid``'s fast axes, where they
+    are made once for every reader (``bound`` or less, :data:`SHARED_SLICES_BYTES`); None
+    where they would take more and are made a few at a time."""
+    size = value_bytes * channels * slices * int(np.prod(grid.shape[1:]))
+    return size if size <= bound else None
+
+
 def stop_if(is_cancelled: IsCancelled) -> None:
     stop_if_cancelled(is_cancelled, "while writing outputs")
 

@@ -27,11 +27,11 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from ..imaging.apply_transform import apply_transform, result_bytes, warped_bytes
+from ..imaging.apply_transform import apply_transform, result_bytes, stored_bytes, warped_bytes
 from ..imaging.geometry import Grid, ImageHeader, affine_parameters
 from ..imaging.intensity_window import IntensityWindow
 from ..imaging.segmentation_file import carry_segments, is_slicer_segmentation
-from ..imaging.volumes import SHARED_SLICES_BYTES, rows_per_slab
+from ..imaging.volumes import SHARED_SLICES_BYTES, rows_per_slab, shared_slices_bytes
 
 #: Bytes a voxel of the slab the engine's warp works on at a time: where its voxels land,
 #: whether inside, their values (measured: 25–33).
@@ -81,9 +81,9 @@ class SavedTransformWarp:
         :data:`SHARED_SLICES_BYTES` or less (a brain's: 77 MB), a few at a time otherwise."""
         if self._form is None:
             return 0
-        slices = self._form.field.GetSize()[-1] * self._grid.dim * 4  # float32 components
-        size = slices * int(np.prod(self._grid.size[:-1]))
-        return size if size <= SHARED_SLICES_BYTES else 0
+        slices = self._form.field.GetSize()[-1]  # the field's slowest axis, float32 components
+        size = shared_slices_bytes(self._grid, slices, self._grid.dim, 4, SHARED_SLICES_BYTES)
+        return size or 0
 
     def __call__(self, image: sitk.Image, labels: bool) -> sitk.Image:
         if self._form is None or not self.engine_takes(image, labels):
@@ -121,9 +121,7 @@ def warp_bytes(
     itk = warped_bytes(image, grid, labels)
     if not engine or image.GetNumberOfComponentsPerPixel() > 1 or image.GetDimension() != grid.dim:
         return itk  # ITK's alone
-    voxels = int(np.prod(image.GetSize()))
-    probe = sitk.Image([1] * grid.dim, image.GetPixelID())
-    crop = voxels * probe.GetSizeOfPixelComponent() + (0 if labels else 4 * voxels)
+    crop = stored_bytes(image) + (0 if labels else 4 * int(np.prod(image.GetSize())))
     rows = min(rows_per_slab(grid), grid.size[-1])
     slab = rows * int(np.prod(grid.size[:-1])) * SLAB_WORKING_BYTES
     return max(itk, result_bytes(image, grid, labels) + crop + slab)

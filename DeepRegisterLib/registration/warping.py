@@ -19,7 +19,14 @@ import SimpleITK as sitk
 import torch
 
 from ..imaging.geometry import Grid, affine_parameters
-from ..imaging.volumes import SHARED_SLICES_BYTES, allocate, paste_rows, rows_per_slab, stop_if
+from ..imaging.volumes import (
+    SHARED_SLICES_BYTES,
+    allocate,
+    paste_rows,
+    rows_per_slab,
+    shared_slices_bytes,
+    stop_if,
+)
 from ..nn.filters import grid_sample
 
 #: Voxels of a field evaluated at a time: its few arrays (1 MB each) stay in the CPU's cache.
@@ -155,10 +162,10 @@ class FieldOnGrid:
         self._rows = list(zip(low, w_low, high, w_high, strict=True))
         self._kept = threading.local()  # each thread's last slices: {index: (C, fast axes)}
         count = field_grid.shape[0]
-        size = field.element_size() * field.shape[1] * count * int(np.prod(grid.shape[1:]))
-        self._shared = (
-            [self._made(k) for k in range(count)] if size <= SHARED_SLICES_BYTES else None
+        size = shared_slices_bytes(
+            grid, count, field.shape[1], field.element_size(), SHARED_SLICES_BYTES
         )
+        self._shared = None if size is None else [self._made(k) for k in range(count)]
 
     def block(self, block: Block) -> torch.Tensor:
         """The resampled field over the array slices ``block``: (C, …).
