@@ -146,9 +146,11 @@ def _more_image_writers(
     from ..imaging.gradient_tables import carried_gradients
     from ..registration.saved_transforms import SavedTransformWarp
 
-    transform = result.transform() if job.more_images else None
+    if not job.more_images:
+        return {}, ()
+    transform, grid = result.transform(), Grid.of(fixed)
     # The job has loaded torch: the engine's warp pays at any size (SavedTransformWarp).
-    warp = SavedTransformWarp(transform, Grid.of(fixed), 0) if job.more_images else None
+    warp = SavedTransformWarp(transform, grid, 0)
     writers: dict[str, Callable[[Path], Any]] = {}
     notes: list[str] = []
     for column, path in job.more_images:
@@ -156,7 +158,7 @@ def _more_image_writers(
         image = fileio.read_image(path, "label map" if labels else "image")
         writers[column] = partial(_write_warped, image, warp, labels)
         if not labels:
-            carried = carried_gradients(image, Path(path), Path(file), transform, Grid.of(fixed))
+            carried = carried_gradients(image, Path(path), Path(file), transform, grid)
             by_name = {name: key for key, name in gradient_files(column, path).items()}
             for target, text in carried.files.items():
                 writers[by_name[target.name]] = partial(Path.write_text, data=text)
