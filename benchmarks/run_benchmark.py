@@ -143,6 +143,13 @@ def _parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    _add_pair_options(parser)
+    _add_run_options(parser)
+    return parser
+
+
+def _add_pair_options(parser: argparse.ArgumentParser) -> None:
+    """Which pairs, which methods, and what is done to the images first."""
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="fs-dev folder (sub-*/)")
     parser.add_argument(
         "--pairs",
@@ -189,6 +196,10 @@ def _parser() -> argparse.ArgumentParser:
         help="each moving image (not its labels) cut to a slab MM thick through its middle: a "
         "field of view that ends inside the anatomy",
     )  # fmt: skip
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Where the methods run, with which settings, and where the report goes."""
     parser.add_argument("--gpu", action="store_true", help="DeepRegister on CUDA")
     parser.add_argument("--smoke", action="store_true", help="tiny phantom pairs, < 60 s")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="folder for the report")
@@ -226,7 +237,6 @@ def _parser() -> argparse.ArgumentParser:
         f"(fast-smooth keeps {SMOOTH_REGULARIZATION:g}): one point of the smoothness/overlap curve",
     )
     parser.add_argument("--note", default="", help="free text for the report's timing note")
-    return parser
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
