@@ -138,7 +138,7 @@ def plot(curve: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--size", type=int, default=48, help="phantom size for (a)")
@@ -167,8 +167,60 @@ def main(argv: list[str] | None = None) -> int:
         "them) or the command line's (the warped image and an .h5 transform)",
     )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def _repeated_section(args: argparse.Namespace, stem: Path) -> list[str]:
+    """(a): the registrations in a row, their RSS curve plotted beside the report."""
+    curve = repeat(args.runs, args.size)
+    plot(curve, stem.with_suffix(".png"))
+    lines = [
+        "## (a) Registrations in a row",
+        "",
+        f"{args.runs} × `register(preset='fast', device='cpu')` on a "
+        f"{'×'.join(map(str, curve['size']))} phantom pair in one process: "
+        f"**{curve['verdict']}**; median {np.median(curve['seconds']):.2f} s a run; "
+        f"process peak {curve['vmhwm'] / MIB:.0f} MiB.",
+        "",
+        f"![RSS after each run]({stem.with_suffix('.png').name})",
+        "",
+        "| run | VmRSS (MiB) |",
+        "|---:|---:|",
+    ]
+    lines += [
+        f"| {i} | {rss / MIB:.1f} |"
+        for i, rss in enumerate(curve["rss"], 1)
+        if i in (1, 2, 5, 10, 20, 30, 40) or i == len(curve["rss"])
+    ]
+    return [*lines, ""]
+
+
+def _big_section(args: argparse.Namespace, stem: Path) -> list[str]:
+    """(b): each big pair in its own process, its figures written beside the report."""
+    from benchmarks.memory_big import big, describe_big
+
+    lines = [f"## (b) Big CT-like volumes (int16), preset fast, CPU, {args.outputs} outputs", ""]
+    big_pair = (tuple(args.big_shape), tuple(args.big_spacing))
+    runs = (
+        [(*big_pair, (f, m)) for f in (1, 2) for m in (1, 2)]
+        if args.sweep
+        else [(tuple(args.medium_shape), (1.0, 1.0, 1.0), (1, 1)), (*big_pair, (1, 1))]
+    )
+    for shape, spacing, shrink in runs:
+        print(f"(b) {shape} at {spacing} mm, binned {shrink} …", flush=True)
+        r = big(shape, spacing, int(args.reserve_gib * GIB), shrink, args.outputs)
+        for line in describe_big(r):
+            print("  " + line, flush=True)
+        lines += describe_big(r)
+        binned = "" if shrink == (1, 1) else "-binned{}{}".format(*shrink)
+        (stem.parent / f"{stem.name}-{'x'.join(map(str, shape))}{binned}.json").write_text(
+            json.dumps(r, indent=2, default=str) + "\n"
+        )
+    return [*lines, ""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     lines = [
         f"# Memory benchmark, {datetime.date.today()}",
         "",
@@ -180,51 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{datetime.date.today()}-memory"
     if not args.big_only:
-        curve = repeat(args.runs, args.size)
-        plot(curve, stem.with_suffix(".png"))
-        lines += [
-            "## (a) Registrations in a row",
-            "",
-            f"{args.runs} × `register(preset='fast', device='cpu')` on a "
-            f"{'×'.join(map(str, curve['size']))} phantom pair in one process: "
-            f"**{curve['verdict']}**; median {np.median(curve['seconds']):.2f} s a run; "
-            f"process peak {curve['vmhwm'] / MIB:.0f} MiB.",
-            "",
-            f"![RSS after each run]({stem.with_suffix('.png').name})",
-            "",
-            "| run | VmRSS (MiB) |",
-            "|---:|---:|",
-        ]
-        lines += [
-            f"| {i} | {rss / MIB:.1f} |"
-            for i, rss in enumerate(curve["rss"], 1)
-            if i in (1, 2, 5, 10, 20, 30, 40) or i == len(curve["rss"])
-        ]
-        lines.append("")
+        lines += _repeated_section(args, stem)
     if not args.repeat_only:
-        from benchmarks.memory_big import big, describe_big
-
-        lines += [
-            f"## (b) Big CT-like volumes (int16), preset fast, CPU, {args.outputs} outputs",
-            "",
-        ]
-        big_pair = (tuple(args.big_shape), tuple(args.big_spacing))
-        runs = (
-            [(*big_pair, (f, m)) for f in (1, 2) for m in (1, 2)]
-            if args.sweep
-            else [(tuple(args.medium_shape), (1.0, 1.0, 1.0), (1, 1)), (*big_pair, (1, 1))]
-        )
-        for shape, spacing, shrink in runs:
-            print(f"(b) {shape} at {spacing} mm, binned {shrink} …", flush=True)
-            r = big(shape, spacing, int(args.reserve_gib * GIB), shrink, args.outputs)
-            for line in describe_big(r):
-                print("  " + line, flush=True)
-            lines += describe_big(r)
-            binned = "" if shrink == (1, 1) else "-binned{}{}".format(*shrink)
-            (stem.parent / f"{stem.name}-{'x'.join(map(str, shape))}{binned}.json").write_text(
-                json.dumps(r, indent=2, default=str) + "\n"
-            )
-        lines.append("")
+        lines += _big_section(args, stem)
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {stem.with_suffix('.md')}")
     return 0
