@@ -19,6 +19,7 @@ class CancelOnCall:
 
 
 def an_image(shape: tuple[int, ...], spacing: tuple[float, ...], seed: int = 0) -> sitk.Image:
+    """Float32 noise (σ = 100) with its first axis flipped and its origin off zero."""
     rng = np.random.default_rng(seed)
     image = sitk.GetImageFromArray((100 * rng.normal(size=shape)).astype(np.float32))
     image.SetSpacing(spacing)
