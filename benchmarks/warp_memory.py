@@ -32,12 +32,12 @@ if str(REPO) not in sys.path:  # run as a script from anywhere, without installi
 from benchmarks.run_benchmark import DEFAULT_DATA, DEFAULT_OUT, usable_cores  # noqa: E402
 from benchmarks.user_time import checked, child_env, report_stem, save_report, timed_child  # noqa: E402
 from benchmarks.warp_time import (  # noqa: E402
-    _series_files,
     add_repo_option,
     chosen_pairs,
     new_results,
     parsed,
     report_head,
+    series_files,
 )
 
 #: One warp in a fresh process: the rise of its peak resident set (VmHWM) from the moment the
@@ -98,7 +98,7 @@ def measure_pair(
     images = [("scan", pair["moving"], False, ("engine", "ITK")),
               ("labels", pair["moving_labels"], True, ("engine", "ITK"))]  # fmt: skip
     if series:
-        path = str(_series_files(pair, series, folder)[0])
+        path = str(series_files(pair, series, folder)[0])
         images.append((f"series of {series}", path, False, ("ITK",)))
     rows = []
     for name, path, labels, ways in images:

@@ -63,7 +63,7 @@ ants.image_write(warped, out)
 SERIES_SPACING_MM = 3.0
 
 
-def _series_files(pair: dict[str, str], volumes: int, folder: Path) -> tuple[Path, Path]:
+def series_files(pair: dict[str, str], volumes: int, folder: Path) -> tuple[Path, Path]:
     """The moving scan as a 16-bit 4D series at 3 mm, and the fixed grid at 3 mm."""
     import numpy as np
     import SimpleITK as sitk
@@ -103,7 +103,7 @@ def _series_row(
     import SimpleITK as sitk
 
     folder = Path(tempfile.mkdtemp(prefix="s", dir=work))
-    series, reference = _series_files(pair, volumes, folder)
+    series, reference = series_files(pair, volumes, folder)
     ours, theirs = folder / "ours.nii.gz", folder / "ants.nii.gz"
     child = checked(timed_child([
         sys.executable, "-m", "DeepRegisterLib", "apply", "--transform", str(transform),
