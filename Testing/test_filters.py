@@ -1,5 +1,6 @@
 """The threaded box filter and grid sampler give PyTorch's own results, values and gradients,
-whatever the number of threads; the sampler really splits a single image across them."""
+whatever the number of threads; the sampler really splits a single image across them (as
+PyTorch's batch entries here; the compiled sampler's ranges in test_trilinear_sampler.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from DeepRegisterLib.nn import filters
+from DeepRegisterLib.nn import filters, trilinear_sampler
 from DeepRegisterLib.nn.filters import box_filter, grid_sample
 
 
@@ -24,7 +25,9 @@ def threads() -> Iterator[None]:
 
 @pytest.fixture
 def batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The batch size of every call to PyTorch's grid_sample from here on."""
+    """The batch size of every call to PyTorch's grid_sample from here on, with the compiled
+    sampler off: every image goes to PyTorch."""
+    monkeypatch.setattr(trilinear_sampler, "takes", lambda *arguments: False)
     sizes: list[int] = []
     pytorch_grid_sample = F.grid_sample
 

@@ -4,7 +4,7 @@ Instance optimisation works on one image pair, and on the CPU PyTorch spreads ``
 ``grid_sample`` over the batch and channels only: they ran on one thread whatever the machine
 had, and were about 80 % of an optimisation step. The box filter here sums along one axis at a
 time (3·w operations per voxel instead of w³, all threaded), and the grid sampler splits one
-image's output points into a batch.
+image's output points into chunks: the compiled sampler's ranges, or PyTorch's batch entries.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from . import trilinear_sampler
 
 # Below this many output points per thread, splitting costs more than it saves. PyTorch samples
 # 3D with a scalar kernel: split from 2 048 points a thread there (the affine search's 20 000
@@ -112,21 +114,20 @@ def grid_sample(
     image: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros"
 ) -> torch.Tensor:
     """``F.grid_sample`` with ``align_corners=True``; for one image on a CPU with several
-    threads, its output points are split into as many chunks, one per batch entry.
+    threads, its output points are split into as many chunks, sampled side by side.
 
-    Outputs equal ``F.grid_sample``'s; the gradient with respect to ``image`` adds the chunks'
-    parts, so its last bits depend on the number of threads, and up to MAX_GRADIENT_CHUNKS - 1
-    more copies of it exist during the backward pass.
+    One 3D float32 image, trilinear, goes to the compiled sampler (``trilinear_sampler``);
+    otherwise the chunks are PyTorch's batch entries. Outputs equal ``F.grid_sample``'s; the
+    gradient with respect to ``image`` adds the chunks' parts, so its last bits depend on the
+    number of threads (the same either way), and up to MAX_GRADIENT_CHUNKS - 1 more copies of
+    it exist during the backward pass.
     """
-    chunks = torch.get_num_threads()
-    if image.requires_grad:
-        chunks = min(chunks, MAX_GRADIENT_CHUNKS)
-    points = math.prod(grid.shape[1:-1])
-    least = PARALLEL_MIN_POINTS
-    if grid.shape[-1] == 3 and not image.requires_grad:
-        least = PARALLEL_MIN_POINTS_3D
-    if image.device.type != "cpu" or image.shape[0] != 1 or chunks < 2 or points < chunks * least:
+    chunks = _chunks(image, grid)
+    if trilinear_sampler.takes(image, grid, mode, padding_mode):
+        return trilinear_sampler.grid_sample(image, grid, padding_mode == "border", chunks)
+    if chunks == 1:
         return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    points = math.prod(grid.shape[1:-1])
     dim = grid.shape[-1]
     flat = grid.reshape(points, dim)
     pad = -points % chunks
@@ -143,3 +144,18 @@ def grid_sample(
     channels = image.shape[1]
     out = out.reshape(chunks, channels, -1).transpose(0, 1).reshape(channels, -1)[:, :points]
     return out.reshape(1, channels, *grid.shape[1:-1])
+
+
+def _chunks(image: torch.Tensor, grid: torch.Tensor) -> int:
+    """Into how many chunks ``grid_sample`` splits the points: one per thread where there are
+    enough of them, at most MAX_GRADIENT_CHUNKS for an image that needs a gradient."""
+    chunks = torch.get_num_threads()
+    if image.requires_grad:
+        chunks = min(chunks, MAX_GRADIENT_CHUNKS)
+    points = math.prod(grid.shape[1:-1])
+    least = PARALLEL_MIN_POINTS
+    if grid.shape[-1] == 3 and not image.requires_grad:
+        least = PARALLEL_MIN_POINTS_3D
+    if image.device.type != "cpu" or image.shape[0] != 1 or chunks < 2 or points < chunks * least:
+        return 1
+    return chunks

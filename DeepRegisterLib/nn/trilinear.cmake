@@ -1,0 +1,29 @@
+# The compiled grid sampler (trilinear.c) in Slicer's extension build: a plain shared library
+# without Python, named as Python names an extension module (_trilinear.abi3.so, _trilinear.pyd),
+# so that DeepRegisterLib.nn.trilinear_sampler finds it beside itself and loads it with ctypes.
+#
+#   deepregister_add_trilinear_sampler(<build folder of DeepRegisterLib/nn> <install folder>)
+set(DEEPREGISTER_TRILINEAR_SOURCE ${CMAKE_CURRENT_LIST_DIR}/trilinear.c)
+function(deepregister_add_trilinear_sampler build_dir install_dir)
+  add_library(DeepRegisterTrilinear MODULE ${DEEPREGISTER_TRILINEAR_SOURCE})
+  target_compile_definitions(DeepRegisterTrilinear PRIVATE DR_WITHOUT_PYTHON)
+  if(WIN32)
+    set(suffix ".pyd")
+  else()
+    set(suffix ".abi3.so")
+  endif()
+  if(NOT MSVC)
+    target_link_libraries(DeepRegisterTrilinear PRIVATE m)
+  endif()
+  set_target_properties(DeepRegisterTrilinear PROPERTIES
+    PREFIX ""
+    OUTPUT_NAME "_trilinear"
+    SUFFIX "${suffix}"
+    C_VISIBILITY_PRESET hidden
+    # A generator expression: multi-configuration generators then add no Release/ folder.
+    LIBRARY_OUTPUT_DIRECTORY "$<1:${build_dir}>"
+    )
+  install(TARGETS DeepRegisterTrilinear
+    LIBRARY DESTINATION "${install_dir}" COMPONENT RuntimeLibraries
+    )
+endfunction()

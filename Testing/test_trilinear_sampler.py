@@ -1,0 +1,260 @@
+"""The compiled trilinear sampler gives the bits PyTorch's sampler gave, values and gradients,
+on any number of threads, really running its ranges side by side; without it the engine samples
+with PyTorch and registers to the same bits.
+
+The reference is ``filters.grid_sample`` with the compiled sampler off: PyTorch's kernel on the
+same chunks, whose image gradient adds one part per chunk in the same order.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from importlib.machinery import EXTENSION_SUFFIXES
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from DeepRegisterLib.nn import filters, trilinear_sampler
+
+pytestmark = pytest.mark.skipif(
+    not trilinear_sampler.available(),
+    reason="the compiled sampler was not built with this install (no C compiler?)",
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+Sample = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@pytest.fixture
+def threads() -> Iterator[None]:
+    previous = torch.get_num_threads()
+    yield
+    torch.set_num_threads(previous)
+
+
+def pytorchs(monkeypatch: pytest.MonkeyPatch, padding_mode: str) -> Sample:
+    """``filters.grid_sample`` as it was before the compiled sampler: PyTorch's chunks."""
+
+    def sample(image: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        with monkeypatch.context() as patch:
+            patch.setattr(trilinear_sampler, "takes", lambda *arguments: False)
+            return filters.grid_sample(image, grid, "bilinear", padding_mode)
+
+    return sample
+
+
+def values_and_gradients(
+    sample: Sample, image: torch.Tensor, grid: torch.Tensor, upstream: torch.Tensor,
+    image_grad: bool = True, grid_grad: bool = True,
+) -> list[torch.Tensor | None]:  # fmt: skip
+    image_leaf = image.detach().clone().requires_grad_(image_grad)
+    grid_leaf = grid.detach().clone().requires_grad_(grid_grad)
+    out = sample(image_leaf, grid_leaf)
+    if image_grad or grid_grad:
+        (out * upstream).sum().backward()
+    return [out.detach(), image_leaf.grad, grid_leaf.grad]
+
+
+def assert_same_bits(ours: list, theirs: list) -> None:
+    for mine, reference in zip(ours, theirs, strict=True):
+        if reference is None:
+            assert mine is None
+        else:
+            # equal_nan: NaN points give NaN in both; any other difference is a failure.
+            assert torch.equal(mine.isnan(), reference.isnan())
+            assert torch.equal(mine.nan_to_num(), reference.nan_to_num())
+
+
+def awkward_grid(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """Points inside, on and past every face, on the corners exactly, far away, and not
+    numbers at all: where the paddings, the floors and the bounds tests differ."""
+    grid = torch.rand((1, *shape, 3), generator=generator) * 2.6 - 1.3
+    flat = grid.view(-1, 3)
+    specials = torch.tensor(
+        [[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0], [0.0, 1.0, -1.0], [1e30, 0.0, 0.0],
+         [-1e30, 0.5, 0.5], [float("nan"), 0.0, 0.0], [0.0, float("inf"), 0.0],
+         [0.0, 0.0, float("-inf")], [1.0000001, 0.0, -1.0000001]]
+    )  # fmt: skip
+    flat[: len(specials)] = specials
+    return grid
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("count", [1, 2, 3, 4])
+def test_the_same_bits_as_pytorch_on_any_number_of_threads(
+    padding_mode: str, channels: int, count: int, threads: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Small grids split too; 9 × 10 × 11 points leave the last chunk short.
+    monkeypatch.setattr(filters, "PARALLEL_MIN_POINTS", 1)
+    torch.set_num_threads(count)
+    generator = torch.Generator().manual_seed(count * 10 + channels)
+    image = torch.randn((1, channels, 7, 8, 9), generator=generator)
+    grid = awkward_grid((9, 10, 11), generator)
+    upstream = torch.randn((1, channels, 9, 10, 11), generator=generator)
+    for image_grad, grid_grad in [(True, True), (False, True), (True, False), (False, False)]:
+        ours, theirs = (
+            values_and_gradients(sample, image, grid, upstream, image_grad, grid_grad)
+            for sample in (lambda i, g: filters.grid_sample(i, g, "bilinear", padding_mode),
+                           pytorchs(monkeypatch, padding_mode))
+        )  # fmt: skip
+        assert_same_bits(ours, theirs)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+def test_a_single_chunk_is_pytorchs_own_call(padding_mode: str, threads: None) -> None:
+    """One thread: exactly ``F.grid_sample``, gradients included (no chunks to add)."""
+    torch.set_num_threads(1)
+    generator = torch.Generator().manual_seed(1)
+    image = torch.randn((1, 2, 6, 7, 8), generator=generator)
+    grid = awkward_grid((5, 6, 7), generator)
+    upstream = torch.randn((1, 2, 5, 6, 7), generator=generator)
+    ours = values_and_gradients(
+        lambda i, g: filters.grid_sample(i, g, "bilinear", padding_mode), image, grid, upstream
+    )
+    theirs = values_and_gradients(
+        lambda i, g: F.grid_sample(i, g, padding_mode=padding_mode, align_corners=True),
+        image, grid, upstream,
+    )  # fmt: skip
+    assert_same_bits(ours, theirs)
+
+
+def test_images_and_grids_laid_out_any_way(threads: None, monkeypatch) -> None:
+    """A strided image (a channel-last copy, a crop) and a grid that is a view are read as
+    they lie; the output is a new contiguous tensor."""
+    torch.set_num_threads(2)
+    generator = torch.Generator().manual_seed(2)
+    volume = torch.randn((1, 3, 9, 10, 11), generator=generator)
+    images = [
+        volume.contiguous(memory_format=torch.channels_last_3d),
+        volume[:, :, 1:8, ::2, 2:],
+        volume[:, 1:2].expand(1, 3, 9, 10, 11),
+    ]
+    grid = awkward_grid((6, 5, 4), generator).transpose(1, 3)  # a view, not contiguous
+    upstream = torch.randn((1, 3, *grid.shape[1:-1]), generator=generator)
+    for image in images:
+        ours = values_and_gradients(filters.grid_sample, image, grid, upstream)
+        assert ours[0].is_contiguous()
+        assert_same_bits(ours, values_and_gradients(pytorchs(monkeypatch, "zeros"), image, grid,
+                                                    upstream))  # fmt: skip
+
+
+def test_what_it_does_not_take_goes_to_pytorch() -> None:
+    image, grid = torch.zeros((1, 1, 4, 4, 4)), torch.zeros((1, 2, 2, 2, 3))
+    takes = trilinear_sampler.takes
+    assert takes(image, grid, "bilinear", "zeros")
+    assert takes(image, grid, "bilinear", "border")
+    assert not takes(image, grid, "nearest", "zeros")
+    assert not takes(image, grid, "bilinear", "reflection")
+    assert not takes(image.double(), grid.double(), "bilinear", "zeros")
+    assert not takes(image[:, :, 0], grid[:, 0, :, :, :2], "bilinear", "zeros")  # 2D
+    assert not takes(image.expand(2, 1, 4, 4, 4), grid.expand(2, 2, 2, 2, 3), "bilinear", "zeros")
+
+
+def test_ranges_run_side_by_side_on_the_callers_threads(threads: None, monkeypatch) -> None:
+    """Each chunk is one call over its own range of points, on its own thread, the first on
+    the caller's: a pass over 2 048 points on 3 threads makes three calls, each of which waits
+    here until all three have begun (so none ran after another)."""
+    library = trilinear_sampler._library()
+    calls: list[tuple[str, int, int, int]] = []
+    lock = threading.Lock()
+    all_begun = threading.Barrier(3, timeout=30)
+
+    class Recording:
+        def __getattr__(self, name: str):
+            function = getattr(library, name)
+
+            def call(*arguments):
+                with lock:  # the range's begin and end follow the image's 9 and the grid
+                    calls.append((name, arguments[10], arguments[11], threading.get_ident()))
+                all_begun.wait()
+                return function(*arguments)
+
+            return call
+
+    monkeypatch.setattr(trilinear_sampler, "_library", lambda: Recording())
+    monkeypatch.setattr(filters, "PARALLEL_MIN_POINTS", 1)
+    torch.set_num_threads(3)
+    image = torch.rand((1, 3, 8, 8, 8), requires_grad=True)
+    grid = torch.rand((1, 8, 16, 16, 3)) * 2 - 1  # 2 048 points: 683, 683 and 682
+    filters.grid_sample(image, grid).sum().backward()
+    for name in ("dr_trilinear_forward", "dr_trilinear_backward"):
+        ranges = sorted((begin, end) for called, begin, end, _ in calls if called == name)
+        assert ranges == [(0, 683), (683, 1366), (1366, 2048)]
+        threads_used = {thread for called, *_, thread in calls if called == name}
+        assert len(threads_used) == 3
+    assert threading.get_ident() in {thread for *_, thread in calls}
+
+
+def test_without_the_compiled_module_pytorch_samples(monkeypatch) -> None:
+    """An install that could not compile it: not available, and nothing is sent to it."""
+    monkeypatch.setattr(trilinear_sampler.importlib.util, "find_spec", lambda name: None)
+    trilinear_sampler._library.cache_clear()
+    try:
+        assert not trilinear_sampler.available()
+        image, grid = torch.rand((1, 1, 4, 4, 4)), torch.rand((1, 3, 3, 3, 3)) * 2 - 1
+        assert not trilinear_sampler.takes(image, grid, "bilinear", "zeros")
+        expected = F.grid_sample(image, grid, align_corners=True)
+        assert torch.equal(filters.grid_sample(image, grid), expected)
+    finally:
+        trilinear_sampler._library.cache_clear()
+
+
+def test_a_registration_gives_the_same_bits_without_it(monkeypatch) -> None:
+    """The whole engine (affine search, network, optimisation, outputs), each way."""
+    from DeepRegisterLib import RegistrationSettings, register
+    from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
+
+    pair = phantom_pair(demo_grid(3, 48), amplitude_mm=4.0, seed=3)
+    settings = RegistrationSettings(preset="fast", compute_jacobian=True)
+    compiled = register(pair.fixed, pair.moving, settings)
+    monkeypatch.setattr(trilinear_sampler, "takes", lambda *arguments: False)
+    pytorch = register(pair.fixed, pair.moving, settings)
+    for name in ("warped", "displacement", "jacobian"):
+        ours, theirs = getattr(compiled, name), getattr(pytorch, name)
+        assert np.array_equal(sitk.GetArrayViewFromImage(ours), sitk.GetArrayViewFromImage(theirs))
+    assert compiled.affine.GetParameters() == pytorch.affine.GetParameters()
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="no cmake to build with")
+def test_slicers_extension_build_makes_the_same_sampler(tmp_path, threads, monkeypatch) -> None:
+    """trilinear.cmake, as the extension's CMakeLists.txt calls it, builds a library without
+    Python that the sampler finds under its module's name and loads: the same bits."""
+    source = tmp_path / "source"
+    source.mkdir()
+    cmake_file = (ROOT / "DeepRegisterLib" / "nn" / "trilinear.cmake").as_posix()
+    (source / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.16.3)\n"
+        "project(SamplerOnly C)\n"
+        f'include("{cmake_file}")\n'
+        "deepregister_add_trilinear_sampler(${CMAKE_BINARY_DIR}/nn nn)\n"
+    )
+    build = tmp_path / "build"
+    for command in (
+        ["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release"],
+        ["cmake", "--build", str(build)],
+    ):
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert completed.returncode == 0, completed.stdout + completed.stderr
+    (built,) = (build / "nn").iterdir()
+    assert built.name in {f"_trilinear{suffix}" for suffix in EXTENSION_SUFFIXES}
+    library = trilinear_sampler.loaded(str(built))
+    assert not hasattr(library, "PyInit__trilinear")
+
+    monkeypatch.setattr(trilinear_sampler, "_library", lambda: library)
+    monkeypatch.setattr(filters, "PARALLEL_MIN_POINTS", 1)
+    torch.set_num_threads(2)
+    generator = torch.Generator().manual_seed(5)
+    image = torch.randn((1, 3, 7, 8, 9), generator=generator)
+    grid = awkward_grid((6, 7, 8), generator)
+    upstream = torch.randn((1, 3, 6, 7, 8), generator=generator)
+    ours = values_and_gradients(filters.grid_sample, image, grid, upstream)
+    assert_same_bits(ours, values_and_gradients(pytorchs(monkeypatch, "zeros"), image, grid,
+                                                upstream))  # fmt: skip
