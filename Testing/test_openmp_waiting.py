@@ -67,6 +67,34 @@ def test_too_late_once_torch_is_loaded(monkeypatch):
     assert short_wait_environment() == SHORT_WAIT_ENVIRONMENT  # for a process still to start
 
 
+@pytest.mark.parametrize(
+    ("environment", "brief"),
+    [
+        ({}, False),
+        ({"GOMP_SPINCOUNT": "10000"}, True),
+        ({"GOMP_SPINCOUNT": "300000"}, False),
+        ({"GOMP_SPINCOUNT": "lots"}, False),
+        ({"OMP_WAIT_POLICY": "passive"}, True),
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, False),
+    ],
+)
+def test_whether_openmp_waits_briefly_is_read_from_the_environment(environment, brief, monkeypatch):
+    monkeypatch.setattr(sys, "platform", "linux")
+    for name in CHOICES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert openmp_waiting.waits_briefly() is brief
+
+
+def test_other_openmps_are_taken_to_spin_long(monkeypatch):
+    """macOS's and Windows' OpenMP read no GOMP_SPINCOUNT."""
+    monkeypatch.setenv("GOMP_SPINCOUNT", "10000")
+    for system in ("darwin", "win32"):
+        monkeypatch.setattr(sys, "platform", system)
+        assert openmp_waiting.waits_briefly() is False
+
+
 def test_the_command_line_waits_briefly_before_anything_else():
     """``deepregister`` sets the wait before it even parses its arguments (``--version``)."""
     completed = fresh_python(

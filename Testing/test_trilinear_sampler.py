@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from importlib.machinery import EXTENSION_SUFFIXES
@@ -21,6 +22,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from DeepRegisterLib import openmp_waiting
 from DeepRegisterLib.nn import filters, trilinear_sampler
 
 pytestmark = pytest.mark.skipif(
@@ -30,6 +32,12 @@ pytestmark = pytest.mark.skipif(
 
 ROOT = Path(__file__).resolve().parents[1]
 Sample = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@pytest.fixture(autouse=True)
+def openmp_waits_briefly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As in ``deepregister``'s processes (and conftest's), whatever this environment says."""
+    monkeypatch.setattr(trilinear_sampler, "waits_briefly", lambda: True)
 
 
 @pytest.fixture
@@ -193,6 +201,19 @@ def test_ranges_run_side_by_side_on_the_callers_threads(threads: None, monkeypat
     assert threading.get_ident() in {thread for *_, thread in calls}
 
 
+def test_where_openmp_spins_long_pytorch_samples(monkeypatch) -> None:
+    """A caller's process that chose no wait: its OpenMP workers would take the sampler's
+    cores, so PyTorch samples (its chunks), with the same bits."""
+    monkeypatch.setattr(trilinear_sampler, "waits_briefly", openmp_waiting.waits_briefly)
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    image, grid = torch.rand((1, 1, 4, 4, 4)), torch.rand((1, 3, 3, 3, 3)) * 2 - 1
+    monkeypatch.setenv("GOMP_SPINCOUNT", "10000")
+    assert trilinear_sampler.takes(image, grid, "bilinear", "zeros")
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    assert not trilinear_sampler.takes(image, grid, "bilinear", "zeros")
+
+
 def test_without_the_compiled_module_pytorch_samples(monkeypatch) -> None:
     """An install that could not compile it: not available, and nothing is sent to it."""
     monkeypatch.setattr(trilinear_sampler.importlib.util, "find_spec", lambda name: None)
@@ -214,7 +235,16 @@ def test_a_registration_gives_the_same_bits_without_it(monkeypatch) -> None:
 
     pair = phantom_pair(demo_grid(3, 48), amplitude_mm=4.0, seed=3)
     settings = RegistrationSettings(preset="fast", compute_jacobian=True)
+    calls: list[int] = []
+    compiled_sample = trilinear_sampler.grid_sample
+
+    def counted(*arguments):
+        calls.append(1)
+        return compiled_sample(*arguments)
+
+    monkeypatch.setattr(trilinear_sampler, "grid_sample", counted)
     compiled = register(pair.fixed, pair.moving, settings)
+    assert len(calls) > 100  # the optimisation's steps sample several times each
     monkeypatch.setattr(trilinear_sampler, "takes", lambda *arguments: False)
     pytorch = register(pair.fixed, pair.moving, settings)
     for name in ("warped", "displacement", "jacobian"):

@@ -13,6 +13,8 @@ function(deepregister_add_trilinear_sampler build_dir install_dir)
     set(suffix ".abi3.so")
   endif()
   if(NOT MSVC)
+    # As Python builds its extension modules: integer overflow wraps (a point far outside).
+    target_compile_options(DeepRegisterTrilinear PRIVATE -fwrapv)
     target_link_libraries(DeepRegisterTrilinear PRIVATE m)
   endif()
   set_target_properties(DeepRegisterTrilinear PROPERTIES

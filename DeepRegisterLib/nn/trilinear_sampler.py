@@ -5,8 +5,9 @@ one image's points as a batch of expanded copies, and it was most of an optimisa
 ``trilinear.c`` holds the same statements in the same order (so the same bits, forward and
 backward), over ranges of points that a small thread pool runs side by side: on a 2 mm brain
 grid a forward pass took 6.3 ms against 11.5 ms, and with its backward 28 against 41 ms. Its
-threads need the cores that PyTorch's OpenMP workers spin on after each operation; processes
-that exist to register shorten that spin (``DeepRegisterLib.openmp_waiting``).
+threads need the cores that PyTorch's OpenMP workers spin on after each operation: it is used
+where that spin is short, as processes that exist to register make it
+(``DeepRegisterLib.openmp_waiting``).
 
 Where the compiled module is missing (an install without a C compiler), :func:`available` is
 false and ``filters`` uses PyTorch's sampler: the same results, slower.
@@ -17,11 +18,15 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from ..openmp_waiting import waits_briefly
 
 _I64 = ctypes.c_int64
 _POINTER = ctypes.c_void_p
@@ -56,7 +61,8 @@ def available() -> bool:
 
 
 def takes(image: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str) -> bool:
-    """Whether :func:`grid_sample` can sample ``image`` at ``grid`` (else PyTorch does)."""
+    """Whether :func:`grid_sample` samples ``image`` at ``grid`` (else PyTorch does): it can,
+    and this process's OpenMP threads leave its threads their cores."""
     return (
         image.device.type == "cpu"
         and grid.device.type == "cpu"
@@ -68,6 +74,7 @@ def takes(image: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str)
         and mode == "bilinear"
         and padding_mode in ("zeros", "border")
         and available()
+        and waits_briefly()
     )
 
 
@@ -91,7 +98,7 @@ class _Trilinear(torch.autograd.Function):
         out = image.new_empty((1, image.shape[1], *grid.shape[1:-1]))
         library, arguments = _library(), _image_arguments(image)
 
-        def run(begin: int, end: int) -> None:
+        def run(begin: int, end: int, _chunk: int) -> None:
             library.dr_trilinear_forward(
                 *arguments, grid.data_ptr(), begin, end, border, out.data_ptr(), points
             )
@@ -119,7 +126,7 @@ class _Trilinear(torch.autograd.Function):
                 None if grid_grad is None else grid_grad.data_ptr(),
             )  # fmt: skip
 
-        _in_ranges(run, points, chunks, with_index=True)
+        _in_ranges(run, points, chunks)
         image_grad = None
         if image_grads is not None:
             image_grad = image_grads if chunks == 1 else image_grads.sum(0, keepdim=True)
@@ -132,17 +139,16 @@ def _image_arguments(image: torch.Tensor) -> tuple[int, ...]:
     return (image.data_ptr(), channels, depth, height, width, *strides)
 
 
-def _in_ranges(run, points: int, chunks: int, with_index: bool = False) -> None:
-    """``run(begin, end[, chunk])`` over ``chunks`` ranges of the points, the first on this
-    thread. The ranges are ``filters``' batch entries: each holds ``ceil(points / chunks)``
-    points, the last the rest."""
+def _in_ranges(run: Callable[[int, int, int], None], points: int, chunks: int) -> None:
+    """``run(begin, end, chunk)`` for each of ``chunks`` ranges of the points, side by side, the
+    first on this thread. The ranges are ``filters``' batch entries: each holds
+    ``ceil(points / chunks)`` points, the last the rest."""
     size = -(-points // chunks)
-    ranges = [(min(points, c * size), min(points, (c + 1) * size)) for c in range(chunks)]
-    calls = [(*bounds, c) if with_index else bounds for c, bounds in enumerate(ranges)]
+    calls = [(min(points, c * size), min(points, (c + 1) * size), c) for c in range(chunks)]
     if chunks == 1:
         run(*calls[0])
         return
-    futures = [_pool(chunks - 1).submit(run, *call) for call in calls[1:]]
+    futures = [_pool().submit(run, *call) for call in calls[1:]]
     run(*calls[0])
     for future in futures:
         future.result()
@@ -150,25 +156,26 @@ def _in_ranges(run, points: int, chunks: int, with_index: bool = False) -> None:
 
 #: The pool's threads' names: they outlive a run, idle between calls, as PyTorch's own do.
 POOL_THREAD_PREFIX = "deepregister-sampler"
+# The most threads the pool starts (it starts them only as calls need them); more chunks than
+# that wait their turn, which stays correct.
+_MAX_POOL_THREADS = 64
 _executor: ThreadPoolExecutor | None = None
-_executor_threads = 0
+_executor_made = threading.Lock()
 
 
-def _pool(threads: int) -> ThreadPoolExecutor:
-    """A pool of at least ``threads`` threads, kept between calls (a call lasts milliseconds)."""
-    global _executor, _executor_threads
-    if _executor is None or _executor_threads < threads:
-        if _executor is not None:
-            _executor.shutdown(wait=False)
-        _executor = ThreadPoolExecutor(threads, thread_name_prefix=POOL_THREAD_PREFIX)
-        _executor_threads = threads
-    return _executor
+def _pool() -> ThreadPoolExecutor:
+    """The pool, made on first use: one per process, never replaced while a call may use it."""
+    global _executor
+    with _executor_made:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(_MAX_POOL_THREADS, thread_name_prefix=POOL_THREAD_PREFIX)
+        return _executor
 
 
 def _forget_pool() -> None:
-    """A forked child has none of its parent's threads: it starts its own pool."""
-    global _executor, _executor_threads
-    _executor, _executor_threads = None, 0
+    """A forked child has none of its parent's threads: it makes its own pool."""
+    global _executor, _executor_made
+    _executor, _executor_made = None, threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
