@@ -75,43 +75,43 @@ static inline int inside(const Volume *v, int64_t z, int64_t y, int64_t x) {
     return z >= 0 && z < v->depth && y >= 0 && y < v->height && x >= 0 && x < v->width;
 }
 
-/* A point's cell: its corner (z0, y0, x0), its fractions, the eight corners' weights in
- * PyTorch's order (t/b = z0/z1, n/s = y0/y1, w/e = x0/x1) and which corners lie inside. */
+/* The eight corners of a cell in PyTorch's order (t/b = z0/z1, n/s = y0/y1, w/e = x0/x1): corner
+ * k lies at z0 + DZ(k), y0 + DY(k), x0 + DX(k). */
+#define DX(k) ((k) & 1)
+#define DY(k) (((k) >> 1) & 1)
+#define DZ(k) ((k) >> 2)
+
+/* A point's cell: its first corner, each axis's two fractions (fx[0] = x1 − x, fx[1] = x − x0;
+ * a corner's weight along x is fx[DX(k)]), the corners' weights and which corners lie inside. */
 typedef struct {
     int64_t x0, y0, z0, offset;
-    float ax, bx, ay, by, az, bz;  /* x1 − x, x − x0, … */
+    float fx[2], fy[2], fz[2];
     float weight[8];
     int in[8];
 } Cell;
 
 static inline void locate(const Volume *v, float ix, float iy, float iz, Cell *cell) {
     int64_t x0 = (int64_t)floorf(ix), y0 = (int64_t)floorf(iy), z0 = (int64_t)floorf(iz);
-    int64_t x1 = x0 + 1, y1 = y0 + 1, z1 = z0 + 1;
     cell->x0 = x0;
     cell->y0 = y0;
     cell->z0 = z0;
     cell->offset = offset_of(z0, y0, x0, v->stride_d, v->stride_h, v->stride_w);
-    cell->ax = x1 - ix;
-    cell->bx = ix - x0;
-    cell->ay = y1 - iy;
-    cell->by = iy - y0;
-    cell->az = z1 - iz;
-    cell->bz = iz - z0;
-    cell->weight[0] = (x1 - ix) * (y1 - iy) * (z1 - iz); /* tnw */
-    cell->weight[1] = (ix - x0) * (y1 - iy) * (z1 - iz); /* tne */
-    cell->weight[2] = (x1 - ix) * (iy - y0) * (z1 - iz); /* tsw */
-    cell->weight[3] = (ix - x0) * (iy - y0) * (z1 - iz); /* tse */
-    cell->weight[4] = (x1 - ix) * (y1 - iy) * (iz - z0); /* bnw */
-    cell->weight[5] = (ix - x0) * (y1 - iy) * (iz - z0); /* bne */
-    cell->weight[6] = (x1 - ix) * (iy - y0) * (iz - z0); /* bsw */
-    cell->weight[7] = (ix - x0) * (iy - y0) * (iz - z0); /* bse */
-    for (int corner = 0; corner < 8; ++corner) {
-        cell->in[corner] = inside(v, z0 + (corner >> 2), y0 + ((corner >> 1) & 1), x0 + (corner & 1));
+    cell->fx[0] = (x0 + 1) - ix;
+    cell->fx[1] = ix - x0;
+    cell->fy[0] = (y0 + 1) - iy;
+    cell->fy[1] = iy - y0;
+    cell->fz[0] = (z0 + 1) - iz;
+    cell->fz[1] = iz - z0;
+    for (int k = 0; k < 8; ++k) {
+        /* PyTorch's tnw = (ix_bse − ix) · (iy_bse − iy) · (iz_bse − iz), and so on: x, y, z. */
+        cell->weight[k] = cell->fx[DX(k)] * cell->fy[DY(k)] * cell->fz[DZ(k)];
+        cell->in[k] = inside(v, z0 + DZ(k), y0 + DY(k), x0 + DX(k));
     }
 }
 
-static inline int64_t corner_offset(const Volume *v, int corner) {
-    return (corner >> 2) * v->stride_d + ((corner >> 1) & 1) * v->stride_h + (corner & 1) * v->stride_w;
+/* Corner k's offset from the first corner, for an image with these strides. */
+static inline int64_t corner_offset(int k, int64_t stride_z, int64_t stride_y, int64_t stride_x) {
+    return DZ(k) * stride_z + DY(k) * stride_y + DX(k) * stride_x;
 }
 
 /* Samples points [start, end) of grid (x, y, z per point, contiguous) into out, channel c of
@@ -123,7 +123,7 @@ DR_EXPORT void dr_trilinear_forward(
     float *out, int64_t out_channel_stride) {
     Volume v = {image, channels, depth, height, width, stride_c, stride_d, stride_h, stride_w};
     int64_t corners[8];
-    for (int corner = 0; corner < 8; ++corner) corners[corner] = corner_offset(&v, corner);
+    for (int k = 0; k < 8; ++k) corners[k] = corner_offset(k, stride_d, stride_h, stride_w);
     for (int64_t p = start; p < end; ++p) {
         float ix = unnormalised(grid[3 * p], width);
         float iy = unnormalised(grid[3 * p + 1], height);
@@ -137,10 +137,8 @@ DR_EXPORT void dr_trilinear_forward(
         locate(&v, ix, iy, iz, &cell);
         for (int64_t c = 0; c < channels; ++c) {
             float value = 0.0f;
-            for (int corner = 0; corner < 8; ++corner) {
-                if (cell.in[corner]) {
-                    value += image[c * stride_c + cell.offset + corners[corner]] * cell.weight[corner];
-                }
+            for (int k = 0; k < 8; ++k) {
+                if (cell.in[k]) value += image[c * stride_c + cell.offset + corners[k]] * cell.weight[k];
             }
             out[c * out_channel_stride + p] = value;
         }
@@ -149,7 +147,9 @@ DR_EXPORT void dr_trilinear_forward(
 
 /* One point's share of the gradients: added into grad_image (contiguous C × D × H × W, zeroed
  * by the caller, one buffer per range of points) unless NULL, and the point's grid gradient
- * written to grad_grid[3p …] unless NULL. PyTorch's statements, corner by corner. */
+ * written to grad_grid[3p …] unless NULL. PyTorch's statements, corner by corner: for tnw,
+ * gix −= tnw_val · (iy_bse − iy) · (iz_bse − iz) · gOut, and so on, each axis's term added for
+ * a corner on its far side and subtracted for one on its near side. */
 static inline void backward_point(const Volume *v, const int64_t corners[8], const float *grid,
                                   int64_t p, int border, const float *grad_out,
                                   int64_t grad_out_channel_stride, float *grad_image,
@@ -162,68 +162,29 @@ static inline void backward_point(const Volume *v, const int64_t corners[8], con
     locate(v, ix, iy, iz, &cell);
     const int64_t plane = v->height * v->width, row = v->width, volume = v->depth * plane;
     const int64_t grad_offset = offset_of(cell.z0, cell.y0, cell.x0, plane, row, 1);
-    const int64_t grad_corners[8] = {0, 1, row, row + 1, plane, plane + 1, plane + row, plane + row + 1};
-    const float ax = cell.ax, bx = cell.bx, ay = cell.ay, by = cell.by, az = cell.az, bz = cell.bz;
+    int64_t grad_corners[8];
+    for (int k = 0; k < 8; ++k) grad_corners[k] = corner_offset(k, plane, row, 1);
+    const float *fx = cell.fx, *fy = cell.fy, *fz = cell.fz;
     float gx = 0.0f, gy = 0.0f, gz = 0.0f;
     for (int64_t c = 0; c < v->channels; ++c) {
         const float g = grad_out[c * grad_out_channel_stride + p];
         if (grad_image) {
-            for (int corner = 0; corner < 8; ++corner) {
-                if (cell.in[corner]) {
-                    grad_image[c * volume + grad_offset + grad_corners[corner]] += cell.weight[corner] * g;
-                }
+            for (int k = 0; k < 8; ++k) {
+                if (cell.in[k]) grad_image[c * volume + grad_offset + grad_corners[k]] += cell.weight[k] * g;
             }
         }
         if (!grad_grid) continue;
         const int64_t base = (int64_t)((uint64_t)(c * v->stride_c) + (uint64_t)cell.offset);
-        float value;
-        if (cell.in[0]) {
-            value = v->data[base + corners[0]];
-            gx -= value * ay * az * g;
-            gy -= value * ax * az * g;
-            gz -= value * ax * ay * g;
-        }
-        if (cell.in[1]) {
-            value = v->data[base + corners[1]];
-            gx += value * ay * az * g;
-            gy -= value * bx * az * g;
-            gz -= value * bx * ay * g;
-        }
-        if (cell.in[2]) {
-            value = v->data[base + corners[2]];
-            gx -= value * by * az * g;
-            gy += value * ax * az * g;
-            gz -= value * ax * by * g;
-        }
-        if (cell.in[3]) {
-            value = v->data[base + corners[3]];
-            gx += value * by * az * g;
-            gy += value * bx * az * g;
-            gz -= value * bx * by * g;
-        }
-        if (cell.in[4]) {
-            value = v->data[base + corners[4]];
-            gx -= value * ay * bz * g;
-            gy -= value * ax * bz * g;
-            gz += value * ax * ay * g;
-        }
-        if (cell.in[5]) {
-            value = v->data[base + corners[5]];
-            gx += value * ay * bz * g;
-            gy -= value * bx * bz * g;
-            gz += value * bx * ay * g;
-        }
-        if (cell.in[6]) {
-            value = v->data[base + corners[6]];
-            gx -= value * by * bz * g;
-            gy += value * ax * bz * g;
-            gz += value * ax * by * g;
-        }
-        if (cell.in[7]) {
-            value = v->data[base + corners[7]];
-            gx += value * by * bz * g;
-            gy += value * bx * bz * g;
-            gz += value * bx * by * g;
+        for (int k = 0; k < 8; ++k) {
+            if (!cell.in[k]) continue;
+            const float value = v->data[base + corners[k]];
+            const int dx = DX(k), dy = DY(k), dz = DZ(k);
+            const float tx = value * fy[dy] * fz[dz] * g;
+            const float ty = value * fx[dx] * fz[dz] * g;
+            const float tz = value * fx[dx] * fy[dy] * g;
+            gx = dx ? gx + tx : gx - tx;
+            gy = dy ? gy + ty : gy - ty;
+            gz = dz ? gz + tz : gz - tz;
         }
     }
     if (grad_grid) {
@@ -242,7 +203,7 @@ DR_EXPORT void dr_trilinear_backward(
     const float *grad_out, int64_t grad_out_channel_stride, float *grad_image, float *grad_grid) {
     Volume v = {image, channels, depth, height, width, stride_c, stride_d, stride_h, stride_w};
     int64_t corners[8];
-    for (int corner = 0; corner < 8; ++corner) corners[corner] = corner_offset(&v, corner);
+    for (int k = 0; k < 8; ++k) corners[k] = corner_offset(k, stride_d, stride_h, stride_w);
     for (int64_t p = start; p < end; ++p) {
         backward_point(&v, corners, grid, p, border, grad_out, grad_out_channel_stride,
                        grad_image, grad_grid);
