@@ -32,7 +32,7 @@ _USERS_CHOICE = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
 def wait_briefly() -> bool:
     """Set SHORT_WAIT_ENVIRONMENT for this process; whether it can take effect. It cannot once
     torch is imported (OpenMP has read its environment), nor where the user chose a wait."""
-    if "torch" in sys.modules or any(name in os.environ for name in _USERS_CHOICE):
+    if "torch" in sys.modules or _user_chose():
         return False
     os.environ.update(SHORT_WAIT_ENVIRONMENT)
     return True
@@ -52,6 +52,8 @@ def waits_briefly() -> bool:
 
 def short_wait_environment() -> dict[str, str]:
     """SHORT_WAIT_ENVIRONMENT for processes about to start, unless the user chose a wait."""
-    if any(name in os.environ for name in _USERS_CHOICE):
-        return {}
-    return dict(SHORT_WAIT_ENVIRONMENT)
+    return {} if _user_chose() else dict(SHORT_WAIT_ENVIRONMENT)
+
+
+def _user_chose() -> bool:
+    return any(name in os.environ for name in _USERS_CHOICE)
