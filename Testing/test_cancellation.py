@@ -18,7 +18,6 @@ import SimpleITK as sitk
 from conftest import bent_pair
 
 from DeepRegisterLib.errors import ModelError, RegistrationCancelled
-from DeepRegisterLib.nn import trilinear_sampler
 from DeepRegisterLib.registration import affine_search, engine, job, network_grid
 
 LATENCY_LIMIT_S = 1.0
@@ -101,13 +100,7 @@ def test_a_cancel_request_stops_the_network_between_its_layers(a_3d_pair) -> Non
 
 
 def _worker_threads() -> list[str]:
-    """A run's own threads still alive; not the compiled sampler's pool, idle between calls."""
-    return [
-        t.name
-        for t in threading.enumerate()
-        if t.name.startswith("deepregister")
-        and not t.name.startswith(trilinear_sampler.POOL_THREAD_PREFIX)
-    ]
+    return [t.name for t in threading.enumerate() if t.name.startswith("deepregister")]
 
 
 def test_the_smoothing_beside_the_affine_stage_stops_with_a_cancel(

@@ -1,6 +1,6 @@
 """The compiled trilinear sampler gives the bits PyTorch's sampler gave, values and gradients,
-on any number of threads, really running its ranges side by side; without it the engine samples
-with PyTorch and registers to the same bits.
+on any number of threads, running its ranges on torch's own OpenMP runtime (and not at all
+where it cannot); without it the engine samples with PyTorch and registers to the same bits.
 
 The reference is ``filters.grid_sample`` with the compiled sampler off: PyTorch's kernel on the
 same chunks, whose image gradient adds one part per chunk in the same order.
@@ -8,12 +8,12 @@ same chunks, whose image gradient adds one part per chunk in the same order.
 
 from __future__ import annotations
 
+import importlib.machinery
+import os
 import shutil
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
-from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,6 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from DeepRegisterLib import openmp_waiting
 from DeepRegisterLib.nn import filters, trilinear_sampler
 
 pytestmark = pytest.mark.skipif(
@@ -32,12 +31,6 @@ pytestmark = pytest.mark.skipif(
 
 ROOT = Path(__file__).resolve().parents[1]
 Sample = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@pytest.fixture(autouse=True)
-def openmp_waits_briefly(monkeypatch: pytest.MonkeyPatch) -> None:
-    """As in ``deepregister``'s processes (and conftest's), whatever this environment says."""
-    monkeypatch.setattr(trilinear_sampler, "waits_briefly", lambda: True)
 
 
 @pytest.fixture
@@ -166,52 +159,44 @@ def test_what_it_does_not_take_goes_to_pytorch() -> None:
     assert not takes(image.expand(2, 1, 4, 4, 4), grid.expand(2, 2, 2, 2, 3), "bilinear", "zeros")
 
 
-def test_ranges_run_side_by_side_on_the_callers_threads(threads: None, monkeypatch) -> None:
-    """Each chunk is one call over its own range of points, on its own thread, the first on
-    the caller's: a pass over 2 048 points on 3 threads makes three calls, each of which waits
-    here until all three have begun (so none ran after another)."""
+def test_its_ranges_run_on_torchs_openmp_threads(threads: None) -> None:
+    """The library's OpenMP runtime is torch's: the same ``omp_get_thread_num``, and the
+    thread count torch sets is the one its parallel regions read."""
     library = trilinear_sampler._library()
-    calls: list[tuple[str, int, int, int]] = []
-    lock = threading.Lock()
-    all_begun = threading.Barrier(3, timeout=30)
-
-    class Recording:
-        def __getattr__(self, name: str):
-            function = getattr(library, name)
-
-            def call(*arguments):
-                with lock:  # the range's begin and end follow the image's 9 and the grid
-                    calls.append((name, arguments[10], arguments[11], threading.get_ident()))
-                all_begun.wait()
-                return function(*arguments)
-
-            return call
-
-    monkeypatch.setattr(trilinear_sampler, "_library", lambda: Recording())
-    monkeypatch.setattr(filters, "PARALLEL_MIN_POINTS", 1)
-    torch.set_num_threads(3)
-    image = torch.rand((1, 3, 8, 8, 8), requires_grad=True)
-    grid = torch.rand((1, 8, 16, 16, 3)) * 2 - 1  # 2 048 points: 683, 683 and 682
-    filters.grid_sample(image, grid).sum().backward()
-    for name in ("dr_trilinear_forward", "dr_trilinear_backward"):
-        ranges = sorted((begin, end) for called, begin, end, _ in calls if called == name)
-        assert ranges == [(0, 683), (683, 1366), (1366, 2048)]
-        threads_used = {thread for called, *_, thread in calls if called == name}
-        assert len(threads_used) == 3
-    assert threading.get_ident() in {thread for *_, thread in calls}
+    assert trilinear_sampler.shares_torchs_openmp(library)
+    for count in (1, 3):
+        torch.set_num_threads(count)
+        assert library.omp_get_max_threads() == count
 
 
-def test_where_openmp_spins_long_pytorch_samples(monkeypatch) -> None:
-    """A caller's process that chose no wait: its OpenMP workers would take the sampler's
-    cores, so PyTorch samples (its chunks), with the same bits."""
-    monkeypatch.setattr(trilinear_sampler, "waits_briefly", openmp_waiting.waits_briefly)
-    monkeypatch.setattr(sys, "platform", "linux")
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    image, grid = torch.rand((1, 1, 4, 4, 4)), torch.rand((1, 3, 3, 3, 3)) * 2 - 1
-    monkeypatch.setenv("GOMP_SPINCOUNT", "10000")
-    assert trilinear_sampler.takes(image, grid, "bilinear", "zeros")
-    monkeypatch.delenv("GOMP_SPINCOUNT")
-    assert not trilinear_sampler.takes(image, grid, "bilinear", "zeros")
+def test_a_team_smaller_than_its_ranges_runs_the_rest_in_turn() -> None:
+    """Where OpenMP gives fewer threads than ranges (a thread limit), each thread runs its
+    ranges one after another: the same bits as PyTorch's chunks."""
+    script = (
+        "import torch\n"
+        "from DeepRegisterLib.nn import filters, trilinear_sampler\n"
+        "torch.set_num_threads(3)\n"
+        "filters.PARALLEL_MIN_POINTS = 1\n"
+        "generator = torch.Generator().manual_seed(4)\n"
+        "image = torch.randn((1, 2, 7, 8, 9), generator=generator, requires_grad=True)\n"
+        "grid = (torch.rand((1, 9, 10, 11, 3), generator=generator) * 2.6 - 1.3)\n"
+        "grid.requires_grad_()\n"
+        "results = []\n"
+        "for compiled in (True, False):\n"
+        "    trilinear_sampler.takes = (lambda t: lambda *a: t)(compiled)\n"
+        "    image.grad = grid.grad = None\n"
+        "    out = filters.grid_sample(image, grid)\n"
+        "    (out * out).sum().backward()\n"
+        "    results.append([out.detach(), image.grad, grid.grad])\n"
+        "print(trilinear_sampler._library().omp_get_thread_limit(),\n"
+        "      all(torch.equal(a, b) for a, b in zip(*results)))\n"
+    )
+    environment = os.environ | {"OMP_THREAD_LIMIT": "1"}
+    completed = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=environment,
+        timeout=120, check=True,
+    )  # fmt: skip
+    assert completed.stdout.split() == ["1", "True"]
 
 
 def test_without_the_compiled_module_pytorch_samples(monkeypatch) -> None:
@@ -253,11 +238,9 @@ def test_a_registration_gives_the_same_bits_without_it(monkeypatch) -> None:
     assert compiled.affine.GetParameters() == pytorch.affine.GetParameters()
 
 
-@pytest.mark.skipif(shutil.which("cmake") is None, reason="no cmake to build with")
-def test_slicers_extension_build_makes_the_same_sampler(tmp_path, threads, monkeypatch) -> None:
-    """trilinear.cmake, as the extension's CMakeLists.txt calls it, builds a library without
-    Python that the sampler finds under its module's name and loads: the same bits."""
-    source = tmp_path / "source"
+def built_by_cmake(tmp_path: Path, *options: str) -> Path:
+    """trilinear.cmake's library, as the extension's CMakeLists.txt calls it."""
+    source, build = tmp_path / "source", tmp_path / "build"
     source.mkdir()
     cmake_file = (ROOT / "DeepRegisterLib" / "nn" / "trilinear.cmake").as_posix()
     (source / "CMakeLists.txt").write_text(
@@ -266,17 +249,25 @@ def test_slicers_extension_build_makes_the_same_sampler(tmp_path, threads, monke
         f'include("{cmake_file}")\n'
         "deepregister_add_trilinear_sampler(${CMAKE_BINARY_DIR}/nn nn)\n"
     )
-    build = tmp_path / "build"
     for command in (
-        ["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release"],
+        ["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", *options],
         ["cmake", "--build", str(build)],
     ):
         completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
         assert completed.returncode == 0, completed.stdout + completed.stderr
     (built,) = (build / "nn").iterdir()
-    assert built.name in {f"_trilinear{suffix}" for suffix in EXTENSION_SUFFIXES}
-    library = trilinear_sampler.loaded(str(built))
+    suffixes = importlib.machinery.EXTENSION_SUFFIXES
+    assert built.name in {f"_trilinear{suffix}" for suffix in suffixes}
+    return built
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="no cmake to build with")
+def test_slicers_extension_build_makes_the_same_sampler(tmp_path, threads, monkeypatch) -> None:
+    """trilinear.cmake builds a library without Python, on torch's OpenMP runtime, that the
+    sampler finds under its module's name and loads: the same bits."""
+    library = trilinear_sampler.loaded(str(built_by_cmake(tmp_path)))
     assert not hasattr(library, "PyInit__trilinear")
+    assert trilinear_sampler.shares_torchs_openmp(library)
 
     monkeypatch.setattr(trilinear_sampler, "_library", lambda: library)
     monkeypatch.setattr(filters, "PARALLEL_MIN_POINTS", 1)
@@ -288,3 +279,20 @@ def test_slicers_extension_build_makes_the_same_sampler(tmp_path, threads, monke
     ours = values_and_gradients(filters.grid_sample, image, grid, upstream)
     assert_same_bits(ours, values_and_gradients(pytorchs(monkeypatch, "zeros"), image, grid,
                                                 upstream))  # fmt: skip
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="no cmake to build with")
+def test_a_build_without_openmp_is_not_used(tmp_path, monkeypatch) -> None:
+    """Without OpenMP, the library would sample on one thread: it is refused, and PyTorch
+    samples."""
+    built = built_by_cmake(tmp_path, "-DCMAKE_DISABLE_FIND_PACKAGE_OpenMP=ON")
+    assert not trilinear_sampler.shares_torchs_openmp(trilinear_sampler.loaded(str(built)))
+    spec = importlib.machinery.ModuleSpec("_trilinear", None, origin=str(built))
+    monkeypatch.setattr(trilinear_sampler.importlib.util, "find_spec", lambda name: spec)
+    trilinear_sampler._library.cache_clear()
+    try:
+        assert not trilinear_sampler.available()
+        image, grid = torch.rand((1, 1, 4, 4, 4)), torch.rand((1, 3, 3, 3, 3)) * 2 - 1
+        assert not trilinear_sampler.takes(image, grid, "bilinear", "zeros")
+    finally:
+        trilinear_sampler._library.cache_clear()

@@ -1,11 +1,16 @@
 /* PyTorch's 3D trilinear grid sampling (float32, corners aligned, zero or border padding),
- * forward and backward, over a range of output points: see trilinear_sampler.py.
+ * forward and backward, of one image's points in ranges: see trilinear_sampler.py.
  *
  * Each arithmetic statement is PyTorch's own (aten/src/ATen/native/GridSampler.cpp), in its
  * order, so that the compiler rounds it the same way: the outputs and gradients are PyTorch's
- * bits, which the tests check. What differs is what PyTorch pays around them: this code runs
- * one image's points in ranges on several threads of the caller's, where PyTorch's CPU kernel
- * runs one thread per batch entry, and it needs no batch of expanded copies to do so.
+ * bits, which the tests check. What differs is what PyTorch pays around them: this code splits
+ * one image's points into ranges run side by side, where PyTorch's CPU kernel runs one thread
+ * per batch entry, and it needs no batch of expanded copies to do so.
+ *
+ * The ranges run in an OpenMP parallel region. Linked by the name libgomp.so.1, the library
+ * shares the OpenMP runtime torch loaded, so the ranges run on PyTorch's own workers, which
+ * wait (spinning) for the next region after each operation: threads of our own would have to
+ * share the cores with them. Python checks that the runtime is shared before sampling here.
  *
  * The functions are called through ctypes, which releases the interpreter lock. For pip,
  * setuptools builds this file as an extension module that defines nothing for Python but its
@@ -14,7 +19,12 @@
  */
 
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 #if defined(_WIN32)
 #define DR_EXPORT __declspec(dllexport)
@@ -114,16 +124,32 @@ static inline int64_t corner_offset(int k, int64_t stride_z, int64_t stride_y, i
     return DZ(k) * stride_z + DY(k) * stride_y + DX(k) * stride_x;
 }
 
+/* Range c of `chunks` over `points`: ceil(points / chunks) points each, the last the rest. */
+static inline void range_of(int64_t c, int64_t chunks, int64_t points, int64_t *start,
+                            int64_t *end) {
+    const int64_t size = (points + chunks - 1) / chunks;
+    *start = c * size < points ? c * size : points;
+    *end = (c + 1) * size < points ? (c + 1) * size : points;
+}
+
+/* The first thread of a parallel region's team, and how many the team has. */
+#if defined(_OPENMP)
+#define DR_THREAD omp_get_thread_num()
+#define DR_TEAM omp_get_num_threads()
+#else
+#define DR_THREAD 0
+#define DR_TEAM 1
+#endif
+
 /* Samples points [start, end) of grid (x, y, z per point, contiguous) into out, channel c of
- * point p at out[c * out_channel_stride + p]. */
-DR_EXPORT void dr_trilinear_forward(
-    const float *image, int64_t channels, int64_t depth, int64_t height, int64_t width,
-    int64_t stride_c, int64_t stride_d, int64_t stride_h, int64_t stride_w,
-    const float *grid, int64_t start, int64_t end, int border,
-    float *out, int64_t out_channel_stride) {
-    Volume v = {image, channels, depth, height, width, stride_c, stride_d, stride_h, stride_w};
+ * point p at out[c * points + p]. */
+static void forward_range(const Volume *v, const float *grid, int64_t start, int64_t end,
+                          int border, float *out, int64_t points) {
+    const float *image = v->data;
+    const int64_t channels = v->channels, stride_c = v->stride_c;
+    const int64_t width = v->width, height = v->height, depth = v->depth;
     int64_t corners[8];
-    for (int k = 0; k < 8; ++k) corners[k] = corner_offset(k, stride_d, stride_h, stride_w);
+    for (int k = 0; k < 8; ++k) corners[k] = corner_offset(k, v->stride_d, v->stride_h, v->stride_w);
     for (int64_t p = start; p < end; ++p) {
         float ix = unnormalised(grid[3 * p], width);
         float iy = unnormalised(grid[3 * p + 1], height);
@@ -134,13 +160,31 @@ DR_EXPORT void dr_trilinear_forward(
             iz = clipped(iz, depth);
         }
         Cell cell;
-        locate(&v, ix, iy, iz, &cell);
+        locate(v, ix, iy, iz, &cell);
         for (int64_t c = 0; c < channels; ++c) {
             float value = 0.0f;
             for (int k = 0; k < 8; ++k) {
                 if (cell.in[k]) value += image[c * stride_c + cell.offset + corners[k]] * cell.weight[k];
             }
-            out[c * out_channel_stride + p] = value;
+            out[c * points + p] = value;
+        }
+    }
+}
+
+/* Samples all `points` of grid into out (channel c of point p at out[c * points + p]), in
+ * `chunks` ranges side by side, one a thread. */
+DR_EXPORT void dr_trilinear_forward(
+    const float *image, int64_t channels, int64_t depth, int64_t height, int64_t width,
+    int64_t stride_c, int64_t stride_d, int64_t stride_h, int64_t stride_w,
+    const float *grid, int64_t points, int64_t chunks, int border, float *out) {
+    const Volume v = {image, channels, depth, height, width, stride_c, stride_d, stride_h, stride_w};
+#pragma omp parallel num_threads((int)chunks) if (chunks > 1)
+    {
+        /* A team smaller than asked (a thread limit) runs the rest of the ranges in turn. */
+        for (int64_t c = DR_THREAD; c < chunks; c += DR_TEAM) {
+            int64_t start, end;
+            range_of(c, chunks, points, &start, &end);
+            forward_range(&v, grid, start, end, border, out, points);
         }
     }
 }
@@ -194,19 +238,30 @@ static inline void backward_point(const Volume *v, const int64_t corners[8], con
     }
 }
 
-/* The gradients of points [start, end): see backward_point. grad_out holds channel c of point p
- * at grad_out[c * grad_out_channel_stride + p]. */
+/* The gradients of all `points` (see backward_point) in `chunks` ranges side by side: range c
+ * adds its image gradient into the c-th of `chunks` buffers of C × D × H × W (zeroed by the
+ * caller) unless grad_image is NULL. grad_out holds channel c of point p at
+ * grad_out[c * points + p]. */
 DR_EXPORT void dr_trilinear_backward(
     const float *image, int64_t channels, int64_t depth, int64_t height, int64_t width,
     int64_t stride_c, int64_t stride_d, int64_t stride_h, int64_t stride_w,
-    const float *grid, int64_t start, int64_t end, int border,
-    const float *grad_out, int64_t grad_out_channel_stride, float *grad_image, float *grad_grid) {
-    Volume v = {image, channels, depth, height, width, stride_c, stride_d, stride_h, stride_w};
+    const float *grid, int64_t points, int64_t chunks, int border,
+    const float *grad_out, float *grad_image, float *grad_grid) {
+    const Volume v = {image, channels, depth, height, width, stride_c, stride_d, stride_h, stride_w};
+    const int64_t buffer = channels * depth * height * width;
     int64_t corners[8];
     for (int k = 0; k < 8; ++k) corners[k] = corner_offset(k, stride_d, stride_h, stride_w);
-    for (int64_t p = start; p < end; ++p) {
-        backward_point(&v, corners, grid, p, border, grad_out, grad_out_channel_stride,
-                       grad_image, grad_grid);
+#pragma omp parallel num_threads((int)chunks) if (chunks > 1)
+    {
+        for (int64_t c = DR_THREAD; c < chunks; c += DR_TEAM) {
+            int64_t start, end;
+            range_of(c, chunks, points, &start, &end);
+            float *grad_image_c = grad_image ? grad_image + c * buffer : NULL;
+            for (int64_t p = start; p < end; ++p) {
+                backward_point(&v, corners, grid, p, border, grad_out, points, grad_image_c,
+                               grad_grid);
+            }
+        }
     }
 }
 

@@ -7,6 +7,12 @@ set(DEEPREGISTER_TRILINEAR_SOURCE ${CMAKE_CURRENT_LIST_DIR}/trilinear.c)
 function(deepregister_add_trilinear_sampler build_dir install_dir)
   add_library(DeepRegisterTrilinear MODULE ${DEEPREGISTER_TRILINEAR_SOURCE})
   target_compile_definitions(DeepRegisterTrilinear PRIVATE DR_WITHOUT_PYTHON)
+  # Its ranges run on torch's OpenMP threads. Without OpenMP (or with a runtime other than
+  # torch's) the library still builds, and trilinear_sampler leaves the sampling to PyTorch.
+  find_package(OpenMP COMPONENTS C)
+  if(OpenMP_C_FOUND)
+    target_link_libraries(DeepRegisterTrilinear PRIVATE OpenMP::OpenMP_C)
+  endif()
   if(WIN32)
     set(suffix ".pyd")
   else()

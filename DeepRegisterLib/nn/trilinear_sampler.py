@@ -1,68 +1,77 @@
-"""PyTorch's trilinear grid sampling of one 3D float32 image, compiled, on the caller's threads.
+"""PyTorch's trilinear grid sampling of one 3D float32 image, compiled, on PyTorch's threads.
 
 PyTorch's CPU grid sampler is scalar code run one batch entry per thread; ``filters`` gave it
 one image's points as a batch of expanded copies, and it was most of an optimisation step.
 ``trilinear.c`` holds the same statements in the same order (so the same bits, forward and
-backward), over ranges of points that a small thread pool runs side by side: on a 2 mm brain
-grid a forward pass took 6.3 ms against 11.5 ms, and with its backward 28 against 41 ms. Its
-threads need the cores that PyTorch's OpenMP workers spin on after each operation: it is used
-where that spin is short, as processes that exist to register make it
-(``DeepRegisterLib.openmp_waiting``).
+backward), over ranges of points run side by side in an OpenMP parallel region: on a 2 mm brain
+grid a forward pass took 6.3 ms against 11.5 ms, and with its backward 28 against 41 ms.
 
-Where the compiled module is missing (an install without a C compiler), :func:`available` is
-false and ``filters`` uses PyTorch's sampler: the same results, slower.
+The region runs on PyTorch's own OpenMP workers, which spin after each operation waiting for
+the next: threads of ours would share the cores with them, and lost where they spin long. So
+the library is used only where it shares torch's OpenMP runtime (its ``omp_get_thread_num`` is
+torch's): on Linux, where both name ``libgomp.so.1``. Where the compiled module is missing (no
+C compiler) or runs another runtime (macOS, Windows), :func:`available` is false and ``filters``
+uses PyTorch's sampler: the same results, slower.
 """
 
 from __future__ import annotations
 
 import ctypes
 import importlib.util
-import os
-import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..openmp_waiting import waits_briefly
-
 _I64 = ctypes.c_int64
 _POINTER = ctypes.c_void_p
 # The image: its data, channels, depth, height, width, and the four strides.
 _IMAGE = [_POINTER, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64]
-# The grid, the range of points, border padding or zeros.
+# The grid, its number of points, the ranges they are split into, border padding or zeros.
 _POINTS = [_POINTER, _I64, _I64, ctypes.c_int]
 
 
 @lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
-    """The compiled module beside this one, built by pip's install or Slicer's extension build."""
+    """The compiled module beside this one (built by pip's install or Slicer's extension
+    build), where it runs on torch's OpenMP threads."""
     spec = importlib.util.find_spec(f"{__package__}._trilinear")
     if spec is None or spec.origin is None:
         return None
-    return loaded(spec.origin)
+    library = loaded(spec.origin)
+    return library if shares_torchs_openmp(library) else None
 
 
 def loaded(path: str) -> ctypes.CDLL:
     """The sampler's library at ``path``, its functions' arguments declared."""
     library = ctypes.CDLL(path)
-    library.dr_trilinear_forward.argtypes = [*_IMAGE, *_POINTS, _POINTER, _I64]
+    library.dr_trilinear_forward.argtypes = [*_IMAGE, *_POINTS, _POINTER]
     library.dr_trilinear_forward.restype = None
-    library.dr_trilinear_backward.argtypes = [*_IMAGE, *_POINTS, _POINTER, _I64, _POINTER, _POINTER]
+    library.dr_trilinear_backward.argtypes = [*_IMAGE, *_POINTS, _POINTER, _POINTER, _POINTER]
     library.dr_trilinear_backward.restype = None
     return library
 
 
+def shares_torchs_openmp(library: ctypes.CDLL) -> bool:
+    """Whether ``library`` runs its parallel regions on torch's OpenMP runtime: the
+    ``omp_get_thread_num`` its own dependencies give it is the one torch's give torch. False
+    for a library built without OpenMP, and where a library's dependencies cannot be searched
+    by name (Windows)."""
+    try:
+        ours = library.omp_get_thread_num
+        torchs = ctypes.CDLL(torch._C.__file__).omp_get_thread_num
+    except (AttributeError, OSError):
+        return False
+    return ctypes.cast(ours, _POINTER).value == ctypes.cast(torchs, _POINTER).value
+
+
 def available() -> bool:
-    """Whether the compiled sampler was built with this install."""
+    """Whether the compiled sampler was built with this install and shares torch's OpenMP."""
     return _library() is not None
 
 
 def takes(image: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str) -> bool:
-    """Whether :func:`grid_sample` samples ``image`` at ``grid`` (else PyTorch does): it can,
-    and this process's OpenMP threads leave its threads their cores."""
+    """Whether :func:`grid_sample` samples ``image`` at ``grid`` (else PyTorch does)."""
     return (
         image.device.type == "cpu"
         and grid.device.type == "cpu"
@@ -74,7 +83,6 @@ def takes(image: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str)
         and mode == "bilinear"
         and padding_mode in ("zeros", "border")
         and available()
-        and waits_briefly()
     )
 
 
@@ -94,16 +102,11 @@ class _Trilinear(torch.autograd.Function):
         grid = grid.contiguous()
         ctx.save_for_backward(image, grid)
         ctx.border, ctx.chunks = border, chunks
-        points = grid.numel() // 3
         out = image.new_empty((1, image.shape[1], *grid.shape[1:-1]))
-        library, arguments = _library(), _image_arguments(image)
-
-        def run(begin: int, end: int, _chunk: int) -> None:
-            library.dr_trilinear_forward(
-                *arguments, grid.data_ptr(), begin, end, border, out.data_ptr(), points
-            )
-
-        _in_ranges(run, points, chunks)
+        _library().dr_trilinear_forward(
+            *_image_arguments(image), grid.data_ptr(), grid.numel() // 3, chunks, border,
+            out.data_ptr(),
+        )  # fmt: skip
         return out
 
     @staticmethod
@@ -116,17 +119,12 @@ class _Trilinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             image_grads = image.new_zeros((chunks, *image.shape[1:]))
         grid_grad = torch.empty_like(grid) if ctx.needs_input_grad[1] else None
-        library, arguments = _library(), _image_arguments(image)
-
-        def run(begin: int, end: int, chunk: int) -> None:
-            library.dr_trilinear_backward(
-                *arguments, grid.data_ptr(), begin, end, ctx.border,
-                grad.data_ptr(), points,
-                None if image_grads is None else image_grads[chunk].data_ptr(),
-                None if grid_grad is None else grid_grad.data_ptr(),
-            )  # fmt: skip
-
-        _in_ranges(run, points, chunks)
+        _library().dr_trilinear_backward(
+            *_image_arguments(image), grid.data_ptr(), points, chunks, ctx.border,
+            grad.data_ptr(),
+            None if image_grads is None else image_grads.data_ptr(),
+            None if grid_grad is None else grid_grad.data_ptr(),
+        )  # fmt: skip
         image_grad = None
         if image_grads is not None:
             image_grad = image_grads if chunks == 1 else image_grads.sum(0, keepdim=True)
@@ -137,46 +135,3 @@ def _image_arguments(image: torch.Tensor) -> tuple[int, ...]:
     _, channels, depth, height, width = image.shape
     _, *strides = image.stride()
     return (image.data_ptr(), channels, depth, height, width, *strides)
-
-
-def _in_ranges(run: Callable[[int, int, int], None], points: int, chunks: int) -> None:
-    """``run(begin, end, chunk)`` for each of ``chunks`` ranges of the points, side by side, the
-    first on this thread. The ranges are ``filters``' batch entries: each holds
-    ``ceil(points / chunks)`` points, the last the rest."""
-    size = -(-points // chunks)
-    calls = [(min(points, c * size), min(points, (c + 1) * size), c) for c in range(chunks)]
-    if chunks == 1:
-        run(*calls[0])
-        return
-    futures = [_pool().submit(run, *call) for call in calls[1:]]
-    run(*calls[0])
-    for future in futures:
-        future.result()
-
-
-#: The pool's threads' names: they outlive a run, idle between calls, as PyTorch's own do.
-POOL_THREAD_PREFIX = "deepregister-sampler"
-# The most threads the pool starts (it starts them only as calls need them); more chunks than
-# that wait their turn, which stays correct.
-_MAX_POOL_THREADS = 64
-_executor: ThreadPoolExecutor | None = None
-_executor_made = threading.Lock()
-
-
-def _pool() -> ThreadPoolExecutor:
-    """The pool, made on first use: one per process, never replaced while a call may use it."""
-    global _executor
-    with _executor_made:
-        if _executor is None:
-            _executor = ThreadPoolExecutor(_MAX_POOL_THREADS, thread_name_prefix=POOL_THREAD_PREFIX)
-        return _executor
-
-
-def _forget_pool() -> None:
-    """A forked child has none of its parent's threads: it makes its own pool."""
-    global _executor, _executor_made
-    _executor, _executor_made = None, threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
