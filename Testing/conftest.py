@@ -23,11 +23,6 @@ import pytest
 import SimpleITK as sitk
 
 from DeepRegisterLib.imaging.geometry import Grid
-from DeepRegisterLib.openmp_waiting import wait_briefly
-
-# The suite's process registers as ``deepregister``'s does: OpenMP's workers wait briefly (set
-# before any test imports torch), so the engine samples with the compiled sampler here too.
-wait_briefly()
 
 PointMap = Callable[[np.ndarray], np.ndarray]
 

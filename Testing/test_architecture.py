@@ -6,10 +6,8 @@ Every import points down the data flow:
 * the pipeline: ``registration`` and ``evaluation`` (each on foundations only), ``training``
   (which also reuses the registration's affine stage and may use the evaluation);
 * foundations: ``nn`` and ``imaging`` (independent of each other), ``errors`` (below both),
-  ``process_memory`` and ``openmp_waiting`` (what a process that exists to register asks of the
-  C library and of OpenMP: ``cli`` and ``batch`` only; ``nn`` asks whether OpenMP waits
-  briefly), and the shipped model files
-  (``shipped_models``, read by ``nn.models``).
+  ``process_memory`` (what a process that exists to register asks of the C library: ``cli`` and
+  ``batch`` only), and the shipped model files (``shipped_models``, read by ``nn.models``).
 
 Among the applications, ``cli`` offers ``batch`` as a command, and ``mrml`` runs the command line
 in a child process and reads its exit codes (``cli.exit_codes`` only). No cycles between packages.
@@ -33,21 +31,12 @@ LIBRARY = "DeepRegisterLib"
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "process_memory": set(),
-    "openmp_waiting": set(),
     "imaging": {"errors"},
-    "nn": {"errors", "shipped_models", "openmp_waiting"},
+    "nn": {"errors", "shipped_models"},
     "registration": {"errors", "imaging", "nn"},
     "evaluation": {"errors", "imaging", "nn"},
     "training": {"errors", "imaging", "nn", "registration", "evaluation"},
-    "batch": {
-        "errors",
-        "imaging",
-        "nn",
-        "registration",
-        "evaluation",
-        "process_memory",
-        "openmp_waiting",
-    },
+    "batch": {"errors", "imaging", "nn", "registration", "evaluation", "process_memory"},
     "cli": {
         "errors",
         "imaging",
@@ -57,7 +46,6 @@ ALLOWED: dict[str, set[str]] = {
         "training",
         "batch",
         "process_memory",
-        "openmp_waiting",
     },
     # mrml runs the command line in a child process and reads its exit codes.
     "mrml": {"errors", "imaging", "nn", "registration", "evaluation", "cli.exit_codes"},

@@ -16,7 +16,6 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from ..openmp_waiting import short_wait_environment
 from ..process_memory import KEPT_MEMORY_ENVIRONMENT
 from ..registration.settings import RegistrationSettings
 from .jobs import BatchJob, ImageHeader, more_image
@@ -127,10 +126,9 @@ def dask_client(plan: WorkerPlan | None, scheduler: str | None, retries: int) ->
         # every large tensor was mapped and zeroed afresh: one fs-dev pair took 31.0 s, not
         # 17.5. Our workers exist to register: they keep what they free for the next stage and
         # job (see process_memory).
-        # Their OpenMP threads wait briefly between operations (see openmp_waiting).
         **{
             f"distributed.nanny.pre-spawn-environ.{name}": value
-            for name, value in (KEPT_MEMORY_ENVIRONMENT | short_wait_environment()).items()
+            for name, value in KEPT_MEMORY_ENVIRONMENT.items()
         },
     }
     with (

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import DeepRegisterError, InputError, ModelError, RegistrationCancelled, ResourceError
-from ..openmp_waiting import wait_briefly
 from ..process_memory import keep_freed_memory
 from .apply import add_apply_parser
 from .batch import add_batch_parser
@@ -84,9 +83,7 @@ def run(argv: Sequence[str] | None = None) -> None:
     Python's finalisation: with torch loaded that takes 0.3 s, which a user waits for on every
     pair (and Slicer, on every run). The other commands, with clusters to close and logs to
     flush, end as Python ends. A ``register`` process, living for one registration, keeps the
-    memory its stages free for the next to reuse (see process_memory). Every command's
-    OpenMP threads wait briefly between operations (see openmp_waiting)."""
-    wait_briefly()
+    memory its stages free for the next to reuse (see process_memory)."""
     args = build_parser().parse_args(argv)
     if args.command != "register":
         sys.exit(_run(args))

@@ -27,10 +27,8 @@ def arguments_from(line: str) -> list[str] | None:
 
 
 def main() -> None:
-    from ..openmp_waiting import wait_briefly
     from ..registration.torch_loading import load_torch_beside
 
-    wait_briefly()
     load_torch_beside()
     line = sys.stdin.readline()
     try:
