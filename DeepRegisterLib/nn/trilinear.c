@@ -132,7 +132,7 @@ static inline void range_of(int64_t c, int64_t chunks, int64_t points, int64_t *
     *end = (c + 1) * size < points ? (c + 1) * size : points;
 }
 
-/* The first thread of a parallel region's team, and how many the team has. */
+/* This thread's number in its parallel region's team, and the team's size. */
 #if defined(_OPENMP)
 #define DR_THREAD omp_get_thread_num()
 #define DR_TEAM omp_get_num_threads()
