@@ -199,9 +199,13 @@ def test_a_team_smaller_than_its_ranges_runs_the_rest_in_turn() -> None:
     assert completed.stdout.split() == ["1", "True"]
 
 
-def test_without_the_compiled_module_pytorch_samples(monkeypatch) -> None:
-    """An install that could not compile it: not available, and nothing is sent to it."""
-    monkeypatch.setattr(trilinear_sampler.importlib.util, "find_spec", lambda name: None)
+def assert_pytorch_samples(monkeypatch, module_file: Path | None) -> None:
+    """With the compiled module found at ``module_file`` (None: not built), the sampler is not
+    available, takes nothing, and ``filters`` gives PyTorch's own result, raising nothing."""
+    spec = None
+    if module_file is not None:
+        spec = importlib.machinery.ModuleSpec("_trilinear", None, origin=str(module_file))
+    monkeypatch.setattr(trilinear_sampler.importlib.util, "find_spec", lambda name: spec)
     trilinear_sampler._library.cache_clear()
     try:
         assert not trilinear_sampler.available()
@@ -211,6 +215,19 @@ def test_without_the_compiled_module_pytorch_samples(monkeypatch) -> None:
         assert torch.equal(filters.grid_sample(image, grid), expected)
     finally:
         trilinear_sampler._library.cache_clear()
+
+
+def test_without_the_compiled_module_pytorch_samples(monkeypatch) -> None:
+    """An install that could not compile it."""
+    assert_pytorch_samples(monkeypatch, None)
+
+
+def test_a_library_that_cannot_load_is_not_used(tmp_path, monkeypatch) -> None:
+    """A library whose dependencies this machine lacks (an extension package where torch
+    brought no ``libgomp.so.1``): it fails to load, and no error reaches the registration."""
+    unloadable = tmp_path / "_trilinear.abi3.so"
+    unloadable.write_bytes(b"not a shared library")
+    assert_pytorch_samples(monkeypatch, unloadable)
 
 
 def test_a_registration_gives_the_same_bits_without_it(monkeypatch) -> None:
@@ -287,12 +304,4 @@ def test_a_build_without_openmp_is_not_used(tmp_path, monkeypatch) -> None:
     samples."""
     built = built_by_cmake(tmp_path, "-DCMAKE_DISABLE_FIND_PACKAGE_OpenMP=ON")
     assert not trilinear_sampler.shares_torchs_openmp(trilinear_sampler.loaded(str(built)))
-    spec = importlib.machinery.ModuleSpec("_trilinear", None, origin=str(built))
-    monkeypatch.setattr(trilinear_sampler.importlib.util, "find_spec", lambda name: spec)
-    trilinear_sampler._library.cache_clear()
-    try:
-        assert not trilinear_sampler.available()
-        image, grid = torch.rand((1, 1, 4, 4, 4)), torch.rand((1, 3, 3, 3, 3)) * 2 - 1
-        assert not trilinear_sampler.takes(image, grid, "bilinear", "zeros")
-    finally:
-        trilinear_sampler._library.cache_clear()
+    assert_pytorch_samples(monkeypatch, built)

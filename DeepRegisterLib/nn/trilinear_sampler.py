@@ -34,11 +34,16 @@ _POINTS = [_POINTER, _I64, _I64, ctypes.c_int]
 @lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
     """The compiled module beside this one (built by pip's install or Slicer's extension
-    build), where it runs on torch's OpenMP threads."""
+    build), where it runs on torch's OpenMP threads. A library that cannot load here (an
+    extension package on a machine whose torch brought no ``libgomp.so.1``, and none installed)
+    is not used either."""
     spec = importlib.util.find_spec(f"{__package__}._trilinear")
     if spec is None or spec.origin is None:
         return None
-    library = loaded(spec.origin)
+    try:
+        library = loaded(spec.origin)
+    except OSError:
+        return None
     return library if shares_torchs_openmp(library) else None
 
 
