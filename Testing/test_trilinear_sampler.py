@@ -147,22 +147,6 @@ def test_images_and_grids_laid_out_any_way(threads: None, monkeypatch) -> None:
                                                     upstream))  # fmt: skip
 
 
-@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.uint16])
-@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
-def test_integer_voxels_sampled_as_their_float32_copy(dtype, padding_mode, threads) -> None:
-    """An 8- or 16-bit image is read in its own type: the bits PyTorch gives its float32 copy,
-    without the copy."""
-    torch.set_num_threads(2)
-    generator = torch.Generator().manual_seed(6)
-    info = torch.iinfo(dtype)
-    values = torch.randint(info.min, info.max, (1, 2, 7, 8, 9), generator=generator)
-    image = values.to(dtype)
-    grid = awkward_grid((9, 10, 11), generator)
-    ours = filters.grid_sample(image, grid, "bilinear", padding_mode)
-    theirs = F.grid_sample(image.float(), grid, padding_mode=padding_mode, align_corners=True)
-    assert_same_bits([ours], [theirs])
-
-
 def test_what_it_does_not_take_goes_to_pytorch() -> None:
     image, grid = torch.zeros((1, 1, 4, 4, 4)), torch.zeros((1, 2, 2, 2, 3))
     takes = trilinear_sampler.takes
@@ -171,8 +155,6 @@ def test_what_it_does_not_take_goes_to_pytorch() -> None:
     assert not takes(image, grid, "nearest", "zeros")
     assert not takes(image, grid, "bilinear", "reflection")
     assert not takes(image.double(), grid.double(), "bilinear", "zeros")
-    assert not takes(image.int(), grid, "bilinear", "zeros")  # beyond float32's integers
-    assert takes(image.short(), grid, "bilinear", "zeros")
     assert not takes(image[:, :, 0], grid[:, 0, :, :, :2], "bilinear", "zeros")  # 2D
     assert not takes(image.expand(2, 1, 4, 4, 4), grid.expand(2, 2, 2, 2, 3), "bilinear", "zeros")
 
@@ -323,36 +305,3 @@ def test_a_build_without_openmp_is_not_used(tmp_path, monkeypatch) -> None:
     built = built_by_cmake(tmp_path, "-DCMAKE_DISABLE_FIND_PACKAGE_OpenMP=ON")
     assert not trilinear_sampler.shares_torchs_openmp(trilinear_sampler.loaded(str(built)))
     assert_pytorch_samples(monkeypatch, built)
-
-
-@pytest.mark.parametrize(
-    "pixel", [sitk.sitkInt16, sitk.sitkUInt8, sitk.sitkUInt16, sitk.sitkFloat32]
-)
-def test_a_scan_is_warped_from_its_own_voxels(pixel, monkeypatch) -> None:
-    """The engine's warp reads a scan of 8 or 16 bits (or float32) where it lies, without a
-    float32 copy: the same warped image as through the copy PyTorch samples."""
-    from DeepRegisterLib.registration import image_warping
-
-    generator = np.random.default_rng(7)
-    values = generator.integers(0, 200, (14, 15, 16)) - (50 if pixel == sitk.sitkInt16 else 0)
-    moving = sitk.Cast(sitk.GetImageFromArray(values.astype(np.float32)), pixel)
-    moving.SetSpacing((1.2, 1.0, 0.9))
-    field = generator.normal(0.0, 2.0, (14, 15, 16, 3))  # mm, on the moving image's grid
-    displacement = sitk.GetImageFromArray(field, isVector=True)
-    displacement.CopyInformation(moving)
-    read: list[torch.dtype] = []
-    sample = image_warping._Source.sample
-
-    def recorded(source, coordinates):
-        read.append(source.volume.dtype)
-        return sample(source, coordinates)
-
-    monkeypatch.setattr(image_warping._Source, "sample", recorded)
-    own = image_warping.warp_image(moving, displacement)
-    monkeypatch.setattr(trilinear_sampler, "takes", lambda *arguments: False)
-    copied = image_warping.warp_image(moving, displacement)
-    native = torch.from_numpy(sitk.GetArrayViewFromImage(moving)).dtype
-    assert read[0] == native  # the compiled sampler read the scan's own voxels
-    assert read[-1] == torch.float32  # PyTorch, its float32 copy
-    assert np.array_equal(sitk.GetArrayViewFromImage(own), sitk.GetArrayViewFromImage(copied))
-    assert own.GetPixelID() == pixel

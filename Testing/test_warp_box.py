@@ -13,7 +13,6 @@ from conftest import grid_points, image_on, oblique_grid, rotation_matrix
 
 from DeepRegisterLib.imaging.geometry import Grid
 from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
-from DeepRegisterLib.nn import trilinear_sampler
 from DeepRegisterLib.registration import image_warping
 from DeepRegisterLib.registration.engine import register
 from DeepRegisterLib.registration.image_warping import Reach, sampled_box, warp_images
@@ -130,29 +129,30 @@ def test_all_zero_images_sample_nothing_and_stay_zero() -> None:
 def test_only_the_non_zero_box_becomes_a_tensor_and_itk_agrees(
     dim: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A scan becomes a tensor only around its non-zero block (plus a voxel), in float32 or read
-    in its own type by the compiled sampler, and its labels are read from their own integers
-    over the same crop; points landing beyond it, or across its edge, get what SimpleITK's
-    resampling gives from the whole image."""
+    """A scan becomes a float tensor only around its non-zero block (plus a voxel), and its
+    labels are read from their own integers over the same crop; points landing beyond it, or
+    across its edge, get what SimpleITK's resampling gives from the whole image."""
     fixed, movings, moving = _padded_pair(dim)
     field, _ = _near_affine(fixed, moving, stray_mm=1.5)
-    read: list[tuple[tuple[int, ...], torch.dtype]] = []
-    made = image_warping._Source.__init__
+    converted: dict[str, list[tuple[tuple[int, ...], torch.dtype]]] = {}
 
-    def recorded(source, *args, **kwargs) -> None:
-        made(source, *args, **kwargs)
-        read.append((tuple(source.volume.shape[-dim:]), source.volume.dtype))
+    def recording(name: str):
+        real = getattr(image_warping, name)
 
-    monkeypatch.setattr(image_warping._Source, "__init__", recorded)
+        def record(image: sitk.Image, *args, **kwargs) -> torch.Tensor:
+            tensor = real(image, *args, **kwargs)
+            converted.setdefault(name, []).append((tuple(tensor.shape), tensor.dtype))
+            return tensor
+
+        return record
+
+    for name in ("_as_tensor", "_raw_bits"):
+        monkeypatch.setattr(image_warping, name, recording(name))
     warped = warp_images(movings, field, fixed)
 
     crop = tuple(n // 4 + 2 for n in moving.shape)  # the non-zero block of _padded_pair
-    scan_type, labels_type = (
-        torch.from_numpy(sitk.GetArrayFromImage(image)).dtype for image, _ in movings
-    )
-    if dim == 2 or not trilinear_sampler.available():
-        scan_type = torch.float32  # PyTorch samples a float32 copy
-    assert read == [(crop, scan_type), (crop, labels_type)]
+    labels_type = torch.from_numpy(sitk.GetArrayFromImage(movings[1][0])).dtype
+    assert converted == {"_as_tensor": [(crop, torch.float32)], "_raw_bits": [(crop, labels_type)]}
     transform = sitk.DisplacementFieldTransform(
         image_on(fixed, field.astype(np.float64), vector=True)
     )

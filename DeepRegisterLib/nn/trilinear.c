@@ -39,21 +39,6 @@ typedef struct {
     int64_t stride_c, stride_d, stride_h, stride_w;
 } Volume;
 
-/* The voxel types the forward pass reads (its `type` argument). Each integer value is a float
- * exactly, so sampling one reads the value PyTorch read from the image converted to float32:
- * the same bits, without the converted copy (a torso CT's: 630 MB). */
-enum { DR_FLOAT32 = 0, DR_UINT8 = 1, DR_INT8 = 2, DR_INT16 = 3, DR_UINT16 = 4 };
-
-static inline float voxel(const void *data, int type, int64_t index) {
-    switch (type) {
-    case DR_UINT8: return (float)((const uint8_t *)data)[index];
-    case DR_INT8: return (float)((const int8_t *)data)[index];
-    case DR_INT16: return (float)((const int16_t *)data)[index];
-    case DR_UINT16: return (float)((const uint16_t *)data)[index];
-    default: return ((const float *)data)[index];
-    }
-}
-
 /* grid_sample's coordinate in [-1, 1], corners aligned, as a voxel index. */
 static inline float unnormalised(float coordinate, int64_t size) {
     return ((coordinate + 1) / 2) * (size - 1);
@@ -157,9 +142,10 @@ static inline void range_of(int64_t c, int64_t chunks, int64_t points, int64_t *
 #endif
 
 /* Samples points [start, end) of grid (x, y, z per point, contiguous) into out, channel c of
- * point p at out[c * points + p], from voxels of `type` at `image` (laid out as v says). */
-static void forward_range(const Volume *v, const void *image, int type, const float *grid,
-                          int64_t start, int64_t end, int border, float *out, int64_t points) {
+ * point p at out[c * points + p]. */
+static void forward_range(const Volume *v, const float *grid, int64_t start, int64_t end,
+                          int border, float *out, int64_t points) {
+    const float *image = v->data;
     const int64_t channels = v->channels, stride_c = v->stride_c;
     const int64_t width = v->width, height = v->height, depth = v->depth;
     int64_t corners[8];
@@ -178,8 +164,7 @@ static void forward_range(const Volume *v, const void *image, int type, const fl
         for (int64_t c = 0; c < channels; ++c) {
             float value = 0.0f;
             for (int k = 0; k < 8; ++k) {
-                if (!cell.in[k]) continue;
-                value += voxel(image, type, c * stride_c + cell.offset + corners[k]) * cell.weight[k];
+                if (cell.in[k]) value += image[c * stride_c + cell.offset + corners[k]] * cell.weight[k];
             }
             out[c * points + p] = value;
         }
@@ -187,19 +172,19 @@ static void forward_range(const Volume *v, const void *image, int type, const fl
 }
 
 /* Samples all `points` of grid into out (channel c of point p at out[c * points + p]), in
- * `chunks` ranges side by side, one a thread, from an image of voxels of `type`. */
+ * `chunks` ranges side by side, one a thread. */
 DR_EXPORT void dr_trilinear_forward(
-    const void *image, int64_t channels, int64_t depth, int64_t height, int64_t width,
+    const float *image, int64_t channels, int64_t depth, int64_t height, int64_t width,
     int64_t stride_c, int64_t stride_d, int64_t stride_h, int64_t stride_w,
-    const float *grid, int64_t points, int64_t chunks, int border, float *out, int type) {
-    const Volume v = {NULL, channels, depth, height, width, stride_c, stride_d, stride_h, stride_w};
+    const float *grid, int64_t points, int64_t chunks, int border, float *out) {
+    const Volume v = {image, channels, depth, height, width, stride_c, stride_d, stride_h, stride_w};
 #pragma omp parallel num_threads((int)chunks) if (chunks > 1)
     {
         /* A team smaller than asked (a thread limit) runs the rest of the ranges in turn. */
         for (int64_t c = DR_THREAD; c < chunks; c += DR_TEAM) {
             int64_t start, end;
             range_of(c, chunks, points, &start, &end);
-            forward_range(&v, image, type, grid, start, end, border, out, points);
+            forward_range(&v, grid, start, end, border, out, points);
         }
     }
 }

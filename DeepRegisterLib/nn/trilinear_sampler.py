@@ -50,7 +50,7 @@ def _library() -> ctypes.CDLL | None:
 def loaded(path: str) -> ctypes.CDLL:
     """The sampler's library at ``path``, its functions' arguments declared."""
     library = ctypes.CDLL(path)
-    library.dr_trilinear_forward.argtypes = [*_IMAGE, *_POINTS, _POINTER, ctypes.c_int]
+    library.dr_trilinear_forward.argtypes = [*_IMAGE, *_POINTS, _POINTER]
     library.dr_trilinear_forward.restype = None
     library.dr_trilinear_backward.argtypes = [*_IMAGE, *_POINTS, _POINTER, _POINTER, _POINTER]
     library.dr_trilinear_backward.restype = None
@@ -75,18 +75,12 @@ def available() -> bool:
     return _library() is not None
 
 
-#: The voxel types it samples, and their codes in ``trilinear.c``: float32, and the integers of
-#: 8 and 16 bits, read as the float32 values PyTorch would sample from a converted copy.
-VOXEL_TYPES = {torch.float32: 0, torch.uint8: 1, torch.int8: 2, torch.int16: 3, torch.uint16: 4}
-
-
 def takes(image: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str) -> bool:
-    """Whether :func:`grid_sample` samples ``image`` at ``grid`` (else PyTorch does, which
-    samples no integer image)."""
+    """Whether :func:`grid_sample` samples ``image`` at ``grid`` (else PyTorch does)."""
     return (
         image.device.type == "cpu"
         and grid.device.type == "cpu"
-        and image.dtype in VOXEL_TYPES
+        and image.dtype == torch.float32
         and grid.dtype == torch.float32
         and image.dim() == 5
         and image.shape[0] == 1
@@ -98,7 +92,7 @@ def takes(image: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str)
 
 
 def grid_sample(image: torch.Tensor, grid: torch.Tensor, border: bool, chunks: int) -> torch.Tensor:
-    """``F.grid_sample(image.float(), grid, "bilinear", "border" if border else "zeros",
+    """``F.grid_sample(image, grid, "bilinear", "border" if border else "zeros",
     align_corners=True)`` for what :func:`takes`, its points in ``chunks`` ranges side by side.
 
     The gradient with respect to ``image`` sums one buffer per range, as PyTorch sums the
@@ -113,10 +107,10 @@ class _Trilinear(torch.autograd.Function):
         grid = grid.contiguous()
         ctx.save_for_backward(image, grid)
         ctx.border, ctx.chunks = border, chunks
-        out = grid.new_empty((1, image.shape[1], *grid.shape[1:-1]))
+        out = image.new_empty((1, image.shape[1], *grid.shape[1:-1]))
         _library().dr_trilinear_forward(
             *_image_arguments(image), grid.data_ptr(), grid.numel() // 3, chunks, border,
-            out.data_ptr(), VOXEL_TYPES[image.dtype],
+            out.data_ptr(),
         )  # fmt: skip
         return out
 

@@ -7,9 +7,7 @@ the caller knows how far the displacement strays from an affine map (:class:`Rea
 box of the output grid that can land near a non-zero moving voxel is sampled: a skull-stripped
 brain and its labels are zero over most of their field of view, and so is everything the rest
 of the output grid would sample. For the same reason only the box of the moving voxels around
-the non-zero ones is read, whatever the caller knows: a scan of float32 or of 8- or 16-bit
-integers in its own type by the compiled sampler (``nn.trilinear_sampler``), otherwise converted
-to a float tensor for PyTorch's.
+the non-zero ones is read (a scan's converted to a float tensor), whatever the caller knows.
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ import torch
 from ..imaging.geometry import Grid, affine_parameters
 from ..imaging.resampling import nonzero_box
 from ..imaging.volumes import allocate, paste_block, rows_per_slab, stop_if
-from ..nn import trilinear_sampler
 from ..nn.filters import grid_sample
 from .warping import Block, Displacement, block_field, index_map
 
@@ -228,11 +225,7 @@ class _Source:
             self.volume = _raw_bits(moving).to(device)
             self._precision = torch.float64 if _beyond_float32(moving) else torch.float32
         else:
-            own = _viewed(sitk.GetArrayViewFromImage(moving))[None, None]
-            if _compiled_reads(own, torch.device(device)):
-                self._moving, self.volume = moving, own  # no float copy (a torso CT's: 630 MB)
-            else:
-                self.volume = _as_tensor(moving, is_cancelled)[None, None].to(device)
+            self.volume = _as_tensor(moving, is_cancelled)[None, None].to(device)
         self.nearest = nearest
         # Labels keep their pixel type, and so do integer intensities, rounded: linear
         # interpolation stays between the image's values and the zero outside it, which the
@@ -327,13 +320,6 @@ class _ItkCoordinates:
             within = (component >= low).logical_and_(component < high)
             inside = within if inside is None else inside.logical_and_(within)
         return coordinates[None], inside.logical_not_()
-
-
-def _compiled_reads(volume: torch.Tensor, device: torch.device) -> bool:
-    """Whether the compiled sampler reads ``volume``'s own voxels (float32, or integers of 8 or
-    16 bits, whose float32 values it samples as PyTorch would a converted copy)."""
-    probe = torch.empty((1, 1, 1, 1, 3))
-    return device.type == "cpu" and trilinear_sampler.takes(volume, probe, "bilinear", "border")
 
 
 def _as_tensor(image: sitk.Image, is_cancelled: Callable[[], bool]) -> torch.Tensor:
