@@ -55,7 +55,7 @@ static inline float clipped(float index, int64_t size) {
 static inline float unnormalised_with_derivative(float coordinate, int64_t size, int border,
                                                  float *derivative) {
     float slope = (float)(size - 1) / 2;
-    float index = ((coordinate + 1) / 2) * (size - 1);
+    float index = unnormalised(coordinate, size);
     if (border) {
         float high = (float)(size - 1);
         if (index <= 0.0f) {
