@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -75,7 +76,9 @@ def assert_same_bits(ours: list, theirs: list) -> None:
 
 def awkward_grid(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
     """Points inside, on and past every face, on the corners exactly, far away, and not
-    numbers at all: where the paddings, the floors and the bounds tests differ."""
+    numbers at all: where the paddings, the floors and the bounds tests differ. They lie spread
+    over the grid, each in another of eight lanes, so that groups of eight points run one point
+    at a time in the middle of a range, beside groups that do not."""
     grid = torch.rand((1, *shape, 3), generator=generator) * 2.6 - 1.3
     flat = grid.view(-1, 3)
     specials = torch.tensor(
@@ -83,7 +86,8 @@ def awkward_grid(shape: tuple[int, ...], generator: torch.Generator) -> torch.Te
          [-1e30, 0.5, 0.5], [float("nan"), 0.0, 0.0], [0.0, float("inf"), 0.0],
          [0.0, 0.0, float("-inf")], [1.0000001, 0.0, -1.0000001]]
     )  # fmt: skip
-    flat[: len(specials)] = specials
+    step = len(flat) // len(specials)
+    flat[[i * step + i % 8 for i in range(len(specials))]] = specials
     return grid
 
 
@@ -230,6 +234,23 @@ def test_a_library_that_cannot_load_is_not_used(tmp_path, monkeypatch) -> None:
     assert_pytorch_samples(monkeypatch, unloadable)
 
 
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build with")
+def test_a_library_from_another_version_is_not_used(tmp_path, monkeypatch) -> None:
+    """A module built from an older trilinear.c (an editable install not built again): it lacks
+    a function the sampler calls, and PyTorch samples."""
+    source = (ROOT / "DeepRegisterLib" / "nn" / "trilinear.c").read_text()
+    older = tmp_path / "trilinear.c"
+    older.write_text(source.replace("dr_trilinear_lanes", "dr_trilinear_lanes_renamed"))
+    shutil.copy(ROOT / "DeepRegisterLib" / "nn" / "trilinear_point.h", tmp_path)
+    built = tmp_path / "_trilinear.abi3.so"
+    subprocess.run(
+        ["cc", "-shared", "-fPIC", "-fopenmp", "-DDR_WITHOUT_PYTHON", "-DDR_WITHOUT_AVX2",
+         str(older), "-o", str(built), "-lm"],
+        check=True, timeout=120,
+    )  # fmt: skip
+    assert_pytorch_samples(monkeypatch, built)
+
+
 def test_a_registration_gives_the_same_bits_without_it(monkeypatch) -> None:
     """The whole engine (affine search, network, optimisation, outputs), each way."""
     from DeepRegisterLib import RegistrationSettings, register
@@ -278,14 +299,8 @@ def built_by_cmake(tmp_path: Path, *options: str) -> Path:
     return built
 
 
-@pytest.mark.skipif(shutil.which("cmake") is None, reason="no cmake to build with")
-def test_slicers_extension_build_makes_the_same_sampler(tmp_path, threads, monkeypatch) -> None:
-    """trilinear.cmake builds a library without Python, on torch's OpenMP runtime, that the
-    sampler finds under its module's name and loads: the same bits."""
-    library = trilinear_sampler.loaded(str(built_by_cmake(tmp_path)))
-    assert not hasattr(library, "PyInit__trilinear")
-    assert trilinear_sampler.shares_torchs_openmp(library)
-
+def assert_samples_as_pytorch(library, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``library`` as the sampler's, on two threads: PyTorch's bits, both paddings."""
     monkeypatch.setattr(trilinear_sampler, "_library", lambda: library)
     monkeypatch.setattr(filters, "PARALLEL_MIN_POINTS", 1)
     torch.set_num_threads(2)
@@ -293,9 +308,54 @@ def test_slicers_extension_build_makes_the_same_sampler(tmp_path, threads, monke
     image = torch.randn((1, 3, 7, 8, 9), generator=generator)
     grid = awkward_grid((6, 7, 8), generator)
     upstream = torch.randn((1, 3, 6, 7, 8), generator=generator)
-    ours = values_and_gradients(filters.grid_sample, image, grid, upstream)
-    assert_same_bits(ours, values_and_gradients(pytorchs(monkeypatch, "zeros"), image, grid,
-                                                upstream))  # fmt: skip
+    for padding_mode in ("zeros", "border"):
+        ours = values_and_gradients(
+            lambda i, g, mode=padding_mode: filters.grid_sample(i, g, "bilinear", mode),
+            image, grid, upstream,
+        )  # fmt: skip
+        theirs = values_and_gradients(pytorchs(monkeypatch, padding_mode), image, grid, upstream)
+        assert_same_bits(ours, theirs)
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="no cmake to build with")
+def test_slicers_extension_build_makes_the_same_sampler(tmp_path, threads, monkeypatch) -> None:
+    """trilinear.cmake builds a library without Python, on torch's OpenMP runtime, that the
+    sampler finds under its module's name and loads: the same bits."""
+    library = trilinear_sampler.loaded(str(built_by_cmake(tmp_path)))
+    assert not hasattr(library, "PyInit__trilinear")
+    assert trilinear_sampler.shares_torchs_openmp(library)
+    assert library.dr_trilinear_lanes(3, 7, 8, 9) == trilinear_sampler.lanes((1, 3, 7, 8, 9))
+    assert_samples_as_pytorch(library, monkeypatch)
+
+
+def cpu_flags() -> set[str]:
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        return set()
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="no /proc/cpuinfo to read")
+def test_eight_points_at_a_time_where_the_cpu_has_avx2() -> None:
+    """Eight lanes on an x86-64 CPU with AVX2, while an image's offsets fit 32 bits (the
+    gathers' indices); one point at a time otherwise."""
+    has_avx2 = platform.machine() in ("x86_64", "AMD64") and "avx2" in cpu_flags()
+    assert trilinear_sampler.lanes((1, 3, 107, 111, 93)) == (8 if has_avx2 else 1)
+    assert trilinear_sampler.lanes((1, 1, 2048, 1024, 1024)) == (8 if has_avx2 else 1)
+    assert trilinear_sampler.lanes((1, 2, 2048, 1024, 1024)) == 1  # 2³² values
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="no cmake to build with")
+def test_a_build_without_avx2_gives_the_same_bits(tmp_path, threads, monkeypatch) -> None:
+    """The point-by-point code alone (a compiler that cannot target AVX2, another CPU), built
+    here by switching the eight lanes off: PyTorch's bits too."""
+    built = built_by_cmake(tmp_path, "-DCMAKE_C_FLAGS=-DDR_WITHOUT_AVX2")
+    library = trilinear_sampler.loaded(str(built))
+    assert library.dr_trilinear_lanes(3, 7, 8, 9) == 1
+    assert_samples_as_pytorch(library, monkeypatch)
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="no cmake to build with")

@@ -1,11 +1,11 @@
 /* PyTorch's 3D trilinear grid sampling (float32, corners aligned, zero or border padding),
  * forward and backward, of one image's points in ranges: see trilinear_sampler.py.
  *
- * Each arithmetic statement is PyTorch's own (aten/src/ATen/native/GridSampler.cpp), in its
- * order, so that the compiler rounds it the same way: the outputs and gradients are PyTorch's
- * bits, which the tests check. What differs is what PyTorch pays around them: this code splits
- * one image's points into ranges run side by side, where PyTorch's CPU kernel runs one thread
- * per batch entry, and it needs no batch of expanded copies to do so.
+ * Each point runs PyTorch's own statements (trilinear_point.h), so the outputs and gradients
+ * are PyTorch's bits, which the tests check. What differs is what PyTorch pays around them: this
+ * code splits one image's points into ranges run side by side, where PyTorch's CPU kernel runs
+ * one thread per batch entry, and it needs no batch of expanded copies to do so. Where the
+ * machine has AVX2, a range runs eight points at a time (trilinear_avx2.c), to the same bits.
  *
  * The ranges run in an OpenMP parallel region. Linked by the name libgomp.so.1, the library
  * shares the OpenMP runtime torch loaded, so the ranges run on PyTorch's own workers, which
@@ -18,9 +18,7 @@
  * without Python, as a plain library under the same name: ctypes needs no more.
  */
 
-#include <math.h>
-#include <stddef.h>
-#include <stdint.h>
+#include "trilinear_point.h"
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -31,98 +29,6 @@
 #else
 #define DR_EXPORT __attribute__((visibility("default")))
 #endif
-
-/* One input image (one batch entry): C channels of D × H × W voxels, any strides. */
-typedef struct {
-    const float *data;
-    int64_t channels, depth, height, width;
-    int64_t stride_c, stride_d, stride_h, stride_w;
-} Volume;
-
-/* grid_sample's coordinate in [-1, 1], corners aligned, as a voxel index. */
-static inline float unnormalised(float coordinate, int64_t size) {
-    return ((coordinate + 1) / 2) * (size - 1);
-}
-
-/* std::min(size - 1, std::max(index, 0)), as PyTorch clips for border padding (NaN → size − 1). */
-static inline float clipped(float index, int64_t size) {
-    float low = index < 0.0f ? 0.0f : index;
-    float high = (float)(size - 1);
-    return low < high ? low : high;
-}
-
-/* The backward pass's index and its derivative with respect to the grid coordinate. */
-static inline float unnormalised_with_derivative(float coordinate, int64_t size, int border,
-                                                 float *derivative) {
-    float slope = (float)(size - 1) / 2;
-    float index = unnormalised(coordinate, size);
-    if (border) {
-        float high = (float)(size - 1);
-        if (index <= 0.0f) {
-            slope = slope * 0.0f;
-            index = 0.0f;
-        } else if (index >= high) {
-            slope = slope * 0.0f;
-            index = high;
-        } else {
-            slope = slope * 1.0f;
-        }
-    }
-    *derivative = slope;
-    return index;
-}
-
-/* z · stride_z + y · stride_y + x · stride_x without signed overflow: a corner far outside
- * the image (a point at 1e30, or NaN, whose index is INT64_MIN) gives an offset that is only
- * used when a corner of its cell lies inside, where the sum is exact. */
-static inline int64_t offset_of(int64_t z, int64_t y, int64_t x, int64_t stride_z,
-                                int64_t stride_y, int64_t stride_x) {
-    return (int64_t)((uint64_t)z * (uint64_t)stride_z + (uint64_t)y * (uint64_t)stride_y +
-                     (uint64_t)x * (uint64_t)stride_x);
-}
-
-static inline int inside(const Volume *v, int64_t z, int64_t y, int64_t x) {
-    return z >= 0 && z < v->depth && y >= 0 && y < v->height && x >= 0 && x < v->width;
-}
-
-/* The eight corners of a cell in PyTorch's order (t/b = z0/z1, n/s = y0/y1, w/e = x0/x1): corner
- * k lies at z0 + DZ(k), y0 + DY(k), x0 + DX(k). */
-#define DX(k) ((k) & 1)
-#define DY(k) (((k) >> 1) & 1)
-#define DZ(k) ((k) >> 2)
-
-/* A point's cell: its first corner, each axis's two fractions (fx[0] = x1 − x, fx[1] = x − x0;
- * a corner's weight along x is fx[DX(k)]), the corners' weights and which corners lie inside. */
-typedef struct {
-    int64_t x0, y0, z0, offset;
-    float fx[2], fy[2], fz[2];
-    float weight[8];
-    int in[8];
-} Cell;
-
-static inline void locate(const Volume *v, float ix, float iy, float iz, Cell *cell) {
-    int64_t x0 = (int64_t)floorf(ix), y0 = (int64_t)floorf(iy), z0 = (int64_t)floorf(iz);
-    cell->x0 = x0;
-    cell->y0 = y0;
-    cell->z0 = z0;
-    cell->offset = offset_of(z0, y0, x0, v->stride_d, v->stride_h, v->stride_w);
-    cell->fx[0] = (x0 + 1) - ix;
-    cell->fx[1] = ix - x0;
-    cell->fy[0] = (y0 + 1) - iy;
-    cell->fy[1] = iy - y0;
-    cell->fz[0] = (z0 + 1) - iz;
-    cell->fz[1] = iz - z0;
-    for (int k = 0; k < 8; ++k) {
-        /* PyTorch's tnw = (ix_bse − ix) · (iy_bse − iy) · (iz_bse − iz), and so on: x, y, z. */
-        cell->weight[k] = cell->fx[DX(k)] * cell->fy[DY(k)] * cell->fz[DZ(k)];
-        cell->in[k] = inside(v, z0 + DZ(k), y0 + DY(k), x0 + DX(k));
-    }
-}
-
-/* Corner k's offset from the first corner, for an image with these strides. */
-static inline int64_t corner_offset(int k, int64_t stride_z, int64_t stride_y, int64_t stride_x) {
-    return DZ(k) * stride_z + DY(k) * stride_y + DX(k) * stride_x;
-}
 
 /* Range c of `chunks` over `points`: ceil(points / chunks) points each, the last the rest. */
 static inline void range_of(int64_t c, int64_t chunks, int64_t points, int64_t *start,
@@ -141,34 +47,54 @@ static inline void range_of(int64_t c, int64_t chunks, int64_t points, int64_t *
 #define DR_TEAM 1
 #endif
 
-/* Samples points [start, end) of grid (x, y, z per point, contiguous) into out, channel c of
- * point p at out[c * points + p]. */
-static void forward_range(const Volume *v, const float *grid, int64_t start, int64_t end,
-                          int border, float *out, int64_t points) {
-    const float *image = v->data;
-    const int64_t channels = v->channels, stride_c = v->stride_c;
-    const int64_t width = v->width, height = v->height, depth = v->depth;
-    int64_t corners[8];
-    for (int k = 0; k < 8; ++k) corners[k] = corner_offset(k, v->stride_d, v->stride_h, v->stride_w);
-    for (int64_t p = start; p < end; ++p) {
-        float ix = unnormalised(grid[3 * p], width);
-        float iy = unnormalised(grid[3 * p + 1], height);
-        float iz = unnormalised(grid[3 * p + 2], depth);
-        if (border) {
-            ix = clipped(ix, width);
-            iy = clipped(iy, height);
-            iz = clipped(iz, depth);
-        }
-        Cell cell;
-        locate(v, ix, iy, iz, &cell);
-        for (int64_t c = 0; c < channels; ++c) {
-            float value = 0.0f;
-            for (int k = 0; k < 8; ++k) {
-                if (cell.in[k]) value += image[c * stride_c + cell.offset + corners[k]] * cell.weight[k];
-            }
-            out[c * points + p] = value;
-        }
+/* Whether this image's ranges run eight points at a time here. */
+static int in_eights(const Volume *v) {
+#if defined(DR_AVX2_BUILT)
+    return dr_avx2_takes(v);
+#else
+    (void)v;
+    return 0;
+#endif
+}
+
+/* Samples points [start, end) of grid into out. */
+static void forward_range(const Volume *v, const int64_t corners[8], int eights,
+                          const float *grid, int64_t start, int64_t end, int border, float *out,
+                          int64_t points) {
+#if defined(DR_AVX2_BUILT)
+    if (eights) {
+        dr_forward_range_avx2(v, corners, grid, start, end, border, out, points);
+        return;
     }
+#endif
+    (void)eights;
+    for (int64_t p = start; p < end; ++p) forward_point(v, corners, grid, p, border, out, points);
+}
+
+/* The gradients of points [start, end), the image's into grad_image (unless NULL). */
+static void backward_range(const Volume *v, const int64_t corners[8], int eights,
+                           const float *grid, int64_t start, int64_t end, int border,
+                           const float *grad_out, int64_t points, float *grad_image,
+                           float *grad_grid) {
+#if defined(DR_AVX2_BUILT)
+    if (eights) {
+        dr_backward_range_avx2(v, corners, grid, start, end, border, grad_out, points,
+                               grad_image, grad_grid);
+        return;
+    }
+#endif
+    (void)eights;
+    for (int64_t p = start; p < end; ++p) {
+        backward_point(v, corners, grid, p, border, grad_out, points, grad_image, grad_grid);
+    }
+}
+
+/* How many points a range runs at a time on this machine for an image of this size: 8 or 1. */
+DR_EXPORT int64_t dr_trilinear_lanes(int64_t channels, int64_t depth, int64_t height,
+                                     int64_t width) {
+    const Volume v = {NULL, channels, depth, height, width, depth * height * width,
+                      height * width, width, 1};
+    return in_eights(&v) ? 8 : 1;
 }
 
 /* Samples all `points` of grid into out (channel c of point p at out[c * points + p]), in
@@ -178,63 +104,17 @@ DR_EXPORT void dr_trilinear_forward(
     int64_t stride_c, int64_t stride_d, int64_t stride_h, int64_t stride_w,
     const float *grid, int64_t points, int64_t chunks, int border, float *out) {
     const Volume v = {image, channels, depth, height, width, stride_c, stride_d, stride_h, stride_w};
+    const int eights = in_eights(&v);
+    int64_t corners[8];
+    for (int k = 0; k < 8; ++k) corners[k] = corner_offset(k, stride_d, stride_h, stride_w);
 #pragma omp parallel num_threads((int)chunks) if (chunks > 1)
     {
         /* A team smaller than asked (a thread limit) runs the rest of the ranges in turn. */
         for (int64_t c = DR_THREAD; c < chunks; c += DR_TEAM) {
             int64_t start, end;
             range_of(c, chunks, points, &start, &end);
-            forward_range(&v, grid, start, end, border, out, points);
+            forward_range(&v, corners, eights, grid, start, end, border, out, points);
         }
-    }
-}
-
-/* One point's share of the gradients: added into grad_image (contiguous C × D × H × W, zeroed
- * by the caller, one buffer per range of points) unless NULL, and the point's grid gradient
- * written to grad_grid[3p …] unless NULL. PyTorch's statements, corner by corner: for tnw,
- * gix −= tnw_val · (iy_bse − iy) · (iz_bse − iz) · gOut, and so on, each axis's term added for
- * a corner on its far side and subtracted for one on its near side. */
-static inline void backward_point(const Volume *v, const int64_t corners[8], const float *grid,
-                                  int64_t p, int border, const float *grad_out,
-                                  int64_t grad_out_channel_stride, float *grad_image,
-                                  float *grad_grid) {
-    float gx_mult, gy_mult, gz_mult;
-    float ix = unnormalised_with_derivative(grid[3 * p], v->width, border, &gx_mult);
-    float iy = unnormalised_with_derivative(grid[3 * p + 1], v->height, border, &gy_mult);
-    float iz = unnormalised_with_derivative(grid[3 * p + 2], v->depth, border, &gz_mult);
-    Cell cell;
-    locate(v, ix, iy, iz, &cell);
-    const int64_t plane = v->height * v->width, row = v->width, volume = v->depth * plane;
-    const int64_t grad_offset = offset_of(cell.z0, cell.y0, cell.x0, plane, row, 1);
-    int64_t grad_corners[8];
-    for (int k = 0; k < 8; ++k) grad_corners[k] = corner_offset(k, plane, row, 1);
-    const float *fx = cell.fx, *fy = cell.fy, *fz = cell.fz;
-    float gx = 0.0f, gy = 0.0f, gz = 0.0f;
-    for (int64_t c = 0; c < v->channels; ++c) {
-        const float g = grad_out[c * grad_out_channel_stride + p];
-        if (grad_image) {
-            for (int k = 0; k < 8; ++k) {
-                if (cell.in[k]) grad_image[c * volume + grad_offset + grad_corners[k]] += cell.weight[k] * g;
-            }
-        }
-        if (!grad_grid) continue;
-        const int64_t base = (int64_t)((uint64_t)(c * v->stride_c) + (uint64_t)cell.offset);
-        for (int k = 0; k < 8; ++k) {
-            if (!cell.in[k]) continue;
-            const float value = v->data[base + corners[k]];
-            const int dx = DX(k), dy = DY(k), dz = DZ(k);
-            const float tx = value * fy[dy] * fz[dz] * g;
-            const float ty = value * fx[dx] * fz[dz] * g;
-            const float tz = value * fx[dx] * fy[dy] * g;
-            gx = dx ? gx + tx : gx - tx;
-            gy = dy ? gy + ty : gy - ty;
-            gz = dz ? gz + tz : gz - tz;
-        }
-    }
-    if (grad_grid) {
-        grad_grid[3 * p] = gx_mult * gx;
-        grad_grid[3 * p + 1] = gy_mult * gy;
-        grad_grid[3 * p + 2] = gz_mult * gz;
     }
 }
 
@@ -249,6 +129,7 @@ DR_EXPORT void dr_trilinear_backward(
     const float *grad_out, float *grad_image, float *grad_grid) {
     const Volume v = {image, channels, depth, height, width, stride_c, stride_d, stride_h, stride_w};
     const int64_t buffer = channels * depth * height * width;
+    const int eights = in_eights(&v);
     int64_t corners[8];
     for (int k = 0; k < 8; ++k) corners[k] = corner_offset(k, stride_d, stride_h, stride_w);
 #pragma omp parallel num_threads((int)chunks) if (chunks > 1)
@@ -257,10 +138,8 @@ DR_EXPORT void dr_trilinear_backward(
             int64_t start, end;
             range_of(c, chunks, points, &start, &end);
             float *grad_image_c = grad_image ? grad_image + c * buffer : NULL;
-            for (int64_t p = start; p < end; ++p) {
-                backward_point(&v, corners, grid, p, border, grad_out, points, grad_image_c,
-                               grad_grid);
-            }
+            backward_range(&v, corners, eights, grid, start, end, border, grad_out, points,
+                           grad_image_c, grad_grid);
         }
     }
 }

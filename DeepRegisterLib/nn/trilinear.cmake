@@ -1,11 +1,14 @@
-# The compiled grid sampler (trilinear.c) in Slicer's extension build: a plain shared library
-# without Python, named as Python names an extension module (_trilinear.abi3.so, _trilinear.pyd),
-# so that DeepRegisterLib.nn.trilinear_sampler finds it beside itself and loads it with ctypes.
+# The compiled grid sampler (trilinear.c, trilinear_avx2.c) in Slicer's extension build: a plain
+# shared library without Python, named as Python names an extension module (_trilinear.abi3.so,
+# _trilinear.pyd), so that DeepRegisterLib.nn.trilinear_sampler finds it beside itself and loads it with ctypes.
 #
 #   deepregister_add_trilinear_sampler(<build folder of DeepRegisterLib/nn> <install folder>)
-set(DEEPREGISTER_TRILINEAR_SOURCE ${CMAKE_CURRENT_LIST_DIR}/trilinear.c)
+set(DEEPREGISTER_TRILINEAR_SOURCES
+  ${CMAKE_CURRENT_LIST_DIR}/trilinear.c
+  ${CMAKE_CURRENT_LIST_DIR}/trilinear_avx2.c
+  )
 function(deepregister_add_trilinear_sampler build_dir install_dir)
-  add_library(DeepRegisterTrilinear MODULE ${DEEPREGISTER_TRILINEAR_SOURCE})
+  add_library(DeepRegisterTrilinear MODULE ${DEEPREGISTER_TRILINEAR_SOURCES})
   target_compile_definitions(DeepRegisterTrilinear PRIVATE DR_WITHOUT_PYTHON)
   # Its ranges run on torch's OpenMP threads. Without OpenMP (or with a runtime other than
   # torch's) the library still builds, and trilinear_sampler leaves the sampling to PyTorch.
