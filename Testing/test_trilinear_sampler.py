@@ -349,6 +349,15 @@ def test_eight_points_at_a_time_where_the_cpu_has_avx2() -> None:
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="no cmake to build with")
+def test_a_build_for_this_very_cpu_gives_the_same_bits(tmp_path, threads, monkeypatch) -> None:
+    """Flags that target this CPU (``-march=native``: FMA on most x86-64 and ARM CPUs) would
+    let the compiler fuse a multiply and an add into one rounding; the build forbids it, so
+    the bits stay PyTorch's."""
+    built = built_by_cmake(tmp_path, "-DCMAKE_C_FLAGS=-march=native")
+    assert_samples_as_pytorch(trilinear_sampler.loaded(str(built)), monkeypatch)
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="no cmake to build with")
 def test_a_build_without_avx2_gives_the_same_bits(tmp_path, threads, monkeypatch) -> None:
     """The point-by-point code alone (a compiler that cannot target AVX2, another CPU), built
     here by switching the eight lanes off: PyTorch's bits too."""

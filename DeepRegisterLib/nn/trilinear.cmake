@@ -22,8 +22,9 @@ function(deepregister_add_trilinear_sampler build_dir install_dir)
     set(suffix ".abi3.so")
   endif()
   if(NOT MSVC)
-    # As Python builds its extension modules: integer overflow wraps (a point far outside).
-    target_compile_options(DeepRegisterTrilinear PRIVATE -fwrapv)
+    # As Python builds its extension modules: integer overflow wraps (a point far outside). No
+    # multiply-add fused where the flags target a CPU with FMA: PyTorch's sampler rounds each step.
+    target_compile_options(DeepRegisterTrilinear PRIVATE -fwrapv -ffp-contract=off)
     target_link_libraries(DeepRegisterTrilinear PRIVATE m)
   endif()
   set_target_properties(DeepRegisterTrilinear PROPERTIES
