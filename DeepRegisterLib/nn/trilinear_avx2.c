@@ -75,8 +75,10 @@ DR_AVX2 static inline __m256i within(__m256i i, int64_t size) {
                             _mm256_cmpgt_epi32(_mm256_set1_epi32((int32_t)size), i));
 }
 
-/* locate(): the floor is exact here (floors_exactly), so x0 + 1 as a float is (float)(x0 + 1). */
-DR_AVX2 static inline void locate8(const Volume *v, __m256 ix, __m256 iy, __m256 iz, Cells *cell) {
+/* locate(): the floor is exact here (floors_exactly), so x0 + 1 as a float is (float)(x0 + 1).
+ * corners[k] is corner k's offset in the image (corner_offset). */
+DR_AVX2 static inline void locate8(const Volume *v, const int64_t corners[8], __m256 ix,
+                                   __m256 iy, __m256 iz, Cells *cell) {
     const __m256 one = _mm256_set1_ps(1.0f);
     const __m256 x0 = _mm256_floor_ps(ix), y0 = _mm256_floor_ps(iy), z0 = _mm256_floor_ps(iz);
     cell->fx[0] = _mm256_sub_ps(_mm256_add_ps(x0, one), ix);
@@ -105,8 +107,7 @@ DR_AVX2 static inline void locate8(const Volume *v, __m256 ix, __m256 iy, __m256
                                         cell->fz[DZ(k)]);
         cell->in[k] = _mm256_castsi256_ps(
             _mm256_and_si256(in_x[DX(k)], _mm256_and_si256(in_y[DY(k)], in_z[DZ(k)])));
-        const int32_t corner = (int32_t)corner_offset(k, v->stride_d, v->stride_h, v->stride_w);
-        cell->at[k] = _mm256_add_epi32(offset, _mm256_set1_epi32(corner));
+        cell->at[k] = _mm256_add_epi32(offset, _mm256_set1_epi32((int32_t)corners[k]));
     }
 }
 
@@ -123,8 +124,8 @@ DR_AVX2 static inline __m256 corner_values(const Volume *v, const Cells *cell, i
 }
 
 /* forward_point() on points p … p + 7; false (nothing written) where they must go one by one. */
-DR_AVX2 static int forward8(const Volume *v, const float *grid, int64_t p, int border,
-                            float *out, int64_t points) {
+DR_AVX2 static int forward8(const Volume *v, const int64_t corners[8], const float *grid,
+                            int64_t p, int border, float *out, int64_t points) {
     __m256 ix = unnormalised8(coordinates8(grid, p, 0), v->width);
     __m256 iy = unnormalised8(coordinates8(grid, p, 1), v->height);
     __m256 iz = unnormalised8(coordinates8(grid, p, 2), v->depth);
@@ -135,7 +136,7 @@ DR_AVX2 static int forward8(const Volume *v, const float *grid, int64_t p, int b
     }
     if (!floors_exactly(ix, iy, iz)) return 0;
     Cells cell;
-    locate8(v, ix, iy, iz, &cell);
+    locate8(v, corners, ix, iy, iz, &cell);
     for (int64_t c = 0; c < v->channels; ++c) {
         __m256 value = _mm256_setzero_ps();
         for (int k = 0; k < 8; ++k) {
@@ -152,7 +153,7 @@ DR_AVX2 void dr_forward_range_avx2(const Volume *v, const int64_t corners[8], co
                                    int64_t points) {
     int64_t p = start;
     for (; p + 8 <= end; p += 8) {
-        if (forward8(v, grid, p, border, out, points)) continue;
+        if (forward8(v, corners, grid, p, border, out, points)) continue;
         for (int64_t q = p; q < p + 8; ++q) forward_point(v, corners, grid, q, border, out, points);
     }
     for (; p < end; ++p) forward_point(v, corners, grid, p, border, out, points);
@@ -195,9 +196,9 @@ DR_AVX2 static inline void add_image_shares(const Cells *cell, const Targets *to
 }
 
 /* backward_point() on points p … p + 7; false (nothing written) where they must go one by one. */
-DR_AVX2 static int backward8(const Volume *v, const float *grid, int64_t p, int border,
-                             const float *grad_out, int64_t points, float *grad_image,
-                             float *grad_grid) {
+DR_AVX2 static int backward8(const Volume *v, const int64_t corners[8], const float *grid,
+                             int64_t p, int border, const float *grad_out, int64_t points,
+                             float *grad_image, float *grad_grid) {
     __m256 ix = unnormalised8(coordinates8(grid, p, 0), v->width);
     __m256 iy = unnormalised8(coordinates8(grid, p, 1), v->height);
     __m256 iz = unnormalised8(coordinates8(grid, p, 2), v->depth);
@@ -211,7 +212,7 @@ DR_AVX2 static int backward8(const Volume *v, const float *grid, int64_t p, int 
     }
     if (!floors_exactly(ix, iy, iz)) return 0;
     Cells cell;
-    locate8(v, ix, iy, iz, &cell);
+    locate8(v, corners, ix, iy, iz, &cell);
     Targets to;
     if (grad_image) targets_of(v, &cell, &to);
     const int64_t volume = v->depth * v->height * v->width;
@@ -251,7 +252,9 @@ DR_AVX2 void dr_backward_range_avx2(const Volume *v, const int64_t corners[8], c
                                     float *grad_grid) {
     int64_t p = start;
     for (; p + 8 <= end; p += 8) {
-        if (backward8(v, grid, p, border, grad_out, points, grad_image, grad_grid)) continue;
+        if (backward8(v, corners, grid, p, border, grad_out, points, grad_image, grad_grid)) {
+            continue;
+        }
         for (int64_t q = p; q < p + 8; ++q) {
             backward_point(v, corners, grid, q, border, grad_out, points, grad_image, grad_grid);
         }
