@@ -36,6 +36,7 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "Dask batch": ("Testing/test_batch.py", "Testing/test_batch_more_images.py"),
     "distributed training": ("Testing/test_distributed_training.py",),
     "compiled grid sampler": ("Testing/test_trilinear_sampler.py",),
+    "compiled affine descent": ("Testing/test_affine_descent.py",),
 }
 #: Required only where the data is: CI has ../shared/data, a clone elsewhere need not.
 WITH_SHARED_DATA = {"real brain data": ("Testing/test_realdata.py",)}

@@ -9,10 +9,29 @@ import SimpleITK as sitk
 import torch
 
 from DeepRegisterLib import register
-from DeepRegisterLib.errors import InputError, RegistrationCancelled
+from DeepRegisterLib.errors import RegistrationCancelled
 from DeepRegisterLib.imaging.geometry import Grid, affine_parameters, rotation_degrees
 from DeepRegisterLib.imaging.phantoms import phantom
-from DeepRegisterLib.registration import affine, affine_levels, affine_search
+from DeepRegisterLib.nn.networks import warp
+from DeepRegisterLib.registration import (
+    affine,
+    affine_descent,
+    affine_levels,
+    affine_search,
+    affine_torch,
+)
+from DeepRegisterLib.training.config import SynthesisConfig
+from DeepRegisterLib.training.synthesis import Synthesiser
+
+
+@pytest.fixture(params=["compiled", "pytorch"])
+def kernel(request, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The descent compiled (affine_descent.c), or in PyTorch as an install without it runs."""
+    if request.param == "compiled" and not affine_descent.available():
+        pytest.skip("the compiled descent was not built (no C compiler at install)")
+    if request.param == "pytorch":
+        monkeypatch.setattr(affine_search, "_kernel", lambda: affine_torch)
+    return request.param
 
 
 def _brain_sized(spacing_mm: float = 2.0, size: int = 80, dim: int = 3) -> sitk.Image:
@@ -70,7 +89,7 @@ def test_a_large_ct_has_coarser_levels() -> None:
     assert affine.level_spacings(ct, 4.0) == ([4 * working, 2 * working],) * 2
 
 
-def test_fast_recovers_a_rotation_scaling_and_shift() -> None:
+def test_fast_recovers_a_rotation_scaling_and_shift(kernel: str) -> None:
     fixed = _brain_sized()
     truth = _oblique_affine()
     found = affine_search.register_affine(fixed, _moved(fixed, truth), iterations=30)
@@ -117,25 +136,6 @@ def test_the_same_seed_gives_the_same_transform_and_another_seed_a_close_one() -
     assert _largest_error_mm(first, other, BRAIN_POINTS) < 1.0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
-def test_on_a_gpu_the_search_runs_there_and_finds_the_cpus_transform() -> None:
-    """The same sample of voxels on either device; only the histogram's order of sums differs."""
-    fixed = _brain_sized()
-    truth = _oblique_affine()
-    moving = _moved(fixed, truth)
-    on_cpu = affine_search.register_affine(fixed, moving, iterations=30, device="cpu")
-    on_gpu = affine_search.register_affine(fixed, moving, iterations=30, device="cuda")
-    assert _largest_error_mm(on_gpu, truth, BRAIN_POINTS) < 1.0
-    assert _largest_error_mm(on_gpu, on_cpu, BRAIN_POINTS) < 0.1
-
-
-def test_a_device_this_machine_lacks_is_refused_with_what_to_use() -> None:
-    fixed = _brain_sized(4.0, size=40)
-    unknown = "cuda" if not torch.cuda.is_available() else "tpu"
-    with pytest.raises(InputError, match="cpu"):
-        affine_search.register_affine(fixed, fixed, iterations=1, device=unknown)
-
-
 def test_mutual_information_aligns_images_of_inverted_contrast() -> None:
     """Bright in one image is dark in the other (as T1 against T2): no intensity-difference
     metric could align them, mutual information does. The moments start is further off (the
@@ -151,7 +151,7 @@ def test_mutual_information_aligns_images_of_inverted_contrast() -> None:
     assert _largest_error_mm(found, truth, BRAIN_POINTS) < 1.5
 
 
-def test_a_moving_mask_keeps_a_bright_distraction_out_of_the_metric() -> None:
+def test_a_moving_mask_keeps_a_bright_distraction_out_of_the_metric(kernel: str) -> None:
     """The moving image has a bright block the fixed one lacks (a marker, a clamp): samples
     that land in it are not counted when the moving mask leaves it out."""
     fixed = _brain_sized()
@@ -168,10 +168,10 @@ def test_a_moving_mask_keeps_a_bright_distraction_out_of_the_metric() -> None:
     masked = affine_search.register_affine(fixed, distracted, iterations=100, moving_mask=mask)
     unmasked = affine_search.register_affine(fixed, distracted, iterations=100)
     assert _largest_error_mm(masked, truth, BRAIN_POINTS) < 1.0
-    assert _largest_error_mm(unmasked, truth, BRAIN_POINTS) > 5.0  # the distraction is real
+    assert _largest_error_mm(unmasked, truth, BRAIN_POINTS) > 2.0  # the distraction is real
 
 
-def test_a_2d_pair_is_registered_with_2d_transforms() -> None:
+def test_a_2d_pair_is_registered_with_2d_transforms(kernel: str) -> None:
     fixed = _brain_sized(1.0, size=128, dim=2)
     truth = sitk.AffineTransform(2)
     angle = np.deg2rad(10.0)
@@ -196,24 +196,24 @@ def test_an_initial_transform_is_the_start_and_the_rigid_search_is_skipped() -> 
         progress=lambda fraction, _message: reports.append(fraction),
     )  # fmt: skip
     assert _largest_error_mm(found, truth, BRAIN_POINTS) < 1.0
-    assert len(reports) == 2 * 10  # the affine search's two levels only
-    assert reports[-1] == 1.0
+    assert reports == [0.5, 1.0]  # after each of the affine search's two levels only
 
 
-def test_a_cancel_stops_the_search_at_its_next_step() -> None:
+def test_a_cancel_stops_the_search_before_its_next_level() -> None:
+    """A level's descent is one call of a few milliseconds; a cancel is heard between them."""
     fixed = _brain_sized()
-    steps: list[float] = []
+    levels: list[float] = []
 
-    def cancel_after_five() -> bool:
-        return len(steps) >= 5
+    def cancel_after_two() -> bool:
+        return len(levels) >= 2
 
     with pytest.raises(RegistrationCancelled, match="during the affine stage"):
         affine_search.register_affine(
             fixed, _moved(fixed, _oblique_affine()), iterations=30,
-            progress=lambda fraction, _message: steps.append(fraction),
-            is_cancelled=cancel_after_five,
+            progress=lambda fraction, _message: levels.append(fraction),
+            is_cancelled=cancel_after_two,
         )  # fmt: skip
-    assert len(steps) == 5
+    assert levels == [0.25, 0.5]
 
 
 @pytest.mark.parametrize(
@@ -221,7 +221,9 @@ def test_a_cancel_stops_the_search_at_its_next_step() -> None:
     [((0.0, 0.0, 1.0), 90.0), ((1.0, 0.0, 0.0), -90.0), ((0.0, 1.0, 0.0), -75.0)],
     ids=["z90", "x-90", "y-75"],
 )
-def test_a_turn_beyond_the_searchs_reach_is_found_from_a_turned_start(axis, degrees) -> None:
+def test_a_turn_beyond_the_searchs_reach_is_found_from_a_turned_start(
+    axis, degrees, kernel: str
+) -> None:
     """A search turns about 30° at most; the trials turn the start by 45° or 90° about the
     right axis and bring these within reach."""
     fixed = _brain_sized()
@@ -230,7 +232,7 @@ def test_a_turn_beyond_the_searchs_reach_is_found_from_a_turned_start(axis, degr
     assert _largest_error_mm(found, truth, BRAIN_POINTS) < 1.5
 
 
-def test_a_2d_image_turned_far_is_found() -> None:
+def test_a_2d_image_turned_far_is_found(kernel: str) -> None:
     fixed = _brain_sized(1.0, size=128, dim=2)
     truth = sitk.Euler2DTransform((-0.5, -0.5), np.deg2rad(-80.0))
     found = affine_search.register_affine(fixed, _moved(fixed, truth), iterations=30)
@@ -248,8 +250,7 @@ def test_unturned_the_trials_leave_the_search_as_it_was(monkeypatch) -> None:
     with_trials = affine_search.register_affine(
         fixed, moving, iterations=10, progress=lambda fraction, _: reports.append(fraction)
     )
-    assert len(reports) == 4 * 10
-    assert reports[-1] == 1.0
+    assert reports == [0.25, 0.5, 0.75, 1.0]  # after each level
     monkeypatch.setattr(affine_search, "_turned_starts", lambda *_: None)
     without = affine_search.register_affine(fixed, moving, iterations=10)
     assert with_trials.GetParameters() == without.GetParameters()
@@ -263,14 +264,14 @@ def _centre(image: sitk.Image) -> np.ndarray:
 
 
 def _as_pose(transform: sitk.Transform, centre: np.ndarray) -> affine_levels.Pose:
-    return affine_search._pose(affine.recentred(affine.to_affine(transform, 3), centre), "cpu")
+    return affine_search._pose(affine.recentred(affine.to_affine(transform, 3), centre))
 
 
 def _level_and_start(fixed: sitk.Image, moving: sitk.Image):
     """The affine stage's 8 mm level of the pair, its moments start and its search radius."""
     centre = _centre(fixed)
     copies = affine.WorkingCopies((fixed, moving), (None, None), finest_mm=4.0)
-    levels = affine_levels.Levels(copies, centre, 0, torch.device("cpu"))
+    levels = affine_levels.Levels(copies, centre, 0)
     start = _as_pose(affine.moments_transform(*copies.at(8.0)), centre)
     radius_mm = float(np.linalg.norm(Grid.of(fixed).extent_mm)) / 4.0
     return levels.at(8.0), start, radius_mm
@@ -282,19 +283,19 @@ def test_poses_searched_together_end_where_each_ends_alone() -> None:
     fixed = _brain_sized()
     level, start, radius_mm = _level_and_start(fixed, _moved(fixed, _oblique_affine()))
     starts = affine_search._turned(start)
-    together = affine_search._search([level], starts, True, 8, radius_mm, lambda: None, False)
+    together = affine_search._search([level], starts, True, 8, radius_mm, lambda _: None, False)
     for number in (0, 5, len(starts.shift) - 1):
         alone = affine_search._search(
-            [level], starts.picked([number]), True, 8, radius_mm, lambda: None, False
+            [level], starts.picked([number]), True, 8, radius_mm, lambda _: None, False
         )
-        torch.testing.assert_close(alone.matrix[0], together.matrix[number], rtol=0, atol=1e-12)
-        torch.testing.assert_close(alone.shift[0], together.shift[number], rtol=0, atol=1e-9)
+        np.testing.assert_allclose(alone.matrix[0], together.matrix[number], rtol=0, atol=1e-12)
+        np.testing.assert_allclose(alone.shift[0], together.shift[number], rtol=0, atol=1e-9)
 
 
 def test_each_axis_is_tried_turned_both_ways_by_each_angle() -> None:
     fixed = _brain_sized()
     _, start, _ = _level_and_start(fixed, fixed)
-    turns = (affine_search._turned(start).matrix @ start.matrix[0].T).numpy()  # the turns alone
+    turns = affine_search._turned(start).matrix @ start.matrix[0].T  # the turns alone
     assert len(turns) == 2 * len(affine_search.TURN_DEGREES) * 3
     found = set()
     for turn in turns:
@@ -359,3 +360,19 @@ def test_a_turn_is_read_off_a_matrix_without_its_stretch(dim: int) -> None:
     assert rotation_degrees(turn @ stretch) == pytest.approx(70.0)
     assert rotation_degrees(turn.T) == pytest.approx(70.0)
     assert rotation_degrees(stretch) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_a_small_pair_bent_locally_keeps_its_identity_affine(kernel: str) -> None:
+    """A synthetic 32 × 32 image (training's) and itself bent by a smooth bump in the middle:
+    the affine stays within 0.5 mm of the identity at the corners. A search restarting its
+    parameters at each level (rather than keeping them) went astray on its 16-pixel level and
+    ended 3 mm off."""
+    config = SynthesisConfig(shape_spacing=12.0, blur_sigma=0.0, bias_std=0.0)
+    image = Synthesiser((32, 32), config)(torch.Generator().manual_seed(2)).fixed
+    y, x = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    bump = 4.0 * torch.exp(-((y - 16) ** 2 + (x - 16) ** 2) / 60)
+    bent = warp(image, torch.stack([bump, -bump])[None], padding_mode="border")
+    fixed, moving = (sitk.GetImageFromArray(pixels[0, 0].numpy()) for pixels in (image, bent))
+    found = affine_search.register_affine(fixed, moving)
+    corners = [(0.0, 0.0), (31.0, 0.0), (0.0, 31.0), (31.0, 31.0)]
+    assert _largest_error_mm(found, sitk.AffineTransform(2), corners) < 0.5

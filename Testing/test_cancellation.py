@@ -65,7 +65,7 @@ class CancelFromAnotherThread:
 @pytest.mark.parametrize(
     ("prefix", "nth", "where"),
     [
-        ("affine", 5, "during the affine stage"),
+        ("affine", 2, "during the affine stage"),
         ("optimising", 2, "during optimisation"),
         ("composing the transform", 1, "while writing outputs"),
         ("warping the moving image", 1, "while writing outputs"),

@@ -13,7 +13,6 @@ from DeepRegisterLib.errors import InputError, ResourceError
 from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
 from DeepRegisterLib.nn.filters import MAX_GRADIENT_CHUNKS
 from DeepRegisterLib.registration import (
-    affine_search,
     engine,
     job,
     memory_plan,
@@ -137,7 +136,6 @@ def test_a_gpu_out_of_memory_error_reruns_on_the_cpu_with_the_same_result(
 
     monkeypatch.setattr(optimisation_stage, "optimise_velocity", optimise)
     monkeypatch.setattr(job, "resolve_device", lambda device: torch.device("meta"))
-    monkeypatch.setattr(affine_search, "resolve_device", lambda device: torch.device("cpu"))
     messages: list[str] = []
     fell_back = engine.register(
         *pair, device="cuda", progress=lambda f, m: messages.append(m), **options
@@ -150,38 +148,6 @@ def test_a_gpu_out_of_memory_error_reruns_on_the_cpu_with_the_same_result(
         sitk.GetArrayViewFromImage(fell_back.displacement),
         sitk.GetArrayViewFromImage(on_cpu.displacement),
     )
-
-
-def test_a_gpu_out_of_memory_error_in_the_affine_search_reruns_it_on_the_cpu(
-    pair, monkeypatch
-) -> None:
-    """The search raises what CUDA raises on any device but the CPU; the rerun's affine is the
-    CPU's own, and the report says why it ran there."""
-    options = dict(preset="fast", model=None, iterations=2)
-    on_cpu = engine.register(*pair, device="cpu", **options)
-    real_search = affine_search.search_copies
-
-    def search(*args, device, **kwargs):
-        if device != "cpu":
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
-        return real_search(*args, device=device, **kwargs)
-
-    monkeypatch.setattr(affine_search, "search_copies", search)
-    messages: list[str] = []
-    fell_back = engine.register(
-        *pair, device="auto", progress=lambda f, m: messages.append(m), **options
-    )
-    note = "memory: the GPU ran out of memory, so the affine search ran on the CPU"
-    assert fell_back.report["notes"][0] == note
-    assert note in messages
-    assert fell_back.affine.GetParameters() == on_cpu.affine.GetParameters()
-
-    def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("out of memory")
-
-    monkeypatch.setattr(affine_search, "search_copies", out_of_memory)
-    with pytest.raises(torch.OutOfMemoryError):  # on the CPU there is nowhere else to go
-        engine.register(*pair, device="cpu", **options)
 
 
 def test_an_out_of_memory_error_on_the_cpu_is_not_retried(pair, monkeypatch) -> None:

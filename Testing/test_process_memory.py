@@ -114,14 +114,15 @@ def test_the_worker_beside_the_affine_stage_copies_no_normalised_image(monkeypat
             prepared.set()
 
     class CopiesHoldingTheImages(affine.WorkingCopies):
-        def make_ahead(self, given_start: bool) -> None:
-            views = [sitk.GetArrayViewFromImage(image) for image in self.images]
-            held = [sitk.Image(image) for image in self.images]  # as a filter's input holds it
-            assert prepared.wait(60)
-            del held
-            after = [sitk.GetArrayViewFromImage(image) for image in self.images]
-            kept.extend(np.shares_memory(a, b) for a, b in zip(views, after, strict=True))
-            super().make_ahead(given_start)
+        def at(self, spacing_mm: float) -> tuple[sitk.Image, sitk.Image]:
+            if not kept:  # the affine stage's first copies
+                views = [sitk.GetArrayViewFromImage(image) for image in self.images]
+                held = [sitk.Image(image) for image in self.images]  # as a filter's input does
+                assert prepared.wait(60)
+                del held
+                after = [sitk.GetArrayViewFromImage(image) for image in self.images]
+                kept.extend(np.shares_memory(a, b) for a, b in zip(views, after, strict=True))
+            return super().at(spacing_mm)
 
     original_prepare = engine._prepare
     monkeypatch.setattr(engine, "_prepare", prepare_then_flag)

@@ -1,6 +1,6 @@
 """In a fresh process torch's import holds one core for about a second; the work that needs no
-torch (the affine stage's working copies, the network's inputs smoothed for their grid) is
-done meanwhile, and gives what it gives once torch has loaded."""
+torch (the whole affine stage, the network's inputs smoothed for their grid) is done
+meanwhile, and gives what it gives once torch has loaded."""
 
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ import SimpleITK as sitk
 
 from DeepRegisterLib.imaging.geometry import Grid
 from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
-from DeepRegisterLib.registration import affine, affine_search, engine, network_grid
-from DeepRegisterLib.registration.preprocessing import normalised_for_registration
+from DeepRegisterLib.registration import affine_descent, engine, network_grid
 
 # A child's script starts with this: ``before_torch()``, which the script defines, runs just
 # before torch's module code, holding torch's own import lock only, not the import system's.
@@ -53,8 +52,8 @@ torch_free_work_done, order = threading.Event(), []
 def before_torch():
     order.append(["torch waited", torch_free_work_done.wait(30)])
 
-from DeepRegisterLib.registration import affine, engine, torch_loading
-smoothed_inputs, make_ahead, done = engine.smoothed_inputs, affine.WorkingCopies.make_ahead, []
+from DeepRegisterLib.registration import affine_search, engine, torch_loading
+smoothed_inputs, search_copies, done = engine.smoothed_inputs, affine_search.search_copies, []
 
 def tell(what):
     done.append(what)
@@ -67,12 +66,13 @@ def smoothing(*args, **kwargs):
     tell("smoothed")
     return smoothed
 
-def copies(self, given_start):
-    order.append(["copies", torch_loading.torch_is_loading()])
-    make_ahead(self, given_start)
-    tell("copies")
+def affine_stage(*args, **kwargs):
+    order.append(["affine", torch_loading.torch_is_loading()])
+    found = search_copies(*args, **kwargs)
+    tell("affine")
+    return found
 
-engine.smoothed_inputs, affine.WorkingCopies.make_ahead = smoothing, copies
+engine.smoothed_inputs, affine_search.search_copies = smoothing, affine_stage
 pair = [sitk.ReadImage(path) for path in sys.argv[1:]]
 runs = [engine.register(*pair, preset="fast", iterations=2, model=None) for _ in range(2)]
 warped = [sitk.GetArrayFromImage(run.warped) for run in runs]
@@ -85,10 +85,14 @@ print(json.dumps({
 )
 
 
+@pytest.mark.skipif(
+    not affine_descent.available(), reason="without the compiled descent the search needs torch"
+)
 def test_a_fresh_process_makes_the_torch_free_work_while_torch_loads(tmp_path) -> None:
-    """Here torch's import cannot end before the working copies and the smoothed inputs are
-    made: the first run completes only if both are made while it waits. A second run in the
-    same process, torch loaded, plans first and makes the same images and affine."""
+    """Here torch's import cannot begin before the affine stage has found its affine and the
+    network's inputs are smoothed: the first run completes only if both are done without
+    torch. A second run in the same process, torch loaded, plans first and makes the same
+    images and affine."""
     pair = phantom_pair(demo_grid(3, 24), amplitude_mm=2.0)
     paths = [str(tmp_path / "fixed.mha"), str(tmp_path / "moving.mha")]
     for image, path in zip((pair.fixed, pair.moving), paths, strict=True):
@@ -100,9 +104,9 @@ def test_a_fresh_process_makes_the_torch_free_work_while_torch_loads(tmp_path) -
     assert completed.returncode == 0, completed.stderr
     outcome = json.loads(completed.stdout.strip().splitlines()[-1])
     first, torch_waited, second = outcome["order"][:2], outcome["order"][2], outcome["order"][3:]
-    assert sorted(first) == [["copies", True], ["smoothed", True]]
+    assert sorted(first) == [["affine", True], ["smoothed", True]]
     assert torch_waited == ["torch waited", True]  # not its 30 s out
-    assert sorted(second) == [["copies", False], ["smoothed", False]]
+    assert sorted(second) == [["affine", False], ["smoothed", False]]
     assert outcome["same_warped"]
     assert outcome["same_affine"]
 
@@ -149,28 +153,6 @@ def test_inputs_made_while_torch_loads_serve_only_the_grid_they_were_made_for(
     warped = [sitk.GetArrayFromImage(run.warped) for run in (plain, with_guess)]
     assert np.array_equal(*warped)
     assert plain.affine.GetParameters() == with_guess.affine.GetParameters()
-
-
-@pytest.mark.parametrize("given_start", [False, True])
-def test_working_copies_made_ahead_are_all_the_affine_search_reads(
-    pair, given_start: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """``make_ahead`` runs before torch has loaded: after it the search makes no copy and no
-    moments start of its own, and finds the affine it finds from copies made as it goes."""
-    normalised = tuple(normalised_for_registration(image) for image in pair)
-    initial = sitk.TranslationTransform(3, (1.0, 0.0, 0.0)) if given_start else None
-    options = dict(initial_transform=initial, iterations=5)
-    as_it_goes = affine_search.register_normalised(*normalised, **options)
-    copies = affine.WorkingCopies(normalised, (None, None), finest_mm=4.0)
-    copies.make_ahead(given_start=given_start)
-
-    def refused(*args, **kwargs):
-        raise AssertionError("made after make_ahead")
-
-    monkeypatch.setattr(affine, "working_copy", refused)
-    monkeypatch.setattr(affine, "moments_transform", refused)
-    ahead = affine_search.search_copies(copies, **options)
-    assert ahead.GetParameters() == as_it_goes.GetParameters()
 
 
 COLLECTOR_WHILE_TORCH_LOADS = (

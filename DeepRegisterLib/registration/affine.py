@@ -1,9 +1,8 @@
-"""The affine stage's geometry, without torch: working copies, levels, the moments start.
+"""The affine stage's geometry: working copies, levels, the moments start.
 
-The search itself (affine_search.py) needs torch; these parts run before it has loaded: in a
-fresh process the engine makes a run's :class:`WorkingCopies` while torch's import (about a
-second of one core) still holds the other. Subjects in different native spaces (like fs-dev)
-start aligned only after this stage.
+Without torch, as the whole stage is (affine_search.py): in a fresh process it runs while
+torch's import (about a second of one core) holds the other core. Subjects in different native
+spaces (like fs-dev) start aligned only after this stage.
 """
 
 from __future__ import annotations
@@ -85,8 +84,7 @@ def working_copy(
 
 class WorkingCopies:
     """A pair (and its masks) block-averaged to each of the search's level spacings, made when
-    first asked for or all at once (``make_ahead``), and the moments start from the finest
-    affine level's copies."""
+    first asked for, and the moments start from the finest affine level's copies."""
 
     def __init__(
         self,
@@ -127,16 +125,6 @@ class WorkingCopies:
         if self._moments is None:
             self._moments = moments_transform(*self.at(self.affine_mm[-1]))
         return self._moments
-
-    def make_ahead(self, given_start: bool) -> None:
-        """Every copy the search will read, and the moments start unless it is ``given_start``
-        (which also skips the rigid levels)."""
-        spacings = self.affine_mm if given_start else self.rigid_mm + self.affine_mm
-        for spacing_mm in dict.fromkeys(spacings):
-            self.at(spacing_mm)
-            self.masks_at(spacing_mm)
-        if not given_start:
-            self.moments()
 
 
 def moments_transform(fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:

@@ -2,16 +2,13 @@
 search, coarse to fine, each maximising the mutual information of sampled voxels
 (affine_levels.py) by gradient descent.
 
-In PyTorch on all of the CPU's threads, rather than on ITK's registration framework: ITK's
-Mattes metric gives the same result for the same seed only on one thread, and it called back
-into Python at every iteration (for progress and cancelling), waiting on the interpreter lock
-while torch loaded beside it. For `fast` on fs-dev brains that stage took 1.3 s alone and 2–3 s
-in a run; this search takes about 0.5 s, and the affine it finds is closer (mean Dice over 27
-structures of the affine alone 0.601 → 0.641 on eight pairs, and 0.625 → 0.683 on four with
-one image's contrast inverted). A seeded sample and sums in a fixed order: the same inputs and
-seed give the same transform on the CPU. On a GPU the search runs there too (a process that
-stays, with torch and CUDA loaded, otherwise waits for the CPU's threads), with the same sample;
-its histogram sums in no fixed order, so there the last bits can differ between runs.
+Each level's descent is one call to compiled code (affine_descent.c), on one CPU thread and
+without torch, so that a fresh process runs the whole search while torch's import (about a
+second of one core) holds the other: the search in PyTorch waited for it and then took about
+0.5 s of a `fast` run. Rather than ITK's registration framework, whose Mattes metric gives the
+same result for the same seed only on one thread and called back into Python at every
+iteration. A seeded sample and sums in sample order: the same inputs and seed give the same
+transform. Where the compiled module was not built, affine_torch.py runs the same descent.
 """
 
 from __future__ import annotations
@@ -21,14 +18,13 @@ from collections.abc import Callable
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
 from ..errors import stop_if_cancelled
 from ..imaging.geometry import Grid
 from ..imaging.intensity_window import IntensityWindow
-from ..nn.devices import resolve_device
+from . import affine_descent
 from .affine import WorkingCopies, is_small, recentred, to_affine
-from .affine_levels import Level, Levels, Pose
+from .affine_levels import Level, Levels, Pose, Steps, parameter_count
 from .preprocessing import normalised_pair
 
 ProgressCallback = Callable[[float, str], None]
@@ -75,23 +71,14 @@ TURN_CANDIDATES = 2
 MAX_TURNS = 2
 
 
-def _angles(dim: int) -> int:
-    """A rotation's angles: one in 2D, three in 3D."""
-    return 1 if dim == 2 else 3
+def _kernel():
+    """The compiled descent (affine_descent.c), or the same in PyTorch where it was not
+    built."""
+    if affine_descent.available():
+        return affine_descent
+    from . import affine_torch
 
-
-def _rotation(angles: torch.Tensor) -> torch.Tensor:
-    """Rotations by (poses, 1) angles in 2D or (poses, 3) in 3D (about x, then y, then z)."""
-    cos, sin = torch.cos(angles).unbind(-1), torch.sin(angles).unbind(-1)
-    poses = len(angles)
-    if len(cos) == 1:
-        return torch.stack([cos[0], -sin[0], sin[0], cos[0]], dim=-1).view(poses, 2, 2)
-    (cx, cy, cz), (sx, sy, sz) = cos, sin
-    one, zero = torch.ones_like(cx), torch.zeros_like(cx)
-    about_x = torch.stack([one, zero, zero, zero, cx, -sx, zero, sx, cx], dim=-1)
-    about_y = torch.stack([cy, zero, sy, zero, one, zero, -sy, zero, cy], dim=-1)
-    about_z = torch.stack([cz, -sz, zero, sz, cz, zero, zero, zero, one], dim=-1)
-    return about_z.view(poses, 3, 3) @ about_y.view(poses, 3, 3) @ about_x.view(poses, 3, 3)
+    return affine_torch
 
 
 def _search(
@@ -100,51 +87,31 @@ def _search(
     rigid: bool,
     iterations: int,
     radius_mm: float,
-    tick: Callable[[], None],
+    tick: Callable[[int], None],
     given_start: bool,
 ) -> Pose:
     """Regular-step gradient descent from each of ``start``'s poses at once, each with its own
     step, over parameters that each move points by about a millimetre per unit (angles and
-    matrix entries are scaled by ``radius_mm``, shifts are in millimetres), restarted at each
-    level: from FIRST_STEP_VOXELS of the level's voxels (at most MAX_FIRST_TURN), or from
-    GIVEN_START_STEP for a caller's start."""
-    poses, dim = start.shift.shape
-    device = start.shift.device
-    linear_count = _angles(dim) if rigid else dim * dim
-    parameters = torch.zeros(
-        poses, linear_count + dim, dtype=torch.float64, device=device, requires_grad=True
-    )
-    identity = torch.eye(dim, dtype=torch.float64, device=device)
-
-    def pose() -> Pose:
-        linear = parameters[:, :linear_count] / radius_mm
-        change = _rotation(linear) if rigid else identity + linear.view(poses, dim, dim)
-        return Pose(change @ start.matrix, start.shift + parameters[:, linear_count:])
-
+    matrix entries are scaled by ``radius_mm``, shifts are in millimetres), kept from level to
+    level while the step restarts: from FIRST_STEP_VOXELS of the level's voxels (at most
+    MAX_FIRST_TURN), or from GIVEN_START_STEP for a caller's start. (Restarted from each
+    level's end instead, the parameters' scale changes between levels: a synthetic 32² pair
+    then ended 4 mm off where this search ends within 0.1 mm.) ``tick`` is asked before each
+    level and told of its steps after it."""
+    kernel = _kernel()
+    parameters = np.zeros((len(start), parameter_count(start.shift.shape[1], rigid)))
+    found = start
     for level in levels:
         first = (
             GIVEN_START_STEP
             if given_start
             else min(FIRST_STEP_VOXELS * level.spacing_mm, MAX_FIRST_TURN * radius_mm)
         )
-        step = torch.full((poses,), first, dtype=torch.float64, device=device)
-        previous = None
-        for _ in range(iterations):
-            tick()
-            if not bool((step >= MIN_STEP).any()):
-                continue  # converged: the remaining iterations only count for progress
-            parameters.grad = None
-            (-level.similarity(pose()).sum()).backward()
-            gradient = parameters.grad.detach().clone()
-            if previous is not None:  # where it turned back, the optimum is within the step
-                step = torch.where((gradient * previous).sum(-1) < 0, step * RELAXATION, step)
-            previous = gradient
-            length = gradient.norm(dim=-1, keepdim=True)
-            moves = (step[:, None] >= MIN_STEP) & (length > 0)
-            with torch.no_grad():
-                parameters -= torch.where(moves, step[:, None] * gradient / length, 0.0)
-    with torch.no_grad():
-        return pose()
+        tick(0)
+        steps = Steps(iterations, first, radius_mm, RELAXATION, MIN_STEP)
+        found = kernel.descend(level, start, parameters, rigid, steps)
+        tick(iterations)
+    return found
 
 
 def _rigid_search(
@@ -153,72 +120,77 @@ def _rigid_search(
     start: Pose,
     iterations: int,
     radius_mm: float,
-    tick: Callable[[], None],
-    check: Callable[[], None],
+    tick: Callable[[int], None],
 ) -> Pose:
     """The rigid search from ``start`` and, where the trials on ``trial`` (if any) find turned
     starts, from those at once: the pose highest on the finest level (the start's on a tie).
-    The trials ask ``check``; the search reports its steps (``tick``)."""
-    turned = None if trial is None else _turned_starts(trial, start, radius_mm, check)
+    The searches report their steps (``tick``); the trials' count for nothing."""
+    turned = None if trial is None else _turned_starts(trial, start, radius_mm, tick)
     if turned is None:
         return _search(levels, start, True, iterations, radius_mm, tick, False)
     found = _search(levels, Pose.joined(start, turned), True, iterations, radius_mm, tick, False)
-    with torch.no_grad():
-        best = int(levels[-1].similarity(found).argmax())
+    best = int(np.argmax(_kernel().similarity(levels[-1], found)))
     return found.picked([best])
 
 
 def _turned_starts(
-    level: Level, start: Pose, radius_mm: float, check: Callable[[], None]
+    level: Level, start: Pose, radius_mm: float, tick: Callable[[int], None]
 ) -> Pose | None:
     """The TURN_CANDIDATES turns of ``start`` (one pose) whose few rigid steps reach the
     highest similarity, TURN_MARGIN above those from ``start`` itself, each turned on while that
     gains TURN_MARGIN more (MAX_TURNS turns in all); None when no turn gains it."""
 
-    def reached(poses: Pose) -> torch.Tensor:
-        found = _search([level], poses, True, TURN_TRIAL_STEPS, radius_mm, check, False)
-        with torch.no_grad():
-            return level.similarity(found)
+    def reached(poses: Pose) -> np.ndarray:
+        found = _search([level], poses, True, TURN_TRIAL_STEPS, radius_mm, lambda _: tick(0), False)
+        return _kernel().similarity(level, found)
 
     turns = _turned(start)
     values = reached(Pose.joined(start, turns))
     above, values = values[0] + TURN_MARGIN, values[1:]
-    order = values.argsort(descending=True)[:TURN_CANDIDATES]
+    order = np.argsort(-values, kind="stable")[:TURN_CANDIDATES]
     order = order[values[order] > above]
     if len(order) == 0:
         return None
     best, best_values = turns.picked(order), values[order]
     for _ in range(MAX_TURNS - 1):
         turns = _turned(best)
-        values = reached(turns).view(len(order), -1)
-        gains, chosen = values.max(dim=1)
+        values = reached(turns).reshape(len(order), -1)
+        chosen = values.argmax(axis=1)
+        gains = values[np.arange(len(order)), chosen]
         turn_on = gains > best_values + TURN_MARGIN
-        if not bool(turn_on.any()):
+        if not turn_on.any():
             break
         # Indices into (turns, best): each candidate's best turn, or the candidate itself.
-        candidate = torch.arange(len(order), device=values.device)
+        candidate = np.arange(len(order))
         turned_row = candidate * values.shape[1] + chosen
-        kept_row = len(turns.shift) + candidate
-        best = Pose.joined(turns, best).picked(torch.where(turn_on, turned_row, kept_row))
-        best_values = torch.where(turn_on, gains, best_values)
+        kept_row = len(turns) + candidate
+        best = Pose.joined(turns, best).picked(np.where(turn_on, turned_row, kept_row))
+        best_values = np.where(turn_on, gains, best_values)
     return best
+
+
+def _rotation(axis: int, angle: float, dim: int) -> np.ndarray:
+    """A turn by ``angle`` radians about ``axis`` (in 2D, the plane's one turn)."""
+    cos, sin = math.cos(angle), math.sin(angle)
+    if dim == 2:
+        return np.array([[cos, -sin], [sin, cos]])
+    turn = np.eye(3)
+    first, second = (axis + 1) % 3, (axis + 2) % 3
+    turn[first, first] = turn[second, second] = cos
+    turn[first, second], turn[second, first] = -sin, sin
+    return turn
 
 
 def _turned(start: Pose) -> Pose:
     """Each of ``start``'s poses turned by ±TURN_DEGREES about each axis (about the fixed
     image's centre), the turns of one pose together."""
     poses, dim = start.shift.shape
-    axes = _angles(dim)
     signed = [sign * math.radians(degrees) for degrees in TURN_DEGREES for sign in (-1.0, 1.0)]
-    angles = torch.zeros(axes, len(signed), axes, dtype=torch.float64, device=start.matrix.device)
-    for axis in range(axes):
-        angles[axis, :, axis] = torch.tensor(signed, dtype=torch.float64)
-    turns = _rotation(angles.reshape(-1, axes))  # about each axis in turn
+    axes = range(1 if dim == 2 else 3)
+    turns = np.stack([_rotation(axis, angle, dim) for axis in axes for angle in signed])
     matrices = turns[None] @ start.matrix[:, None]
-    return Pose(
-        matrices.reshape(-1, dim, dim),
-        start.shift[:, None].expand(poses, len(turns), dim).reshape(-1, dim),
-    )
+    shifts = np.broadcast_to(start.shift[:, None], (poses, len(turns), dim))
+    return Pose(matrices.reshape(-1, dim, dim), shifts.reshape(-1, dim).copy())
 
 
 def register_affine(
@@ -264,15 +236,14 @@ def search_copies(
     initial_transform: sitk.Transform | None = None,
     iterations: int = 50,
     seed: int = 0,
-    device: str = "cpu",
     progress: ProgressCallback | None = None,
     is_cancelled: Callable[[], bool] = lambda: False,
 ) -> sitk.AffineTransform:
     """The affine search over a pair's working copies, fixed → moving points.
 
     ``iterations`` steps at each level at most. ``initial_transform`` (linear) replaces the
-    moments initialisation, the turned starts and the rigid search when given. ``device`` is a
-    run's setting ("auto", "cpu", "cuda"…).
+    moments initialisation, the turned starts and the rigid search when given. On the CPU
+    whatever a run's device: a level's descent takes milliseconds there.
     """
     fixed = copies.images[0]
     dim = fixed.GetDimension()
@@ -280,44 +251,40 @@ def search_copies(
     centre = np.asarray(
         fixed.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2.0 for s in fixed.GetSize()])
     )
-    levels = Levels(copies, centre, seed, resolve_device(device))
+    levels = Levels(copies, centre, seed)
     given_start = initial_transform is not None
     first = initial_transform if given_start else copies.moments()
     total = iterations * (len(affine_mm) + (0 if given_start else len(rigid_mm)))
     done = 0
 
-    def check() -> None:
-        stop_if_cancelled(is_cancelled, "during the affine stage")
-
-    def tick() -> None:
+    def tick(steps: int) -> None:
+        """Cancelled? Then ``steps`` more of the searches' steps done."""
         nonlocal done
-        check()
-        done += 1
-        if progress is not None:
+        stop_if_cancelled(is_cancelled, "during the affine stage")
+        done += steps
+        if steps and progress is not None:
             progress(min(done / total, 1.0), "affine")
 
-    start = _pose(recentred(to_affine(first, dim), centre), levels.device)
+    start = _pose(recentred(to_affine(first, dim), centre))
     radius_mm = float(np.linalg.norm(Grid.of(fixed).extent_mm)) / 4.0
-    with torch.enable_grad():
-        if not given_start:
-            rigid_levels = [levels.at(mm) for mm in rigid_mm]
-            trial = None if is_small(fixed) else levels.at(rigid_mm[0], TURN_TRIAL_SAMPLES)
-            start = _rigid_search(rigid_levels, trial, start, iterations, radius_mm, tick, check)
-        affine_levels = [levels.at(mm) for mm in affine_mm]
-        start = _search(affine_levels, start, False, iterations, radius_mm, tick, given_start)
+    if not given_start:
+        rigid_levels = [levels.at(mm) for mm in rigid_mm]
+        trial = None if is_small(fixed) else levels.at(rigid_mm[0], TURN_TRIAL_SAMPLES)
+        start = _rigid_search(rigid_levels, trial, start, iterations, radius_mm, tick)
+    affine_levels = [levels.at(mm) for mm in affine_mm]
+    start = _search(affine_levels, start, False, iterations, radius_mm, tick, given_start)
     return to_affine(_transform(start, centre), dim)
 
 
-def _pose(transform: sitk.AffineTransform, device: torch.device) -> Pose:
+def _pose(transform: sitk.AffineTransform) -> Pose:
     dim = transform.GetDimension()
     matrix = np.asarray(transform.GetMatrix(), dtype=np.float64).reshape(dim, dim)
-    shift = torch.tensor(transform.GetTranslation(), dtype=torch.float64)
-    return Pose(torch.from_numpy(matrix)[None].to(device), shift[None].to(device))
+    return Pose(matrix[None], np.asarray(transform.GetTranslation(), dtype=np.float64)[None])
 
 
 def _transform(pose: Pose, centre: np.ndarray) -> sitk.AffineTransform:
     transform = sitk.AffineTransform(len(centre))
     transform.SetCenter(tuple(float(c) for c in centre))
-    transform.SetMatrix(tuple(pose.matrix[0].cpu().numpy().ravel()))
-    transform.SetTranslation(tuple(pose.shift[0].cpu().numpy()))
+    transform.SetMatrix(tuple(pose.matrix[0].ravel()))
+    transform.SetTranslation(tuple(pose.shift[0]))
     return transform

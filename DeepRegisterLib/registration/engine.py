@@ -7,21 +7,21 @@ the fixed image's own grid, in LPS millimetres: ``T(x) = A(x + v(x))``, ``u(x) =
 This module holds the sequence and imports no torch itself. Every stage needs torch, and in a
 fresh process (the command line, Slicer's child process) loading it takes about a second:
 :func:`load_torch_beside` (torch_loading.py) starts that on a daemon thread while the inputs
-are read and checked. Meanwhile ITK makes what needs no torch: the affine stage's working
-copies on the main thread, the network's inputs on a worker (network_grid.py). Then the affine
-search runs on the main thread while the worker plans the run (job.py).
+are read and checked. Meanwhile what needs no torch runs: the affine stage on the main thread
+(its search compiled, affine_descent.c), the network's inputs on a worker (network_grid.py),
+which then plans the run (job.py) once torch has loaded.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import SimpleITK as sitk
 
 from ..errors import RegistrationCancelled
+from . import affine_search
 from .affine import WorkingCopies, to_affine, turned_note
 from .beside import Beside
 from .inputs import ImageLike, Inputs, check_inputs
@@ -105,7 +105,7 @@ def _affine_and_plan(
         normalised = fixed_norm, moving_norm
         preparing = beside.submit(_prepare, inputs, normalised, voxels, started)
         try:
-            affine, note = _affine(
+            affine = _affine(
                 stages, inputs, fixed_norm, moving_norm, lambda: beside.failed(preparing)
             )
         except RegistrationCancelled:
@@ -119,7 +119,7 @@ def _affine_and_plan(
             stages.report("affine", 1.0, line)
     from .deformable import on_network_grid
 
-    said = (*inputs.notes, inverted, note, turned)
+    said = (*inputs.notes, inverted, turned)
     noted = tuple(line for line in said if line is not None)  # each reported when made
     return on_network_grid(stages, planned, affine, noted), affine
 
@@ -154,13 +154,13 @@ def _affine(
     fixed_norm: sitk.Image,
     moving_norm: sitk.Image,
     also_stop: Callable[[], bool],
-) -> tuple[sitk.AffineTransform, str | None]:
-    """The affine, and a note when a GPU out of memory sent the search to the CPU."""
+) -> sitk.AffineTransform:
+    """The affine: the search over the pair's working copies, without waiting for torch."""
     dim = inputs.fixed_image.GetDimension()
     if not inputs.settings.affine:
         if inputs.initial_transform is not None:
-            return to_affine(inputs.initial_transform, dim), None
-        return sitk.AffineTransform(dim), None
+            return to_affine(inputs.initial_transform, dim)
+        return sitk.AffineTransform(dim)
 
     def is_cancelled() -> bool:
         return stages.cancelled() or also_stop()
@@ -169,23 +169,8 @@ def _affine(
         (fixed_norm, moving_norm), (inputs.fixed_mask, inputs.moving_mask),
         inputs.preset.affine_finest_mm, is_cancelled,
     )  # fmt: skip
-    # Before torch, whose import may not have ended: ITK makes these on the core it leaves.
-    copies.make_ahead(given_start=inputs.initial_transform is not None)
-    import torch  # loaded with the search
-
-    from .affine_search import search_copies  # loading since the run began
-
-    search = partial(
-        search_copies, copies, initial_transform=inputs.initial_transform,
+    return affine_search.search_copies(
+        copies, initial_transform=inputs.initial_transform,
         iterations=inputs.preset.affine_iterations, seed=inputs.settings.seed,
         progress=stages.reporter("affine"), is_cancelled=is_cancelled,
     )  # fmt: skip
-    try:
-        return search(device=inputs.settings.device), None
-    except torch.OutOfMemoryError:
-        if inputs.settings.device == "cpu":
-            raise
-        torch.cuda.empty_cache()
-        note = "memory: the GPU ran out of memory, so the affine search ran on the CPU"
-        stages.report("affine", 0.0, note)
-        return search(device="cpu"), note

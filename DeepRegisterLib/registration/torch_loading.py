@@ -1,7 +1,8 @@
 """Torch's import begun on a thread as soon as a process knows it will register.
 
-Every stage needs torch, and in a fresh process (the command line, Slicer's child) its import
-is about a second of one core: the longest wait before the affine search can start. Nothing
+Every stage after the affine one needs torch, and in a fresh process (the command line,
+Slicer's child) its import is about a second of one core, which the affine stage (compiled,
+without torch) and the reads spend beside it: the longest wait before the network. Nothing
 here imports more than the standard library, so a command line can start that import before it
 imports SimpleITK and numpy; its header checks and reads overlap it, as ITK releases the
 interpreter lock while it works.
@@ -34,7 +35,7 @@ def load_torch_beside() -> None:
         try:
             # torch first: the engine's modules would import numpy and SimpleITK before it,
             # which the main thread is importing anyway.
-            for name in ("torch", f"{__package__}.affine_search", f"{__package__}.deformable"):
+            for name in ("torch", f"{__package__}.deformable"):
                 importlib.import_module(name)
         except Exception:  # the stage's own import raises it, where it can be handled
             pass

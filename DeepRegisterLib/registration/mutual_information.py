@@ -1,4 +1,6 @@
-"""Mattes mutual information of sampled intensity pairs, differentiable in the moving values.
+"""Mattes mutual information of sampled intensity pairs in PyTorch, differentiable in the moving
+values: the affine search's metric where its compiled descent (affine_descent.c, which computes
+the same) was not built.
 
 As Mattes et al. (2003) and ITK's metric: a joint histogram whose moving axis is filled through
 a cubic B-spline Parzen window, so the metric has a gradient in each moving intensity, while the
@@ -14,9 +16,7 @@ import math
 
 import torch
 
-BINS = 32
-# Keeps log() finite for empty bins; far below the 1 / (16 · samples) of one tap.
-LOG_FLOOR = 1e-12
+from .affine_levels import BINS, LOG_FLOOR
 
 
 def _cubic_bspline_taps(fraction: torch.Tensor) -> torch.Tensor:
@@ -31,15 +31,13 @@ def _cubic_bspline_taps(fraction: torch.Tensor) -> torch.Tensor:
 
 
 class SampledMutualInformation:
-    """MI between fixed values given once and moving values given at each evaluation."""
+    """MI between fixed values given once, as their bins (``affine_levels.fixed_bins``), and
+    moving values given at each evaluation."""
 
-    def __init__(self, fixed_values: torch.Tensor, bins: int = BINS):
-        if bins < 4:
-            raise ValueError(f"mutual information needs at least 4 bins, got {bins}")
-        self.bins = bins
-        fixed_bin = torch.round(fixed_values.clamp(0, 1) * (bins - 1)).long()
-        self._rows = (fixed_bin * bins)[None]
-        self._taps = torch.arange(-1, 3, device=fixed_values.device)[:, None]
+    def __init__(self, fixed_bins: torch.Tensor):
+        self.bins = BINS
+        self._rows = (fixed_bins.long() * BINS)[None]
+        self._taps = torch.arange(-1, 3, device=fixed_bins.device)[:, None]
 
     def __call__(self, moving_values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """MI in nats of the samples, each counted with its weight (0 for a sample that falls
