@@ -54,16 +54,22 @@ class _NativeSteps(ctypes.Structure):
 
 @lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
-    """The compiled module beside this one, or None where it was not built (or is from another
-    version, without a function this one calls)."""
+    """The compiled module beside this one (built by pip's install or Slicer's extension
+    build), or None where it was not built or is from another version (without a function
+    this one calls)."""
     spec = importlib.util.find_spec(f"{__package__}._affine_descent")
     if spec is None or spec.origin is None:
         return None
     try:
-        library = ctypes.CDLL(spec.origin)
-        descend_c, information_c = library.dr_affine_descend, library.dr_affine_information
+        return loaded(spec.origin)
     except (OSError, AttributeError):
         return None
+
+
+def loaded(path: str) -> ctypes.CDLL:
+    """The descent's library at ``path``, its functions' arguments declared."""
+    library = ctypes.CDLL(path)
+    descend_c, information_c = library.dr_affine_descend, library.dr_affine_information
     level = ctypes.POINTER(_NativeLevel)
     descend_c.argtypes = [level, ctypes.c_int64, *[_DOUBLE_POINTER] * 3, ctypes.c_int]
     descend_c.argtypes += [ctypes.c_int, ctypes.POINTER(_NativeSteps)]
