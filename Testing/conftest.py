@@ -13,7 +13,9 @@ So a moving image ``moving(y) = f(S⁻¹(y))`` registered to ``fixed(x) = f(x)``
 
 from __future__ import annotations
 
+import importlib.machinery
 import math
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,3 +244,28 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from registered_phantom import registered_files
 
     return registered_files(tmp_path_factory.mktemp("registered"))
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def built_by_cmake(tmp_path: Path, cmake_file: str, add: str, name: str, *options: str) -> Path:
+    """The compiled module ``name`` built as the extension's CMakeLists.txt builds it: include
+    ``cmake_file`` (relative to the repository) and call its ``add`` function."""
+    source, build = tmp_path / "source", tmp_path / "build"
+    source.mkdir()
+    (source / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.16.3)\n"
+        "project(OneModule C)\n"
+        f'include("{(REPO_ROOT / cmake_file).as_posix()}")\n'
+        f"{add}(${{CMAKE_BINARY_DIR}}/module module)\n"
+    )
+    for command in (
+        ["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", *options],
+        ["cmake", "--build", str(build)],
+    ):
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert completed.returncode == 0, completed.stdout + completed.stderr
+    (built,) = (build / "module").iterdir()
+    assert built.name in {f"{name}{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES}
+    return built

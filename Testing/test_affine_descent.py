@@ -4,14 +4,13 @@ derivative of its own information, and its steps are those of the PyTorch descen
 
 from __future__ import annotations
 
-import importlib.machinery
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import built_by_cmake
 
 from DeepRegisterLib.imaging.geometry import Grid
 from DeepRegisterLib.imaging.phantoms import phantom
@@ -19,7 +18,6 @@ from DeepRegisterLib.registration import affine, affine_descent, affine_levels, 
 from DeepRegisterLib.registration.affine_levels import Pose, Steps
 from DeepRegisterLib.registration.preprocessing import normalised_for_registration
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(
     not affine_descent.available(), reason="the compiled descent was not built (no C compiler)"
 )
@@ -124,25 +122,10 @@ def test_slicers_build_gives_the_same_affine(tmp_path: Path, monkeypatch) -> Non
     """affine_descent.cmake, as the extension's CMakeLists.txt calls it, builds a library
     without Python that measures what pip's module measures (flags that target this very CPU
     fuse no multiply-add)."""
-    source, build = tmp_path / "source", tmp_path / "build"
-    source.mkdir()
-    cmake_file = (ROOT / "DeepRegisterLib" / "registration" / "affine_descent.cmake").as_posix()
-    (source / "CMakeLists.txt").write_text(
-        "cmake_minimum_required(VERSION 3.16.3)\n"
-        "project(DescentOnly C)\n"
-        f'include("{cmake_file}")\n'
-        "deepregister_add_affine_descent(${CMAKE_BINARY_DIR}/registration registration)\n"
-    )
-    for command in (
-        ["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-         "-DCMAKE_C_FLAGS=-march=native"],
-        ["cmake", "--build", str(build)],
-    ):  # fmt: skip
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        assert completed.returncode == 0, completed.stdout + completed.stderr
-    (built,) = (build / "registration").iterdir()
-    suffixes = importlib.machinery.EXTENSION_SUFFIXES
-    assert built.name in {f"_affine_descent{suffix}" for suffix in suffixes}
+    built = built_by_cmake(
+        tmp_path, "DeepRegisterLib/registration/affine_descent.cmake",
+        "deepregister_add_affine_descent", "_affine_descent", "-DCMAKE_C_FLAGS=-march=native",
+    )  # fmt: skip
     level, poses = _level(3, masked=True), _poses(3)
     pips = affine_descent.information(level, poses)
     monkeypatch.setattr(affine_descent, "_library", lambda: affine_descent.loaded(str(built)))

@@ -22,6 +22,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
+from conftest import built_by_cmake
 
 from DeepRegisterLib.nn import filters, trilinear_sampler
 
@@ -276,27 +277,12 @@ def test_a_registration_gives_the_same_bits_without_it(monkeypatch) -> None:
     assert compiled.affine.GetParameters() == pytorch.affine.GetParameters()
 
 
-def built_by_cmake(tmp_path: Path, *options: str) -> Path:
+def built_sampler(tmp_path: Path, *options: str) -> Path:
     """trilinear.cmake's library, as the extension's CMakeLists.txt calls it."""
-    source, build = tmp_path / "source", tmp_path / "build"
-    source.mkdir()
-    cmake_file = (ROOT / "DeepRegisterLib" / "nn" / "trilinear.cmake").as_posix()
-    (source / "CMakeLists.txt").write_text(
-        "cmake_minimum_required(VERSION 3.16.3)\n"
-        "project(SamplerOnly C)\n"
-        f'include("{cmake_file}")\n'
-        "deepregister_add_trilinear_sampler(${CMAKE_BINARY_DIR}/nn nn)\n"
-    )
-    for command in (
-        ["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", *options],
-        ["cmake", "--build", str(build)],
-    ):
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        assert completed.returncode == 0, completed.stdout + completed.stderr
-    (built,) = (build / "nn").iterdir()
-    suffixes = importlib.machinery.EXTENSION_SUFFIXES
-    assert built.name in {f"_trilinear{suffix}" for suffix in suffixes}
-    return built
+    return built_by_cmake(
+        tmp_path, "DeepRegisterLib/nn/trilinear.cmake", "deepregister_add_trilinear_sampler",
+        "_trilinear", *options,
+    )  # fmt: skip
 
 
 def assert_samples_as_pytorch(library, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -321,7 +307,7 @@ def assert_samples_as_pytorch(library, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_slicers_extension_build_makes_the_same_sampler(tmp_path, threads, monkeypatch) -> None:
     """trilinear.cmake builds a library without Python, on torch's OpenMP runtime, that the
     sampler finds under its module's name and loads: the same bits."""
-    library = trilinear_sampler.loaded(str(built_by_cmake(tmp_path)))
+    library = trilinear_sampler.loaded(str(built_sampler(tmp_path)))
     assert not hasattr(library, "PyInit__trilinear")
     assert trilinear_sampler.shares_torchs_openmp(library)
     assert library.dr_trilinear_lanes(3, 7, 8, 9) == trilinear_sampler.lanes((1, 3, 7, 8, 9))
@@ -353,7 +339,7 @@ def test_a_build_for_this_very_cpu_gives_the_same_bits(tmp_path, threads, monkey
     """Flags that target this CPU (``-march=native``: FMA on most x86-64 and ARM CPUs) would
     let the compiler fuse a multiply and an add into one rounding; the build forbids it, so
     the bits stay PyTorch's."""
-    built = built_by_cmake(tmp_path, "-DCMAKE_C_FLAGS=-march=native")
+    built = built_sampler(tmp_path, "-DCMAKE_C_FLAGS=-march=native")
     assert_samples_as_pytorch(trilinear_sampler.loaded(str(built)), monkeypatch)
 
 
@@ -361,7 +347,7 @@ def test_a_build_for_this_very_cpu_gives_the_same_bits(tmp_path, threads, monkey
 def test_a_build_without_avx2_gives_the_same_bits(tmp_path, threads, monkeypatch) -> None:
     """The point-by-point code alone (a compiler that cannot target AVX2, another CPU), built
     here by switching the eight lanes off: PyTorch's bits too."""
-    built = built_by_cmake(tmp_path, "-DCMAKE_C_FLAGS=-DDR_WITHOUT_AVX2")
+    built = built_sampler(tmp_path, "-DCMAKE_C_FLAGS=-DDR_WITHOUT_AVX2")
     library = trilinear_sampler.loaded(str(built))
     assert library.dr_trilinear_lanes(3, 7, 8, 9) == 1
     assert_samples_as_pytorch(library, monkeypatch)
@@ -371,6 +357,6 @@ def test_a_build_without_avx2_gives_the_same_bits(tmp_path, threads, monkeypatch
 def test_a_build_without_openmp_is_not_used(tmp_path, monkeypatch) -> None:
     """Without OpenMP, the library would sample on one thread: it is refused, and PyTorch
     samples."""
-    built = built_by_cmake(tmp_path, "-DCMAKE_DISABLE_FIND_PACKAGE_OpenMP=ON")
+    built = built_sampler(tmp_path, "-DCMAKE_DISABLE_FIND_PACKAGE_OpenMP=ON")
     assert not trilinear_sampler.shares_torchs_openmp(trilinear_sampler.loaded(str(built)))
     assert_pytorch_samples(monkeypatch, built)
