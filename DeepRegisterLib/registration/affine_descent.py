@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .affine_levels import BINS, LOG_FLOOR, Level, Pose, Steps
+from .affine_levels import BINS, LOG_FLOOR, Level, Pose, Steps, parameter_count
 
 _DOUBLE_POINTER = ctypes.POINTER(ctypes.c_double)
 
@@ -122,6 +122,14 @@ def _padded_pose(pose: Pose) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(matrices), np.ascontiguousarray(_padded(pose.shift))
 
 
+def _checked(status: int) -> None:
+    """affine_descent.c's status: 0, -1 where memory ran out, -2 for bins it cannot hold."""
+    if status == -1:
+        raise MemoryError("the affine search ran out of memory")
+    if status != 0:
+        raise ValueError(f"{BINS} histogram bins: more than affine_descent.c's MAX_BINS")
+
+
 def _pointer(array: np.ndarray):
     return array.ctypes.data_as(_DOUBLE_POINTER)
 
@@ -147,8 +155,7 @@ def information(
         None if d_matrices is None else _pointer(d_matrices),
         None if d_shifts is None else _pointer(d_shifts),
     )  # fmt: skip
-    if status != 0:
-        raise MemoryError("the affine search ran out of memory")
+    _checked(status)
     if not gradient:
         return values, None, None
     dim = level.dim
@@ -160,6 +167,11 @@ def descend(level: Level, start: Pose, parameters: np.ndarray, rigid: bool, step
     ``affine_levels.parameter_count``: a rigid change's angles or an affine one's matrix
     entries, then a shift), descended on ``level`` from where they are (affine_search.py): the
     poses they end at, their parameters updated in place."""
+    expected = (len(start), parameter_count(level.dim, rigid))
+    if parameters.shape != expected or parameters.dtype != np.float64:
+        raise ValueError(f"parameters must be float64 of shape {expected}, the C code's layout")
+    if not parameters.flags.c_contiguous:
+        raise ValueError("parameters must be C-contiguous: the C code updates them in place")
     native, _ = _native(level)
     starts = np.concatenate([part.ravel() for part in _padded_pose(start)])
     ends = np.empty_like(starts)
@@ -170,8 +182,7 @@ def descend(level: Level, start: Pose, parameters: np.ndarray, rigid: bool, step
         ctypes.byref(native), len(start), _pointer(starts), _pointer(parameters),
         _pointer(ends), level.dim, int(rigid), ctypes.byref(schedule),
     )  # fmt: skip
-    if status != 0:
-        raise MemoryError("the affine search ran out of memory")
+    _checked(status)
     poses, dim = len(start), level.dim
     matrices, shifts = ends[: 9 * poses].reshape(poses, 3, 3), ends[9 * poses :].reshape(poses, 3)
     return Pose(matrices[:, :dim, :dim].copy(), shifts[:, :dim].copy())

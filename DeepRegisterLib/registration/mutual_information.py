@@ -35,7 +35,6 @@ class SampledMutualInformation:
     moving values given at each evaluation."""
 
     def __init__(self, fixed_bins: torch.Tensor):
-        self.bins = BINS
         self._rows = (fixed_bins.long() * BINS)[None]
         self._taps = torch.arange(-1, 3, device=fixed_bins.device)[:, None]
 
@@ -44,7 +43,7 @@ class SampledMutualInformation:
         outside the moving image); 0 when no sample counts. Values and weights of shape
         (samples,) give one MI; (poses, samples), one per pose, each in its own histogram (the
         affine stage's turned starts, tried at once)."""
-        bins = self.bins
+        bins = BINS
         batch = moving_values.shape[:-1]
         # Bin centres 1 … bins − 2 keep every tap of a value in [0, 1] inside the histogram.
         position = moving_values.clamp(0, 1) * (bins - 3) + 1.0
