@@ -303,10 +303,31 @@ def test_each_axis_is_tried_turned_both_ways_by_each_angle() -> None:
     assert found == {(axis, degrees) for axis in range(3) for degrees in signed}
 
 
+def test_a_turn_turned_on_is_tried_beside_the_turn_it_came_from() -> None:
+    """Turned 135° about x, the trials turn the start once and then on: the searches run from
+    both, as the trials' few steps are a weak judge (on an fs-dev brain turned 90° about x they
+    turned the right turn on about z, and the search lost it; test_realdata.py)."""
+    fixed = _brain_sized()
+    moving, _ = _turned(fixed, (1.0, 0.0, 0.0), 135.0)
+    level, start, radius_mm = _level_and_start(fixed, moving)
+    starts = affine_search._turned_starts(level, start, radius_mm, lambda _: None)
+
+    def among(matrix: np.ndarray, poses: affine_levels.Pose) -> bool:
+        return any(np.allclose(matrix, other, atol=1e-12) for other in poses.matrix)
+
+    first_turns = affine_search._turned(start)
+    once = [n for n in range(len(starts)) if among(starts.matrix[n], first_turns)]
+    twice = [n for n in range(len(starts)) if n not in once]
+    assert once
+    assert twice
+    turned_on = affine_search._turned(starts.picked(once))
+    assert all(among(starts.matrix[n], turned_on) for n in twice)
+
+
 def test_the_full_search_judges_between_the_trials_turned_starts(monkeypatch) -> None:
     """The trials' few steps can prefer a half-turn from the truth (a brain turned 90° about x,
     turned back the wrong way): the rigid search runs from each turned start and from the
-    start, and keeps the one that ends highest."""
+    start, and keeps the one that ends highest on every voxel of its finest level."""
     fixed = _brain_sized()
     moving, truth = _turned(fixed, (1.0, 0.0, 0.0), 90.0)
     centre = _centre(fixed)

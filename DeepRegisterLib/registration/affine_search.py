@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import SimpleITK as sitk
@@ -56,19 +57,27 @@ MIN_STEP = 1e-4
 # steps from each at the coarsest level, all at once, on TURN_TRIAL_SAMPLES voxels (a step costs
 # a third of one on 20 000). The TURN_CANDIDATES turns that reach the highest mutual information,
 # when TURN_MARGIN above the start's, are each turned on while that gains TURN_MARGIN more
-# (MAX_TURNS turns in all); the full rigid search then runs from them and from the start at
-# once, and the pose highest at the finest rigid level is kept. The trials' few steps are a weak
-# judge: on a 60 mm slab an unturned start's turn came within 0.0015 of replacing it, and a
-# brain turned 90° about x was judged turned back the wrong way (a half-turn from the truth) by
-# 0.017 on one fs-dev pair, which the full search set right. Half-turns are not tried: at 8 mm
-# a skull-stripped brain and its half-turn are too alike (an unturned pair's half-turn scored
-# higher). With 45° turns alone, 90° needed two to chain, and 8 of 20 fs-dev pairs failed.
+# (MAX_TURNS turns in all); the full rigid search then runs from the start, those turns and
+# the turns they were turned on from, all at once, and the pose highest on every voxel of the
+# finest rigid level (JUDGE_SAMPLES at most) is kept. The trials' few steps are a weak judge:
+# on a 60 mm slab an unturned start's turn came within 0.0015 of replacing it, and on an fs-dev
+# pair turned 90° about x (sub-02 → sub-04) they preferred turning it back the wrong way (a
+# half-turn from the truth) by 0.03, and turned the right turn on about z. The search's own
+# sample is a weak judge too: there it scored the wrong way's end 0.016 above the right one's,
+# every voxel 0.004 below. (Judged after the affine search instead, that pair scored the right
+# way 0.036 above the rest, but a phantom turned 75° about y ended 6.6 mm off: its affine
+# search ends lower than its rigid one.) No turn gains the margin on the 20 fs-dev pairs
+# unturned, brains or whole heads: there the search is the start's alone, as before. Half-turns
+# are not tried: at 8 mm a skull-stripped brain and its half-turn are too alike (an unturned
+# pair's half-turn scored higher). With 45° turns alone, 90° needed two to chain, and 8 of 20
+# fs-dev pairs failed.
 TURN_DEGREES = (45.0, 90.0)
 TURN_TRIAL_STEPS = 8
 TURN_TRIAL_SAMPLES = 5000
 TURN_MARGIN = 0.01
 TURN_CANDIDATES = 2
 MAX_TURNS = 2
+JUDGE_SAMPLES = 1_000_000  # a brain's 4 mm level has 262 144 voxels
 
 
 def _kernel():
@@ -117,19 +126,20 @@ def _search(
 def _rigid_search(
     levels: list[Level],
     trial: Level | None,
+    judge: Callable[[], Level],
     start: Pose,
     iterations: int,
     radius_mm: float,
     tick: Callable[[int], None],
 ) -> Pose:
     """The rigid search from ``start`` and, where the trials on ``trial`` (if any) find turned
-    starts, from those at once: the pose highest on the finest level (the start's on a tie).
-    The searches report their steps (``tick``); the trials' count for nothing."""
+    starts, from those at once: the pose highest on the level ``judge`` makes (the start's on
+    a tie). The searches report their steps (``tick``); the trials' count for nothing."""
     turned = None if trial is None else _turned_starts(trial, start, radius_mm, tick)
     if turned is None:
         return _search(levels, start, True, iterations, radius_mm, tick, False)
     found = _search(levels, Pose.joined(start, turned), True, iterations, radius_mm, tick, False)
-    best = int(np.argmax(_kernel().similarity(levels[-1], found)))
+    best = int(np.argmax(_kernel().similarity(judge(), found)))
     return found.picked([best])
 
 
@@ -137,8 +147,9 @@ def _turned_starts(
     level: Level, start: Pose, radius_mm: float, tick: Callable[[int], None]
 ) -> Pose | None:
     """The TURN_CANDIDATES turns of ``start`` (one pose) whose few rigid steps reach the
-    highest similarity, TURN_MARGIN above those from ``start`` itself, each turned on while that
-    gains TURN_MARGIN more (MAX_TURNS turns in all); None when no turn gains it."""
+    highest similarity, TURN_MARGIN above those from ``start`` itself, and each turned on while
+    that gains TURN_MARGIN more (MAX_TURNS turns in all), every pose on the way kept; None when
+    no turn gains it."""
 
     def reached(poses: Pose) -> np.ndarray:
         found = _search([level], poses, True, TURN_TRIAL_STEPS, radius_mm, lambda _: tick(0), False)
@@ -152,6 +163,7 @@ def _turned_starts(
     if len(order) == 0:
         return None
     best, best_values = turns.picked(order), values[order]
+    starts = best
     for _ in range(MAX_TURNS - 1):
         turns = _turned(best)
         values = reached(turns).reshape(len(order), -1)
@@ -163,10 +175,11 @@ def _turned_starts(
         # Indices into (turns, best): each candidate's best turn, or the candidate itself.
         candidate = np.arange(len(order))
         turned_row = candidate * values.shape[1] + chosen
+        starts = Pose.joined(starts, turns.picked(turned_row[turn_on]))
         kept_row = len(turns) + candidate
         best = Pose.joined(turns, best).picked(np.where(turn_on, turned_row, kept_row))
         best_values = np.where(turn_on, gains, best_values)
-    return best
+    return starts
 
 
 def _rotation(axis: int, angle: float, dim: int) -> np.ndarray:
@@ -270,7 +283,8 @@ def search_copies(
     if not given_start:
         rigid_levels = [levels.at(mm) for mm in rigid_mm]
         trial = None if is_small(fixed) else levels.at(rigid_mm[0], TURN_TRIAL_SAMPLES)
-        start = _rigid_search(rigid_levels, trial, start, iterations, radius_mm, tick)
+        judge = partial(levels.at, rigid_mm[-1], JUDGE_SAMPLES)
+        start = _rigid_search(rigid_levels, trial, judge, start, iterations, radius_mm, tick)
     affine_levels = [levels.at(mm) for mm in affine_mm]
     start = _search(affine_levels, start, False, iterations, radius_mm, tick, given_start)
     return to_affine(_transform(start, centre), dim)
