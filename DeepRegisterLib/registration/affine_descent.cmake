@@ -9,4 +9,9 @@ function(deepregister_add_affine_descent build_dir install_dir)
   add_library(DeepRegisterAffineDescent MODULE ${DEEPREGISTER_AFFINE_DESCENT_SOURCE})
   deepregister_compiled_module(
     DeepRegisterAffineDescent _affine_descent "${build_dir}" "${install_dir}")
+  if(NOT MSVC)
+    # GCC 12's basic-block vectoriser dropped the (double)(float) roundings of two lanes: the
+    # poses then changed with the optimisation level (pyproject.toml says the same).
+    target_compile_options(DeepRegisterAffineDescent PRIVATE -fno-tree-slp-vectorize)
+  endif()
 endfunction()
