@@ -128,15 +128,14 @@ static int64_t column_of(int32_t first, int tap, int64_t bins) {
     return column < 0 ? 0 : (column > bins - 1 ? bins - 1 : column);
 }
 
-/* The mutual information of the samples under y = M (x - centre) + centre + shift, and where
- * ``d_matrix`` is not NULL its gradient in M (row-major) and the shift. ``kept`` holds a
- * Sample for each sample. As nn/mutual_information.py's metric: the fixed axis a plain bin
- * count, the moving one a cubic B-spline window, samples outside the moving image (or its
- * mask) not counted. */
-static double information(const DrLevel *level, const double matrix[9], const double shift[3],
-                         double *d_matrix, double *d_shift, Sample *kept) {
+/* The map from a sample's offset x - centre to sampler coordinates under the pose
+ * y = M (x - centre) + centre + shift: linear = T M, constant = T (centre + shift) + offset. In
+ * single precision, as PyTorch's search had it: a header's last bits (NRRD writes directions
+ * as text) leave it, and so the steps, as they were, and a point on a voxel's face is inside or
+ * not as it was there. */
+static void sampler_map(const DrLevel *level, const double matrix[9], const double shift[3],
+                        double linear[9], double constant[3]) {
     const double *t = level->to_sampler;
-    double linear[9], constant[3];
     for (int r = 0; r < 3; r++) {
         constant[r] = level->sampler_offset[r];
         for (int c = 0; c < 3; c++) {
@@ -145,15 +144,16 @@ static double information(const DrLevel *level, const double matrix[9], const do
             constant[r] += t[r * 3 + c] * (level->centre[c] + shift[c]);
         }
     }
-    /* The map and the coordinates in single precision, as PyTorch's search had them: a
-     * header's last bits (NRRD writes directions as text) leave them, and so the steps, as
-     * they were, and a point on a voxel's face is inside or not as it was there. */
     for (int e = 0; e < 9; e++) linear[e] = (double)(float)linear[e];
     for (int r = 0; r < 3; r++) constant[r] = (double)(float)constant[r];
+}
+
+/* Pass one: each sample inside the moving image (and its mask) adds its four B-spline taps to
+ * its row of ``joint`` (bins x bins, zeroed), and ``kept`` what pass two needs of it. The
+ * samples counted. */
+static double fill_joint(const DrLevel *level, const double linear[9], const double constant[3],
+                         double *joint, Sample *kept) {
     const int64_t bins = level->bins;
-    const double floor_ = level->log_floor;
-    double joint[MAX_BINS * MAX_BINS];
-    memset(joint, 0, (size_t)(bins * bins) * sizeof(double));
     double total = 0.0;
     for (int64_t i = 0; i < level->samples; i++) {
         const float *o = level->offsets + 3 * i;
@@ -165,7 +165,8 @@ static double information(const DrLevel *level, const double matrix[9], const do
         if (fabs(c[0]) > 1.0 || fabs(c[1]) > 1.0 || fabs(c[2]) > 1.0) continue;
         if (!sample(level, c, &value, gradient)) continue;
         const int clipped = value < 0.0 || value > 1.0;
-        const double position = (clipped ? (value < 0.0 ? 0.0 : 1.0) : value) * (double)(bins - 3) + 1.0;
+        const double kept_value = clipped ? (value < 0.0 ? 0.0 : 1.0) : value;
+        const double position = kept_value * (double)(bins - 3) + 1.0;
         const double base = floor(position);
         taps(position - base, weight, slope);
         kept[i].column = (int32_t)base - 1;
@@ -176,11 +177,13 @@ static double information(const DrLevel *level, const double matrix[9], const do
             joint[level->rows[i] + column_of(kept[i].column, k, bins)] += weight[k];
         total += 1.0;
     }
-    if (d_matrix != NULL) {
-        memset(d_matrix, 0, 9 * sizeof(double));
-        memset(d_shift, 0, 3 * sizeof(double));
-    }
-    if (total <= 0.0) return 0.0;
+    return total;
+}
+
+/* The mutual information of ``joint`` (counts of ``total`` samples, made probabilities here),
+ * and where ``slope_of`` is not NULL d MI / d each joint probability. */
+static double joint_information(double *joint, int64_t bins, double total, double floor_,
+                                double *slope_of) {
     double fixed[MAX_BINS] = {0}, moving[MAX_BINS] = {0};
     for (int64_t a = 0; a < bins; a++)
         for (int64_t b = 0; b < bins; b++) {
@@ -189,21 +192,27 @@ static double information(const DrLevel *level, const double matrix[9], const do
             moving[b] += joint[a * bins + b];
         }
     double result = 0.0, by_row[MAX_BINS] = {0}, by_column[MAX_BINS] = {0};
-    double slope_of[MAX_BINS * MAX_BINS]; /* d MI / d each joint probability */
     for (int64_t a = 0; a < bins; a++)
         for (int64_t b = 0; b < bins; b++) {
             const double p = joint[a * bins + b], product = fixed[a] * moving[b] + floor_;
             const double log_ratio = log(p + floor_) - log(product);
             result += p * log_ratio;
+            if (slope_of == NULL) continue;
             slope_of[a * bins + b] = log_ratio + p / (p + floor_);
             by_row[a] += p * moving[b] / product;
             by_column[b] += p * fixed[a] / product;
         }
-    if (d_matrix == NULL) return result;
-    for (int64_t a = 0; a < bins; a++)
-        for (int64_t b = 0; b < bins; b++) slope_of[a * bins + b] -= by_row[a] + by_column[b];
-    /* Pass two: each sample's share, d MI / d value, along its sampler coordinates. */
-    double d_linear[9] = {0}, d_constant[3] = {0};
+    if (slope_of != NULL)
+        for (int64_t a = 0; a < bins; a++)
+            for (int64_t b = 0; b < bins; b++) slope_of[a * bins + b] -= by_row[a] + by_column[b];
+    return result;
+}
+
+/* Pass two: each sample's share of d MI / d value, along its sampler coordinates, summed
+ * into the gradient in the map (d_linear, d_constant: zeroed). */
+static void map_gradient(const DrLevel *level, const Sample *kept, const double *slope_of,
+                         double total, double d_linear[9], double d_constant[3]) {
+    const int64_t bins = level->bins;
     for (int64_t i = 0; i < level->samples; i++) {
         if (kept[i].column < 0 || kept[i].slope == 0.0f) continue;
         double weight[4], slope[4], d_value = 0.0;
@@ -218,7 +227,32 @@ static double information(const DrLevel *level, const double matrix[9], const do
             for (int c = 0; c < 3; c++) d_linear[r * 3 + c] += g * o[c];
         }
     }
+}
+
+/* The mutual information of the samples under y = M (x - centre) + centre + shift, and where
+ * ``d_matrix`` is not NULL its gradient in M (row-major) and the shift. ``kept`` holds a
+ * Sample for each sample. As registration/mutual_information.py's metric: the fixed axis a
+ * plain bin count, the moving one a cubic B-spline window, samples outside the moving image
+ * (or its mask) not counted. */
+static double information(const DrLevel *level, const double matrix[9], const double shift[3],
+                          double *d_matrix, double *d_shift, Sample *kept) {
+    const int64_t bins = level->bins;
+    double linear[9], constant[3], joint[MAX_BINS * MAX_BINS], slope_of[MAX_BINS * MAX_BINS];
+    sampler_map(level, matrix, shift, linear, constant);
+    memset(joint, 0, (size_t)(bins * bins) * sizeof(double));
+    const double total = fill_joint(level, linear, constant, joint, kept);
+    if (d_matrix != NULL) {
+        memset(d_matrix, 0, 9 * sizeof(double));
+        memset(d_shift, 0, 3 * sizeof(double));
+    }
+    if (total <= 0.0) return 0.0;
+    const double result =
+        joint_information(joint, bins, total, level->log_floor, d_matrix ? slope_of : NULL);
+    if (d_matrix == NULL) return result;
+    double d_linear[9] = {0}, d_constant[3] = {0};
+    map_gradient(level, kept, slope_of, total, d_linear, d_constant);
     /* linear = T M and constant = T (centre + shift) + offset: back through T. */
+    const double *t = level->to_sampler;
     for (int r = 0; r < 3; r++) {
         for (int c = 0; c < 3; c++)
             d_matrix[r * 3 + c] = t[r] * d_linear[c] + t[3 + r] * d_linear[3 + c] +
@@ -298,7 +332,8 @@ static void parameter_gradient(const Parameters *s, const double d_matrix[9],
         }
     } else {
         for (int r = 0; r < s->dim; r++)
-            for (int c = 0; c < s->dim; c++) d_p[r * s->dim + c] = d_change[r * 3 + c] / s->radius_mm;
+            for (int c = 0; c < s->dim; c++)
+                d_p[r * s->dim + c] = d_change[r * 3 + c] / s->radius_mm;
     }
     for (int k = 0; k < s->dim; k++) d_p[s->linear + k] = d_shift[k];
 }
@@ -334,10 +369,10 @@ static void descend(const DrLevel *level, const Parameters *s, const DrSteps *st
 }
 
 /* Each of ``poses`` poses descended on ``level``: the parameters (poses, count: the angles or
- * matrix entries, then the shifts) of a change to the start (``starts``: matrices (poses, 9) then shifts (poses, 3)), from where
- * they are to where they end, and the poses they end at into ``ends`` (the same layout). A
- * search keeps its parameters from one level to the next. 0; -1 where memory ran out, -2 for
- * bins out of range. */
+ * matrix entries, then the shifts) of a change to the start (``starts``: matrices (poses, 9),
+ * then shifts (poses, 3)), from where they are to where they end, and the poses they end at
+ * into ``ends`` (the same layout). A search keeps its parameters from one level to the next.
+ * 0; -1 where memory ran out, -2 for bins out of range. */
 DR_EXPORT int dr_affine_descend(const DrLevel *level, int64_t poses, const double *starts,
                                 double *parameters, double *ends, int dim, int rigid,
                                 const DrSteps *steps) {
