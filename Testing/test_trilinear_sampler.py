@@ -344,6 +344,18 @@ def test_a_build_for_this_very_cpu_gives_the_same_bits(tmp_path, threads, monkey
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="no cmake to build with")
+@pytest.mark.parametrize("level", ["-O0", "-O2"])
+def test_every_optimisation_level_gives_the_same_bits(
+    tmp_path, threads, monkeypatch, level: str
+) -> None:
+    """Unoptimised, the machine does what the C says; at -O2, where GCC 12's basic-block
+    vectoriser dropped roundings in the affine descent (test_affine_descent.py), the sampler
+    keeps PyTorch's bits too (Release builds at -O3)."""
+    built = built_sampler(tmp_path, f"-DCMAKE_C_FLAGS_RELEASE={level}")
+    assert_samples_as_pytorch(trilinear_sampler.loaded(str(built)), monkeypatch)
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="no cmake to build with")
 def test_a_build_without_avx2_gives_the_same_bits(tmp_path, threads, monkeypatch) -> None:
     """The point-by-point code alone (a compiler that cannot target AVX2, another CPU), built
     here by switching the eight lanes off: PyTorch's bits too."""
