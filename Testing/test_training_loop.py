@@ -109,7 +109,9 @@ def test_label_dice_alone_trains_without_computing_the_image_similarity(tmp_path
         terms = float(row["regularization"]) + float(row["dice_loss"])
         assert float(row["loss"]) == pytest.approx(terms, rel=1e-4, abs=1e-6)
     dice = [float(r["dice_loss"]) for r in rows]
-    assert np.mean(dice[-5:]) < dice[0] - 0.1
+    # From 0.67 to 0.60: the affine stage leaves the bump and a few millimetres (levels at 2
+    # and 1 mm for this 32² pair; at 4 and 2 mm it left up to 15 mm, from 0.72 to 0.57).
+    assert np.mean(dice[-5:]) < dice[0] - 0.05
 
 
 def test_a_zero_similarity_weight_needs_labels_on_every_real_pair(tmp_path: Path) -> None:
