@@ -354,6 +354,23 @@ def test_a_turn_turned_on_is_tried_beside_the_turn_it_came_from() -> None:
     assert all(among(starts.matrix[n], turned_on) for n in twice)
 
 
+def test_each_turn_the_trials_find_is_tried_the_other_way_too() -> None:
+    """A quarter-turn one way and the other are a half-turn apart, which the trials' few steps
+    confuse (on an fs-dev brain turned 90° about x they ranked the right way third). Turned
+    60° about x, this phantom's two best trials were +45° about x and −90° (without +90°)."""
+    fixed = _brain_sized()
+    moving, _ = _turned(fixed, (1.0, 0.0, 0.0), 60.0)
+    level, start, radius_mm = _level_and_start(fixed, moving)
+    starts = affine_search._turned_starts(level, start, radius_mm, lambda _: None)
+    first_turns = affine_search._turned(start).matrix
+    tried = {
+        n for n, turn in enumerate(first_turns)
+        if any(np.allclose(turn, pose, atol=1e-12) for pose in starts.matrix)
+    }  # fmt: skip
+    assert tried
+    assert tried == {n ^ 1 for n in tried}  # _turned puts each turn beside its other way
+
+
 def test_the_full_search_judges_between_the_trials_turned_starts(monkeypatch) -> None:
     """The trials' few steps can prefer a half-turn from the truth (a brain turned 90° about x,
     turned back the wrong way): the rigid search runs from each turned start and from the

@@ -177,15 +177,18 @@ def test_a_t2_like_moving_brain_keeps_the_networks_gain_through_the_contrast_map
     assert dice_network >= dice_affine + 0.05
 
 
-def test_a_brain_turned_a_quarter_turn_in_its_header_is_turned_back_the_right_way() -> None:
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_brain_turned_a_quarter_turn_in_its_header_is_turned_back_the_right_way(
+    seed: int,
+) -> None:
     """sub-02 turned 90° about x in its header, onto sub-04 (run_benchmark.py --turn 90's
-    pair): the trials preferred turning it back the wrong way, and the rigid search's sample
-    scored that end highest (a half-turn from the truth: 52–118 mm off below, Dice 0.09).
-    Judged on every voxel of the finest rigid level, the affine found is the unturned pair's,
-    turned (within 1.5 mm)."""
+    pair): the trials preferred turning it back the wrong way (with seeds 1 and 2 they ranked
+    the right way third), and the rigid search's sample scored that end highest (a half-turn
+    from the truth: 52–118 mm off below, Dice 0.09). Tried both ways and judged on every voxel
+    of the finest rigid level, the affine found is the unturned pair's, turned (within 1.5 mm)."""
     fixed = fileio.read_image(FS_DEV / "sub-04" / "brainmask.nii.gz", "sub-04 brain")
     moving = fileio.read_image(FS_DEV / "sub-02" / "brainmask.nii.gz", "sub-02 brain")
-    unturned = register_affine(fixed, moving, iterations=30)
+    unturned = register_affine(fixed, moving, iterations=30, seed=seed)
 
     centre = np.asarray(
         moving.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in moving.GetSize()])
@@ -194,7 +197,7 @@ def test_a_brain_turned_a_quarter_turn_in_its_header_is_turned_back_the_right_wa
     turned = sitk.Image(moving)
     turned.SetDirection(tuple((turn @ np.reshape(moving.GetDirection(), (3, 3))).ravel()))
     turned.SetOrigin(tuple(centre + turn @ (np.asarray(moving.GetOrigin()) - centre)))
-    found = register_affine(fixed, turned, iterations=30)
+    found = register_affine(fixed, turned, iterations=30, seed=seed)
 
     middle = np.asarray(
         fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in fixed.GetSize()])

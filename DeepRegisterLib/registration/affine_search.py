@@ -56,21 +56,22 @@ MIN_STEP = 1e-4
 # start is tried against itself turned by ±TURN_DEGREES about each axis: TURN_TRIAL_STEPS rigid
 # steps from each at the coarsest level, all at once, on TURN_TRIAL_SAMPLES voxels (a step costs
 # a third of one on 20 000). The TURN_CANDIDATES turns that reach the highest mutual information,
-# when TURN_MARGIN above the start's, are each turned on while that gains TURN_MARGIN more
-# (MAX_TURNS turns in all); the full rigid search then runs from the start, those turns and
-# the turns they were turned on from, all at once, and the pose highest on every voxel of the
-# finest rigid level (JUDGE_SAMPLES at most) is kept. The trials' few steps are a weak judge:
-# on a 60 mm slab an unturned start's turn came within 0.0015 of replacing it, and on an fs-dev
-# pair turned 90° about x (sub-02 → sub-04) they preferred turning it back the wrong way (a
-# half-turn from the truth) by 0.03, and turned the right turn on about z. The search's own
-# sample is a weak judge too: there it scored the wrong way's end 0.016 above the right one's,
-# every voxel 0.004 below. (Judged after the affine search instead, that pair scored the right
-# way 0.036 above the rest, but a phantom turned 75° about y ended 6.6 mm off: its affine
-# search ends lower than its rigid one.) No turn gains the margin on the 20 fs-dev pairs
-# unturned, brains or whole heads: there the search is the start's alone, as before. Half-turns
-# are not tried: at 8 mm a skull-stripped brain and its half-turn are too alike (an unturned
-# pair's half-turn scored higher). With 45° turns alone, 90° needed two to chain, and 8 of 20
-# fs-dev pairs failed.
+# when TURN_MARGIN above the start's, and each one's turn the other way about its axis, are each
+# turned on while that gains TURN_MARGIN more (MAX_TURNS turns in all); the full rigid search
+# then runs from the start, those turns and the turns they were turned on from, all at once, and
+# the pose highest on every voxel of the finest rigid level (JUDGE_SAMPLES at most) is kept.
+# The trials' few steps are a weak judge: on a 60 mm slab an unturned start's turn came within
+# 0.0015 of replacing it; on an fs-dev pair turned 90° about x (sub-02 → sub-04) they preferred
+# the wrong way (a half-turn from the truth), by 0.03 with seed 0, and with seeds 1 and 2 ranked
+# the right way third, so only its pairing with the wrong way brought it to the full search.
+# The search's own sample is a weak judge too: there it scored the wrong way's end 0.016 above
+# the right one's, every voxel 0.004 below. So judged, the 20 pairs turned 90° end within 1.4 mm
+# with seeds 0, 1 and 2. (Judged after the affine search instead, that pair scored the right way
+# 0.036 above the rest, but a phantom turned 75° about y ended 6.6 mm off: its affine search ends
+# lower than its rigid one.) No turn gains the margin on the 20 fs-dev pairs unturned, brains or
+# whole heads: there the search is the start's alone. Half-turns are not tried: at 8 mm a
+# skull-stripped brain and its half-turn are too alike (an unturned pair's half-turn scored
+# higher). With 45° turns alone, 90° needed two to chain, and 8 of 20 fs-dev pairs failed.
 TURN_DEGREES = (45.0, 90.0)
 TURN_TRIAL_STEPS = 8
 TURN_TRIAL_SAMPLES = 5000
@@ -147,9 +148,9 @@ def _turned_starts(
     level: Level, start: Pose, radius_mm: float, tick: Callable[[int], None]
 ) -> Pose | None:
     """The TURN_CANDIDATES turns of ``start`` (one pose) whose few rigid steps reach the
-    highest similarity, TURN_MARGIN above those from ``start`` itself, and each turned on while
-    that gains TURN_MARGIN more (MAX_TURNS turns in all), every pose on the way kept; None when
-    no turn gains it."""
+    highest similarity, TURN_MARGIN above those from ``start`` itself, with each one's turn the
+    other way, and each turned on while that gains TURN_MARGIN more (MAX_TURNS turns in all),
+    every pose on the way kept; None when no turn gains it."""
 
     def reached(poses: Pose) -> np.ndarray:
         found = _search([level], poses, True, TURN_TRIAL_STEPS, radius_mm, lambda _: tick(0), False)
@@ -162,6 +163,8 @@ def _turned_starts(
     order = order[values[order] > above]
     if len(order) == 0:
         return None
+    # Each the other way about its axis too (_turned pairs them): the trials confuse the two.
+    order = np.concatenate([order, np.setdiff1d(order ^ 1, order)])
     best, best_values = turns.picked(order), values[order]
     starts = best
     for _ in range(MAX_TURNS - 1):
