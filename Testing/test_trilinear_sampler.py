@@ -22,7 +22,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
-from conftest import built_by_cmake
+from conftest import REPO_ROOT, built_by_cmake
 
 from DeepRegisterLib.nn import filters, trilinear_sampler
 
@@ -31,7 +31,6 @@ pytestmark = pytest.mark.skipif(
     reason="the compiled sampler was not built with this install (no C compiler?)",
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 Sample = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -239,10 +238,10 @@ def test_a_library_that_cannot_load_is_not_used(tmp_path, monkeypatch) -> None:
 def test_a_library_from_another_version_is_not_used(tmp_path, monkeypatch) -> None:
     """A module built from an older trilinear.c (an editable install not built again): it lacks
     a function the sampler calls, and PyTorch samples."""
-    source = (ROOT / "DeepRegisterLib" / "nn" / "trilinear.c").read_text()
+    source = (REPO_ROOT / "DeepRegisterLib" / "nn" / "trilinear.c").read_text()
     older = tmp_path / "trilinear.c"
     older.write_text(source.replace("dr_trilinear_lanes", "dr_trilinear_lanes_renamed"))
-    shutil.copy(ROOT / "DeepRegisterLib" / "nn" / "trilinear_point.h", tmp_path)
+    shutil.copy(REPO_ROOT / "DeepRegisterLib" / "nn" / "trilinear_point.h", tmp_path)
     built = tmp_path / "_trilinear.abi3.so"
     subprocess.run(
         ["cc", "-shared", "-fPIC", "-fopenmp", "-DDR_WITHOUT_PYTHON", "-DDR_WITHOUT_AVX2",
@@ -335,23 +334,18 @@ def test_eight_points_at_a_time_where_the_cpu_has_avx2() -> None:
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="no cmake to build with")
-def test_a_build_for_this_very_cpu_gives_the_same_bits(tmp_path, threads, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    "flags",
+    ["-DCMAKE_C_FLAGS=-march=native", "-DCMAKE_C_FLAGS_RELEASE=-O2", "-DCMAKE_C_FLAGS_RELEASE=-O0"],
+    ids=["this-cpu", "O2", "unoptimised"],
+)
+def test_every_build_gives_the_same_bits(tmp_path, threads, monkeypatch, flags: str) -> None:
     """Flags that target this CPU (``-march=native``: FMA on most x86-64 and ARM CPUs) would
     let the compiler fuse a multiply and an add into one rounding; the build forbids it, so
-    the bits stay PyTorch's."""
-    built = built_sampler(tmp_path, "-DCMAKE_C_FLAGS=-march=native")
-    assert_samples_as_pytorch(trilinear_sampler.loaded(str(built)), monkeypatch)
-
-
-@pytest.mark.skipif(shutil.which("cmake") is None, reason="no cmake to build with")
-@pytest.mark.parametrize("level", ["-O0", "-O2"])
-def test_every_optimisation_level_gives_the_same_bits(
-    tmp_path, threads, monkeypatch, level: str
-) -> None:
-    """Unoptimised, the machine does what the C says; at -O2, where GCC 12's basic-block
-    vectoriser dropped roundings in the affine descent (test_affine_descent.py), the sampler
-    keeps PyTorch's bits too (Release builds at -O3)."""
-    built = built_sampler(tmp_path, f"-DCMAKE_C_FLAGS_RELEASE={level}")
+    the bits stay PyTorch's. So they do at -O2, where GCC 12's basic-block vectoriser dropped
+    roundings in the affine descent (test_affine_descent.py), and unoptimised, where the
+    machine does what the C says (Release builds at -O3)."""
+    built = built_sampler(tmp_path, flags)
     assert_samples_as_pytorch(trilinear_sampler.loaded(str(built)), monkeypatch)
 
 
