@@ -186,6 +186,26 @@ def test_a_brain_turned_a_quarter_turn_in_its_header_is_turned_back_the_right_wa
     the right way third), and the rigid search's sample scored that end highest (a half-turn
     from the truth: 52–118 mm off below, Dice 0.09). Tried both ways and judged on every voxel
     of the finest rigid level, the affine found is the unturned pair's, turned (within 1.5 mm)."""
+    quarter_turn_about_x = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    assert _error_turned_back(quarter_turn_about_x, seed) < 5.0
+
+
+@pytest.mark.parametrize(
+    "turn",
+    [np.diag([-1.0, -1.0, 1.0]), np.diag([-1.0, 1.0, -1.0])],
+    ids=["lps-read-as-ras", "feet-first-read-as-head-first"],
+)
+def test_a_brain_turned_half_a_turn_in_its_header_is_righted(turn: np.ndarray) -> None:
+    """Two axes of a header negated: the affine stage kept such a brain upside down (120–190
+    mm off on the 20 fs-dev pairs, Dice below 0.12 after `fast`); it now runs the rigid
+    search from the start's half-turns too, and the judge rights it."""
+    assert _error_turned_back(turn, seed=0) < 5.0
+
+
+def _error_turned_back(turn: np.ndarray, seed: int) -> float:
+    """sub-02 turned in its header by ``turn`` about its centre, registered onto sub-04: how
+    far (mm, at five points around the brain's middle) its affine lies from the unturned
+    pair's, turned."""
     fixed = fileio.read_image(FS_DEV / "sub-04" / "brainmask.nii.gz", "sub-04 brain")
     moving = fileio.read_image(FS_DEV / "sub-02" / "brainmask.nii.gz", "sub-02 brain")
     unturned = register_affine(fixed, moving, iterations=30, seed=seed)
@@ -193,7 +213,6 @@ def test_a_brain_turned_a_quarter_turn_in_its_header_is_turned_back_the_right_wa
     centre = np.asarray(
         moving.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in moving.GetSize()])
     )
-    turn = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])  # 90° about x
     turned = sitk.Image(moving)
     turned.SetDirection(tuple((turn @ np.reshape(moving.GetDirection(), (3, 3))).ravel()))
     turned.SetOrigin(tuple(centre + turn @ (np.asarray(moving.GetOrigin()) - centre)))
@@ -202,7 +221,9 @@ def test_a_brain_turned_a_quarter_turn_in_its_header_is_turned_back_the_right_wa
     middle = np.asarray(
         fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in fixed.GetSize()])
     )
+    errors = []
     for offset in ([40, 0, 0], [0, 40, 0], [0, 0, 40], [-30, -30, 20], [0, 0, 0]):
         point = tuple(middle + offset)
         expected = centre + turn @ (np.asarray(unturned.TransformPoint(point)) - centre)
-        assert np.linalg.norm(np.asarray(found.TransformPoint(point)) - expected) < 5.0
+        errors.append(np.linalg.norm(np.asarray(found.TransformPoint(point)) - expected))
+    return float(max(errors))
