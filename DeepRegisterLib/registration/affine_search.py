@@ -71,11 +71,11 @@ MIN_STEP = 1e-4
 # lower than its rigid one.) No turn gains the margin on the 20 fs-dev pairs unturned, brains or
 # whole heads. With 45° turns alone, 90° needed two to chain, and 8 of 20 fs-dev pairs failed.
 # Half-turns (a header's axes negated in pairs: LPS read as RAS, feet first read as head first)
-# skip the trials: at 8 mm a skull-stripped brain and its half-turn are too alike, and the
-# trials ranked an upside-down brain's start above the half-turn that rights it on all 20
-# fs-dev pairs turned 180°. So the start's half-turn about each axis always runs the full rigid
-# search, and the judge decides: on those 20 pairs, with seeds 0, 1 and 2, every one righted,
-# and unturned every start kept (by 0.007 at least, 0.066 typically; whole heads by 0.11).
+# skip the trials: at 8 mm a skull-stripped brain and its half-turn are too alike (the trials
+# ranked an upside-down brain's start above the half-turn that rights it), and 56 of 60 affines
+# of the 20 fs-dev pairs turned 180° (seeds 0, 1 and 2) ended 24–206 mm off. So the start's
+# half-turn about each axis always runs the full rigid search, and the judge decides: all 60
+# righted, and unturned every start kept (by 0.007 at least, 0.066 typically; heads by 0.11).
 TURN_DEGREES = (45.0, 90.0)
 TURN_TRIAL_STEPS = 8
 TURN_TRIAL_SAMPLES = 5000
