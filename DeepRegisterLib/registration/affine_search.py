@@ -14,8 +14,7 @@ transform. Where the compiled module was not built, affine_torch.py runs the sam
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from functools import partial
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -83,6 +82,8 @@ TURN_MARGIN = 0.01
 TURN_CANDIDATES = 2
 MAX_TURNS = 2
 JUDGE_SAMPLES = 1_000_000  # a brain's 4 mm level has 262 144 voxels
+# ±TURN_DEGREES in radians, each turn beside its turn the other way (_turned_starts pairs them).
+SIGNED_TURNS = tuple(sign * math.radians(d) for d in TURN_DEGREES for sign in (-1.0, 1.0))
 
 
 def _kernel():
@@ -131,22 +132,22 @@ def _search(
 def _rigid_search(
     levels: list[Level],
     trial: Level | None,
-    judge: Callable[[], Level],
+    judge: Level | None,
     start: Pose,
     iterations: int,
     radius_mm: float,
     tick: Callable[[int], None],
 ) -> Pose:
     """The rigid search from ``start``, its half-turns and, where the trials on ``trial`` find
-    turned starts, from those, all at once: the pose highest on the level ``judge`` makes (the
-    start's on a tie). Without a ``trial`` (a small image) from ``start`` alone. The searches
+    turned starts, from those, all at once: the pose highest on ``judge`` (the start's on a
+    tie). Without a ``trial`` and a ``judge`` (a small image) from ``start`` alone. The searches
     report their steps (``tick``); the trials' count for nothing."""
-    if trial is None:
+    if trial is None or judge is None:
         return _search(levels, start, True, iterations, radius_mm, tick, False)
     turned = _turned_starts(trial, start, radius_mm, tick)
     starts = [start, *([] if turned is None else [turned]), _half_turns(start)]
     found = _search(levels, Pose.joined(*starts), True, iterations, radius_mm, tick, False)
-    best = int(np.argmax(_kernel().similarity(judge(), found)))
+    best = int(np.argmax(_kernel().similarity(judge, found)))
     return found.picked([best])
 
 
@@ -204,17 +205,14 @@ def _rotation(axis: int, angle: float, dim: int) -> np.ndarray:
 
 
 def _half_turns(start: Pose) -> Pose:
-    """``start`` (one pose) turned by half a turn about each axis (in 2D, in the plane)."""
-    dim = start.shift.shape[1]
-    turns = np.stack([_rotation(axis, math.pi, dim) for axis in range(1 if dim == 2 else 3)])
-    return Pose(turns @ start.matrix[0], np.repeat(start.shift, len(turns), axis=0))
+    """Each of ``start``'s poses turned half a turn about each axis (in 2D, in the plane)."""
+    return _turned(start, (math.pi,))
 
 
-def _turned(start: Pose) -> Pose:
-    """Each of ``start``'s poses turned by ±TURN_DEGREES about each axis (about the fixed
-    image's centre), the turns of one pose together."""
+def _turned(start: Pose, signed: Sequence[float] = SIGNED_TURNS) -> Pose:
+    """Each of ``start``'s poses turned by each angle of ``signed`` (radians) about each axis
+    (about the fixed image's centre; in 2D, in the plane), the turns of one pose together."""
     poses, dim = start.shift.shape
-    signed = [sign * math.radians(degrees) for degrees in TURN_DEGREES for sign in (-1.0, 1.0)]
     axes = range(1 if dim == 2 else 3)
     turns = np.stack([_rotation(axis, angle, dim) for axis in axes for angle in signed])
     matrices = turns[None] @ start.matrix[:, None]
@@ -298,8 +296,10 @@ def search_copies(
     radius_mm = float(np.linalg.norm(Grid.of(fixed).extent_mm)) / 4.0
     if not given_start:
         rigid_levels = [levels.at(mm) for mm in rigid_mm]
-        trial = None if is_small(fixed) else levels.at(rigid_mm[0], TURN_TRIAL_SAMPLES)
-        judge = partial(levels.at, rigid_mm[-1], JUDGE_SAMPLES)
+        trial = judge = None
+        if not is_small(fixed):  # each with a generator of its own: the searches' samples stay
+            trial = levels.at(rigid_mm[0], TURN_TRIAL_SAMPLES)
+            judge = levels.at(rigid_mm[-1], JUDGE_SAMPLES)
         start = _rigid_search(rigid_levels, trial, judge, start, iterations, radius_mm, tick)
     affine_levels = [levels.at(mm) for mm in affine_mm]
     start = _search(affine_levels, start, False, iterations, radius_mm, tick, given_start)
