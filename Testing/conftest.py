@@ -247,6 +247,14 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The CMake builds a compiled module's test compares with pip's, to the bit: flags for this very
+# CPU (FMA where it has it), -O2 (where GCC 12's basic-block vectoriser dropped roundings), and
+# unoptimised, where the machine does what the C says.
+EVERY_CMAKE_BUILD = pytest.mark.parametrize(
+    "flags",
+    ["-DCMAKE_C_FLAGS=-march=native", "-DCMAKE_C_FLAGS_RELEASE=-O2", "-DCMAKE_C_FLAGS_RELEASE=-O0"],
+    ids=["this-cpu", "O2", "unoptimised"],
+)
 
 
 def built_by_cmake(tmp_path: Path, cmake_file: str, add: str, name: str, *options: str) -> Path:

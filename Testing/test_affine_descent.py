@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import built_by_cmake
+from conftest import EVERY_CMAKE_BUILD, built_by_cmake
 
 from DeepRegisterLib.imaging.geometry import Grid
 from DeepRegisterLib.imaging.phantoms import phantom
@@ -118,11 +118,7 @@ def test_the_same_level_and_poses_give_the_same_bits_and_a_higher_information() 
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="no cmake to build with")
-@pytest.mark.parametrize(
-    "flags",
-    ["-DCMAKE_C_FLAGS=-march=native", "-DCMAKE_C_FLAGS_RELEASE=-O2", "-DCMAKE_C_FLAGS_RELEASE=-O0"],
-    ids=["this-cpu", "O2", "unoptimised"],
-)
+@EVERY_CMAKE_BUILD
 def test_slicers_build_gives_the_same_affine(tmp_path: Path, monkeypatch, flags: str) -> None:
     """affine_descent.cmake, as the extension's CMakeLists.txt calls it, builds a library
     without Python that measures what pip's module measures, to the bit: with flags for this

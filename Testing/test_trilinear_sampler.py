@@ -22,7 +22,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
-from conftest import REPO_ROOT, built_by_cmake
+from conftest import EVERY_CMAKE_BUILD, REPO_ROOT, built_by_cmake
 
 from DeepRegisterLib.nn import filters, trilinear_sampler
 
@@ -334,11 +334,7 @@ def test_eight_points_at_a_time_where_the_cpu_has_avx2() -> None:
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="no cmake to build with")
-@pytest.mark.parametrize(
-    "flags",
-    ["-DCMAKE_C_FLAGS=-march=native", "-DCMAKE_C_FLAGS_RELEASE=-O2", "-DCMAKE_C_FLAGS_RELEASE=-O0"],
-    ids=["this-cpu", "O2", "unoptimised"],
-)
+@EVERY_CMAKE_BUILD
 def test_every_build_gives_the_same_bits(tmp_path, threads, monkeypatch, flags: str) -> None:
     """Flags that target this CPU (``-march=native``: FMA on most x86-64 and ARM CPUs) would
     let the compiler fuse a multiply and an add into one rounding; the build forbids it, so
