@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..imaging.geometry import Grid
+from ..nn import forked_children
 from ..nn.devices import resolve_device
 from ..nn.models import ModelInfo
 from .inputs import Inputs
@@ -48,6 +49,7 @@ def plan_job(
     (``network_grid.foreground_limits``)."""
     settings = inputs.settings
     device = resolve_device(settings.device)
+    forked_children.guard()
     default_model = settings.model == "default"
     dim = inputs.fixed_image.GetDimension()
     model_info = None if default_model else resolve_model(settings.model, dim)
@@ -60,7 +62,8 @@ def plan_job(
         started=started,
         estimated_bytes=plan.estimated_bytes,
     )
-    return job, plan.device, plan.notes
+    forked = forked_children.note()
+    return job, plan.device, plan.notes + (() if forked is None else (forked,))
 
 
 def _plan_grid(

@@ -191,9 +191,11 @@ class _EngineWarp:
     def __init__(self, form: EngineForm, grid: Grid):
         import torch  # the engine's modules load torch: only once an image goes to them
 
+        from ..nn import forked_children
         from .image_warping import Reach
         from .warping import Displacement
 
+        forked_children.guard()
         values = sitk.GetArrayViewFromImage(form.field)  # (…, dim), LPS mm
         flow = torch.from_numpy(np.ascontiguousarray(np.moveaxis(values, -1, 0), np.float32))
         flow = flow[None]

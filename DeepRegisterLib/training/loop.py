@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..nn import forked_children
 from ..nn.models import ModelInfo, find_model
 from ..nn.networks import VxmDense
 from .checkpoints import (
@@ -89,8 +90,10 @@ def train(
     device = torch.device(device)
     ranks = Ranks.current()
     say = (progress if ranks.is_main else None) or _silent
-    if note := slow_mixed_precision_note(device, config.mixed_precision):
-        say(note)
+    forked_children.guard()
+    for note in (slow_mixed_precision_note(device, config.mixed_precision), forked_children.note()):
+        if note:
+            say(note)
 
     synthesiser = Synthesiser(config.shape, config.synthesis, label_maps, device)
     validator = None
