@@ -101,7 +101,7 @@ def test_a_child_forked_after_a_registration_registers_on_one_thread() -> None:
         torch.set_num_threads(2)
         print(json.dumps({"first": first, "one_thread": one_thread,
                           "child": forked(registration, 120)}))
-        """
+        """,
     )
     runs = json.loads(outcome)
     child = runs["child"]
