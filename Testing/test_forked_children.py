@@ -3,7 +3,8 @@ it hanging (nn/forked_children.py).
 
 Each scenario runs in a fresh interpreter, as a user's script would: it registers (or runs a
 torch operation) in its own process, forks a child with ``multiprocessing``, and gives the child
-a minute before calling it hung and killing it, so that no hung process outlives the test.
+a time (15 s for one torch operation, two minutes for a registration) before calling it hung
+and killing it, so that no hung process outlives the test.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def test_a_child_forked_after_a_registration_registers_on_one_thread() -> None:
     child = runs["child"]
     assert child != "hung", "the forked child's registration hung"
     assert child["threads"] == 1
-    assert any("forked from one that had run torch's threads" in n for n in child["notes"])
+    assert any("forked from one that had run torch's OpenMP threads" in n for n in child["notes"])
     assert child["field"] == runs["one_thread"]["field"]
     assert child["moved"] > 0.5  # a real registration, not an empty field
     assert runs["first"]["threads"] == 2

@@ -37,7 +37,7 @@ def note() -> str | None:
     if not _forked_after_a_run or torch.get_num_threads() != 1:
         return None
     return (
-        "threads: this process was forked from one that had run torch's threads, which GNU "
-        "OpenMP cannot start again in it, so it runs on one thread; start worker processes "
-        "with 'spawn' or 'forkserver' to give each more"
+        "threads: this process was forked from one that had run torch's OpenMP threads, "
+        "which cannot start again in a forked child, so it runs on one thread; start worker "
+        "processes with 'spawn' or 'forkserver' to give each more"
     )
