@@ -1,5 +1,6 @@
 """A process forked after a registration registers too, on one thread, where GNU OpenMP left
-it hanging (nn/forked_children.py).
+it hanging (nn/forked_children.py); after training or the engine's warp a forked child gets one
+thread as well.
 
 Each scenario runs in a fresh interpreter, as a user's script would: it registers (or runs a
 torch operation) in its own process, forks a child with ``multiprocessing``, and gives the child
@@ -14,6 +15,7 @@ import multiprocessing
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,3 +115,48 @@ def test_a_child_forked_after_a_registration_registers_on_one_thread() -> None:
     assert child["moved"] > 0.5  # a real registration, not an empty field
     assert runs["first"]["threads"] == 2
     assert runs["first"]["notes"] == []
+
+
+#: Other runs that start torch's threads: training, and ``apply``'s engine warp.
+OTHER_RUNS = {
+    "training": """
+        import sys, tempfile
+        sys.path.insert(0, TESTING)
+        from tiny_training import _config
+        from DeepRegisterLib.training.loop import train
+        train(_config(steps=1), tempfile.mkdtemp(), progress=None)
+        """,
+    "the engine's warp": """
+        import numpy as np, SimpleITK as sitk
+        from DeepRegisterLib.imaging.geometry import Grid
+        from DeepRegisterLib.registration.saved_transforms import SavedTransformWarp
+        reference = Grid((20, 18, 16), (1.0,) * 3, (0.0,) * 3, tuple(np.eye(3).ravel()))
+        values = np.zeros((6, 7, 8, 3))
+        values[2:4, 2:5, 3:6] = (0.4, -0.7, 1.1)
+        coarse = Grid((8, 7, 6), (3.0,) * 3, (-2.0, -1.0, 0.5), tuple(np.eye(3).ravel()))
+        field = coarse.apply_to(sitk.GetImageFromArray(values, isVector=True))
+        transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+        image = reference.apply_to(sitk.GetImageFromArray(np.ones((16, 18, 20), np.float32)))
+        SavedTransformWarp(transform, reference, min_voxels=0)(image, False)
+        """,
+}
+
+
+@pytest.mark.parametrize("run", sorted(OTHER_RUNS))
+def test_other_runs_leave_their_forked_children_one_thread_too(run: str) -> None:
+    """A child forked after any run that starts torch's threads gets one thread; before any
+    run, a child keeps its parent's."""
+    outcome = run_script(
+        f"TESTING = {str(Path(__file__).parent)!r}\n",
+        """
+        import torch
+        torch.set_num_threads(2)
+        threads = lambda: torch.get_num_threads()
+        before = forked(threads, 60)
+        """,
+        OTHER_RUNS[run],
+        """
+        print(json.dumps({"before": before, "after": forked(threads, 60)}))
+        """,
+    )
+    assert json.loads(outcome) == {"before": 2, "after": 1}
