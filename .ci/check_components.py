@@ -37,6 +37,7 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "distributed training": ("Testing/test_distributed_training.py",),
     "compiled grid sampler": ("Testing/test_trilinear_sampler.py",),
     "compiled affine descent": ("Testing/test_affine_descent.py",),
+    "forked worker processes": ("Testing/test_forked_children.py",),
 }
 #: Required only where the data is: CI has ../shared/data, a clone elsewhere need not.
 WITH_SHARED_DATA = {"real brain data": ("Testing/test_realdata.py",)}
