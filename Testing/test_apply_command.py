@@ -147,6 +147,34 @@ def test_label_maps_keep_type_and_values_and_floats_become_float32(a_ramp):
     np.testing.assert_allclose(sitk.GetArrayFromImage(as_double)[..., :11], expected)
 
 
+def test_voxels_that_are_not_numbers_are_carried_and_said(a_ramp, tmp_path, capsys):
+    """A map that marks "no value" with NaN (which ``register`` refuses) is warped as ITK
+    warps it, each NaN reaching the output voxels sampled from it, and a note says how many
+    the input had; a finite image gets no such note."""
+    ramp, grid = a_ramp
+    values = sitk.GetArrayFromImage(ramp).astype(np.float32)
+    values[2, 3, 5], values[3, 4, 8] = np.nan, np.inf
+    paths = {name: tmp_path / f"{name}.nrrd" for name in ("nan", "finite")}
+    sitk.WriteImage(image_on(grid, values), str(paths["nan"]))
+    sitk.WriteImage(sitk.Cast(ramp, sitk.sitkFloat32), str(paths["finite"]))
+    sitk.WriteTransform(along_i(grid, 0.25), str(tmp_path / "t.tfm"))
+
+    code = apply(
+        "--transform", tmp_path / "t.tfm", "--reference", paths["finite"],
+        "--image", paths["nan"], tmp_path / "nan_w.nrrd",
+        "--image", paths["finite"], tmp_path / "finite_w.nrrd",
+    )  # fmt: skip
+    notes = [line for line in capsys.readouterr().out.splitlines() if "not a number" in line]
+    assert code == 0
+    assert notes == [
+        f"note: {paths['nan']}: 2 voxels not a number (NaN or infinite); the output is not a "
+        "number wherever it samples one"
+    ]
+    warped = array(tmp_path / "nan_w.nrrd")
+    assert 2 <= np.count_nonzero(~np.isfinite(warped)) <= 16  # each reached by 1 to 8 samples
+    assert np.isfinite(array(tmp_path / "finite_w.nrrd")).all()
+
+
 def test_2d_pictures_come_back_as_pictures(tmp_path):
     grid = demo_grid(2, 32)
     pair = phantom_pair(grid, amplitude_mm=2.0)

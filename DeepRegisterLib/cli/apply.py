@@ -195,6 +195,8 @@ def _warped(item: _Input, warp: SavedTransformWarp, grid: Grid) -> tuple[Any, di
         image = fileio.read_image(source, item.what)
     result = warp(image, labels)
     _check_landed(image, result, source)
+    if note := _not_numbers(image, source):
+        print(f"note: {note}")
     carried = carried_gradients(image, source, target, warp.transform, grid)
     for key, value in carried.keys.items():
         result.SetMetaData(key, value)
@@ -233,6 +235,26 @@ def _check_landed(image, warped, source: Path) -> None:
             "the reference outside it. Give the transform and the reference of one registration "
             "(the fixed image for its --transform, the moving image for its --inverse-transform)"
         )
+
+
+def _not_numbers(image, source: Path) -> str | None:
+    """A note for an image with NaN or infinite voxels (a map that marks "no value" so), which
+    ``register`` refuses but ``apply`` carries: each reaches the output voxels sampled from it
+    (one NaN becomes up to 8 under linear interpolation), as ITK's and ANTs' resampling do."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    values = sitk.GetArrayViewFromImage(image)
+    if not np.issubdtype(values.dtype, np.floating):
+        return None
+    count = int(values.size - np.count_nonzero(np.isfinite(values)))
+    if count == 0:
+        return None
+    voxels = "1 voxel" if count == 1 else f"{count} voxels"
+    return (
+        f"{source}: {voxels} not a number (NaN or infinite); the output is not a number "
+        "wherever it samples one"
+    )
 
 
 def run_apply(args: argparse.Namespace) -> int:
