@@ -239,8 +239,9 @@ def _check_landed(image, warped, source: Path) -> None:
 
 def _not_numbers(image, source: Path) -> str | None:
     """A note for an image with NaN or infinite voxels (a map that marks "no value" so), which
-    ``register`` refuses but ``apply`` carries: each reaches the output voxels sampled from it
-    (one NaN becomes up to 8 under linear interpolation), as ITK's and ANTs' resampling do."""
+    ``register`` refuses but ``apply`` carries as ITK does: linear interpolation weighs all 8
+    corners of a sample's cell, and a zero weight times NaN or infinity is NaN, so each makes
+    up to 8 output voxels NaN."""
     import numpy as np
     import SimpleITK as sitk
 
@@ -252,8 +253,8 @@ def _not_numbers(image, source: Path) -> str | None:
         return None
     voxels = "1 voxel" if count == 1 else f"{count} voxels"
     return (
-        f"{source}: {voxels} not a number (NaN or infinite); the output is not a number "
-        "wherever it samples one"
+        f"{source}: {voxels} not a number (NaN or infinite); the output is NaN wherever a "
+        "sample's cell touches one"
     )
 
 
