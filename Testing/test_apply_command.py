@@ -15,7 +15,6 @@ from conftest import image_on, oblique_grid
 from registered_phantom import apply, array
 
 from DeepRegisterLib import apply_transform
-from DeepRegisterLib.cli import apply as apply_command
 from DeepRegisterLib.cli import main as cli
 from DeepRegisterLib.imaging import apply_transform as warping
 from DeepRegisterLib.imaging import fileio as cli_fileio
@@ -23,7 +22,7 @@ from DeepRegisterLib.imaging import volumes
 from DeepRegisterLib.imaging.geometry import Grid
 from DeepRegisterLib.imaging.metrics import dice_per_label, mean_dice
 from DeepRegisterLib.imaging.phantoms import demo_grid, phantom_pair
-from DeepRegisterLib.registration import saved_transforms
+from DeepRegisterLib.registration import image_checks, saved_transforms
 
 
 @pytest.mark.parametrize("transform", ["transform.h5", "transform.mha"])
@@ -159,7 +158,7 @@ def test_voxels_that_are_not_numbers_are_carried_and_said(a_ramp, tmp_path, caps
     sitk.WriteImage(image_on(grid, values), str(paths["nan"]))
     sitk.WriteImage(sitk.Cast(ramp, sitk.sitkFloat32), str(paths["finite"]))
     sitk.WriteTransform(along_i(grid, 0.25), str(tmp_path / "t.tfm"))
-    monkeypatch.setattr(apply_command, "NOT_NUMBERS_ROWS", 64)  # counted in 7 pieces of 420
+    monkeypatch.setattr(image_checks, "NOT_FINITE_ROWS", 64)  # counted in 7 pieces of 420
 
     code = apply(
         "--transform", tmp_path / "t.tfm", "--reference", paths["finite"],

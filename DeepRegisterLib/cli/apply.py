@@ -23,9 +23,6 @@ if TYPE_CHECKING:  # geometry loads numpy and SimpleITK, which --help must not w
     from ..imaging.geometry import Grid, ImageHeader
     from ..registration.saved_transforms import SavedTransformWarp
 
-#: Voxels checked for NaN at a time: a mask of 16 MB, where one of a CT's would take 157 MB.
-NOT_NUMBERS_ROWS = 1 << 24
-
 
 def add_apply_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``apply`` subcommand to ``parser.add_subparsers()``'s result."""
@@ -245,18 +242,9 @@ def _not_numbers(image, source: Path) -> str | None:
     ``register`` refuses but ``apply`` carries as ITK does: linear interpolation weighs all 8
     corners of a sample's cell, and a zero weight times NaN or infinity is NaN, so each makes
     up to 8 output voxels NaN."""
-    import numpy as np
-    import SimpleITK as sitk
+    from ..registration.image_checks import not_finite_voxels
 
-    values = sitk.GetArrayViewFromImage(image)
-    if not np.issubdtype(values.dtype, np.floating):
-        return None
-    voxels = values.reshape(-1, image.GetNumberOfComponentsPerPixel())
-    rows = range(0, len(voxels), NOT_NUMBERS_ROWS)  # a bounded mask: the image is held twice
-    count = sum(
-        int(np.count_nonzero(~np.isfinite(voxels[row : row + NOT_NUMBERS_ROWS]).all(axis=1)))
-        for row in rows
-    )
+    count = not_finite_voxels(image)
     if count == 0:
         return None
     many = "1 voxel" if count == 1 else f"{count} voxels"
